@@ -1,0 +1,517 @@
+//! The control socket: newline-delimited JSON requests and responses over a Unix socket
+//! (mode 0600, so root-only on the image), served by the supervisor and used by the CLI.
+//!
+//! One request per line, one response line each; a connection may send several requests.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::supervisor::LogLine;
+
+/// Where `appliance init` listens, and where the CLI looks by default.
+pub const DEFAULT_SOCKET: &str = "/run/tandem/control.sock";
+/// File name of the socket inside a state directory.
+pub const SOCKET_FILE: &str = "control.sock";
+/// `logs` returns this many lines when the request does not say.
+pub const DEFAULT_LOG_LINES: usize = 100;
+/// Longest request line accepted.
+const MAX_REQUEST_BYTES: u64 = 64 * 1024;
+/// A connection idle this long is closed; so is a client that does not read its response.
+const IO_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the CLI waits for a response.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Every service's state.
+    Status,
+    /// The last `lines` lines a service wrote (stdout and stderr interleaved).
+    Logs {
+        service: String,
+        #[serde(default = "default_log_lines")]
+        lines: usize,
+    },
+    /// Stop all services and the supervisor.
+    Stop,
+    /// Stop a service and start it again (also revives a failed one).
+    Restart { service: String },
+}
+
+fn default_log_lines() -> usize {
+    DEFAULT_LOG_LINES
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "response", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Response {
+    Status { services: Vec<ServiceStatus> },
+    Logs { lines: Vec<LogLine> },
+    Ok,
+    Error { message: String },
+}
+
+/// One service in `status`. The field names are a stable interface (`status --json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub name: String,
+    /// `waiting`, `starting`, `running`, `done`, `backoff`, `stopping`, `stopped`, `exited`
+    /// or `failed`.
+    pub state: String,
+    pub pid: Option<i32>,
+    pub restarts: u32,
+    /// How the last process ended: `code 1`, `signal 9 (SIGKILL)`.
+    pub last_exit: Option<String>,
+    /// Seconds since the current process started.
+    pub uptime_s: Option<u64>,
+    pub ready: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("no supervisor listening on {}: is `appliance run` running?", .path.display())]
+    NotListening { path: PathBuf },
+    #[error("another supervisor is already listening on {}", .path.display())]
+    InUse { path: PathBuf },
+    #[error("control socket {}: {context}: {source}", .path.display())]
+    Io {
+        path: PathBuf,
+        context: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("control socket {}: bad response: {detail}", .path.display())]
+    Protocol { path: PathBuf, detail: String },
+    #[error("supervisor: {0}")]
+    Remote(String),
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server
+
+/// A listening control socket. Dropping it stops accepting and removes the socket file.
+pub struct ControlServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl ControlServer {
+    /// Binds `path` atomically with mode 0600: the socket is bound in a private (0700)
+    /// directory beside it, restricted, then renamed into place, replacing a stale socket.
+    /// A socket that still answers is not replaced.
+    pub fn bind<H>(path: &Path, handler: H) -> Result<ControlServer, ControlError>
+    where
+        H: Fn(Request) -> Response + Send + Sync + 'static,
+    {
+        let io = |context, source| ControlError::Io {
+            path: path.to_path_buf(),
+            context,
+            source,
+        };
+        if UnixStream::connect(path).is_ok() {
+            return Err(ControlError::InUse {
+                path: path.to_path_buf(),
+            });
+        }
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        std::fs::create_dir_all(parent).map_err(|e| io("creating its directory", e))?;
+        let private = parent.join(format!(".control-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&private); // left by an earlier process with our pid
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&private)
+            .map_err(|e| io("creating a private directory beside it", e))?;
+        let staged = private.join("sock");
+        let placed = UnixListener::bind(&staged)
+            .map_err(|e| io("binding", e))
+            .and_then(|listener| {
+                std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))
+                    .map_err(|e| io("setting mode 0600", e))?;
+                std::fs::rename(&staged, path).map_err(|e| io("moving into place", e))?;
+                Ok(listener)
+            });
+        let _ = std::fs::remove_dir_all(&private);
+        let listener = placed?;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let handler = Arc::new(handler);
+        let accept = {
+            let stop = stop.clone();
+            thread::Builder::new()
+                .name("control".into())
+                .spawn(move || {
+                    for conn in listener.incoming() {
+                        if stop.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        match conn {
+                            Ok(conn) => {
+                                let handler = handler.clone();
+                                let spawned = thread::Builder::new()
+                                    .name("control-conn".into())
+                                    .spawn(move || serve_connection(conn, &*handler));
+                                if let Err(e) = spawned {
+                                    tracing::warn!("control connection thread: {e}");
+                                }
+                            }
+                            Err(e) => {
+                                tracing::warn!("control socket accept: {e}");
+                                thread::sleep(Duration::from_millis(100));
+                            }
+                        }
+                    }
+                })
+                .map_err(|e| io("starting its thread", e))?
+        };
+        Ok(ControlServer {
+            path: path.to_path_buf(),
+            stop,
+            accept: Some(accept),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the accept loop so it sees the flag.
+        let _ = UnixStream::connect(&self.path);
+        if let Some(accept) = self.accept.take() {
+            let _ = accept.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve_connection(conn: UnixStream, handler: &dyn Fn(Request) -> Response) {
+    let _ = conn.set_read_timeout(Some(IO_TIMEOUT));
+    let _ = conn.set_write_timeout(Some(IO_TIMEOUT));
+    let Ok(mut writer) = conn.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(conn);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        match reader.by_ref().take(MAX_REQUEST_BYTES).read_line(&mut line) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if !line.ends_with('\n') && line.len() as u64 >= MAX_REQUEST_BYTES {
+            let _ = write_json(
+                &mut writer,
+                &Response::Error {
+                    message: "request too long".into(),
+                },
+            );
+            return;
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        let response = match serde_json::from_str::<Request>(&line) {
+            Ok(request) => handler(request),
+            Err(e) => Response::Error {
+                message: format!("bad request: {e}"),
+            },
+        };
+        if write_json(&mut writer, &response).is_err() {
+            return;
+        }
+    }
+}
+
+fn write_json(w: &mut impl Write, value: &impl Serialize) -> std::io::Result<()> {
+    let mut bytes = serde_json::to_vec(value).map_err(std::io::Error::other)?;
+    bytes.push(b'\n');
+    w.write_all(&bytes)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client
+
+/// Which supervisor to talk to.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Target {
+    /// The supervisor's control socket [default: /run/tandem/control.sock].
+    #[arg(long, value_name = "PATH", conflicts_with = "state_dir")]
+    pub socket: Option<PathBuf>,
+    /// The supervisor's state directory (its socket is DIR/control.sock).
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+impl Target {
+    pub fn socket_path(&self) -> PathBuf {
+        match (&self.socket, &self.state_dir) {
+            (Some(socket), _) => socket.clone(),
+            (None, Some(dir)) => dir.join(SOCKET_FILE),
+            (None, None) => PathBuf::from(DEFAULT_SOCKET),
+        }
+    }
+}
+
+/// Sends one request and returns the response (a `Response::Error` becomes `Remote`).
+pub fn request(target: &Target, request: &Request) -> Result<Response, ControlError> {
+    let path = target.socket_path();
+    let io = |context, source| ControlError::Io {
+        path: path.clone(),
+        context,
+        source,
+    };
+    let mut conn = UnixStream::connect(&path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
+            ControlError::NotListening { path: path.clone() }
+        }
+        _ => io("connecting", e),
+    })?;
+    conn.set_read_timeout(Some(CLIENT_TIMEOUT))
+        .map_err(|e| io("setting a timeout", e))?;
+    write_json(&mut conn, request).map_err(|e| io("sending", e))?;
+    let mut line = String::new();
+    BufReader::new(conn)
+        .read_line(&mut line)
+        .map_err(|e| io("receiving", e))?;
+    let response: Response = serde_json::from_str(&line).map_err(|e| ControlError::Protocol {
+        path: path.clone(),
+        detail: format!("{e}: {line:?}"),
+    })?;
+    match response {
+        Response::Error { message } => Err(ControlError::Remote(message)),
+        other => Ok(other),
+    }
+}
+
+fn unexpected(target: &Target, response: &Response) -> ControlError {
+    ControlError::Protocol {
+        path: target.socket_path(),
+        detail: format!("unexpected {response:?}"),
+    }
+}
+
+/// `appliance status`: a table, or with `json` a JSON array of [`ServiceStatus`].
+pub fn status(target: &Target, json: bool) -> anyhow::Result<ExitCode> {
+    let response = request(target, &Request::Status)?;
+    let Response::Status { services } = response else {
+        return Err(unexpected(target, &response).into());
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&services)?);
+    } else {
+        print!("{}", status_table(&services));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `appliance logs SERVICE`: prints the last lines a service wrote.
+pub fn logs(target: &Target, service: &str, lines: usize) -> anyhow::Result<ExitCode> {
+    let response = request(
+        target,
+        &Request::Logs {
+            service: service.into(),
+            lines,
+        },
+    )?;
+    let Response::Logs { lines } = response else {
+        return Err(unexpected(target, &response).into());
+    };
+    let mut out = std::io::stdout().lock();
+    for line in lines {
+        writeln!(out, "{} {}", line.stream.as_str(), line.line)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Asks the supervisor to restart one service.
+pub fn restart(target: &Target, service: &str) -> anyhow::Result<ExitCode> {
+    request(
+        target,
+        &Request::Restart {
+            service: service.into(),
+        },
+    )?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Asks the supervisor to stop every service and exit.
+pub fn stop(target: &Target) -> anyhow::Result<ExitCode> {
+    request(target, &Request::Stop)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The human table of `appliance status`.
+pub fn status_table(services: &[ServiceStatus]) -> String {
+    let header = ["SERVICE", "STATE", "PID", "RESTARTS", "LAST-EXIT", "UPTIME"].map(String::from);
+    let rows: Vec<[String; 6]> = services
+        .iter()
+        .map(|s| {
+            [
+                s.name.clone(),
+                s.state.clone(),
+                s.pid.map_or("-".into(), |p| p.to_string()),
+                s.restarts.to_string(),
+                s.last_exit.clone().unwrap_or_else(|| "-".into()),
+                s.uptime_s.map_or("-".into(), format_uptime),
+            ]
+        })
+        .collect();
+    let mut widths = header.clone().map(|h| h.len());
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let mut out = String::new();
+    for row in std::iter::once(&header).chain(&rows) {
+        let mut line = String::new();
+        for (i, (cell, w)) in row.iter().zip(widths).enumerate() {
+            if i + 1 == row.len() {
+                line.push_str(cell);
+            } else {
+                let _ = write!(line, "{cell:<w$}  ");
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn format_uptime(s: u64) -> String {
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_format() {
+        let check = |json: &str, expected: Request| {
+            assert_eq!(serde_json::from_str::<Request>(json).unwrap(), expected);
+        };
+        check(r#"{"request":"status"}"#, Request::Status);
+        check(
+            r#"{"request":"logs","service":"db"}"#,
+            Request::Logs {
+                service: "db".into(),
+                lines: DEFAULT_LOG_LINES,
+            },
+        );
+        check(
+            r#"{"request":"restart","service":"db"}"#,
+            Request::Restart {
+                service: "db".into(),
+            },
+        );
+        assert!(serde_json::from_str::<Request>(r#"{"request":"logs","service":"db","x":1}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"request":"reboot"}"#).is_err());
+        assert_eq!(
+            serde_json::to_string(&Response::Ok).unwrap(),
+            r#"{"response":"ok"}"#
+        );
+    }
+
+    #[test]
+    fn table() {
+        let services = [
+            ServiceStatus {
+                name: "db".into(),
+                state: "running".into(),
+                pid: Some(42),
+                restarts: 1,
+                last_exit: Some("signal 9 (SIGKILL)".into()),
+                uptime_s: Some(3725),
+                ready: true,
+            },
+            ServiceStatus {
+                name: "migrations".into(),
+                state: "done".into(),
+                pid: None,
+                restarts: 0,
+                last_exit: Some("code 0".into()),
+                uptime_s: None,
+                ready: true,
+            },
+        ];
+        let expected = "\
+SERVICE     STATE    PID  RESTARTS  LAST-EXIT           UPTIME
+db          running  42   1         signal 9 (SIGKILL)  1h02m
+migrations  done     -    0         code 0              -
+";
+        assert_eq!(status_table(&services), expected);
+    }
+
+    #[test]
+    fn absent_socket_is_explained() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = Target {
+            socket: None,
+            state_dir: Some(dir.path().into()),
+        };
+        let err = request(&target, &Request::Status).unwrap_err().to_string();
+        assert!(err.starts_with("no supervisor listening on"), "{err}");
+        assert!(err.ends_with("is `appliance run` running?"), "{err}");
+    }
+
+    #[test]
+    fn serves_and_replaces_a_stale_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SOCKET_FILE);
+        drop(UnixListener::bind(&path).unwrap()); // stale: the file stays, nobody listens
+        let server = ControlServer::bind(&path, |req| match req {
+            Request::Status => Response::Status {
+                services: Vec::new(),
+            },
+            _ => Response::Error {
+                message: "no".into(),
+            },
+        })
+        .unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let target = Target {
+            socket: Some(path.clone()),
+            state_dir: None,
+        };
+        assert_eq!(
+            request(&target, &Request::Status).unwrap(),
+            Response::Status {
+                services: Vec::new()
+            }
+        );
+        assert_eq!(
+            request(&target, &Request::Stop).unwrap_err().to_string(),
+            "supervisor: no"
+        );
+        assert!(matches!(
+            ControlServer::bind(&path, |_| Response::Ok),
+            Err(ControlError::InUse { .. })
+        ));
+        drop(server);
+        assert!(!path.exists());
+    }
+}

@@ -1,0 +1,10 @@
+//! The Tandem supervisor library: the process supervisor core, its state database and control
+//! socket, and the node roles (`run` on a developer machine, `init` as PID 1).
+
+pub mod control;
+pub mod init;
+pub mod logging;
+pub mod node;
+pub mod preflight;
+pub mod state;
+pub mod supervisor;

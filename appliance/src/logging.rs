@@ -1,0 +1,25 @@
+//! Process-wide tracing setup: human-readable lines on stderr, filtered by `RUST_LOG`.
+//!
+//! Child output is emitted under the target `svc` with the fields `service` and `stream`, so
+//! `RUST_LOG=svc=warn` quiets the services while keeping the supervisor's own messages.
+
+use std::io::IsTerminal;
+
+use tracing_subscriber::EnvFilter;
+
+/// Filter used when `RUST_LOG` is unset or invalid.
+pub const DEFAULT_FILTER: &str = "info";
+
+/// Installs the global subscriber. Calling it twice is harmless (the second call is ignored).
+///
+/// It starts no threads, so the supervisor can still block signals for the whole process after
+/// it (see [`crate::supervisor`]).
+pub fn init() {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
+}

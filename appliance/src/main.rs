@@ -1,0 +1,76 @@
+//! `appliance`: one multi-call binary. `init` is PID 1 on the image, `run` supervises a node's
+//! stack on a developer machine, the rest talk to a running supervisor or check configs.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "appliance", version, about = "Tandem supervisor")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Validate a cluster.toml (the built-in default when no file is given).
+    CheckConfig { file: Option<PathBuf> },
+    /// Print the built-in default cluster.toml.
+    DefaultConfig,
+    /// Run one node's stack (nginx, MariaDB, the app) under the supervisor on this machine.
+    Run {
+        /// cluster.toml; the built-in default when absent.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Which node of the cluster this machine is.
+        #[arg(long)]
+        node: String,
+        /// Where state lives: MariaDB datadir, state DB, logs, control socket.
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
+    /// PID 1 on a Tandem image.
+    Init,
+    /// Show the services of a running supervisor.
+    Status {
+        #[command(flatten)]
+        target: appliance::control::Target,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run services described in a JSON file under the supervisor (for tests and debugging).
+    #[command(hide = true)]
+    Supervise {
+        #[arg(long)]
+        spec: PathBuf,
+        #[arg(long)]
+        state_dir: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<ExitCode> {
+    // The kernel starts /sbin/init (a link to this binary) with arguments of its own.
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    if std::path::Path::new(&argv0).file_name().is_some_and(|n| n == "init") {
+        appliance::logging::init();
+        return appliance::init::main();
+    }
+    let cli = Cli::parse();
+    appliance::logging::init();
+    match cli.command {
+        Command::CheckConfig { file } => appliance::node::check_config(file.as_deref()),
+        Command::DefaultConfig => {
+            print!("{}", cluster_config::DEFAULT_CLUSTER_TOML);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run { config, node, state_dir } => {
+            appliance::node::run(config.as_deref(), &node, &state_dir)
+        }
+        Command::Init => appliance::init::main(),
+        Command::Status { target, json } => appliance::control::status(&target, json),
+        Command::Supervise { spec, state_dir } => appliance::supervisor::supervise_file(&spec, &state_dir),
+    }
+}

@@ -1,0 +1,255 @@
+//! A node's stack, built from the cluster config: which services run, with which rendered
+//! configuration, in which directories. Shared by `appliance run` (a developer machine) and
+//! `appliance init` (PID 1 on the image); only the [`Layout`] differs.
+
+use std::fs;
+use std::io::Write as _;
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use cluster_config::{Cluster, Node};
+
+use crate::supervisor::{self, Readiness, ServiceSpec, StopReason, SupervisorOptions};
+
+/// OS users the services run as when the supervisor is root (Debian's own).
+pub const NGINX_USER: &str = "www-data";
+pub const MARIADB_USER: &str = "mysql";
+/// The web server needs longer than the default to stop when it drains keep-alive clients.
+const DB_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(8);
+/// MariaDB's first start (InnoDB files created) is slow under emulation.
+const DB_READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Where a node keeps things.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Layout {
+    /// Persistent: MariaDB datadir, state DB, boot counter. The data partition on an image.
+    pub state: PathBuf,
+    /// Runtime, recreated at every start: rendered configs, sockets, pid files.
+    pub run: PathBuf,
+    /// The supervisor's control socket.
+    pub socket: PathBuf,
+}
+
+impl Layout {
+    /// `appliance run --state-dir DIR`: everything below DIR.
+    pub fn dev(state_dir: &Path) -> Layout {
+        Layout { state: state_dir.to_path_buf(), run: state_dir.join("run"), socket: state_dir.join("control.sock") }
+    }
+
+    /// On the image: persistent state on the data partition, runtime files on /run.
+    pub fn image() -> Layout {
+        Layout {
+            state: PathBuf::from("/data/tandem"),
+            run: PathBuf::from("/run/tandem"),
+            socket: PathBuf::from(crate::control::DEFAULT_SOCKET),
+        }
+    }
+
+    fn db_paths(&self) -> db::Paths {
+        db::Paths {
+            datadir: self.state.join("mysql"),
+            run_dir: self.run.join("mysqld"),
+            config_file: self.run.join("etc/my.cnf"),
+        }
+    }
+}
+
+/// `appliance check-config [FILE]`.
+pub fn check_config(file: Option<&Path>) -> anyhow::Result<ExitCode> {
+    match load(file) {
+        Ok(cluster) => {
+            let origin = file.map_or(cluster_config::DEFAULT_CLUSTER_NAME.to_string(), |f| f.display().to_string());
+            println!("{origin}: ok: cluster `{}`, {} nodes, primary {}", cluster.name, cluster.nodes.len(), cluster.primary().name);
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            Ok(ExitCode::from(2))
+        }
+    }
+}
+
+fn load(file: Option<&Path>) -> Result<Cluster, cluster_config::ConfigErrors> {
+    match file {
+        Some(path) => Cluster::load(path),
+        None => Ok(Cluster::default_cluster()),
+    }
+}
+
+/// `appliance run`: this node's stack on a developer machine, until SIGTERM/SIGINT.
+pub fn run(config: Option<&Path>, node: &str, state_dir: &Path) -> anyhow::Result<ExitCode> {
+    let cluster = match load(config) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{errors}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let Some(node) = cluster.node(node) else {
+        let names: Vec<&str> = cluster.nodes.iter().map(|n| n.name.as_str()).collect();
+        anyhow::bail!("no node `{node}` in the cluster config (nodes: {})", names.join(", "));
+    };
+    crate::preflight::require_programs(&[db::MARIADBD, db::INSTALL_DB, web::NGINX])?;
+    let layout = Layout::dev(state_dir);
+    let specs = prepare(&cluster, node, &layout)?;
+    let mut options = SupervisorOptions::new(&layout.state);
+    options.control_socket = layout.socket.clone();
+    let reason = supervisor::run(specs, options)?;
+    tracing::info!(?reason, "supervisor stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Creates the node's directories, counts the boot, renders every config file and returns the
+/// services to supervise. Runs before any service starts.
+pub fn prepare(cluster: &Cluster, node: &Node, layout: &Layout) -> anyhow::Result<Vec<ServiceSpec>> {
+    let root = nix::unistd::geteuid().is_root();
+    let as_user = |user: &str| root.then(|| user.to_string());
+
+    make_dir(&layout.state, 0o755)?;
+    // Runtime state from a previous run is stale by definition.
+    if layout.run.exists() {
+        fs::remove_dir_all(&layout.run).with_context(|| format!("clearing {}", layout.run.display()))?;
+    }
+    make_dir(&layout.run, 0o755)?;
+    make_dir(&layout.run.join("etc"), 0o755)?;
+
+    let boot = count_boot(&layout.state)?;
+    tracing::info!(node = %node.name, boot, state = %layout.state.display(), "preparing node");
+
+    // MariaDB.
+    let db_paths = layout.db_paths();
+    let db_params = db::Params::for_node(cluster, node, None, db_paths.clone());
+    make_dir(&db_paths.datadir, 0o750)?;
+    make_dir(&db_paths.run_dir, 0o755)?;
+    if root {
+        chown_to(&db_paths.datadir, MARIADB_USER)?;
+        chown_to(&db_paths.run_dir, MARIADB_USER)?;
+    }
+    write_file(&db_paths.config_file, &db::render_conf(&db_params), 0o644)?;
+
+    // nginx: the application files, or the node's own page.
+    let www = layout.run.join("www");
+    let web_root = match &cluster.app.files {
+        Some(files) => files.clone(),
+        None => {
+            make_dir(&www, 0o755)?;
+            let page = web::render_node_page(&web::NodePage { cluster, node, boot });
+            write_file(&www.join("index.html"), &page, 0o644)?;
+            www
+        }
+    };
+    let nginx_run = layout.run.join("nginx");
+    make_dir(&nginx_run, 0o755)?;
+    let web_params = web::Params::for_node(
+        cluster,
+        node,
+        as_user(NGINX_USER),
+        web::Paths { run_dir: nginx_run, root: web_root },
+    );
+    let nginx_conf = layout.run.join("etc/nginx.conf");
+    write_file(&nginx_conf, &web::render_conf(&web_params), 0o644)?;
+
+    let mut specs = Vec::new();
+    let mut db_deps = Vec::new();
+    if !db::is_initialised(&db_paths.datadir) {
+        let mut init = ServiceSpec::oneshot("mariadb-init", db::install_argv(&db_params));
+        init.user = as_user(MARIADB_USER);
+        db_deps.push(init.name.clone());
+        specs.push(init);
+    }
+    let mut mariadb = ServiceSpec::daemon("mariadb", db::server_argv(&db_params));
+    mariadb.user = as_user(MARIADB_USER);
+    mariadb.deps = db_deps;
+    mariadb.readiness = Readiness::Tcp { addr: db_params.tcp_addr() };
+    mariadb.ready_timeout = DB_READY_TIMEOUT;
+    mariadb.stop_timeout = DB_STOP_TIMEOUT;
+    specs.push(mariadb);
+
+    if let Some(argv) = &cluster.app.command {
+        let mut app = ServiceSpec::daemon("app", argv.clone());
+        app.deps = vec!["mariadb".into()];
+        app.readiness = Readiness::Tcp { addr: (std::net::Ipv4Addr::LOCALHOST, cluster.ports.app).into() };
+        app.env.insert("TANDEM_NODE".into(), node.name.clone());
+        app.env.insert("TANDEM_APP_PORT".into(), cluster.ports.app.to_string());
+        app.env.insert("TANDEM_DB_SOCKET".into(), db_paths.socket().display().to_string());
+        specs.push(app);
+    }
+
+    // nginx runs as root only to bind and drop to www-data for its workers.
+    let mut nginx = ServiceSpec::daemon("nginx", web::argv(&nginx_conf));
+    nginx.readiness = Readiness::Tcp { addr: (node.address, cluster.ports.web).into() };
+    if cluster.app.command.is_some() {
+        nginx.deps = vec!["app".into()];
+    }
+    specs.push(nginx);
+    Ok(specs)
+}
+
+/// Increments and returns the boot counter kept in the state directory. Written to a temporary
+/// file, synced and renamed, so a power cut leaves the old or the new count, never a torn one.
+pub fn count_boot(state: &Path) -> anyhow::Result<u64> {
+    let path = state.join("boot-count");
+    let previous = match fs::read_to_string(&path) {
+        Ok(text) => text.trim().parse::<u64>().with_context(|| format!("{}: not a number", path.display()))?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let boot = previous + 1;
+    write_file(&path, &format!("{boot}\n"), 0o644)?;
+    Ok(boot)
+}
+
+/// Atomic replace: temp file in the same directory, fsync, rename, fsync the directory.
+pub fn write_file(path: &Path, contents: &str, mode: u32) -> anyhow::Result<()> {
+    let dir = path.parent().context("file path without a directory")?;
+    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
+    let mut f = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(contents.as_bytes()).with_context(|| format!("writing {}", tmp.display()))?;
+    f.set_permissions(fs::Permissions::from_mode(mode))?;
+    f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))?;
+    Ok(())
+}
+
+fn make_dir(path: &Path, mode: u32) -> anyhow::Result<()> {
+    fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).with_context(|| format!("chmod {}", path.display()))
+}
+
+fn chown_to(path: &Path, user: &str) -> anyhow::Result<()> {
+    let u = nix::unistd::User::from_name(user)
+        .with_context(|| format!("looking up user {user}"))?
+        .with_context(|| format!("user {user} does not exist (is its Debian package installed?)"))?;
+    nix::unistd::chown(path, Some(u.uid), Some(u.gid)).with_context(|| format!("chown {user} {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn boot_counter_counts_and_survives_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(count_boot(dir.path()).unwrap(), 1);
+        assert_eq!(count_boot(dir.path()).unwrap(), 2);
+        fs::write(dir.path().join("boot-count"), "garbage").unwrap();
+        let err = count_boot(dir.path()).unwrap_err();
+        assert!(format!("{err:#}").contains("not a number"));
+    }
+
+    #[test]
+    fn default_node_plan_orders_services() {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = Cluster::default_cluster();
+        let specs = prepare(&cluster, cluster.node("server2").unwrap(), &Layout::dev(dir.path())).unwrap();
+        let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["mariadb-init", "mariadb", "nginx"]);
+        let page = fs::read_to_string(dir.path().join("run/www/index.html")).unwrap();
+        assert!(page.contains("node: server2") && page.contains("boot: 1"), "{page}");
+        let conf = fs::read_to_string(dir.path().join("run/etc/my.cnf")).unwrap();
+        assert!(conf.contains("read_only = OFF"));
+    }
+}

@@ -1,0 +1,311 @@
+//! The state database: SQLite at `<state_dir>/state.db`, WAL mode, schema versioned with
+//! `PRAGMA user_version` and migrated forward on open.
+//!
+//! The supervisor's event loop is the only writer; each write is its own transaction. Readers
+//! (`status`, tests) may open the same file concurrently.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+/// File name of the database inside the state directory.
+pub const STATE_DB_FILE: &str = "state.db";
+/// Oldest events beyond this many are deleted when the database is opened for writing.
+pub const MAX_EVENTS_KEPT: i64 = 100_000;
+/// How long a statement waits for a lock held by another connection.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Forward migrations; migration `i` takes the schema from version `i` to `i + 1`.
+/// Never edit one that has shipped: append a new one.
+const MIGRATIONS: &[&str] = &["CREATE TABLE events (
+        id INTEGER PRIMARY KEY,
+        ts_ms INTEGER NOT NULL,
+        service TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        pid INTEGER NULL,
+        detail TEXT NOT NULL
+    );
+    CREATE INDEX events_by_service ON events (service, id);"];
+
+/// The schema version this binary writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state DB {path}: {source}")]
+    Sqlite {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error(
+        "state DB {path} has schema version {found}, newer than this binary's {SCHEMA_VERSION}"
+    )]
+    TooNew { path: PathBuf, found: i64 },
+}
+
+/// What happened to a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A process was started (pid set; detail: the program).
+    Started,
+    /// The service became ready (dependents may start).
+    Ready,
+    /// The process ended (detail: `code 1`, `signal 9 (SIGKILL)`).
+    Exited,
+    /// Not ready within its ready timeout; it is being killed (detail: the timeout).
+    Timeout,
+    /// A restart is scheduled (detail: `in 200ms, restart 3`).
+    Restarting,
+    /// Given up: crash loop or could not be started (detail: why).
+    Failed,
+    /// Stopped on request or at shutdown.
+    Stopped,
+}
+
+impl EventKind {
+    pub const ALL: [EventKind; 7] = [
+        EventKind::Started,
+        EventKind::Ready,
+        EventKind::Exited,
+        EventKind::Timeout,
+        EventKind::Restarting,
+        EventKind::Failed,
+        EventKind::Stopped,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Started => "started",
+            EventKind::Ready => "ready",
+            EventKind::Exited => "exited",
+            EventKind::Timeout => "timeout",
+            EventKind::Restarting => "restarting",
+            EventKind::Failed => "failed",
+            EventKind::Stopped => "stopped",
+        }
+    }
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One row of `events`. `kind` is text so rows written by a newer binary still read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRecord {
+    pub id: i64,
+    pub ts_ms: i64,
+    pub service: String,
+    pub kind: String,
+    pub pid: Option<i32>,
+    pub detail: String,
+}
+
+pub struct StateDb {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl StateDb {
+    /// Opens (creating and migrating as needed) `<state_dir>/state.db` for writing.
+    pub fn open(state_dir: &Path) -> Result<StateDb, StateError> {
+        let path = state_dir.join(STATE_DB_FILE);
+        let err = |source| StateError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let mut conn = Connection::open(&path).map_err(err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(err)?;
+        let found: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(err)?;
+        if found > SCHEMA_VERSION {
+            return Err(StateError::TooNew { path, found });
+        }
+        for (from, sql) in MIGRATIONS
+            .iter()
+            .enumerate()
+            .skip(usize::try_from(found).unwrap_or(0))
+        {
+            let tx = conn.transaction().map_err(err)?;
+            tx.execute_batch(sql).map_err(err)?;
+            tx.pragma_update(None, "user_version", from as i64 + 1)
+                .map_err(err)?;
+            tx.commit().map_err(err)?;
+        }
+        conn.execute(
+            "DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?1",
+            params![MAX_EVENTS_KEPT],
+        )
+        .map_err(err)?;
+        Ok(StateDb { conn, path })
+    }
+
+    /// Opens an existing database read-only (for `status` and tests).
+    pub fn open_read_only(state_dir: &Path) -> Result<StateDb, StateError> {
+        let path = state_dir.join(STATE_DB_FILE);
+        let err = |source| StateError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let conn =
+            Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
+        Ok(StateDb { conn, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn err(&self, source: rusqlite::Error) -> StateError {
+        StateError::Sqlite {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Appends an event (its own transaction) and returns it as stored.
+    pub fn record(
+        &self,
+        ts_ms: i64,
+        service: &str,
+        kind: EventKind,
+        pid: Option<i32>,
+        detail: &str,
+    ) -> Result<EventRecord, StateError> {
+        self.conn
+            .execute(
+                "INSERT INTO events (ts_ms, service, kind, pid, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![ts_ms, service, kind.as_str(), pid, detail],
+            )
+            .map_err(|e| self.err(e))?;
+        let id = self.conn.last_insert_rowid();
+        Ok(EventRecord {
+            id,
+            ts_ms,
+            service: service.into(),
+            kind: kind.as_str().into(),
+            pid,
+            detail: detail.into(),
+        })
+    }
+
+    /// The last `limit` events, oldest first; only `service`'s when given.
+    pub fn recent(
+        &self,
+        service: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<EventRecord>, StateError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT id, ts_ms, service, kind, pid, detail FROM events
+                 WHERE ?1 IS NULL OR service = ?1 ORDER BY id DESC LIMIT ?2",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![service, limit], |r| {
+                Ok(EventRecord {
+                    id: r.get(0)?,
+                    ts_ms: r.get(1)?,
+                    service: r.get(2)?,
+                    kind: r.get(3)?,
+                    pid: r.get(4)?,
+                    detail: r.get(5)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        let mut events = rows
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
+        events.reverse();
+        Ok(events)
+    }
+
+    /// The schema version stored in the file.
+    pub fn schema_version(&self) -> Result<i64, StateError> {
+        self.conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(|e| self.err(e))
+    }
+
+    /// The newest event of `service`, if any.
+    pub fn last_event(&self, service: &str) -> Result<Option<EventRecord>, StateError> {
+        self.conn
+            .query_row(
+                "SELECT id, ts_ms, service, kind, pid, detail FROM events WHERE service = ?1
+                 ORDER BY id DESC LIMIT 1",
+                params![service],
+                |r| {
+                    Ok(EventRecord {
+                        id: r.get(0)?,
+                        ts_ms: r.get(1)?,
+                        service: r.get(2)?,
+                        kind: r.get(3)?,
+                        pid: r.get(4)?,
+                        detail: r.get(5)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_and_queries() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path()).unwrap();
+        assert_eq!(db.schema_version().unwrap(), SCHEMA_VERSION);
+        db.record(1, "db", EventKind::Started, Some(10), "mariadbd")
+            .unwrap();
+        db.record(2, "app", EventKind::Started, Some(11), "app")
+            .unwrap();
+        db.record(3, "db", EventKind::Exited, Some(10), "signal 9 (SIGKILL)")
+            .unwrap();
+        let kinds =
+            |events: Vec<EventRecord>| events.into_iter().map(|e| e.kind).collect::<Vec<_>>();
+        assert_eq!(
+            kinds(db.recent(None, 10).unwrap()),
+            ["started", "started", "exited"]
+        );
+        assert_eq!(kinds(db.recent(Some("db"), 1).unwrap()), ["exited"]);
+        assert_eq!(db.last_event("app").unwrap().unwrap().pid, Some(11));
+        drop(db);
+
+        // Reopening migrates nothing and keeps the rows; a reader sees them too.
+        let db = StateDb::open(dir.path()).unwrap();
+        assert_eq!(db.recent(None, 10).unwrap().len(), 3);
+        let reader = StateDb::open_read_only(dir.path()).unwrap();
+        assert_eq!(reader.recent(Some("app"), 10).unwrap().len(), 1);
+        assert!(reader.record(4, "x", EventKind::Ready, None, "").is_err());
+    }
+
+    #[test]
+    fn refuses_a_newer_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join(STATE_DB_FILE)).unwrap();
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        drop(conn);
+        let err = StateDb::open(dir.path()).err().unwrap().to_string();
+        assert!(err.contains("newer than this binary"), "{err}");
+    }
+}

@@ -1,0 +1,218 @@
+//! The process supervisor: starts services in dependency order, watches their readiness,
+//! restarts them with backoff, captures their output, and stops them in reverse order.
+//!
+//! The same code runs as PID 1 on the image (`appliance init`) and under `appliance run` or
+//! `appliance supervise` on a developer machine (there it makes itself a child subreaper, so
+//! orphaned descendants are re-parented to it instead of to the machine's init).
+//!
+//! # Structure
+//!
+//! - [`spec`]: what to run ([`ServiceSpec`], loadable from JSON).
+//! - [`order`] and [`backoff`]: pure decisions (start order; whether and when to restart).
+//! - `process`: spawning, the signal thread (the only reaper), the final orphan sweep.
+//! - `runner`: the event loop. One thread owns all service state and takes events (child
+//!   exited, ready, control request, shutdown signal) from one channel; deadlines (restart
+//!   timers, readiness timeouts, SIGKILL after the stop timeout) are its `recv_timeout`.
+//! - `logs`: per-service ring buffers of output lines, fed by one reader thread per pipe.
+//!
+//! # Invariants
+//!
+//! - **Only the signal thread waits for children.** It reaps every exited child with
+//!   `waitid(P_ALL)`, whether a service, a grandchild re-parented to us, or anything else.
+//!   While [`run`] is active no code in this process may call
+//!   `std::process::Command::status()`, `output()` or `Child::wait()`: the reaper would take
+//!   the exit status and the call would fail with ECHILD. Run one-off commands as `oneshot`
+//!   services, or before [`run`] starts / after it returns.
+//! - [`run`] must be called before the process starts other threads: it blocks SIGCHLD,
+//!   SIGTERM, SIGINT and SIGHUP in the calling thread, and only threads started afterwards
+//!   inherit that mask.
+//! - Every service runs in its own session and process group. When a process-group leader
+//!   exits, the rest of its group is SIGKILLed before it is reaped (nginx workers do not
+//!   outlive a killed master and keep its port).
+//! - Environment variables of services are never logged, nor written to the state DB.
+//! - A crash loop never spins: after [`backoff::MAX_QUICK_FAILURES`] consecutive quick
+//!   failures a service is `failed` and stays down until a `restart` request.
+//!
+//! Dependencies are checked at start only: a service starts once all its dependencies are
+//! ready; if a dependency later restarts, its dependents keep running.
+
+pub mod backoff;
+mod logs;
+pub mod order;
+mod process;
+mod runner;
+pub mod spec;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::mpsc::{self, Sender};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use nix::unistd;
+
+pub use backoff::{RestartMode, RestartPolicy};
+pub use logs::{LogLine, Stream, LOG_LINES_KEPT};
+pub use order::OrderError;
+pub use process::ExitKind;
+pub use spec::{Kind, Readiness, ServiceSpec, StopSignal};
+
+use crate::control::{ControlError, ControlServer, Request, Response, SOCKET_FILE};
+use crate::state::{EventRecord, StateDb, StateError};
+
+/// How long a control request waits for the event loop.
+const CONTROL_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where and how [`run`] keeps its state and talks to the outside.
+#[derive(Debug, Clone)]
+pub struct SupervisorOptions {
+    /// Holds `state.db`; created if missing.
+    pub state_dir: PathBuf,
+    /// The control socket (`<state_dir>/control.sock` by [`SupervisorOptions::new`]).
+    pub control_socket: PathBuf,
+    /// Receives every output line of every service (for the log monitor).
+    pub log_sink: Option<Sender<LogLine>>,
+    /// Receives every service event as it is written to the state DB.
+    pub event_sink: Option<Sender<EventRecord>>,
+}
+
+impl SupervisorOptions {
+    pub fn new(state_dir: impl Into<PathBuf>) -> Self {
+        let state_dir = state_dir.into();
+        SupervisorOptions {
+            control_socket: state_dir.join(SOCKET_FILE),
+            state_dir,
+            log_sink: None,
+            event_sink: None,
+        }
+    }
+}
+
+/// Why [`run`] returned (PID 1 maps this to poweroff or reboot).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// SIGTERM.
+    Terminate,
+    /// SIGINT (Ctrl-C; on PID 1, Ctrl-Alt-Del).
+    Interrupt,
+    /// SIGHUP (the terminal of `appliance run` went away).
+    Hangup,
+    /// A `stop` request on the control socket.
+    Requested,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error("service `{service}`: {reason}")]
+    InvalidSpec { service: String, reason: String },
+    #[error(transparent)]
+    Order(#[from] OrderError),
+    #[error("service spec file {}: {detail}", .path.display())]
+    SpecFile { path: PathBuf, detail: String },
+    #[error("state directory {}: {source}", .path.display())]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    #[error("setting up signal handling: {0}")]
+    Signals(#[source] nix::Error),
+}
+
+/// Checks every service and their dependencies; returns the start order (indices).
+pub fn validate(specs: &[ServiceSpec]) -> Result<Vec<usize>, SupervisorError> {
+    for spec in specs {
+        spec.check()
+            .map_err(|reason| SupervisorError::InvalidSpec {
+                service: spec.name.clone(),
+                reason,
+            })?;
+    }
+    let graph: Vec<(&str, Vec<&str>)> = specs
+        .iter()
+        .map(|s| (s.name.as_str(), s.deps.iter().map(String::as_str).collect()))
+        .collect();
+    Ok(order::start_order(&graph)?)
+}
+
+/// Reads a JSON array of [`ServiceSpec`] and validates it.
+pub fn load_specs(path: &Path) -> Result<Vec<ServiceSpec>, SupervisorError> {
+    let err = |detail: String| SupervisorError::SpecFile {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let specs: Vec<ServiceSpec> = serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+    validate(&specs)?;
+    Ok(specs)
+}
+
+/// Supervises `specs` until SIGTERM, SIGINT, SIGHUP or a `stop` request; then stops every
+/// service in reverse dependency order, kills whatever descendants are left, and returns why.
+///
+/// See the module documentation for what the caller must (not) do while it runs.
+pub fn run(
+    specs: Vec<ServiceSpec>,
+    opts: SupervisorOptions,
+) -> Result<StopReason, SupervisorError> {
+    let order = validate(&specs)?;
+    let (tx, rx) = mpsc::channel();
+    // First, before any thread exists: block the signals we take with sigwait.
+    let signal_tx = tx.clone();
+    let _signals = process::SignalThread::start(move |event| {
+        let _ = signal_tx.send(runner::Event::Signal(event));
+    })
+    .map_err(SupervisorError::Signals)?;
+    if unistd::getpid().as_raw() != 1 {
+        nix::sys::prctl::set_child_subreaper(true).map_err(SupervisorError::Signals)?;
+    }
+    std::fs::create_dir_all(&opts.state_dir).map_err(|source| SupervisorError::StateDir {
+        path: opts.state_dir.clone(),
+        source,
+    })?;
+    let db = StateDb::open(&opts.state_dir)?;
+
+    let control_tx = tx.clone();
+    let _control = ControlServer::bind(&opts.control_socket, move |request: Request| {
+        let (reply_tx, reply_rx) = mpsc::channel();
+        if control_tx
+            .send(runner::Event::Control(request, reply_tx))
+            .is_err()
+        {
+            return Response::Error {
+                message: "the supervisor is shutting down".into(),
+            };
+        }
+        reply_rx
+            .recv_timeout(CONTROL_REPLY_TIMEOUT)
+            .unwrap_or_else(|_| Response::Error {
+                message: "the supervisor did not answer".into(),
+            })
+    })?;
+    tracing::info!(
+        services = specs.len(),
+        state_dir = %opts.state_dir.display(),
+        socket = %opts.control_socket.display(),
+        "supervisor started"
+    );
+    let reason = runner::Runner::new(specs, order, db, &opts, tx).run(&rx);
+    tracing::info!(?reason, "supervisor stopped");
+    Ok(reason)
+}
+
+/// `appliance supervise --spec FILE --state-dir DIR`.
+pub fn supervise_file(spec: &Path, state_dir: &Path) -> anyhow::Result<ExitCode> {
+    let specs = load_specs(spec)?;
+    run(specs, SupervisorOptions::new(state_dir))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Wall-clock milliseconds since the Unix epoch, for event and log timestamps.
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}

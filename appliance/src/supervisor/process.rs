@@ -1,0 +1,360 @@
+//! Processes: spawning a service, the signal thread that reaps every child, and the final
+//! sweep of leftover descendants.
+
+use std::ffi::CString;
+use std::fmt;
+use std::os::unix::process::CommandExt;
+use std::process::{ChildStderr, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::{self, JoinHandle};
+
+use nix::errno::Errno;
+use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signal};
+use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
+use nix::unistd::{self, Pid, Uid, User};
+
+use super::spec::ServiceSpec;
+
+/// Held while `Command::spawn` runs and while the reaper reaps. std's `spawn` itself waits for
+/// a child whose `exec` failed and asserts that wait succeeds; the reaper must not take that
+/// child first.
+static SPAWN_LOCK: Mutex<()> = Mutex::new(());
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitKind {
+    Code(i32),
+    Signal(i32),
+}
+
+impl ExitKind {
+    pub fn success(self) -> bool {
+        self == ExitKind::Code(0)
+    }
+}
+
+impl fmt::Display for ExitKind {
+    /// `code 1`, `signal 9 (SIGKILL)`: the `detail` of `exited` events.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            ExitKind::Code(code) => write!(f, "code {code}"),
+            ExitKind::Signal(sig) => match Signal::try_from(sig) {
+                Ok(s) => write!(f, "signal {sig} ({})", s.as_str()),
+                Err(_) => write!(f, "signal {sig}"),
+            },
+        }
+    }
+}
+
+/// What the signal thread reports to the event loop.
+#[derive(Debug)]
+pub(crate) enum SignalEvent {
+    Exited { pid: Pid, exit: ExitKind },
+    Shutdown(Signal),
+}
+
+/// A running service process; the pipes are handed to log readers.
+pub(crate) struct Spawned {
+    pub pid: Pid,
+    pub stdout: ChildStdout,
+    pub stderr: ChildStderr,
+}
+
+/// User to switch to in the child, resolved in the parent (no NSS lookups after fork).
+struct Credentials {
+    uid: libc::uid_t,
+    gid: libc::gid_t,
+    groups: Vec<libc::gid_t>,
+}
+
+fn credentials(name: &str) -> Result<(Credentials, User), String> {
+    let user = User::from_name(name)
+        .map_err(|e| format!("looking up user `{name}`: {e}"))?
+        .ok_or_else(|| format!("no user `{name}`"))?;
+    let cname = CString::new(name).map_err(|_| format!("user name `{name}` contains NUL"))?;
+    let groups = unistd::getgrouplist(&cname, user.gid)
+        .map_err(|e| format!("groups of user `{name}`: {e}"))?
+        .into_iter()
+        .map(|g| g.as_raw())
+        .collect();
+    Ok((
+        Credentials {
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+            groups,
+        },
+        user,
+    ))
+}
+
+/// Starts `spec`'s program in its own session and process group, stdin from /dev/null,
+/// stdout and stderr piped, signal mask and dispositions reset, as `spec.user` when root.
+pub(crate) fn spawn(spec: &ServiceSpec) -> Result<Spawned, String> {
+    let mut cmd = Command::new(&spec.argv[0]);
+    cmd.args(&spec.argv[1..])
+        .envs(&spec.env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(cwd) = &spec.cwd {
+        cmd.current_dir(cwd);
+    }
+    let creds = match &spec.user {
+        Some(name) if Uid::effective().is_root() => {
+            let (creds, user) = credentials(name)?;
+            for (key, value) in [
+                ("HOME", user.dir.as_os_str()),
+                ("USER", name.as_ref()),
+                ("LOGNAME", name.as_ref()),
+            ] {
+                if !spec.env.contains_key(key) {
+                    cmd.env(key, value);
+                }
+            }
+            Some(creds)
+        }
+        Some(name) => {
+            tracing::debug!(service = %spec.name, user = %name, "not root: running as the current user");
+            None
+        }
+        None => None,
+    };
+    let first_rt_signal = libc::SIGRTMIN();
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe system calls on memory allocated before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            for sig in 1..first_rt_signal {
+                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                    libc::signal(sig, libc::SIG_DFL);
+                }
+            }
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(c) = &creds {
+                if libc::setgroups(c.groups.len(), c.groups.as_ptr()) < 0
+                    || libc::setgid(c.gid) < 0
+                    || libc::setuid(c.uid) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = {
+        let _guard = SPAWN_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
+        cmd.spawn()
+            .map_err(|e| format!("starting `{}`: {e}", spec.argv[0]))?
+    };
+    let pid = Pid::from_raw(child.id() as i32);
+    // Dropping `Child` neither waits nor kills; the reaper owns the exit status.
+    let (Some(stdout), Some(stderr)) = (child.stdout, child.stderr) else {
+        unreachable!("stdout and stderr were piped")
+    };
+    Ok(Spawned {
+        pid,
+        stdout,
+        stderr,
+    })
+}
+
+/// Sends `sig` to the process group led by `pid`. A group that is already gone is fine.
+pub(crate) fn signal_group(pid: Pid, sig: Signal) {
+    match signal::killpg(pid, sig) {
+        Ok(()) | Err(Errno::ESRCH) => {}
+        Err(e) => tracing::warn!(
+            pid = pid.as_raw(),
+            "sending {} to process group: {e}",
+            sig.as_str()
+        ),
+    }
+}
+
+/// Signals the supervisor handles; blocked in every thread and taken by the signal thread.
+fn handled() -> SigSet {
+    let mut set = SigSet::empty();
+    for sig in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+    ] {
+        set.add(sig);
+    }
+    set
+}
+
+extern "C" fn ignore_signal(_: libc::c_int) {}
+
+/// Owns the process-wide signal setup for the duration of `run`.
+pub(crate) struct SignalThread {
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+    old_mask: SigSet,
+    old_actions: Vec<(Signal, SigAction)>,
+}
+
+impl SignalThread {
+    /// Blocks the handled signals in the calling thread (threads started later inherit the
+    /// mask) and starts the thread that takes them with `sigwait`.
+    ///
+    /// Handlers are installed too (doing nothing): PID 1 never receives a signal whose
+    /// disposition is the default, and the handlers keep that from depending on the mask.
+    pub(crate) fn start(
+        on_event: impl Fn(SignalEvent) + Send + 'static,
+    ) -> nix::Result<SignalThread> {
+        let set = handled();
+        let mut old_mask = SigSet::empty();
+        signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), Some(&mut old_mask))?;
+        let mut old_actions = Vec::new();
+        let action = SigAction::new(
+            SigHandler::Handler(ignore_signal),
+            SaFlags::SA_RESTART,
+            SigSet::empty(),
+        );
+        for sig in set.iter() {
+            // SAFETY: the handler does nothing, so it is async-signal-safe.
+            let old = unsafe { signal::sigaction(sig, &action) }?;
+            old_actions.push((sig, old));
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let handle = thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || signal_loop(set, &on_event, &stop2))
+            .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EAGAIN)))?;
+        Ok(SignalThread {
+            stop,
+            handle: Some(handle),
+            old_mask,
+            old_actions,
+        })
+    }
+}
+
+impl Drop for SignalThread {
+    /// Stops the thread (waking it with a SIGCHLD to ourselves) and restores the caller's
+    /// signal mask and handlers.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = signal::kill(unistd::getpid(), Signal::SIGCHLD);
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+        for (sig, action) in &self.old_actions {
+            // SAFETY: restores what was installed before `start`.
+            let _ = unsafe { signal::sigaction(*sig, action) };
+        }
+        let _ = signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&self.old_mask), None);
+    }
+}
+
+fn signal_loop(set: SigSet, on_event: &dyn Fn(SignalEvent), stop: &AtomicBool) {
+    loop {
+        let sig = match set.wait() {
+            Ok(sig) => sig,
+            Err(e) => {
+                tracing::error!("sigwait: {e}");
+                thread::sleep(std::time::Duration::from_millis(100));
+                continue;
+            }
+        };
+        if sig == Signal::SIGCHLD {
+            reap(on_event);
+        } else {
+            on_event(SignalEvent::Shutdown(sig));
+        }
+        if stop.load(Ordering::SeqCst) {
+            reap(on_event);
+            return;
+        }
+    }
+}
+
+/// The only place that waits for children: reaps every exited child, first killing the rest
+/// of its process group (so a service's workers never outlive its main process). Waiting with
+/// `WNOWAIT` first keeps the zombie, and so its process-group id, from being reused until the
+/// group is signalled.
+fn reap(on_event: &dyn Fn(SignalEvent)) {
+    let _guard = SPAWN_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
+    loop {
+        let pid = match waitid(
+            Id::All,
+            WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT,
+        ) {
+            Ok(status) => match status.pid() {
+                Some(pid) => pid,
+                None => return,
+            },
+            Err(Errno::EINTR) => continue,
+            Err(Errno::ECHILD) => return,
+            Err(e) => {
+                tracing::error!("waitid: {e}");
+                return;
+            }
+        };
+        // Only a group leader has a group with its own pid; for others this is ESRCH.
+        match signal::killpg(pid, Signal::SIGKILL) {
+            Ok(()) | Err(Errno::ESRCH) | Err(Errno::EPERM) => {}
+            Err(e) => tracing::debug!(pid = pid.as_raw(), "killing process group: {e}"),
+        }
+        let exit = match waitpid(pid, None) {
+            Ok(WaitStatus::Exited(_, code)) => ExitKind::Code(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => ExitKind::Signal(sig as i32),
+            Ok(other) => {
+                tracing::debug!(pid = pid.as_raw(), "unexpected wait status {other:?}");
+                continue;
+            }
+            Err(Errno::EINTR) => continue,
+            Err(e) => {
+                tracing::error!(pid = pid.as_raw(), "waitpid: {e}");
+                return;
+            }
+        };
+        on_event(SignalEvent::Exited { pid, exit });
+    }
+}
+
+/// Pids whose parent is this process, from /proc (zombies included).
+pub(crate) fn children_from_proc() -> Vec<Pid> {
+    let me = unistd::getpid().as_raw();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|entry| {
+        let entry = entry.ok()?;
+        let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+        // `pid (comm) state ppid ...`; comm may contain spaces and parentheses.
+        let rest = &stat[stat.rfind(')')? + 1..];
+        let ppid: i32 = rest.split_whitespace().nth(1)?.parse().ok()?;
+        (ppid == me).then_some(Pid::from_raw(pid))
+    })
+    .collect()
+}
+
+/// SIGKILLs a process (and the group it leads, if any).
+pub(crate) fn kill_hard(pid: Pid) {
+    let _ = signal::killpg(pid, Signal::SIGKILL);
+    let _ = signal::kill(pid, Signal::SIGKILL);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_details() {
+        assert_eq!(ExitKind::Code(1).to_string(), "code 1");
+        assert_eq!(ExitKind::Signal(9).to_string(), "signal 9 (SIGKILL)");
+        assert_eq!(ExitKind::Signal(15).to_string(), "signal 15 (SIGTERM)");
+        assert!(ExitKind::Code(0).success());
+        assert!(!ExitKind::Signal(15).success());
+    }
+}

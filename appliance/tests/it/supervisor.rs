@@ -1,0 +1,568 @@
+//! The supervisor end to end: the real `appliance supervise` binary with small services made
+//! of `sleep`, `sh` and `python3`, observed through `appliance status`, the control socket,
+//! the state DB and /proc.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use appliance::control::{self, Request, Response, ServiceStatus, Target};
+use appliance::state::{EventRecord, StateDb};
+use appliance::supervisor::backoff::MAX_QUICK_FAILURES;
+use serde_json::{json, Value};
+
+const STARTUP: Duration = Duration::from_secs(10);
+const POLL: Duration = Duration::from_millis(20);
+
+/// A running `appliance supervise`; killed (and its stderr printed if the test failed) on drop.
+struct Supervisor {
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Supervisor {
+    fn start(specs: Value) -> Supervisor {
+        let dir = tempfile::tempdir().unwrap();
+        let spec_path = dir.path().join("spec.json");
+        fs::write(&spec_path, serde_json::to_vec_pretty(&specs).unwrap()).unwrap();
+        let stderr = fs::File::create(dir.path().join("stderr.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_appliance"))
+            .arg("supervise")
+            .arg("--spec")
+            .arg(&spec_path)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .env("RUST_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let sup = Supervisor { dir, child };
+        sup.wait_for("the control socket", STARTUP, || {
+            sup.socket().exists().then_some(())
+        });
+        sup
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.state_dir().join("control.sock")
+    }
+
+    fn target(&self) -> Target {
+        Target {
+            socket: None,
+            state_dir: Some(self.state_dir()),
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn stderr(&self) -> String {
+        fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    /// `appliance status --json`, through the CLI.
+    fn status(&self) -> BTreeMap<String, ServiceStatus> {
+        let out = Command::new(env!("CARGO_BIN_EXE_appliance"))
+            .arg("status")
+            .arg("--json")
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let services: Vec<ServiceStatus> = serde_json::from_slice(&out.stdout).unwrap();
+        services.into_iter().map(|s| (s.name.clone(), s)).collect()
+    }
+
+    fn service(&self, name: &str) -> ServiceStatus {
+        self.status()
+            .remove(name)
+            .unwrap_or_else(|| panic!("no service {name} in status"))
+    }
+
+    fn events(&self) -> Vec<EventRecord> {
+        StateDb::open_read_only(&self.state_dir())
+            .unwrap()
+            .recent(None, 10_000)
+            .unwrap()
+    }
+
+    /// `service:kind` of every event, in order.
+    fn event_names(&self) -> Vec<String> {
+        self.events()
+            .into_iter()
+            .map(|e| format!("{}:{}", e.service, e.kind))
+            .collect()
+    }
+
+    /// Polls `f` until it returns `Some`, or fails the test after `timeout`.
+    fn wait_for<T>(&self, what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(value) = f() {
+                return value;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for {what}"
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Waits for the supervisor process to exit.
+    fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "supervisor still running after {timeout:?}"
+            );
+            std::thread::sleep(POLL);
+        }
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "---- supervisor stderr ----\n{}---- end ----",
+                self.stderr()
+            );
+        }
+        if let Ok(None) = self.child.try_wait() {
+            signal(self.pid(), libc::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+                std::thread::sleep(POLL);
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn signal(pid: i32, sig: libc::c_int) {
+    // SAFETY: plain kill(2).
+    assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill({pid}, {sig})");
+}
+
+fn daemon(name: &str, argv: &[&str]) -> Value {
+    json!({ "name": name, "argv": argv })
+}
+
+fn position(events: &[String], event: &str) -> usize {
+    events
+        .iter()
+        .position(|e| e == event)
+        .unwrap_or_else(|| panic!("no event {event} in {events:?}"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `(pid, ppid, cmdline)` of every process.
+fn processes() -> Vec<(i32, i32, String)> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        let Some(ppid) = stat[close + 1..]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+        else {
+            continue;
+        };
+        let cmdline = fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline)
+            .replace('\0', " ")
+            .trim()
+            .to_string();
+        out.push((pid, ppid, cmdline));
+    }
+    out
+}
+
+/// Every descendant of `root`.
+fn descendants(root: i32) -> Vec<(i32, i32, String)> {
+    let all = processes();
+    let mut found: Vec<(i32, i32, String)> = Vec::new();
+    let mut frontier = vec![root];
+    while let Some(parent) = frontier.pop() {
+        for p in all.iter().filter(|p| p.1 == parent) {
+            frontier.push(p.0);
+            found.push(p.clone());
+        }
+    }
+    found
+}
+
+#[test]
+fn starts_in_dependency_order_and_stops_in_reverse() {
+    let port = free_port();
+    let port_s = port.to_string();
+    // Listed dependents first, so file order is not start order.
+    let specs = json!([
+        { "name": "top", "argv": ["sleep", "1000"], "deps": ["middle"] },
+        { "name": "middle", "argv": ["sleep", "1000"], "deps": ["web", "setup"] },
+        { "name": "web", "argv": ["python3", "-m", "http.server", "--bind", "127.0.0.1", port_s],
+          "readiness": { "type": "tcp", "addr": format!("127.0.0.1:{port}") } },
+        { "name": "setup", "argv": ["sh", "-c", "sleep 0.2"], "kind": "oneshot" },
+    ]);
+    let mut sup = Supervisor::start(specs);
+    sup.wait_for("all running", STARTUP, || {
+        let status = sup.status();
+        status.values().all(|s| s.ready).then_some(())
+    });
+    let status = sup.status();
+    assert_eq!(status["setup"].state, "done");
+    assert_eq!(status["web"].state, "running");
+    assert_eq!(status["top"].state, "running");
+    // The TCP readiness really was the server answering.
+    std::net::TcpStream::connect(("127.0.0.1", port)).expect("web is ready but not listening");
+
+    let events = sup.event_names();
+    for (before, after) in [
+        ("web:ready", "middle:started"),
+        ("setup:ready", "middle:started"),
+        ("middle:ready", "top:started"),
+        ("web:started", "web:ready"),
+    ] {
+        assert!(
+            position(&events, before) < position(&events, after),
+            "{before} not before {after}: {events:?}"
+        );
+    }
+
+    assert_eq!(
+        control::request(&sup.target(), &Request::Stop).unwrap(),
+        Response::Ok
+    );
+    assert!(sup.wait_exit(Duration::from_secs(10)).success());
+    let events = sup.event_names();
+    for (before, after) in [
+        ("top:stopped", "middle:exited"),
+        ("middle:stopped", "web:exited"),
+    ] {
+        assert!(
+            position(&events, before) < position(&events, after),
+            "{before} not before {after}: {events:?}"
+        );
+    }
+    assert!(
+        !events.contains(&"setup:stopped".to_string()),
+        "a finished oneshot is not stopped again"
+    );
+    assert!(!sup.socket().exists(), "control socket left behind");
+}
+
+#[test]
+fn a_killed_service_is_restarted() {
+    let sup = Supervisor::start(json!([
+        daemon("victim", &["sleep", "1000"]),
+        daemon("bystander", &["sleep", "1000"])
+    ]));
+    let first = sup.wait_for("victim running", STARTUP, || sup.service("victim").pid);
+    let bystander = sup.service("bystander").pid;
+    let killed_at = Instant::now();
+    signal(first, libc::SIGKILL);
+    let victim = sup.wait_for("victim restarted", Duration::from_secs(5), || {
+        let s = sup.service("victim");
+        (s.pid.is_some() && s.pid != Some(first)).then_some(s)
+    });
+    let took = killed_at.elapsed();
+    assert!(took < Duration::from_secs(1), "restart took {took:?}");
+    assert_eq!(victim.restarts, 1);
+    assert_eq!(victim.state, "running");
+    assert_eq!(victim.last_exit.as_deref(), Some("signal 9 (SIGKILL)"));
+    assert_eq!(
+        sup.service("bystander").pid,
+        bystander,
+        "another service was disturbed"
+    );
+
+    let events: Vec<EventRecord> = sup
+        .events()
+        .into_iter()
+        .filter(|e| e.service == "victim")
+        .collect();
+    let exited = events
+        .iter()
+        .position(|e| e.kind == "exited")
+        .expect("no exited event");
+    assert_eq!(events[exited].pid, Some(first));
+    assert_eq!(events[exited].detail, "signal 9 (SIGKILL)");
+    assert_eq!(events[exited + 1].kind, "restarting");
+    assert_eq!(events[exited + 1].detail, "in 100ms, restart 1");
+    assert_eq!(events[exited + 2].kind, "started");
+    assert_eq!(events[exited + 2].pid, victim.pid);
+}
+
+#[test]
+fn a_crash_loop_ends_failed_with_bounded_starts() {
+    let sup = Supervisor::start(json!([
+        // Never ready (nothing listens there), so its dependent never starts.
+        { "name": "crasher", "argv": ["sh", "-c", "echo crashing; exit 3"],
+          "readiness": { "type": "tcp", "addr": format!("127.0.0.1:{}", free_port()) } },
+        { "name": "after", "argv": ["sleep", "1000"], "deps": ["crasher"] },
+    ]));
+    let failed_at = sup.wait_for("crasher failed", Duration::from_secs(15), || {
+        (sup.service("crasher").state == "failed").then(Instant::now)
+    });
+    let starts = |sup: &Supervisor| {
+        sup.events()
+            .iter()
+            .filter(|e| e.service == "crasher" && e.kind == "started")
+            .count()
+    };
+    let n = starts(&sup);
+    assert!(n <= MAX_QUICK_FAILURES as usize + 1, "{n} starts");
+    assert_eq!(
+        n, MAX_QUICK_FAILURES as usize,
+        "the budget is max_quick_failures starts"
+    );
+    let status = sup.service("crasher");
+    assert_eq!(status.last_exit.as_deref(), Some("code 3"));
+    assert_eq!(status.pid, None);
+    assert_eq!(sup.service("after").state, "waiting");
+    let events = sup.event_names();
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("crasher:failed"),
+        "{events:?}"
+    );
+    // Backoff, not a tight loop: 100 + 200 + 400 + 800 ms between the starts.
+    let crasher: Vec<EventRecord> = sup
+        .events()
+        .into_iter()
+        .filter(|e| e.service == "crasher")
+        .collect();
+    let first = crasher.first().unwrap().ts_ms;
+    let last = crasher.last().unwrap().ts_ms;
+    assert!(last - first >= 1400, "crash loop spun: {} ms", last - first);
+    // And it stays failed.
+    while failed_at.elapsed() < Duration::from_millis(300) {
+        std::thread::sleep(POLL);
+    }
+    assert_eq!(starts(&sup), n);
+
+    // A restart request revives it (and it fails again, from a fresh budget).
+    assert_eq!(
+        control::request(
+            &sup.target(),
+            &Request::Restart {
+                service: "crasher".into()
+            }
+        )
+        .unwrap(),
+        Response::Ok
+    );
+    sup.wait_for("second round", Duration::from_secs(15), || {
+        (starts(&sup) == 2 * n && sup.service("crasher").state == "failed").then_some(())
+    });
+}
+
+#[test]
+fn sigterm_leaves_no_descendant_behind() {
+    let mut sup = Supervisor::start(json!([
+        daemon("plain", &["sleep", "1001"]),
+        daemon("group", &["sh", "-c", "sleep 1002 & sleep 1003 & wait"]),
+        { "name": "escapee", "kind": "oneshot", "argv": ["sh", "-c", "setsid sleep 1004 & echo forked"] },
+        // Ignores SIGTERM: needs the SIGKILL after its stop timeout.
+        { "name": "stubborn", "argv": ["sh", "-c", "trap '' TERM; while true; do sleep 0.1; done"],
+          "stop_timeout_ms": 300 },
+    ]));
+    let me = sup.pid();
+    let tree = sup.wait_for("every sleep running", STARTUP, || {
+        let tree = descendants(me);
+        let sleeps = ["1001", "1002", "1003", "1004"];
+        let all = sleeps
+            .iter()
+            .all(|s| tree.iter().any(|p| p.2 == format!("sleep {s}")));
+        (all && sup.service("escapee").state == "done").then_some(tree)
+    });
+    // The escapee left its service's group and session; we are its parent as a subreaper.
+    let escapee = tree.iter().find(|p| p.2 == "sleep 1004").unwrap();
+    assert_eq!(
+        escapee.1, me,
+        "double-forked process not re-parented to the supervisor: {tree:?}"
+    );
+
+    signal(me, libc::SIGTERM);
+    let status = sup.wait_exit(Duration::from_secs(10));
+    assert!(status.success(), "supervisor exited with {status}");
+    let gone =
+        |pid: i32, cmdline: &str| processes().iter().all(|p| !(p.0 == pid && p.2 == cmdline));
+    sup.wait_for("descendants gone", Duration::from_secs(10), || {
+        tree.iter().all(|p| gone(p.0, &p.2)).then_some(())
+    });
+    let adopted_by_init: Vec<_> = processes()
+        .into_iter()
+        .filter(|p| p.1 == 1 && p.2.starts_with("sleep 100"))
+        .collect();
+    assert!(
+        adopted_by_init.is_empty(),
+        "re-parented to PID 1: {adopted_by_init:?}"
+    );
+    let events = sup.event_names();
+    assert!(
+        events.contains(&"stubborn:stopped".to_string()),
+        "{events:?}"
+    );
+    assert!(
+        sup.stderr().contains("sending SIGKILL"),
+        "stubborn was not SIGKILLed"
+    );
+}
+
+#[test]
+fn logs_are_captured_and_served() {
+    let sup = Supervisor::start(json!([
+        daemon("talker", &["sh", "-c", "echo hello-out; echo hello-err >&2; exec sleep 1000"]),
+        { "name": "quiet", "argv": ["sleep", "1000"], "env": { "SECRET_TOKEN": "hunter2-do-not-log" } },
+    ]));
+    let request = Request::Logs {
+        service: "talker".into(),
+        lines: 10,
+    };
+    let lines = sup.wait_for("both lines", STARTUP, || {
+        let Response::Logs { lines } = control::request(&sup.target(), &request).unwrap() else {
+            panic!()
+        };
+        (lines.len() >= 2).then_some(lines)
+    });
+    let mut got: Vec<(String, String)> = lines
+        .iter()
+        .map(|l| (l.stream.as_str().to_string(), l.line.clone()))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("stderr".into(), "hello-err".into()),
+            ("stdout".into(), "hello-out".into())
+        ]
+    );
+    assert!(lines
+        .iter()
+        .all(|l| l.service == "talker" && Some(l.pid) == sup.service("talker").pid));
+    // Also through tracing, tagged with the service and stream.
+    let stderr = sup.stderr();
+    assert!(
+        stderr.contains("hello-out") && stderr.contains("service=talker"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("hunter2"),
+        "an environment value was logged"
+    );
+
+    let err = control::request(
+        &sup.target(),
+        &Request::Logs {
+            service: "nope".into(),
+            lines: 1,
+        },
+    )
+    .unwrap_err();
+    assert_eq!(err.to_string(), "supervisor: no service `nope`");
+
+    // The human table.
+    let out = Command::new(env!("CARGO_BIN_EXE_appliance"))
+        .args(["status", "--state-dir"])
+        .arg(sup.state_dir())
+        .output()
+        .unwrap();
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.starts_with("SERVICE  STATE    PID"), "{table}");
+    assert!(
+        table.lines().any(|l| l.starts_with("talker   running")),
+        "{table}"
+    );
+}
+
+#[test]
+fn control_socket_is_private() {
+    let sup = Supervisor::start(json!([daemon("idle", &["sleep", "1000"])]));
+    let mode = fs::metadata(sup.socket()).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
+    assert!(is_socket(&sup.socket()));
+}
+
+fn is_socket(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    fs::metadata(path)
+        .map(|m| m.file_type().is_socket())
+        .unwrap_or(false)
+}
+
+#[test]
+fn bad_specs_are_refused_with_the_reason() {
+    let check = |specs: Value, expected: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spec.json");
+        fs::write(&path, specs.to_string()).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_appliance"))
+            .arg("supervise")
+            .arg("--spec")
+            .arg(&path)
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            stderr.contains(expected),
+            "expected {expected:?} in {stderr}"
+        );
+    };
+    check(
+        json!([{ "name": "a", "argv": ["x"], "deps": ["b"] }]),
+        "service `a` depends on `b`, which is not a service",
+    );
+    check(
+        json!([{ "name": "a", "argv": ["x"], "deps": ["b"] }, { "name": "b", "argv": ["x"], "deps": ["a"] }]),
+        "dependency cycle: a -> b -> a",
+    );
+    check(
+        json!([{ "name": "a", "argv": ["x"], "color": "red" }]),
+        "unknown field `color`",
+    );
+}

@@ -1,0 +1,121 @@
+//! Assembling a node's disk: the GPT by `sfdisk` on a file, then each partition image copied
+//! in at its offset, skipping zero blocks so that the result stays sparse.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+
+use crate::cmd::Cmd;
+use crate::layout::DiskLayout;
+use crate::Error;
+
+const STEP: &str = "disk image";
+const BLOCK: usize = 4096;
+
+/// Creates `out` (sparse, `layout.disk_size` bytes) with the partition table and the given
+/// partition images (label, image file). Partitions without an image stay zero.
+pub fn assemble(out: &Path, layout: &DiskLayout, images: &[(&str, &Path)]) -> Result<(), Error> {
+    let _ = std::fs::remove_file(out);
+    let f = File::create(out).map_err(|e| Error::io(STEP, out, e))?;
+    f.set_len(layout.disk_size)
+        .map_err(|e| Error::io(STEP, out, e))?;
+    drop(f);
+    Cmd::new(STEP, "sfdisk")
+        .args([
+            "--quiet",
+            "--no-reread",
+            "--no-tell-kernel",
+            "--wipe",
+            "always",
+        ])
+        .arg(out)
+        .stdin(layout.sfdisk_script())
+        .run_quiet()?;
+    let mut disk = std::fs::OpenOptions::new()
+        .write(true)
+        .open(out)
+        .map_err(|e| Error::io(STEP, out, e))?;
+    for (label, image) in images {
+        let part = layout.partition(label);
+        let len = std::fs::metadata(image)
+            .map_err(|e| Error::io(STEP, image, e))?
+            .len();
+        if len > part.size {
+            return Err(Error::TooBig {
+                what: image.to_path_buf(),
+                size: len,
+                partition: label.to_string(),
+                capacity: part.size,
+            });
+        }
+        copy_sparse(image, &mut disk, part.offset).map_err(|e| Error::io(STEP, image, e))?;
+    }
+    disk.sync_all().map_err(|e| Error::io(STEP, out, e))
+}
+
+/// Copies `src` into `dst` at `offset`, seeking over all-zero blocks (`dd conv=sparse,notrunc`).
+fn copy_sparse(src: &Path, dst: &mut File, offset: u64) -> std::io::Result<()> {
+    let mut input = File::open(src)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = offset;
+    loop {
+        let n = read_full(&mut input, &mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        for chunk in buf[..n].chunks(BLOCK) {
+            if chunk.iter().any(|&b| b != 0) {
+                dst.seek(SeekFrom::Start(pos))?;
+                dst.write_all(chunk)?;
+            }
+            pos += chunk.len() as u64;
+        }
+    }
+}
+
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+pub fn to_qcow2(raw: &Path, qcow2: &Path) -> Result<(), Error> {
+    let _ = std::fs::remove_file(qcow2);
+    Cmd::new("qcow2", "qemu-img")
+        .args(["convert", "-f", "raw", "-O", "qcow2"])
+        .arg(raw)
+        .arg(qcow2)
+        .run_quiet()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn sparse_copy_writes_data_at_offset_and_leaves_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        let mut data = vec![0u8; 4 << 20];
+        data[0] = 1;
+        data[(3 << 20) + 5] = 7;
+        std::fs::write(&src, &data).unwrap();
+        let dst_path = dir.path().join("dst");
+        let mut dst = File::create(&dst_path).unwrap();
+        dst.set_len(16 << 20).unwrap();
+        copy_sparse(&src, &mut dst, 8 << 20).unwrap();
+        drop(dst);
+        let out = std::fs::read(&dst_path).unwrap();
+        assert_eq!(out.len(), 16 << 20);
+        assert_eq!(&out[8 << 20..12 << 20], &data[..]);
+        assert!(out[..8 << 20].iter().all(|&b| b == 0));
+        // Two 4 KiB blocks of data, the rest holes.
+        assert!(std::fs::metadata(&dst_path).unwrap().blocks() * 512 <= 64 * 1024);
+    }
+}

@@ -1,0 +1,533 @@
+//! `image-builder build`: a validated `cluster.toml` in, one bootable UEFI disk image per node
+//! out (raw + qcow2), plus the shared root filesystem image and a manifest.
+//!
+//! Everything is made from files by host tools (mmdebstrap, mkfs.ext4 -d, mkfs.vfat + mtools,
+//! sfdisk, qemu-img): no mounts, no loop devices. The pure parts (layout, loader entries,
+//! cache keys, sfdisk script) live in their own modules and are tested without any of them.
+
+pub mod base;
+pub mod cmd;
+pub mod disk;
+pub mod esp;
+pub mod host;
+pub mod layout;
+pub mod pki;
+pub mod rootimg;
+
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use cluster_config::Cluster;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+/// Timestamp of every file in the images unless SOURCE_DATE_EPOCH says otherwise
+/// (2024-01-01T00:00:00Z).
+pub const DEFAULT_SOURCE_DATE_EPOCH: u64 = 1_704_067_200;
+/// `rootfs/` of this checkout (package list, strip rules, hooks, overlay).
+pub const DEFAULT_ROOTFS_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../rootfs");
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{step}: {}: {source}", path.display())]
+    Io {
+        step: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{step}: `{cmd}` failed ({status}); its last output:\n{tail}")]
+    Command {
+        step: &'static str,
+        cmd: String,
+        status: String,
+        tail: String,
+    },
+    #[error("{step}: cannot run `{cmd}`: {source}")]
+    Spawn {
+        step: &'static str,
+        cmd: String,
+        source: std::io::Error,
+    },
+    #[error("host tools missing (Debian packages: {packages}); install them with:\n    {command}")]
+    MissingTools { packages: String, command: String },
+    #[error("{step}: mmdebstrap needs root to build the base root filesystem (no cached base for these inputs); run image-builder as root, e.g. with sudo")]
+    NotRoot { step: &'static str },
+    #[error("{0}")]
+    Config(#[from] cluster_config::ConfigErrors),
+    #[error("appliance binary {} not found; build it with `cargo build --release -p appliance` or pass --appliance-bin PATH", path.display())]
+    ApplianceMissing { path: PathBuf },
+    #[error("{}:{line}: {message}", path.display())]
+    Input {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
+    #[error("base root filesystem: {0}")]
+    Base(String),
+    #[error("certificates: {0}")]
+    Pki(String),
+    #[error("{} ({size} bytes) does not fit partition {partition} ({capacity} bytes)", what.display())]
+    TooBig {
+        what: PathBuf,
+        size: u64,
+        partition: String,
+        capacity: u64,
+    },
+}
+
+impl Error {
+    pub fn io(step: &'static str, path: &Path, source: std::io::Error) -> Error {
+        Error::Io {
+            step,
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// Lower-case hex.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// `None`: the built-in default cluster.
+    pub config: Option<PathBuf>,
+    pub out_dir: PathBuf,
+    pub appliance_bin: PathBuf,
+    pub cache_dir: PathBuf,
+    pub rootfs_dir: PathBuf,
+    pub source_date_epoch: u64,
+}
+
+/// `--cache-dir`, else `$TANDEM_CACHE`, else `$XDG_CACHE_HOME/tandem`, else `~/.cache/tandem`.
+pub fn default_cache_dir() -> PathBuf {
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    env("TANDEM_CACHE")
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("tandem")))
+        .or_else(|| env("HOME").map(|d| d.join(".cache/tandem")))
+        .unwrap_or_else(|| PathBuf::from("/var/cache/tandem"))
+}
+
+/// The `appliance` binary next to this executable (same cargo target directory).
+pub fn default_appliance_bin() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("appliance")))
+        .unwrap_or_else(|| PathBuf::from("appliance"))
+}
+
+/// `$SOURCE_DATE_EPOCH` if set and numeric, else `DEFAULT_SOURCE_DATE_EPOCH`.
+pub fn source_date_epoch() -> u64 {
+    std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(DEFAULT_SOURCE_DATE_EPOCH)
+}
+
+/// Progress on stderr: `[N/M] what`, then the step's time and the total.
+pub struct Progress {
+    start: Instant,
+    step_start: Instant,
+    n: usize,
+    total: usize,
+    what: String,
+}
+
+impl Progress {
+    pub fn new(total: usize) -> Progress {
+        let now = Instant::now();
+        Progress {
+            start: now,
+            step_start: now,
+            n: 0,
+            total,
+            what: String::new(),
+        }
+    }
+
+    pub fn step(&mut self, what: impl Into<String>) {
+        self.finish();
+        self.n += 1;
+        self.what = what.into();
+        self.step_start = Instant::now();
+        eprintln!("[{:>2}/{}] {} ...", self.n, self.total, self.what);
+    }
+
+    pub fn note(&self, line: &str) {
+        eprintln!("        {line}");
+    }
+
+    pub fn finish(&mut self) {
+        if !self.what.is_empty() {
+            eprintln!(
+                "[{:>2}/{}] {}: done in {:.1} s (total {:.1} s)",
+                self.n,
+                self.total,
+                self.what,
+                self.step_start.elapsed().as_secs_f64(),
+                self.start.elapsed().as_secs_f64()
+            );
+            self.what.clear();
+        }
+    }
+
+    pub fn elapsed(&self) -> f64 {
+        self.start.elapsed().as_secs_f64()
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Artifact {
+    pub file: String,
+    pub kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// Apparent size in bytes.
+    pub size: u64,
+    /// Bytes allocated on the build host (sparse files).
+    pub disk_usage: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Manifest {
+    pub builder_version: &'static str,
+    pub cluster: String,
+    pub nodes: Vec<String>,
+    pub source_date_epoch: u64,
+    pub base_cache_key: String,
+    pub kernel_version: String,
+    pub root_fs_size: u64,
+    pub root_slot_size: u64,
+    pub artifacts: Vec<Artifact>,
+}
+
+pub struct BuildReport {
+    pub manifest: Manifest,
+    pub base_built: bool,
+    pub seconds: f64,
+}
+
+/// Builds every artifact into `opts.out_dir`.
+pub fn build(opts: &BuildOptions) -> Result<BuildReport, Error> {
+    let (config_text, cluster, ca_dir) = match &opts.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| cluster_config::ConfigErrors::io(path, e))?;
+            let cluster = Cluster::from_toml(&text, &path.display().to_string())?;
+            let dir = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            let ca_dir = dir.join(format!("{}-ca", cluster.name));
+            (text, cluster, ca_dir)
+        }
+        None => {
+            let cluster = Cluster::default_cluster();
+            let ca_dir = opts.cache_dir.join(format!("{}-ca", cluster.name));
+            (
+                cluster_config::DEFAULT_CLUSTER_TOML.to_string(),
+                cluster,
+                ca_dir,
+            )
+        }
+    };
+    if !opts.appliance_bin.is_file() {
+        return Err(Error::ApplianceMissing {
+            path: opts.appliance_bin.clone(),
+        });
+    }
+    let out = &opts.out_dir;
+    std::fs::create_dir_all(out).map_err(|e| Error::io("output", out, e))?;
+    let work = out.join(".work");
+    if work.exists() {
+        std::fs::remove_dir_all(&work).map_err(|e| Error::io("output", &work, e))?;
+    }
+    std::fs::create_dir_all(&work).map_err(|e| Error::io("output", &work, e))?;
+    let epoch = opts.source_date_epoch;
+
+    let mut p = Progress::new(6 + 4 * cluster.nodes.len());
+    p.step("host tools");
+    for pkg in host::ensure_tools(|l| p.note(l))? {
+        p.note(&format!("installed {pkg}"));
+    }
+
+    p.step("base root filesystem");
+    let inputs = base::BaseInputs::load(&opts.rootfs_dir)?;
+    let key = inputs.cache_key();
+    let cached = opts.cache_dir.join(format!("base-{key}/rootfs")).is_dir();
+    p.note(&format!(
+        "key {key}: {}",
+        if cached {
+            "cached"
+        } else {
+            "not cached, running mmdebstrap (about a minute or two)"
+        }
+    ));
+    let base = base::ensure(&inputs, &opts.cache_dir, |l| {
+        p.note(&format!("mmdebstrap: {l}"))
+    })?;
+    p.note(&format!(
+        "{} (kernel {})",
+        base.root.display(),
+        base.kernel_version
+    ));
+
+    p.step("staging the root tree");
+    let staging = work.join("root");
+    rootimg::stage(
+        &base.root,
+        &opts.rootfs_dir.join("overlay"),
+        &opts.appliance_bin,
+        &staging,
+    )?;
+
+    p.step("root.ext4 (mkfs.ext4 -d, timestamps normalised)");
+    let root_img = out.join("root.ext4");
+    let root_fs_size = rootimg::build(&staging, &root_img, epoch)?;
+    std::fs::remove_dir_all(&staging).map_err(|e| Error::io("output", &staging, e))?;
+    let root_slot = layout::root_slot_size(root_fs_size);
+    p.note(&format!(
+        "{} filesystem, {} slots",
+        human(root_fs_size),
+        human(root_slot)
+    ));
+
+    p.step(format!("cluster CA ({})", ca_dir.display()));
+    let (ca, created) = pki::load_or_create_ca(&ca_dir, &cluster.name)?;
+    p.note(if created {
+        "created a new CA"
+    } else {
+        "reusing the existing CA"
+    });
+
+    let mut artifacts_to_hash: Vec<(PathBuf, &'static str, Option<String>)> =
+        vec![(root_img.clone(), "root-ext4", None)];
+    for node in &cluster.nodes {
+        let name = &node.name;
+        let node_work = work.join(name);
+        std::fs::create_dir_all(&node_work).map_err(|e| Error::io("output", &node_work, e))?;
+
+        p.step(format!("{name}: certificate, seed and data partitions"));
+        let cert = pki::node_cert(&ca, &cluster, node)?;
+        let seed_dir = node_work.join("seed");
+        let tls = seed_dir.join("tls");
+        std::fs::create_dir_all(&tls).map_err(|e| Error::io("seed", &tls, e))?;
+        pki::write_file(
+            &seed_dir.join("cluster.toml"),
+            config_text.as_bytes(),
+            0o644,
+        )?;
+        pki::write_file(
+            &seed_dir.join("node"),
+            format!("{name}\n").as_bytes(),
+            0o644,
+        )?;
+        pki::write_file(&tls.join("ca.crt"), ca.cert_pem.as_bytes(), 0o644)?;
+        pki::write_file(&tls.join("node.crt"), cert.cert_pem.as_bytes(), 0o644)?;
+        pki::write_file(&tls.join("node.key"), cert.key_pem.as_bytes(), 0o600)?;
+        let seed_img = node_work.join("seed.ext4");
+        let uuid_base = format!("{}/{}", cluster.name, name);
+        rootimg::mkfs_ext4(
+            "seed",
+            Some(&seed_dir),
+            &seed_img,
+            layout::SEED_SIZE,
+            "seed",
+            &format!("{uuid_base}/seed"),
+            epoch,
+            false,
+        )?;
+        let data_img = node_work.join("data.ext4");
+        rootimg::mkfs_ext4(
+            "data",
+            None,
+            &data_img,
+            layout::DATA_SIZE,
+            "data",
+            &format!("{uuid_base}/data"),
+            epoch,
+            true,
+        )?;
+
+        p.step(format!("{name}: ESP (systemd-boot, kernel, initrd)"));
+        let esp_img = node_work.join("esp.vfat");
+        esp::build(
+            &esp_img,
+            &base.kernel(),
+            &base.initrd(),
+            &esp::volume_id(&cluster.name, name),
+            VERSION,
+        )?;
+
+        p.step(format!("{name}: {name}.img (GPT + partitions)"));
+        let disk_layout = layout::DiskLayout::new(&cluster.name, name, root_slot);
+        let raw = out.join(format!("{name}.img"));
+        disk::assemble(
+            &raw,
+            &disk_layout,
+            &[
+                (layout::LABEL_ESP, &esp_img),
+                (layout::LABEL_ROOT_A, &root_img),
+                (layout::LABEL_SEED, &seed_img),
+                (layout::LABEL_DATA, &data_img),
+            ],
+        )?;
+        std::fs::remove_dir_all(&node_work).map_err(|e| Error::io("output", &node_work, e))?;
+
+        p.step(format!("{name}: {name}.qcow2"));
+        let qcow2 = out.join(format!("{name}.qcow2"));
+        disk::to_qcow2(&raw, &qcow2)?;
+        artifacts_to_hash.push((raw, "disk-raw", Some(name.clone())));
+        artifacts_to_hash.push((qcow2, "disk-qcow2", Some(name.clone())));
+    }
+    let _ = std::fs::remove_dir_all(&work);
+
+    p.step("sha256 of every artifact, manifest.json");
+    let artifacts = hash_artifacts(&artifacts_to_hash)?;
+    let manifest = Manifest {
+        builder_version: VERSION,
+        cluster: cluster.name.clone(),
+        nodes: cluster.nodes.iter().map(|n| n.name.clone()).collect(),
+        source_date_epoch: epoch,
+        base_cache_key: base.key.clone(),
+        kernel_version: base.kernel_version.clone(),
+        root_fs_size,
+        root_slot_size: root_slot,
+        artifacts,
+    };
+    let manifest_path = out.join("manifest.json");
+    let json = serde_json::to_string_pretty(&manifest).expect("the manifest serialises");
+    std::fs::write(&manifest_path, json + "\n")
+        .map_err(|e| Error::io("manifest", &manifest_path, e))?;
+    p.finish();
+    Ok(BuildReport {
+        manifest,
+        base_built: base.built,
+        seconds: p.elapsed(),
+    })
+}
+
+fn hash_artifacts(
+    files: &[(PathBuf, &'static str, Option<String>)],
+) -> Result<Vec<Artifact>, Error> {
+    std::thread::scope(|s| {
+        let handles: Vec<_> = files
+            .iter()
+            .map(|(path, kind, node)| {
+                s.spawn(move || -> Result<Artifact, Error> {
+                    let md = std::fs::metadata(path).map_err(|e| Error::io("manifest", path, e))?;
+                    Ok(Artifact {
+                        file: path
+                            .file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_default(),
+                        kind,
+                        node: node.clone(),
+                        size: md.len(),
+                        disk_usage: md.blocks() * 512,
+                        sha256: sha256_file(path).map_err(|e| Error::io("manifest", path, e))?,
+                    })
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("hashing threads do not panic"))
+            .collect()
+    })
+}
+
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(hex(&h.finalize()));
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+/// Sizes for people: `512.0 MiB`.
+pub fn human(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < units.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", units[i])
+    }
+}
+
+/// The summary table printed at the end of a build.
+pub fn summary_table(report: &BuildReport) -> String {
+    let mut s = format!(
+        "{:<16} {:>10} {:>10}  {}\n",
+        "artifact", "size", "on disk", "sha256"
+    );
+    for a in &report.manifest.artifacts {
+        s.push_str(&format!(
+            "{:<16} {:>10} {:>10}  {}\n",
+            a.file,
+            human(a.size),
+            human(a.disk_usage),
+            a.sha256
+        ));
+    }
+    s.push_str(&format!(
+        "built in {:.1} s (base {}, key {}), kernel {}\n",
+        report.seconds,
+        if report.base_built {
+            "built by mmdebstrap"
+        } else {
+            "from cache"
+        },
+        report.manifest.base_cache_key,
+        report.manifest.kernel_version
+    ));
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn human_sizes() {
+        let check = |b: u64, s: &str| assert_eq!(human(b), s);
+        check(0, "0 B");
+        check(1023, "1023 B");
+        check(1024, "1.0 KiB");
+        check(512 * 1024 * 1024, "512.0 MiB");
+        check(2578 * 1024 * 1024, "2.5 GiB");
+    }
+
+    #[test]
+    fn hex_and_file_hash() {
+        assert_eq!(hex(&[0, 0xab, 0x10]), "00ab10");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, b"abc").unwrap();
+        assert_eq!(
+            sha256_file(&p).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

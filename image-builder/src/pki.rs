@@ -1,0 +1,281 @@
+//! The cluster CA and the node certificates for mutual TLS between nodes.
+//!
+//! rcgen (ring backend) rather than the openssl CLI: keys are made in-process and never pass
+//! through argv or temporary config files, the certificate contents are plain Rust data that
+//! unit tests can check, and the host needs no extra tool. ring is the crypto rustls uses too.
+
+use std::io::Write as _;
+use std::net::IpAddr;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    date_time_ymd, BasicConstraints, Certificate, CertificateParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+};
+
+use crate::Error;
+
+const STEP: &str = "certificates";
+
+pub struct Ca {
+    cert: Certificate,
+    key: KeyPair,
+    /// The certificate as stored in `ca.crt` (what nodes trust).
+    pub cert_pem: String,
+    pub dir: PathBuf,
+}
+
+pub struct NodeCert {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+fn pki_error(what: impl Into<String>, e: rcgen::Error) -> Error {
+    Error::Pki(format!("{}: {e}", what.into()))
+}
+
+/// The CA's parameters. Deterministic: re-signing them with the stored key yields an issuer
+/// whose name and key identifier match the stored `ca.crt`.
+fn ca_params(cluster: &str) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Tandem");
+    dn.push(DnType::CommonName, format!("Tandem cluster CA {cluster}"));
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p.not_before = date_time_ymd(2024, 1, 1);
+    p.not_after = date_time_ymd(2050, 1, 1);
+    p
+}
+
+/// Node certificate parameters: SANs are the node name, `<node>.<domain>`, the cluster domain
+/// and the node's address.
+pub fn node_params(
+    cluster: &cluster_config::Cluster,
+    node: &cluster_config::Node,
+) -> Result<CertificateParams, Error> {
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Tandem");
+    dn.push(DnType::CommonName, node.name.clone());
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    p.use_authority_key_identifier_extension = true;
+    p.not_before = date_time_ymd(2024, 1, 1);
+    p.not_after = date_time_ymd(2049, 12, 31);
+    let mut names = vec![
+        node.name.clone(),
+        format!("{}.{}", node.name, cluster.domain),
+        cluster.domain.clone(),
+    ];
+    names.dedup();
+    for n in names {
+        let dns = n
+            .clone()
+            .try_into()
+            .map_err(|e| pki_error(format!("SAN `{n}` of node {}", node.name), e))?;
+        p.subject_alt_names.push(SanType::DnsName(dns));
+    }
+    p.subject_alt_names
+        .push(SanType::IpAddress(IpAddr::V4(node.address)));
+    Ok(p)
+}
+
+/// Loads the CA from `dir` (`ca.crt`, `ca.key`), or creates it there. Returns it and whether it
+/// was created by this call.
+pub fn load_or_create_ca(dir: &Path, cluster: &str) -> Result<(Ca, bool), Error> {
+    let crt = dir.join("ca.crt");
+    let key_path = dir.join("ca.key");
+    if key_path.exists() || crt.exists() {
+        let key_pem =
+            std::fs::read_to_string(&key_path).map_err(|e| Error::io(STEP, &key_path, e))?;
+        let cert_pem = std::fs::read_to_string(&crt).map_err(|e| Error::io(STEP, &crt, e))?;
+        let key = KeyPair::from_pem(&key_pem)
+            .map_err(|e| pki_error(key_path.display().to_string(), e))?;
+        if !pem_contains(&cert_pem, &key.public_key_der()) {
+            return Err(Error::Pki(format!(
+                "{} does not belong to {} (delete both to make a new CA)",
+                crt.display(),
+                key_path.display()
+            )));
+        }
+        let cert = ca_params(cluster)
+            .self_signed(&key)
+            .map_err(|e| pki_error("CA", e))?;
+        return Ok((
+            Ca {
+                cert,
+                key,
+                cert_pem,
+                dir: dir.to_owned(),
+            },
+            false,
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(STEP, dir, e))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::io(STEP, dir, e))?;
+    let key = KeyPair::generate().map_err(|e| pki_error("CA key", e))?;
+    let cert = ca_params(cluster)
+        .self_signed(&key)
+        .map_err(|e| pki_error("CA", e))?;
+    let cert_pem = cert.pem();
+    write_file(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+    write_file(&crt, cert_pem.as_bytes(), 0o644)?;
+    Ok((
+        Ca {
+            cert,
+            key,
+            cert_pem,
+            dir: dir.to_owned(),
+        },
+        true,
+    ))
+}
+
+/// A fresh key and certificate for `node`, signed by the CA.
+pub fn node_cert(
+    ca: &Ca,
+    cluster: &cluster_config::Cluster,
+    node: &cluster_config::Node,
+) -> Result<NodeCert, Error> {
+    let key =
+        KeyPair::generate().map_err(|e| pki_error(format!("key of node {}", node.name), e))?;
+    let cert = node_params(cluster, node)?
+        .signed_by(&key, &ca.cert, &ca.key)
+        .map_err(|e| pki_error(format!("certificate of node {}", node.name), e))?;
+    Ok(NodeCert {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+/// Writes a new file with `mode` from the start (no window in which a key is world-readable).
+pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), Error> {
+    let _ = std::fs::remove_file(path);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| Error::io(STEP, path, e))?;
+    f.write_all(data).map_err(|e| Error::io(STEP, path, e))?;
+    // The umask may have cleared bits of `mode`.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| Error::io(STEP, path, e))
+}
+
+/// Whether the DER inside a PEM text contains `needle` (a certificate's public key).
+fn pem_contains(pem: &str, needle: &[u8]) -> bool {
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let Some(der) = base64_decode(b64.trim()) else {
+        return false;
+    };
+    der.windows(needle.len()).any(|w| w == needle)
+}
+
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let val = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let s = s.trim_end_matches('=').as_bytes();
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    for chunk in s.chunks(4) {
+        let mut n = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            n |= val(c)? << (18 - 6 * i);
+        }
+        let bytes = n.to_be_bytes();
+        out.extend_from_slice(&bytes[1..chunk.len()]);
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64() {
+        assert_eq!(base64_decode("aGVsbG8=").unwrap(), b"hello");
+        assert_eq!(base64_decode("aGVsbG8h").unwrap(), b"hello!");
+        assert_eq!(base64_decode("aGk=").unwrap(), b"hi");
+        assert!(base64_decode("a*").is_none());
+    }
+
+    #[test]
+    fn node_sans() {
+        let c = cluster_config::Cluster::default_cluster();
+        let n = c.node("server1").unwrap();
+        let p = node_params(&c, n).unwrap();
+        let sans: Vec<String> = p
+            .subject_alt_names
+            .iter()
+            .map(|s| match s {
+                SanType::DnsName(d) => format!("dns:{}", d.as_str()),
+                SanType::IpAddress(ip) => format!("ip:{ip}"),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            sans,
+            [
+                "dns:server1",
+                "dns:server1.tandem.test",
+                "dns:tandem.test",
+                "ip:10.88.0.11"
+            ]
+        );
+    }
+
+    #[test]
+    fn ca_is_created_once_then_reused_and_signs_node_certs() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("tandem-ca");
+        let (ca, created) = load_or_create_ca(&ca_dir, "tandem").unwrap();
+        assert!(created);
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(
+            std::fs::metadata(ca_dir.join("ca.key")).unwrap().mode() & 0o777,
+            0o600
+        );
+        let (again, created) = load_or_create_ca(&ca_dir, "tandem").unwrap();
+        assert!(!created);
+        assert_eq!(again.cert_pem, ca.cert_pem);
+        let c = cluster_config::Cluster::default_cluster();
+        let nc = node_cert(&again, &c, c.node("server2").unwrap()).unwrap();
+        assert!(nc.cert_pem.starts_with("-----BEGIN CERTIFICATE-----"));
+        assert!(nc.key_pem.contains("PRIVATE KEY"));
+
+        // A certificate that does not match the key is refused.
+        let other = dir.path().join("other-ca");
+        load_or_create_ca(&other, "tandem").unwrap();
+        std::fs::copy(other.join("ca.crt"), ca_dir.join("ca.crt")).unwrap();
+        let e = load_or_create_ca(&ca_dir, "tandem")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("does not belong"), "{e}");
+    }
+}

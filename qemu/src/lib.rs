@@ -1,0 +1,34 @@
+//! Boots Tandem disk images in QEMU on a private cluster network, for end-to-end tests and for a
+//! human who wants a cluster on their machine (`tandem-qemu up`).
+//!
+//! - [`Cluster::boot`] creates a network namespace with a bridge (the client, `10.88.0.1/24` by
+//!   default) and one tap per VM, a qcow2 overlay and UEFI variable store per node, and starts one
+//!   QEMU per node (TCG, or KVM when a probe guest boots) with its serial console in a file.
+//! - [`Vm`] powers off (ACPI), reboots (Ctrl-Alt-Del), kills, pauses and unplugs a node.
+//! - [`Cluster::http_get`], [`Cluster::run`], [`Netns::connect`]: a client inside the namespace.
+//! - [`Vm::wait_serial`], [`Cluster::tails`]: serial logs for waits and failure messages.
+//!
+//! The cluster LAN exists only inside the namespace; nothing is sent anywhere else.
+
+mod accel;
+mod cluster;
+mod error;
+mod forward;
+mod machine;
+mod netns;
+pub mod qmp;
+mod serial;
+mod session;
+mod tools;
+
+pub use cluster::{
+    unique_id, Cluster, ClusterSpec, HttpResponse, NodeSpec, Vm, DEFAULT_CLIENT, DEFAULT_MEMORY_MIB, DEFAULT_PREFIX,
+    KEEP_ENV,
+};
+pub use error::{Error, Result};
+pub use forward::{Forward, Forwarder};
+pub use machine::{format_mac, mac_for, qemu_args, Accel, MachineConfig};
+pub use netns::Netns;
+pub use serial::{strip_ansi, tail, wait_for, Mark};
+pub use session::{describe, down, up, ShutdownSignals, UpOptions, PID_FILE};
+pub use tools::{check_host, OVMF_CODE, OVMF_VARS};

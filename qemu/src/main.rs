@@ -1,0 +1,152 @@
+//! `tandem-qemu`: a Tandem cluster in QEMU on this machine, reachable from its browser.
+//!
+//!   tandem-qemu up [--images DIR] [--config FILE]   boot every node, forward ports, wait
+//!   tandem-qemu down                                 power the running cluster off
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use qemu::{ClusterSpec, Forward, ShutdownSignals, UpOptions};
+
+const DEFAULT_IMAGES: &str = "target/images";
+const DEFAULT_RUN_DIR: &str = "target/qemu-run";
+/// Host ports: floating IP HTTP/HTTPS, then one per node from these bases.
+const HOST_HTTP: u16 = 8080;
+const HOST_HTTPS: u16 = 8443;
+const HOST_WEB_BASE: u16 = 8081;
+const HOST_ADMIN_BASE: u16 = 9443;
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Parser)]
+#[command(name = "tandem-qemu", version, about = "Run a Tandem cluster in QEMU")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot every node of the cluster and forward its ports to 127.0.0.1; stop with Ctrl-C.
+    Up {
+        /// Directory with one image per node (`<node>.qcow2`); built with `image-builder` if missing.
+        #[arg(long, default_value = DEFAULT_IMAGES)]
+        images: PathBuf,
+        /// cluster.toml; the built-in default when absent.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Serial logs, disk overlays and the pid file.
+        #[arg(long, default_value = DEFAULT_RUN_DIR)]
+        run_dir: PathBuf,
+        /// Memory per VM in MiB.
+        #[arg(long, default_value_t = qemu::DEFAULT_MEMORY_MIB)]
+        memory: u32,
+    },
+    /// Stop the cluster that `up` runs from this run dir.
+    Down {
+        #[arg(long, default_value = DEFAULT_RUN_DIR)]
+        run_dir: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<ExitCode> {
+    // Before any thread exists, so every thread inherits the blocked mask.
+    let signals = ShutdownSignals::block()?;
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Cmd::Up { images, config, run_dir, memory } => {
+            let cluster = match &config {
+                Some(path) => cluster_config::Cluster::load(path).map_err(|e| anyhow::anyhow!("{e}"))?,
+                None => cluster_config::Cluster::default_cluster(),
+            };
+            ensure_images(&cluster, &images, config.as_deref())?;
+            let opts = up_options(&cluster, &images, &run_dir, memory)?;
+            qemu::up(&opts, &signals, |c| print!("{}", qemu::describe(c, &opts.forwards)))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Down { run_dir } => {
+            if qemu::down(&run_dir, SHUTDOWN_TIMEOUT + Duration::from_secs(30))? {
+                println!("cluster in {} stopped", run_dir.display());
+            } else {
+                println!("no cluster is up in {}", run_dir.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// A node's image in `dir`: `<node>.qcow2`, else `<node>.img` (raw).
+fn image_path(dir: &Path, node: &str) -> Option<PathBuf> {
+    ["qcow2", "img"].iter().map(|ext| dir.join(format!("{node}.{ext}"))).find(|p| p.is_file())
+}
+
+/// Build the images with the sibling `image-builder` executable when any is missing.
+fn ensure_images(cluster: &cluster_config::Cluster, dir: &Path, config: Option<&Path>) -> anyhow::Result<()> {
+    if cluster.nodes.iter().all(|n| image_path(dir, &n.name).is_some()) {
+        return Ok(());
+    }
+    let exe = std::env::current_exe().context("locating this executable")?;
+    let builder = exe.with_file_name("image-builder");
+    if !builder.is_file() {
+        bail!(
+            "images missing in {} and no image-builder next to {} (build it: cargo build -p image-builder, or run scripts/build-images)",
+            dir.display(),
+            exe.display()
+        );
+    }
+    let mut cmd = Command::new(&builder);
+    cmd.arg("build").arg("--out").arg(dir);
+    if let Some(c) = config {
+        cmd.arg("--config").arg(c);
+    }
+    eprintln!("images missing in {}; building them: {cmd:?}", dir.display());
+    let status = cmd.status().with_context(|| format!("running {}", builder.display()))?;
+    if !status.success() {
+        bail!("{} failed ({status})", builder.display());
+    }
+    Ok(())
+}
+
+fn up_options(
+    cluster: &cluster_config::Cluster,
+    images: &Path,
+    run_dir: &Path,
+    memory: u32,
+) -> anyhow::Result<UpOptions> {
+    let mut spec = ClusterSpec::new(run_dir);
+    spec.memory_mib = memory;
+    spec.client = Ipv4Addr::from(u32::from(cluster.subnet.addr) + 1);
+    spec.prefix = cluster.subnet.prefix;
+    let local = |port: u16| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let vip = cluster.floating_ip;
+    let mut forwards = vec![
+        Forward { label: "floating IP, HTTP".into(), listen: local(HOST_HTTP), target: (vip, cluster.ports.http).into() },
+        Forward { label: "floating IP, HTTPS".into(), listen: local(HOST_HTTPS), target: (vip, cluster.ports.https).into() },
+    ];
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let image = image_path(images, &node.name)
+            .with_context(|| format!("no image for node {} in {}", node.name, images.display()))?;
+        spec = spec.node(&node.name, node.address, image);
+        let i = u16::try_from(i).context("too many nodes")?;
+        forwards.push(Forward {
+            label: format!("{} web", node.name),
+            listen: local(HOST_WEB_BASE + i),
+            target: (node.address, cluster.ports.web).into(),
+        });
+        forwards.push(Forward {
+            label: format!("{} admin (HTTPS)", node.name),
+            listen: local(HOST_ADMIN_BASE + i),
+            target: (node.address, cluster.ports.admin).into(),
+        });
+    }
+    Ok(UpOptions { spec, forwards, shutdown_timeout: SHUTDOWN_TIMEOUT })
+}

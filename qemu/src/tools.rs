@@ -1,0 +1,48 @@
+//! Host prerequisites: the programs and firmware files the harness runs, each with the Debian
+//! package that provides it, so a missing one is a one-line fix for whoever reads the error.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// UEFI firmware code (read-only pflash), from the `ovmf` package.
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+/// Template of the UEFI variable store; each VM gets its own writable copy.
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+/// Programs the harness runs, and their Debian packages.
+pub const QEMU: (&str, &str) = ("qemu-system-x86_64", "qemu-system-x86");
+pub const QEMU_IMG: (&str, &str) = ("qemu-img", "qemu-utils");
+pub const IP: (&str, &str) = ("ip", "iproute2");
+pub const CURL: (&str, &str) = ("curl", "curl");
+
+/// Full path of `tool` on `$PATH` (plus the sbin directories, which a non-login root shell may
+/// lack), or an error naming its package.
+pub fn find((tool, package): (&'static str, &'static str)) -> Result<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let extra = [PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")];
+    std::env::split_paths(&path)
+        .chain(extra)
+        .map(|dir| dir.join(tool))
+        .find(|p| is_executable(p))
+        .ok_or(Error::MissingTool { tool, package })
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+}
+
+/// Everything needed to boot a cluster, checked up front so a missing package is reported before
+/// any namespace or VM exists.
+pub fn check_host() -> Result<()> {
+    for tool in [QEMU, QEMU_IMG, IP, CURL] {
+        find(tool)?;
+    }
+    for file in [OVMF_CODE, OVMF_VARS] {
+        if !Path::new(file).is_file() {
+            return Err(Error::MissingFile { path: file.into(), package: "ovmf" });
+        }
+    }
+    Ok(())
+}

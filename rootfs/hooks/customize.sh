@@ -1,0 +1,33 @@
+#!/bin/sh
+# mmdebstrap --customize-hook for the Tandem base root filesystem; $1 is the new root.
+# Runs after every package is installed. Changing this file changes the base cache key.
+set -eu
+root="$1"
+
+# MariaDB's postinst initialised a datadir; the real one lives on the data partition.
+rm -rf "$root"/var/lib/mysql/* "$root"/var/lib/mysql/.[!.]*
+
+# Caches, logs and backups an appliance never reads (apt lists/archives: mmdebstrap cleans).
+rm -rf "$root"/var/cache/debconf/*-old "$root"/var/lib/dpkg/*-old \
+	"$root"/var/cache/ldconfig/aux-cache "$root"/var/log/*.log \
+	"$root"/var/log/apt/* "$root"/var/cache/man/*
+
+# Directories left empty by the dpkg path filters (strip.txt), then a fresh module index.
+find "$root"/usr/lib/modules "$root"/usr/share -depth -type d -empty -delete
+for dir in "$root"/usr/lib/modules/*; do
+	chroot "$root" depmod -a "$(basename "$dir")"
+done
+
+# The initrd must be able to reach a root on virtio, SCSI, NVMe or SATA disks: every driver
+# is either built into the kernel or in the initrd (MODULES=most puts them there).
+for kver in $(ls "$root"/usr/lib/modules); do
+	list=$(chroot "$root" lsinitramfs "/boot/initrd.img-$kver")
+	for pair in virtio_blk:VIRTIO_BLK virtio_pci:VIRTIO_PCI virtio_scsi:SCSI_VIRTIO \
+		nvme:BLK_DEV_NVME ext4:EXT4_FS ahci:SATA_AHCI; do
+		mod=${pair%%:*} opt=${pair##*:}
+		grep -q "^CONFIG_$opt=y" "$root/boot/config-$kver" && continue
+		echo "$list" | grep -q "/$mod.ko" && continue
+		echo "initrd for $kver lacks $mod (CONFIG_$opt is neither built in nor in the initrd)" >&2
+		exit 1
+	done
+done
