@@ -427,7 +427,9 @@ mod tests {
                 service: "db".into(),
             },
         );
-        assert!(serde_json::from_str::<Request>(r#"{"request":"logs","service":"db","x":1}"#).is_err());
+        assert!(
+            serde_json::from_str::<Request>(r#"{"request":"logs","service":"db","x":1}"#).is_err()
+        );
         assert!(serde_json::from_str::<Request>(r#"{"request":"reboot"}"#).is_err());
         assert_eq!(
             serde_json::to_string(&Response::Ok).unwrap(),

@@ -86,6 +86,9 @@ fn boot_and_supervise() -> anyhow::Result<Halt> {
 
     let layout = Layout::image();
     let specs = node::prepare(&cluster, node, &layout)?;
+    // The supervisor blocks its signals in the calling thread and waits for them; a thread
+    // started before that must not have them unblocked, or it would swallow them.
+    supervisor_signals().thread_block().context("blocking signals")?;
     spawn_power_button_watch();
     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "system up; starting services");
 
@@ -138,6 +141,14 @@ fn other_processes_exist() -> bool {
             pid != 1 && fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
         })
     })
+}
+
+fn supervisor_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for sig in [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        set.add(sig);
+    }
+    set
 }
 
 /// The signals PID 1 acts on must have a handler: the kernel drops signals to init whose

@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use cluster_config::{Cluster, Node};
 
-use crate::supervisor::{self, Readiness, ServiceSpec, StopReason, SupervisorOptions};
+use crate::supervisor::{self, Readiness, ServiceSpec, SupervisorOptions};
 
 /// OS users the services run as when the supervisor is root (Debian's own).
 pub const NGINX_USER: &str = "www-data";

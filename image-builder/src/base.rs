@@ -1,6 +1,6 @@
 //! The base root filesystem: Debian bookworm by `mmdebstrap --variant=minbase` with the
 //! packages of `rootfs/packages.txt`, stripped by `rootfs/strip.txt` (dpkg path filters) and
-//! `rootfs/hooks/customize.sh`. Cached under a key that hashes every input, published with an
+//! the hooks in `rootfs/hooks/`. Cached under a key that hashes every input, published with an
 //! atomic rename so an interrupted build never leaves a half cache.
 
 use std::path::{Path, PathBuf};
@@ -26,10 +26,17 @@ const STEP: &str = "base root filesystem";
 pub struct BaseInputs {
     pub packages: Vec<String>,
     pub filters: Vec<PathFilter>,
-    /// Text of the customize hook (hashed; run from `hook_path`).
-    pub hook: String,
-    pub hook_path: PathBuf,
+    /// Directory of the hook scripts (not hashed: only their names and texts are).
+    pub hooks_dir: PathBuf,
+    /// Every file of `hooks/`: (name, text), sorted by name.
+    pub hooks: Vec<(String, String)>,
 }
+
+/// mmdebstrap's customize hook: strips, runs depmod, checks the initrd's drivers.
+pub const CUSTOMIZE_HOOK: &str = "customize.sh";
+/// Installed as an initramfs-tools hook before the kernel package, so that its first initrd
+/// already has every disk driver.
+pub const INITRAMFS_HOOK: &str = "initramfs-modules.sh";
 
 /// One dpkg path filter of `strip.txt`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -114,12 +121,26 @@ impl BaseInputs {
         };
         let (pp, packages) = read("packages.txt")?;
         let (sp, strip) = read("strip.txt")?;
-        let (hook_path, hook) = read("hooks/customize.sh")?;
+        let hooks_dir = rootfs_dir.join("hooks");
+        let mut hooks = Vec::new();
+        for e in std::fs::read_dir(&hooks_dir).map_err(|e| Error::io(STEP, &hooks_dir, e))? {
+            let e = e.map_err(|e| Error::io(STEP, &hooks_dir, e))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let (_, text) = read(&format!("hooks/{name}"))?;
+            hooks.push((name, text));
+        }
+        hooks.sort();
+        for required in [CUSTOMIZE_HOOK, INITRAMFS_HOOK] {
+            if !hooks.iter().any(|(n, _)| n == required) {
+                let p = hooks_dir.join(required);
+                return Err(Error::io(STEP, &p, std::io::ErrorKind::NotFound.into()));
+            }
+        }
         Ok(BaseInputs {
             packages: parse_packages(&packages, &pp)?,
             filters: parse_filters(&strip, &sp)?,
-            hook,
-            hook_path,
+            hooks_dir,
+            hooks,
         })
     }
 
@@ -136,16 +157,21 @@ impl BaseInputs {
                 .iter()
                 .map(|f| format!("--dpkgopt={}", f.dpkg_option())),
         );
+        let hook = |name: &str| shell_quote(&self.hooks_dir.join(name).to_string_lossy());
+        args.push(format!(
+            "--essential-hook=mkdir -p \"$1/etc/initramfs-tools/hooks\" && install -m 0755 {} \"$1/etc/initramfs-tools/hooks/tandem\"",
+            hook(INITRAMFS_HOOK)
+        ));
         args.push(format!(
             "--customize-hook=sh {} \"$1\"",
-            shell_quote(&self.hook_path.to_string_lossy())
+            hook(CUSTOMIZE_HOOK)
         ));
         args.push(SUITE.to_string());
         args
     }
 
-    /// The cache key: a sha256 over everything that decides the base's content. The hook's
-    /// location is not part of it, its text is.
+    /// The cache key: a sha256 over everything that decides the base's content. The hooks'
+    /// location is not part of it, their names and texts are.
     pub fn cache_key(&self) -> String {
         let mut h = Sha256::new();
         let mut field = |name: &str, value: &str| {
@@ -156,14 +182,17 @@ impl BaseInputs {
         };
         field("version", &BASE_FORMAT_VERSION.to_string());
         for a in self.mmdebstrap_args() {
-            if !a.starts_with("--customize-hook=") {
+            if !a.contains("-hook=") {
                 field("arg", &a);
             }
         }
         for m in MIRRORS {
             field("mirror", m);
         }
-        field("hook", &self.hook);
+        for (name, text) in &self.hooks {
+            field("hook", name);
+            field("hook-text", text);
+        }
         crate::hex(&h.finalize()[..12])
     }
 }
@@ -228,15 +257,18 @@ pub fn ensure(
         cmd.run_streaming(|line| {
             // mmdebstrap's own progress is "I: ...", warnings "W:", errors "E:"; the many
             // apt/dpkg lines in between only appear on failure (in the error's tail).
-            if line.starts_with("I: ") || line.starts_with("W: ") || line.starts_with("E: ") {
+            // Our hooks' own messages start with "tandem: ".
+            if ["I: ", "W: ", "E: ", "tandem: "]
+                .iter()
+                .any(|p| line.starts_with(p))
+            {
                 on_line(line);
             }
         })?;
         let inputs_txt = format!(
-            "tandem base {key}\nmmdebstrap {} <target> {}\n\n# customize hook\n{}",
+            "tandem base {key}\nmmdebstrap {} <target> {}\n",
             inputs.mmdebstrap_args().join(" "),
             MIRRORS.join(" | "),
-            inputs.hook
         );
         let p = tmp.join("inputs.txt");
         std::fs::write(&p, inputs_txt).map_err(|e| Error::io(STEP, &p, e))?;
@@ -317,8 +349,11 @@ mod tests {
         BaseInputs {
             packages: vec!["nginx-light".into(), "mariadb-server".into()],
             filters: vec![PathFilter::Exclude("/usr/share/doc/*".into())],
-            hook: "#!/bin/sh\n".into(),
-            hook_path: "/src/rootfs/hooks/customize.sh".into(),
+            hooks_dir: "/src/rootfs/hooks".into(),
+            hooks: vec![
+                (CUSTOMIZE_HOOK.into(), "#!/bin/sh\n".into()),
+                (INITRAMFS_HOOK.into(), "x\n".into()),
+            ],
         }
     }
 
@@ -374,9 +409,14 @@ mod tests {
         assert_eq!(a[4], "--dpkgopt=path-exclude=/usr/share/doc/*");
         assert_eq!(
             a[5],
+            "--essential-hook=mkdir -p \"$1/etc/initramfs-tools/hooks\" && install -m 0755 \
+             '/src/rootfs/hooks/initramfs-modules.sh' \"$1/etc/initramfs-tools/hooks/tandem\""
+        );
+        assert_eq!(
+            a[6],
             "--customize-hook=sh '/src/rootfs/hooks/customize.sh' \"$1\""
         );
-        assert_eq!(a[6], "bookworm");
+        assert_eq!(a[7], "bookworm");
     }
 
     #[test]
@@ -385,17 +425,18 @@ mod tests {
         assert_eq!(base.len(), 24);
         assert_eq!(base, inputs().cache_key());
         let mut moved = inputs();
-        moved.hook_path = "/elsewhere/customize.sh".into();
+        moved.hooks_dir = "/elsewhere/hooks".into();
         assert_eq!(moved.cache_key(), base);
 
-        let variants: [fn(&mut BaseInputs); 4] = [
+        let variants: [fn(&mut BaseInputs); 5] = [
             |i| i.packages.push("curl".into()),
             |i| i.packages.reverse(),
             |i| {
                 i.filters
                     .push(PathFilter::Include("/usr/share/doc/x".into()))
             },
-            |i| i.hook.push_str("true\n"),
+            |i| i.hooks[0].1.push_str("true\n"),
+            |i| i.hooks[1].0.push('x'),
         ];
         let mut keys = vec![base];
         for change in variants {

@@ -106,7 +106,7 @@ impl Cmd {
             let tail = tail[tail.len().saturating_sub(TAIL_LINES)..].join("\n");
             return Err(Error::Command {
                 step: self.step,
-                cmd: self.display(),
+                cmd: self.short_display(),
                 status: out.status.to_string(),
                 tail,
             });
@@ -169,7 +169,7 @@ impl Cmd {
             let tail = Vec::from(tail).join("\n");
             return Err(Error::Command {
                 step: self.step,
-                cmd: self.display(),
+                cmd: self.short_display(),
                 status: status.to_string(),
                 tail,
             });
@@ -177,10 +177,28 @@ impl Cmd {
         Ok(())
     }
 
+    /// `display()` cut short for error messages (mmdebstrap's line runs to kilobytes).
+    fn short_display(&self) -> String {
+        const MAX: usize = 300;
+        let full = self.display();
+        if full.len() <= MAX {
+            return full;
+        }
+        let mut cut = MAX;
+        while !full.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        format!(
+            "{} … ({} more bytes; RUST_LOG=debug shows all)",
+            &full[..cut],
+            full.len() - cut
+        )
+    }
+
     fn spawn_error(&self, e: std::io::Error) -> Error {
         Error::Spawn {
             step: self.step,
-            cmd: self.display(),
+            cmd: self.short_display(),
             source: e,
         }
     }

@@ -2,7 +2,9 @@
 //!
 //! `/dev/kvm` existing proves little (nested KVM here opens fine, then hangs the guest), so the
 //! probe boots OVMF under KVM and waits for the firmware's boot manager to print on serial.
-//! The answer is cached for the process. `TANDEM_ACCEL=tcg|kvm|auto` overrides (default auto).
+//! The answer is cached for the process, and for later processes until the host reboots (in
+//! `/run/tandem-accel`, keyed by the boot id). `TANDEM_ACCEL=tcg|kvm|auto` overrides (default
+//! auto).
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -24,37 +26,76 @@ pub fn choose() -> Accel {
         let accel = match std::env::var("TANDEM_ACCEL").as_deref() {
             Ok("tcg") => Accel::Tcg,
             Ok("kvm") => Accel::Kvm,
-            _ => {
-                if kvm_boots() {
-                    Accel::Kvm
-                } else {
-                    Accel::Tcg
-                }
-            }
+            _ => probe_cached(),
         };
         tracing::info!(accel = accel.as_str(), "accelerator chosen");
         accel
     })
 }
 
+const CACHE: &str = "/run/tandem-accel";
+
+fn probe_cached() -> Accel {
+    let boot_id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let boot_id = boot_id.trim();
+    if let Ok(cached) = std::fs::read_to_string(CACHE) {
+        match cached.split_once(' ') {
+            Some((id, "kvm")) if id == boot_id => return Accel::Kvm,
+            Some((id, "tcg")) if id == boot_id => return Accel::Tcg,
+            _ => {}
+        }
+    }
+    let accel = if kvm_boots() { Accel::Kvm } else { Accel::Tcg };
+    if !boot_id.is_empty() {
+        // Best effort: without the cache the next process probes again.
+        let _ = std::fs::write(CACHE, format!("{boot_id} {}", accel.as_str()));
+    }
+    accel
+}
+
 fn kvm_boots() -> bool {
-    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_err() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_err()
+    {
         return false;
     }
-    let Ok(qemu) = tools::find(tools::QEMU) else { return false };
-    let Ok(dir) = tempfile::Builder::new().prefix("tandem-kvm-probe").tempdir() else { return false };
+    let Ok(qemu) = tools::find(tools::QEMU) else {
+        return false;
+    };
+    let Ok(dir) = tempfile::Builder::new()
+        .prefix("tandem-kvm-probe")
+        .tempdir()
+    else {
+        return false;
+    };
     let vars = dir.path().join("vars.fd");
     let serial = dir.path().join("serial.log");
     if std::fs::copy(tools::OVMF_VARS, &vars).is_err() {
         return false;
     }
     let child = Command::new(qemu)
-        .args(["-no-user-config", "-nodefaults", "-display", "none", "-machine", "q35"])
+        .args([
+            "-no-user-config",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-machine",
+            "q35",
+        ])
         .args(["-accel", "kvm", "-m", "256", "-smp", "1"])
         .arg("-drive")
-        .arg(format!("if=pflash,format=raw,unit=0,readonly=on,file={}", tools::OVMF_CODE))
+        .arg(format!(
+            "if=pflash,format=raw,unit=0,readonly=on,file={}",
+            tools::OVMF_CODE
+        ))
         .arg("-drive")
-        .arg(format!("if=pflash,format=raw,unit=1,file={}", vars.display()))
+        .arg(format!(
+            "if=pflash,format=raw,unit=1,file={}",
+            vars.display()
+        ))
         .arg("-serial")
         .arg(format!("file:{}", serial.display()))
         .stdin(Stdio::null())
@@ -79,5 +120,7 @@ fn kvm_boots() -> bool {
 }
 
 fn contains(path: &Path, needle: &str) -> bool {
-    std::fs::read(path).map(|b| String::from_utf8_lossy(&b).contains(needle)).unwrap_or(false)
+    std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).contains(needle))
+        .unwrap_or(false)
 }

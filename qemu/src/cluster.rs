@@ -68,7 +68,11 @@ impl ClusterSpec {
     }
 
     pub fn node(mut self, name: &str, address: Ipv4Addr, image: impl Into<PathBuf>) -> ClusterSpec {
-        self.nodes.push(NodeSpec { name: name.to_string(), address, image: image.into() });
+        self.nodes.push(NodeSpec {
+            name: name.to_string(),
+            address,
+            image: image.into(),
+        });
         self
     }
 
@@ -83,27 +87,52 @@ impl ClusterSpec {
         if self.nodes.is_empty() {
             return bad("no nodes".into());
         }
-        if self.id.is_empty() || !self.id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
-            return bad(format!("cluster id {:?} must be non-empty ASCII letters, digits and '-'", self.id));
+        if self.id.is_empty()
+            || !self
+                .id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            return bad(format!(
+                "cluster id {:?} must be non-empty ASCII letters, digits and '-'",
+                self.id
+            ));
         }
         if self.prefix == 0 || self.prefix > 30 {
-            return bad(format!("prefix /{} must be between /1 and /30", self.prefix));
+            return bad(format!(
+                "prefix /{} must be between /1 and /30",
+                self.prefix
+            ));
         }
         let mask = u32::MAX << (32 - u32::from(self.prefix));
         let mut names = HashSet::new();
         let mut addrs = HashSet::from([self.client]);
         for n in &self.nodes {
-            if n.name.is_empty() || !n.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-                return bad(format!("node name {:?} must be ASCII letters, digits, '-' or '_'", n.name));
+            if n.name.is_empty()
+                || !n
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return bad(format!(
+                    "node name {:?} must be ASCII letters, digits, '-' or '_'",
+                    n.name
+                ));
             }
             if !names.insert(n.name.as_str()) {
                 return bad(format!("node {} listed twice", n.name));
             }
             if !addrs.insert(n.address) {
-                return bad(format!("address {} of node {} is used twice (the client has {})", n.address, n.name, self.client));
+                return bad(format!(
+                    "address {} of node {} is used twice (the client has {})",
+                    n.address, n.name, self.client
+                ));
             }
             if u32::from(n.address) & mask != u32::from(self.client) & mask {
-                return bad(format!("node {} address {} is outside {}/{}", n.name, n.address, self.client, self.prefix));
+                return bad(format!(
+                    "node {} address {} is outside {}/{}",
+                    n.name, n.address, self.client, self.prefix
+                ));
             }
         }
         Ok(())
@@ -113,7 +142,11 @@ impl ClusterSpec {
 /// `<pid>-<n>`: unique among the clusters of all processes running at the same time.
 pub fn unique_id() -> String {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
-    format!("{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// An HTTP answer as seen by the client in the namespace.
@@ -150,7 +183,10 @@ impl Cluster {
         tools::check_host()?;
         for n in &spec.nodes {
             if !n.image.is_file() {
-                return Err(Error::MissingImage { node: n.name.clone(), path: n.image.clone() });
+                return Err(Error::MissingImage {
+                    node: n.name.clone(),
+                    path: n.image.clone(),
+                });
             }
         }
         std::fs::create_dir_all(&spec.work_dir)
@@ -159,7 +195,12 @@ impl Cluster {
             .map_err(|e| Error::io("resolving the work dir", &spec.work_dir, e))?;
         let accel = crate::accel::choose();
         let taps: Vec<String> = (0..spec.nodes.len()).map(|i| format!("tap{i}")).collect();
-        let netns = Arc::new(Netns::create(&spec.netns_name(), spec.client, spec.prefix, &taps)?);
+        let netns = Arc::new(Netns::create(
+            &spec.netns_name(),
+            spec.client,
+            spec.prefix,
+            &taps,
+        )?);
         let qemu = tools::find(tools::QEMU)?;
         let mut vms = Vec::new();
         for (node, tap) in spec.nodes.iter().zip(taps) {
@@ -199,7 +240,12 @@ impl Cluster {
         }
         tracing::info!(netns = netns.name(), accel = accel.as_str(), work_dir = %work_dir.display(), "cluster created");
         let spec = ClusterSpec { work_dir, ..spec };
-        Ok(Cluster { vms, netns, spec, accel })
+        Ok(Cluster {
+            vms,
+            netns,
+            spec,
+            accel,
+        })
     }
 
     pub fn spec(&self) -> &ClusterSpec {
@@ -224,7 +270,10 @@ impl Cluster {
 
     /// The VM of node `name`.
     pub fn vm(&self, name: &str) -> Result<&Vm> {
-        self.vms.iter().find(|v| v.name == name).ok_or_else(|| Error::NoSuchNode(name.to_string()))
+        self.vms
+            .iter()
+            .find(|v| v.name == name)
+            .ok_or_else(|| Error::NoSuchNode(name.to_string()))
     }
 
     /// Run a command inside the namespace (as the client) and collect its output.
@@ -238,13 +287,25 @@ impl Cluster {
         let curl = tools::find(tools::CURL)?;
         let max_time = format!("{:.1}", timeout.as_secs_f64().max(0.1));
         let curl = curl.to_string_lossy();
-        let argv = [&*curl, "-sS", "-k", "--max-time", &max_time, "-o", "-", "-w", "\n%{http_code}", url];
+        let argv = [
+            &*curl,
+            "-sS",
+            "-k",
+            "--max-time",
+            &max_time,
+            "-o",
+            "-",
+            "-w",
+            "\n%{http_code}",
+            url,
+        ];
         let out = self.netns.output(&argv)?;
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
             return Err(Error::Http(format!("GET {url}: {err}")));
         }
-        parse_curl_output(&out.stdout).ok_or_else(|| Error::Http(format!("GET {url}: unreadable curl output")))
+        parse_curl_output(&out.stdout)
+            .ok_or_else(|| Error::Http(format!("GET {url}: unreadable curl output")))
     }
 
     /// Poll `url` until the answer satisfies `accept`, at most `timeout`.
@@ -260,7 +321,11 @@ impl Cluster {
             if accept(&resp) {
                 Ok(resp)
             } else {
-                Err(Error::Http(format!("status {}, body {:?}", resp.status, truncate(&resp.body, 200))))
+                Err(Error::Http(format!(
+                    "status {}, body {:?}",
+                    resp.status,
+                    truncate(&resp.body, 200)
+                )))
             }
         })
     }
@@ -272,7 +337,10 @@ impl Cluster {
         for vm in &self.vms {
             let qemu_log = serial::read_since(&vm.qemu_log, Mark(0));
             if !qemu_log.trim().is_empty() {
-                out.push_str(&serial::format_tails([(vm.name(), vm.qemu_log.as_path())], n));
+                out.push_str(&serial::format_tails(
+                    [(vm.name(), vm.qemu_log.as_path())],
+                    n,
+                ));
             }
         }
         out
@@ -301,9 +369,13 @@ impl Drop for Cluster {
         for vm in &self.vms {
             let _ = vm.kill();
         }
+        self.netns.delete();
         let keep = std::thread::panicking() || std::env::var(KEEP_ENV).is_ok_and(|v| v == "1");
         if keep {
-            eprintln!("tandem-qemu: kept work dir {} (serial logs, overlays)", self.spec.work_dir.display());
+            eprintln!(
+                "tandem-qemu: kept work dir {} (serial logs, overlays)",
+                self.spec.work_dir.display()
+            );
             return;
         }
         // Runtime bits go; the logs stay for whoever looks afterwards.
@@ -372,9 +444,14 @@ impl Vm {
             .append(true)
             .open(&self.qemu_log)
             .map_err(|e| Error::io("opening the QEMU log", &self.qemu_log, e))?;
-        let log2 = log.try_clone().map_err(|e| Error::io("opening the QEMU log", &self.qemu_log, e))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| Error::io("opening the QEMU log", &self.qemu_log, e))?;
         let mut cmd = Command::new(&self.qemu);
-        cmd.args(machine::qemu_args(&self.machine)).stdin(Stdio::null()).stdout(log).stderr(log2);
+        cmd.args(machine::qemu_args(&self.machine))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2);
         tracing::info!(node = %self.name, "starting: {}", self.command_line());
         let mut started = self.netns.spawn(cmd)?;
         // Ready once the QMP socket answers; an early exit (bad argument, tap busy) is an error.
@@ -382,7 +459,11 @@ impl Vm {
         loop {
             if let Ok(Some(status)) = started.try_wait() {
                 let tail = serial::tail(&serial::read_since(&self.qemu_log, Mark(0)), 5).join("\n");
-                return Err(Error::VmExited { node: self.name.clone(), status: status.to_string(), what: format!("QMP to come up: {tail}") });
+                return Err(Error::VmExited {
+                    node: self.name.clone(),
+                    status: status.to_string(),
+                    what: format!("QMP to come up: {tail}"),
+                });
             }
             if Qmp::connect(&self.machine.qmp_socket, Duration::ZERO).is_ok() {
                 break;
@@ -405,9 +486,17 @@ impl Vm {
 
     /// Run a QMP command and return its result.
     pub fn qmp(&self, command: &str, arguments: Option<&Value>) -> Result<Value> {
-        let mut q = Qmp::connect(&self.machine.qmp_socket, Duration::from_secs(5))
-            .map_err(|what| Error::Qmp { node: self.name.clone(), what })?;
-        q.execute(command, arguments).map_err(|what| Error::Qmp { node: self.name.clone(), what })
+        let mut q =
+            Qmp::connect(&self.machine.qmp_socket, Duration::from_secs(5)).map_err(|what| {
+                Error::Qmp {
+                    node: self.name.clone(),
+                    what,
+                }
+            })?;
+        q.execute(command, arguments).map_err(|what| Error::Qmp {
+            node: self.name.clone(),
+            what,
+        })
     }
 
     /// ACPI power button (the guest shuts down cleanly; QEMU then exits). Does not wait.
@@ -417,7 +506,11 @@ impl Vm {
 
     /// Ctrl-Alt-Del on the VM's keyboard: the guest's PID 1 reboots cleanly; QEMU keeps running.
     pub fn reboot_ctrl_alt_del(&self) -> Result<()> {
-        self.qmp("send-key", Some(&qmp::send_key_args(&["ctrl", "alt", "delete"]))).map(|_| ())
+        self.qmp(
+            "send-key",
+            Some(&qmp::send_key_args(&["ctrl", "alt", "delete"])),
+        )
+        .map(|_| ())
     }
 
     /// Power cut: SIGKILL to QEMU. Nothing the guest had not written to disk survives.
@@ -445,12 +538,16 @@ impl Vm {
     /// QEMU's run state, e.g. `running`, `paused`, `shutdown`.
     pub fn status(&self) -> Result<String> {
         let v = self.qmp("query-status", None)?;
-        Ok(v.get("status").and_then(Value::as_str).unwrap_or("?").to_string())
+        Ok(v.get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("?")
+            .to_string())
     }
 
     /// Unplug the VM's cable: its tap goes down, so nothing passes either way.
     pub fn cut_network(&self) -> Result<()> {
-        self.netns.ip_cmd(&["link", "set", &self.machine.tap, "down"])
+        self.netns
+            .ip_cmd(&["link", "set", &self.machine.tap, "down"])
     }
 
     pub fn restore_network(&self) -> Result<()> {
@@ -473,7 +570,11 @@ impl Vm {
                 }
             }
             if t0.elapsed() >= timeout {
-                return Err(Error::Timeout { what: format!("{} to exit", self.name), after: timeout, last: None });
+                return Err(Error::Timeout {
+                    what: format!("{} to exit", self.name),
+                    after: timeout,
+                    last: None,
+                });
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -496,10 +597,18 @@ impl Vm {
     }
 
     /// Wait for a serial line containing `needle`, printed after `since`.
-    pub fn wait_serial_since(&self, since: Mark, needle: &str, timeout: Duration) -> Result<String> {
-        self.wait_serial_line(since, &format!("{needle:?} on {}'s serial console", self.name), timeout, |l| {
-            l.contains(needle)
-        })
+    pub fn wait_serial_since(
+        &self,
+        since: Mark,
+        needle: &str,
+        timeout: Duration,
+    ) -> Result<String> {
+        self.wait_serial_line(
+            since,
+            &format!("{needle:?} on {}'s serial console", self.name),
+            timeout,
+            |l| l.contains(needle),
+        )
     }
 
     /// Wait for a serial line after `since` for which `matches` holds. Fails early if QEMU exits.
@@ -512,14 +621,25 @@ impl Vm {
     ) -> Result<String> {
         let t0 = Instant::now();
         loop {
-            if let Some(line) = serial::find_line(&serial::read_since(&self.machine.serial_log, since), &matches) {
+            if let Some(line) = serial::find_line(
+                &serial::read_since(&self.machine.serial_log, since),
+                &matches,
+            ) {
                 return Ok(line);
             }
             if let Some(Ok(Some(status))) = self.lock().as_mut().map(|c| c.try_wait()) {
-                return Err(Error::VmExited { node: self.name.clone(), status: status.to_string(), what: what.to_string() });
+                return Err(Error::VmExited {
+                    node: self.name.clone(),
+                    status: status.to_string(),
+                    what: what.to_string(),
+                });
             }
             if t0.elapsed() >= timeout {
-                return Err(Error::Timeout { what: what.to_string(), after: timeout, last: None });
+                return Err(Error::Timeout {
+                    what: what.to_string(),
+                    after: timeout,
+                    last: None,
+                });
             }
             std::thread::sleep(Duration::from_millis(250));
         }
@@ -530,7 +650,10 @@ impl Vm {
     }
 
     fn err(&self, what: impl Into<String>) -> Error {
-        Error::Vm { node: self.name.clone(), what: what.into() }
+        Error::Vm {
+            node: self.name.clone(),
+            what: what.into(),
+        }
     }
 }
 
@@ -542,12 +665,21 @@ impl Drop for Vm {
 
 /// `qemu-img create` an overlay at `overlay` backed by `image` (absolute path, format by extension).
 fn make_overlay(image: &Path, overlay: &Path) -> Result<()> {
-    let image = std::fs::canonicalize(image).map_err(|e| Error::io("resolving the node image", image, e))?;
+    let image = std::fs::canonicalize(image)
+        .map_err(|e| Error::io("resolving the node image", image, e))?;
     let _ = std::fs::remove_file(overlay);
     let qemu_img = tools::find(tools::QEMU_IMG)?;
     run_checked(
         Command::new(qemu_img)
-            .args(["create", "-q", "-f", "qcow2", "-F", machine::image_format(&image), "-b"])
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                machine::image_format(&image),
+                "-b",
+            ])
             .arg(&image)
             .arg(overlay),
     )
@@ -559,7 +691,10 @@ pub(crate) fn parse_curl_output(stdout: &[u8]) -> Option<HttpResponse> {
     let text = String::from_utf8_lossy(stdout);
     let (body, code) = text.rsplit_once('\n')?;
     let status = code.trim().parse().ok()?;
-    Some(HttpResponse { status, body: body.to_string() })
+    Some(HttpResponse {
+        status,
+        body: body.to_string(),
+    })
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -587,28 +722,60 @@ mod tests {
             assert!(e.contains(needle), "{e:?} should mention {needle:?}");
         };
         check_err(ClusterSpec::new("/w"), "no nodes");
-        check_err(spec().node("server1", Ipv4Addr::new(10, 88, 0, 13), "/x"), "listed twice");
-        check_err(spec().node("server3", Ipv4Addr::new(10, 88, 0, 12), "/x"), "used twice");
-        check_err(spec().node("server3", Ipv4Addr::new(10, 88, 0, 1), "/x"), "used twice");
-        check_err(spec().node("server3", Ipv4Addr::new(10, 89, 0, 13), "/x"), "outside 10.88.0.1/24");
-        check_err(spec().node("a b", Ipv4Addr::new(10, 88, 0, 13), "/x"), "node name");
-        check_err(ClusterSpec { id: "x/y".into(), ..spec() }, "cluster id");
+        check_err(
+            spec().node("server1", Ipv4Addr::new(10, 88, 0, 13), "/x"),
+            "listed twice",
+        );
+        check_err(
+            spec().node("server3", Ipv4Addr::new(10, 88, 0, 12), "/x"),
+            "used twice",
+        );
+        check_err(
+            spec().node("server3", Ipv4Addr::new(10, 88, 0, 1), "/x"),
+            "used twice",
+        );
+        check_err(
+            spec().node("server3", Ipv4Addr::new(10, 89, 0, 13), "/x"),
+            "outside 10.88.0.1/24",
+        );
+        check_err(
+            spec().node("a b", Ipv4Addr::new(10, 88, 0, 13), "/x"),
+            "node name",
+        );
+        check_err(
+            ClusterSpec {
+                id: "x/y".into(),
+                ..spec()
+            },
+            "cluster id",
+        );
     }
 
     #[test]
     fn ids_are_unique_and_name_the_namespace() {
         let (a, b) = (ClusterSpec::new("/w"), ClusterSpec::new("/w"));
         assert_ne!(a.id, b.id);
-        assert!(a.netns_name().starts_with(&format!("tandem-{}-", std::process::id())));
+        assert!(a
+            .netns_name()
+            .starts_with(&format!("tandem-{}-", std::process::id())));
     }
 
     #[test]
     fn parses_curl_output() {
         let check = |raw: &str, expected: Option<(u16, &str)>| {
             let got = parse_curl_output(raw.as_bytes());
-            assert_eq!(got, expected.map(|(status, body)| HttpResponse { status, body: body.into() }));
+            assert_eq!(
+                got,
+                expected.map(|(status, body)| HttpResponse {
+                    status,
+                    body: body.into()
+                })
+            );
         };
-        check("<p>node: server1</p>\n\n200", Some((200, "<p>node: server1</p>\n")));
+        check(
+            "<p>node: server1</p>\n\n200",
+            Some((200, "<p>node: server1</p>\n")),
+        );
         check("\n404", Some((404, "")));
         check("line1\nline2\n503", Some((503, "line1\nline2")));
         check("no status", None);

@@ -8,10 +8,21 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("`{tool}` not found on PATH; install the Debian package `{package}` (apt-get install {package})")]
-    MissingTool { tool: &'static str, package: &'static str },
+    MissingTool {
+        tool: &'static str,
+        package: &'static str,
+    },
 
-    #[error("{path} not found; install the Debian package `{package}` (apt-get install {package})")]
-    MissingFile { path: PathBuf, package: &'static str },
+    #[error(
+        "{path} not found; install the Debian package `{package}` (apt-get install {package})"
+    )]
+    MissingFile {
+        path: PathBuf,
+        package: &'static str,
+    },
+
+    #[error("the QEMU harness needs root (network namespaces, bridges, taps); run it as root")]
+    NotRoot,
 
     #[error("disk image {path} of node {node} not found")]
     MissingImage { node: String, path: PathBuf },
@@ -20,16 +31,28 @@ pub enum Error {
     Spec(String),
 
     #[error("{what}: {path}: {source}")]
-    Io { what: String, path: PathBuf, source: io::Error },
+    Io {
+        what: String,
+        path: PathBuf,
+        source: io::Error,
+    },
 
     #[error("running `{command}`: {source}")]
     Spawn { command: String, source: io::Error },
 
     #[error("`{command}` failed ({status}): {stderr}")]
-    Command { command: String, status: String, stderr: String },
+    Command {
+        command: String,
+        status: String,
+        stderr: String,
+    },
 
     #[error("network namespace {netns}: {what}: {source}")]
-    Netns { netns: String, what: String, source: io::Error },
+    Netns {
+        netns: String,
+        what: String,
+        source: io::Error,
+    },
 
     #[error("QMP of node {node}: {what}")]
     Qmp { node: String, what: String },
@@ -41,10 +64,18 @@ pub enum Error {
     NoSuchNode(String),
 
     #[error("node {node}: QEMU exited ({status}) while waiting for {what}")]
-    VmExited { node: String, status: String, what: String },
+    VmExited {
+        node: String,
+        status: String,
+        what: String,
+    },
 
     #[error("timed out after {}s waiting for {what}{}", .after.as_secs(), last_seen(.last))]
-    Timeout { what: String, after: Duration, last: Option<String> },
+    Timeout {
+        what: String,
+        after: Duration,
+        last: Option<String>,
+    },
 
     #[error("HTTP client: {0}")]
     Http(String),
@@ -60,7 +91,15 @@ fn last_seen(last: &Option<String>) -> String {
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 impl Error {
-    pub(crate) fn io(what: impl Into<String>, path: impl Into<PathBuf>, source: io::Error) -> Error {
-        Error::Io { what: what.into(), path: path.into(), source }
+    pub(crate) fn io(
+        what: impl Into<String>,
+        path: impl Into<PathBuf>,
+        source: io::Error,
+    ) -> Error {
+        Error::Io {
+            what: what.into(),
+            path: path.into(),
+            source,
+        }
     }
 }

@@ -49,7 +49,9 @@ impl Forwarder {
                 source,
             })?;
             let (netns, stop, target) = (netns.clone(), stop.clone(), f.target);
-            threads.push(std::thread::spawn(move || accept_loop(listener, netns, target, stop)));
+            threads.push(std::thread::spawn(move || {
+                accept_loop(listener, netns, target, stop)
+            }));
         }
         Ok(Forwarder { stop, threads })
     }
@@ -64,7 +66,12 @@ impl Drop for Forwarder {
     }
 }
 
-fn accept_loop(listener: TcpListener, netns: Arc<Netns>, target: SocketAddr, stop: Arc<AtomicBool>) {
+fn accept_loop(
+    listener: TcpListener,
+    netns: Arc<Netns>,
+    target: SocketAddr,
+    stop: Arc<AtomicBool>,
+) {
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((client, _)) => {

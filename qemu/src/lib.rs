@@ -22,8 +22,8 @@ mod session;
 mod tools;
 
 pub use cluster::{
-    unique_id, Cluster, ClusterSpec, HttpResponse, NodeSpec, Vm, DEFAULT_CLIENT, DEFAULT_MEMORY_MIB, DEFAULT_PREFIX,
-    KEEP_ENV,
+    unique_id, Cluster, ClusterSpec, HttpResponse, NodeSpec, Vm, DEFAULT_CLIENT,
+    DEFAULT_MEMORY_MIB, DEFAULT_PREFIX, KEEP_ENV,
 };
 pub use error::{Error, Result};
 pub use forward::{Forward, Forwarder};

@@ -50,7 +50,10 @@ pub fn mac_for(address: Ipv4Addr) -> [u8; 6] {
 }
 
 pub fn format_mac(mac: [u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// QEMU's disk format name for a node image, from its extension (`.qcow2`, else raw).
@@ -83,20 +86,50 @@ pub fn qemu_args(m: &MachineConfig) -> Vec<String> {
     push(&["-no-user-config", "-nodefaults", "-display", "none"]);
     push(&["-machine", "q35", "-accel", &accel, "-cpu", cpu]);
     push(&["-smp", "1", "-m", &m.memory_mib.to_string()]);
-    push(&["-drive", &format!("if=pflash,format=raw,unit=0,readonly=on,file={}", opt_path(Path::new(OVMF_CODE)))]);
-    push(&["-drive", &format!("if=pflash,format=raw,unit=1,file={}", opt_path(&m.vars))]);
+    push(&[
+        "-drive",
+        &format!(
+            "if=pflash,format=raw,unit=0,readonly=on,file={}",
+            opt_path(Path::new(OVMF_CODE))
+        ),
+    ]);
+    push(&[
+        "-drive",
+        &format!("if=pflash,format=raw,unit=1,file={}", opt_path(&m.vars)),
+    ]);
     // `-drive if=virtio` plus an explicit bootindex, so OVMF boots the disk first.
-    push(&["-drive", &format!("if=none,id=disk0,format=qcow2,discard=unmap,file={}", opt_path(&m.disk))]);
+    push(&[
+        "-drive",
+        &format!(
+            "if=none,id=disk0,format=qcow2,discard=unmap,file={}",
+            opt_path(&m.disk)
+        ),
+    ]);
     push(&["-device", "virtio-blk-pci,drive=disk0,bootindex=0"]);
-    push(&["-netdev", &format!("tap,id=net0,ifname={},script=no,downscript=no", m.tap)]);
+    push(&[
+        "-netdev",
+        &format!("tap,id=net0,ifname={},script=no,downscript=no", m.tap),
+    ]);
     // No option ROM: the firmware never tries to boot from the network.
-    push(&["-device", &format!("virtio-net-pci,netdev=net0,mac={},romfile=", format_mac(m.mac))]);
+    push(&[
+        "-device",
+        &format!(
+            "virtio-net-pci,netdev=net0,mac={},romfile=",
+            format_mac(m.mac)
+        ),
+    ]);
     // Entropy for a guest that makes keys on first boot, which TCG otherwise starves.
     push(&["-device", "virtio-rng-pci"]);
     // Appending keeps every boot of this VM in one log.
-    push(&["-chardev", &format!("file,id=serial0,path={},append=on", opt_path(&m.serial_log))]);
+    push(&[
+        "-chardev",
+        &format!("file,id=serial0,path={},append=on", opt_path(&m.serial_log)),
+    ]);
     push(&["-serial", "chardev:serial0"]);
-    push(&["-qmp", &format!("unix:{},server=on,wait=off", opt_path(&m.qmp_socket))]);
+    push(&[
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", opt_path(&m.qmp_socket)),
+    ]);
     a
 }
 
@@ -120,13 +153,22 @@ mod tests {
 
     /// The value following `flag` for every occurrence of it.
     fn values<'a>(args: &'a [String], flag: &str) -> Vec<&'a str> {
-        args.windows(2).filter(|w| w[0] == flag).map(|w| w[1].as_str()).collect()
+        args.windows(2)
+            .filter(|w| w[0] == flag)
+            .map(|w| w[1].as_str())
+            .collect()
     }
 
     #[test]
     fn mac_derives_from_address() {
-        assert_eq!(format_mac(mac_for(Ipv4Addr::new(10, 88, 0, 11))), "52:54:00:58:00:0b");
-        assert_eq!(format_mac(mac_for(Ipv4Addr::new(10, 88, 0, 12))), "52:54:00:58:00:0c");
+        assert_eq!(
+            format_mac(mac_for(Ipv4Addr::new(10, 88, 0, 11))),
+            "52:54:00:58:00:0b"
+        );
+        assert_eq!(
+            format_mac(mac_for(Ipv4Addr::new(10, 88, 0, 12))),
+            "52:54:00:58:00:0c"
+        );
         // Locally administered unicast (bit 1 of the first octet set, bit 0 clear).
         assert_eq!(mac_for(Ipv4Addr::new(1, 2, 3, 4))[0] & 0b11, 0b10);
     }
@@ -146,7 +188,9 @@ mod tests {
         assert_eq!(values(&a, "-smp"), ["1"]);
         assert_eq!(values(&a, "-m"), ["1024"]);
         assert_eq!(values(&a, "-display"), ["none"]);
-        assert!(a.contains(&"-nodefaults".to_string()) && a.contains(&"-no-user-config".to_string()));
+        assert!(
+            a.contains(&"-nodefaults".to_string()) && a.contains(&"-no-user-config".to_string())
+        );
         assert_eq!(
             values(&a, "-drive"),
             [
@@ -155,7 +199,10 @@ mod tests {
                 "if=none,id=disk0,format=qcow2,discard=unmap,file=/w/server1.qcow2",
             ]
         );
-        assert_eq!(values(&a, "-netdev"), ["tap,id=net0,ifname=tap0,script=no,downscript=no"]);
+        assert_eq!(
+            values(&a, "-netdev"),
+            ["tap,id=net0,ifname=tap0,script=no,downscript=no"]
+        );
         assert_eq!(
             values(&a, "-device"),
             [
@@ -165,9 +212,15 @@ mod tests {
             ]
         );
         // The comma in the directory name is doubled, as QEMU's option syntax requires.
-        assert_eq!(values(&a, "-chardev"), ["file,id=serial0,path=/w/a,,b/server1.serial.log,append=on"]);
+        assert_eq!(
+            values(&a, "-chardev"),
+            ["file,id=serial0,path=/w/a,,b/server1.serial.log,append=on"]
+        );
         assert_eq!(values(&a, "-serial"), ["chardev:serial0"]);
-        assert_eq!(values(&a, "-qmp"), ["unix:/w/server1.qmp,server=on,wait=off"]);
+        assert_eq!(
+            values(&a, "-qmp"),
+            ["unix:/w/server1.qmp,server=on,wait=off"]
+        );
     }
 
     #[test]

@@ -63,14 +63,23 @@ fn main() -> anyhow::Result<ExitCode> {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Cmd::Up { images, config, run_dir, memory } => {
+        Cmd::Up {
+            images,
+            config,
+            run_dir,
+            memory,
+        } => {
             let cluster = match &config {
-                Some(path) => cluster_config::Cluster::load(path).map_err(|e| anyhow::anyhow!("{e}"))?,
+                Some(path) => {
+                    cluster_config::Cluster::load(path).map_err(|e| anyhow::anyhow!("{e}"))?
+                }
                 None => cluster_config::Cluster::default_cluster(),
             };
             ensure_images(&cluster, &images, config.as_deref())?;
             let opts = up_options(&cluster, &images, &run_dir, memory)?;
-            qemu::up(&opts, &signals, |c| print!("{}", qemu::describe(c, &opts.forwards)))?;
+            qemu::up(&opts, &signals, |c| {
+                print!("{}", qemu::describe(c, &opts.forwards))
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Down { run_dir } => {
@@ -86,12 +95,23 @@ fn main() -> anyhow::Result<ExitCode> {
 
 /// A node's image in `dir`: `<node>.qcow2`, else `<node>.img` (raw).
 fn image_path(dir: &Path, node: &str) -> Option<PathBuf> {
-    ["qcow2", "img"].iter().map(|ext| dir.join(format!("{node}.{ext}"))).find(|p| p.is_file())
+    ["qcow2", "img"]
+        .iter()
+        .map(|ext| dir.join(format!("{node}.{ext}")))
+        .find(|p| p.is_file())
 }
 
 /// Build the images with the sibling `image-builder` executable when any is missing.
-fn ensure_images(cluster: &cluster_config::Cluster, dir: &Path, config: Option<&Path>) -> anyhow::Result<()> {
-    if cluster.nodes.iter().all(|n| image_path(dir, &n.name).is_some()) {
+fn ensure_images(
+    cluster: &cluster_config::Cluster,
+    dir: &Path,
+    config: Option<&Path>,
+) -> anyhow::Result<()> {
+    if cluster
+        .nodes
+        .iter()
+        .all(|n| image_path(dir, &n.name).is_some())
+    {
         return Ok(());
     }
     let exe = std::env::current_exe().context("locating this executable")?;
@@ -108,8 +128,13 @@ fn ensure_images(cluster: &cluster_config::Cluster, dir: &Path, config: Option<&
     if let Some(c) = config {
         cmd.arg("--config").arg(c);
     }
-    eprintln!("images missing in {}; building them: {cmd:?}", dir.display());
-    let status = cmd.status().with_context(|| format!("running {}", builder.display()))?;
+    eprintln!(
+        "images missing in {}; building them: {cmd:?}",
+        dir.display()
+    );
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {}", builder.display()))?;
     if !status.success() {
         bail!("{} failed ({status})", builder.display());
     }
@@ -129,8 +154,16 @@ fn up_options(
     let local = |port: u16| SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     let vip = cluster.floating_ip;
     let mut forwards = vec![
-        Forward { label: "floating IP, HTTP".into(), listen: local(HOST_HTTP), target: (vip, cluster.ports.http).into() },
-        Forward { label: "floating IP, HTTPS".into(), listen: local(HOST_HTTPS), target: (vip, cluster.ports.https).into() },
+        Forward {
+            label: "floating IP, HTTP".into(),
+            listen: local(HOST_HTTP),
+            target: (vip, cluster.ports.http).into(),
+        },
+        Forward {
+            label: "floating IP, HTTPS".into(),
+            listen: local(HOST_HTTPS),
+            target: (vip, cluster.ports.https).into(),
+        },
     ];
     for (i, node) in cluster.nodes.iter().enumerate() {
         let image = image_path(images, &node.name)
@@ -148,5 +181,9 @@ fn up_options(
             target: (node.address, cluster.ports.admin).into(),
         });
     }
-    Ok(UpOptions { spec, forwards, shutdown_timeout: SHUTDOWN_TIMEOUT })
+    Ok(UpOptions {
+        spec,
+        forwards,
+        shutdown_timeout: SHUTDOWN_TIMEOUT,
+    })
 }

@@ -14,6 +14,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Mutex;
 use std::thread::JoinHandle;
@@ -35,7 +36,8 @@ pub struct Netns {
     name: String,
     ip: PathBuf,
     spawner: Mutex<Option<mpsc::Sender<SpawnRequest>>>,
-    spawner_thread: Option<JoinHandle<()>>,
+    spawner_thread: Mutex<Option<JoinHandle<()>>>,
+    deleted: AtomicBool,
 }
 
 impl Netns {
@@ -45,13 +47,28 @@ impl Netns {
         let ip = tools::find(tools::IP)?;
         run_checked(Command::new(&ip).args(["netns", "add", name]))?;
         // From here on, dropping `ns` deletes the namespace, also on the error paths below.
-        let mut ns = Netns { name: name.to_string(), ip, spawner: Mutex::new(None), spawner_thread: None };
+        let mut ns = Netns {
+            name: name.to_string(),
+            ip,
+            spawner: Mutex::new(None),
+            spawner_thread: Mutex::new(None),
+            deleted: AtomicBool::new(false),
+        };
         ns.ip_cmd(&["link", "set", "lo", "up"])?;
         // STP off and no forwarding delay: a port forwards as soon as it is up (after a VM
         // restart or a restored cable). Multicast snooping off: VRRP adverts always flood.
         ns.ip_cmd(&[
-            "link", "add", BRIDGE, "type", "bridge", "stp_state", "0", "forward_delay", "0",
-            "mcast_snooping", "0",
+            "link",
+            "add",
+            BRIDGE,
+            "type",
+            "bridge",
+            "stp_state",
+            "0",
+            "forward_delay",
+            "0",
+            "mcast_snooping",
+            "0",
         ])?;
         ns.ip_cmd(&["addr", "add", &format!("{client}/{prefix}"), "dev", BRIDGE])?;
         ns.ip_cmd(&["link", "set", BRIDGE, "up"])?;
@@ -125,7 +142,9 @@ impl Netns {
         let (reply, answer) = mpsc::channel();
         let sent = {
             let spawner = self.spawner.lock().unwrap_or_else(|e| e.into_inner());
-            spawner.as_ref().map(|s| s.send(SpawnRequest { command, reply }).is_ok())
+            spawner
+                .as_ref()
+                .map(|s| s.send(SpawnRequest { command, reply }).is_ok())
         };
         let source = match (sent, answer.recv()) {
             (Some(true), Ok(result)) => match result {
@@ -134,16 +153,27 @@ impl Netns {
             },
             _ => io::Error::other("the namespace's spawner thread is gone"),
         };
-        Err(Error::Spawn { command: what, source })
+        Err(Error::Spawn {
+            command: what,
+            source,
+        })
     }
 
     /// Run `argv` inside the namespace to completion, collecting its output (any exit status).
     pub fn output(&self, argv: &[&str]) -> Result<Output> {
-        let (program, args) = argv.split_first().ok_or_else(|| Error::Spec("empty command".into()))?;
+        let (program, args) = argv
+            .split_first()
+            .ok_or_else(|| Error::Spec("empty command".into()))?;
         let mut cmd = Command::new(program);
-        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let child = self.spawn(cmd)?;
-        child.wait_with_output().map_err(|source| Error::Spawn { command: argv.join(" "), source })
+        child.wait_with_output().map_err(|source| Error::Spawn {
+            command: argv.join(" "),
+            source,
+        })
     }
 
     fn start_spawner(&mut self) -> Result<()> {
@@ -164,25 +194,57 @@ impl Netns {
                     let _ = req.reply.send(req.command.spawn());
                 }
             })
-            .map_err(|source| Error::Netns { netns: self.name.clone(), what: "spawn thread".into(), source })?;
-        self.spawner_thread = Some(handle);
-        let entered = ready_rx.recv().unwrap_or_else(|_| Err(io::Error::other("spawner thread died")));
-        entered.map_err(|source| Error::Netns { netns: self.name.clone(), what: "setns".into(), source })?;
+            .map_err(|source| Error::Netns {
+                netns: self.name.clone(),
+                what: "spawn thread".into(),
+                source,
+            })?;
+        *self
+            .spawner_thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(handle);
+        let entered = ready_rx
+            .recv()
+            .unwrap_or_else(|_| Err(io::Error::other("spawner thread died")));
+        entered.map_err(|source| Error::Netns {
+            netns: self.name.clone(),
+            what: "setns".into(),
+            source,
+        })?;
         *self.spawner.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
         Ok(())
     }
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        // Stop the spawner first: a thread inside the namespace keeps it alive.
-        self.spawner.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(t) = self.spawner_thread.take() {
+impl Netns {
+    /// Delete the namespace now (idempotent), even if threads (a forwarded connection) still hold
+    /// a reference: its owner decides when it ends. Processes started in it get SIGKILL.
+    pub fn delete(&self) {
+        if self.deleted.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        // Stopping the spawner kills what it started (PDEATHSIG) and lets go of the namespace.
+        self.spawner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let thread = self
+            .spawner_thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(t) = thread {
             let _ = t.join();
         }
         if let Err(e) = run_checked(Command::new(&self.ip).args(["netns", "del", &self.name])) {
             tracing::warn!("deleting network namespace {}: {e}", self.name);
         }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        self.delete();
     }
 }
 
@@ -201,7 +263,10 @@ pub(crate) fn run_checked(cmd: &mut Command) -> Result<Output> {
     let out = cmd
         .stdin(Stdio::null())
         .output()
-        .map_err(|source| Error::Spawn { command: command.clone(), source })?;
+        .map_err(|source| Error::Spawn {
+            command: command.clone(),
+            source,
+        })?;
     if !out.status.success() {
         return Err(Error::Command {
             command,

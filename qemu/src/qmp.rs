@@ -35,8 +35,11 @@ pub fn encode(command: &str, arguments: Option<&Value>) -> String {
 
 /// Parse one line from QEMU.
 pub fn decode(line: &str) -> Result<Message, String> {
-    let v: Value = serde_json::from_str(line.trim()).map_err(|e| format!("bad JSON {line:?}: {e}"))?;
-    let obj = v.as_object().ok_or_else(|| format!("not a JSON object: {line:?}"))?;
+    let v: Value =
+        serde_json::from_str(line.trim()).map_err(|e| format!("bad JSON {line:?}: {e}"))?;
+    let obj = v
+        .as_object()
+        .ok_or_else(|| format!("not a JSON object: {line:?}"))?;
     if let Some(g) = obj.get("QMP") {
         return Ok(Message::Greeting(g.clone()));
     }
@@ -45,18 +48,27 @@ pub fn decode(line: &str) -> Result<Message, String> {
     }
     if let Some(e) = obj.get("error") {
         let field = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
-        return Ok(Message::Error { class: field("class"), desc: field("desc") });
+        return Ok(Message::Error {
+            class: field("class"),
+            desc: field("desc"),
+        });
     }
     if let Some(ev) = obj.get("event").and_then(Value::as_str) {
         let data = obj.get("data").cloned().unwrap_or(Value::Null);
-        return Ok(Message::Event { event: ev.to_string(), data });
+        return Ok(Message::Event {
+            event: ev.to_string(),
+            data,
+        });
     }
     Err(format!("unknown QMP message: {line:?}"))
 }
 
 /// Arguments of `send-key` for a chord such as `["ctrl", "alt", "delete"]` (QEMU qcodes).
 pub fn send_key_args(qcodes: &[&str]) -> Value {
-    let keys: Vec<Value> = qcodes.iter().map(|k| json!({ "type": "qcode", "data": k })).collect();
+    let keys: Vec<Value> = qcodes
+        .iter()
+        .map(|k| json!({ "type": "qcode", "data": k }))
+        .collect();
     json!({ "keys": keys })
 }
 
@@ -74,14 +86,21 @@ impl Qmp {
         let stream = loop {
             match UnixStream::connect(socket) {
                 Ok(s) => break s,
-                Err(_) if start.elapsed() < timeout => std::thread::sleep(Duration::from_millis(100)),
+                Err(_) if start.elapsed() < timeout => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
                 Err(e) => return Err(format!("connect {}: {e}", socket.display())),
             }
         };
         // Answers are quick; the connect timeout may be zero ("only if already listening").
-        stream.set_read_timeout(Some(timeout.max(Duration::from_secs(5)))).map_err(|e| e.to_string())?;
+        stream
+            .set_read_timeout(Some(timeout.max(Duration::from_secs(5))))
+            .map_err(|e| e.to_string())?;
         let writer = stream.try_clone().map_err(|e| e.to_string())?;
-        let mut qmp = Qmp { reader: BufReader::new(stream), writer };
+        let mut qmp = Qmp {
+            reader: BufReader::new(stream),
+            writer,
+        };
         match qmp.read()? {
             Message::Greeting(_) => {}
             other => return Err(format!("expected QMP greeting, got {other:?}")),
@@ -98,7 +117,9 @@ impl Qmp {
         loop {
             match self.read()? {
                 Message::Return(v) => return Ok(v),
-                Message::Error { class, desc } => return Err(format!("{command}: {class}: {desc}")),
+                Message::Error { class, desc } => {
+                    return Err(format!("{command}: {class}: {desc}"))
+                }
                 Message::Event { .. } | Message::Greeting(_) => continue,
             }
         }
@@ -120,7 +141,10 @@ mod tests {
 
     #[test]
     fn encodes_commands() {
-        assert_eq!(encode("qmp_capabilities", None), "{\"execute\":\"qmp_capabilities\"}\n");
+        assert_eq!(
+            encode("qmp_capabilities", None),
+            "{\"execute\":\"qmp_capabilities\"}\n"
+        );
         let args = send_key_args(&["ctrl", "alt", "delete"]);
         let line = encode("send-key", Some(&args));
         let back: Value = serde_json::from_str(&line).unwrap();
@@ -140,7 +164,9 @@ mod tests {
         let check = |line: &str, expected: Message| assert_eq!(decode(line).unwrap(), expected);
         check(
             r#"{"QMP": {"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}}, "capabilities": ["oob"]}}"#,
-            Message::Greeting(json!({"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}}, "capabilities": ["oob"]})),
+            Message::Greeting(
+                json!({"version": {"qemu": {"micro": 0, "minor": 2, "major": 7}}, "capabilities": ["oob"]}),
+            ),
         );
         check(r#"{"return": {}}"#, Message::Return(json!({})));
         check(
@@ -149,15 +175,24 @@ mod tests {
         );
         check(
             r#"{"error": {"class": "CommandNotFound", "desc": "The command nope has not been found"}}"#,
-            Message::Error { class: "CommandNotFound".into(), desc: "The command nope has not been found".into() },
+            Message::Error {
+                class: "CommandNotFound".into(),
+                desc: "The command nope has not been found".into(),
+            },
         );
         check(
             r#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "SHUTDOWN", "data": {"guest": true, "reason": "guest-shutdown"}}"#,
-            Message::Event { event: "SHUTDOWN".into(), data: json!({"guest": true, "reason": "guest-shutdown"}) },
+            Message::Event {
+                event: "SHUTDOWN".into(),
+                data: json!({"guest": true, "reason": "guest-shutdown"}),
+            },
         );
         check(
             r#"{"timestamp": {"seconds": 1, "microseconds": 2}, "event": "STOP"}"#,
-            Message::Event { event: "STOP".into(), data: Value::Null },
+            Message::Event {
+                event: "STOP".into(),
+                data: Value::Null,
+            },
         );
         assert!(decode("not json").is_err());
         assert!(decode("[1]").is_err());

@@ -53,14 +53,20 @@ pub fn strip_ansi(s: &str) -> String {
 
 /// The last `n` non-empty lines of `text`, cleaned of escape sequences.
 pub fn tail(text: &str, n: usize) -> Vec<String> {
-    let lines: Vec<String> =
-        strip_ansi(text).lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect();
+    let lines: Vec<String> = strip_ansi(text)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect();
     lines[lines.len().saturating_sub(n)..].to_vec()
 }
 
 /// The first line of `text` for which `matches` holds.
 pub fn find_line(text: &str, matches: impl Fn(&str) -> bool) -> Option<String> {
-    strip_ansi(text).lines().find(|l| matches(l)).map(str::to_string)
+    strip_ansi(text)
+        .lines()
+        .find(|l| matches(l))
+        .map(str::to_string)
 }
 
 /// Format tails of several logs under one header each, for failure messages.
@@ -69,7 +75,11 @@ pub fn format_tails<'a>(logs: impl IntoIterator<Item = (&'a str, &'a Path)>, n: 
     for (name, path) in logs {
         let text = read_since(path, Mark(0));
         let lines = tail(&text, n);
-        out.push_str(&format!("----- {name}: last {} lines of {} -----\n", lines.len(), path.display()));
+        out.push_str(&format!(
+            "----- {name}: last {} lines of {} -----\n",
+            lines.len(),
+            path.display()
+        ));
         for l in lines {
             out.push_str(&l);
             out.push('\n');
@@ -93,7 +103,11 @@ pub fn wait_for<T, E: Display>(
             Err(e) => e.to_string(),
         };
         if start.elapsed() >= timeout {
-            return Err(crate::Error::Timeout { what: what.to_string(), after: timeout, last: Some(last) });
+            return Err(crate::Error::Timeout {
+                what: what.to_string(),
+                after: timeout,
+                last: Some(last),
+            });
         }
         std::thread::sleep(interval.min(timeout.saturating_sub(start.elapsed())));
     }
@@ -117,10 +131,15 @@ mod tests {
     fn tails_and_finds() {
         let text = "one\r\n\n\u{1b}[1mtwo\nthree service=mariadb ready\nfour\n";
         assert_eq!(tail(text, 2), ["three service=mariadb ready", "four"]);
-        assert_eq!(tail(text, 10), ["one", "two", "three service=mariadb ready", "four"]);
+        assert_eq!(
+            tail(text, 10),
+            ["one", "two", "three service=mariadb ready", "four"]
+        );
         assert_eq!(tail("", 3), Vec::<String>::new());
         assert_eq!(
-            find_line(text, |l| l.contains("service=mariadb") && l.contains("ready")).as_deref(),
+            find_line(text, |l| l.contains("service=mariadb")
+                && l.contains("ready"))
+            .as_deref(),
             Some("three service=mariadb ready")
         );
         assert_eq!(find_line(text, |l| l.contains("nope")), None);
@@ -137,7 +156,10 @@ mod tests {
         std::fs::write(&p, "boot 1\nboot 2\n").unwrap();
         assert_eq!(read_since(&p, m), "boot 2\n");
         let tails = format_tails([("server1", p.as_path())], 1);
-        assert!(tails.contains("----- server1: last 1 lines of") && tails.ends_with("boot 2\n"), "{tails}");
+        assert!(
+            tails.contains("----- server1: last 1 lines of") && tails.ends_with("boot 2\n"),
+            "{tails}"
+        );
     }
 
     #[test]
@@ -145,10 +167,18 @@ mod tests {
         let mut n = 0;
         let v = wait_for(Duration::from_secs(5), "third try", || {
             n += 1;
-            if n == 3 { Ok(n) } else { Err("not yet") }
+            if n == 3 {
+                Ok(n)
+            } else {
+                Err("not yet")
+            }
         });
         assert_eq!(v.unwrap(), 3);
-        let e = wait_for::<(), _>(Duration::from_millis(10), "never", || Err("refused")).unwrap_err();
-        assert_eq!(e.to_string(), "timed out after 0s waiting for never (last: refused)");
+        let e =
+            wait_for::<(), _>(Duration::from_millis(10), "never", || Err("refused")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "timed out after 0s waiting for never (last: refused)"
+        );
     }
 }

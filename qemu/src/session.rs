@@ -33,11 +33,13 @@ impl ShutdownSignals {
         let mut set = SigSet::empty();
         set.add(Signal::SIGINT);
         set.add(Signal::SIGTERM);
-        nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None).map_err(|e| Error::Io {
-            what: "blocking SIGINT/SIGTERM".into(),
-            path: PathBuf::new(),
-            source: e.into(),
-        })?;
+        nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&set), None).map_err(
+            |e| Error::Io {
+                what: "blocking SIGINT/SIGTERM".into(),
+                path: PathBuf::new(),
+                source: e.into(),
+            },
+        )?;
         Ok(ShutdownSignals(set))
     }
 
@@ -88,9 +90,17 @@ pub fn describe(cluster: &Cluster, forwards: &[Forward]) -> String {
         s.push_str(&format!("  {:<28} {} -> {}\n", f.label, f.listen, f.target));
     }
     for vm in cluster.vms() {
-        s.push_str(&format!("  {:<8} {:<12} serial log {}\n", vm.name(), vm.address(), vm.serial_path().display()));
+        s.push_str(&format!(
+            "  {:<8} {:<12} serial log {}\n",
+            vm.name(),
+            vm.address(),
+            vm.serial_path().display()
+        ));
     }
-    s.push_str(&format!("Stop with Ctrl-C or `tandem-qemu down --run-dir {}`.\n", cluster.work_dir().display()));
+    s.push_str(&format!(
+        "Stop with Ctrl-C or `tandem-qemu down --run-dir {}`.\n",
+        cluster.work_dir().display()
+    ));
     s
 }
 
@@ -108,7 +118,11 @@ pub fn down(run_dir: &Path, timeout: Duration) -> Result<bool> {
     let t0 = Instant::now();
     while alive(pid) {
         if t0.elapsed() > timeout {
-            return Err(Error::Timeout { what: format!("pid {pid} to exit"), after: timeout, last: None });
+            return Err(Error::Timeout {
+                what: format!("pid {pid} to exit"),
+                after: timeout,
+                last: None,
+            });
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -116,14 +130,20 @@ pub fn down(run_dir: &Path, timeout: Duration) -> Result<bool> {
 }
 
 fn running_pid(pid_file: &Path) -> Option<i32> {
-    let pid: i32 = std::fs::read_to_string(pid_file).ok()?.trim().parse().ok()?;
+    let pid: i32 = std::fs::read_to_string(pid_file)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
     (pid > 0 && alive(pid)).then_some(pid)
 }
 
 fn alive(pid: i32) -> bool {
     // A zombie still has /proc/PID, but its state is Z.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => !stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
         Err(_) => false,
     }
 }

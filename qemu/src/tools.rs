@@ -30,18 +30,26 @@ pub fn find((tool, package): (&'static str, &'static str)) -> Result<PathBuf> {
 
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    p.metadata().map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
+    p.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
 }
 
 /// Everything needed to boot a cluster, checked up front so a missing package is reported before
 /// any namespace or VM exists.
 pub fn check_host() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(Error::NotRoot);
+    }
     for tool in [QEMU, QEMU_IMG, IP, CURL] {
         find(tool)?;
     }
     for file in [OVMF_CODE, OVMF_VARS] {
         if !Path::new(file).is_file() {
-            return Err(Error::MissingFile { path: file.into(), package: "ovmf" });
+            return Err(Error::MissingFile {
+                path: file.into(),
+                package: "ovmf",
+            });
         }
     }
     Ok(())

@@ -25,6 +25,9 @@ pub const READINESS_POLL: Duration = Duration::from_millis(50);
 const PROBE_TIMEOUT: Duration = Duration::from_millis(200);
 /// At shutdown, how long leftover descendants get to disappear after SIGKILL.
 pub const ORPHAN_SWEEP_TIMEOUT: Duration = Duration::from_secs(5);
+/// A process still there this long after SIGKILL (stuck in the kernel) is given up on, so
+/// that shutdown cannot hang.
+pub const ABANDON_AFTER_KILL: Duration = Duration::from_secs(5);
 /// Pause between two scans for leftover descendants.
 const SWEEP_INTERVAL: Duration = Duration::from_millis(20);
 
@@ -76,6 +79,7 @@ enum Timer {
     Restart,
     ReadyTimeout,
     Kill,
+    Abandon,
 }
 
 /// Why a stop signal was sent; decides what happens when the process has exited.
@@ -440,6 +444,19 @@ impl Runner {
                             svc.spec.stop_signal.0.as_str()
                         );
                         process::signal_group(pid, Signal::SIGKILL);
+                        self.services[idx].deadline =
+                            Some((now + ABANDON_AFTER_KILL, Timer::Abandon));
+                    }
+                }
+                Timer::Abandon => {
+                    if let Some(pid) = self.services[idx].pid {
+                        tracing::error!(
+                            service = %self.services[idx].spec.name,
+                            pid = pid.as_raw(),
+                            "did not exit {}ms after SIGKILL: giving up on it",
+                            ABANDON_AFTER_KILL.as_millis()
+                        );
+                        self.on_exit(idx, pid, ExitKind::Signal(Signal::SIGKILL as i32));
                     }
                 }
             }

@@ -1,1 +1,2 @@
 mod supervisor;
+mod run;

@@ -400,28 +400,37 @@ fn a_crash_loop_ends_failed_with_bounded_starts() {
 
 #[test]
 fn sigterm_leaves_no_descendant_behind() {
+    let mark = tempfile::tempdir().unwrap();
     let mut sup = Supervisor::start(json!([
         daemon("plain", &["sleep", "1001"]),
         daemon("group", &["sh", "-c", "sleep 1002 & sleep 1003 & wait"]),
-        { "name": "escapee", "kind": "oneshot", "argv": ["sh", "-c", "setsid sleep 1004 & echo forked"] },
+        // Leaves its service's session and group; its parent exits once it has (so the
+        // group kill at the parent's exit cannot catch it).
+        { "name": "escapee", "kind": "oneshot", "env": { "MARK": mark.path().join("detached") },
+          "argv": ["sh", "-c", "setsid sh -c 'touch \"$MARK\"; exec sleep 1004' & \
+                                while [ ! -e \"$MARK\" ]; do sleep 0.01; done; echo forked"] },
         // Ignores SIGTERM: needs the SIGKILL after its stop timeout.
         { "name": "stubborn", "argv": ["sh", "-c", "trap '' TERM; while true; do sleep 0.1; done"],
           "stop_timeout_ms": 300 },
     ]));
     let me = sup.pid();
-    let tree = sup.wait_for("every sleep running", STARTUP, || {
-        let tree = descendants(me);
-        let sleeps = ["1001", "1002", "1003", "1004"];
-        let all = sleeps
-            .iter()
-            .all(|s| tree.iter().any(|p| p.2 == format!("sleep {s}")));
-        (all && sup.service("escapee").state == "done").then_some(tree)
-    });
-    // The escapee left its service's group and session; we are its parent as a subreaper.
-    let escapee = tree.iter().find(|p| p.2 == "sleep 1004").unwrap();
-    assert_eq!(
-        escapee.1, me,
-        "double-forked process not re-parented to the supervisor: {tree:?}"
+    // Once the escapee's service is done, its sleep is our child: we are a subreaper.
+    let tree = sup.wait_for(
+        "every sleep running, sleep 1004 re-parented to us",
+        STARTUP,
+        || {
+            let done = sup.service("escapee").state == "done";
+            let tree = descendants(me);
+            let running = |cmd: &str, ppid: Option<i32>| {
+                tree.iter()
+                    .any(|p| p.2 == cmd && ppid.is_none_or(|pp| p.1 == pp))
+            };
+            let all = running("sleep 1001", None)
+                && running("sleep 1002", None)
+                && running("sleep 1003", None)
+                && running("sleep 1004", Some(me));
+            (done && all).then_some(tree)
+        },
     );
 
     signal(me, libc::SIGTERM);
@@ -565,4 +574,38 @@ fn bad_specs_are_refused_with_the_reason() {
         json!([{ "name": "a", "argv": ["x"], "color": "red" }]),
         "unknown field `color`",
     );
+}
+
+#[test]
+fn runs_as_the_given_user_when_root() {
+    // SAFETY: plain getuid(2).
+    let root = unsafe { libc::geteuid() } == 0;
+    let sup = Supervisor::start(json!([
+        { "name": "who", "user": "nobody", "argv": ["sh", "-c", "id -u; id -G; exec sleep 1000"] },
+    ]));
+    let request = Request::Logs {
+        service: "who".into(),
+        lines: 10,
+    };
+    let lines = sup.wait_for("id output", STARTUP, || {
+        let Response::Logs { lines } = control::request(&sup.target(), &request).unwrap() else {
+            panic!()
+        };
+        (lines.len() >= 2).then_some(lines)
+    });
+    // Not root: the user is ignored and the service runs as us.
+    // SAFETY: plain geteuid(2).
+    let expected_uid = if root {
+        "65534".to_string()
+    } else {
+        unsafe { libc::geteuid() }.to_string()
+    };
+    assert_eq!(lines[0].line, expected_uid);
+    if root {
+        assert!(
+            !lines[1].line.split(' ').any(|g| g == "0"),
+            "still in group root: {}",
+            lines[1].line
+        );
+    }
 }
