@@ -83,6 +83,9 @@ fn boot_and_supervise() -> anyhow::Result<Halt> {
 
     nix::unistd::sethostname(&node.name).context("setting the hostname")?;
     configure_network(&cluster, node)?;
+    // Fail closed: no service listens before the default-deny ruleset is in place.
+    firewall::apply(&firewall::ruleset(&cluster, node)).context("applying the firewall")?;
+    tracing::info!("firewall applied");
 
     let layout = Layout::image();
     let specs = node::prepare(&cluster, node, &layout)?;

@@ -2,6 +2,7 @@
 //! socket, and the node roles (`run` on a developer machine, `init` as PID 1).
 
 pub mod control;
+pub mod firewall_cmd;
 pub mod init;
 pub mod logging;
 pub mod node;

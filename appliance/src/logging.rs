@@ -20,6 +20,7 @@ pub fn init() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+        // PID 1 writes to a serial console that tests and people grep: plain text there.
+        .with_ansi(std::io::stderr().is_terminal() && std::process::id() != 1 && std::env::var_os("NO_COLOR").is_none())
         .try_init();
 }

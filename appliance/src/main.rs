@@ -33,6 +33,11 @@ enum Command {
     },
     /// PID 1 on a Tandem image.
     Init,
+    /// The node's nftables firewall.
+    Firewall {
+        #[command(subcommand)]
+        action: appliance::firewall_cmd::Action,
+    },
     /// Show the services of a running supervisor.
     Status {
         #[command(flatten)]
@@ -70,6 +75,7 @@ fn main() -> anyhow::Result<ExitCode> {
             appliance::node::run(config.as_deref(), &node, &state_dir)
         }
         Command::Init => appliance::init::main(),
+        Command::Firewall { action } => appliance::firewall_cmd::main(action),
         Command::Status { target, json } => appliance::control::status(&target, json),
         Command::Supervise { spec, state_dir } => appliance::supervisor::supervise_file(&spec, &state_dir),
     }

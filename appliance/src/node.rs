@@ -56,6 +56,36 @@ impl Layout {
     }
 }
 
+/// Which node of which cluster a command is about. On an image both default to the seed.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NodeArgs {
+    /// cluster.toml; default: the seed's on an image, else the built-in default.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The node's name; default: the seed's on an image.
+    #[arg(long)]
+    pub node: Option<String>,
+}
+
+impl NodeArgs {
+    pub fn load(&self) -> anyhow::Result<(Cluster, Node)> {
+        let seed = Path::new(crate::init::SEED_MOUNT);
+        let config = self.config.clone().or_else(|| Some(seed.join("cluster.toml")).filter(|p| p.exists()));
+        let cluster = load(config.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let name = match &self.node {
+            Some(name) => name.clone(),
+            None => std::fs::read_to_string(seed.join("node"))
+                .map(|n| n.trim().to_string())
+                .context("--node is required outside a Tandem image")?,
+        };
+        let node = cluster.node(&name).cloned().with_context(|| {
+            let names: Vec<&str> = cluster.nodes.iter().map(|n| n.name.as_str()).collect();
+            format!("no node `{name}` in the cluster config (nodes: {})", names.join(", "))
+        })?;
+        Ok((cluster, node))
+    }
+}
+
 /// `appliance check-config [FILE]`.
 pub fn check_config(file: Option<&Path>) -> anyhow::Result<ExitCode> {
     match load(file) {
