@@ -240,13 +240,10 @@ pub fn ensure(
             built: false,
         });
     }
-    if !crate::host::is_root() {
-        return Err(Error::NotRoot { step: STEP });
-    }
     std::fs::create_dir_all(cache_dir).map_err(|e| Error::io(STEP, cache_dir, e))?;
     remove_stale_temporaries(cache_dir);
     let tmp = cache_dir.join(format!(".tmp-base-{key}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
+    remove_unmounted(&tmp)?;
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(STEP, &tmp, e))?;
     let result = (|| {
         let rootfs = tmp.join("rootfs");
@@ -277,13 +274,13 @@ pub fn ensure(
     let kernel_version = match result {
         Ok(v) => v,
         Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
+            let _ = remove_unmounted(&tmp);
             return Err(e);
         }
     };
     if let Err(e) = std::fs::rename(&tmp, &final_dir) {
         // Another build published the same key first: use theirs.
-        let _ = std::fs::remove_dir_all(&tmp);
+        let _ = remove_unmounted(&tmp);
         if !final_dir.join("rootfs").is_dir() {
             return Err(Error::io(STEP, &final_dir, e));
         }
@@ -309,9 +306,32 @@ fn remove_stale_temporaries(cache_dir: &Path) {
         let pid = rest.rsplit('-').next().unwrap_or("");
         if !pid.is_empty() && !Path::new("/proc").join(pid).exists() {
             tracing::info!(path = %e.path().display(), "removing an interrupted build's base");
-            let _ = std::fs::remove_dir_all(e.path());
+            if let Err(err) = remove_unmounted(&e.path()) {
+                tracing::warn!("{err}");
+            }
         }
     }
+}
+
+/// Removes a (partial) chroot, unless something is still mounted inside it: mmdebstrap bind
+/// mounts the host's /dev there while it runs, and a recursive delete would go right through.
+fn remove_unmounted(dir: &Path) -> Result<(), Error> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let prefix = format!("{}/", dir.display());
+    if let Some(m) = mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(1))
+        .find(|m| m.starts_with(&prefix))
+    {
+        return Err(Error::Base(format!(
+            "{} still has {m} mounted (an interrupted mmdebstrap?); unmount it, then delete the directory",
+            dir.display()
+        )));
+    }
+    std::fs::remove_dir_all(dir).map_err(|e| Error::io(STEP, dir, e))
 }
 
 /// The one kernel version installed in `root` (from `/boot/vmlinuz-*`).

@@ -53,8 +53,8 @@ pub enum Error {
     },
     #[error("host tools missing (Debian packages: {packages}); install them with:\n    {command}")]
     MissingTools { packages: String, command: String },
-    #[error("{step}: mmdebstrap needs root to build the base root filesystem (no cached base for these inputs); run image-builder as root, e.g. with sudo")]
-    NotRoot { step: &'static str },
+    #[error("image-builder must run as root (mmdebstrap --mode=root, and root-owned files in the images); run it with sudo")]
+    NotRoot,
     #[error("{0}")]
     Config(#[from] cluster_config::ConfigErrors),
     #[error("appliance binary {} not found; build it with `cargo build --release -p appliance` or pass --appliance-bin PATH", path.display())]
@@ -241,6 +241,9 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, Error> {
             )
         }
     };
+    if !host::is_root() {
+        return Err(Error::NotRoot);
+    }
     if !opts.appliance_bin.is_file() {
         return Err(Error::ApplianceMissing {
             path: opts.appliance_bin.clone(),
@@ -337,27 +340,27 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, Error> {
         pki::write_file(&tls.join("node.key"), cert.key_pem.as_bytes(), 0o600)?;
         let seed_img = node_work.join("seed.ext4");
         let uuid_base = format!("{}/{}", cluster.name, name);
-        rootimg::mkfs_ext4(
-            "seed",
-            Some(&seed_dir),
-            &seed_img,
-            layout::SEED_SIZE,
-            "seed",
-            &format!("{uuid_base}/seed"),
+        let seed_uuid = format!("{uuid_base}/seed");
+        let seed_fs = rootimg::Ext4 {
+            step: "seed",
+            label: "seed",
+            uuid_name: &seed_uuid,
+            size: layout::SEED_SIZE,
+            journal: false,
             epoch,
-            false,
-        )?;
+        };
+        seed_fs.make(Some(&seed_dir), &seed_img)?;
         let data_img = node_work.join("data.ext4");
-        rootimg::mkfs_ext4(
-            "data",
-            None,
-            &data_img,
-            layout::DATA_SIZE,
-            "data",
-            &format!("{uuid_base}/data"),
+        let data_uuid = format!("{uuid_base}/data");
+        let data_fs = rootimg::Ext4 {
+            step: "data",
+            label: "data",
+            uuid_name: &data_uuid,
+            size: layout::DATA_SIZE,
+            journal: true,
             epoch,
-            true,
-        )?;
+        };
+        data_fs.make(None, &data_img)?;
 
         p.step(format!("{name}: ESP (systemd-boot, kernel, initrd)"));
         let esp_img = node_work.join("esp.vfat");

@@ -143,44 +143,63 @@ pub fn timestamp_script(paths: &[String], epoch: u64) -> String {
     s
 }
 
-/// Runs `mkfs.ext4 -d` reproducibly. `uuid_name` picks the (derived, fixed) UUID and hash seed.
-pub fn mkfs_ext4(
-    step: &'static str,
-    staging: Option<&Path>,
-    out: &Path,
-    size: u64,
-    label: &str,
-    uuid_name: &str,
-    epoch: u64,
-    journal: bool,
-) -> Result<(), Error> {
-    let _ = std::fs::remove_file(out);
-    let mut features = "metadata_csum".to_string();
-    if !journal {
-        features.push_str(",^has_journal");
+/// An ext4 filesystem made reproducibly by `mkfs.ext4 [-d DIR]`.
+pub struct Ext4<'a> {
+    pub step: &'static str,
+    pub label: &'a str,
+    /// Picks the derived (fixed) UUID and directory hash seed.
+    pub uuid_name: &'a str,
+    pub size: u64,
+    /// The read-only filesystems (root, seed) need none.
+    pub journal: bool,
+    pub epoch: u64,
+}
+
+impl Ext4<'_> {
+    /// Writes the filesystem to `out`, with the contents of `staging` if given.
+    pub fn make(&self, staging: Option<&Path>, out: &Path) -> Result<(), Error> {
+        let _ = std::fs::remove_file(out);
+        let mut features = "metadata_csum".to_string();
+        if !self.journal {
+            features.push_str(",^has_journal");
+        }
+        let mut cmd = Cmd::new(self.step, "mkfs.ext4")
+            .args([
+                "-F", "-q", "-t", "ext4", "-b", "4096", "-I", "256", "-m", "0", "-O", &features,
+            ])
+            .args([
+                "-L",
+                self.label,
+                "-U",
+                &derived_uuid(&["fs", self.uuid_name]),
+            ])
+            .arg(format!(
+                "-Ehash_seed={},root_owner=0:0,lazy_itable_init=0,nodiscard",
+                derived_uuid(&["hash-seed", self.uuid_name])
+            ))
+            .env("E2FSPROGS_FAKE_TIME", self.epoch.to_string());
+        if let Some(dir) = staging {
+            cmd = cmd.arg("-d").arg(dir);
+        }
+        cmd.arg(out)
+            .arg(format!("{}k", self.size / 1024))
+            .run_quiet()
     }
-    let mut cmd = Cmd::new(step, "mkfs.ext4")
-        .args([
-            "-F", "-q", "-t", "ext4", "-b", "4096", "-I", "256", "-m", "0", "-O", &features, "-L",
-            label,
-        ])
-        .args(["-U", &derived_uuid(&["fs", uuid_name])])
-        .arg(format!(
-            "-Ehash_seed={},root_owner=0:0,lazy_itable_init=0,nodiscard",
-            derived_uuid(&["hash-seed", uuid_name])
-        ))
-        .env("E2FSPROGS_FAKE_TIME", epoch.to_string());
-    if let Some(dir) = staging {
-        cmd = cmd.arg("-d").arg(dir);
-    }
-    cmd.arg(out).arg(format!("{}k", size / 1024)).run_quiet()
 }
 
 /// Builds `out` from `staging`; returns the filesystem size.
 pub fn build(staging: &Path, out: &Path, epoch: u64) -> Result<u64, Error> {
     let stats = scan(staging)?;
     let size = fs_size(stats.bytes);
-    mkfs_ext4(STEP, Some(staging), out, size, "root", "root", epoch, false)?;
+    let fs = Ext4 {
+        step: STEP,
+        label: "root",
+        uuid_name: "root",
+        size,
+        journal: false,
+        epoch,
+    };
+    fs.make(Some(staging), out)?;
     let script_path = out.with_extension("debugfs");
     std::fs::write(&script_path, timestamp_script(&stats.paths, epoch))
         .map_err(|e| Error::io(STEP, &script_path, e))?;

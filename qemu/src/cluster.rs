@@ -194,6 +194,7 @@ impl Cluster {
         let work_dir = std::fs::canonicalize(&spec.work_dir)
             .map_err(|e| Error::io("resolving the work dir", &spec.work_dir, e))?;
         let accel = crate::accel::choose();
+        crate::netns::remove_stale();
         let taps: Vec<String> = (0..spec.nodes.len()).map(|i| format!("tap{i}")).collect();
         let netns = Arc::new(Netns::create(
             &spec.netns_name(),

@@ -60,6 +60,9 @@ pub enum Error {
     #[error("node {node}: {what}")]
     Vm { node: String, what: String },
 
+    #[error("a cluster is already up from {} (pid {pid}); stop it with `tandem-qemu down --run-dir {}`", .run_dir.display(), .run_dir.display())]
+    AlreadyUp { run_dir: PathBuf, pid: i32 },
+
     #[error("no node named {0} in this cluster")]
     NoSuchNode(String),
 

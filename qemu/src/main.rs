@@ -19,7 +19,8 @@ const HOST_HTTP: u16 = 8080;
 const HOST_HTTPS: u16 = 8443;
 const HOST_WEB_BASE: u16 = 8081;
 const HOST_ADMIN_BASE: u16 = 9443;
-const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Seconds the guests get to power off on ACPI before they are killed.
+const SHUTDOWN_TIMEOUT_S: u64 = 60;
 
 #[derive(Parser)]
 #[command(name = "tandem-qemu", version, about = "Run a Tandem cluster in QEMU")]
@@ -44,11 +45,17 @@ enum Cmd {
         /// Memory per VM in MiB.
         #[arg(long, default_value_t = qemu::DEFAULT_MEMORY_MIB)]
         memory: u32,
+        /// Seconds the guests get to power off cleanly (ACPI) before they are killed.
+        #[arg(long, default_value_t = SHUTDOWN_TIMEOUT_S)]
+        shutdown_timeout: u64,
     },
     /// Stop the cluster that `up` runs from this run dir.
     Down {
         #[arg(long, default_value = DEFAULT_RUN_DIR)]
         run_dir: PathBuf,
+        /// Seconds to wait for `up` to finish (it powers the guests off first).
+        #[arg(long, default_value_t = SHUTDOWN_TIMEOUT_S + 30)]
+        timeout: u64,
     },
 }
 
@@ -68,6 +75,7 @@ fn main() -> anyhow::Result<ExitCode> {
             config,
             run_dir,
             memory,
+            shutdown_timeout,
         } => {
             let cluster = match &config {
                 Some(path) => {
@@ -76,14 +84,15 @@ fn main() -> anyhow::Result<ExitCode> {
                 None => cluster_config::Cluster::default_cluster(),
             };
             ensure_images(&cluster, &images, config.as_deref())?;
-            let opts = up_options(&cluster, &images, &run_dir, memory)?;
+            let mut opts = up_options(&cluster, &images, &run_dir, memory)?;
+            opts.shutdown_timeout = Duration::from_secs(shutdown_timeout);
             qemu::up(&opts, &signals, |c| {
                 print!("{}", qemu::describe(c, &opts.forwards))
             })?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Down { run_dir } => {
-            if qemu::down(&run_dir, SHUTDOWN_TIMEOUT + Duration::from_secs(30))? {
+        Cmd::Down { run_dir, timeout } => {
+            if qemu::down(&run_dir, Duration::from_secs(timeout))? {
                 println!("cluster in {} stopped", run_dir.display());
             } else {
                 println!("no cluster is up in {}", run_dir.display());
@@ -184,6 +193,6 @@ fn up_options(
     Ok(UpOptions {
         spec,
         forwards,
-        shutdown_timeout: SHUTDOWN_TIMEOUT,
+        shutdown_timeout: Duration::from_secs(SHUTDOWN_TIMEOUT_S),
     })
 }

@@ -12,7 +12,7 @@ use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -248,6 +248,33 @@ impl Drop for Netns {
     }
 }
 
+/// Delete the namespaces of harness processes that died without cleaning up (SIGKILL, OOM):
+/// `tandem-<pid>-<n>` whose pid no longer exists. Their VMs died with them (PDEATHSIG).
+pub fn remove_stale() {
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    let Ok(ip) = tools::find(tools::IP) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = stale_owner(&name) {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                tracing::info!("removing stale network namespace {name}");
+                let _ = run_checked(Command::new(&ip).args(["netns", "del", &name]));
+            }
+        }
+    }
+}
+
+/// The pid in a namespace name made by [`crate::unique_id`] (`tandem-<pid>-<n>`).
+fn stale_owner(name: &str) -> Option<u32> {
+    let (pid, n) = name.strip_prefix("tandem-")?.split_once('-')?;
+    n.parse::<u32>().ok()?;
+    pid.parse().ok()
+}
+
 fn enter(path: &std::path::Path) -> io::Result<()> {
     let f = File::open(path)?;
     // SAFETY: setns on a valid fd we own; it only changes this thread's network namespace.
@@ -275,4 +302,18 @@ pub(crate) fn run_checked(cmd: &mut Command) -> Result<Output> {
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_owner_from_name() {
+        assert_eq!(stale_owner("tandem-1234-0"), Some(1234));
+        assert_eq!(stale_owner("tandem-1234-17"), Some(1234));
+        assert_eq!(stale_owner("tandem-demo"), None);
+        assert_eq!(stale_owner("tandem-1234-x"), None);
+        assert_eq!(stale_owner("other-1234-0"), None);
+    }
 }

@@ -56,10 +56,10 @@ pub fn up(opts: &UpOptions, signals: &ShutdownSignals, ready: impl FnOnce(&Clust
     std::fs::create_dir_all(run_dir).map_err(|e| Error::io("creating the run dir", run_dir, e))?;
     let pid_file = run_dir.join(PID_FILE);
     if let Some(pid) = running_pid(&pid_file) {
-        return Err(Error::Spec(format!(
-            "a cluster is already up from {} (pid {pid}); stop it with `tandem-qemu down`",
-            run_dir.display()
-        )));
+        return Err(Error::AlreadyUp {
+            run_dir: run_dir.clone(),
+            pid,
+        });
     }
     std::fs::write(&pid_file, format!("{}\n", std::process::id()))
         .map_err(|e| Error::io("writing the pid file", &pid_file, e))?;

@@ -46,6 +46,13 @@ fn two_nodes_boot_serve_reboot_and_survive_a_power_cut() {
             let before = boots["server1"];
             vm.reboot_ctrl_alt_del()?;
             let now = wait_page(&cluster, &config, "server1", Some(before + 1), BOOT_TIMEOUT)?;
+            // A reboot, not a power-off: the same QEMU process carried on.
+            if !vm.is_running() {
+                return Err(qemu::Error::Vm {
+                    node: "server1".into(),
+                    what: "QEMU exited on Ctrl-Alt-Del".into(),
+                });
+            }
             boots.insert("server1", now);
             Ok(())
         },
