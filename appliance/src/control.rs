@@ -104,6 +104,8 @@ pub struct ControlServer {
     path: PathBuf,
     stop: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
+    /// The listening socket, kept to wake the accept loop even when the socket file is gone.
+    wake: Option<UnixListener>,
 }
 
 impl ControlServer {
@@ -146,6 +148,7 @@ impl ControlServer {
             });
         let _ = std::fs::remove_dir_all(&private);
         let listener = placed?;
+        let wake = listener.try_clone().ok();
 
         let stop = Arc::new(AtomicBool::new(false));
         let handler = Arc::new(handler);
@@ -156,6 +159,10 @@ impl ControlServer {
                 .spawn(move || {
                     for conn in listener.incoming() {
                         if stop.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        if conn.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::InvalidInput) {
+                            // shutdown(2) by Drop; the flag is set just before.
                             return;
                         }
                         match conn {
@@ -181,6 +188,7 @@ impl ControlServer {
             path: path.to_path_buf(),
             stop,
             accept: Some(accept),
+            wake,
         })
     }
 
@@ -192,7 +200,13 @@ impl ControlServer {
 impl Drop for ControlServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::SeqCst);
-        // Wake the accept loop so it sees the flag.
+        // Wake the accept loop so it sees the flag: shutdown(2) of a listening socket makes a
+        // blocked accept(2) fail at once, even if someone removed the socket file meanwhile.
+        if let Some(listener) = &self.wake {
+            use std::os::fd::AsRawFd as _;
+            // SAFETY: shutdown on a file descriptor we own; no memory is involved.
+            unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR) };
+        }
         let _ = UnixStream::connect(&self.path);
         if let Some(accept) = self.accept.take() {
             let _ = accept.join();

@@ -31,6 +31,9 @@ const FATAL_REBOOT_DELAY: Duration = Duration::from_secs(10);
 /// How long processes left after the supervisor stopped get between SIGTERM and SIGKILL.
 const FINAL_KILL_GRACE: Duration = Duration::from_secs(3);
 
+/// Open files allowed to every process (MariaDB asks for ~32k with default settings).
+const OPEN_FILES_LIMIT: u64 = 65536;
+
 /// What to do once the services are stopped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Halt {
@@ -64,6 +67,7 @@ fn boot_and_supervise() -> anyhow::Result<Halt> {
     // Ctrl-Alt-Del becomes SIGINT to us instead of an immediate reset.
     set_cad_enabled(false).context("disabling Ctrl-Alt-Del")?;
     make_signals_deliverable()?;
+    raise_open_files_limit();
     load_device_modules();
 
     let seed_dev = find_partition("seed")?;
@@ -88,7 +92,8 @@ fn boot_and_supervise() -> anyhow::Result<Halt> {
     tracing::info!("firewall applied");
 
     let layout = Layout::image();
-    let specs = node::prepare(&cluster, node, &layout)?;
+    let mut specs = node::prepare(&cluster, node, &layout)?;
+    specs.push(crate::logmon_cmd::service_spec(None, None, &layout.state)?);
     // The supervisor blocks its signals in the calling thread and waits for them; a thread
     // started before that must not have them unblocked, or it would swallow them.
     supervisor_signals().thread_block().context("blocking signals")?;
@@ -97,7 +102,9 @@ fn boot_and_supervise() -> anyhow::Result<Halt> {
 
     let mut options = SupervisorOptions::new(&layout.state);
     options.control_socket = layout.socket.clone();
+    let logs = crate::logmon_cmd::attach_log_store(&mut options);
     let reason = supervisor::run(specs, options)?;
+    logs.finish();
     tracing::info!(?reason, "services stopped");
     Ok(match reason {
         StopReason::Interrupt => Halt::Reboot,
@@ -152,6 +159,14 @@ fn supervisor_signals() -> SigSet {
         set.add(sig);
     }
     set
+}
+
+/// PID 1 starts with 1024 open files; MariaDB and nginx want far more, and inherit ours.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{setrlimit, Resource};
+    if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, OPEN_FILES_LIMIT, OPEN_FILES_LIMIT) {
+        tracing::warn!("raising the open files limit to {OPEN_FILES_LIMIT}: {e}");
+    }
 }
 
 /// The signals PID 1 acts on must have a handler: the kernel drops signals to init whose

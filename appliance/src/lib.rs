@@ -1,10 +1,13 @@
 //! The Tandem supervisor library: the process supervisor core, its state database and control
 //! socket, and the node roles (`run` on a developer machine, `init` as PID 1).
 
+pub mod admin;
 pub mod control;
+pub mod db_agent;
 pub mod firewall_cmd;
 pub mod init;
 pub mod logging;
+pub mod logmon_cmd;
 pub mod node;
 pub mod preflight;
 pub mod state;

@@ -30,9 +30,30 @@ enum Command {
         /// Where state lives: MariaDB datadir, state DB, logs, control socket.
         #[arg(long)]
         state_dir: PathBuf,
+        /// The cluster secret [default: <config dir>/<cluster name>.secret, created if absent].
+        #[arg(long)]
+        secret_file: Option<PathBuf>,
     },
+    /// The database: replication status of every node, planned switchover.
+    Db {
+        #[command(subcommand)]
+        command: DbCommand,
+    },
+    /// The node's database agent (a supervised service: sets up and watches replication).
+    #[command(hide = true)]
+    DbAgent {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// The built-in demo application (a supervised service; configured by TANDEM_* variables).
+    #[command(hide = true)]
+    App,
     /// PID 1 on a Tandem image.
     Init,
+    /// The log monitor (a supervised service): metrics from logs and events, alerts.
+    Logmon(appliance::logmon_cmd::Args),
+    /// The HTTPS admin port: status page, status JSON, metrics, peer API.
+    Admin(appliance::admin::AdminArgs),
     /// The node's nftables firewall.
     Firewall {
         #[command(subcommand)]
@@ -56,6 +77,26 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum DbCommand {
+    /// Roles, GTID positions, replication threads and lag of every node.
+    Status {
+        /// The node's state directory (`appliance run`); the image's paths when absent.
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make NODE the primary; the old primary becomes its read-only replica.
+    Switchover {
+        #[arg(long, value_name = "NODE")]
+        to: String,
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
+}
+
 fn main() -> anyhow::Result<ExitCode> {
     // The kernel starts /sbin/init (a link to this binary) with arguments of its own.
     let argv0 = std::env::args_os().next().unwrap_or_default();
@@ -71,12 +112,21 @@ fn main() -> anyhow::Result<ExitCode> {
             print!("{}", cluster_config::DEFAULT_CLUSTER_TOML);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { config, node, state_dir } => {
-            appliance::node::run(config.as_deref(), &node, &state_dir)
+        Command::Run { config, node, state_dir, secret_file } => {
+            appliance::node::run(config.as_deref(), &node, &state_dir, secret_file.as_deref())
+        }
+        Command::Db { command: DbCommand::Status { state_dir, json } } => appliance::db_agent::status(state_dir.as_deref(), json),
+        Command::Db { command: DbCommand::Switchover { to, state_dir } } => appliance::db_agent::switchover(state_dir.as_deref(), &to),
+        Command::DbAgent { config } => appliance::db_agent::agent_main(&config),
+        Command::App => {
+            app::run(app::Config::from_env()?)?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Init => appliance::init::main(),
+        Command::Logmon(args) => appliance::logmon_cmd::main(args),
+        Command::Admin(args) => appliance::admin::main(args),
         Command::Firewall { action } => appliance::firewall_cmd::main(action),
         Command::Status { target, json } => appliance::control::status(&target, json),
-        Command::Supervise { spec, state_dir } => appliance::supervisor::supervise_file(&spec, &state_dir),
+        Command::Supervise { spec, state_dir } => appliance::logmon_cmd::supervise(&spec, &state_dir),
     }
 }

@@ -20,6 +20,8 @@ pub const MARIADB_USER: &str = "mysql";
 const DB_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(8);
 /// MariaDB's first start (InnoDB files created) is slow under emulation.
 const DB_READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+/// File name of the cluster secret in a state directory.
+pub const SECRET_FILE: &str = "cluster.secret";
 
 /// Where a node keeps things.
 #[derive(Debug, Clone, PartialEq)]
@@ -30,12 +32,20 @@ pub struct Layout {
     pub run: PathBuf,
     /// The supervisor's control socket.
     pub socket: PathBuf,
+    /// The cluster secret every node shares (database passwords derive from it; see
+    /// `db::agent`). Created when absent, which suits one node; a cluster provisions it.
+    pub secret: PathBuf,
 }
 
 impl Layout {
     /// `appliance run --state-dir DIR`: everything below DIR.
     pub fn dev(state_dir: &Path) -> Layout {
-        Layout { state: state_dir.to_path_buf(), run: state_dir.join("run"), socket: state_dir.join("control.sock") }
+        Layout {
+            state: state_dir.to_path_buf(),
+            run: state_dir.join("run"),
+            socket: state_dir.join("control.sock"),
+            secret: state_dir.join(SECRET_FILE),
+        }
     }
 
     /// On the image: persistent state on the data partition, runtime files on /run.
@@ -44,6 +54,8 @@ impl Layout {
             state: PathBuf::from("/data/tandem"),
             run: PathBuf::from("/run/tandem"),
             socket: PathBuf::from(crate::control::DEFAULT_SOCKET),
+            // The image-builder puts the cluster's shared secret in every node's seed.
+            secret: Path::new(crate::init::SEED_MOUNT).join(SECRET_FILE),
         }
     }
 
@@ -109,7 +121,10 @@ fn load(file: Option<&Path>) -> Result<Cluster, cluster_config::ConfigErrors> {
 }
 
 /// `appliance run`: this node's stack on a developer machine, until SIGTERM/SIGINT.
-pub fn run(config: Option<&Path>, node: &str, state_dir: &Path) -> anyhow::Result<ExitCode> {
+///
+/// The cluster secret is `secret_file`, else `<cluster.toml's directory>/<cluster name>.secret`
+/// (so the nodes of one config on one machine share it), else `<state_dir>/cluster.secret`.
+pub fn run(config: Option<&Path>, node: &str, state_dir: &Path, secret_file: Option<&Path>) -> anyhow::Result<ExitCode> {
     let cluster = match load(config) {
         Ok(c) => c,
         Err(errors) => {
@@ -121,12 +136,20 @@ pub fn run(config: Option<&Path>, node: &str, state_dir: &Path) -> anyhow::Resul
         let names: Vec<&str> = cluster.nodes.iter().map(|n| n.name.as_str()).collect();
         anyhow::bail!("no node `{node}` in the cluster config (nodes: {})", names.join(", "));
     };
-    crate::preflight::require_programs(&[db::MARIADBD, db::INSTALL_DB, web::NGINX])?;
-    let layout = Layout::dev(state_dir);
-    let specs = prepare(&cluster, node, &layout)?;
+    crate::preflight::require_programs(&[db::MARIADBD, db::INSTALL_DB, db::CLIENT, web::NGINX])?;
+    let mut layout = Layout::dev(state_dir);
+    match (secret_file, config.and_then(Path::parent)) {
+        (Some(file), _) => layout.secret = file.to_path_buf(),
+        (None, Some(dir)) => layout.secret = std::path::absolute(dir.join(format!("{}.secret", cluster.name)))?,
+        (None, None) => {}
+    }
+    let mut specs = prepare(&cluster, node, &layout)?;
+    specs.push(crate::logmon_cmd::service_spec(config, Some(&node.name), &layout.state)?);
     let mut options = SupervisorOptions::new(&layout.state);
     options.control_socket = layout.socket.clone();
+    let logs = crate::logmon_cmd::attach_log_store(&mut options);
     let reason = supervisor::run(specs, options)?;
+    logs.finish();
     tracing::info!(?reason, "supervisor stopped");
     Ok(ExitCode::SUCCESS)
 }
@@ -150,7 +173,14 @@ pub fn prepare(cluster: &Cluster, node: &Node, layout: &Layout) -> anyhow::Resul
 
     // MariaDB.
     let db_paths = layout.db_paths();
-    let db_params = db::Params::for_node(cluster, node, None, db_paths.clone());
+    let mut db_params = db::Params::for_node(cluster, node, None, db_paths.clone());
+    // After a switchover the persisted primary overrides cluster.toml (see `db_agent`).
+    let persisted = fs::read_to_string(layout.state.join(db::agent::PRIMARY_FILE)).ok();
+    let names: Vec<&str> = cluster.nodes.iter().map(|n| n.name.as_str()).collect();
+    let primary_name = db::agent::effective_primary(&cluster.primary().name, persisted.as_deref(), &names).to_string();
+    let primary = cluster.node(&primary_name).unwrap_or(cluster.primary());
+    db_params.role = if primary.name == node.name { cluster_config::DbRole::Primary } else { cluster_config::DbRole::Replica };
+    let secret = crate::db_agent::load_or_create_secret(&layout.secret)?;
     make_dir(&db_paths.datadir, 0o750)?;
     make_dir(&db_paths.run_dir, 0o755)?;
     if root {
@@ -158,6 +188,21 @@ pub fn prepare(cluster: &Cluster, node: &Node, layout: &Layout) -> anyhow::Resul
         chown_to(&db_paths.run_dir, MARIADB_USER)?;
     }
     write_file(&db_paths.config_file, &db::render_conf(&db_params), 0o644)?;
+    let agent_private = layout.run.join("db-agent");
+    make_dir(&agent_private, 0o700)?;
+    let agent_conf = db::agent::AgentConfig::for_node(
+        cluster,
+        &node.name,
+        db::agent::AgentPaths {
+            socket: db_paths.socket(),
+            secret_file: layout.secret.clone(),
+            primary_file: layout.state.join(db::agent::PRIMARY_FILE),
+            status_file: layout.run.join(db::agent::STATUS_FILE),
+            private_dir: agent_private,
+        },
+    );
+    let agent_conf_file = layout.run.join("etc").join(db::agent::AGENT_CONFIG_FILE);
+    write_file(&agent_conf_file, &serde_json::to_string_pretty(&agent_conf)?, 0o644)?;
 
     // nginx: the application files, or the node's own page.
     let www = layout.run.join("www");
@@ -167,17 +212,25 @@ pub fn prepare(cluster: &Cluster, node: &Node, layout: &Layout) -> anyhow::Resul
             make_dir(&www, 0o755)?;
             let page = web::render_node_page(&web::NodePage { cluster, node, boot });
             write_file(&www.join("index.html"), &page, 0o644)?;
+            for (name, text) in app::STATIC_FILES {
+                write_file(&www.join(name), text, 0o644)?;
+            }
             www
         }
     };
     let nginx_run = layout.run.join("nginx");
     make_dir(&nginx_run, 0o755)?;
-    let web_params = web::Params::for_node(
+    let mut web_params = web::Params::for_node(
         cluster,
         node,
         as_user(NGINX_USER),
         web::Paths { run_dir: nginx_run, root: web_root },
     );
+    // The application (the user's, or the built-in demo) always sits behind nginx. Nodes that
+    // share a machine (loopback addresses) cannot share 127.0.0.1:port, so there it listens
+    // on the node's own address.
+    let app_addr = if node.address.is_loopback() { node.address } else { std::net::Ipv4Addr::LOCALHOST };
+    web_params.app_upstream = Some((app_addr, cluster.ports.app));
     let nginx_conf = layout.run.join("etc/nginx.conf");
     write_file(&nginx_conf, &web::render_conf(&web_params), 0o644)?;
 
@@ -197,22 +250,39 @@ pub fn prepare(cluster: &Cluster, node: &Node, layout: &Layout) -> anyhow::Resul
     mariadb.stop_timeout = DB_STOP_TIMEOUT;
     specs.push(mariadb);
 
-    if let Some(argv) = &cluster.app.command {
-        let mut app = ServiceSpec::daemon("app", argv.clone());
-        app.deps = vec!["mariadb".into()];
-        app.readiness = Readiness::Tcp { addr: (std::net::Ipv4Addr::LOCALHOST, cluster.ports.app).into() };
-        app.env.insert("TANDEM_NODE".into(), node.name.clone());
-        app.env.insert("TANDEM_APP_PORT".into(), cluster.ports.app.to_string());
-        app.env.insert("TANDEM_DB_SOCKET".into(), db_paths.socket().display().to_string());
-        specs.push(app);
-    }
+    let exe = std::env::current_exe().context("locating the appliance binary")?.display().to_string();
+    let mut agent = ServiceSpec::daemon("db-agent", [exe.clone(), "db-agent".into(), "--config".into(), agent_conf_file.display().to_string()]);
+    agent.deps = vec!["mariadb".into()];
+    specs.push(agent);
+
+    let argv = cluster.app.command.clone().unwrap_or_else(|| vec![exe, "app".into()]);
+    let mut app = ServiceSpec::daemon("app", argv);
+    app.deps = vec!["mariadb".into()];
+    app.readiness = Readiness::Tcp { addr: (app_addr, cluster.ports.app).into() };
+    let app_run = layout.run.join("app");
+    make_dir(&app_run, 0o700)?;
+    let app_env = [
+        ("TANDEM_NODE", node.name.clone()),
+        ("TANDEM_APP_ADDR", app_addr.to_string()),
+        ("TANDEM_APP_PORT", cluster.ports.app.to_string()),
+        ("TANDEM_APP_RUN_DIR", app_run.display().to_string()),
+        ("TANDEM_DB_SOCKET", db_paths.socket().display().to_string()),
+        ("TANDEM_DB_HOST", node.address.to_string()),
+        ("TANDEM_DB_PORT", cluster.ports.db.to_string()),
+        ("TANDEM_DB_PRIMARY_HOST", primary.address.to_string()),
+        ("TANDEM_DB_PRIMARY_PORT", cluster.ports.db.to_string()),
+        ("TANDEM_DB_STATUS_FILE", agent_conf.status_file.display().to_string()),
+        ("TANDEM_DB_NAME", db::repl::APP_DATABASE.to_string()),
+        ("TANDEM_DB_USER", db::repl::APP_USER.to_string()),
+        ("TANDEM_DB_PASSWORD", db::agent::derive_password(&secret, "app")),
+    ];
+    app.env.extend(app_env.into_iter().map(|(k, v)| (k.to_string(), v)));
+    specs.push(app);
 
     // nginx runs as root only to bind and drop to www-data for its workers.
     let mut nginx = ServiceSpec::daemon("nginx", web::argv(&nginx_conf));
     nginx.readiness = Readiness::Tcp { addr: (node.address, cluster.ports.web).into() };
-    if cluster.app.command.is_some() {
-        nginx.deps = vec!["app".into()];
-    }
+    nginx.deps = vec!["app".into()];
     specs.push(nginx);
     Ok(specs)
 }
@@ -276,7 +346,7 @@ mod tests {
         let cluster = Cluster::default_cluster();
         let specs = prepare(&cluster, cluster.node("server2").unwrap(), &Layout::dev(dir.path())).unwrap();
         let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["mariadb-init", "mariadb", "nginx"]);
+        assert_eq!(names, ["mariadb-init", "mariadb", "db-agent", "app", "nginx"]);
         let page = fs::read_to_string(dir.path().join("run/www/index.html")).unwrap();
         assert!(page.contains("node: server2") && page.contains("boot: 1"), "{page}");
         let conf = fs::read_to_string(dir.path().join("run/etc/my.cnf")).unwrap();

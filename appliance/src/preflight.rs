@@ -8,6 +8,7 @@ fn package_of(program: &str) -> &'static str {
     match Path::new(program).file_name().and_then(|n| n.to_str()) {
         Some("nginx") => "nginx-light",
         Some("mariadbd" | "mariadb-install-db") => "mariadb-server",
+        Some("mariadb") => "mariadb-client",
         Some("keepalived") => "keepalived",
         Some("nft") => "nftables",
         _ => "?",

@@ -312,6 +312,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, Error> {
     } else {
         "reusing the existing CA"
     });
+    let secret = pki::load_or_create_secret(&ca_dir)?;
 
     let mut artifacts_to_hash: Vec<(PathBuf, &'static str, Option<String>)> =
         vec![(root_img.clone(), "root-ext4", None)];
@@ -335,6 +336,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, Error> {
             format!("{name}\n").as_bytes(),
             0o644,
         )?;
+        pki::write_file(&seed_dir.join(pki::SECRET_FILE), secret.as_bytes(), 0o600)?;
         pki::write_file(&tls.join("ca.crt"), ca.cert_pem.as_bytes(), 0o644)?;
         pki::write_file(&tls.join("node.crt"), cert.cert_pem.as_bytes(), 0o644)?;
         pki::write_file(&tls.join("node.key"), cert.key_pem.as_bytes(), 0o600)?;

@@ -147,6 +147,40 @@ pub fn load_or_create_ca(dir: &Path, cluster: &str) -> Result<(Ca, bool), Error>
     ))
 }
 
+/// Bytes of the cluster secret every node shares (database passwords derive from it).
+pub const SECRET_LEN: usize = 32;
+/// Its file beside the CA and in every seed: hex, one line, 0600.
+pub const SECRET_FILE: &str = "cluster.secret";
+
+/// Loads the cluster secret kept beside the CA, or creates it from the kernel's random source.
+/// Returns the file's text (hex + newline), ready to copy into each seed.
+pub fn load_or_create_secret(dir: &Path) -> Result<String, Error> {
+    let path = dir.join(SECRET_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let hex = text.trim();
+            if hex.len() != SECRET_LEN * 2 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(Error::Pki(format!(
+                    "{}: expected {} hex digits (delete it to make a new one; every node must then be rebuilt)",
+                    path.display(),
+                    SECRET_LEN * 2
+                )));
+            }
+            Ok(format!("{hex}\n"))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut bytes = [0u8; SECRET_LEN];
+            std::fs::File::open("/dev/urandom")
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+                .map_err(|e| Error::io(STEP, Path::new("/dev/urandom"), e))?;
+            let text: String = bytes.iter().map(|b| format!("{b:02x}")).collect::<String>() + "\n";
+            write_file(&path, text.as_bytes(), 0o600)?;
+            Ok(text)
+        }
+        Err(e) => Err(Error::io(STEP, &path, e)),
+    }
+}
+
 /// A fresh key and certificate for `node`, signed by the CA.
 pub fn node_cert(
     ca: &Ca,

@@ -662,7 +662,8 @@ impl Runner {
             EventKind::Timeout | EventKind::Restarting => {
                 tracing::warn!(service = %service, pid = raw_pid, "{kind}: {detail}")
             }
-            EventKind::Exited if self.shutdown.is_none() => {
+            // A oneshot finishing with 0 is its normal end, not a warning.
+            EventKind::Exited if self.shutdown.is_none() && detail != "code 0" => {
                 tracing::warn!(service = %service, pid = raw_pid, "{kind}: {detail}")
             }
             _ => tracing::info!(service = %service, pid = raw_pid, "{kind} {detail}"),

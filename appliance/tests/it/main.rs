@@ -1,2 +1,4 @@
 mod supervisor;
 mod run;
+mod db;
+mod logmon;

@@ -10,10 +10,17 @@ use std::path::{Path, PathBuf};
 
 use cluster_config::{Cluster, DbRole, Node};
 
+pub mod agent;
+pub mod repl;
+
 /// Buffer pool size: small on purpose, the appliance shares a node with nginx and the app.
 pub const INNODB_BUFFER_POOL: &str = "128M";
 pub const MARIADBD: &str = "/usr/sbin/mariadbd";
 pub const INSTALL_DB: &str = "/usr/bin/mariadb-install-db";
+/// The command-line client the agent and the CLI talk SQL through.
+pub const CLIENT: &str = "/usr/bin/mariadb";
+/// Connection attempts of a replica's IO thread before it gives up (1 s apart: ~11 days).
+pub const MASTER_RETRY_COUNT: u64 = 1_000_000;
 
 /// Where MariaDB keeps things on this node.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,13 +79,26 @@ pub fn render_conf(p: &Params) -> String {
     }
     let _ = writeln!(s, "datadir = {}", p.paths.datadir.display());
     let _ = writeln!(s, "socket = {}", p.paths.socket().display());
-    let _ = writeln!(s, "pid-file = {}", p.paths.run_dir.join("mysqld.pid").display());
+    let _ = writeln!(
+        s,
+        "pid-file = {}",
+        p.paths.run_dir.join("mysqld.pid").display()
+    );
     let _ = writeln!(s, "bind-address = {}", p.listen);
     let _ = writeln!(s, "port = {}", p.port);
     let _ = writeln!(s, "server_id = {}", p.server_id);
     s.push_str("skip-name-resolve\n");
-    s.push_str("log_bin = binlog\nlog_slave_updates = ON\nbinlog_format = ROW\ngtid_strict_mode = ON\n");
+    s.push_str(
+        "log_bin = binlog\nlog_slave_updates = ON\nbinlog_format = ROW\ngtid_strict_mode = ON\n",
+    );
     s.push_str("expire_logs_days = 7\n");
+    // Crash safety: a SIGKILLed server loses no committed transaction, and a replica resumes
+    // from `mysql.gtid_slave_pos` (InnoDB, so transactional) after refetching its relay log.
+    s.push_str("sync_binlog = 1\ninnodb_flush_log_at_trx_commit = 1\nrelay_log = relay-bin\nrelay_log_recovery = ON\n");
+    // A replica keeps trying to reach a primary that is down (1 s apart, set by CHANGE MASTER)
+    // for days instead of the default ~28 h, and notices a silent primary within seconds.
+    let _ = writeln!(s, "master_retry_count = {MASTER_RETRY_COUNT}");
+    s.push_str("slave_net_timeout = 10\n");
     let _ = writeln!(s, "innodb_buffer_pool_size = {INNODB_BUFFER_POOL}");
     s.push_str("performance_schema = OFF\n");
     // The error log goes to stderr, which the supervisor captures.
@@ -107,12 +127,16 @@ pub fn install_argv(p: &Params) -> Vec<String> {
 
 /// The long-running server.
 pub fn server_argv(p: &Params) -> Vec<String> {
-    vec![MARIADBD.to_string(), format!("--defaults-file={}", p.paths.config_file.display())]
+    vec![
+        MARIADBD.to_string(),
+        format!("--defaults-file={}", p.paths.config_file.display()),
+    ]
 }
 
 /// Whether the datadir already holds an initialised server (the `mysql` system schema).
 pub fn is_initialised(datadir: &Path) -> bool {
-    datadir.join("mysql").join("db.frm").exists() || datadir.join("mysql").join("global_priv.MAI").exists()
+    datadir.join("mysql").join("db.frm").exists()
+        || datadir.join("mysql").join("global_priv.MAI").exists()
 }
 
 #[cfg(test)]
@@ -149,7 +173,12 @@ mod tests {
     fn every_node_logs_row_binlog_with_gtid() {
         for node in ["server1", "server2"] {
             let conf = render_conf(&params(node));
-            for line in ["log_bin = binlog", "binlog_format = ROW", "gtid_strict_mode = ON", "user = mysql"] {
+            for line in [
+                "log_bin = binlog",
+                "binlog_format = ROW",
+                "gtid_strict_mode = ON",
+                "user = mysql",
+            ] {
                 assert!(conf.contains(line), "{node}: missing {line}\n{conf}");
             }
         }
@@ -159,7 +188,13 @@ mod tests {
     fn defaults_file_comes_first() {
         let p = params("server1");
         assert_eq!(install_argv(&p)[1], "--defaults-file=/run/tandem/my.cnf");
-        assert_eq!(server_argv(&p), vec![MARIADBD.to_string(), "--defaults-file=/run/tandem/my.cnf".to_string()]);
+        assert_eq!(
+            server_argv(&p),
+            vec![
+                MARIADBD.to_string(),
+                "--defaults-file=/run/tandem/my.cnf".to_string()
+            ]
+        );
         assert_eq!(p.tcp_addr().to_string(), "10.88.0.11:3306");
     }
 }

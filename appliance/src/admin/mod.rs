@@ -1,0 +1,361 @@
+//! `appliance admin`: the node's HTTPS admin port — status page, status JSON, the aggregated
+//! Prometheus endpoint, and the peer API that only other nodes (client certificates signed by
+//! the cluster CA: mutual TLS) may call.
+//!
+//! It runs as its own supervised child and learns everything over the supervisor's control
+//! socket and the other services' local metrics endpoints, so a bug here never touches PID 1.
+
+pub mod page;
+
+use std::convert::Infallible;
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use cluster_config::{Cluster, Node};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Serialize;
+
+use crate::control::{self, ServiceStatus, Target};
+use crate::node::NodeArgs;
+use page::{AlertRow, NodeRow, StatusView};
+
+/// Local metrics endpoints scraped into `/metrics` (balancer, log monitor) by default.
+pub const DEFAULT_SCRAPE: [&str; 2] = ["127.0.0.1:9100", "127.0.0.1:9101"];
+/// A scrape that takes longer is skipped (and counted as down) for this request.
+const SCRAPE_TIMEOUT: Duration = Duration::from_millis(800);
+/// Largest metrics text accepted from one local endpoint.
+const MAX_SCRAPE_BYTES: u64 = 4 << 20;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct AdminArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// The node's state directory (the supervisor's socket and state DB are there).
+    #[arg(long)]
+    pub state_dir: PathBuf,
+    /// The supervisor's control socket [default: STATE_DIR/control.sock].
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Directory with `node.crt`, `node.key` and `ca.crt` (the seed's on an image); without
+    /// it a self-signed certificate is made once in STATE_DIR/tls and peers cannot call in.
+    #[arg(long)]
+    pub tls_dir: Option<PathBuf>,
+    /// Listen here instead of the node's address and admin port.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Local Prometheus endpoints to aggregate (host:port, path /metrics).
+    #[arg(long = "scrape", default_values_t = DEFAULT_SCRAPE.map(String::from))]
+    pub scrape: Vec<String>,
+}
+
+struct Ctx {
+    cluster: Cluster,
+    node: Node,
+    target: Target,
+    scrape: Vec<String>,
+}
+
+pub fn main(args: AdminArgs) -> anyhow::Result<ExitCode> {
+    let (cluster, node) = args.node.load()?;
+    let listen = args.listen.unwrap_or(SocketAddr::from((node.address, cluster.ports.admin)));
+    let tls = server_config(&args, &cluster, &node)?;
+    let target = Target {
+        socket: Some(args.socket.clone().unwrap_or_else(|| args.state_dir.join(control::SOCKET_FILE))),
+        state_dir: None,
+    };
+    let ctx = Arc::new(Ctx { cluster, node, target, scrape: args.scrape.clone() });
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(serve(listen, tls, ctx))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// TLS for the admin port: the node certificate from the seed with optional client
+/// certificates verified against the cluster CA, or a self-signed one on a developer machine.
+fn server_config(args: &AdminArgs, cluster: &Cluster, node: &Node) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
+    let seed_tls = Path::new(crate::init::SEED_MOUNT).join("tls");
+    let tls_dir = args.tls_dir.clone().or_else(|| Some(seed_tls).filter(|d| d.join("node.crt").exists()));
+    let mut config = match tls_dir {
+        Some(dir) => {
+            let certs = load_certs(&dir.join("node.crt"))?;
+            let key = PrivateKeyDer::from_pem_file(dir.join("node.key"))
+                .with_context(|| format!("reading {}", dir.join("node.key").display()))?;
+            let mut roots = rustls::RootCertStore::empty();
+            for ca in load_certs(&dir.join("ca.crt"))? {
+                roots.add(ca).context("adding the cluster CA")?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .allow_unauthenticated()
+                .build()
+                .context("client certificate verifier")?;
+            builder.with_client_cert_verifier(verifier).with_single_cert(certs, key)?
+        }
+        None => {
+            let (cert, key) = self_signed(&args.state_dir.join("tls"), cluster, node)?;
+            let certs = load_certs(&cert)?;
+            let key = PrivateKeyDer::from_pem_file(&key).with_context(|| format!("reading {}", key.display()))?;
+            builder.with_no_client_auth().with_single_cert(certs, key)?
+        }
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parsing {}", path.display()))?;
+    anyhow::ensure!(!certs.is_empty(), "{}: no certificate in it", path.display());
+    Ok(certs)
+}
+
+/// Made once and kept: the key never changes under a browser that accepted it.
+fn self_signed(dir: &Path, cluster: &Cluster, node: &Node) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let (cert, key) = (dir.join("admin.crt"), dir.join("admin.key"));
+    if cert.exists() && key.exists() {
+        return Ok((cert, key));
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let names = vec![node.name.clone(), node.address.to_string(), format!("{}.{}", node.name, cluster.domain)];
+    let generated = rcgen::generate_simple_self_signed(names).context("generating the admin certificate")?;
+    crate::node::write_file(&key, &generated.key_pair.serialize_pem(), 0o600)?;
+    crate::node::write_file(&cert, &generated.cert.pem(), 0o644)?;
+    Ok((cert, key))
+}
+
+async fn serve(listen: SocketAddr, tls: Arc<rustls::ServerConfig>, ctx: Arc<Ctx>) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    tracing::info!(%listen, "admin server listening");
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    tracing::warn!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = term.recv() => {
+                tracing::info!("admin server stopping");
+                return Ok(());
+            }
+        };
+        let acceptor = acceptor.clone();
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, "TLS handshake: {e}");
+                    return;
+                }
+                Err(_) => return,
+            };
+            // A verified client certificate means a cluster peer (the CA signs only nodes).
+            let peer_cert = tls.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
+            let service = hyper::service::service_fn(move |req| {
+                let ctx = ctx.clone();
+                async move { Ok::<_, Infallible>(route(&ctx, req, peer_cert).await) }
+            });
+            let io = hyper_util::rt::TokioIo::new(tls);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(io, service);
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, "admin connection: {e}");
+            }
+        });
+    }
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .header("cache-control", "no-store")
+        .header("x-content-type-options", "nosniff")
+        .header("strict-transport-security", "max-age=31536000")
+        .body(Full::new(body.into()))
+        .expect("static headers are valid")
+}
+
+async fn route(ctx: &Arc<Ctx>, req: Request<Incoming>, peer_cert: bool) -> Resp {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n");
+    }
+    let ctx = ctx.clone();
+    match req.uri().path() {
+        "/" => {
+            let view = blocking(move || gather(&ctx)).await;
+            reply(StatusCode::OK, "text/html; charset=utf-8", page::render(&view))
+        }
+        "/api/status" => {
+            let view = blocking(move || gather(&ctx)).await;
+            let json = serde_json::to_string_pretty(&StatusJson::from(&view)).unwrap_or_default();
+            reply(StatusCode::OK, "application/json", json)
+        }
+        "/metrics" => {
+            let text = blocking(move || metrics(&ctx)).await;
+            reply(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", text)
+        }
+        "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),
+        "/api/peer/ping" if peer_cert => reply(StatusCode::OK, "text/plain", format!("pong from {}\n", ctx.node.name)),
+        "/api/peer/ping" => reply(StatusCode::FORBIDDEN, "text/plain", "peer API: a cluster client certificate is required\n"),
+        _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("admin worker does not panic")
+}
+
+fn services(ctx: &Ctx) -> Result<Vec<ServiceStatus>, String> {
+    match control::request(&ctx.target, &control::Request::Status) {
+        Ok(control::Response::Status { services }) => Ok(services),
+        Ok(control::Response::Error { message }) => Err(message),
+        Ok(other) => Err(format!("unexpected answer {other:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn gather(ctx: &Ctx) -> StatusView {
+    let nodes = ctx
+        .cluster
+        .nodes
+        .iter()
+        .map(|n| NodeRow {
+            name: n.name.clone(),
+            address: n.address.to_string(),
+            db_role: n.db_role.as_str().to_string(),
+            this_node: n.name == ctx.node.name,
+        })
+        .collect();
+    StatusView {
+        cluster: ctx.cluster.name.clone(),
+        node: ctx.node.name.clone(),
+        nodes,
+        services: services(ctx),
+        alerts: Vec::<AlertRow>::new(),
+        facts: vec![("floating IP".into(), ctx.cluster.floating_ip.to_string())],
+    }
+}
+
+#[derive(Serialize)]
+struct StatusJson<'a> {
+    cluster: &'a str,
+    node: &'a str,
+    services: Option<&'a [ServiceStatus]>,
+    error: Option<&'a str>,
+}
+
+impl<'a> From<&'a StatusView> for StatusJson<'a> {
+    fn from(v: &'a StatusView) -> Self {
+        StatusJson {
+            cluster: &v.cluster,
+            node: &v.node,
+            services: v.services.as_ref().ok().map(Vec::as_slice),
+            error: v.services.as_ref().err().map(String::as_str),
+        }
+    }
+}
+
+/// The supervisor's own metrics, then each local endpoint's text, with a `tandem_scrape_up`
+/// gauge per endpoint so a missing one is visible rather than silently absent.
+fn metrics(ctx: &Ctx) -> String {
+    let mut out = supervisor_metrics(&ctx.node.name, services(ctx).as_deref().ok());
+    let mut up = String::from("# HELP tandem_scrape_up Whether a local metrics endpoint answered.\n# TYPE tandem_scrape_up gauge\n");
+    for endpoint in &ctx.scrape {
+        match scrape(endpoint) {
+            Ok(text) => {
+                up.push_str(&format!("tandem_scrape_up{{endpoint=\"{endpoint}\"}} 1\n"));
+                out.push_str(&text);
+                if !text.ends_with('\n') {
+                    out.push('\n');
+                }
+            }
+            Err(e) => {
+                tracing::debug!(%endpoint, "scrape: {e}");
+                up.push_str(&format!("tandem_scrape_up{{endpoint=\"{endpoint}\"}} 0\n"));
+            }
+        }
+    }
+    out.push_str(&up);
+    out
+}
+
+/// Prometheus text for the supervised services (pure).
+pub fn supervisor_metrics(node: &str, services: Option<&[ServiceStatus]>) -> String {
+    let mut s = String::new();
+    s.push_str("# HELP tandem_supervisor_up Whether the supervisor answered on its control socket.\n");
+    s.push_str("# TYPE tandem_supervisor_up gauge\n");
+    s.push_str(&format!("tandem_supervisor_up{{node=\"{node}\"}} {}\n", u8::from(services.is_some())));
+    let Some(services) = services else { return s };
+    s.push_str("# HELP tandem_service_up Whether the service has a running process.\n# TYPE tandem_service_up gauge\n");
+    for svc in services {
+        s.push_str(&format!("tandem_service_up{{node=\"{node}\",service=\"{}\"}} {}\n", svc.name, u8::from(svc.pid.is_some())));
+    }
+    s.push_str("# HELP tandem_service_ready Whether the service passed its readiness check.\n# TYPE tandem_service_ready gauge\n");
+    for svc in services {
+        s.push_str(&format!("tandem_service_ready{{node=\"{node}\",service=\"{}\"}} {}\n", svc.name, u8::from(svc.ready)));
+    }
+    s.push_str("# HELP tandem_service_restarts_total Restarts since the supervisor started.\n# TYPE tandem_service_restarts_total counter\n");
+    for svc in services {
+        s.push_str(&format!("tandem_service_restarts_total{{node=\"{node}\",service=\"{}\"}} {}\n", svc.name, svc.restarts));
+    }
+    s
+}
+
+/// A minimal HTTP/1.0 GET of `/metrics` on a loopback endpoint.
+fn scrape(endpoint: &str) -> anyhow::Result<String> {
+    let addr: SocketAddr = endpoint.parse().with_context(|| format!("`{endpoint}` is not host:port"))?;
+    let mut conn = TcpStream::connect_timeout(&addr, SCRAPE_TIMEOUT)?;
+    conn.set_read_timeout(Some(SCRAPE_TIMEOUT))?;
+    conn.set_write_timeout(Some(SCRAPE_TIMEOUT))?;
+    conn.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {endpoint}\r\n\r\n").as_bytes())?;
+    let mut raw = Vec::new();
+    conn.take(MAX_SCRAPE_BYTES).read_to_end(&mut raw)?;
+    let text = String::from_utf8(raw).context("metrics are not UTF-8")?;
+    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
+    anyhow::ensure!(head.starts_with("HTTP/1.") && head.split(' ').nth(1) == Some("200"), "answered {}", head.lines().next().unwrap_or(""));
+    Ok(body.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn supervisor_metrics_are_labelled_per_service() {
+        let services = vec![ServiceStatus {
+            name: "nginx".into(),
+            state: "running".into(),
+            pid: Some(7),
+            restarts: 2,
+            last_exit: None,
+            uptime_s: Some(1),
+            ready: true,
+        }];
+        let text = supervisor_metrics("server1", Some(&services));
+        assert!(text.contains("tandem_service_restarts_total{node=\"server1\",service=\"nginx\"} 2\n"));
+        assert!(text.contains("tandem_service_up{node=\"server1\",service=\"nginx\"} 1\n"));
+        assert!(supervisor_metrics("server1", None).contains("tandem_supervisor_up{node=\"server1\"} 0"));
+    }
+}

@@ -1,0 +1,244 @@
+//! The status page: plain HTML, no JavaScript, refreshed by the browser every few seconds.
+//! A pure function of what the admin server gathered.
+
+use std::fmt::Write as _;
+
+use crate::control::ServiceStatus;
+
+/// A service that restarted less than this long ago is flagged on the page.
+pub const RECENT_RESTART_S: u64 = 120;
+/// The page reloads itself this often.
+pub const REFRESH_S: u32 = 5;
+
+/// One node of the cluster as the page shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRow {
+    pub name: String,
+    pub address: String,
+    pub db_role: String,
+    pub this_node: bool,
+}
+
+/// An alert as the page shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertRow {
+    pub rule: String,
+    pub subject: String,
+    pub state: String,
+    pub since: String,
+    pub message: String,
+}
+
+/// Everything on the page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusView {
+    pub cluster: String,
+    pub node: String,
+    pub nodes: Vec<NodeRow>,
+    /// `None` when the supervisor could not be asked; the reason is shown instead.
+    pub services: Result<Vec<ServiceStatus>, String>,
+    pub alerts: Vec<AlertRow>,
+    /// Extra facts (VIP holder, DB lag, …) as label/value pairs.
+    pub facts: Vec<(String, String)>,
+}
+
+/// How a service's state reads to a person: a restart just now is said plainly.
+pub fn describe(s: &ServiceStatus) -> String {
+    match s.state.as_str() {
+        "backoff" | "starting" if s.restarts > 0 => "restarting".to_string(),
+        "running" if s.restarts > 0 && s.uptime_s.is_some_and(|u| u < RECENT_RESTART_S) => {
+            format!("running (restarted {}s ago)", s.uptime_s.unwrap_or(0))
+        }
+        "running" if !s.ready => "starting".to_string(),
+        state => state.to_string(),
+    }
+}
+
+fn css_class(s: &ServiceStatus) -> &'static str {
+    match s.state.as_str() {
+        "failed" | "exited" => "bad",
+        "backoff" | "starting" | "stopping" | "waiting" => "warn",
+        "running" if s.restarts > 0 && s.uptime_s.is_some_and(|u| u < RECENT_RESTART_S) => "warn",
+        _ => "ok",
+    }
+}
+
+pub fn render(v: &StatusView) -> String {
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta http-equiv=\"refresh\" content=\"{REFRESH_S}\">\
+         <title>{} — {} — Tandem</title>\n<style>{STYLE}</style></head>\n<body>\n",
+        esc(&v.node),
+        esc(&v.cluster)
+    );
+    let _ = writeln!(s, "<h1>Tandem · cluster <b>{}</b> · node <b>{}</b></h1>", esc(&v.cluster), esc(&v.node));
+
+    s.push_str("<h2>Nodes</h2>\n<table><tr><th>node</th><th>address</th><th>database</th></tr>\n");
+    for n in &v.nodes {
+        let me = if n.this_node { " (this node)" } else { "" };
+        let _ = writeln!(
+            s,
+            "<tr><td>{}{me}</td><td>{}</td><td>{}</td></tr>",
+            esc(&n.name),
+            esc(&n.address),
+            esc(&n.db_role)
+        );
+    }
+    s.push_str("</table>\n");
+
+    if !v.facts.is_empty() {
+        s.push_str("<h2>Cluster</h2>\n<table>\n");
+        for (k, val) in &v.facts {
+            let _ = writeln!(s, "<tr><th>{}</th><td>{}</td></tr>", esc(k), esc(val));
+        }
+        s.push_str("</table>\n");
+    }
+
+    s.push_str("<h2>Services</h2>\n");
+    match &v.services {
+        Ok(services) => {
+            s.push_str(
+                "<table id=\"services\"><tr><th>service</th><th>state</th><th>pid</th>\
+                 <th>restarts</th><th>last exit</th><th>uptime</th></tr>\n",
+            );
+            for svc in services {
+                let _ = writeln!(
+                    s,
+                    "<tr class=\"{}\" data-service=\"{}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                    css_class(svc),
+                    esc(&svc.name),
+                    esc(&svc.name),
+                    esc(&describe(svc)),
+                    svc.pid.map_or("-".to_string(), |p| p.to_string()),
+                    svc.restarts,
+                    esc(svc.last_exit.as_deref().unwrap_or("-")),
+                    svc.uptime_s.map_or("-".to_string(), human_duration),
+                );
+            }
+            s.push_str("</table>\n");
+        }
+        Err(reason) => {
+            let _ = writeln!(s, "<p class=\"bad\">supervisor unreachable: {}</p>", esc(reason));
+        }
+    }
+
+    s.push_str("<h2>Recent alerts</h2>\n");
+    if v.alerts.is_empty() {
+        s.push_str("<p>none</p>\n");
+    } else {
+        s.push_str("<table id=\"alerts\"><tr><th>alert</th><th>subject</th><th>state</th><th>since</th><th>message</th></tr>\n");
+        for a in &v.alerts {
+            let class = if a.state == "firing" { "bad" } else { "ok" };
+            let _ = writeln!(
+                s,
+                "<tr class=\"{class}\"><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+                esc(&a.rule),
+                esc(&a.subject),
+                esc(&a.state),
+                esc(&a.since),
+                esc(&a.message)
+            );
+        }
+        s.push_str("</table>\n");
+    }
+    s.push_str("<p class=\"foot\"><a href=\"/metrics\">metrics</a> · <a href=\"/api/status\">status JSON</a></p>\n");
+    s.push_str("</body></html>\n");
+    s
+}
+
+pub fn human_duration(secs: u64) -> String {
+    match secs {
+        0..=59 => format!("{secs}s"),
+        60..=3599 => format!("{}m{}s", secs / 60, secs % 60),
+        3600..=86399 => format!("{}h{}m", secs / 3600, (secs % 3600) / 60),
+        _ => format!("{}d{}h", secs / 86400, (secs % 86400) / 3600),
+    }
+}
+
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2em;color:#222}\
+h1{font-size:1.4em}h2{font-size:1.1em;margin-top:1.5em}\
+table{border-collapse:collapse;min-width:40em}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}\
+th{background:#f3f3f3}tr.ok td:nth-child(2){color:#176b1d}tr.warn td:nth-child(2){color:#9a6700;font-weight:bold}\
+tr.bad td{color:#b00020;font-weight:bold}p.bad{color:#b00020}.foot{margin-top:2em;font-size:.9em}";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(name: &str, state: &str, restarts: u32, uptime: Option<u64>) -> ServiceStatus {
+        ServiceStatus {
+            name: name.into(),
+            state: state.into(),
+            pid: Some(42),
+            restarts,
+            last_exit: (restarts > 0).then(|| "signal 9 (SIGKILL)".into()),
+            uptime_s: uptime,
+            ready: state == "running",
+        }
+    }
+
+    #[test]
+    fn states_read_plainly() {
+        let cases = [
+            (svc("a", "running", 0, Some(500)), "running"),
+            (svc("a", "running", 1, Some(3)), "running (restarted 3s ago)"),
+            (svc("a", "running", 1, Some(5000)), "running"),
+            (svc("a", "backoff", 2, None), "restarting"),
+            (svc("a", "failed", 5, None), "failed"),
+        ];
+        for (s, expected) in cases {
+            assert_eq!(describe(&s), expected, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn page_escapes_and_lists_everything() {
+        let view = StatusView {
+            cluster: "c<1>".into(),
+            node: "server1".into(),
+            nodes: vec![NodeRow { name: "server1".into(), address: "10.88.0.11".into(), db_role: "replica".into(), this_node: true }],
+            services: Ok(vec![svc("nginx", "running", 1, Some(2))]),
+            alerts: vec![AlertRow {
+                rule: "crash-loop".into(),
+                subject: "nginx".into(),
+                state: "firing".into(),
+                since: "12:00:00".into(),
+                message: "3 restarts in 60s".into(),
+            }],
+            facts: vec![("floating IP".into(), "10.88.0.10".into())],
+        };
+        let html = render(&view);
+        assert!(html.contains("c&lt;1&gt;"));
+        assert!(html.contains("server1 (this node)"));
+        assert!(html.contains("running (restarted 2s ago)"));
+        assert!(html.contains("crash-loop"));
+        assert!(!html.contains("<script"));
+        let down = render(&StatusView { services: Err("no socket".into()), ..view });
+        assert!(down.contains("supervisor unreachable: no socket"));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(human_duration(59), "59s");
+        assert_eq!(human_duration(61), "1m1s");
+        assert_eq!(human_duration(7200), "2h0m");
+        assert_eq!(human_duration(90000), "1d1h");
+    }
+}

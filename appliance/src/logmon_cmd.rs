@@ -1,0 +1,180 @@
+//! The log monitor's two halves in the supervisor binary:
+//!
+//! - the log store: writer threads, fed by the supervisor's log and event sinks, that append
+//!   every service line and event to `<state>/logs/` with a size cap ([`attach_log_store`]);
+//! - `appliance logmon`: the monitor as a supervised child ([`main`], [`service_spec`]), so
+//!   that parsing, alert rules and the webhook can never hurt PID 1.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use logmon::store::{self, Entry, Limits, LogStore};
+
+use crate::node::{Layout, NodeArgs};
+use crate::state::EventRecord;
+use crate::supervisor::{self, LogLine, ServiceSpec, SupervisorOptions};
+
+/// At shutdown, how long the log store gets to write what is still queued.
+const STORE_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `appliance logmon`. The tuning flags exist for tests and for tuning a deployment; their
+/// defaults are the named constants of the `logmon` crate.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// The node's state directory [default: the image's data partition].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// The node's runtime directory, where the database agent writes its status
+    /// [default: STATE_DIR/run, or the image's].
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// Serve metrics here [default: 127.0.0.1:9101, or the node's address when loopback].
+    #[arg(long)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+    /// The TLS certificate whose expiry is watched [default: tls.certificate, else
+    /// STATE_DIR/tls/self-signed.crt].
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// Tuning: how often logs and events are read.
+    #[arg(long, value_name = "MS")]
+    pub poll_ms: Option<u64>,
+    /// Tuning: this many restarts within the crash window are a crash loop.
+    #[arg(long)]
+    pub crash_restarts: Option<usize>,
+    /// Tuning: the crash window.
+    #[arg(long, value_name = "MS")]
+    pub crash_window_ms: Option<u64>,
+    /// Tuning: a crash loop resolves after this long ready without a restart.
+    #[arg(long, value_name = "MS")]
+    pub stable_after_ms: Option<u64>,
+}
+
+/// `appliance logmon`: monitors until killed (SIGTERM's default action; the alert database
+/// is transactional and the cursor is saved after every batch).
+pub fn main(args: Args) -> anyhow::Result<ExitCode> {
+    let (cluster, node) = args.node.load()?;
+    let image = Layout::image();
+    let on_image = args.state_dir.is_none();
+    let state_dir = args.state_dir.unwrap_or(image.state);
+    let mut config = logmon::Config::new(&cluster, &node, &state_dir);
+    let run_dir = args.run_dir.or_else(|| on_image.then_some(image.run));
+    if let Some(run_dir) = run_dir {
+        config.db_status_file = run_dir.join(logmon::monitor::DB_STATUS_FILE);
+    }
+    if let Some(addr) = args.metrics_addr {
+        config.metrics_addr = Some(addr);
+    }
+    if let Some(cert) = args.cert {
+        config.cert_file = cert;
+    }
+    if let Some(ms) = args.poll_ms {
+        config.poll = Duration::from_millis(ms.max(10));
+    }
+    if let Some(n) = args.crash_restarts {
+        config.rules.crash_restarts = n.max(1);
+    }
+    if let Some(ms) = args.crash_window_ms {
+        config.rules.crash_window = Duration::from_millis(ms);
+    }
+    if let Some(ms) = args.stable_after_ms {
+        config.rules.stable_after = Duration::from_millis(ms);
+    }
+    tracing::info!(node = %node.name, state = %state_dir.display(), "log monitor started");
+    logmon::run(config, &AtomicBool::new(false))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The monitor as a service of the node plan. `config` and `node` are passed on when given
+/// (`appliance run`); on the image the monitor finds both on the seed.
+pub fn service_spec(
+    config: Option<&Path>,
+    node: Option<&str>,
+    state_dir: &Path,
+) -> anyhow::Result<ServiceSpec> {
+    let exe = std::env::current_exe().context("locating the appliance binary")?;
+    let mut argv = vec![exe.display().to_string(), "logmon".to_string()];
+    if let Some(config) = config {
+        let config = std::path::absolute(config)
+            .with_context(|| format!("resolving {}", config.display()))?;
+        argv.extend(["--config".to_string(), config.display().to_string()]);
+    }
+    if let Some(node) = node {
+        argv.extend(["--node".to_string(), node.to_string()]);
+    }
+    let state_dir = std::path::absolute(state_dir)
+        .with_context(|| format!("resolving {}", state_dir.display()))?;
+    argv.extend(["--state-dir".to_string(), state_dir.display().to_string()]);
+    Ok(ServiceSpec::daemon(logmon::monitor::SERVICE_NAME, argv))
+}
+
+/// The writer threads of the log store; [`LogStoreGuard::finish`] waits for them after the
+/// supervisor stopped.
+pub struct LogStoreGuard {
+    writers: Vec<JoinHandle<()>>,
+}
+
+impl LogStoreGuard {
+    /// Waits (bounded) until every queued line is written. The supervisor must have returned,
+    /// so that the sinks are gone.
+    pub fn finish(self) {
+        let deadline = Instant::now() + STORE_DRAIN_TIMEOUT;
+        while self.writers.iter().any(|w| !w.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Opens `<state>/logs` and connects the supervisor's log and event sinks to it. A store
+/// that cannot be opened is logged and left out: the node runs on without logs on disk.
+pub fn attach_log_store(options: &mut SupervisorOptions) -> LogStoreGuard {
+    let dir = options.state_dir.join(store::LOG_DIR);
+    let attached = (|| -> std::io::Result<LogStoreGuard> {
+        let shared = Arc::new(Mutex::new(LogStore::open(&dir, Limits::default())?));
+        let (lines, lines_writer) =
+            store::spawn_writer(shared.clone(), "log-store", |line: LogLine| Entry {
+                ts_ms: line.ts_ms,
+                log: line.service,
+                tag: line.stream.as_str().to_string(),
+                pid: Some(line.pid),
+                text: line.line,
+            })?;
+        let (events, events_writer) =
+            store::spawn_writer(shared, "event-store", |e: EventRecord| Entry {
+                ts_ms: e.ts_ms,
+                log: store::SUPERVISOR_LOG.to_string(),
+                tag: "event".to_string(),
+                pid: e.pid,
+                text: format!("{} {} {}", e.service, e.kind, e.detail)
+                    .trim_end()
+                    .to_string(),
+            })?;
+        options.log_sink = Some(lines);
+        options.event_sink = Some(events);
+        Ok(LogStoreGuard {
+            writers: vec![lines_writer, events_writer],
+        })
+    })();
+    attached.unwrap_or_else(|e| {
+        tracing::error!(dir = %dir.display(), "log store: {e}; service output is not kept on disk");
+        LogStoreGuard {
+            writers: Vec::new(),
+        }
+    })
+}
+
+/// `appliance supervise --spec FILE --state-dir DIR`, with the log store.
+pub fn supervise(spec: &Path, state_dir: &Path) -> anyhow::Result<ExitCode> {
+    let specs = supervisor::load_specs(spec)?;
+    let mut options = SupervisorOptions::new(state_dir);
+    let logs = attach_log_store(&mut options);
+    supervisor::run(specs, options)?;
+    logs.finish();
+    Ok(ExitCode::SUCCESS)
+}

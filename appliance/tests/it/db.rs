@@ -1,0 +1,594 @@
+//! MariaDB primary–replica set up and watched by Tandem itself: two `appliance run` nodes of the
+//! local example cluster (moved to their own loopback addresses so that these tests and
+//! `run.rs` can run at once), the demo application behind each node's nginx, replica restarts
+//! and SIGKILLs, a wrong secret, an unreachable primary, and a switchover and back.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const APPLIANCE: &str = env!("CARGO_BIN_EXE_appliance");
+
+/// The example cluster with its node addresses replaced by `127.0.0.<a>` and `127.0.0.<b>`.
+fn cluster_config(dir: &Path, a: u8, b: u8) -> PathBuf {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/local-cluster.toml");
+    let text = std::fs::read_to_string(example).unwrap();
+    assert!(
+        text.contains("\"127.0.0.11\"") && text.contains("\"127.0.0.12\""),
+        "the example cluster changed:\n{text}"
+    );
+    let text = text
+        .replace("\"127.0.0.11\"", &format!("\"127.0.0.{a}\""))
+        .replace("\"127.0.0.12\"", &format!("\"127.0.0.{b}\""));
+    let path = dir.join("cluster.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+struct Node {
+    name: &'static str,
+    addr: String,
+    config: PathBuf,
+    secret: Option<PathBuf>,
+    child: Option<Child>,
+    state: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Node {
+    fn new(
+        name: &'static str,
+        addr: &str,
+        root: &Path,
+        config: &Path,
+        secret: Option<PathBuf>,
+    ) -> Node {
+        let mut node = Node {
+            name,
+            addr: addr.to_string(),
+            config: config.to_path_buf(),
+            secret,
+            child: None,
+            state: root.join(name),
+            stderr: root.join(format!("{name}.stderr")),
+        };
+        node.start();
+        node
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.stderr)
+            .unwrap();
+        let mut cmd = Command::new(APPLIANCE);
+        cmd.args(["run", "--config"])
+            .arg(&self.config)
+            .args(["--node", self.name, "--state-dir"])
+            .arg(&self.state);
+        if let Some(secret) = &self.secret {
+            cmd.arg("--secret-file").arg(secret);
+        }
+        let child = cmd
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start appliance run");
+        self.child = Some(child);
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    fn stop(&mut self) {
+        let mut child = self.child.take().expect("running");
+        signal(child.id() as i32, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "{}: still running 20 s after SIGTERM\n{}",
+                self.name,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log(&self) -> String {
+        let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        format!(
+            "--- {} supervisor log (last 80 lines) ---\n{}",
+            self.name,
+            lines[lines.len().saturating_sub(80)..].join("\n")
+        )
+    }
+
+    fn service(&self, name: &str) -> Option<Value> {
+        let out = Command::new(APPLIANCE)
+            .args(["status", "--json", "--state-dir"])
+            .arg(&self.state)
+            .output()
+            .ok()?;
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        v.get("services")
+            .unwrap_or(&v)
+            .as_array()?
+            .iter()
+            .find(|s| s["name"] == name)
+            .cloned()
+    }
+
+    /// `appliance db status --json`: (exit code, output).
+    fn db_status(&self) -> (i32, Value) {
+        let out = Command::new(APPLIANCE)
+            .args(["db", "status", "--json", "--state-dir"])
+            .arg(&self.state)
+            .output()
+            .unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            serde_json::from_slice(&out.stdout).unwrap_or(Value::Null),
+        )
+    }
+
+    fn agent(&self) -> Value {
+        let path = self.state.join("run/db-status.json");
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or(Value::Null)
+    }
+
+    fn wait_for(&self, what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !ok() {
+            if Instant::now() > deadline {
+                panic!(
+                    "{}: timed out after {timeout:?} waiting for {what}\nagent: {}\n{}",
+                    self.name,
+                    self.agent(),
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn wait_ready(&self, service: &str, timeout: Duration) {
+        self.wait_for(&format!("{service} ready"), timeout, || {
+            self.service(service).is_some_and(|s| s["ready"] == true)
+        });
+    }
+
+    fn wait_healthy(&self, role: &str, timeout: Duration) {
+        self.wait_for(&format!("a healthy {role}"), timeout, || {
+            let a = self.agent();
+            a["healthy"] == true && a["role"] == role
+        });
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}:8081{path}", self.addr)
+    }
+
+    /// POST /notes as JSON through this node's nginx: (status, answer).
+    fn post(&self, body: &str) -> (u16, Value) {
+        let payload = serde_json::json!({ "body": body }).to_string();
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "--max-time",
+                "10",
+                "-H",
+                "Content-Type: application/json",
+                "-d",
+                &payload,
+                "-w",
+                "\n%{http_code}",
+            ])
+            .arg(self.url("/notes"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (answer, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (
+            code.trim().parse().unwrap_or(0),
+            serde_json::from_str(answer).unwrap_or(Value::String(answer.to_string())),
+        )
+    }
+
+    /// POST until it is accepted (a switchover makes writes fail for a moment, never half-done).
+    fn post_ok(&self, body: &str) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let (code, answer) = self.post(body);
+            if code == 201 {
+                assert_eq!(answer["note"]["body"], body);
+                return;
+            }
+            assert_eq!(code, 503, "{}: unexpected answer {answer}", self.name);
+            assert!(
+                Instant::now() < deadline,
+                "{}: writing {body:?} kept failing: {answer}\n{}",
+                self.name,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The bodies of all notes, read through this node's application (its local database).
+    fn notes(&self) -> Vec<String> {
+        let out = Command::new("curl")
+            .args(["-sf", "--max-time", "5"])
+            .arg(self.url("/notes.json"))
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        v["notes"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|n| n["body"].as_str().unwrap_or_default().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn switchover(&self, to: &str) -> (bool, String) {
+        let out = Command::new(APPLIANCE)
+            .args(["db", "switchover", "--to", to, "--state-dir"])
+            .arg(&self.state)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let pid = self.child.as_ref().unwrap().id() as i32;
+            signal(pid, nix::sys::signal::Signal::SIGTERM);
+            let mut child = self.child.take().unwrap();
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn signal(pid: i32, sig: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+}
+
+fn tmp_root() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    // mysql and www-data must reach their directories below the temporary root.
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    tmp
+}
+
+/// Every expected body exactly once, nothing else.
+fn assert_exactly(node: &Node, expected: &[String]) {
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    for body in node.notes() {
+        *counts.entry(body).or_default() += 1;
+    }
+    let want: BTreeMap<String, usize> = expected.iter().map(|b| (b.clone(), 1)).collect();
+    assert_eq!(
+        counts,
+        want,
+        "{}: notes differ from what was written\n{}",
+        node.name,
+        node.log()
+    );
+}
+
+#[test]
+fn replication_through_the_app_survives_restarts_kills_and_switchovers() {
+    let tmp = tmp_root();
+    let config = cluster_config(tmp.path(), 21, 22);
+    let mut s1 = Node::new("server1", "127.0.0.21", tmp.path(), &config, None);
+    s1.wait_ready("mariadb", Duration::from_secs(120));
+    s1.wait_ready("nginx", Duration::from_secs(30));
+
+    // The primary is not there yet: a clear error and a failing health check, not a crash.
+    s1.wait_for(
+        "the agent reporting an unreachable primary",
+        Duration::from_secs(30),
+        || {
+            let a = s1.agent();
+            a["healthy"] == false
+                && a["error"].as_str().is_some_and(|e| {
+                    e.contains("connecting to the primary") && e.contains("127.0.0.22")
+                })
+        },
+    );
+    let (code, status) = s1.db_status();
+    assert_eq!(code, 1, "{status}");
+    assert_eq!(status["agent"]["role"], "replica");
+    assert!(s1.log().contains("database unhealthy"), "{}", s1.log());
+    let (code, answer) = s1.post("nowhere to go");
+    assert_eq!(code, 503, "{answer}");
+    assert!(
+        answer["error"]
+            .as_str()
+            .unwrap()
+            .contains("writing to the primary"),
+        "{answer}"
+    );
+    assert_eq!(s1.service("db-agent").unwrap()["restarts"], 0);
+
+    let s2 = Node::new("server2", "127.0.0.22", tmp.path(), &config, None);
+    s2.wait_ready("nginx", Duration::from_secs(120));
+    s2.wait_healthy("primary", Duration::from_secs(30));
+    s1.wait_healthy("replica", Duration::from_secs(30));
+
+    // Written through the primary's node, read back through the replica's within 1 s.
+    let mut written = Vec::new();
+    for i in 0..3 {
+        let body = format!("first-{i}");
+        let (code, answer) = s2.post(&body);
+        assert_eq!(code, 201, "{answer}");
+        assert_eq!(
+            (answer["node"].as_str(), answer["role"].as_str()),
+            (Some("server2"), Some("primary"))
+        );
+        let at = Instant::now();
+        s1.wait_for("the row on the replica", Duration::from_secs(1), || {
+            s1.notes().contains(&body)
+        });
+        eprintln!("{body}: on the replica after {:?}", at.elapsed());
+        written.push(body);
+    }
+    // Written through the replica's node: goes to the primary.
+    let (code, answer) = s1.post("via-replica");
+    assert_eq!(code, 201, "{answer}");
+    assert_eq!(
+        (answer["node"].as_str(), answer["role"].as_str()),
+        (Some("server1"), Some("replica"))
+    );
+    written.push("via-replica".into());
+    s2.wait_for(
+        "the replica's write on the primary",
+        Duration::from_secs(1),
+        || s2.notes().contains(&"via-replica".to_string()),
+    );
+    let page = Command::new("curl")
+        .args(["-sf"])
+        .arg(s1.url("/"))
+        .output()
+        .unwrap();
+    let page = String::from_utf8_lossy(&page.stdout);
+    assert!(
+        page.contains("node: server1")
+            && page.contains("db_role: replica")
+            && page.contains("via-replica"),
+        "{page}"
+    );
+    let css = Command::new("curl")
+        .args(["-sf"])
+        .arg(s1.url("/style.css"))
+        .output()
+        .unwrap();
+    assert!(
+        css.status.success() && !css.stdout.is_empty(),
+        "nginx serves the application's static files"
+    );
+
+    // The replica refuses a direct write by the application's account.
+    let secret =
+        db::agent::parse_secret(&std::fs::read_to_string(tmp.path().join("local.secret")).unwrap())
+            .unwrap();
+    let option_file = tmp.path().join("app-client.cnf");
+    std::fs::write(
+        &option_file,
+        format!(
+            "[client]\nuser = tandem_app\npassword = {}\n",
+            db::agent::passwords(&secret).app
+        ),
+    )
+    .unwrap();
+    let direct = |host: &str| {
+        let mut child = Command::new("mariadb")
+            .arg(format!("--defaults-file={}", option_file.display()))
+            .args(["--protocol=TCP", "--host", host, "--port", "3306", "app"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"INSERT INTO notes (node, body) VALUES ('direct', 'direct-write');\n")
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let out = direct("127.0.0.21");
+    assert!(
+        !out.status.success(),
+        "a direct write on the replica succeeded"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("1290") && err.contains("read-only"), "{err}");
+
+    // A replica restarted: rows written meanwhile arrive, no error.
+    s1.stop();
+    for i in 0..3 {
+        let body = format!("while-down-{i}");
+        s2.post_ok(&body);
+        written.push(body);
+    }
+    s1.start();
+    s1.wait_ready("nginx", Duration::from_secs(60));
+    s1.wait_healthy("replica", Duration::from_secs(30));
+    s1.wait_for(
+        "the rows written while it was down",
+        Duration::from_secs(5),
+        || s1.notes().len() == written.len(),
+    );
+    assert_exactly(&s1, &written);
+
+    // A replica's mariadbd SIGKILLed while rows are written: it resumes, nothing lost or doubled.
+    let pid = s1.service("mariadb").unwrap()["pid"].as_i64().unwrap() as i32;
+    signal(pid, nix::sys::signal::Signal::SIGKILL);
+    for i in 0..5 {
+        let body = format!("after-kill-{i}");
+        s2.post_ok(&body);
+        written.push(body);
+    }
+    s1.wait_for("mariadb restarted", Duration::from_secs(30), || {
+        s1.service("mariadb")
+            .is_some_and(|s| s["ready"] == true && s["pid"].as_i64() != Some(i64::from(pid)))
+    });
+    s1.wait_healthy("replica", Duration::from_secs(30));
+    s1.wait_for(
+        "the rows written around the kill",
+        Duration::from_secs(5),
+        || s1.notes().len() == written.len(),
+    );
+    assert_exactly(&s1, &written);
+    let agent = s1.agent();
+    assert!(
+        agent["error"].is_null() && agent["sql_running"] == true && agent["io_running"] == "Yes",
+        "{agent}"
+    );
+
+    // Switchover and back, with rows before, between and after.
+    let (ok, text) = s2.switchover("server2");
+    assert!(!ok && text.contains("already the primary"), "{text}");
+    s2.post_ok("before-switchover");
+    written.push("before-switchover".into());
+    let (ok, text) = s2.switchover("server1");
+    assert!(ok, "switchover failed:\n{text}\n{}\n{}", s1.log(), s2.log());
+    s1.wait_healthy("primary", Duration::from_secs(10));
+    s2.wait_healthy("replica", Duration::from_secs(10));
+    for node in [&s1, &s2] {
+        let body = format!("between-via-{}", node.name);
+        node.post_ok(&body);
+        written.push(body);
+    }
+    let (_, status) = s1.db_status();
+    let roles: Vec<(String, String)> = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            (
+                n["name"].as_str().unwrap_or("").to_string(),
+                n["role"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        roles,
+        [
+            ("server1".to_string(), "primary".to_string()),
+            ("server2".to_string(), "replica".to_string())
+        ],
+        "{status}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(s2.state.join("db-primary"))
+            .unwrap()
+            .trim(),
+        "server1"
+    );
+    let (ok, text) = s1.switchover("server2");
+    assert!(
+        ok,
+        "switchover back failed:\n{text}\n{}\n{}",
+        s1.log(),
+        s2.log()
+    );
+    s2.wait_healthy("primary", Duration::from_secs(10));
+    s1.wait_healthy("replica", Duration::from_secs(10));
+    for node in [&s1, &s2] {
+        let body = format!("after-via-{}", node.name);
+        node.post_ok(&body);
+        written.push(body);
+    }
+    s1.wait_for("every row on the replica", Duration::from_secs(5), || {
+        s1.notes().len() == written.len()
+    });
+    assert_exactly(&s1, &written);
+    assert_exactly(&s2, &written);
+    let (code, status) = s1.db_status();
+    assert_eq!(code, 0, "{status}");
+}
+
+#[test]
+fn wrong_credentials_fail_the_health_check_without_crashing() {
+    let tmp = tmp_root();
+    let config = cluster_config(tmp.path(), 31, 32);
+    let s2 = Node::new("server2", "127.0.0.32", tmp.path(), &config, None);
+    // server1 holds another cluster's secret: its replication password is wrong.
+    let s1 = Node::new(
+        "server1",
+        "127.0.0.31",
+        tmp.path(),
+        &config,
+        Some(tmp.path().join("other.secret")),
+    );
+    s2.wait_healthy("primary", Duration::from_secs(120));
+    s1.wait_ready("nginx", Duration::from_secs(120));
+    s1.wait_for(
+        "the agent reporting the refused login",
+        Duration::from_secs(30),
+        || {
+            let a = s1.agent();
+            a["healthy"] == false
+                && a["error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("Access denied") && e.contains("tandem_repl"))
+        },
+    );
+    let (code, status) = s1.db_status();
+    assert_eq!(code, 1);
+    assert!(
+        status["agent"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("Access denied"),
+        "{status}"
+    );
+    assert!(
+        s1.log().contains("database unhealthy") && s1.log().contains("Access denied"),
+        "{}",
+        s1.log()
+    );
+    // Still up, never restarted; the application answers with the error instead of dying.
+    std::thread::sleep(Duration::from_secs(2));
+    for service in ["db-agent", "app", "mariadb"] {
+        let s = s1.service(service).unwrap();
+        assert!(s["restarts"] == 0 && s["ready"] == true, "{service}: {s}");
+    }
+    let (code, answer) = s1.post("refused");
+    assert_eq!(code, 503, "{answer}");
+    assert!(s2.notes().is_empty());
+}

@@ -1,0 +1,452 @@
+//! The demo application Tandem ships: a small notes service run by the supervisor behind each
+//! node's nginx (`appliance app`). It reads from the node's own database and writes to the
+//! primary, wherever it currently is, and every answer names the node and its database role.
+//!
+//! It knows Tandem only through the environment the node plan gives every application (its
+//! own or a user's, see [`Config::from_env`]), and through the database agent's status file,
+//! which names the current primary so that a switchover is followed without a restart.
+//!
+//! Routes: `GET /` (page), `GET /notes.json` (or `Accept: application/json`), `POST /notes`
+//! (form field or JSON `body`). Static files (`/style.css`) are served by nginx.
+
+pub mod http;
+pub mod store;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+
+use http::{Request, Response};
+use store::{Client, StoreError};
+
+/// Static application files, served by nginx from the node's web root.
+pub const STATIC_FILES: &[(&str, &str)] = &[("style.css", include_str!("../static/style.css"))];
+/// Requests served at once; more get 503 at once rather than queueing without bound.
+pub const MAX_CONNECTIONS: usize = 64;
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Everything the application needs, from the environment the node plan sets.
+#[derive(Clone)]
+pub struct Config {
+    /// `TANDEM_NODE`: shown on every page.
+    pub node: String,
+    /// `TANDEM_APP_ADDR` (default 127.0.0.1) and `TANDEM_APP_PORT` (default 8000).
+    pub listen: SocketAddr,
+    /// `TANDEM_DB_HOST`, `TANDEM_DB_PORT`: the node's own server, for reads.
+    pub local_db: (String, u16),
+    /// `TANDEM_DB_PRIMARY_HOST`, `TANDEM_DB_PRIMARY_PORT`: the primary when the node started.
+    pub primary_db: (String, u16),
+    /// `TANDEM_DB_STATUS_FILE`: the agent's status (current role and primary), if any.
+    pub status_file: Option<PathBuf>,
+    /// `TANDEM_DB_NAME`, `TANDEM_DB_USER`, `TANDEM_DB_PASSWORD`.
+    pub database: String,
+    pub user: String,
+    pub password: String,
+    /// `TANDEM_APP_RUN_DIR`: private runtime directory (the client option file).
+    pub run_dir: PathBuf,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("node", &self.node)
+            .field("listen", &self.listen)
+            .field("local_db", &self.local_db)
+            .field("primary_db", &self.primary_db)
+            .field("status_file", &self.status_file)
+            .field("database", &self.database)
+            .field("user", &self.user)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("environment variable {name}: {problem}")]
+    Env { name: &'static str, problem: String },
+    #[error("listening on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Config {
+    pub fn from_env() -> Result<Config, AppError> {
+        Config::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, AppError> {
+        let required = |name: &'static str| {
+            get(name).ok_or(AppError::Env {
+                name,
+                problem: "not set".into(),
+            })
+        };
+        let parsed = |name: &'static str, default: &str| -> Result<String, AppError> {
+            Ok(get(name).unwrap_or_else(|| default.to_string()))
+        };
+        let port = |name: &'static str, default: &str| -> Result<u16, AppError> {
+            let v = parsed(name, default)?;
+            v.parse().map_err(|_| AppError::Env {
+                name,
+                problem: format!("`{v}` is not a port"),
+            })
+        };
+        let addr = parsed("TANDEM_APP_ADDR", "127.0.0.1")?;
+        let ip = addr.parse().map_err(|_| AppError::Env {
+            name: "TANDEM_APP_ADDR",
+            problem: format!("`{addr}` is not an IP address"),
+        })?;
+        let local_host = required("TANDEM_DB_HOST")?;
+        let local_port = port("TANDEM_DB_PORT", "3306")?;
+        Ok(Config {
+            node: required("TANDEM_NODE")?,
+            listen: SocketAddr::new(ip, port("TANDEM_APP_PORT", "8000")?),
+            primary_db: (
+                get("TANDEM_DB_PRIMARY_HOST").unwrap_or_else(|| local_host.clone()),
+                port("TANDEM_DB_PRIMARY_PORT", &local_port.to_string())?,
+            ),
+            local_db: (local_host, local_port),
+            status_file: get("TANDEM_DB_STATUS_FILE").map(PathBuf::from),
+            database: parsed("TANDEM_DB_NAME", "app")?,
+            user: required("TANDEM_DB_USER")?,
+            password: required("TANDEM_DB_PASSWORD")?,
+            run_dir: PathBuf::from(required("TANDEM_APP_RUN_DIR")?),
+        })
+    }
+}
+
+/// The node's database role and the primary, as the agent last published them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DbView {
+    pub role: String,
+    pub primary: (String, u16),
+    pub healthy: Option<bool>,
+}
+
+/// Reads the agent's status JSON; falls back to the start-time primary when there is none.
+pub fn db_view(status_json: Option<&str>, fallback: &(String, u16)) -> DbView {
+    let v: Option<serde_json::Value> = status_json.and_then(|t| serde_json::from_str(t).ok());
+    let primary = v.as_ref().and_then(|v| {
+        let p = &v["primary"];
+        Some((
+            p["address"].as_str()?.to_string(),
+            u16::try_from(p["port"].as_u64()?).ok()?,
+        ))
+    });
+    DbView {
+        role: v
+            .as_ref()
+            .and_then(|v| v["role"].as_str())
+            .unwrap_or("unknown")
+            .to_string(),
+        primary: primary.unwrap_or_else(|| fallback.clone()),
+        healthy: v.as_ref().and_then(|v| v["healthy"].as_bool()),
+    }
+}
+
+struct App {
+    config: Config,
+    client: Client,
+    /// Set once the schema exists on the primary (it replicates to every node).
+    schema_ready: AtomicBool,
+}
+
+/// Serves until the process is killed (the supervisor's SIGTERM ends it).
+pub fn run(config: Config) -> Result<(), AppError> {
+    std::fs::create_dir_all(&config.run_dir).map_err(|source| StoreError::OptionFile {
+        path: config.run_dir.clone(),
+        source,
+    })?;
+    let client = Client::new(
+        &config.run_dir,
+        &config.user,
+        &config.password,
+        &config.database,
+    )?;
+    let listener = TcpListener::bind(config.listen).map_err(|source| AppError::Listen {
+        addr: config.listen,
+        source,
+    })?;
+    tracing::info!(node = %config.node, listen = %config.listen, local_db = ?config.local_db, "demo application listening");
+    let app = Arc::new(App {
+        config,
+        client,
+        schema_ready: AtomicBool::new(false),
+    });
+    let active = Arc::new(AtomicUsize::new(0));
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            active.fetch_sub(1, Ordering::SeqCst);
+            let _ = Response::text(503, "busy").write_to(&stream);
+            continue;
+        }
+        let (app, counter) = (Arc::clone(&app), Arc::clone(&active));
+        let spawned = std::thread::Builder::new()
+            .name("conn".into())
+            .spawn(move || {
+                serve(&app, stream);
+                counter.fetch_sub(1, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            active.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+    Ok(())
+}
+
+fn serve(app: &App, stream: TcpStream) {
+    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+    let response = match http::read_request(&stream) {
+        Ok(request) => app.handle(&request),
+        Err(e) => match e.status() {
+            Some((status, why)) => Response::text(status, why),
+            None => return,
+        },
+    };
+    let _ = response.write_to(&stream);
+}
+
+impl App {
+    fn view(&self) -> DbView {
+        let text = self
+            .config
+            .status_file
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok());
+        db_view(text.as_deref(), &self.config.primary_db)
+    }
+
+    fn handle(&self, req: &Request) -> Response {
+        match (req.method.as_str(), req.path.as_str()) {
+            ("GET" | "HEAD", "/" | "/notes" | "/notes.json") => self.list(req),
+            ("POST", "/notes" | "/notes.json") => self.add(req),
+            (_, "/" | "/notes" | "/notes.json") => Response::text(405, "method not allowed"),
+            _ => Response::text(404, "not found"),
+        }
+    }
+
+    fn list(&self, req: &Request) -> Response {
+        let view = self.view();
+        let (host, port) = &self.config.local_db;
+        let notes = self.client.list(host, *port);
+        if req.wants_json() {
+            return match notes {
+                Ok(notes) => Response::json(
+                    200,
+                    &json!({"node": self.config.node, "role": view.role, "notes": notes}),
+                ),
+                Err(e) => Response::json(
+                    503,
+                    &json!({"node": self.config.node, "role": view.role, "error": e.to_string()}),
+                ),
+            };
+        }
+        let status = if notes.is_ok() { 200 } else { 503 };
+        Response::new(
+            status,
+            "text/html; charset=utf-8",
+            render_page(&self.config.node, &view, &notes.map_err(|e| e.to_string())),
+        )
+    }
+
+    fn add(&self, req: &Request) -> Response {
+        let json_in = req
+            .header("content-type")
+            .is_some_and(|c| c.starts_with("application/json"));
+        let body = if json_in {
+            serde_json::from_slice::<serde_json::Value>(&req.body)
+                .ok()
+                .and_then(|v| v["body"].as_str().map(str::to_string))
+        } else {
+            let text = String::from_utf8_lossy(&req.body);
+            http::parse_form(&text)
+                .into_iter()
+                .find(|(k, _)| k == "body")
+                .map(|(_, v)| v)
+        };
+        let fail = |status: u16, message: String| match req.wants_json() {
+            true => Response::json(status, &json!({"node": self.config.node, "error": message})),
+            false => Response::text(status, &message),
+        };
+        let body = match store::check_note(body.as_deref().unwrap_or("")) {
+            Ok(b) => b.to_string(),
+            Err(e) => return fail(400, e),
+        };
+        let view = self.view();
+        let (host, port) = &view.primary;
+        if !self.schema_ready.load(Ordering::SeqCst) {
+            if let Err(e) = self.client.ensure_schema(host, *port) {
+                return fail(503, format!("writing to the primary: {e}"));
+            }
+            self.schema_ready.store(true, Ordering::SeqCst);
+        }
+        match self.client.insert(host, *port, &self.config.node, &body) {
+            Ok(note) if req.wants_json() => Response::json(
+                201,
+                &json!({"node": self.config.node, "role": view.role, "note": note}),
+            ),
+            Ok(_) => Response::redirect("/"),
+            Err(e) => fail(503, format!("writing to the primary: {e}")),
+        }
+    }
+}
+
+/// The HTML page: the node, its role, the notes and a form.
+pub fn render_page(node: &str, view: &DbView, notes: &Result<Vec<store::Note>, String>) -> String {
+    let mut s =
+        String::from("<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>Notes — ");
+    s.push_str(&escape(node));
+    s.push_str("</title><link rel=\"stylesheet\" href=\"/style.css\"></head>\n<body>\n<header>\n");
+    s.push_str(&format!("<p class=\"node\">node: {}</p>\n", escape(node)));
+    s.push_str(&format!(
+        "<p class=\"role\">db_role: {}</p>\n",
+        escape(&view.role)
+    ));
+    s.push_str(&format!(
+        "<p class=\"primary\">primary: {}:{}</p>\n</header>\n",
+        escape(&view.primary.0),
+        view.primary.1
+    ));
+    s.push_str("<h1>Notes</h1>\n<form method=\"post\" action=\"/notes\"><textarea name=\"body\" maxlength=\"4000\" required></textarea><button>Add</button></form>\n");
+    match notes {
+        Ok(notes) if notes.is_empty() => s.push_str("<p>No notes yet.</p>\n"),
+        Ok(notes) => {
+            s.push_str("<ol>\n");
+            for n in notes.iter().rev() {
+                s.push_str(&format!(
+                    "<li><p>{}</p><small>#{} via {} at {}</small></li>\n",
+                    escape(&n.body),
+                    n.id,
+                    escape(&n.node),
+                    escape(&n.created)
+                ));
+            }
+            s.push_str("</ol>\n");
+        }
+        Err(e) => s.push_str(&format!(
+            "<p class=\"error\">The local database did not answer: {}</p>\n",
+            escape(e)
+        )),
+    }
+    s.push_str("</body></html>\n");
+    s
+}
+
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_comes_from_the_environment() {
+        let env = |name: &str| {
+            let value = match name {
+                "TANDEM_NODE" => "server1",
+                "TANDEM_APP_ADDR" => "127.0.0.11",
+                "TANDEM_DB_HOST" => "127.0.0.11",
+                "TANDEM_DB_USER" => "tandem_app",
+                "TANDEM_DB_PASSWORD" => "hunter2",
+                "TANDEM_APP_RUN_DIR" => "/run/tandem/app",
+                _ => return None,
+            };
+            Some(value.to_string())
+        };
+        let c = Config::from_lookup(env).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.11:8000");
+        assert_eq!(
+            (c.primary_db.0.as_str(), c.primary_db.1, c.database.as_str()),
+            ("127.0.0.11", 3306, "app")
+        );
+        assert!(!format!("{c:?}").contains("hunter2"));
+        let e = Config::from_lookup(|n| {
+            if n == "TANDEM_APP_PORT" {
+                Some("x".into())
+            } else {
+                env(n)
+            }
+        })
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "environment variable TANDEM_APP_PORT: `x` is not a port"
+        );
+        let e =
+            Config::from_lookup(|n| if n == "TANDEM_NODE" { None } else { env(n) }).unwrap_err();
+        assert_eq!(e.to_string(), "environment variable TANDEM_NODE: not set");
+    }
+
+    #[test]
+    fn the_agents_status_names_role_and_primary() {
+        let fallback = ("10.88.0.12".to_string(), 3306);
+        let v = db_view(
+            Some(
+                r#"{"role": "replica", "healthy": true, "primary": {"name": "server1", "address": "10.88.0.11", "port": 3307}}"#,
+            ),
+            &fallback,
+        );
+        assert_eq!(
+            v,
+            DbView {
+                role: "replica".into(),
+                primary: ("10.88.0.11".into(), 3307),
+                healthy: Some(true)
+            }
+        );
+        assert_eq!(
+            db_view(None, &fallback),
+            DbView {
+                role: "unknown".into(),
+                primary: fallback.clone(),
+                healthy: None
+            }
+        );
+        assert_eq!(db_view(Some("{garbage"), &fallback).primary, fallback);
+    }
+
+    #[test]
+    fn page_names_node_and_role_and_escapes_notes() {
+        let view = DbView {
+            role: "replica".into(),
+            primary: ("10.88.0.12".into(), 3306),
+            healthy: Some(true),
+        };
+        let notes = vec![store::Note {
+            id: 1,
+            node: "server2".into(),
+            body: "<script>".into(),
+            created: "now".into(),
+        }];
+        let page = render_page("server1", &view, &Ok(notes));
+        assert!(
+            page.contains("node: server1") && page.contains("db_role: replica"),
+            "{page}"
+        );
+        assert!(page.contains("&lt;script&gt;") && !page.contains("<script>"));
+        let page = render_page("server1", &view, &Err("down".into()));
+        assert!(page.contains("did not answer: down"));
+    }
+}

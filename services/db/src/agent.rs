@@ -1,0 +1,489 @@
+//! What the database agent (`appliance db-agent`) and the `appliance db` commands share: the
+//! agent's configuration (rendered by the node plan), the status it publishes, the passwords
+//! derived from the cluster secret, and the switchover's preconditions. Pure.
+//!
+//! # Secrets
+//!
+//! Every node of a cluster holds the same 32-byte cluster secret (a file of 64 hex digits).
+//! Each database password is `hex(HMAC-SHA256(secret, purpose))` with the purposes
+//! `replication`, `app` and `admin`, so replicas know the replication password without asking
+//! anyone, and nothing but the secret file needs provisioning.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use cluster_config::{Cluster, DbRole};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use crate::repl::{GtidPos, Passwords, SlaveStatus};
+
+/// Length of the cluster secret in bytes.
+pub const SECRET_LEN: usize = 32;
+/// File name of the agent's configuration below the run directory's `etc/`.
+pub const AGENT_CONFIG_FILE: &str = "db-agent.json";
+/// File name of the agent's published status in the run directory.
+pub const STATUS_FILE: &str = "db-status.json";
+/// File name, in the state directory, of the primary chosen by the last switchover.
+pub const PRIMARY_FILE: &str = "db-primary";
+
+/// One node as the agent needs to know it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentNode {
+    pub name: String,
+    pub address: Ipv4Addr,
+}
+
+/// The agent's whole configuration, written by the node plan to `run/etc/db-agent.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This node.
+    pub node: String,
+    pub nodes: Vec<AgentNode>,
+    /// The primary named by `cluster.toml`.
+    pub config_primary: String,
+    /// MariaDB's TCP port on every node.
+    pub port: u16,
+    /// Account host pattern for the cluster LAN (`10.88.0.0/255.255.255.0`).
+    pub account_host: String,
+    pub max_lag_ms: u64,
+    /// The local server's Unix socket (root logs in there by `unix_socket` authentication).
+    pub socket: PathBuf,
+    pub secret_file: PathBuf,
+    /// Persistent: the primary after a switchover (honoured over `config_primary`).
+    pub primary_file: PathBuf,
+    /// Runtime: the status the agent publishes.
+    pub status_file: PathBuf,
+    /// Runtime, private (0700): client option files holding passwords.
+    pub private_dir: PathBuf,
+}
+
+impl AgentConfig {
+    pub fn for_node(cluster: &Cluster, node: &str, paths: AgentPaths) -> AgentConfig {
+        AgentConfig {
+            node: node.to_string(),
+            nodes: cluster
+                .nodes
+                .iter()
+                .map(|n| AgentNode {
+                    name: n.name.clone(),
+                    address: n.address,
+                })
+                .collect(),
+            config_primary: cluster.primary().name.clone(),
+            port: cluster.ports.db,
+            account_host: crate::repl::host_pattern(&cluster.subnet),
+            max_lag_ms: u64::try_from(cluster.db.max_lag.as_millis()).unwrap_or(u64::MAX),
+            socket: paths.socket,
+            secret_file: paths.secret_file,
+            primary_file: paths.primary_file,
+            status_file: paths.status_file,
+            private_dir: paths.private_dir,
+        }
+    }
+
+    pub fn address_of(&self, node: &str) -> Option<Ipv4Addr> {
+        self.nodes
+            .iter()
+            .find(|n| n.name == node)
+            .map(|n| n.address)
+    }
+
+    /// The role of `node` when `primary` is the primary.
+    pub fn role(&self, node: &str, primary: &str) -> DbRole {
+        if node == primary {
+            DbRole::Primary
+        } else {
+            DbRole::Replica
+        }
+    }
+}
+
+/// Where the agent's files are; see [`AgentConfig`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentPaths {
+    pub socket: PathBuf,
+    pub secret_file: PathBuf,
+    pub primary_file: PathBuf,
+    pub status_file: PathBuf,
+    pub private_dir: PathBuf,
+}
+
+/// The effective primary: the one persisted by a switchover when it names a node of the
+/// cluster, else the config's.
+pub fn effective_primary<'a>(
+    config_primary: &'a str,
+    persisted: Option<&'a str>,
+    nodes: &[&str],
+) -> &'a str {
+    match persisted.map(str::trim) {
+        Some(p) if nodes.contains(&p) => p,
+        _ => config_primary,
+    }
+}
+
+/// The primary as the application and `db status` need to know it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrimaryRef {
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub port: u16,
+}
+
+/// What the agent publishes in `run/db-status.json` (never any secret). A stable interface:
+/// the demo application reads `role` and `primary`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub node: String,
+    /// `primary` or `replica`.
+    pub role: String,
+    pub primary: PrimaryRef,
+    pub healthy: bool,
+    pub error: Option<String>,
+    pub lag_s: Option<u64>,
+    pub read_only: Option<bool>,
+    pub io_running: Option<String>,
+    pub sql_running: Option<bool>,
+    pub gtid_current_pos: Option<String>,
+    pub gtid_slave_pos: Option<String>,
+    pub gtid_binlog_pos: Option<String>,
+    /// Unix time in milliseconds of this observation.
+    pub updated_ms: i64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Secrets
+
+/// Parses the secret file's text: 64 hex digits (surrounding whitespace ignored).
+pub fn parse_secret(text: &str) -> Result<[u8; SECRET_LEN], String> {
+    let text = text.trim();
+    let expected = || {
+        format!(
+            "expected {} hex digits, found {} characters",
+            SECRET_LEN * 2,
+            text.len()
+        )
+    };
+    if text.len() != SECRET_LEN * 2 {
+        return Err(expected());
+    }
+    let mut out = [0u8; SECRET_LEN];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2).ok_or_else(expected)?, 16)
+            .map_err(|_| expected())?;
+    }
+    Ok(out)
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// HMAC-SHA256 (RFC 2104); ten lines, not a dependency.
+pub fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
+    const BLOCK: usize = 64;
+    let mut k = [0u8; BLOCK];
+    if key.len() > BLOCK {
+        k[..32].copy_from_slice(&Sha256::digest(key));
+    } else {
+        k[..key.len()].copy_from_slice(key);
+    }
+    let pad = |byte: u8| k.map(|b| b ^ byte);
+    let inner = Sha256::new()
+        .chain_update(pad(0x36))
+        .chain_update(message)
+        .finalize();
+    Sha256::new()
+        .chain_update(pad(0x5c))
+        .chain_update(inner)
+        .finalize()
+        .into()
+}
+
+/// The password for one purpose.
+pub fn derive_password(secret: &[u8; SECRET_LEN], purpose: &str) -> String {
+    hex(&hmac_sha256(secret, purpose.as_bytes()))
+}
+
+pub fn passwords(secret: &[u8; SECRET_LEN]) -> Passwords {
+    Passwords {
+        replication: derive_password(secret, "replication"),
+        app: derive_password(secret, "app"),
+        admin: derive_password(secret, "admin"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Switchover
+
+/// One node's database as seen over the network by `db status` and `db switchover`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub name: String,
+    pub address: Ipv4Addr,
+    pub read_only: bool,
+    pub current_pos: GtidPos,
+    pub slave_pos: GtidPos,
+    pub binlog_pos: GtidPos,
+    pub slave: Option<SlaveStatus>,
+}
+
+/// Who does what in a switchover.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SwitchoverPlan {
+    pub old_primary: String,
+    pub target: String,
+    /// Replicas other than the target, repointed at the target.
+    pub others: Vec<String>,
+}
+
+/// Checks a switchover to `target` can start: exactly one writable node (the current primary),
+/// every node reachable, and the target replicating from it with both threads running and no
+/// error. Whether the target has applied everything is checked after the primary stopped
+/// taking writes (`MASTER_GTID_WAIT`), since before that it can never be certain.
+pub fn plan_switchover(
+    nodes: &[Result<Snapshot, String>],
+    target: &str,
+    port: u16,
+) -> Result<SwitchoverPlan, String> {
+    let mut seen = Vec::new();
+    for node in nodes {
+        match node {
+            Ok(s) => seen.push(s),
+            Err(e) => {
+                return Err(format!(
+                    "refusing: a node is unreachable ({e}); every node must be up for a switchover"
+                ))
+            }
+        }
+    }
+    let writable: Vec<&str> = seen
+        .iter()
+        .filter(|s| !s.read_only)
+        .map(|s| s.name.as_str())
+        .collect();
+    let old = match writable.as_slice() {
+        [one] => *one,
+        [] => {
+            return Err(
+                "refusing: no node is writable, so there is no primary to switch from".into(),
+            )
+        }
+        many => {
+            return Err(format!(
+                "refusing: several nodes are writable ({})",
+                many.join(", ")
+            ))
+        }
+    };
+    let Some(t) = seen.iter().find(|s| s.name == target) else {
+        return Err(format!("no node `{target}` in the cluster"));
+    };
+    if t.name == old {
+        return Err(format!("`{target}` is already the primary"));
+    }
+    let primary_addr = seen
+        .iter()
+        .find(|s| s.name == old)
+        .map(|s| s.address.to_string())
+        .unwrap_or_default();
+    let Some(slave) = &t.slave else {
+        return Err(format!(
+            "refusing: `{target}` does not replicate from anyone"
+        ));
+    };
+    if slave.master_host != primary_addr || slave.master_port != port {
+        return Err(format!(
+            "refusing: `{target}` replicates from {}:{}, not from the primary `{old}`",
+            slave.master_host, slave.master_port
+        ));
+    }
+    if !slave.io_running()
+        || !slave.sql_running
+        || !slave.last_sql_error.is_empty()
+        || !slave.last_io_error.is_empty()
+    {
+        return Err(format!(
+            "refusing: `{target}` is not replicating cleanly (IO {}, SQL {}, errors: {:?} {:?})",
+            slave.io_running,
+            if slave.sql_running { "Yes" } else { "No" },
+            slave.last_io_error,
+            slave.last_sql_error
+        ));
+    }
+    let others = seen
+        .iter()
+        .filter(|s| s.name != old && s.name != target)
+        .map(|s| s.name.clone())
+        .collect();
+    Ok(SwitchoverPlan {
+        old_primary: old.to_string(),
+        target: target.to_string(),
+        others,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repl::{parse_batch, SlaveStatus};
+
+    #[test]
+    fn hmac_matches_rfc4231_and_passwords_differ_by_purpose() {
+        // RFC 4231 test case 2.
+        let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
+        assert_eq!(
+            hex(&mac),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        // Test case 6: a key longer than the block.
+        let mac = hmac_sha256(
+            &[0xaa; 131],
+            b"Test Using Larger Than Block-Size Key - Hash Key First",
+        );
+        assert_eq!(
+            hex(&mac),
+            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
+        );
+        let secret = [7u8; SECRET_LEN];
+        let pw = passwords(&secret);
+        assert_eq!(pw.replication.len(), 64);
+        assert!(pw.replication != pw.app && pw.app != pw.admin);
+        assert_eq!(pw, passwords(&secret));
+        assert_ne!(pw, passwords(&[8u8; SECRET_LEN]));
+    }
+
+    #[test]
+    fn secret_file_text() {
+        let text = format!("{}\n", "ab".repeat(32));
+        assert_eq!(parse_secret(&text).unwrap(), [0xab; 32]);
+        assert!(parse_secret("abc")
+            .unwrap_err()
+            .contains("expected 64 hex digits"));
+        assert!(parse_secret(&"zz".repeat(32)).is_err());
+        assert!(parse_secret(&"é".repeat(32)).is_err());
+    }
+
+    #[test]
+    fn persisted_primary_wins_when_it_names_a_node() {
+        let nodes = ["server1", "server2"];
+        assert_eq!(effective_primary("server2", None, &nodes), "server2");
+        assert_eq!(
+            effective_primary("server2", Some("server1\n"), &nodes),
+            "server1"
+        );
+        assert_eq!(
+            effective_primary("server2", Some("gone"), &nodes),
+            "server2"
+        );
+    }
+
+    #[test]
+    fn agent_config_from_the_default_cluster() {
+        let cluster = Cluster::default_cluster();
+        let paths = AgentPaths {
+            socket: "/run/tandem/mysqld/mysqld.sock".into(),
+            secret_file: "/data/tandem/cluster.secret".into(),
+            primary_file: "/data/tandem/db-primary".into(),
+            status_file: "/run/tandem/db-status.json".into(),
+            private_dir: "/run/tandem/db-agent".into(),
+        };
+        let c = AgentConfig::for_node(&cluster, "server1", paths);
+        assert_eq!(
+            (c.config_primary.as_str(), c.port, c.max_lag_ms),
+            ("server2", 3306, 5000)
+        );
+        assert_eq!(c.account_host, "10.88.0.0/255.255.255.0");
+        assert_eq!(c.address_of("server2"), Some(Ipv4Addr::new(10, 88, 0, 12)));
+        assert_eq!(c.role("server1", "server2"), DbRole::Replica);
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<AgentConfig>(&json).unwrap(), c);
+    }
+
+    fn snap(
+        name: &str,
+        last: u8,
+        read_only: bool,
+        master: Option<(&str, &str, &str)>,
+    ) -> Result<Snapshot, String> {
+        let slave = master.and_then(|(host, io, sql)| {
+            SlaveStatus::from_rows(&parse_batch(&format!(
+                "Master_Host\tMaster_Port\tSlave_IO_Running\tSlave_SQL_Running\tLast_IO_Error\tLast_SQL_Error\n{host}\t3306\t{io}\t{sql}\t\t\n"
+            )))
+        });
+        Ok(Snapshot {
+            name: name.into(),
+            address: Ipv4Addr::new(10, 88, 0, last),
+            read_only,
+            current_pos: GtidPos::default(),
+            slave_pos: GtidPos::default(),
+            binlog_pos: GtidPos::default(),
+            slave,
+        })
+    }
+
+    #[test]
+    fn switchover_preconditions() {
+        let ok = [
+            snap("s1", 11, true, Some(("10.88.0.12", "Yes", "Yes"))),
+            snap("s2", 12, false, None),
+            snap("s3", 13, true, Some(("10.88.0.12", "Yes", "Yes"))),
+        ];
+        let plan = plan_switchover(&ok, "s1", 3306).unwrap();
+        assert_eq!(
+            plan,
+            SwitchoverPlan {
+                old_primary: "s2".into(),
+                target: "s1".into(),
+                others: vec!["s3".into()]
+            }
+        );
+        let check = |nodes: &[Result<Snapshot, String>], target: &str, error: &str| {
+            let e = plan_switchover(nodes, target, 3306).unwrap_err();
+            assert!(e.contains(error), "{e} should contain {error}");
+        };
+        check(&ok, "s2", "already the primary");
+        check(&ok, "s9", "no node `s9`");
+        check(
+            &[snap("s1", 11, false, None), snap("s2", 12, false, None)],
+            "s1",
+            "several nodes are writable (s1, s2)",
+        );
+        check(
+            &[snap("s1", 11, true, None), snap("s2", 12, true, None)],
+            "s1",
+            "no node is writable",
+        );
+        check(
+            &[
+                snap("s1", 11, true, Some(("10.88.0.12", "Connecting", "Yes"))),
+                snap("s2", 12, false, None),
+            ],
+            "s1",
+            "not replicating cleanly",
+        );
+        check(
+            &[
+                snap("s1", 11, true, Some(("10.88.0.13", "Yes", "Yes"))),
+                snap("s2", 12, false, None),
+            ],
+            "s1",
+            "not from the primary",
+        );
+        check(
+            &[snap("s1", 11, true, None), snap("s2", 12, false, None)],
+            "s1",
+            "does not replicate",
+        );
+        check(
+            &[
+                snap("s1", 11, true, None),
+                Err("s2: connection refused".into()),
+            ],
+            "s1",
+            "unreachable (s2: connection refused)",
+        );
+    }
+}
