@@ -20,7 +20,7 @@ use nix::sys::signal::{kill, sigaction, SaFlags, SigAction, SigHandler, SigSet, 
 use nix::unistd::{sync, Pid};
 
 use crate::node::{self, Layout};
-use crate::supervisor::{self, StopReason, SupervisorOptions};
+use crate::supervisor::StopReason;
 
 pub const SEED_MOUNT: &str = "/seed";
 pub const DATA_MOUNT: &str = "/data";
@@ -92,19 +92,14 @@ fn boot_and_supervise() -> anyhow::Result<Halt> {
     tracing::info!("firewall applied");
 
     let layout = Layout::image();
-    let mut specs = node::prepare(&cluster, node, &layout)?;
-    specs.push(crate::logmon_cmd::service_spec(None, None, &layout.state)?);
+    let specs = node::services(&cluster, node, &layout, None)?;
     // The supervisor blocks its signals in the calling thread and waits for them; a thread
     // started before that must not have them unblocked, or it would swallow them.
     supervisor_signals().thread_block().context("blocking signals")?;
     spawn_power_button_watch();
     tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "system up; starting services");
 
-    let mut options = SupervisorOptions::new(&layout.state);
-    options.control_socket = layout.socket.clone();
-    let logs = crate::logmon_cmd::attach_log_store(&mut options);
-    let reason = supervisor::run(specs, options)?;
-    logs.finish();
+    let reason = node::supervise(specs, &layout)?;
     tracing::info!(?reason, "services stopped");
     Ok(match reason {
         StopReason::Interrupt => Halt::Reboot,

@@ -143,15 +143,51 @@ pub fn run(config: Option<&Path>, node: &str, state_dir: &Path, secret_file: Opt
         (None, Some(dir)) => layout.secret = std::path::absolute(dir.join(format!("{}.secret", cluster.name)))?,
         (None, None) => {}
     }
-    let mut specs = prepare(&cluster, node, &layout)?;
-    specs.push(crate::logmon_cmd::service_spec(config, Some(&node.name), &layout.state)?);
+    let specs = services(&cluster, node, &layout, config)?;
+    let reason = supervise(specs, &layout)?;
+    tracing::info!(?reason, "supervisor stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Every service of the node: its own stack ([`prepare`]) plus the appliance's helpers (log
+/// monitor, admin server), which are `appliance` subcommands run as children. `config` is the
+/// cluster.toml they read; `None` on an image, where they read the seed.
+pub fn services(cluster: &Cluster, node: &Node, layout: &Layout, config: Option<&Path>) -> anyhow::Result<Vec<ServiceSpec>> {
+    let mut specs = prepare(cluster, node, layout)?;
+    let identity = config.map(|c| (c, node.name.as_str()));
+    specs.push(crate::logmon_cmd::service_spec(config, identity.map(|(_, n)| n), &layout.state)?);
+
+    let mut admin = appliance_argv("admin", identity)?;
+    admin.extend(["--state-dir".into(), absolute(&layout.state)?, "--socket".into(), absolute(&layout.socket)?]);
+    admin.extend(["--scrape".into(), logmon::metrics::default_addr(node.address).to_string()]);
+    let mut admin = ServiceSpec::daemon("admin", admin);
+    admin.readiness = Readiness::Tcp { addr: (node.address, cluster.ports.admin).into() };
+    specs.push(admin);
+    Ok(specs)
+}
+
+/// Runs `specs` under the supervisor with the node's log store attached, until it stops.
+pub fn supervise(specs: Vec<ServiceSpec>, layout: &Layout) -> anyhow::Result<supervisor::StopReason> {
     let mut options = SupervisorOptions::new(&layout.state);
     options.control_socket = layout.socket.clone();
     let logs = crate::logmon_cmd::attach_log_store(&mut options);
     let reason = supervisor::run(specs, options)?;
     logs.finish();
-    tracing::info!(?reason, "supervisor stopped");
-    Ok(ExitCode::SUCCESS)
+    Ok(reason)
+}
+
+/// `[appliance, sub, --config C --node N]`: a child that finds its node like its parent did.
+fn appliance_argv(sub: &str, identity: Option<(&Path, &str)>) -> anyhow::Result<Vec<String>> {
+    let exe = std::env::current_exe().context("locating the appliance binary")?;
+    let mut argv = vec![exe.display().to_string(), sub.to_string()];
+    if let Some((config, node)) = identity {
+        argv.extend(["--config".into(), absolute(config)?, "--node".into(), node.to_string()]);
+    }
+    Ok(argv)
+}
+
+fn absolute(path: &Path) -> anyhow::Result<String> {
+    Ok(std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?.display().to_string())
 }
 
 /// Creates the node's directories, counts the boot, renders every config file and returns the
@@ -257,10 +293,15 @@ pub fn prepare(cluster: &Cluster, node: &Node, layout: &Layout) -> anyhow::Resul
 
     let argv = cluster.app.command.clone().unwrap_or_else(|| vec![exe, "app".into()]);
     let mut app = ServiceSpec::daemon("app", argv);
+    // The application needs no privilege: its database password is in its environment.
+    app.user = as_user(NGINX_USER);
     app.deps = vec!["mariadb".into()];
     app.readiness = Readiness::Tcp { addr: (app_addr, cluster.ports.app).into() };
     let app_run = layout.run.join("app");
     make_dir(&app_run, 0o700)?;
+    if root {
+        chown_to(&app_run, NGINX_USER)?;
+    }
     let app_env = [
         ("TANDEM_NODE", node.name.clone()),
         ("TANDEM_APP_ADDR", app_addr.to_string()),

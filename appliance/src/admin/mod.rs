@@ -53,6 +53,10 @@ pub struct AdminArgs {
     /// Listen here instead of the node's address and admin port.
     #[arg(long)]
     pub listen: Option<SocketAddr>,
+    /// The node's runtime directory (the database agent's status file is there)
+    /// [default: STATE_DIR/run, or /run/tandem on an image].
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
     /// Local Prometheus endpoints to aggregate (host:port, path /metrics).
     #[arg(long = "scrape", default_values_t = DEFAULT_SCRAPE.map(String::from))]
     pub scrape: Vec<String>,
@@ -63,7 +67,12 @@ struct Ctx {
     node: Node,
     target: Target,
     scrape: Vec<String>,
+    state_dir: PathBuf,
+    run_dir: PathBuf,
 }
+
+/// Alerts shown on the page.
+const PAGE_ALERTS: usize = 15;
 
 pub fn main(args: AdminArgs) -> anyhow::Result<ExitCode> {
     let (cluster, node) = args.node.load()?;
@@ -73,7 +82,21 @@ pub fn main(args: AdminArgs) -> anyhow::Result<ExitCode> {
         socket: Some(args.socket.clone().unwrap_or_else(|| args.state_dir.join(control::SOCKET_FILE))),
         state_dir: None,
     };
-    let ctx = Arc::new(Ctx { cluster, node, target, scrape: args.scrape.clone() });
+    let run_dir = args.run_dir.clone().unwrap_or_else(|| {
+        if args.state_dir == crate::node::Layout::image().state {
+            crate::node::Layout::image().run
+        } else {
+            crate::node::Layout::dev(&args.state_dir).run
+        }
+    });
+    let ctx = Arc::new(Ctx {
+        cluster,
+        node,
+        target,
+        scrape: args.scrape.clone(),
+        state_dir: args.state_dir.clone(),
+        run_dir,
+    });
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(serve(listen, tls, ctx))?;
     Ok(ExitCode::SUCCESS)
@@ -248,14 +271,62 @@ fn gather(ctx: &Ctx) -> StatusView {
             this_node: n.name == ctx.node.name,
         })
         .collect();
+    let mut facts = vec![("floating IP".to_string(), ctx.cluster.floating_ip.to_string())];
+    facts.extend(db_facts(&ctx.run_dir.join(db::agent::STATUS_FILE)));
+    let alerts = match logmon::alerts::recent(&logmon::alerts::db_path(&ctx.state_dir), PAGE_ALERTS) {
+        Ok(alerts) => alerts.into_iter().map(alert_row).collect(),
+        Err(e) => {
+            tracing::debug!("reading alerts: {e}");
+            Vec::new()
+        }
+    };
     StatusView {
         cluster: ctx.cluster.name.clone(),
         node: ctx.node.name.clone(),
         nodes,
         services: services(ctx),
-        alerts: Vec::<AlertRow>::new(),
-        facts: vec![("floating IP".into(), ctx.cluster.floating_ip.to_string())],
+        alerts,
+        facts,
     }
+}
+
+fn alert_row(a: logmon::engine::Alert) -> AlertRow {
+    AlertRow {
+        rule: a.rule,
+        subject: a.subject,
+        state: a.state.as_str().to_string(),
+        since: utc_time(a.resolved_ms.unwrap_or(a.fired_ms)),
+        message: a.message,
+    }
+}
+
+/// `HH:MM:SS` UTC of a Unix time in milliseconds (the page says UTC).
+fn utc_time(ms: i64) -> String {
+    let secs = ms.div_euclid(1000).rem_euclid(86_400);
+    format!("{:02}:{:02}:{:02} UTC", secs / 3600, (secs / 60) % 60, secs % 60)
+}
+
+/// What the database agent last published about this node's MariaDB.
+fn db_facts(status_file: &Path) -> Vec<(String, String)> {
+    let status: db::agent::AgentStatus = match std::fs::read_to_string(status_file)
+        .map_err(|e| e.to_string())
+        .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
+    {
+        Ok(status) => status,
+        Err(e) => return vec![("database".into(), format!("no status from the agent ({e})"))],
+    };
+    let mut facts = vec![
+        ("database role".to_string(), status.role.clone()),
+        ("database primary".to_string(), format!("{} ({})", status.primary.name, status.primary.address)),
+        ("database health".to_string(), if status.healthy { "healthy".into() } else { "UNHEALTHY".into() }),
+    ];
+    if let Some(lag) = status.lag_s {
+        facts.push(("replication lag".into(), format!("{lag}s")));
+    }
+    if let Some(error) = status.error {
+        facts.push(("database error".into(), error));
+    }
+    facts
 }
 
 #[derive(Serialize)]
@@ -308,17 +379,17 @@ pub fn supervisor_metrics(node: &str, services: Option<&[ServiceStatus]>) -> Str
     s.push_str("# TYPE tandem_supervisor_up gauge\n");
     s.push_str(&format!("tandem_supervisor_up{{node=\"{node}\"}} {}\n", u8::from(services.is_some())));
     let Some(services) = services else { return s };
-    s.push_str("# HELP tandem_service_up Whether the service has a running process.\n# TYPE tandem_service_up gauge\n");
+    s.push_str("# HELP tandem_supervisor_service_running Whether the service has a running process.\n# TYPE tandem_supervisor_service_running gauge\n");
     for svc in services {
-        s.push_str(&format!("tandem_service_up{{node=\"{node}\",service=\"{}\"}} {}\n", svc.name, u8::from(svc.pid.is_some())));
+        s.push_str(&format!("tandem_supervisor_service_running{{node=\"{node}\",service=\"{}\"}} {}\n", svc.name, u8::from(svc.pid.is_some())));
     }
-    s.push_str("# HELP tandem_service_ready Whether the service passed its readiness check.\n# TYPE tandem_service_ready gauge\n");
+    s.push_str("# HELP tandem_supervisor_service_ready Whether the service passed its readiness check.\n# TYPE tandem_supervisor_service_ready gauge\n");
     for svc in services {
-        s.push_str(&format!("tandem_service_ready{{node=\"{node}\",service=\"{}\"}} {}\n", svc.name, u8::from(svc.ready)));
+        s.push_str(&format!("tandem_supervisor_service_ready{{node=\"{node}\",service=\"{}\"}} {}\n", svc.name, u8::from(svc.ready)));
     }
-    s.push_str("# HELP tandem_service_restarts_total Restarts since the supervisor started.\n# TYPE tandem_service_restarts_total counter\n");
+    s.push_str("# HELP tandem_supervisor_service_restarts_total Restarts since the supervisor started.\n# TYPE tandem_supervisor_service_restarts_total counter\n");
     for svc in services {
-        s.push_str(&format!("tandem_service_restarts_total{{node=\"{node}\",service=\"{}\"}} {}\n", svc.name, svc.restarts));
+        s.push_str(&format!("tandem_supervisor_service_restarts_total{{node=\"{node}\",service=\"{}\"}} {}\n", svc.name, svc.restarts));
     }
     s
 }
@@ -354,8 +425,8 @@ mod tests {
             ready: true,
         }];
         let text = supervisor_metrics("server1", Some(&services));
-        assert!(text.contains("tandem_service_restarts_total{node=\"server1\",service=\"nginx\"} 2\n"));
-        assert!(text.contains("tandem_service_up{node=\"server1\",service=\"nginx\"} 1\n"));
+        assert!(text.contains("tandem_supervisor_service_restarts_total{node=\"server1\",service=\"nginx\"} 2\n"));
+        assert!(text.contains("tandem_supervisor_service_running{node=\"server1\",service=\"nginx\"} 1\n"));
         assert!(supervisor_metrics("server1", None).contains("tandem_supervisor_up{node=\"server1\"} 0"));
     }
 }

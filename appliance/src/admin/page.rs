@@ -175,7 +175,7 @@ fn esc(s: &str) -> String {
 const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2em;color:#222}\
 h1{font-size:1.4em}h2{font-size:1.1em;margin-top:1.5em}\
 table{border-collapse:collapse;min-width:40em}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}\
-th{background:#f3f3f3}tr.ok td:nth-child(2){color:#176b1d}tr.warn td:nth-child(2){color:#9a6700;font-weight:bold}\
+th{background:#f3f3f3}#services tr.ok td:nth-child(2){color:#176b1d}#services tr.warn td:nth-child(2){color:#9a6700;font-weight:bold}\
 tr.bad td{color:#b00020;font-weight:bold}p.bad{color:#b00020}.foot{margin-top:2em;font-size:.9em}";
 
 #[cfg(test)]

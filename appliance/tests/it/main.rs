@@ -2,3 +2,4 @@ mod supervisor;
 mod run;
 mod db;
 mod logmon;
+mod admin;
