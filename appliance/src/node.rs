@@ -20,6 +20,8 @@ pub const MARIADB_USER: &str = "mysql";
 const DB_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(8);
 /// MariaDB's first start (InnoDB files created) is slow under emulation.
 const DB_READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+/// The node's own page (name, address, DB role, boot count) under the web root.
+pub const NODE_PAGE: &str = "node.html";
 /// File name of the cluster secret in a state directory.
 pub const SECRET_FILE: &str = "cluster.secret";
 
@@ -247,7 +249,8 @@ pub fn prepare(cluster: &Cluster, node: &Node, layout: &Layout) -> anyhow::Resul
         None => {
             make_dir(&www, 0o755)?;
             let page = web::render_node_page(&web::NodePage { cluster, node, boot });
-            write_file(&www.join("index.html"), &page, 0o644)?;
+            // The node page: which node answered and how often it booted (the application owns `/`).
+            write_file(&www.join(NODE_PAGE), &page, 0o644)?;
             for (name, text) in app::STATIC_FILES {
                 write_file(&www.join(name), text, 0o644)?;
             }
@@ -388,7 +391,7 @@ mod tests {
         let specs = prepare(&cluster, cluster.node("server2").unwrap(), &Layout::dev(dir.path())).unwrap();
         let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
         assert_eq!(names, ["mariadb-init", "mariadb", "db-agent", "app", "nginx"]);
-        let page = fs::read_to_string(dir.path().join("run/www/index.html")).unwrap();
+        let page = fs::read_to_string(dir.path().join("run/www").join(NODE_PAGE)).unwrap();
         assert!(page.contains("node: server2") && page.contains("boot: 1"), "{page}");
         let conf = fs::read_to_string(dir.path().join("run/etc/my.cnf")).unwrap();
         assert!(conf.contains("read_only = OFF"));

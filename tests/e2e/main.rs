@@ -8,3 +8,4 @@
 mod support;
 
 mod node_lifecycle;
+mod services;

@@ -38,6 +38,8 @@ fn two_nodes_boot_serve_reboot_and_survive_a_power_cut() {
         );
     }
 
+    let note = crate::services::run(&cluster, &config);
+
     step(
         &cluster,
         "server1 reboots cleanly on Ctrl-Alt-Del and counts the boot",
@@ -72,4 +74,11 @@ fn two_nodes_boot_serve_reboot_and_survive_a_power_cut() {
             Ok(())
         },
     );
+
+    step(&cluster, "the note survived the reboot and the power cut on both nodes", || {
+        for node in ["server2", "server1"] {
+            crate::services::wait_note(&cluster, &config, node, &note, crate::services::DB_TIMEOUT)?;
+        }
+        Ok(())
+    });
 }

@@ -102,7 +102,7 @@ pub fn step<T>(cluster: &Cluster, name: &str, body: impl FnOnce() -> qemu::Resul
 /// The node's page URL on its web port, from the client.
 pub fn page_url(config: &cluster_config::Cluster, node: &str) -> String {
     let n = config.node(node).expect("node of the default cluster");
-    format!("http://{}:{}/", n.address, config.ports.web)
+    format!("http://{}:{}/node.html", n.address, config.ports.web)
 }
 
 /// `boot: N` on a node's page.
