@@ -161,7 +161,10 @@ impl ControlServer {
                         if stop.load(Ordering::SeqCst) {
                             return;
                         }
-                        if conn.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::InvalidInput) {
+                        if conn
+                            .as_ref()
+                            .is_err_and(|e| e.kind() == std::io::ErrorKind::InvalidInput)
+                        {
                             // shutdown(2) by Drop; the flag is set just before.
                             return;
                         }

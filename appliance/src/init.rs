@@ -48,12 +48,18 @@ pub fn main() -> anyhow::Result<ExitCode> {
     let halt = match std::panic::catch_unwind(boot_and_supervise) {
         Ok(Ok(halt)) => halt,
         Ok(Err(e)) => {
-            tracing::error!("fatal: {e:#}; rebooting in {}s", FATAL_REBOOT_DELAY.as_secs());
+            tracing::error!(
+                "fatal: {e:#}; rebooting in {}s",
+                FATAL_REBOOT_DELAY.as_secs()
+            );
             std::thread::sleep(FATAL_REBOOT_DELAY);
             Halt::Reboot
         }
         Err(_) => {
-            tracing::error!("fatal: init panicked; rebooting in {}s", FATAL_REBOOT_DELAY.as_secs());
+            tracing::error!(
+                "fatal: init panicked; rebooting in {}s",
+                FATAL_REBOOT_DELAY.as_secs()
+            );
             std::thread::sleep(FATAL_REBOOT_DELAY);
             Halt::Reboot
         }
@@ -72,10 +78,14 @@ fn boot_and_supervise() -> anyhow::Result<Halt> {
 
     let seed_dev = find_partition("seed")?;
     mount_fs(&seed_dev, SEED_MOUNT, "ext4", MsFlags::MS_RDONLY)?;
-    let node_name = fs::read_to_string(Path::new(SEED_MOUNT).join("node")).context("reading the seed's node name")?;
+    let node_name = fs::read_to_string(Path::new(SEED_MOUNT).join("node"))
+        .context("reading the seed's node name")?;
     let node_name = node_name.trim();
-    let cluster = Cluster::load(&Path::new(SEED_MOUNT).join("cluster.toml")).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let node = cluster.node(node_name).with_context(|| format!("seed names node `{node_name}`, absent from its cluster.toml"))?;
+    let cluster = Cluster::load(&Path::new(SEED_MOUNT).join("cluster.toml"))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let node = cluster
+        .node(node_name)
+        .with_context(|| format!("seed names node `{node_name}`, absent from its cluster.toml"))?;
     tracing::info!(node = %node.name, address = %node.address, "seed read");
 
     let data_dev = find_partition("data")?;
@@ -95,9 +105,14 @@ fn boot_and_supervise() -> anyhow::Result<Halt> {
     let specs = node::services(&cluster, node, &layout, None)?;
     // The supervisor blocks its signals in the calling thread and waits for them; a thread
     // started before that must not have them unblocked, or it would swallow them.
-    supervisor_signals().thread_block().context("blocking signals")?;
+    supervisor_signals()
+        .thread_block()
+        .context("blocking signals")?;
     spawn_power_button_watch();
-    tracing::info!(elapsed_ms = started.elapsed().as_millis() as u64, "system up; starting services");
+    tracing::info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "system up; starting services"
+    );
 
     let reason = node::supervise(specs, &layout)?;
     tracing::info!(?reason, "services stopped");
@@ -123,7 +138,13 @@ fn shut_down(halt: Halt) -> ! {
             let _ = umount2(target, MntFlags::MNT_DETACH);
         }
     }
-    let _ = mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY, None::<&str>);
+    let _ = mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+        None::<&str>,
+    );
     sync();
     let mode = match halt {
         Halt::Reboot => RebootMode::RB_AUTOBOOT,
@@ -139,18 +160,28 @@ fn shut_down(halt: Halt) -> ! {
 }
 
 fn other_processes_exist() -> bool {
-    let Ok(entries) = fs::read_dir("/proc") else { return false };
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return false;
+    };
     entries.flatten().any(|e| {
-        e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()).is_some_and(|pid| {
-            // Kernel threads have an empty cmdline; they are not ours to wait for.
-            pid != 1 && fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
-        })
+        e.file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+            .is_some_and(|pid| {
+                // Kernel threads have an empty cmdline; they are not ours to wait for.
+                pid != 1 && fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
+            })
     })
 }
 
 fn supervisor_signals() -> SigSet {
     let mut set = SigSet::empty();
-    for sig in [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+    for sig in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+    ] {
         set.add(sig);
     }
     set
@@ -168,10 +199,22 @@ fn raise_open_files_limit() {
 /// disposition is the default. The supervisor blocks and waits for them; the handler never runs.
 fn make_signals_deliverable() -> anyhow::Result<()> {
     extern "C" fn ignore(_: libc::c_int) {}
-    let action = SigAction::new(SigHandler::Handler(ignore), SaFlags::SA_RESTART, SigSet::empty());
-    for sig in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGCHLD, Signal::SIGUSR1, Signal::SIGUSR2] {
+    let action = SigAction::new(
+        SigHandler::Handler(ignore),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for sig in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGCHLD,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+    ] {
         // SAFETY: the handler does nothing, so it is async-signal-safe.
-        unsafe { sigaction(sig, &action) }.with_context(|| format!("installing a handler for {sig}"))?;
+        unsafe { sigaction(sig, &action) }
+            .with_context(|| format!("installing a handler for {sig}"))?;
     }
     Ok(())
 }
@@ -190,11 +233,41 @@ fn mount_pseudo_filesystems() -> anyhow::Result<()> {
     let table: [(&str, &str, &str, MsFlags, Option<&str>); 7] = [
         ("proc", "/proc", "proc", nosuid_nodev_noexec, None),
         ("sysfs", "/sys", "sysfs", nosuid_nodev_noexec, None),
-        ("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755")),
-        ("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=0620,ptmxmode=0666")),
-        ("tmpfs", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777")),
-        ("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755")),
-        ("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777")),
+        (
+            "devtmpfs",
+            "/dev",
+            "devtmpfs",
+            MsFlags::MS_NOSUID,
+            Some("mode=0755"),
+        ),
+        (
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("mode=0620,ptmxmode=0666"),
+        ),
+        (
+            "tmpfs",
+            "/dev/shm",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=1777"),
+        ),
+        (
+            "tmpfs",
+            "/run",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=0755"),
+        ),
+        (
+            "tmpfs",
+            "/tmp",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some("mode=1777"),
+        ),
     ];
     for (source, target, fstype, flags, data) in table {
         // /proc first: the check below reads it.
@@ -208,22 +281,35 @@ fn mount_pseudo_filesystems() -> anyhow::Result<()> {
             Err(e) => bail!("mounting {fstype} on {target}: {e}"),
         }
     }
-    for (link, to) in [("/dev/fd", "/proc/self/fd"), ("/dev/stdin", "/proc/self/fd/0"), ("/dev/stdout", "/proc/self/fd/1"), ("/dev/stderr", "/proc/self/fd/2")] {
+    for (link, to) in [
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+    ] {
         let _ = std::os::unix::fs::symlink(to, link);
     }
     Ok(())
 }
 
 fn mount_fs(dev: &Path, target: &str, fstype: &str, flags: MsFlags) -> anyhow::Result<()> {
-    mount(Some(dev), target, Some(fstype), flags | MsFlags::MS_NOSUID | MsFlags::MS_NODEV, None::<&str>)
-        .with_context(|| format!("mounting {} ({fstype}) on {target}", dev.display()))
+    mount(
+        Some(dev),
+        target,
+        Some(fstype),
+        flags | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+    .with_context(|| format!("mounting {} ({fstype}) on {target}", dev.display()))
 }
 
 /// The data partition: a fresh filesystem if it has none (never over an existing one).
 fn mount_data(dev: &Path) -> anyhow::Result<()> {
     if !has_ext4_magic(dev)? {
         tracing::warn!(dev = %dev.display(), "data partition has no filesystem; creating one");
-        run(Command::new("mkfs.ext4").args(["-q", "-L", "data"]).arg(dev))?;
+        run(Command::new("mkfs.ext4")
+            .args(["-q", "-L", "data"])
+            .arg(dev))?;
     }
     run(Command::new("e2fsck").args(["-p"]).arg(dev)).or_else(|e| {
         // 1 = errors corrected; anything worse is logged, and mounting decides.
@@ -250,7 +336,10 @@ fn load_device_modules() {
     aliases.dedup();
     aliases.push("evdev".into());
     for chunk in aliases.chunks(200) {
-        if let Err(e) = run(Command::new("modprobe").args(["-a", "-q", "-b"]).args(chunk)) {
+        if let Err(e) = run(Command::new("modprobe")
+            .args(["-a", "-q", "-b"])
+            .args(chunk))
+        {
             tracing::debug!("modprobe: {e:#}");
         }
     }
@@ -261,7 +350,9 @@ fn collect_modaliases(dir: &Path, out: &mut Vec<String>, depth: usize) {
     if depth > 12 {
         return;
     }
-    let Ok(entries) = fs::read_dir(dir) else { return };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
     for entry in entries.flatten() {
         let Ok(ft) = entry.file_type() else { continue };
         if ft.is_symlink() {
@@ -285,7 +376,10 @@ fn collect_modaliases(dir: &Path, out: &mut Vec<String>, depth: usize) {
 pub fn find_partition(label: &str) -> anyhow::Result<PathBuf> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        for entry in fs::read_dir("/sys/class/block").context("listing /sys/class/block")?.flatten() {
+        for entry in fs::read_dir("/sys/class/block")
+            .context("listing /sys/class/block")?
+            .flatten()
+        {
             let uevent = fs::read_to_string(entry.path().join("uevent")).unwrap_or_default();
             if uevent.lines().any(|l| l == format!("PARTNAME={label}")) {
                 return Ok(Path::new("/dev").join(entry.file_name()));
@@ -300,14 +394,19 @@ pub fn find_partition(label: &str) -> anyhow::Result<PathBuf> {
 
 fn sysfs_u64(path: &Path) -> anyhow::Result<u64> {
     let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    text.trim().parse().with_context(|| format!("{}: not a number", path.display()))
+    text.trim()
+        .parse()
+        .with_context(|| format!("{}: not a number", path.display()))
 }
 
 /// Grows the data partition (the last one) to the end of the disk and its filesystem with it.
 /// Each step is safe to repeat if power fails in between: sfdisk rewrites the table atomically
 /// enough for GPT (primary + backup), and resize2fs resumes on an unmounted filesystem.
 fn grow_partition(dev: &Path) -> anyhow::Result<()> {
-    let name = dev.file_name().and_then(|n| n.to_str()).context("partition device name")?;
+    let name = dev
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("partition device name")?;
     let sys = fs::canonicalize(Path::new("/sys/class/block").join(name))?;
     let disk_sys = sys.parent().context("partition without a disk")?;
     let disk = Path::new("/dev").join(disk_sys.file_name().context("disk name")?);
@@ -319,13 +418,28 @@ fn grow_partition(dev: &Path) -> anyhow::Result<()> {
         return Ok(());
     }
     let number = sysfs_u64(&sys.join("partition"))?;
-    tracing::info!(free_mib = free_bytes >> 20, "growing the data partition to fill the disk");
-    run(Command::new("sfdisk").args(["--quiet", "--relocate", "gpt-bak-std"]).arg(&disk))?;
+    tracing::info!(
+        free_mib = free_bytes >> 20,
+        "growing the data partition to fill the disk"
+    );
+    run(Command::new("sfdisk")
+        .args(["--quiet", "--relocate", "gpt-bak-std"])
+        .arg(&disk))?;
     run_with_input(
-        Command::new("sfdisk").args(["--quiet", "--no-reread", "--no-tell-kernel", "-N", &number.to_string()]).arg(&disk),
+        Command::new("sfdisk")
+            .args([
+                "--quiet",
+                "--no-reread",
+                "--no-tell-kernel",
+                "-N",
+                &number.to_string(),
+            ])
+            .arg(&disk),
         ", +\n",
     )?;
-    run(Command::new("partx").args(["-u", "--nr", &number.to_string()]).arg(&disk))?;
+    run(Command::new("partx")
+        .args(["-u", "--nr", &number.to_string()])
+        .arg(&disk))?;
     if has_ext4_magic(dev)? {
         run(Command::new("e2fsck").args(["-f", "-p"]).arg(dev))?;
         run(Command::new("resize2fs").arg(dev))?;
@@ -372,7 +486,9 @@ fn wait_for_ethernet() -> anyhow::Result<String> {
 fn spawn_power_button_watch() {
     const EV_KEY: u16 = 1;
     const KEY_POWER: u16 = 116;
-    let Ok(entries) = fs::read_dir("/sys/class/input") else { return };
+    let Ok(entries) = fs::read_dir("/sys/class/input") else {
+        return;
+    };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if !name.starts_with("event") {
@@ -383,20 +499,24 @@ fn spawn_power_button_watch() {
             continue;
         }
         let path = Path::new("/dev/input").join(&name);
-        let _ = std::thread::Builder::new().name("power-button".into()).spawn(move || {
-            let Ok(mut f) = fs::File::open(&path) else { return };
-            // struct input_event on 64-bit: timeval (16), type (2), code (2), value (4).
-            let mut ev = [0u8; 24];
-            while f.read_exact(&mut ev).is_ok() {
-                let kind = u16::from_ne_bytes([ev[16], ev[17]]);
-                let code = u16::from_ne_bytes([ev[18], ev[19]]);
-                let value = i32::from_ne_bytes([ev[20], ev[21], ev[22], ev[23]]);
-                if kind == EV_KEY && code == KEY_POWER && value == 1 {
-                    tracing::info!("power button pressed");
-                    let _ = kill(Pid::this(), Signal::SIGTERM);
+        let _ = std::thread::Builder::new()
+            .name("power-button".into())
+            .spawn(move || {
+                let Ok(mut f) = fs::File::open(&path) else {
+                    return;
+                };
+                // struct input_event on 64-bit: timeval (16), type (2), code (2), value (4).
+                let mut ev = [0u8; 24];
+                while f.read_exact(&mut ev).is_ok() {
+                    let kind = u16::from_ne_bytes([ev[16], ev[17]]);
+                    let code = u16::from_ne_bytes([ev[18], ev[19]]);
+                    let value = i32::from_ne_bytes([ev[20], ev[21], ev[22], ev[23]]);
+                    if kind == EV_KEY && code == KEY_POWER && value == 1 {
+                        tracing::info!("power button pressed");
+                        let _ = kill(Pid::this(), Signal::SIGTERM);
+                    }
                 }
-            }
-        });
+            });
         tracing::info!(device = %name, "watching the power button");
     }
 }
@@ -419,11 +539,14 @@ fn run_with_input(cmd: &mut Command, input: &str) -> anyhow::Result<()> {
         .stdin(std::process::Stdio::piped())
         .spawn()
         .with_context(|| format!("running {shown}"))?;
-    child.stdin.take().context("stdin")?.write_all(input.as_bytes())?;
+    child
+        .stdin
+        .take()
+        .context("stdin")?
+        .write_all(input.as_bytes())?;
     let status = child.wait()?;
     if !status.success() {
         bail!("{shown} failed: {status}");
     }
     Ok(())
 }
-

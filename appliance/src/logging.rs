@@ -21,6 +21,10 @@ pub fn init() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         // PID 1 writes to a serial console that tests and people grep: plain text there.
-        .with_ansi(std::io::stderr().is_terminal() && std::process::id() != 1 && std::env::var_os("NO_COLOR").is_none())
+        .with_ansi(
+            std::io::stderr().is_terminal()
+                && std::process::id() != 1
+                && std::env::var_os("NO_COLOR").is_none(),
+        )
         .try_init();
 }

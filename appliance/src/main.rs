@@ -100,7 +100,10 @@ enum DbCommand {
 fn main() -> anyhow::Result<ExitCode> {
     // The kernel starts /sbin/init (a link to this binary) with arguments of its own.
     let argv0 = std::env::args_os().next().unwrap_or_default();
-    if std::path::Path::new(&argv0).file_name().is_some_and(|n| n == "init") {
+    if std::path::Path::new(&argv0)
+        .file_name()
+        .is_some_and(|n| n == "init")
+    {
         appliance::logging::init();
         return appliance::init::main();
     }
@@ -112,11 +115,18 @@ fn main() -> anyhow::Result<ExitCode> {
             print!("{}", cluster_config::DEFAULT_CLUSTER_TOML);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Run { config, node, state_dir, secret_file } => {
-            appliance::node::run(config.as_deref(), &node, &state_dir, secret_file.as_deref())
-        }
-        Command::Db { command: DbCommand::Status { state_dir, json } } => appliance::db_agent::status(state_dir.as_deref(), json),
-        Command::Db { command: DbCommand::Switchover { to, state_dir } } => appliance::db_agent::switchover(state_dir.as_deref(), &to),
+        Command::Run {
+            config,
+            node,
+            state_dir,
+            secret_file,
+        } => appliance::node::run(config.as_deref(), &node, &state_dir, secret_file.as_deref()),
+        Command::Db {
+            command: DbCommand::Status { state_dir, json },
+        } => appliance::db_agent::status(state_dir.as_deref(), json),
+        Command::Db {
+            command: DbCommand::Switchover { to, state_dir },
+        } => appliance::db_agent::switchover(state_dir.as_deref(), &to),
         Command::DbAgent { config } => appliance::db_agent::agent_main(&config),
         Command::App => {
             app::run(app::Config::from_env()?)?;
@@ -127,6 +137,8 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Admin(args) => appliance::admin::main(args),
         Command::Firewall { action } => appliance::firewall_cmd::main(action),
         Command::Status { target, json } => appliance::control::status(&target, json),
-        Command::Supervise { spec, state_dir } => appliance::logmon_cmd::supervise(&spec, &state_dir),
+        Command::Supervise { spec, state_dir } => {
+            appliance::logmon_cmd::supervise(&spec, &state_dir)
+        }
     }
 }

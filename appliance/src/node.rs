@@ -84,7 +84,10 @@ pub struct NodeArgs {
 impl NodeArgs {
     pub fn load(&self) -> anyhow::Result<(Cluster, Node)> {
         let seed = Path::new(crate::init::SEED_MOUNT);
-        let config = self.config.clone().or_else(|| Some(seed.join("cluster.toml")).filter(|p| p.exists()));
+        let config = self
+            .config
+            .clone()
+            .or_else(|| Some(seed.join("cluster.toml")).filter(|p| p.exists()));
         let cluster = load(config.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
         let name = match &self.node {
             Some(name) => name.clone(),
@@ -94,7 +97,10 @@ impl NodeArgs {
         };
         let node = cluster.node(&name).cloned().with_context(|| {
             let names: Vec<&str> = cluster.nodes.iter().map(|n| n.name.as_str()).collect();
-            format!("no node `{name}` in the cluster config (nodes: {})", names.join(", "))
+            format!(
+                "no node `{name}` in the cluster config (nodes: {})",
+                names.join(", ")
+            )
         })?;
         Ok((cluster, node))
     }
@@ -104,8 +110,15 @@ impl NodeArgs {
 pub fn check_config(file: Option<&Path>) -> anyhow::Result<ExitCode> {
     match load(file) {
         Ok(cluster) => {
-            let origin = file.map_or(cluster_config::DEFAULT_CLUSTER_NAME.to_string(), |f| f.display().to_string());
-            println!("{origin}: ok: cluster `{}`, {} nodes, primary {}", cluster.name, cluster.nodes.len(), cluster.primary().name);
+            let origin = file.map_or(cluster_config::DEFAULT_CLUSTER_NAME.to_string(), |f| {
+                f.display().to_string()
+            });
+            println!(
+                "{origin}: ok: cluster `{}`, {} nodes, primary {}",
+                cluster.name,
+                cluster.nodes.len(),
+                cluster.primary().name
+            );
             Ok(ExitCode::SUCCESS)
         }
         Err(errors) => {
@@ -126,7 +139,12 @@ fn load(file: Option<&Path>) -> Result<Cluster, cluster_config::ConfigErrors> {
 ///
 /// The cluster secret is `secret_file`, else `<cluster.toml's directory>/<cluster name>.secret`
 /// (so the nodes of one config on one machine share it), else `<state_dir>/cluster.secret`.
-pub fn run(config: Option<&Path>, node: &str, state_dir: &Path, secret_file: Option<&Path>) -> anyhow::Result<ExitCode> {
+pub fn run(
+    config: Option<&Path>,
+    node: &str,
+    state_dir: &Path,
+    secret_file: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
     let cluster = match load(config) {
         Ok(c) => c,
         Err(errors) => {
@@ -136,13 +154,18 @@ pub fn run(config: Option<&Path>, node: &str, state_dir: &Path, secret_file: Opt
     };
     let Some(node) = cluster.node(node) else {
         let names: Vec<&str> = cluster.nodes.iter().map(|n| n.name.as_str()).collect();
-        anyhow::bail!("no node `{node}` in the cluster config (nodes: {})", names.join(", "));
+        anyhow::bail!(
+            "no node `{node}` in the cluster config (nodes: {})",
+            names.join(", ")
+        );
     };
     crate::preflight::require_programs(&[db::MARIADBD, db::INSTALL_DB, db::CLIENT, web::NGINX])?;
     let mut layout = Layout::dev(state_dir);
     match (secret_file, config.and_then(Path::parent)) {
         (Some(file), _) => layout.secret = file.to_path_buf(),
-        (None, Some(dir)) => layout.secret = std::path::absolute(dir.join(format!("{}.secret", cluster.name)))?,
+        (None, Some(dir)) => {
+            layout.secret = std::path::absolute(dir.join(format!("{}.secret", cluster.name)))?
+        }
         (None, None) => {}
     }
     let specs = services(&cluster, node, &layout, config)?;
@@ -154,22 +177,44 @@ pub fn run(config: Option<&Path>, node: &str, state_dir: &Path, secret_file: Opt
 /// Every service of the node: its own stack ([`prepare`]) plus the appliance's helpers (log
 /// monitor, admin server), which are `appliance` subcommands run as children. `config` is the
 /// cluster.toml they read; `None` on an image, where they read the seed.
-pub fn services(cluster: &Cluster, node: &Node, layout: &Layout, config: Option<&Path>) -> anyhow::Result<Vec<ServiceSpec>> {
+pub fn services(
+    cluster: &Cluster,
+    node: &Node,
+    layout: &Layout,
+    config: Option<&Path>,
+) -> anyhow::Result<Vec<ServiceSpec>> {
     let mut specs = prepare(cluster, node, layout)?;
     let identity = config.map(|c| (c, node.name.as_str()));
-    specs.push(crate::logmon_cmd::service_spec(config, identity.map(|(_, n)| n), &layout.state)?);
+    specs.push(crate::logmon_cmd::service_spec(
+        config,
+        identity.map(|(_, n)| n),
+        &layout.state,
+    )?);
 
     let mut admin = appliance_argv("admin", identity)?;
-    admin.extend(["--state-dir".into(), absolute(&layout.state)?, "--socket".into(), absolute(&layout.socket)?]);
-    admin.extend(["--scrape".into(), logmon::metrics::default_addr(node.address).to_string()]);
+    admin.extend([
+        "--state-dir".into(),
+        absolute(&layout.state)?,
+        "--socket".into(),
+        absolute(&layout.socket)?,
+    ]);
+    admin.extend([
+        "--scrape".into(),
+        logmon::metrics::default_addr(node.address).to_string(),
+    ]);
     let mut admin = ServiceSpec::daemon("admin", admin);
-    admin.readiness = Readiness::Tcp { addr: (node.address, cluster.ports.admin).into() };
+    admin.readiness = Readiness::Tcp {
+        addr: (node.address, cluster.ports.admin).into(),
+    };
     specs.push(admin);
     Ok(specs)
 }
 
 /// Runs `specs` under the supervisor with the node's log store attached, until it stops.
-pub fn supervise(specs: Vec<ServiceSpec>, layout: &Layout) -> anyhow::Result<supervisor::StopReason> {
+pub fn supervise(
+    specs: Vec<ServiceSpec>,
+    layout: &Layout,
+) -> anyhow::Result<supervisor::StopReason> {
     let mut options = SupervisorOptions::new(&layout.state);
     options.control_socket = layout.socket.clone();
     let logs = crate::logmon_cmd::attach_log_store(&mut options);
@@ -183,25 +228,38 @@ fn appliance_argv(sub: &str, identity: Option<(&Path, &str)>) -> anyhow::Result<
     let exe = std::env::current_exe().context("locating the appliance binary")?;
     let mut argv = vec![exe.display().to_string(), sub.to_string()];
     if let Some((config, node)) = identity {
-        argv.extend(["--config".into(), absolute(config)?, "--node".into(), node.to_string()]);
+        argv.extend([
+            "--config".into(),
+            absolute(config)?,
+            "--node".into(),
+            node.to_string(),
+        ]);
     }
     Ok(argv)
 }
 
 fn absolute(path: &Path) -> anyhow::Result<String> {
-    Ok(std::path::absolute(path).with_context(|| format!("resolving {}", path.display()))?.display().to_string())
+    Ok(std::path::absolute(path)
+        .with_context(|| format!("resolving {}", path.display()))?
+        .display()
+        .to_string())
 }
 
 /// Creates the node's directories, counts the boot, renders every config file and returns the
 /// services to supervise. Runs before any service starts.
-pub fn prepare(cluster: &Cluster, node: &Node, layout: &Layout) -> anyhow::Result<Vec<ServiceSpec>> {
+pub fn prepare(
+    cluster: &Cluster,
+    node: &Node,
+    layout: &Layout,
+) -> anyhow::Result<Vec<ServiceSpec>> {
     let root = nix::unistd::geteuid().is_root();
     let as_user = |user: &str| root.then(|| user.to_string());
 
     make_dir(&layout.state, 0o755)?;
     // Runtime state from a previous run is stale by definition.
     if layout.run.exists() {
-        fs::remove_dir_all(&layout.run).with_context(|| format!("clearing {}", layout.run.display()))?;
+        fs::remove_dir_all(&layout.run)
+            .with_context(|| format!("clearing {}", layout.run.display()))?;
     }
     make_dir(&layout.run, 0o755)?;
     make_dir(&layout.run.join("etc"), 0o755)?;
@@ -215,9 +273,15 @@ pub fn prepare(cluster: &Cluster, node: &Node, layout: &Layout) -> anyhow::Resul
     // After a switchover the persisted primary overrides cluster.toml (see `db_agent`).
     let persisted = fs::read_to_string(layout.state.join(db::agent::PRIMARY_FILE)).ok();
     let names: Vec<&str> = cluster.nodes.iter().map(|n| n.name.as_str()).collect();
-    let primary_name = db::agent::effective_primary(&cluster.primary().name, persisted.as_deref(), &names).to_string();
+    let primary_name =
+        db::agent::effective_primary(&cluster.primary().name, persisted.as_deref(), &names)
+            .to_string();
     let primary = cluster.node(&primary_name).unwrap_or(cluster.primary());
-    db_params.role = if primary.name == node.name { cluster_config::DbRole::Primary } else { cluster_config::DbRole::Replica };
+    db_params.role = if primary.name == node.name {
+        cluster_config::DbRole::Primary
+    } else {
+        cluster_config::DbRole::Replica
+    };
     let secret = crate::db_agent::load_or_create_secret(&layout.secret)?;
     make_dir(&db_paths.datadir, 0o750)?;
     make_dir(&db_paths.run_dir, 0o755)?;
@@ -240,7 +304,11 @@ pub fn prepare(cluster: &Cluster, node: &Node, layout: &Layout) -> anyhow::Resul
         },
     );
     let agent_conf_file = layout.run.join("etc").join(db::agent::AGENT_CONFIG_FILE);
-    write_file(&agent_conf_file, &serde_json::to_string_pretty(&agent_conf)?, 0o644)?;
+    write_file(
+        &agent_conf_file,
+        &serde_json::to_string_pretty(&agent_conf)?,
+        0o644,
+    )?;
 
     // nginx: the application files, or the node's own page.
     let www = layout.run.join("www");
@@ -248,7 +316,11 @@ pub fn prepare(cluster: &Cluster, node: &Node, layout: &Layout) -> anyhow::Resul
         Some(files) => files.clone(),
         None => {
             make_dir(&www, 0o755)?;
-            let page = web::render_node_page(&web::NodePage { cluster, node, boot });
+            let page = web::render_node_page(&web::NodePage {
+                cluster,
+                node,
+                boot,
+            });
             // The node page: which node answered and how often it booted (the application owns `/`).
             write_file(&www.join(NODE_PAGE), &page, 0o644)?;
             for (name, text) in app::STATIC_FILES {
@@ -263,12 +335,19 @@ pub fn prepare(cluster: &Cluster, node: &Node, layout: &Layout) -> anyhow::Resul
         cluster,
         node,
         as_user(NGINX_USER),
-        web::Paths { run_dir: nginx_run, root: web_root },
+        web::Paths {
+            run_dir: nginx_run,
+            root: web_root,
+        },
     );
     // The application (the user's, or the built-in demo) always sits behind nginx. Nodes that
     // share a machine (loopback addresses) cannot share 127.0.0.1:port, so there it listens
     // on the node's own address.
-    let app_addr = if node.address.is_loopback() { node.address } else { std::net::Ipv4Addr::LOCALHOST };
+    let app_addr = if node.address.is_loopback() {
+        node.address
+    } else {
+        std::net::Ipv4Addr::LOCALHOST
+    };
     web_params.app_upstream = Some((app_addr, cluster.ports.app));
     let nginx_conf = layout.run.join("etc/nginx.conf");
     write_file(&nginx_conf, &web::render_conf(&web_params), 0o644)?;
@@ -284,22 +363,41 @@ pub fn prepare(cluster: &Cluster, node: &Node, layout: &Layout) -> anyhow::Resul
     let mut mariadb = ServiceSpec::daemon("mariadb", db::server_argv(&db_params));
     mariadb.user = as_user(MARIADB_USER);
     mariadb.deps = db_deps;
-    mariadb.readiness = Readiness::Tcp { addr: db_params.tcp_addr() };
+    mariadb.readiness = Readiness::Tcp {
+        addr: db_params.tcp_addr(),
+    };
     mariadb.ready_timeout = DB_READY_TIMEOUT;
     mariadb.stop_timeout = DB_STOP_TIMEOUT;
     specs.push(mariadb);
 
-    let exe = std::env::current_exe().context("locating the appliance binary")?.display().to_string();
-    let mut agent = ServiceSpec::daemon("db-agent", [exe.clone(), "db-agent".into(), "--config".into(), agent_conf_file.display().to_string()]);
+    let exe = std::env::current_exe()
+        .context("locating the appliance binary")?
+        .display()
+        .to_string();
+    let mut agent = ServiceSpec::daemon(
+        "db-agent",
+        [
+            exe.clone(),
+            "db-agent".into(),
+            "--config".into(),
+            agent_conf_file.display().to_string(),
+        ],
+    );
     agent.deps = vec!["mariadb".into()];
     specs.push(agent);
 
-    let argv = cluster.app.command.clone().unwrap_or_else(|| vec![exe, "app".into()]);
+    let argv = cluster
+        .app
+        .command
+        .clone()
+        .unwrap_or_else(|| vec![exe, "app".into()]);
     let mut app = ServiceSpec::daemon("app", argv);
     // The application needs no privilege: its database password is in its environment.
     app.user = as_user(NGINX_USER);
     app.deps = vec!["mariadb".into()];
-    app.readiness = Readiness::Tcp { addr: (app_addr, cluster.ports.app).into() };
+    app.readiness = Readiness::Tcp {
+        addr: (app_addr, cluster.ports.app).into(),
+    };
     let app_run = layout.run.join("app");
     make_dir(&app_run, 0o700)?;
     if root {
@@ -315,17 +413,26 @@ pub fn prepare(cluster: &Cluster, node: &Node, layout: &Layout) -> anyhow::Resul
         ("TANDEM_DB_PORT", cluster.ports.db.to_string()),
         ("TANDEM_DB_PRIMARY_HOST", primary.address.to_string()),
         ("TANDEM_DB_PRIMARY_PORT", cluster.ports.db.to_string()),
-        ("TANDEM_DB_STATUS_FILE", agent_conf.status_file.display().to_string()),
+        (
+            "TANDEM_DB_STATUS_FILE",
+            agent_conf.status_file.display().to_string(),
+        ),
         ("TANDEM_DB_NAME", db::repl::APP_DATABASE.to_string()),
         ("TANDEM_DB_USER", db::repl::APP_USER.to_string()),
-        ("TANDEM_DB_PASSWORD", db::agent::derive_password(&secret, "app")),
+        (
+            "TANDEM_DB_PASSWORD",
+            db::agent::derive_password(&secret, "app"),
+        ),
     ];
-    app.env.extend(app_env.into_iter().map(|(k, v)| (k.to_string(), v)));
+    app.env
+        .extend(app_env.into_iter().map(|(k, v)| (k.to_string(), v)));
     specs.push(app);
 
     // nginx runs as root only to bind and drop to www-data for its workers.
     let mut nginx = ServiceSpec::daemon("nginx", web::argv(&nginx_conf));
-    nginx.readiness = Readiness::Tcp { addr: (node.address, cluster.ports.web).into() };
+    nginx.readiness = Readiness::Tcp {
+        addr: (node.address, cluster.ports.web).into(),
+    };
     nginx.deps = vec!["app".into()];
     specs.push(nginx);
     Ok(specs)
@@ -336,7 +443,10 @@ pub fn prepare(cluster: &Cluster, node: &Node, layout: &Layout) -> anyhow::Resul
 pub fn count_boot(state: &Path) -> anyhow::Result<u64> {
     let path = state.join("boot-count");
     let previous = match fs::read_to_string(&path) {
-        Ok(text) => text.trim().parse::<u64>().with_context(|| format!("{}: not a number", path.display()))?,
+        Ok(text) => text
+            .trim()
+            .parse::<u64>()
+            .with_context(|| format!("{}: not a number", path.display()))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
@@ -348,26 +458,38 @@ pub fn count_boot(state: &Path) -> anyhow::Result<u64> {
 /// Atomic replace: temp file in the same directory, fsync, rename, fsync the directory.
 pub fn write_file(path: &Path, contents: &str, mode: u32) -> anyhow::Result<()> {
     let dir = path.parent().context("file path without a directory")?;
-    let tmp = dir.join(format!(".{}.tmp", path.file_name().and_then(|n| n.to_str()).unwrap_or("file")));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
+    ));
     let mut f = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(contents.as_bytes()).with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(contents.as_bytes())
+        .with_context(|| format!("writing {}", tmp.display()))?;
     f.set_permissions(fs::Permissions::from_mode(mode))?;
-    f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))?;
+    f.sync_all()
+        .with_context(|| format!("syncing {}", tmp.display()))?;
+    fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing {}", dir.display()))?;
     Ok(())
 }
 
 fn make_dir(path: &Path, mode: u32) -> anyhow::Result<()> {
     fs::create_dir_all(path).with_context(|| format!("creating {}", path.display()))?;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode)).with_context(|| format!("chmod {}", path.display()))
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {}", path.display()))
 }
 
 fn chown_to(path: &Path, user: &str) -> anyhow::Result<()> {
     let u = nix::unistd::User::from_name(user)
         .with_context(|| format!("looking up user {user}"))?
-        .with_context(|| format!("user {user} does not exist (is its Debian package installed?)"))?;
-    nix::unistd::chown(path, Some(u.uid), Some(u.gid)).with_context(|| format!("chown {user} {}", path.display()))
+        .with_context(|| {
+            format!("user {user} does not exist (is its Debian package installed?)")
+        })?;
+    nix::unistd::chown(path, Some(u.uid), Some(u.gid))
+        .with_context(|| format!("chown {user} {}", path.display()))
 }
 
 #[cfg(test)]
@@ -388,11 +510,22 @@ mod tests {
     fn default_node_plan_orders_services() {
         let dir = tempfile::tempdir().unwrap();
         let cluster = Cluster::default_cluster();
-        let specs = prepare(&cluster, cluster.node("server2").unwrap(), &Layout::dev(dir.path())).unwrap();
+        let specs = prepare(
+            &cluster,
+            cluster.node("server2").unwrap(),
+            &Layout::dev(dir.path()),
+        )
+        .unwrap();
         let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(names, ["mariadb-init", "mariadb", "db-agent", "app", "nginx"]);
+        assert_eq!(
+            names,
+            ["mariadb-init", "mariadb", "db-agent", "app", "nginx"]
+        );
         let page = fs::read_to_string(dir.path().join("run/www").join(NODE_PAGE)).unwrap();
-        assert!(page.contains("node: server2") && page.contains("boot: 1"), "{page}");
+        assert!(
+            page.contains("node: server2") && page.contains("boot: 1"),
+            "{page}"
+        );
         let conf = fs::read_to_string(dir.path().join("run/etc/my.cnf")).unwrap();
         assert!(conf.contains("read_only = OFF"));
     }

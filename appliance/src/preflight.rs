@@ -17,7 +17,11 @@ fn package_of(program: &str) -> &'static str {
 
 /// Fails naming every missing program and the `apt-get install` line that brings them.
 pub fn require_programs(programs: &[&str]) -> anyhow::Result<()> {
-    let missing: Vec<&str> = programs.iter().copied().filter(|p| !Path::new(p).exists()).collect();
+    let missing: Vec<&str> = programs
+        .iter()
+        .copied()
+        .filter(|p| !Path::new(p).exists())
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }

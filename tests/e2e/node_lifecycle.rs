@@ -75,10 +75,20 @@ fn two_nodes_boot_serve_reboot_and_survive_a_power_cut() {
         },
     );
 
-    step(&cluster, "the note survived the reboot and the power cut on both nodes", || {
-        for node in ["server2", "server1"] {
-            crate::services::wait_note(&cluster, &config, node, &note, crate::services::DB_TIMEOUT)?;
-        }
-        Ok(())
-    });
+    step(
+        &cluster,
+        "the note survived the reboot and the power cut on both nodes",
+        || {
+            for node in ["server2", "server1"] {
+                crate::services::wait_note(
+                    &cluster,
+                    &config,
+                    node,
+                    &note,
+                    crate::services::DB_TIMEOUT,
+                )?;
+            }
+            Ok(())
+        },
+    );
 }

@@ -11,27 +11,55 @@ use qemu::{Cluster, HttpResponse};
 pub const DB_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// POST a note through `node`'s nginx → app; the app writes to the primary wherever it is.
-pub fn post_note(cluster: &Cluster, config: &cluster_config::Cluster, node: &str, text: &str) -> qemu::Result<()> {
+pub fn post_note(
+    cluster: &Cluster,
+    config: &cluster_config::Cluster,
+    node: &str,
+    text: &str,
+) -> qemu::Result<()> {
     let n = config.node(node).expect("node of the default cluster");
     let url = format!("http://{}:{}/notes", n.address, config.ports.web);
     let body = format!("{{\"body\":\"{text}\"}}");
     qemu::wait_for(DB_TIMEOUT, &format!("POST {url}"), || {
-        let out = cluster.run(&[
-            "curl", "-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}", "-H",
-            "Content-Type: application/json", "-H", "Accept: application/json", "--data", &body, &url,
-        ])
-        .map_err(|e| e.to_string())?;
+        let out = cluster
+            .run(&[
+                "curl",
+                "-sS",
+                "--max-time",
+                "10",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "-H",
+                "Content-Type: application/json",
+                "-H",
+                "Accept: application/json",
+                "--data",
+                &body,
+                &url,
+            ])
+            .map_err(|e| e.to_string())?;
         let code = String::from_utf8_lossy(&out.stdout).trim().to_string();
         if code.starts_with('2') {
             Ok(())
         } else {
-            Err(format!("answered {code:?} {}", String::from_utf8_lossy(&out.stderr).trim()))
+            Err(format!(
+                "answered {code:?} {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
         }
     })
 }
 
 /// Wait until `node`'s application lists a note with `text` (read from its local database).
-pub fn wait_note(cluster: &Cluster, config: &cluster_config::Cluster, node: &str, text: &str, timeout: Duration) -> qemu::Result<HttpResponse> {
+pub fn wait_note(
+    cluster: &Cluster,
+    config: &cluster_config::Cluster,
+    node: &str,
+    text: &str,
+    timeout: Duration,
+) -> qemu::Result<HttpResponse> {
     let n = config.node(node).expect("node of the default cluster");
     let url = format!("http://{}:{}/notes.json", n.address, config.ports.web);
     cluster.wait_http(&url, timeout, |r| r.status == 200 && r.body.contains(text))
@@ -40,42 +68,79 @@ pub fn wait_note(cluster: &Cluster, config: &cluster_config::Cluster, node: &str
 /// `curl` exit code for a plain TCP connection attempt from the client: 0 connected (or
 /// answered), 7 refused, 28 timed out (dropped by a firewall).
 pub fn tcp_probe(cluster: &Cluster, addr: &str, port: u16) -> qemu::Result<i32> {
-    let out = cluster.run(&["curl", "-s", "--max-time", "3", "-o", "/dev/null", &format!("telnet://{addr}:{port}")])?;
+    let out = cluster.run(&[
+        "curl",
+        "-s",
+        "--max-time",
+        "3",
+        "-o",
+        "/dev/null",
+        &format!("telnet://{addr}:{port}"),
+    ])?;
     Ok(out.status.code().unwrap_or(-1))
 }
 
 pub fn run(cluster: &Cluster, config: &cluster_config::Cluster) -> String {
     let note = format!("e2e note {}", std::process::id());
-    crate::support::step(cluster, "a note posted through server1 lands on the primary (server2)", || {
-        post_note(cluster, config, "server1", &note)?;
-        wait_note(cluster, config, "server2", &note, Duration::from_secs(10))
-    });
+    crate::support::step(
+        cluster,
+        "a note posted through server1 lands on the primary (server2)",
+        || {
+            post_note(cluster, config, "server1", &note)?;
+            wait_note(cluster, config, "server2", &note, Duration::from_secs(10))
+        },
+    );
     crate::support::step(cluster, "server1 reads the note from its replica", || {
         wait_note(cluster, config, "server1", &note, Duration::from_secs(30))
     });
 
-    crate::support::step(cluster, "the firewall drops MariaDB from a non-peer, admin port open to the admin network", || {
-        let db = tcp_probe(cluster, "10.88.0.12", config.ports.db)?;
-        if db != 28 {
-            return Err(qemu::Error::Http(format!("3306 from the client: curl exit {db}, expected 28 (dropped)")));
-        }
-        let health = cluster.http_get(&format!("https://10.88.0.11:{}/healthz", config.ports.admin), Duration::from_secs(10))?;
-        if health.status != 200 {
-            return Err(qemu::Error::Http(format!("admin /healthz answered {}", health.status)));
-        }
-        Ok(())
-    });
+    crate::support::step(
+        cluster,
+        "the firewall drops MariaDB from a non-peer, admin port open to the admin network",
+        || {
+            let db = tcp_probe(cluster, "10.88.0.12", config.ports.db)?;
+            if db != 28 {
+                return Err(qemu::Error::Http(format!(
+                    "3306 from the client: curl exit {db}, expected 28 (dropped)"
+                )));
+            }
+            let health = cluster.http_get(
+                &format!("https://10.88.0.11:{}/healthz", config.ports.admin),
+                Duration::from_secs(10),
+            )?;
+            if health.status != 200 {
+                return Err(qemu::Error::Http(format!(
+                    "admin /healthz answered {}",
+                    health.status
+                )));
+            }
+            Ok(())
+        },
+    );
 
-    crate::support::step(cluster, "the admin port shows the status page and metrics", || {
-        let page = cluster.wait_http(&format!("https://10.88.0.12:{}/", config.ports.admin), Duration::from_secs(60), |r| {
-            r.status == 200 && r.body.contains("data-service=\"mariadb\"") && r.body.contains("database role")
-        })?;
-        if !page.body.contains("node <b>server2</b>") {
-            return Err(qemu::Error::Http(format!("status page of the wrong node: {}", page.body)));
-        }
-        cluster.wait_http(&format!("https://10.88.0.12:{}/metrics", config.ports.admin), Duration::from_secs(30), |r| {
+    crate::support::step(
+        cluster,
+        "the admin port shows the status page and metrics",
+        || {
+            let page = cluster.wait_http(
+                &format!("https://10.88.0.12:{}/", config.ports.admin),
+                Duration::from_secs(60),
+                |r| {
+                    r.status == 200
+                        && r.body.contains("data-service=\"mariadb\"")
+                        && r.body.contains("database role")
+                },
+            )?;
+            if !page.body.contains("node <b>server2</b>") {
+                return Err(qemu::Error::Http(format!(
+                    "status page of the wrong node: {}",
+                    page.body
+                )));
+            }
+            cluster.wait_http(&format!("https://10.88.0.12:{}/metrics", config.ports.admin), Duration::from_secs(30), |r| {
             r.status == 200 && r.body.contains("tandem_supervisor_service_running{node=\"server2\",service=\"nginx\"} 1")
         })
-    });
+        },
+    );
     note
 }

@@ -76,10 +76,16 @@ const PAGE_ALERTS: usize = 15;
 
 pub fn main(args: AdminArgs) -> anyhow::Result<ExitCode> {
     let (cluster, node) = args.node.load()?;
-    let listen = args.listen.unwrap_or(SocketAddr::from((node.address, cluster.ports.admin)));
+    let listen = args
+        .listen
+        .unwrap_or(SocketAddr::from((node.address, cluster.ports.admin)));
     let tls = server_config(&args, &cluster, &node)?;
     let target = Target {
-        socket: Some(args.socket.clone().unwrap_or_else(|| args.state_dir.join(control::SOCKET_FILE))),
+        socket: Some(
+            args.socket
+                .clone()
+                .unwrap_or_else(|| args.state_dir.join(control::SOCKET_FILE)),
+        ),
         state_dir: None,
     };
     let run_dir = args.run_dir.clone().unwrap_or_else(|| {
@@ -97,18 +103,28 @@ pub fn main(args: AdminArgs) -> anyhow::Result<ExitCode> {
         state_dir: args.state_dir.clone(),
         run_dir,
     });
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(serve(listen, tls, ctx))?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// TLS for the admin port: the node certificate from the seed with optional client
 /// certificates verified against the cluster CA, or a self-signed one on a developer machine.
-fn server_config(args: &AdminArgs, cluster: &Cluster, node: &Node) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+fn server_config(
+    args: &AdminArgs,
+    cluster: &Cluster,
+    node: &Node,
+) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
     let seed_tls = Path::new(crate::init::SEED_MOUNT).join("tls");
-    let tls_dir = args.tls_dir.clone().or_else(|| Some(seed_tls).filter(|d| d.join("node.crt").exists()));
+    let tls_dir = args
+        .tls_dir
+        .clone()
+        .or_else(|| Some(seed_tls).filter(|d| d.join("node.crt").exists()));
     let mut config = match tls_dir {
         Some(dir) => {
             let certs = load_certs(&dir.join("node.crt"))?;
@@ -118,16 +134,22 @@ fn server_config(args: &AdminArgs, cluster: &Cluster, node: &Node) -> anyhow::Re
             for ca in load_certs(&dir.join("ca.crt"))? {
                 roots.add(ca).context("adding the cluster CA")?;
             }
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .allow_unauthenticated()
-                .build()
-                .context("client certificate verifier")?;
-            builder.with_client_cert_verifier(verifier).with_single_cert(certs, key)?
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .allow_unauthenticated()
+            .build()
+            .context("client certificate verifier")?;
+            builder
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(certs, key)?
         }
         None => {
             let (cert, key) = self_signed(&args.state_dir.join("tls"), cluster, node)?;
             let certs = load_certs(&cert)?;
-            let key = PrivateKeyDer::from_pem_file(&key).with_context(|| format!("reading {}", key.display()))?;
+            let key = PrivateKeyDer::from_pem_file(&key)
+                .with_context(|| format!("reading {}", key.display()))?;
             builder.with_no_client_auth().with_single_cert(certs, key)?
         }
     };
@@ -140,7 +162,11 @@ fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
         .with_context(|| format!("reading {}", path.display()))?
         .collect::<Result<Vec<_>, _>>()
         .with_context(|| format!("parsing {}", path.display()))?;
-    anyhow::ensure!(!certs.is_empty(), "{}: no certificate in it", path.display());
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "{}: no certificate in it",
+        path.display()
+    );
     Ok(certs)
 }
 
@@ -151,15 +177,26 @@ fn self_signed(dir: &Path, cluster: &Cluster, node: &Node) -> anyhow::Result<(Pa
         return Ok((cert, key));
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let names = vec![node.name.clone(), node.address.to_string(), format!("{}.{}", node.name, cluster.domain)];
-    let generated = rcgen::generate_simple_self_signed(names).context("generating the admin certificate")?;
+    let names = vec![
+        node.name.clone(),
+        node.address.to_string(),
+        format!("{}.{}", node.name, cluster.domain),
+    ];
+    let generated =
+        rcgen::generate_simple_self_signed(names).context("generating the admin certificate")?;
     crate::node::write_file(&key, &generated.key_pair.serialize_pem(), 0o600)?;
     crate::node::write_file(&cert, &generated.cert.pem(), 0o644)?;
     Ok((cert, key))
 }
 
-async fn serve(listen: SocketAddr, tls: Arc<rustls::ServerConfig>, ctx: Arc<Ctx>) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+async fn serve(
+    listen: SocketAddr,
+    tls: Arc<rustls::ServerConfig>,
+    ctx: Arc<Ctx>,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
     tracing::info!(%listen, "admin server listening");
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -181,16 +218,21 @@ async fn serve(listen: SocketAddr, tls: Arc<rustls::ServerConfig>, ctx: Arc<Ctx>
         let acceptor = acceptor.clone();
         let ctx = ctx.clone();
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, "TLS handshake: {e}");
-                    return;
-                }
-                Err(_) => return,
-            };
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::debug!(%peer, "TLS handshake: {e}");
+                        return;
+                    }
+                    Err(_) => return,
+                };
             // A verified client certificate means a cluster peer (the CA signs only nodes).
-            let peer_cert = tls.get_ref().1.peer_certificates().is_some_and(|c| !c.is_empty());
+            let peer_cert = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .is_some_and(|c| !c.is_empty());
             let service = hyper::service::service_fn(move |req| {
                 let ctx = ctx.clone();
                 async move { Ok::<_, Infallible>(route(&ctx, req, peer_cert).await) }
@@ -228,7 +270,11 @@ async fn route(ctx: &Arc<Ctx>, req: Request<Incoming>, peer_cert: bool) -> Resp 
     match req.uri().path() {
         "/" => {
             let view = blocking(move || gather(&ctx)).await;
-            reply(StatusCode::OK, "text/html; charset=utf-8", page::render(&view))
+            reply(
+                StatusCode::OK,
+                "text/html; charset=utf-8",
+                page::render(&view),
+            )
         }
         "/api/status" => {
             let view = blocking(move || gather(&ctx)).await;
@@ -237,17 +283,31 @@ async fn route(ctx: &Arc<Ctx>, req: Request<Incoming>, peer_cert: bool) -> Resp 
         }
         "/metrics" => {
             let text = blocking(move || metrics(&ctx)).await;
-            reply(StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", text)
+            reply(
+                StatusCode::OK,
+                "text/plain; version=0.0.4; charset=utf-8",
+                text,
+            )
         }
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),
-        "/api/peer/ping" if peer_cert => reply(StatusCode::OK, "text/plain", format!("pong from {}\n", ctx.node.name)),
-        "/api/peer/ping" => reply(StatusCode::FORBIDDEN, "text/plain", "peer API: a cluster client certificate is required\n"),
+        "/api/peer/ping" if peer_cert => reply(
+            StatusCode::OK,
+            "text/plain",
+            format!("pong from {}\n", ctx.node.name),
+        ),
+        "/api/peer/ping" => reply(
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            "peer API: a cluster client certificate is required\n",
+        ),
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f).await.expect("admin worker does not panic")
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("admin worker does not panic")
 }
 
 fn services(ctx: &Ctx) -> Result<Vec<ServiceStatus>, String> {
@@ -271,9 +331,13 @@ fn gather(ctx: &Ctx) -> StatusView {
             this_node: n.name == ctx.node.name,
         })
         .collect();
-    let mut facts = vec![("floating IP".to_string(), ctx.cluster.floating_ip.to_string())];
+    let mut facts = vec![(
+        "floating IP".to_string(),
+        ctx.cluster.floating_ip.to_string(),
+    )];
     facts.extend(db_facts(&ctx.run_dir.join(db::agent::STATUS_FILE)));
-    let alerts = match logmon::alerts::recent(&logmon::alerts::db_path(&ctx.state_dir), PAGE_ALERTS) {
+    let alerts = match logmon::alerts::recent(&logmon::alerts::db_path(&ctx.state_dir), PAGE_ALERTS)
+    {
         Ok(alerts) => alerts.into_iter().map(alert_row).collect(),
         Err(e) => {
             tracing::debug!("reading alerts: {e}");
@@ -303,7 +367,12 @@ fn alert_row(a: logmon::engine::Alert) -> AlertRow {
 /// `HH:MM:SS` UTC of a Unix time in milliseconds (the page says UTC).
 fn utc_time(ms: i64) -> String {
     let secs = ms.div_euclid(1000).rem_euclid(86_400);
-    format!("{:02}:{:02}:{:02} UTC", secs / 3600, (secs / 60) % 60, secs % 60)
+    format!(
+        "{:02}:{:02}:{:02} UTC",
+        secs / 3600,
+        (secs / 60) % 60,
+        secs % 60
+    )
 }
 
 /// What the database agent last published about this node's MariaDB.
@@ -317,8 +386,18 @@ fn db_facts(status_file: &Path) -> Vec<(String, String)> {
     };
     let mut facts = vec![
         ("database role".to_string(), status.role.clone()),
-        ("database primary".to_string(), format!("{} ({})", status.primary.name, status.primary.address)),
-        ("database health".to_string(), if status.healthy { "healthy".into() } else { "UNHEALTHY".into() }),
+        (
+            "database primary".to_string(),
+            format!("{} ({})", status.primary.name, status.primary.address),
+        ),
+        (
+            "database health".to_string(),
+            if status.healthy {
+                "healthy".into()
+            } else {
+                "UNHEALTHY".into()
+            },
+        ),
     ];
     if let Some(lag) = status.lag_s {
         facts.push(("replication lag".into(), format!("{lag}s")));
@@ -375,28 +454,46 @@ fn metrics(ctx: &Ctx) -> String {
 /// Prometheus text for the supervised services (pure).
 pub fn supervisor_metrics(node: &str, services: Option<&[ServiceStatus]>) -> String {
     let mut s = String::new();
-    s.push_str("# HELP tandem_supervisor_up Whether the supervisor answered on its control socket.\n");
+    s.push_str(
+        "# HELP tandem_supervisor_up Whether the supervisor answered on its control socket.\n",
+    );
     s.push_str("# TYPE tandem_supervisor_up gauge\n");
-    s.push_str(&format!("tandem_supervisor_up{{node=\"{node}\"}} {}\n", u8::from(services.is_some())));
+    s.push_str(&format!(
+        "tandem_supervisor_up{{node=\"{node}\"}} {}\n",
+        u8::from(services.is_some())
+    ));
     let Some(services) = services else { return s };
     s.push_str("# HELP tandem_supervisor_service_running Whether the service has a running process.\n# TYPE tandem_supervisor_service_running gauge\n");
     for svc in services {
-        s.push_str(&format!("tandem_supervisor_service_running{{node=\"{node}\",service=\"{}\"}} {}\n", svc.name, u8::from(svc.pid.is_some())));
+        s.push_str(&format!(
+            "tandem_supervisor_service_running{{node=\"{node}\",service=\"{}\"}} {}\n",
+            svc.name,
+            u8::from(svc.pid.is_some())
+        ));
     }
     s.push_str("# HELP tandem_supervisor_service_ready Whether the service passed its readiness check.\n# TYPE tandem_supervisor_service_ready gauge\n");
     for svc in services {
-        s.push_str(&format!("tandem_supervisor_service_ready{{node=\"{node}\",service=\"{}\"}} {}\n", svc.name, u8::from(svc.ready)));
+        s.push_str(&format!(
+            "tandem_supervisor_service_ready{{node=\"{node}\",service=\"{}\"}} {}\n",
+            svc.name,
+            u8::from(svc.ready)
+        ));
     }
     s.push_str("# HELP tandem_supervisor_service_restarts_total Restarts since the supervisor started.\n# TYPE tandem_supervisor_service_restarts_total counter\n");
     for svc in services {
-        s.push_str(&format!("tandem_supervisor_service_restarts_total{{node=\"{node}\",service=\"{}\"}} {}\n", svc.name, svc.restarts));
+        s.push_str(&format!(
+            "tandem_supervisor_service_restarts_total{{node=\"{node}\",service=\"{}\"}} {}\n",
+            svc.name, svc.restarts
+        ));
     }
     s
 }
 
 /// A minimal HTTP/1.0 GET of `/metrics` on a loopback endpoint.
 fn scrape(endpoint: &str) -> anyhow::Result<String> {
-    let addr: SocketAddr = endpoint.parse().with_context(|| format!("`{endpoint}` is not host:port"))?;
+    let addr: SocketAddr = endpoint
+        .parse()
+        .with_context(|| format!("`{endpoint}` is not host:port"))?;
     let mut conn = TcpStream::connect_timeout(&addr, SCRAPE_TIMEOUT)?;
     conn.set_read_timeout(Some(SCRAPE_TIMEOUT))?;
     conn.set_write_timeout(Some(SCRAPE_TIMEOUT))?;
@@ -405,7 +502,11 @@ fn scrape(endpoint: &str) -> anyhow::Result<String> {
     conn.take(MAX_SCRAPE_BYTES).read_to_end(&mut raw)?;
     let text = String::from_utf8(raw).context("metrics are not UTF-8")?;
     let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
-    anyhow::ensure!(head.starts_with("HTTP/1.") && head.split(' ').nth(1) == Some("200"), "answered {}", head.lines().next().unwrap_or(""));
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.") && head.split(' ').nth(1) == Some("200"),
+        "answered {}",
+        head.lines().next().unwrap_or("")
+    );
     Ok(body.to_string())
 }
 
@@ -425,8 +526,12 @@ mod tests {
             ready: true,
         }];
         let text = supervisor_metrics("server1", Some(&services));
-        assert!(text.contains("tandem_supervisor_service_restarts_total{node=\"server1\",service=\"nginx\"} 2\n"));
-        assert!(text.contains("tandem_supervisor_service_running{node=\"server1\",service=\"nginx\"} 1\n"));
-        assert!(supervisor_metrics("server1", None).contains("tandem_supervisor_up{node=\"server1\"} 0"));
+        assert!(text.contains(
+            "tandem_supervisor_service_restarts_total{node=\"server1\",service=\"nginx\"} 2\n"
+        ));
+        assert!(text
+            .contains("tandem_supervisor_service_running{node=\"server1\",service=\"nginx\"} 1\n"));
+        assert!(supervisor_metrics("server1", None)
+            .contains("tandem_supervisor_up{node=\"server1\"} 0"));
     }
 }

@@ -73,7 +73,12 @@ pub fn render(v: &StatusView) -> String {
         esc(&v.node),
         esc(&v.cluster)
     );
-    let _ = writeln!(s, "<h1>Tandem · cluster <b>{}</b> · node <b>{}</b></h1>", esc(&v.cluster), esc(&v.node));
+    let _ = writeln!(
+        s,
+        "<h1>Tandem · cluster <b>{}</b> · node <b>{}</b></h1>",
+        esc(&v.cluster),
+        esc(&v.node)
+    );
 
     s.push_str("<h2>Nodes</h2>\n<table><tr><th>node</th><th>address</th><th>database</th></tr>\n");
     for n in &v.nodes {
@@ -120,7 +125,11 @@ pub fn render(v: &StatusView) -> String {
             s.push_str("</table>\n");
         }
         Err(reason) => {
-            let _ = writeln!(s, "<p class=\"bad\">supervisor unreachable: {}</p>", esc(reason));
+            let _ = writeln!(
+                s,
+                "<p class=\"bad\">supervisor unreachable: {}</p>",
+                esc(reason)
+            );
         }
     }
 
@@ -198,7 +207,10 @@ mod tests {
     fn states_read_plainly() {
         let cases = [
             (svc("a", "running", 0, Some(500)), "running"),
-            (svc("a", "running", 1, Some(3)), "running (restarted 3s ago)"),
+            (
+                svc("a", "running", 1, Some(3)),
+                "running (restarted 3s ago)",
+            ),
             (svc("a", "running", 1, Some(5000)), "running"),
             (svc("a", "backoff", 2, None), "restarting"),
             (svc("a", "failed", 5, None), "failed"),
@@ -213,7 +225,12 @@ mod tests {
         let view = StatusView {
             cluster: "c<1>".into(),
             node: "server1".into(),
-            nodes: vec![NodeRow { name: "server1".into(), address: "10.88.0.11".into(), db_role: "replica".into(), this_node: true }],
+            nodes: vec![NodeRow {
+                name: "server1".into(),
+                address: "10.88.0.11".into(),
+                db_role: "replica".into(),
+                this_node: true,
+            }],
             services: Ok(vec![svc("nginx", "running", 1, Some(2))]),
             alerts: vec![AlertRow {
                 rule: "crash-loop".into(),
@@ -230,7 +247,10 @@ mod tests {
         assert!(html.contains("running (restarted 2s ago)"));
         assert!(html.contains("crash-loop"));
         assert!(!html.contains("<script"));
-        let down = render(&StatusView { services: Err("no socket".into()), ..view });
+        let down = render(&StatusView {
+            services: Err("no socket".into()),
+            ..view
+        });
         assert!(down.contains("supervisor unreachable: no socket"));
     }
 

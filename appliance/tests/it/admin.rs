@@ -36,15 +36,24 @@ admin_cidrs = ["127.0.0.0/8"]
 "#;
 
 fn require(tool: &str, package: &str) {
-    let found = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().unwrap();
-    assert!(found.status.success(), "this test needs `{tool}`: apt-get install -y {package} (scripts/setup-host does)");
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .unwrap();
+    assert!(
+        found.status.success(),
+        "this test needs `{tool}`: apt-get install -y {package} (scripts/setup-host does)"
+    );
 }
 
 struct Run(std::process::Child, std::path::PathBuf);
 
 impl Drop for Run {
     fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline && matches!(self.0.try_wait(), Ok(None)) {
             std::thread::sleep(Duration::from_millis(50));
@@ -58,13 +67,23 @@ impl Run {
     fn log(&self) -> String {
         let text = std::fs::read_to_string(&self.1).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
-        format!("--- supervisor log (last 40 lines) ---\n{}", lines[lines.len().saturating_sub(40)..].join("\n"))
+        format!(
+            "--- supervisor log (last 40 lines) ---\n{}",
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        )
     }
 }
 
 fn status(state: &Path) -> Vec<Value> {
-    let out = Command::new(APPLIANCE).args(["status", "--json", "--state-dir"]).arg(state).output().unwrap();
-    serde_json::from_slice::<Value>(&out.stdout).ok().and_then(|v| v.as_array().cloned()).unwrap_or_default()
+    let out = Command::new(APPLIANCE)
+        .args(["status", "--json", "--state-dir"])
+        .arg(state)
+        .output()
+        .unwrap();
+    serde_json::from_slice::<Value>(&out.stdout)
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
 }
 
 fn service(state: &Path, name: &str) -> Option<Value> {
@@ -98,7 +117,11 @@ fn status_page_shows_a_killed_service_and_metrics_parse() {
     require("chromium", "chromium");
     require("promtool", "prometheus");
     let tmp = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let config = tmp.path().join("cluster.toml");
     std::fs::write(&config, CONFIG).unwrap();
     let state = tmp.path().join("solo");
@@ -116,13 +139,25 @@ fn status_page_shows_a_killed_service_and_metrics_parse() {
     let run = Run(child, log);
 
     let deadline = Instant::now() + Duration::from_secs(120);
-    while !["nginx", "admin"].iter().all(|s| service(&state, s).is_some_and(|v| v["ready"] == true)) {
-        assert!(Instant::now() < deadline, "nginx and admin not ready\n{:?}\n{}", status(&state), run.log());
+    while !["nginx", "admin"]
+        .iter()
+        .all(|s| service(&state, s).is_some_and(|v| v["ready"] == true))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "nginx and admin not ready\n{:?}\n{}",
+            status(&state),
+            run.log()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 
     let nginx_pid = service(&state, "nginx").unwrap()["pid"].as_i64().unwrap() as i32;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(nginx_pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(nginx_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
 
     let url = format!("https://{ADDR}:19443/");
     let profile = tmp.path().join("chromium");
@@ -131,25 +166,62 @@ fn status_page_shows_a_killed_service_and_metrics_parse() {
     let row = html
         .lines()
         .find(|l| l.contains("data-service=\"nginx\""))
-        .unwrap_or_else(|| panic!("no nginx row in the page:\n{html}\nchromium stderr:\n{}", String::from_utf8_lossy(&dom.stderr)));
-    assert!(row.contains("restart"), "the page does not show nginx as restarting/restarted: {row}\n{}", run.log());
-    assert!(row.contains("SIGKILL"), "the page does not show why nginx stopped: {row}");
+        .unwrap_or_else(|| {
+            panic!(
+                "no nginx row in the page:\n{html}\nchromium stderr:\n{}",
+                String::from_utf8_lossy(&dom.stderr)
+            )
+        });
+    assert!(
+        row.contains("restart"),
+        "the page does not show nginx as restarting/restarted: {row}\n{}",
+        run.log()
+    );
+    assert!(
+        row.contains("SIGKILL"),
+        "the page does not show why nginx stopped: {row}"
+    );
 
     let shots = Path::new(env!("CARGO_TARGET_TMPDIR")).join("screenshots");
     std::fs::create_dir_all(&shots).unwrap();
     let png = shots.join("status-page.png");
     let _ = std::fs::remove_file(&png);
-    let shot = chromium(&[&format!("--screenshot={}", png.display())], &url, &profile);
-    let bytes = std::fs::read(&png)
-        .unwrap_or_else(|e| panic!("no screenshot at {}: {e}\n{}", png.display(), String::from_utf8_lossy(&shot.stderr)));
-    assert!(bytes.starts_with(b"\x89PNG") && bytes.len() > 10_000, "screenshot is not a real page: {} bytes", bytes.len());
+    let shot = chromium(
+        &[&format!("--screenshot={}", png.display())],
+        &url,
+        &profile,
+    );
+    let bytes = std::fs::read(&png).unwrap_or_else(|e| {
+        panic!(
+            "no screenshot at {}: {e}\n{}",
+            png.display(),
+            String::from_utf8_lossy(&shot.stderr)
+        )
+    });
+    assert!(
+        bytes.starts_with(b"\x89PNG") && bytes.len() > 10_000,
+        "screenshot is not a real page: {} bytes",
+        bytes.len()
+    );
     eprintln!("status page screenshot: {}", png.display());
 
     // The aggregated metrics are valid Prometheus text and include the log monitor's.
-    let metrics = Command::new("curl").args(["-sfk", &format!("https://{ADDR}:19443/metrics")]).output().unwrap();
-    assert!(metrics.status.success(), "metrics endpoint failed\n{}", run.log());
+    let metrics = Command::new("curl")
+        .args(["-sfk", &format!("https://{ADDR}:19443/metrics")])
+        .output()
+        .unwrap();
+    assert!(
+        metrics.status.success(),
+        "metrics endpoint failed\n{}",
+        run.log()
+    );
     let text = String::from_utf8_lossy(&metrics.stdout).into_owned();
-    assert!(text.contains("tandem_supervisor_service_restarts_total{node=\"solo\",service=\"nginx\"} 1"), "{text}");
+    assert!(
+        text.contains(
+            "tandem_supervisor_service_restarts_total{node=\"solo\",service=\"nginx\"} 1"
+        ),
+        "{text}"
+    );
     let mut promtool = Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
@@ -160,6 +232,10 @@ fn status_page_shows_a_killed_service_and_metrics_parse() {
     std::io::Write::write_all(promtool.stdin.as_mut().unwrap(), text.as_bytes()).unwrap();
     drop(promtool.stdin.take());
     let checked = promtool.wait_with_output().unwrap();
-    let complaints = String::from_utf8_lossy(&checked.stdout).to_string() + &String::from_utf8_lossy(&checked.stderr);
-    assert!(checked.status.success(), "promtool rejects the metrics: {complaints}\n{text}");
+    let complaints = String::from_utf8_lossy(&checked.stdout).to_string()
+        + &String::from_utf8_lossy(&checked.stderr);
+    assert!(
+        checked.status.success(),
+        "promtool rejects the metrics: {complaints}\n{text}"
+    );
 }

@@ -1,5 +1,5 @@
-mod supervisor;
-mod run;
+mod admin;
 mod db;
 mod logmon;
-mod admin;
+mod run;
+mod supervisor;

@@ -36,7 +36,12 @@ impl Node {
             .stderr(std::fs::File::create(&stderr).unwrap())
             .spawn()
             .expect("start appliance run");
-        Node { name, child: Some(child), state, stderr }
+        Node {
+            name,
+            child: Some(child),
+            state,
+            stderr,
+        }
     }
 
     fn pid(&self) -> i32 {
@@ -48,7 +53,10 @@ impl Node {
         let text = std::fs::read_to_string(&self.stderr).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         let tail = lines[lines.len().saturating_sub(60)..].join("\n");
-        format!("--- {} supervisor log (last 60 lines) ---\n{tail}", self.name)
+        format!(
+            "--- {} supervisor log (last 60 lines) ---\n{tail}",
+            self.name
+        )
     }
 
     fn status(&self) -> Option<Vec<Value>> {
@@ -73,7 +81,12 @@ impl Node {
         let deadline = Instant::now() + timeout;
         while !ok() {
             if Instant::now() > deadline {
-                panic!("{}: timed out after {timeout:?} waiting for {what}\nstatus: {:?}\n{}", self.name, self.status(), self.log());
+                panic!(
+                    "{}: timed out after {timeout:?} waiting for {what}\nstatus: {:?}\n{}",
+                    self.name,
+                    self.status(),
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -88,15 +101,23 @@ impl Node {
 
     fn events(&self, service: &str) -> Vec<String> {
         let db = rusqlite::Connection::open(self.state.join("state.db")).unwrap();
-        let mut stmt = db.prepare("SELECT kind FROM events WHERE service = ?1 ORDER BY id").unwrap();
-        stmt.query_map([service], |r| r.get::<_, String>(0)).unwrap().map(Result::unwrap).collect()
+        let mut stmt = db
+            .prepare("SELECT kind FROM events WHERE service = ?1 ORDER BY id")
+            .unwrap();
+        stmt.query_map([service], |r| r.get::<_, String>(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
     }
 }
 
 impl Drop for Node {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
             let deadline = Instant::now() + Duration::from_secs(15);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = child.try_wait() {
@@ -111,19 +132,34 @@ impl Drop for Node {
 }
 
 fn http_get(url: &str) -> Option<String> {
-    let out = Command::new("curl").args(["-sf", "--max-time", "5", url]).output().ok()?;
-    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    let out = Command::new("curl")
+        .args(["-sf", "--max-time", "5", url])
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Every process whose ancestry leads to `root` (from /proc).
 fn descendants(root: i32) -> Vec<i32> {
     let mut parent_of = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
         // The command name may contain spaces: fields resume after the last ')'.
-        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { continue };
-        let ppid: i32 = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+            continue;
+        };
+        let ppid: i32 = rest
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
         parent_of.push((pid, ppid));
     }
     let mut found = vec![root];
@@ -139,19 +175,29 @@ fn descendants(root: i32) -> Vec<i32> {
 
 fn alive(pid: i32) -> bool {
     // A zombie is dead for our purpose; it only waits for its parent.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| s.rsplit_once(')').is_some_and(|(_, r)| !r.trim_start().starts_with('Z')))
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
+    })
 }
 
 fn kill9(pid: i32) {
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
 }
 
 #[test]
 fn local_cluster_runs_real_nginx_and_mariadb_and_recovers_from_kill9() {
     let tmp = tempfile::tempdir().unwrap();
     // mysql and www-data must reach their directories below the temporary root.
-    std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
     let server1 = Node::start("server1", tmp.path());
     let server2 = Node::start("server2", tmp.path());
 
@@ -160,7 +206,8 @@ fn local_cluster_runs_real_nginx_and_mariadb_and_recovers_from_kill9() {
         node.wait_ready("nginx", Duration::from_secs(30));
     }
     for (node, addr) in [(&server1, "127.0.0.11"), (&server2, "127.0.0.12")] {
-        let page = http_get(&format!("http://{addr}:8081/")).unwrap_or_else(|| panic!("no page\n{}", node.log()));
+        let page = http_get(&format!("http://{addr}:8081/"))
+            .unwrap_or_else(|| panic!("no page\n{}", node.log()));
         assert!(page.contains(&format!("node: {}", node.name)), "{page}");
         let health = http_get(&format!("http://{addr}:8081/healthz"));
         assert_eq!(health.as_deref(), Some("ok\n"));
@@ -173,44 +220,94 @@ fn local_cluster_runs_real_nginx_and_mariadb_and_recovers_from_kill9() {
         let restarts = before["restarts"].as_u64().unwrap();
         kill9(old_pid);
         let killed_at = Instant::now();
-        server2.wait_for(&format!("{service} restarted"), Duration::from_secs(1), || {
-            server2.service(service).is_some_and(|s| {
-                s["pid"].as_i64().is_some_and(|p| p as i32 != old_pid) && s["restarts"].as_u64() == Some(restarts + 1)
-            })
-        });
-        eprintln!("{service}: restarted {:?} after kill -9", killed_at.elapsed());
+        server2.wait_for(
+            &format!("{service} restarted"),
+            Duration::from_secs(1),
+            || {
+                server2.service(service).is_some_and(|s| {
+                    s["pid"].as_i64().is_some_and(|p| p as i32 != old_pid)
+                        && s["restarts"].as_u64() == Some(restarts + 1)
+                })
+            },
+        );
+        eprintln!(
+            "{service}: restarted {:?} after kill -9",
+            killed_at.elapsed()
+        );
         let after = server2.wait_ready(service, Duration::from_secs(60));
-        assert!(after["last_exit"].as_str().unwrap_or("").contains("SIGKILL"), "{after}");
-        let events = server2.events(service);
-        let tail: Vec<&str> = events.iter().rev().take(4).rev().map(String::as_str).collect();
         assert!(
-            events.windows(2).any(|w| w[0] == "exited" && w[1] == "restarting"),
+            after["last_exit"]
+                .as_str()
+                .unwrap_or("")
+                .contains("SIGKILL"),
+            "{after}"
+        );
+        let events = server2.events(service);
+        let tail: Vec<&str> = events
+            .iter()
+            .rev()
+            .take(4)
+            .rev()
+            .map(String::as_str)
+            .collect();
+        assert!(
+            events
+                .windows(2)
+                .any(|w| w[0] == "exited" && w[1] == "restarting"),
             "{service} events in the state DB: {events:?}"
         );
         assert_eq!(tail.last().copied(), Some("ready"), "{service}: {events:?}");
     }
-    let page = http_get("http://127.0.0.12:8081/").unwrap_or_else(|| panic!("no page after restart\n{}", server2.log()));
+    let page = http_get("http://127.0.0.12:8081/")
+        .unwrap_or_else(|| panic!("no page after restart\n{}", server2.log()));
     assert!(page.contains("node: server2"));
 
     // SIGTERM: every child gone within 10 s, none left behind re-parented elsewhere.
     for node in [server1, server2] {
         let mut node = node;
         let tree = descendants(node.pid());
-        assert!(tree.len() >= 3, "{}: expected nginx (2) + mariadbd, found {tree:?}", node.name);
+        assert!(
+            tree.len() >= 3,
+            "{}: expected nginx (2) + mariadbd, found {tree:?}",
+            node.name
+        );
         let mut child = node.child.take().unwrap();
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
         let deadline = Instant::now() + Duration::from_secs(10);
         let status = loop {
             if let Some(status) = child.try_wait().unwrap() {
                 break status;
             }
-            assert!(Instant::now() < deadline, "{}: still running 10 s after SIGTERM\n{}", node.name, node.log());
+            assert!(
+                Instant::now() < deadline,
+                "{}: still running 10 s after SIGTERM\n{}",
+                node.name,
+                node.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         };
-        assert!(status.success(), "{}: exit {status}\n{}", node.name, node.log());
+        assert!(
+            status.success(),
+            "{}: exit {status}\n{}",
+            node.name,
+            node.log()
+        );
         let survivors: Vec<i32> = tree.iter().copied().filter(|p| alive(*p)).collect();
-        assert!(survivors.is_empty(), "{}: processes left after SIGTERM: {survivors:?}\n{}", node.name, node.log());
+        assert!(
+            survivors.is_empty(),
+            "{}: processes left after SIGTERM: {survivors:?}\n{}",
+            node.name,
+            node.log()
+        );
         let events = node.events("mariadb");
-        assert_eq!(events.last().map(String::as_str), Some("stopped"), "{events:?}");
+        assert_eq!(
+            events.last().map(String::as_str),
+            Some("stopped"),
+            "{events:?}"
+        );
     }
 }

@@ -30,7 +30,10 @@ pub enum FirewallError {
     #[error("nft {args}: {stderr}")]
     Failed { args: String, stderr: String },
     #[error("writing the ruleset to {}: {source}", path.display())]
-    Write { path: PathBuf, source: std::io::Error },
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// The complete nft script for `node` of `cluster`.
@@ -38,12 +41,21 @@ pub fn ruleset(cluster: &Cluster, node: &Node) -> String {
     let ports = cluster.ports;
     let peers: Vec<Ipv4Addr> = cluster.peers(&node.name).map(|p| p.address).collect();
     let mut s = String::new();
-    let _ = writeln!(s, "# Tandem firewall for node {} of cluster {}; generated, do not edit.", node.name, cluster.name);
+    let _ = writeln!(
+        s,
+        "# Tandem firewall for node {} of cluster {}; generated, do not edit.",
+        node.name, cluster.name
+    );
     // Create-then-delete makes the delete valid on a first load; all of it is one transaction.
     let _ = writeln!(s, "table inet {TABLE}\ndelete table inet {TABLE}\n");
     let _ = writeln!(s, "table inet {TABLE} {{");
     s.push_str("    set admin_nets {\n        type ipv4_addr\n        flags interval\n");
-    let admin: Vec<String> = cluster.firewall.admin_cidrs.iter().map(ToString::to_string).collect();
+    let admin: Vec<String> = cluster
+        .firewall
+        .admin_cidrs
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     let _ = writeln!(s, "        elements = {{ {} }}\n    }}\n", admin.join(", "));
     s.push_str("    set peers {\n        type ipv4_addr\n");
     if !peers.is_empty() {
@@ -56,9 +68,14 @@ pub fn ruleset(cluster: &Cluster, node: &Node) -> String {
     s.push_str("        ct state established,related accept\n");
     s.push_str("        ct state invalid counter drop comment \"invalid\"\n");
     s.push_str("        iif \"lo\" accept\n");
-    let _ = writeln!(s, "        icmp type echo-request limit rate {ICMP_ECHO_RATE} accept");
+    let _ = writeln!(
+        s,
+        "        icmp type echo-request limit rate {ICMP_ECHO_RATE} accept"
+    );
     s.push_str("        icmp type echo-request counter drop comment \"icmp flood\"\n");
-    s.push_str("        icmp type { destination-unreachable, time-exceeded, parameter-problem } accept\n");
+    s.push_str(
+        "        icmp type { destination-unreachable, time-exceeded, parameter-problem } accept\n",
+    );
     // IPv6 neighbour discovery keeps link-local IPv6 working; nothing else is served on v6.
     s.push_str("        icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert, echo-request } limit rate 10/second accept\n");
     let _ = writeln!(
@@ -67,11 +84,24 @@ pub fn ruleset(cluster: &Cluster, node: &Node) -> String {
         node.address, cluster.floating_ip, ports.http, ports.https
     );
     // Operators may also reach each backend's nginx directly, to tell a node from the balancer.
-    let _ = writeln!(s, "        ip saddr @admin_nets tcp dport {{ {}, {} }} accept", ports.admin, ports.web);
-    let _ = writeln!(s, "        ip saddr @peers tcp dport {{ {}, {}, {} }} accept", ports.db, ports.web, ports.admin);
-    let _ = writeln!(s, "        ip saddr @peers ip protocol {IPPROTO_VRRP} accept");
+    let _ = writeln!(
+        s,
+        "        ip saddr @admin_nets tcp dport {{ {}, {} }} accept",
+        ports.admin, ports.web
+    );
+    let _ = writeln!(
+        s,
+        "        ip saddr @peers tcp dport {{ {}, {}, {} }} accept",
+        ports.db, ports.web, ports.admin
+    );
+    let _ = writeln!(
+        s,
+        "        ip saddr @peers ip protocol {IPPROTO_VRRP} accept"
+    );
     s.push_str("        counter drop comment \"default drop\"\n    }\n\n");
-    s.push_str("    chain forward {\n        type filter hook forward priority filter; policy drop;\n");
+    s.push_str(
+        "    chain forward {\n        type filter hook forward priority filter; policy drop;\n",
+    );
     s.push_str("        counter drop comment \"no routing\"\n    }\n\n");
     s.push_str("    chain output {\n        type filter hook output priority filter; policy accept;\n    }\n}\n");
     s
@@ -97,7 +127,10 @@ pub fn check(rules: &str) -> Result<(), FirewallError> {
 /// The live table with its counters.
 pub fn show() -> Result<String, FirewallError> {
     let args = ["list", "table", "inet", TABLE];
-    let out = Command::new(NFT).args(args).output().map_err(FirewallError::Spawn)?;
+    let out = Command::new(NFT)
+        .args(args)
+        .output()
+        .map_err(FirewallError::Spawn)?;
     if !out.status.success() {
         return Err(FirewallError::Failed {
             args: args.join(" "),
@@ -109,7 +142,10 @@ pub fn show() -> Result<String, FirewallError> {
 
 /// Writes the ruleset where an operator can read what was applied (atomic replace).
 pub fn save(rules: &str, path: &Path) -> Result<(), FirewallError> {
-    let err = |source| FirewallError::Write { path: path.to_path_buf(), source };
+    let err = |source| FirewallError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, rules).map_err(err)?;
     std::fs::rename(&tmp, path).map_err(err)
@@ -146,8 +182,14 @@ mod tests {
     fn every_drop_rule_counts() {
         let cluster = Cluster::default_cluster();
         let rules = ruleset(&cluster, cluster.node("server1").unwrap());
-        for line in rules.lines().filter(|l| l.contains(" drop") && !l.contains("policy drop")) {
-            assert!(line.contains("counter"), "drop rule without a counter: {line}");
+        for line in rules
+            .lines()
+            .filter(|l| l.contains(" drop") && !l.contains("policy drop"))
+        {
+            assert!(
+                line.contains("counter"),
+                "drop rule without a counter: {line}"
+            );
         }
         assert!(rules.contains("policy drop;"));
         assert_eq!(rules.matches('{').count(), rules.matches('}').count());

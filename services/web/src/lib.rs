@@ -12,7 +12,13 @@ pub const NGINX: &str = "/usr/sbin/nginx";
 /// The nginx command line: foreground, errors to stderr from the first line on (before the
 /// config is read nginx would otherwise try its compiled-in log path, read-only on the image).
 pub fn argv(conf: &std::path::Path) -> Vec<String> {
-    vec![NGINX.to_string(), "-e".to_string(), "stderr".to_string(), "-c".to_string(), conf.display().to_string()]
+    vec![
+        NGINX.to_string(),
+        "-e".to_string(),
+        "stderr".to_string(),
+        "-c".to_string(),
+        conf.display().to_string(),
+    ]
 }
 
 /// Where nginx reads and writes on this node.
@@ -44,7 +50,11 @@ impl Params {
             listen: node.address,
             port: cluster.ports.web,
             user,
-            app_upstream: cluster.app.command.as_ref().map(|_| (Ipv4Addr::LOCALHOST, cluster.ports.app)),
+            app_upstream: cluster
+                .app
+                .command
+                .as_ref()
+                .map(|_| (Ipv4Addr::LOCALHOST, cluster.ports.app)),
             health_path: cluster.balancer.health.path.clone(),
             paths,
         }
@@ -75,7 +85,10 @@ pub fn render_conf(p: &Params) -> String {
         let _ = writeln!(s, "    {temp}_temp_path {run}/{temp};");
     }
     if let Some((addr, port)) = p.app_upstream {
-        let _ = writeln!(s, "    upstream app {{\n        server {addr}:{port};\n        keepalive 32;\n    }}");
+        let _ = writeln!(
+            s,
+            "    upstream app {{\n        server {addr}:{port};\n        keepalive 32;\n    }}"
+        );
     }
     s.push_str("    server {\n");
     let _ = writeln!(s, "        listen {}:{} reuseport;", p.listen, p.port);
@@ -114,9 +127,16 @@ pub fn render_node_page(page: &NodePage<'_>) -> String {
     let node = page.node;
     let mut s = String::new();
     s.push_str("<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>");
-    s.push_str(&html_escape(&format!("{} — {}", page.cluster.name, node.name)));
+    s.push_str(&html_escape(&format!(
+        "{} — {}",
+        page.cluster.name, node.name
+    )));
     s.push_str("</title></head>\n<body>\n");
-    let _ = writeln!(s, "<h1>Tandem cluster {}</h1>", html_escape(&page.cluster.name));
+    let _ = writeln!(
+        s,
+        "<h1>Tandem cluster {}</h1>",
+        html_escape(&page.cluster.name)
+    );
     let _ = writeln!(s, "<p>node: {}</p>", html_escape(&node.name));
     let _ = writeln!(s, "<p>address: {}</p>", node.address);
     let _ = writeln!(s, "<p>db_role: {}</p>", node.db_role.as_str());
@@ -151,7 +171,10 @@ mod tests {
             &cluster,
             &node,
             Some("www-data".into()),
-            Paths { run_dir: "/run/tandem/nginx".into(), root: "/run/tandem/www".into() },
+            Paths {
+                run_dir: "/run/tandem/nginx".into(),
+                root: "/run/tandem/www".into(),
+            },
         );
         if app {
             p.app_upstream = Some((Ipv4Addr::LOCALHOST, 8000));
@@ -182,12 +205,20 @@ mod tests {
     fn node_page_names_node_and_escapes() {
         let cluster = Cluster::default_cluster();
         let mut node = cluster.node("server2").unwrap().clone();
-        let page = render_node_page(&NodePage { cluster: &cluster, node: &node, boot: 3 });
+        let page = render_node_page(&NodePage {
+            cluster: &cluster,
+            node: &node,
+            boot: 3,
+        });
         assert!(page.contains("<p>node: server2</p>"));
         assert!(page.contains("<p>boot: 3</p>"));
         assert!(page.contains("<p>db_role: primary</p>"));
         node.name = "<x>".into();
-        let page = render_node_page(&NodePage { cluster: &cluster, node: &node, boot: 1 });
+        let page = render_node_page(&NodePage {
+            cluster: &cluster,
+            node: &node,
+            boot: 1,
+        });
         assert!(page.contains("node: &lt;x&gt;"));
     }
 }

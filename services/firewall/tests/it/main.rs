@@ -43,13 +43,22 @@ fn ruleset_matches_snapshot() {
     let cluster = Cluster::default_cluster();
     for node in &cluster.nodes {
         let actual = firewall::ruleset(&cluster, node);
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/snapshots/{}.nft", node.name));
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(format!("tests/snapshots/{}.nft", node.name));
         if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
             std::fs::write(&path, &actual).unwrap();
         }
-        let expected = std::fs::read_to_string(&path)
-            .unwrap_or_else(|e| panic!("{}: {e} (run with UPDATE_SNAPSHOTS=1 to create it)", path.display()));
-        assert_eq!(actual, expected, "ruleset for {} changed; review and rerun with UPDATE_SNAPSHOTS=1", node.name);
+        let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (run with UPDATE_SNAPSHOTS=1 to create it)",
+                path.display()
+            )
+        });
+        assert_eq!(
+            actual, expected,
+            "ruleset for {} changed; review and rerun with UPDATE_SNAPSHOTS=1",
+            node.name
+        );
     }
 }
 
@@ -60,29 +69,60 @@ struct Lab {
 }
 
 fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip (iproute2)");
-    assert!(out.status.success(), "ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("run ip (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 impl Lab {
     fn new() -> Lab {
         for tool in ["ip", firewall::NFT, "python3"] {
-            let found = Command::new("sh").args(["-c", &format!("command -v {tool}")]).output().unwrap();
-            assert!(found.status.success(), "this test needs `{tool}` (apt-get install iproute2 nftables python3)");
+            let found = Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .unwrap();
+            assert!(
+                found.status.success(),
+                "this test needs `{tool}` (apt-get install iproute2 nftables python3)"
+            );
         }
         let prefix = format!("fw{}", std::process::id());
-        let lab = Lab { prefix, listener: None };
+        let lab = Lab {
+            prefix,
+            listener: None,
+        };
         let lan = lab.ns("lan");
         ip(&["netns", "add", &lan]);
         ip(&["-n", &lan, "link", "add", "br0", "type", "bridge"]);
         ip(&["-n", &lan, "link", "set", "br0", "up"]);
-        for (i, (role, addr)) in [("node", NODE), ("peer", PEER), ("out", OUTSIDE)].into_iter().enumerate() {
+        for (i, (role, addr)) in [("node", NODE), ("peer", PEER), ("out", OUTSIDE)]
+            .into_iter()
+            .enumerate()
+        {
             let ns = lab.ns(role);
             let port = format!("v{i}");
             ip(&["netns", "add", &ns]);
-            ip(&["-n", &lan, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", &ns]);
+            ip(&[
+                "-n", &lan, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+                &ns,
+            ]);
             ip(&["-n", &lan, "link", "set", &port, "master", "br0", "up"]);
-            ip(&["-n", &ns, "addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                "eth0",
+            ]);
             ip(&["-n", &ns, "link", "set", "eth0", "up"]);
             ip(&["-n", &ns, "link", "set", "lo", "up"]);
         }
@@ -108,7 +148,11 @@ impl Lab {
             .spawn()
             .unwrap();
         let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.as_mut().unwrap()), &mut line).unwrap();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
         assert_eq!(line.trim(), "listening");
         self.listener = Some(child);
     }
@@ -118,14 +162,19 @@ impl Lab {
         let started = Instant::now();
         let ok = Command::new("ip")
             .args(["netns", "exec", &self.ns(role), "python3", "-c"])
-            .arg(format!("import socket; socket.create_connection(('{NODE}', {port}), timeout=1).close()"))
+            .arg(format!(
+                "import socket; socket.create_connection(('{NODE}', {port}), timeout=1).close()"
+            ))
             .stderr(Stdio::null())
             .status()
             .unwrap()
             .success();
         // A refused connection would also fail fast; a firewall drop is a timeout.
         if !ok {
-            assert!(started.elapsed() >= Duration::from_millis(900), "{role} -> {port} refused, not dropped");
+            assert!(
+                started.elapsed() >= Duration::from_millis(900),
+                "{role} -> {port} refused, not dropped"
+            );
         }
         ok
     }
@@ -152,7 +201,9 @@ impl Drop for Lab {
             let _ = child.wait();
         }
         for role in ["node", "peer", "out", "lan"] {
-            let _ = Command::new("ip").args(["netns", "del", &self.ns(role)]).status();
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.ns(role)])
+                .status();
         }
     }
 }
@@ -166,7 +217,10 @@ fn default_deny_with_peers_and_admin_nets_and_atomic_replacement() {
     lab.listen(&[ports.http, ports.https, ports.db, ports.admin, ports.web]);
 
     // Without the firewall everything answers: the probes can see a difference.
-    assert!(lab.reaches("out", ports.db), "baseline: outside should reach 3306 before the firewall");
+    assert!(
+        lab.reaches("out", ports.db),
+        "baseline: outside should reach 3306 before the firewall"
+    );
 
     let rules = firewall::ruleset(&cluster, node);
     lab.in_node(|| firewall::apply(&rules)).unwrap();
@@ -182,21 +236,39 @@ fn default_deny_with_peers_and_admin_nets_and_atomic_replacement() {
     }
 
     // A ruleset nft rejects leaves the previous one working.
-    let broken = rules.replace("ct state invalid counter drop", "ct state invalid counter dorp");
+    let broken = rules.replace(
+        "ct state invalid counter drop",
+        "ct state invalid counter dorp",
+    );
     let err = lab.in_node(|| firewall::apply(&broken)).unwrap_err();
     assert!(matches!(err, firewall::FirewallError::Rejected(_)), "{err}");
-    assert!(err.to_string().contains("dorp"), "nft's message names the problem: {err}");
-    assert!(!lab.reaches("out", ports.db), "after a rejected load, 3306 must stay closed");
-    assert!(lab.reaches("out", ports.http), "after a rejected load, 80 must stay open");
+    assert!(
+        err.to_string().contains("dorp"),
+        "nft's message names the problem: {err}"
+    );
+    assert!(
+        !lab.reaches("out", ports.db),
+        "after a rejected load, 3306 must stay closed"
+    );
+    assert!(
+        lab.reaches("out", ports.http),
+        "after a rejected load, 80 must stay open"
+    );
 
     // The live table shows the drops it counted.
     let live = lab.in_node(firewall::show).unwrap();
-    let default_drop = live.lines().find(|l| l.contains("default drop")).expect("default drop rule listed");
+    let default_drop = live
+        .lines()
+        .find(|l| l.contains("default drop"))
+        .expect("default drop rule listed");
     let packets: u64 = default_drop
         .split_whitespace()
         .skip_while(|w| *w != "packets")
         .nth(1)
         .and_then(|n| n.parse().ok())
         .unwrap_or(0);
-    assert!(packets > 0, "the default drop rule counted nothing: {default_drop}");
+    assert!(
+        packets > 0,
+        "the default drop rule counted nothing: {default_drop}"
+    );
 }
