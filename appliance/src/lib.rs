@@ -2,6 +2,7 @@
 //! socket, and the node roles (`run` on a developer machine, `init` as PID 1).
 
 pub mod admin;
+pub mod balancer_cmd;
 pub mod control;
 pub mod db_agent;
 pub mod firewall_cmd;

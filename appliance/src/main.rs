@@ -52,6 +52,8 @@ enum Command {
     Init,
     /// The log monitor (a supervised service): metrics from logs and events, alerts.
     Logmon(appliance::logmon_cmd::Args),
+    /// The load balancer and TLS terminator in front of every node's nginx.
+    Balancer(appliance::balancer_cmd::BalancerArgs),
     /// The HTTPS admin port: status page, status JSON, metrics, peer API.
     Admin(appliance::admin::AdminArgs),
     /// The node's nftables firewall.
@@ -135,6 +137,7 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Init => appliance::init::main(),
         Command::Logmon(args) => appliance::logmon_cmd::main(args),
         Command::Admin(args) => appliance::admin::main(args),
+        Command::Balancer(args) => appliance::balancer_cmd::main(args),
         Command::Firewall { action } => appliance::firewall_cmd::main(action),
         Command::Status { target, json } => appliance::control::status(&target, json),
         Command::Supervise { spec, state_dir } => {

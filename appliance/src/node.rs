@@ -16,6 +16,9 @@ use crate::supervisor::{self, Readiness, ServiceSpec, SupervisorOptions};
 /// OS users the services run as when the supervisor is root (Debian's own).
 pub const NGINX_USER: &str = "www-data";
 pub const MARIADB_USER: &str = "mysql";
+/// The balancer shares the web user: it reads nothing of the others' and writes only its own
+/// certificate directory.
+pub const BALANCER_USER: &str = "www-data";
 /// The web server needs longer than the default to stop when it drains keep-alive clients.
 const DB_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(8);
 /// MariaDB's first start (InnoDB files created) is slow under emulation.
@@ -191,6 +194,25 @@ pub fn services(
         &layout.state,
     )?);
 
+    // The balancer: unprivileged, allowed only to bind 80/443; its certificate lives in a
+    // directory of its own on the data partition.
+    let balancer_state = layout.state.join("balancer");
+    make_dir(&balancer_state, 0o700)?;
+    let root = nix::unistd::geteuid().is_root();
+    if root {
+        chown_to(&balancer_state, BALANCER_USER)?;
+    }
+    let mut balancer = appliance_argv("balancer", identity)?;
+    balancer.extend(["--state-dir".into(), absolute(&balancer_state)?]);
+    let mut balancer = ServiceSpec::daemon("balancer", balancer);
+    balancer.user = root.then(|| BALANCER_USER.to_string());
+    balancer.bind_low_ports = true;
+    balancer.deps = vec!["nginx".into()];
+    balancer.readiness = Readiness::Tcp {
+        addr: (node.address, cluster.ports.https).into(),
+    };
+    specs.push(balancer);
+
     let mut admin = appliance_argv("admin", identity)?;
     admin.extend([
         "--state-dir".into(),
@@ -198,10 +220,12 @@ pub fn services(
         "--socket".into(),
         absolute(&layout.socket)?,
     ]);
-    admin.extend([
-        "--scrape".into(),
-        logmon::metrics::default_addr(node.address).to_string(),
-    ]);
+    for scrape in [
+        logmon::metrics::default_addr(node.address),
+        crate::balancer_cmd::metrics_addr(node.address),
+    ] {
+        admin.extend(["--scrape".into(), scrape.to_string()]);
+    }
     let mut admin = ServiceSpec::daemon("admin", admin);
     admin.readiness = Readiness::Tcp {
         addr: (node.address, cluster.ports.admin).into(),

@@ -142,5 +142,54 @@ pub fn run(cluster: &Cluster, config: &cluster_config::Cluster) -> String {
         })
         },
     );
+    crate::support::step(
+        cluster,
+        "the balancer on server1 round-robins HTTPS (h2) over both nodes and redirects HTTP",
+        || {
+            let url = format!("https://10.88.0.11:{}/node.html", config.ports.https);
+            cluster.wait_http(&url, Duration::from_secs(60), |r| r.status == 200)?;
+            let mut seen = std::collections::BTreeSet::new();
+            for _ in 0..6 {
+                let r = cluster.http_get(&url, Duration::from_secs(10))?;
+                for node in ["server1", "server2"] {
+                    if r.body.contains(&format!("node: {node}")) {
+                        seen.insert(node);
+                    }
+                }
+            }
+            if seen.len() != 2 {
+                return Err(qemu::Error::Http(format!(
+                    "6 requests through the balancer reached only {seen:?}"
+                )));
+            }
+            let out = cluster.run(&[
+                "curl",
+                "-sk",
+                "--http2",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_version} %{ssl_verify_result}",
+                &url,
+            ])?;
+            let version = String::from_utf8_lossy(&out.stdout).to_string();
+            if !version.starts_with('2') {
+                return Err(qemu::Error::Http(format!(
+                    "expected HTTP/2 over TLS, got {version:?}"
+                )));
+            }
+            let redirect = cluster.http_get(
+                &format!("http://10.88.0.11:{}/", config.ports.http),
+                Duration::from_secs(10),
+            )?;
+            if redirect.status != 301 && redirect.status != 308 {
+                return Err(qemu::Error::Http(format!(
+                    "plain HTTP answered {} instead of a redirect",
+                    redirect.status
+                )));
+            }
+            Ok(())
+        },
+    );
     note
 }

@@ -88,6 +88,59 @@ fn credentials(name: &str) -> Result<(Credentials, User), String> {
     ))
 }
 
+/// After setuid with PR_SET_KEEPCAPS: CAP_NET_BIND_SERVICE as the only permitted, effective,
+/// inheritable and ambient capability, so it survives exec. Async-signal-safe (raw syscalls).
+fn keep_only_net_bind_service() -> std::io::Result<()> {
+    const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+    const CAP_NET_BIND_SERVICE: u32 = 10;
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: libc::c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let bit = 1u32 << CAP_NET_BIND_SERVICE;
+    let header = Header {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [
+        Data {
+            effective: bit,
+            permitted: bit,
+            inheritable: bit,
+        },
+        Data {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        },
+    ];
+    // SAFETY: capset reads the two structs above, laid out as the kernel's v3 ABI.
+    let set = unsafe { libc::syscall(libc::SYS_capset, &header as *const Header, data.as_ptr()) };
+    // SAFETY: prctl with integer arguments only.
+    if set < 0
+        || unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_RAISE,
+                CAP_NET_BIND_SERVICE as libc::c_ulong,
+                0,
+                0,
+            )
+        } < 0
+    {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Starts `spec`'s program in its own session and process group, stdin from /dev/null,
 /// stdout and stderr piped, signal mask and dispositions reset, as `spec.user` when root.
 pub(crate) fn spawn(spec: &ServiceSpec) -> Result<Spawned, String> {
@@ -121,6 +174,7 @@ pub(crate) fn spawn(spec: &ServiceSpec) -> Result<Spawned, String> {
         None => None,
     };
     let first_rt_signal = libc::SIGRTMIN();
+    let bind_low_ports = spec.bind_low_ports;
     // SAFETY: the closure runs in the forked child before exec and only makes
     // async-signal-safe system calls on memory allocated before the fork.
     unsafe {
@@ -137,11 +191,17 @@ pub(crate) fn spawn(spec: &ServiceSpec) -> Result<Spawned, String> {
                 return Err(std::io::Error::last_os_error());
             }
             if let Some(c) = &creds {
+                if bind_low_ports && libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 if libc::setgroups(c.groups.len(), c.groups.as_ptr()) < 0
                     || libc::setgid(c.gid) < 0
                     || libc::setuid(c.uid) < 0
                 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if bind_low_ports {
+                    keep_only_net_bind_service()?;
                 }
             }
             Ok(())

@@ -61,6 +61,10 @@ pub struct ServiceSpec {
     pub stop_timeout: Duration,
     #[serde(default)]
     pub stop_signal: StopSignal,
+    /// Keep the one capability to bind ports below 1024 across the switch to `user` (as an
+    /// ambient capability); every other privilege is dropped.
+    #[serde(default)]
+    pub bind_low_ports: bool,
 }
 
 impl ServiceSpec {
@@ -82,6 +86,7 @@ impl ServiceSpec {
             restart: RestartPolicy::default(),
             stop_timeout: STOP_TIMEOUT,
             stop_signal: StopSignal::default(),
+            bind_low_ports: false,
         }
     }
 
@@ -162,6 +167,7 @@ impl fmt::Debug for ServiceSpec {
             .field("restart", &self.restart)
             .field("stop_timeout", &self.stop_timeout)
             .field("stop_signal", &self.stop_signal)
+            .field("bind_low_ports", &self.bind_low_ports)
             .finish()
     }
 }

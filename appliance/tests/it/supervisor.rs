@@ -609,3 +609,43 @@ fn runs_as_the_given_user_when_root() {
         );
     }
 }
+
+#[test]
+fn an_unprivileged_service_may_keep_only_the_right_to_bind_low_ports() {
+    // SAFETY: plain geteuid(2).
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "this test needs root (it switches users)"
+    );
+    let bind = "import socket, sys\n\
+                s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+                try:\n    s.bind(('127.0.0.1', int(sys.argv[1]))); print('bound')\n\
+                except OSError as e:\n    print('refused', e.errno)\n\
+                print(open('/proc/self/status').read().split('CapEff:')[1].split()[0])\n\
+                import time; time.sleep(1000)";
+    let sup = Supervisor::start(json!([
+        { "name": "low", "user": "nobody", "bind_low_ports": true, "argv": ["python3", "-c", bind, "981"] },
+        { "name": "plain", "user": "nobody", "argv": ["python3", "-c", bind, "982"] },
+    ]));
+    for (service, expected) in [("low", "bound"), ("plain", "refused 13")] {
+        let request = Request::Logs {
+            service: service.into(),
+            lines: 10,
+        };
+        let lines = sup.wait_for(&format!("{service} output"), STARTUP, || {
+            let Response::Logs { lines } = control::request(&sup.target(), &request).unwrap()
+            else {
+                panic!()
+            };
+            (lines.len() >= 2).then_some(lines)
+        });
+        assert_eq!(lines[0].line, expected, "{service}");
+        // Effective capabilities: only CAP_NET_BIND_SERVICE (bit 10), or none.
+        let caps = if service == "low" {
+            "0000000000000400"
+        } else {
+            "0000000000000000"
+        };
+        assert_eq!(lines[1].line, caps, "{service}: effective capabilities");
+    }
+}

@@ -1,0 +1,49 @@
+//! `appliance balancer`: the node's load balancer and TLS terminator as a supervised child,
+//! unprivileged but for binding ports 80 and 443. SIGHUP re-reads cluster.toml.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use crate::node::NodeArgs;
+
+/// The balancer's Prometheus endpoint (aggregated by the admin server).
+pub const METRICS_PORT: u16 = 9100;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BalancerArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// Where the balancer keeps its generated certificate (STATE_DIR/tls).
+    #[arg(long)]
+    pub state_dir: PathBuf,
+    /// Serve Prometheus metrics here [default: 127.0.0.1:9100, the node's address on loopback].
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+}
+
+/// Nodes that share a machine (loopback addresses) cannot share 127.0.0.1:9100.
+pub fn metrics_addr(node: Ipv4Addr) -> SocketAddr {
+    let ip = if node.is_loopback() {
+        node
+    } else {
+        Ipv4Addr::LOCALHOST
+    };
+    SocketAddr::from((ip, METRICS_PORT))
+}
+
+pub fn main(args: BalancerArgs) -> anyhow::Result<ExitCode> {
+    let (cluster, node) = args.node.load()?;
+    let mut opts = balancer::Options::new(&args.state_dir);
+    opts.metrics = Some(args.metrics.unwrap_or_else(|| metrics_addr(node.address)));
+    let reload_args = args.node.clone();
+    opts.reload = Some(Arc::new(move || {
+        reload_args
+            .load()
+            .map(|(cluster, _)| cluster)
+            .map_err(|e| format!("{e:#}"))
+    }));
+    balancer::run_blocking(cluster, &node.name, opts)?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,407 @@
+//! Listeners and client connections: accept, TLS handshake, HTTP/1 or HTTP/2 by ALPN, and the
+//! timers that close idle and slow connections (408 for a slow request head).
+
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+
+use crate::core::framing::{Framing, HeadVerdict, Progress};
+use crate::core::timeouts::{self, ConnTimes, Decision};
+use crate::proxy::{self, ConnCtx, Role, Shared};
+use crate::BalancerError;
+
+/// Bind a listening socket. IPv4 sockets get `IP_FREEBIND`, so the floating IP can be bound
+/// before this node holds it.
+pub fn bind(addr: SocketAddr) -> Result<TcpListener, BalancerError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let err = |source| BalancerError::Bind { addr, source };
+    let s =
+        Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(err)?;
+    s.set_reuse_address(true).map_err(err)?;
+    if addr.is_ipv4() {
+        s.set_freebind_v4(true).map_err(err)?;
+    }
+    s.set_nonblocking(true).map_err(err)?;
+    s.bind(&addr.into()).map_err(err)?;
+    s.listen(4096).map_err(err)?;
+    TcpListener::from_std(s.into()).map_err(err)
+}
+
+/// State of one client connection shared by its IO wrapper, its driver and its requests.
+pub struct ConnShared {
+    pub inflight: AtomicU64,
+    track: Mutex<Track>,
+}
+
+struct Track {
+    /// HTTP/1 only.
+    framing: Option<Framing>,
+    verdicts: VecDeque<HeadVerdict>,
+    seen_bytes: bool,
+    last_read: std::time::Instant,
+    head_started: Option<std::time::Instant>,
+}
+
+impl ConnShared {
+    fn new(framing: Option<Framing>) -> ConnShared {
+        ConnShared {
+            inflight: AtomicU64::new(0),
+            track: Mutex::new(Track {
+                framing,
+                verdicts: VecDeque::new(),
+                seen_bytes: false,
+                last_read: std::time::Instant::now(),
+                head_started: None,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Track> {
+        self.track.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The framing verdict of the next request head, in order (HTTP/1).
+    pub fn next_verdict(&self) -> Option<HeadVerdict> {
+        self.lock().verdicts.pop_front()
+    }
+
+    fn on_read(&self, data: &[u8]) {
+        let now = crate::clock::coarse_now();
+        let mut t = self.lock();
+        let t = &mut *t;
+        t.last_read = now;
+        t.seen_bytes = true;
+        if let Some(f) = &mut t.framing {
+            let before = f.progress();
+            f.feed(data, &mut t.verdicts);
+            match f.progress() {
+                Progress::InHead if before != Progress::InHead => t.head_started = Some(now),
+                Progress::InHead => {}
+                _ => t.head_started = None,
+            }
+        }
+    }
+
+    fn times(&self) -> ConnTimes {
+        let t = self.lock();
+        ConnTimes {
+            progress: t.framing.as_ref().map_or(Progress::Idle, Framing::progress),
+            inflight: self.inflight.load(Relaxed),
+            seen_bytes: t.seen_bytes,
+            last_read: t.last_read,
+            head_started: t.head_started,
+        }
+    }
+}
+
+/// The client stream, reporting every read to the connection's [`ConnShared`].
+struct TrackedIo<S> {
+    inner: S,
+    shared: Arc<ConnShared>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for TrackedIo<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = r {
+            let new = &buf.filled()[before..];
+            if !new.is_empty() {
+                this.shared.on_read(new);
+            }
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for TrackedIo<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, b: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, b)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        b: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, b)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// What an accept loop serves.
+#[derive(Clone)]
+pub struct Listener {
+    pub role: Role,
+    pub tls: Option<TlsAcceptor>,
+}
+
+/// Accept until shutdown; every connection task holds a clone of `tasks` so the caller can wait
+/// for all of them to end.
+pub async fn accept_loop(
+    listener: TcpListener,
+    what: Listener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+    tasks: mpsc::Sender<()>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = shutdown.changed() => break,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let (what, shared, shutdown, tasks) = (
+                    what.clone(),
+                    shared.clone(),
+                    shutdown.clone(),
+                    tasks.clone(),
+                );
+                tokio::spawn(async move {
+                    serve(stream, peer, what, shared, shutdown).await;
+                    drop(tasks);
+                });
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+struct ActiveConn<'a>(&'a Shared);
+
+impl Drop for ActiveConn<'_> {
+    fn drop(&mut self) {
+        self.0.global.active_connections.fetch_sub(1, Relaxed);
+    }
+}
+
+async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    what: Listener,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+) {
+    shared.global.connections.fetch_add(1, Relaxed);
+    shared.global.active_connections.fetch_add(1, Relaxed);
+    let _active = ActiveConn(&shared);
+    let Some(acceptor) = what.tls else {
+        serve_h1(stream, peer, what.role, shared.clone(), shutdown).await;
+        return;
+    };
+    let tls =
+        match tokio::time::timeout(shared.limits.header_timeout, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                shared.global.tls_handshake_failures.fetch_add(1, Relaxed);
+                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                return;
+            }
+            Err(_) => {
+                shared.global.tls_handshake_failures.fetch_add(1, Relaxed);
+                return;
+            }
+        };
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    if h2 {
+        serve_h2(tls, peer, what.role, shared.clone(), shutdown).await;
+    } else {
+        serve_h1(tls, peer, what.role, shared.clone(), shutdown).await;
+    }
+}
+
+const REQUEST_TIMEOUT_RESPONSE: &[u8] =
+    b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+
+async fn serve_h1<S>(
+    io: S,
+    peer: SocketAddr,
+    role: Role,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = shared.limits.clone();
+    let conn_shared = Arc::new(ConnShared::new(Some(Framing::new(
+        limits.max_header_bytes,
+        limits.max_headers,
+    ))));
+    let ctx = Arc::new(ConnCtx {
+        shared: shared.clone(),
+        role,
+        conn: conn_shared.clone(),
+        h1: true,
+        fwd: proxy::Forwarding::new(peer, role == (Role::Proxy { tls: true })),
+    });
+    let svc = service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(proxy::handle(req, &ctx).await) }
+    });
+    let io = TrackedIo {
+        inner: io,
+        shared: conn_shared.clone(),
+    };
+    let mut conn = http1::Builder::new()
+        // hyper's minimum buffer is 8 KiB; a head larger than the buffer gets 431.
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .max_headers(limits.max_headers)
+        // Mostly small responses: one flat buffer and one write() beat writev() (measured).
+        .writev(false)
+        // Backend responses carry their Date; this saves a clock read per response.
+        .auto_date_header(false)
+        .serve_connection(TokioIo::new(io), svc)
+        .with_upgrades();
+    let timer = tokio::time::sleep(limits.header_timeout);
+    tokio::pin!(timer);
+    let mut draining = false;
+    let reply_408 = loop {
+        tokio::select! {
+            r = &mut conn => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "HTTP/1 connection ended with an error");
+                }
+                return;
+            }
+            _ = &mut timer => {
+                let now = Instant::now();
+                let d = timeouts::decide(conn_shared.times(), now.into_std(), limits.header_timeout, limits.idle_timeout);
+                match d {
+                    Decision::WaitUntil(t) => timer.as_mut().reset(Instant::from_std(t)),
+                    Decision::Close => return,
+                    Decision::RequestTimeout => break true,
+                }
+            }
+            _ = shutdown.changed(), if !draining => {
+                draining = true;
+                Pin::new(&mut conn).graceful_shutdown();
+            }
+        }
+    };
+    if reply_408 {
+        shared.global.request_timeout.fetch_add(1, Relaxed);
+        if let Some(parts) = conn.into_parts() {
+            let mut io = parts.io.into_inner().inner;
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                io.write_all(REQUEST_TIMEOUT_RESPONSE).await?;
+                io.shutdown().await
+            })
+            .await;
+        }
+    }
+}
+
+async fn serve_h2<S>(
+    io: S,
+    peer: SocketAddr,
+    role: Role,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = shared.limits.clone();
+    let conn_shared = Arc::new(ConnShared::new(None));
+    let ctx = Arc::new(ConnCtx {
+        shared: shared.clone(),
+        role,
+        conn: conn_shared.clone(),
+        h1: false,
+        fwd: proxy::Forwarding::new(peer, role == (Role::Proxy { tls: true })),
+    });
+    let svc = service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(proxy::handle(req, &ctx).await) }
+    });
+    let io = TrackedIo {
+        inner: io,
+        shared: conn_shared.clone(),
+    };
+    let conn = http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_h2_streams)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let timer = tokio::time::sleep(limits.idle_timeout);
+    tokio::pin!(timer);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(%peer, error = %e, "HTTP/2 connection ended with an error");
+                }
+                return;
+            }
+            _ = &mut timer => {
+                let now = Instant::now();
+                match timeouts::decide(conn_shared.times(), now.into_std(), limits.header_timeout, limits.idle_timeout) {
+                    Decision::WaitUntil(t) => timer.as_mut().reset(Instant::from_std(t)),
+                    Decision::Close | Decision::RequestTimeout if !draining => {
+                        // GOAWAY, let the client see it, then close.
+                        draining = true;
+                        conn.as_mut().graceful_shutdown();
+                        timer.as_mut().reset(now + Duration::from_secs(5));
+                    }
+                    _ => return,
+                }
+            }
+            _ = shutdown.changed(), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The floating IP is bound before this node holds it. Binding sends nothing: this only
+    /// needs the address to be absent from every interface.
+    #[tokio::test]
+    async fn binds_an_address_this_host_does_not_have() {
+        let vip: SocketAddr = "10.88.0.10:0".parse().unwrap();
+        assert!(
+            std::net::TcpListener::bind(vip).is_err(),
+            "10.88.0.10 is configured on this host; the test needs an address that is not"
+        );
+        let l = bind(vip).expect("IP_FREEBIND lets the floating IP be bound early");
+        assert_eq!(l.local_addr().unwrap().ip(), vip.ip());
+    }
+}

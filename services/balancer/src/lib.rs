@@ -1,0 +1,150 @@
+//! Tandem's load balancer: an HTTP/1.1 + HTTP/2 reverse proxy in front of the nginx of every
+//! node, with TLS termination (rustls), active and passive health checks, retries, limits
+//! against malformed and slow clients, live reload and Prometheus metrics.
+//!
+//! - [`core`] is pure: backend selection, the health state machine, the retry policy and the
+//!   HTTP/1 framing tracker. Everything else is IO around it.
+//! - [`run_blocking`] is what `appliance balancer` calls: it builds its own tokio runtime and
+//!   runs until SIGTERM/SIGINT (graceful), reloading on SIGHUP through [`Options::reload`].
+//! - [`Balancer::start`] is the async API (tests, benchmarks): it returns a [`Handle`] with the
+//!   bound addresses, `reload`, `reload_certificates` and `shutdown`.
+
+pub mod core;
+
+mod backend;
+mod body;
+mod clock;
+mod conn;
+mod error;
+mod health_check;
+mod metrics;
+mod plan;
+mod pool;
+mod proxy;
+mod runtime;
+mod tls;
+
+pub use error::BalancerError;
+pub use plan::{BackendSpec, Plan};
+pub use runtime::{run_blocking, BackendStatus, Balancer, Handle};
+pub use tls::CertificateFiles;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cluster_config::Cluster;
+
+/// Re-reads the cluster description (the lead's wiring passes `Cluster::load(path)`); called
+/// on SIGHUP by [`run_blocking`]. The error is logged and the running config kept.
+pub type ReloadFn = Arc<dyn Fn() -> Result<Cluster, String> + Send + Sync>;
+
+/// How the balancer runs, beyond what `cluster.toml` says.
+#[derive(Clone)]
+pub struct Options {
+    /// Where the self-signed certificate is generated once and kept (`<state_dir>/tls/`).
+    pub state_dir: PathBuf,
+    /// Prometheus endpoint (`GET /metrics`), e.g. `127.0.0.1:9100`. `None`: not served.
+    pub metrics: Option<SocketAddr>,
+    /// Listen addresses instead of the node's address and the floating IP on `ports.http` /
+    /// `ports.https` (tests, benchmarks). Port 0 picks a free port; see [`Handle`].
+    pub listen: Option<Listen>,
+    /// More certificates, chosen by SNI, beside the cluster's own (which is the default).
+    pub certificates: Vec<CertificateFiles>,
+    pub limits: Limits,
+    /// Tokio worker threads; `None` = the number of available cores.
+    pub workers: Option<usize>,
+    /// Called on SIGHUP by [`run_blocking`] to get the new cluster description.
+    pub reload: Option<ReloadFn>,
+}
+
+impl Options {
+    pub fn new(state_dir: impl Into<PathBuf>) -> Options {
+        Options {
+            state_dir: state_dir.into(),
+            metrics: None,
+            listen: None,
+            certificates: Vec::new(),
+            limits: Limits::default(),
+            workers: None,
+            reload: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Options {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("state_dir", &self.state_dir)
+            .field("metrics", &self.metrics)
+            .field("listen", &self.listen)
+            .field("certificates", &self.certificates)
+            .field("limits", &self.limits)
+            .field("workers", &self.workers)
+            .field("reload", &self.reload.as_ref().map(|_| "<fn>"))
+            .finish()
+    }
+}
+
+/// Explicit listen addresses (tests and benchmarks).
+#[derive(Debug, Clone, Default)]
+pub struct Listen {
+    /// Plain HTTP: redirects to HTTPS, answers the health path.
+    pub http: Vec<SocketAddr>,
+    /// HTTPS: the proxy.
+    pub https: Vec<SocketAddr>,
+    /// Plain HTTP that proxies like the HTTPS port instead of redirecting (benchmarks only:
+    /// measures the proxy without TLS against an equivalent HAProxy frontend).
+    pub http_proxy: Vec<SocketAddr>,
+}
+
+/// Limits against slow, large and malformed clients. Defaults follow HAProxy's and nginx's.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Largest request head (request line + headers); more gets 431.
+    pub max_header_bytes: usize,
+    /// Most header fields in a request; more gets 431.
+    pub max_headers: usize,
+    /// Largest request body; more gets 413.
+    pub max_body_bytes: u64,
+    /// Time for a whole request head once its first byte arrived (slowloris gets 408), and for
+    /// the first request of a new connection and a TLS handshake.
+    pub header_timeout: Duration,
+    /// A keep-alive connection with nothing in flight is closed after this long idle.
+    pub idle_timeout: Duration,
+    /// Connecting to a backend.
+    pub connect_timeout: Duration,
+    /// From the request sent to the backend until its response head (504 after).
+    pub response_timeout: Duration,
+    /// On shutdown: how long in-flight requests may take before connections are dropped.
+    pub shutdown_grace: Duration,
+    /// HTTP/2 streams per connection.
+    pub max_h2_streams: u32,
+}
+
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
+pub const DEFAULT_MAX_HEADERS: usize = 100;
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+pub const DEFAULT_MAX_H2_STREAMS: u32 = 128;
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_header_bytes: DEFAULT_MAX_HEADER_BYTES,
+            max_headers: DEFAULT_MAX_HEADERS,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            max_h2_streams: DEFAULT_MAX_H2_STREAMS,
+        }
+    }
+}

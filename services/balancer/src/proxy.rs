@@ -1,0 +1,587 @@
+//! One request: answered locally (health path, redirect, limits) or forwarded to a backend,
+//! with the forwarding headers added, retried once elsewhere when that is safe.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::Limited;
+use hyper::body::{Body, Incoming};
+use hyper_util::rt::TokioIo;
+
+use crate::backend::{Backend, Routes};
+use crate::body::{is_body_too_large, Inflight, ReqBody, RespBody};
+use crate::conn::ConnShared;
+use crate::core::health::{Observation, Transition};
+use crate::core::retry::{self, Failure};
+use crate::metrics::Global;
+use crate::plan::Plan;
+use crate::pool::SendError;
+use crate::Limits;
+
+/// What every connection task shares.
+pub struct Shared {
+    pub routes: ArcSwap<Routes>,
+    pub settings: ArcSwap<Settings>,
+    pub global: Global,
+    pub limits: Limits,
+}
+
+/// The parts of the configuration requests read; swapped whole on reload.
+pub struct Settings {
+    pub plan: Plan,
+    /// `Strict-Transport-Security` value, `None` when `hsts_max_age` is 0.
+    pub hsts: Option<HeaderValue>,
+    /// Port in redirects to HTTPS (the first HTTPS listener's).
+    pub https_port: u16,
+}
+
+impl Settings {
+    pub fn new(plan: Plan, https_port: u16) -> Settings {
+        let hsts = (plan.hsts_max_age > 0).then(|| {
+            HeaderValue::from_str(&format!("max-age={}", plan.hsts_max_age))
+                .unwrap_or(HeaderValue::from_static("max-age=31536000"))
+        });
+        Settings {
+            plan,
+            hsts,
+            https_port,
+        }
+    }
+}
+
+impl Shared {
+    /// Record a health observation for `backend`; on a state change, log the event and
+    /// rebuild the schedule of the current routing table.
+    pub fn observe(&self, backend: &Backend, obs: Observation, reason: &str) {
+        let routes = self.routes.load();
+        if let Some(t) = backend.observe(obs, routes.thresholds, Instant::now()) {
+            log_transition(backend, t, reason);
+            routes.rebuild();
+        }
+    }
+}
+
+pub fn log_transition(backend: &Backend, t: Transition, reason: &str) {
+    let state = t.to.as_str();
+    let addr = backend.addr.to_string();
+    match t.to {
+        crate::core::health::State::Up => tracing::info!(
+            target: "health", backend = %backend.name, addr = %addr, state, reason,
+            "backend {} ({addr}) is up", backend.name
+        ),
+        crate::core::health::State::Down => tracing::warn!(
+            target: "health", backend = %backend.name, addr = %addr, state, reason,
+            "backend {} ({addr}) is down", backend.name
+        ),
+    }
+}
+
+/// Which port a connection came in on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Plain HTTP: the health path, else a redirect to HTTPS.
+    Redirect,
+    /// Proxy to the backends; `tls` says whether the client used TLS.
+    Proxy { tls: bool },
+}
+
+/// Per client connection.
+pub struct ConnCtx {
+    pub shared: Arc<Shared>,
+    pub role: Role,
+    pub conn: Arc<ConnShared>,
+    /// HTTP/1.x (framing verdicts apply, `Connection: close` means something).
+    pub h1: bool,
+    pub fwd: Forwarding,
+}
+
+/// The forwarding header values of one client connection, made once per connection.
+pub struct Forwarding {
+    ip: IpAddr,
+    /// `X-Forwarded-For` when the client sent none: its address.
+    xff: HeaderValue,
+    /// `X-Forwarded-Proto`.
+    proto: HeaderValue,
+    /// `Forwarded: for=<ip>;proto=<proto>`.
+    forwarded: HeaderValue,
+}
+
+impl Forwarding {
+    pub fn new(peer: SocketAddr, tls: bool) -> Forwarding {
+        let ip = peer.ip().to_canonical();
+        let proto = if tls { "https" } else { "http" };
+        let node = match ip {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => format!("\"[{v6}]\""),
+        };
+        let value =
+            |s: String| HeaderValue::from_str(&s).expect("an address is a valid header value");
+        Forwarding {
+            ip,
+            xff: value(ip.to_string()),
+            proto: HeaderValue::from_static(proto),
+            forwarded: value(format!("for={node};proto={proto}")),
+        }
+    }
+}
+
+pub async fn handle(req: Request<Incoming>, ctx: &ConnCtx) -> Response<RespBody> {
+    let guard = Inflight::conn(&ctx.conn);
+    let tls = ctx.role == (Role::Proxy { tls: true });
+    let mut resp = route(req, ctx).await;
+    if tls {
+        if let Some(v) = &ctx.shared.settings.load().hsts {
+            resp.headers_mut()
+                .insert(header::STRICT_TRANSPORT_SECURITY, v.clone());
+        }
+    }
+    resp.body_mut().add_guard(guard);
+    resp
+}
+
+async fn route(req: Request<Incoming>, ctx: &ConnCtx) -> Response<RespBody> {
+    let g = &ctx.shared.global;
+    if ctx.h1
+        && ctx
+            .conn
+            .next_verdict()
+            .is_some_and(|v| v.conflicting_length)
+    {
+        g.bad_request.fetch_add(1, Relaxed);
+        return local(
+            StatusCode::BAD_REQUEST,
+            "conflicting Content-Length and Transfer-Encoding\n",
+            ctx.h1,
+        );
+    }
+    match ctx.role {
+        Role::Redirect => {
+            let settings = ctx.shared.settings.load();
+            if req.uri().path() == settings.plan.health.path {
+                let routes = ctx.shared.routes.load();
+                let up = routes.entries.iter().filter(|e| e.backend.is_up()).count();
+                let body = format!("ok: {up}/{} backends up\n", routes.entries.len());
+                return text(StatusCode::OK, body);
+            }
+            g.redirects.fetch_add(1, Relaxed);
+            redirect(&req, &settings)
+        }
+        Role::Proxy { .. } => forward(req, ctx).await,
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<RespBody> {
+    let mut r = Response::new(RespBody::full(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+/// A response made by the balancer; `close` ends an HTTP/1 connection after it (the rest of
+/// the request was not read).
+fn local(status: StatusCode, body: &'static str, close: bool) -> Response<RespBody> {
+    let mut r = text(status, body);
+    if close {
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    r
+}
+
+fn redirect(req: &Request<Incoming>, settings: &Settings) -> Response<RespBody> {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().host())
+        .and_then(host_without_port)
+        .unwrap_or(&settings.plan.domain);
+    let port = match settings.https_port {
+        443 => String::new(),
+        p => format!(":{p}"),
+    };
+    let pq = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let location = format!("https://{host}{port}{pq}");
+    let status = if matches!(*req.method(), Method::GET | Method::HEAD) {
+        StatusCode::MOVED_PERMANENTLY
+    } else {
+        StatusCode::PERMANENT_REDIRECT
+    };
+    let mut r = Response::new(RespBody::empty());
+    *r.status_mut() = status;
+    match HeaderValue::from_str(&location) {
+        Ok(v) => {
+            r.headers_mut().insert(header::LOCATION, v);
+        }
+        Err(_) => *r.status_mut() = StatusCode::BAD_REQUEST,
+    }
+    r
+}
+
+/// The host part of a `Host` value, if it is a plausible name or address (no injection into
+/// `Location`).
+fn host_without_port(h: &str) -> Option<&str> {
+    let host = if let Some(rest) = h.strip_prefix('[') {
+        let end = rest.find(']')?;
+        &h[..end + 2]
+    } else {
+        h.rsplit_once(':').map_or(h, |(host, _)| host)
+    };
+    let ok = !host.is_empty()
+        && host.len() <= 255
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'[' | b']' | b':'));
+    ok.then_some(host)
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && header_has_token(req.headers(), &header::CONNECTION, "upgrade")
+}
+
+fn header_has_token(h: &HeaderMap, name: &HeaderName, token: &str) -> bool {
+    h.get_all(name).iter().any(|v| {
+        v.to_str()
+            .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+            .unwrap_or(false)
+    })
+}
+
+async fn forward(mut req: Request<Incoming>, ctx: &ConnCtx) -> Response<RespBody> {
+    let shared = &ctx.shared;
+    let g = &shared.global;
+    let limits = &shared.limits;
+    let too_large = |g: &Global| {
+        g.too_large.fetch_add(1, Relaxed);
+        local(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body too large\n",
+            ctx.h1,
+        )
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limits.max_body_bytes) {
+        return too_large(g);
+    }
+    let upgrade = ctx.h1 && is_upgrade(&req);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+    let replayable = body.is_end_stream();
+    let mut body = (!replayable).then(|| Limited::new(body, limits.max_body_bytes as usize));
+    // Hold this table for the whole request: a reload does not disturb it.
+    let routes = shared.routes.load_full();
+    let mut failed = None;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let picked = match failed {
+            None => routes.pick(),
+            Some(f) => routes.pick_retry(f),
+        };
+        let Some(i) = picked else {
+            g.no_backend.fetch_add(1, Relaxed);
+            return local(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no backend available\n",
+                false,
+            );
+        };
+        let backend = &routes.entries[i].backend;
+        let req_body = match body.take() {
+            Some(b) => ReqBody::Stream(b),
+            None => ReqBody::Empty,
+        };
+        let Some(out) = backend_request(&parts, backend, &ctx.fwd, upgrade, req_body) else {
+            g.bad_request.fetch_add(1, Relaxed);
+            return local(StatusCode::BAD_REQUEST, "bad request\n", ctx.h1);
+        };
+        backend.metrics.requests.fetch_add(1, Relaxed);
+        let active = Inflight::backend(backend);
+        let start = Instant::now();
+        let opened = &backend.metrics.connections;
+        let sent = backend
+            .pool
+            .send(backend.addr, out, limits.connect_timeout, opened);
+        let result = tokio::time::timeout(limits.response_timeout, sent).await;
+        match result {
+            Ok(Ok((mut resp, conn))) => {
+                backend.metrics.latency.observe(start.elapsed());
+                backend.metrics.response(resp.status().as_u16());
+                shared.observe(backend, Observation::TrafficOk, "response");
+                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    if let Some(client_upgrade) = client_upgrade {
+                        let backend_upgrade = hyper::upgrade::on(&mut resp);
+                        tokio::spawn(async move {
+                            let _active = active;
+                            if let (Ok(c), Ok(b)) = (client_upgrade.await, backend_upgrade.await) {
+                                let (mut c, mut b) = (TokioIo::new(c), TokioIo::new(b));
+                                let _ = tokio::io::copy_bidirectional(&mut c, &mut b).await;
+                            }
+                        });
+                        let (mut p, _) = resp.into_parts();
+                        strip_hop_by_hop(&mut p.headers, true);
+                        p.headers
+                            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                        return Response::from_parts(p, RespBody::empty());
+                    }
+                }
+                let (mut p, b) = resp.into_parts();
+                strip_hop_by_hop(&mut p.headers, false);
+                let body = RespBody::backend(b, backend.clone(), conn, [Some(active), None]);
+                return Response::from_parts(p, body);
+            }
+            Ok(Err(e)) => {
+                backend.metrics.errors.fetch_add(1, Relaxed);
+                if let SendError::Http(h) = &e {
+                    if is_body_too_large(h) {
+                        return too_large(g);
+                    }
+                }
+                let failure = classify(&e);
+                if matches!(failure, Failure::Connect | Failure::ClosedBeforeResponse) {
+                    shared.observe(backend, Observation::TrafficFailed, failure_reason(failure));
+                }
+                tracing::debug!(backend = %backend.addr, error = %e, ?failure, "backend request failed");
+                if retry::should_retry(&parts.method, replayable, failure, attempts) {
+                    backend.metrics.retries.fetch_add(1, Relaxed);
+                    failed = Some(i);
+                    continue;
+                }
+                g.bad_gateway.fetch_add(1, Relaxed);
+                return local(StatusCode::BAD_GATEWAY, "bad gateway\n", false);
+            }
+            Err(_elapsed) => {
+                backend.metrics.errors.fetch_add(1, Relaxed);
+                g.gateway_timeout.fetch_add(1, Relaxed);
+                return local(StatusCode::GATEWAY_TIMEOUT, "gateway timeout\n", false);
+            }
+        }
+    }
+}
+
+fn failure_reason(f: Failure) -> &'static str {
+    match f {
+        Failure::Connect => "connect failed",
+        Failure::ClosedBeforeResponse => "connection reset",
+        Failure::Timeout => "timeout",
+        Failure::Other => "error",
+    }
+}
+
+fn classify(e: &SendError) -> Failure {
+    let h = match e {
+        SendError::Connect(_) => return Failure::Connect,
+        SendError::Http(h) => h,
+    };
+    if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
+        return Failure::ClosedBeforeResponse;
+    }
+    if h.is_timeout() {
+        return Failure::Timeout;
+    }
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(h);
+    while let Some(s) = cur {
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::*;
+            if matches!(
+                io.kind(),
+                ConnectionReset | ConnectionAborted | BrokenPipe | UnexpectedEof
+            ) {
+                return Failure::ClosedBeforeResponse;
+            }
+        }
+        cur = s.source();
+    }
+    Failure::Other
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), never forwarded.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::TRANSFER_ENCODING
+        || name == header::TE
+        || name == header::TRAILER
+        || name == header::UPGRADE
+        || name == header::PROXY_AUTHENTICATE
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
+}
+
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
+    if !h.keys().any(is_hop_by_hop) {
+        return;
+    }
+    let listed: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in listed {
+        if !(keep_upgrade && name == header::UPGRADE) {
+            h.remove(&name);
+        }
+    }
+    for name in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::TE,
+        header::TRAILER,
+        header::PROXY_AUTHENTICATE,
+    ] {
+        h.remove(name);
+    }
+    h.remove(&KEEP_ALIVE);
+    h.remove(&PROXY_CONNECTION);
+    if !keep_upgrade {
+        h.remove(header::UPGRADE);
+    }
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+/// The request to send to `backend`: same method, path and headers, minus hop-by-hop headers,
+/// plus `X-Forwarded-For`, `X-Forwarded-Proto` and `Forwarded`. Always HTTP/1.1.
+fn backend_request(
+    parts: &Parts,
+    backend: &Backend,
+    fwd: &Forwarding,
+    upgrade: bool,
+    body: ReqBody,
+) -> Option<Request<ReqBody>> {
+    // Origin form (`/path?query`): the connection already goes to the backend.
+    let uri = match parts.uri.path_and_query() {
+        Some(_) if parts.uri.scheme().is_none() => parts.uri.clone(),
+        Some(pq) => Uri::from(pq.clone()),
+        None => Uri::from_static("/"),
+    };
+    let listed: Vec<&str> = parts
+        .headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    let mut h = HeaderMap::with_capacity(parts.headers.len() + 4);
+    let mut xff: Option<Vec<u8>> = None;
+    let mut cookies: Vec<&[u8]> = Vec::new();
+    for (name, value) in &parts.headers {
+        if name == X_FORWARDED_FOR {
+            let x = xff.get_or_insert_with(Vec::new);
+            if !x.is_empty() {
+                x.extend_from_slice(b", ");
+            }
+            x.extend_from_slice(value.as_bytes());
+            continue;
+        }
+        let keep_upgrade = upgrade && name == header::UPGRADE;
+        if name == X_FORWARDED_PROTO
+            || (!keep_upgrade
+                && (is_hop_by_hop(name)
+                    || listed.iter().any(|l| l.eq_ignore_ascii_case(name.as_str()))))
+        {
+            continue;
+        }
+        if name == header::COOKIE && parts.version == Version::HTTP_2 {
+            // HTTP/2 may split cookies into several fields; HTTP/1.1 wants one (RFC 9113 §8.2.3).
+            cookies.push(value.as_bytes());
+            continue;
+        }
+        h.append(name.clone(), value.clone());
+    }
+    if !cookies.is_empty() {
+        if let Ok(v) = HeaderValue::from_bytes(&cookies.join(&b"; "[..])) {
+            h.insert(header::COOKIE, v);
+        }
+    }
+    if upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    if !h.contains_key(header::HOST) {
+        let host = match parts.uri.authority() {
+            Some(a) => HeaderValue::from_str(a.as_str()).ok()?,
+            None => HeaderValue::from_str(backend.authority.as_str()).ok()?,
+        };
+        h.insert(header::HOST, host);
+    }
+    let xff = match xff {
+        None => fwd.xff.clone(),
+        Some(mut prior) => {
+            prior.extend_from_slice(b", ");
+            prior.extend_from_slice(fwd.ip.to_string().as_bytes());
+            HeaderValue::from_bytes(&prior).ok()?
+        }
+    };
+    h.insert(X_FORWARDED_FOR.clone(), xff);
+    h.insert(X_FORWARDED_PROTO.clone(), fwd.proto.clone());
+    h.append(header::FORWARDED, fwd.forwarded.clone());
+
+    let mut out = Request::new(body);
+    *out.method_mut() = parts.method.clone();
+    *out.uri_mut() = uri;
+    *out.version_mut() = Version::HTTP_11;
+    *out.headers_mut() = h;
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_without_port_accepts_names_and_addresses_only() {
+        for (input, expected) in [
+            ("example.com", Some("example.com")),
+            ("example.com:8080", Some("example.com")),
+            ("10.88.0.10:80", Some("10.88.0.10")),
+            ("[::1]:80", Some("[::1]")),
+            ("[::1]", Some("[::1]")),
+            ("", None),
+            ("evil.com/path", None),
+            ("a b", None),
+            ("x@y", None),
+        ] {
+            assert_eq!(host_without_port(input), expected, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_stripped_from_responses() {
+        let mut h = HeaderMap::new();
+        for (k, v) in [
+            ("connection", "close, x-private"),
+            ("x-private", "1"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("content-type", "text/html"),
+            ("upgrade", "websocket"),
+        ] {
+            h.append(HeaderName::from_static(k), HeaderValue::from_static(v));
+        }
+        strip_hop_by_hop(&mut h, false);
+        let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["content-type"]);
+    }
+}

@@ -1,0 +1,7 @@
+//! The balancer against real nginx backends, real curl and real openssl.
+
+mod support;
+
+mod malformed;
+mod proxy;
+mod tls;
