@@ -8,6 +8,11 @@ use std::sync::Arc;
 
 use crate::node::NodeArgs;
 
+/// How long in-flight requests may finish when the node stops (a node stop is bounded: the
+/// supervisor's SIGKILL comes at [`STOP_TIMEOUT`]).
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+pub const STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(7);
+
 /// The balancer's Prometheus endpoint (aggregated by the admin server).
 pub const METRICS_PORT: u16 = 9100;
 
@@ -37,6 +42,8 @@ pub fn main(args: BalancerArgs) -> anyhow::Result<ExitCode> {
     let (cluster, node) = args.node.load()?;
     let mut opts = balancer::Options::new(&args.state_dir);
     opts.metrics = Some(args.metrics.unwrap_or_else(|| metrics_addr(node.address)));
+    // In-flight requests get this long on SIGTERM; the supervisor's stop timeout is longer.
+    opts.limits.shutdown_grace = SHUTDOWN_GRACE;
     let reload_args = args.node.clone();
     opts.reload = Some(Arc::new(move || {
         reload_args

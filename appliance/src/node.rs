@@ -207,6 +207,7 @@ pub fn services(
     let mut balancer = ServiceSpec::daemon("balancer", balancer);
     balancer.user = root.then(|| BALANCER_USER.to_string());
     balancer.bind_low_ports = true;
+    balancer.stop_timeout = crate::balancer_cmd::STOP_TIMEOUT;
     balancer.deps = vec!["nginx".into()];
     balancer.readiness = Readiness::Tcp {
         addr: (node.address, cluster.ports.https).into(),
