@@ -101,7 +101,7 @@ pub fn parse_access(line: &str) -> Option<AccessLine<'_>> {
 /// What a structured status line says (see [`parse_status`]).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Status {
-    /// target `health`: `check=<name> up=<bool>`.
+    /// target `health`: `check=<name> up=<bool>` (or `backend=<name> state=up|down`).
     Health { check: String, up: bool },
     /// target `vip`: `holder=<node>` (who holds the floating IP now).
     Vip { holder: String },
@@ -130,9 +130,14 @@ pub fn parse_status(line: &str) -> Option<Status> {
         _ => None,
     };
     match target {
+        // `check=<name> up=<bool>`, or the balancer's `backend=<name> state=up|down`.
         "health" => Some(Status::Health {
-            check: field("check")?.to_string(),
-            up: boolean("up")?,
+            check: field("check").or_else(|| field("backend"))?.to_string(),
+            up: boolean("up").or_else(|| match field("state")? {
+                "up" => Some(true),
+                "down" => Some(false),
+                _ => None,
+            })?,
         }),
         "vip" => Some(Status::Vip {
             holder: field("holder")?.to_string(),
@@ -248,6 +253,20 @@ mod tests {
                 "2025-01-02T03:04:05Z  INFO vip: became master holder=server1",
                 Some(Status::Vip {
                     holder: "server1".into(),
+                }),
+            ),
+            (
+                r#"2026-11-26T07:00:00Z  WARN health: backend server2 (10.88.0.12:8080) is down backend=server2 addr=10.88.0.12:8080 state="down" reason="connection refused""#,
+                Some(Status::Health {
+                    check: "server2".into(),
+                    up: false,
+                }),
+            ),
+            (
+                r#"2026-11-26T07:00:09Z  INFO health: backend server2 (10.88.0.12:8080) is up backend=server2 addr=10.88.0.12:8080 state="up" reason="2 checks passed""#,
+                Some(Status::Health {
+                    check: "server2".into(),
+                    up: true,
                 }),
             ),
             ("2025-01-02T03:04:05Z  INFO health: hello", None),
