@@ -109,6 +109,7 @@ fn boot_and_supervise() -> anyhow::Result<Halt> {
         .thread_block()
         .context("blocking signals")?;
     spawn_power_button_watch();
+    spawn_boot_blessing(layout.socket.clone());
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "system up; starting services"
@@ -334,7 +335,8 @@ fn load_device_modules() {
     collect_modaliases(Path::new("/sys/devices"), &mut aliases, 0);
     aliases.sort();
     aliases.dedup();
-    aliases.push("evdev".into());
+    // The power button's input device, and FAT for blessing the boot entry on the ESP.
+    aliases.extend(["evdev", "vfat", "nls_cp437", "nls_ascii", "nls_utf8"].map(String::from));
     for chunk in aliases.chunks(200) {
         if let Err(e) = run(Command::new("modprobe")
             .args(["-a", "-q", "-b"])
@@ -519,6 +521,84 @@ fn spawn_power_button_watch() {
             });
         tracing::info!(device = %name, "watching the power button");
     }
+}
+
+/// How long a boot may take to bring every service up before it stays unblessed (and
+/// systemd-boot counts it as a failed try).
+const BLESS_DEADLINE: Duration = Duration::from_secs(600);
+pub const ESP_MOUNT: &str = "/run/tandem/esp";
+
+/// systemd-boot's boot counting: the entry `appliance-a+N-M.conf` loses a try at every boot
+/// until it is renamed to `appliance-a.conf` ("blessed"). We bless only once every service is
+/// ready, so a slot that cannot bring the node up runs out of tries and the boot menu falls back.
+fn spawn_boot_blessing(socket: PathBuf) {
+    let slot = kernel_param("tandem.slot").unwrap_or_else(|| "a".into());
+    let _ = std::thread::Builder::new().name("bless-boot".into()).spawn(move || {
+        let target = crate::control::Target { socket: Some(socket), state_dir: None };
+        let deadline = Instant::now() + BLESS_DEADLINE;
+        loop {
+            if let Ok(crate::control::Response::Status { services }) =
+                crate::control::request(&target, &crate::control::Request::Status)
+            {
+                if !services.is_empty() && services.iter().all(|s| s.ready) {
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                tracing::warn!(%slot, "services not all ready after {}s: boot entry left unblessed", BLESS_DEADLINE.as_secs());
+                return;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        match bless(&slot) {
+            Ok(Some(entry)) => tracing::info!(%slot, %entry, "boot entry blessed"),
+            Ok(None) => tracing::info!(%slot, "boot entry already blessed"),
+            Err(e) => tracing::warn!(%slot, "blessing the boot entry: {e:#}"),
+        }
+    });
+}
+
+/// Renames `loader/entries/appliance-<slot>+…conf` to `appliance-<slot>.conf` on the ESP.
+fn bless(slot: &str) -> anyhow::Result<Option<String>> {
+    let esp = find_partition("esp")?;
+    fs::create_dir_all(ESP_MOUNT)?;
+    mount(
+        Some(&esp),
+        ESP_MOUNT,
+        Some("vfat"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .with_context(|| format!("mounting the ESP {}", esp.display()))?;
+    let result = (|| {
+        let entries = Path::new(ESP_MOUNT).join("loader/entries");
+        let prefix = format!("appliance-{slot}+");
+        for entry in fs::read_dir(&entries)
+            .with_context(|| format!("listing {}", entries.display()))?
+            .flatten()
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&prefix) && name.ends_with(".conf") {
+                fs::rename(entry.path(), entries.join(format!("appliance-{slot}.conf")))
+                    .with_context(|| format!("renaming {name}"))?;
+                return Ok(Some(name));
+            }
+        }
+        Ok(None)
+    })();
+    sync();
+    if let Err(e) = umount2(ESP_MOUNT, MntFlags::empty()) {
+        tracing::warn!("unmounting the ESP: {e}");
+    }
+    result
+}
+
+/// `name=value` from the kernel command line.
+fn kernel_param(name: &str) -> Option<String> {
+    let cmdline = fs::read_to_string("/proc/cmdline").ok()?;
+    cmdline
+        .split_whitespace()
+        .find_map(|p| p.strip_prefix(name)?.strip_prefix('=').map(str::to_string))
 }
 
 /// Runs a helper program to completion. Only used before the supervisor starts (and after it

@@ -38,6 +38,21 @@ fn two_nodes_boot_serve_reboot_and_survive_a_power_cut() {
         );
     }
 
+    for node in ["server1", "server2"] {
+        step(
+            &cluster,
+            &format!("{node} blesses its boot entry once every service is ready"),
+            || {
+                cluster.vm(node)?.wait_serial_line(
+                    Mark::default(),
+                    "a `boot entry blessed` line",
+                    SERIAL_TIMEOUT,
+                    |l| l.contains("boot entry blessed") && l.contains("appliance-a+"),
+                )
+            },
+        );
+    }
+
     let note = crate::services::run(&cluster, &config);
 
     step(
