@@ -105,7 +105,7 @@ fn boot_and_supervise() -> anyhow::Result<Halt> {
     let specs = node::services(&cluster, node, &layout, None)?;
     // The supervisor blocks its signals in the calling thread and waits for them; a thread
     // started before that must not have them unblocked, or it would swallow them.
-    supervisor_signals()
+    crate::supervisor::handled_signals()
         .thread_block()
         .context("blocking signals")?;
     spawn_power_button_watch();
@@ -173,19 +173,6 @@ fn other_processes_exist() -> bool {
                 pid != 1 && fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
             })
     })
-}
-
-fn supervisor_signals() -> SigSet {
-    let mut set = SigSet::empty();
-    for sig in [
-        Signal::SIGCHLD,
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGHUP,
-    ] {
-        set.add(sig);
-    }
-    set
 }
 
 /// PID 1 starts with 1024 open files; MariaDB and nginx want far more, and inherit ours.

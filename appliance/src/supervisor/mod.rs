@@ -53,6 +53,7 @@ use nix::unistd;
 pub use backoff::{RestartMode, RestartPolicy};
 pub use logs::{LogLine, Stream, LOG_LINES_KEPT};
 pub use order::OrderError;
+pub(crate) use process::handled as handled_signals;
 pub use process::ExitKind;
 pub use spec::{Kind, Readiness, ServiceSpec, StopSignal};
 

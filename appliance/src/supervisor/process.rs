@@ -237,7 +237,7 @@ pub(crate) fn signal_group(pid: Pid, sig: Signal) {
 }
 
 /// Signals the supervisor handles; blocked in every thread and taken by the signal thread.
-fn handled() -> SigSet {
+pub(crate) fn handled() -> SigSet {
     let mut set = SigSet::empty();
     for sig in [
         Signal::SIGCHLD,

@@ -449,7 +449,7 @@ fn replication_through_the_app_survives_restarts_kills_and_switchovers() {
     s1.wait_healthy("replica", Duration::from_secs(30));
     s1.wait_for(
         "the rows written while it was down",
-        Duration::from_secs(5),
+        Duration::from_secs(30),
         || s1.notes().len() == written.len(),
     );
     assert_exactly(&s1, &written);
@@ -469,7 +469,7 @@ fn replication_through_the_app_survives_restarts_kills_and_switchovers() {
     s1.wait_healthy("replica", Duration::from_secs(30));
     s1.wait_for(
         "the rows written around the kill",
-        Duration::from_secs(5),
+        Duration::from_secs(30),
         || s1.notes().len() == written.len(),
     );
     assert_exactly(&s1, &written);
@@ -486,8 +486,8 @@ fn replication_through_the_app_survives_restarts_kills_and_switchovers() {
     written.push("before-switchover".into());
     let (ok, text) = s2.switchover("server1");
     assert!(ok, "switchover failed:\n{text}\n{}\n{}", s1.log(), s2.log());
-    s1.wait_healthy("primary", Duration::from_secs(10));
-    s2.wait_healthy("replica", Duration::from_secs(10));
+    s1.wait_healthy("primary", Duration::from_secs(30));
+    s2.wait_healthy("replica", Duration::from_secs(30));
     for node in [&s1, &s2] {
         let body = format!("between-via-{}", node.name);
         node.post_ok(&body);
@@ -526,14 +526,14 @@ fn replication_through_the_app_survives_restarts_kills_and_switchovers() {
         s1.log(),
         s2.log()
     );
-    s2.wait_healthy("primary", Duration::from_secs(10));
-    s1.wait_healthy("replica", Duration::from_secs(10));
+    s2.wait_healthy("primary", Duration::from_secs(30));
+    s1.wait_healthy("replica", Duration::from_secs(30));
     for node in [&s1, &s2] {
         let body = format!("after-via-{}", node.name);
         node.post_ok(&body);
         written.push(body);
     }
-    s1.wait_for("every row on the replica", Duration::from_secs(5), || {
+    s1.wait_for("every row on the replica", Duration::from_secs(30), || {
         s1.notes().len() == written.len()
     });
     assert_exactly(&s1, &written);

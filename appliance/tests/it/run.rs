@@ -206,7 +206,9 @@ fn local_cluster_runs_real_nginx_and_mariadb_and_recovers_from_kill9() {
         node.wait_ready("nginx", Duration::from_secs(30));
     }
     for (node, addr) in [(&server1, "127.0.0.11"), (&server2, "127.0.0.12")] {
-        let page = http_get(&format!("http://{addr}:8081/"))
+        // The node's own page: static, served by nginx itself (`/` is the application, which
+        // answers only once replication is set up).
+        let page = http_get(&format!("http://{addr}:8081/node.html"))
             .unwrap_or_else(|| panic!("no page\n{}", node.log()));
         assert!(page.contains(&format!("node: {}", node.name)), "{page}");
         let health = http_get(&format!("http://{addr}:8081/healthz"));
@@ -258,7 +260,7 @@ fn local_cluster_runs_real_nginx_and_mariadb_and_recovers_from_kill9() {
         );
         assert_eq!(tail.last().copied(), Some("ready"), "{service}: {events:?}");
     }
-    let page = http_get("http://127.0.0.12:8081/")
+    let page = http_get("http://127.0.0.12:8081/node.html")
         .unwrap_or_else(|| panic!("no page after restart\n{}", server2.log()));
     assert!(page.contains("node: server2"));
 

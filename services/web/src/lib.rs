@@ -145,7 +145,8 @@ pub fn render_node_page(page: &NodePage<'_>) -> String {
     s
 }
 
-fn html_escape(s: &str) -> String {
+/// Escapes text for HTML element content and attribute values.
+pub fn html_escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
