@@ -336,6 +336,11 @@ fn gather(ctx: &Ctx) -> StatusView {
         ctx.cluster.floating_ip.to_string(),
     )];
     facts.extend(db_facts(&ctx.run_dir.join(db::agent::STATUS_FILE)));
+    for endpoint in &ctx.scrape {
+        if let Ok(text) = scrape(endpoint) {
+            facts.extend(backend_facts(&text));
+        }
+    }
     let alerts = match logmon::alerts::recent(&logmon::alerts::db_path(&ctx.state_dir), PAGE_ALERTS)
     {
         Ok(alerts) => alerts.into_iter().map(alert_row).collect(),
@@ -373,6 +378,23 @@ fn utc_time(ms: i64) -> String {
         (secs / 60) % 60,
         secs % 60
     )
+}
+
+/// The balancer's view of each backend, from its `tandem_balancer_backend_up` series (pure).
+pub fn backend_facts(metrics: &str) -> Vec<(String, String)> {
+    metrics
+        .lines()
+        .filter_map(|line| {
+            let rest = line.strip_prefix("tandem_balancer_backend_up{")?;
+            let (labels, value) = rest.split_once("} ")?;
+            let backend = labels
+                .split(',')
+                .find_map(|l| l.strip_prefix("backend=\""))?
+                .trim_end_matches('"');
+            let state = if value.trim() == "1" { "up" } else { "DOWN" };
+            Some((format!("balancer → {backend}"), state.to_string()))
+        })
+        .collect()
 }
 
 /// What the database agent last published about this node's MariaDB.
@@ -513,6 +535,21 @@ fn scrape(endpoint: &str) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backend_health_comes_from_the_balancer_metrics() {
+        let text = "# TYPE tandem_balancer_backend_up gauge\n\
+                    tandem_balancer_backend_up{backend=\"server1\",addr=\"10.88.0.11:8080\"} 1\n\
+                    tandem_balancer_backend_up{backend=\"server2\",addr=\"10.88.0.12:8080\"} 0\n\
+                    tandem_balancer_backend_requests_total{backend=\"server1\",addr=\"10.88.0.11:8080\"} 5\n";
+        assert_eq!(
+            backend_facts(text),
+            vec![
+                ("balancer → server1".to_string(), "up".to_string()),
+                ("balancer → server2".to_string(), "DOWN".to_string())
+            ]
+        );
+    }
 
     #[test]
     fn supervisor_metrics_are_labelled_per_service() {
