@@ -208,6 +208,9 @@ pub struct Manifest {
     pub kernel_version: String,
     pub root_fs_size: u64,
     pub root_slot_size: u64,
+    /// The cluster CA (and secret) the seeds were made from: peers' client certificates and
+    /// the operator's tools are signed by it.
+    pub ca_dir: PathBuf,
     pub artifacts: Vec<Artifact>,
 }
 
@@ -408,6 +411,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, Error> {
         kernel_version: base.kernel_version.clone(),
         root_fs_size,
         root_slot_size: root_slot,
+        ca_dir: std::path::absolute(&ca_dir).unwrap_or_else(|_| ca_dir.clone()),
         artifacts,
     };
     let manifest_path = out.join("manifest.json");

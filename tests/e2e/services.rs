@@ -3,6 +3,7 @@
 //! admin port. Non-destructive steps, run on the lifecycle test's cluster before it reboots
 //! anything.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use qemu::{Cluster, HttpResponse};
@@ -191,5 +192,168 @@ pub fn run(cluster: &Cluster, config: &cluster_config::Cluster) -> String {
             Ok(())
         },
     );
+    crate::support::step(
+        cluster,
+        "the peer API answers only clients with a certificate from the cluster CA",
+        || peer_api_requires_cluster_certificate(cluster, config),
+    );
     note
+}
+
+/// Signs a client certificate with `ca` (or makes a self-signed stranger) with openssl.
+fn client_cert(
+    dir: &Path,
+    name: &str,
+    ca: Option<(&Path, &Path)>,
+) -> qemu::Result<(PathBuf, PathBuf)> {
+    let key = dir.join(format!("{name}.key"));
+    let crt = dir.join(format!("{name}.crt"));
+    let csr = dir.join(format!("{name}.csr"));
+    let ext = dir.join("client.ext");
+    std::fs::write(
+        &ext,
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+    )
+    .map_err(|e| qemu::Error::Http(e.to_string()))?;
+    let s = |p: &Path| p.display().to_string();
+    let mut steps: Vec<Vec<String>> = vec![[
+        "openssl",
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-subj",
+        &format!("/CN={name}"),
+        "-keyout",
+        &s(&key),
+        "-out",
+        &s(&csr),
+    ]
+    .map(String::from)
+    .to_vec()];
+    match ca {
+        Some((ca_crt, ca_key)) => steps.push(
+            [
+                "openssl",
+                "x509",
+                "-req",
+                "-in",
+                &s(&csr),
+                "-CA",
+                &s(ca_crt),
+                "-CAkey",
+                &s(ca_key),
+                "-set_serial",
+                "4242",
+                "-days",
+                "1",
+                "-extfile",
+                &s(&ext),
+                "-out",
+                &s(&crt),
+            ]
+            .map(String::from)
+            .to_vec(),
+        ),
+        None => steps.push(
+            [
+                "openssl",
+                "x509",
+                "-req",
+                "-in",
+                &s(&csr),
+                "-signkey",
+                &s(&key),
+                "-days",
+                "1",
+                "-extfile",
+                &s(&ext),
+                "-out",
+                &s(&crt),
+            ]
+            .map(String::from)
+            .to_vec(),
+        ),
+    }
+    for argv in steps {
+        let out = std::process::Command::new(&argv[0])
+            .args(&argv[1..])
+            .output()
+            .map_err(|e| qemu::Error::Http(format!("openssl: {e}")))?;
+        if !out.status.success() {
+            return Err(qemu::Error::Http(format!(
+                "{}: {}",
+                argv.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+    }
+    Ok((crt, key))
+}
+
+fn peer_api_requires_cluster_certificate(
+    cluster: &Cluster,
+    config: &cluster_config::Cluster,
+) -> qemu::Result<()> {
+    let manifest = crate::support::images(config).join("manifest.json");
+    let manifest: serde_json::Value = std::fs::read_to_string(&manifest)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .ok_or_else(|| qemu::Error::Http(format!("cannot read {}", manifest.display())))?;
+    let ca_dir = PathBuf::from(
+        manifest["ca_dir"]
+            .as_str()
+            .ok_or_else(|| qemu::Error::Http("manifest has no ca_dir".into()))?,
+    );
+    let dir = cluster.work_dir().join("peer-certs");
+    std::fs::create_dir_all(&dir).map_err(|e| qemu::Error::Http(e.to_string()))?;
+    let (peer_crt, peer_key) = client_cert(
+        &dir,
+        "peer",
+        Some((&ca_dir.join("ca.crt"), &ca_dir.join("ca.key"))),
+    )?;
+    let (rogue_crt, rogue_key) = client_cert(&dir, "rogue", None)?;
+    let url = format!("https://10.88.0.11:{}/api/peer/ping", config.ports.admin);
+    let curl = |cert: Option<(&Path, &Path)>| -> qemu::Result<(i32, String)> {
+        let mut argv: Vec<String> = ["curl", "-sk", "--max-time", "10", "-w", " %{http_code}"]
+            .map(String::from)
+            .to_vec();
+        if let Some((crt, key)) = cert {
+            argv.extend([
+                "--cert".into(),
+                crt.display().to_string(),
+                "--key".into(),
+                key.display().to_string(),
+            ]);
+        }
+        argv.push(url.clone());
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let out = cluster.run(&argv)?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        ))
+    };
+    let (_, with_peer) = curl(Some((&peer_crt, &peer_key)))?;
+    if !with_peer.contains("pong from server1") || !with_peer.ends_with(" 200") {
+        return Err(qemu::Error::Http(format!(
+            "with a cluster certificate: {with_peer:?}"
+        )));
+    }
+    let (_, without) = curl(None)?;
+    if !without.ends_with(" 403") {
+        return Err(qemu::Error::Http(format!(
+            "without a certificate: {without:?}, expected 403"
+        )));
+    }
+    let (code, rogue) = curl(Some((&rogue_crt, &rogue_key)))?;
+    if code == 0 && rogue.contains("pong") {
+        return Err(qemu::Error::Http(format!(
+            "a certificate from another CA was accepted: {rogue:?}"
+        )));
+    }
+    Ok(())
 }
