@@ -148,20 +148,12 @@ pub fn run(
     state_dir: &Path,
     secret_file: Option<&Path>,
 ) -> anyhow::Result<ExitCode> {
-    let cluster = match load(config) {
-        Ok(c) => c,
-        Err(errors) => {
-            eprintln!("{errors}");
-            return Ok(ExitCode::from(2));
-        }
-    };
-    let Some(node) = cluster.node(node) else {
-        let names: Vec<&str> = cluster.nodes.iter().map(|n| n.name.as_str()).collect();
-        anyhow::bail!(
-            "no node `{node}` in the cluster config (nodes: {})",
-            names.join(", ")
-        );
-    };
+    let (cluster, node) = NodeArgs {
+        config: config.map(Path::to_path_buf),
+        node: Some(node.to_string()),
+    }
+    .load()?;
+    let node = &node;
     crate::preflight::require_programs(&[db::MARIADBD, db::INSTALL_DB, db::CLIENT, web::NGINX])?;
     let mut layout = Layout::dev(state_dir);
     match (secret_file, config.and_then(Path::parent)) {
