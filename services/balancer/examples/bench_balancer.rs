@@ -13,6 +13,10 @@ use std::process::ExitCode;
 use balancer::{Listen, Options};
 use cluster_config::{Cluster, DbRole, Node};
 
+/// The allocator of the `appliance` binary, which runs the balancer in production.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(

@@ -243,6 +243,10 @@ async fn serve(
     }
 }
 
+/// hyper's own header limit. Setting a limit, even this one, makes hyper build two
+/// 100-entry arrays per request head instead of keeping them uninitialized on the stack.
+const HYPER_MAX_HEADERS: usize = 100;
+
 const REQUEST_TIMEOUT_RESPONSE: &[u8] =
     b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
@@ -275,10 +279,13 @@ async fn serve_h1<S>(
         inner: io,
         shared: conn_shared.clone(),
     };
-    let mut conn = http1::Builder::new()
+    let mut builder = http1::Builder::new();
+    if limits.max_headers != HYPER_MAX_HEADERS {
+        builder.max_headers(limits.max_headers);
+    }
+    let mut conn = builder
         // hyper's minimum buffer is 8 KiB; a head larger than the buffer gets 431.
         .max_buf_size(limits.max_header_bytes.max(8192))
-        .max_headers(limits.max_headers)
         // Mostly small responses: one flat buffer and one write() beat writev() (measured).
         .writev(false)
         // Backend responses carry their Date; this saves a clock read per response.

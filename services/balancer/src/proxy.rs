@@ -427,23 +427,44 @@ static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
-    if !h.keys().any(is_hop_by_hop) {
+    let (mut any, mut only_connection) = (false, true);
+    for name in h.keys().filter(|n| is_hop_by_hop(n)) {
+        any = true;
+        only_connection &= name == header::CONNECTION;
+    }
+    if !any {
         return;
     }
-    let listed: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in listed {
-        if !(keep_upgrade && name == header::UPGRADE) {
-            h.remove(&name);
+    // The usual backend answer: `Connection: keep-alive` and nothing else to strip (the
+    // `Keep-Alive` header it names is hop-by-hop, so absent here).
+    if only_connection
+        && h.get_all(header::CONNECTION).iter().all(|v| {
+            v.as_bytes()
+                .split(|&b| b == b',')
+                .all(|t| t.trim_ascii().eq_ignore_ascii_case(b"keep-alive"))
+        })
+    {
+        h.remove(header::CONNECTION);
+        return;
+    }
+    // Remove what `Connection` names, looked up by name as written (no allocation).
+    if let header::Entry::Occupied(e) = h.entry(header::CONNECTION) {
+        let mut values = e.remove_entry_mult().1;
+        let first = values.next();
+        let rest: Vec<HeaderValue> = values.collect();
+        for v in first.iter().chain(&rest) {
+            let Ok(v) = v.to_str() else { continue };
+            for name in v.split(',').map(str::trim) {
+                if !(keep_upgrade && name.eq_ignore_ascii_case("upgrade")) {
+                    h.remove(name);
+                }
+            }
+        }
+        if !h.keys().any(is_hop_by_hop) {
+            return;
         }
     }
     for name in [
-        header::CONNECTION,
         header::TRANSFER_ENCODING,
         header::TE,
         header::TRAILER,
@@ -583,5 +604,27 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["content-type"]);
+    }
+
+    #[test]
+    fn keep_alive_connection_header_is_stripped() {
+        for (conn, expected) in [
+            ("keep-alive", &["content-type", "x-keep"][..]),
+            ("Keep-Alive , keep-alive", &["content-type", "x-keep"]),
+            ("keep-alive, x-keep", &["content-type"]),
+            ("close", &["content-type", "x-keep"]),
+        ] {
+            let mut h = HeaderMap::new();
+            h.append(header::CONNECTION, HeaderValue::from_static(conn));
+            h.append(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
+            h.append(
+                HeaderName::from_static("x-keep"),
+                HeaderValue::from_static("1"),
+            );
+            strip_hop_by_hop(&mut h, false);
+            let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+            names.sort_unstable();
+            assert_eq!(names, expected, "{conn:?}");
+        }
     }
 }
