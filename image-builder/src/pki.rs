@@ -198,6 +198,32 @@ pub fn node_cert(
     })
 }
 
+/// A client certificate signed by the CA (an operator's tool, or a test acting as a peer):
+/// client authentication only, valid from the same fixed date as node certificates so that a
+/// node whose clock lags (freshly booted, no NTP) still accepts it.
+pub fn client_cert(ca: &Ca, common_name: &str) -> Result<NodeCert, Error> {
+    let key =
+        KeyPair::generate().map_err(|e| pki_error(format!("key of client {common_name}"), e))?;
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "Tandem");
+    dn.push(DnType::CommonName, common_name);
+    p.distinguished_name = dn;
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    p.use_authority_key_identifier_extension = true;
+    p.not_before = date_time_ymd(2024, 1, 1);
+    p.not_after = date_time_ymd(2049, 12, 31);
+    let cert = p
+        .signed_by(&key, &ca.cert, &ca.key)
+        .map_err(|e| pki_error(format!("certificate of client {common_name}"), e))?;
+    Ok(NodeCert {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
 /// Writes a new file with `mode` from the start (no window in which a key is world-readable).
 pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), Error> {
     let _ = std::fs::remove_file(path);

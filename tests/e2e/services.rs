@@ -200,97 +200,23 @@ pub fn run(cluster: &Cluster, config: &cluster_config::Cluster) -> String {
     note
 }
 
-/// Signs a client certificate with `ca` (or makes a self-signed stranger) with openssl.
+/// A client certificate from the CA in `ca_dir` (created there if absent), as PEM files.
 fn client_cert(
     dir: &Path,
+    ca_dir: &Path,
+    cluster: &str,
     name: &str,
-    ca: Option<(&Path, &Path)>,
 ) -> qemu::Result<(PathBuf, PathBuf)> {
-    let key = dir.join(format!("{name}.key"));
-    let crt = dir.join(format!("{name}.crt"));
-    let csr = dir.join(format!("{name}.csr"));
-    let ext = dir.join("client.ext");
-    std::fs::write(
-        &ext,
-        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
-    )
-    .map_err(|e| qemu::Error::Http(e.to_string()))?;
-    let s = |p: &Path| p.display().to_string();
-    let mut steps: Vec<Vec<String>> = vec![[
-        "openssl",
-        "req",
-        "-new",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-subj",
-        &format!("/CN={name}"),
-        "-keyout",
-        &s(&key),
-        "-out",
-        &s(&csr),
-    ]
-    .map(String::from)
-    .to_vec()];
-    match ca {
-        Some((ca_crt, ca_key)) => steps.push(
-            [
-                "openssl",
-                "x509",
-                "-req",
-                "-in",
-                &s(&csr),
-                "-CA",
-                &s(ca_crt),
-                "-CAkey",
-                &s(ca_key),
-                "-set_serial",
-                "4242",
-                "-days",
-                "1",
-                "-extfile",
-                &s(&ext),
-                "-out",
-                &s(&crt),
-            ]
-            .map(String::from)
-            .to_vec(),
-        ),
-        None => steps.push(
-            [
-                "openssl",
-                "x509",
-                "-req",
-                "-in",
-                &s(&csr),
-                "-signkey",
-                &s(&key),
-                "-days",
-                "1",
-                "-extfile",
-                &s(&ext),
-                "-out",
-                &s(&crt),
-            ]
-            .map(String::from)
-            .to_vec(),
-        ),
-    }
-    for argv in steps {
-        let out = std::process::Command::new(&argv[0])
-            .args(&argv[1..])
-            .output()
-            .map_err(|e| qemu::Error::Http(format!("openssl: {e}")))?;
-        if !out.status.success() {
-            return Err(qemu::Error::Http(format!(
-                "{}: {}",
-                argv.join(" "),
-                String::from_utf8_lossy(&out.stderr)
-            )));
-        }
-    }
+    let err =
+        |e: image_builder::Error| qemu::Error::Http(format!("client certificate {name}: {e}"));
+    let (ca, _) = image_builder::pki::load_or_create_ca(ca_dir, cluster).map_err(err)?;
+    let cert = image_builder::pki::client_cert(&ca, name).map_err(err)?;
+    let (crt, key) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    image_builder::pki::write_file(&crt, cert.cert_pem.as_bytes(), 0o644).map_err(err)?;
+    image_builder::pki::write_file(&key, cert.key_pem.as_bytes(), 0o600).map_err(err)?;
     Ok((crt, key))
 }
 
@@ -310,12 +236,9 @@ fn peer_api_requires_cluster_certificate(
     );
     let dir = cluster.work_dir().join("peer-certs");
     std::fs::create_dir_all(&dir).map_err(|e| qemu::Error::Http(e.to_string()))?;
-    let (peer_crt, peer_key) = client_cert(
-        &dir,
-        "peer",
-        Some((&ca_dir.join("ca.crt"), &ca_dir.join("ca.key"))),
-    )?;
-    let (rogue_crt, rogue_key) = client_cert(&dir, "rogue", None)?;
+    let (peer_crt, peer_key) = client_cert(&dir, &ca_dir, &config.name, "peer")?;
+    // Same names, another CA: must be refused at the handshake.
+    let (rogue_crt, rogue_key) = client_cert(&dir, &dir.join("rogue-ca"), &config.name, "rogue")?;
     let url = format!("https://10.88.0.11:{}/api/peer/ping", config.ports.admin);
     let curl = |cert: Option<(&Path, &Path)>| -> qemu::Result<(i32, String)> {
         let mut argv: Vec<String> = ["curl", "-sk", "--max-time", "10", "-w", " %{http_code}"]
