@@ -258,19 +258,8 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
-        if self.child.is_some() {
-            let pid = self.child.as_ref().unwrap().id() as i32;
-            signal(pid, nix::sys::signal::Signal::SIGTERM);
-            let mut child = self.child.take().unwrap();
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(mut child) = self.child.take() {
+            crate::support::stop(&mut child);
         }
     }
 }

@@ -3,3 +3,4 @@ mod db;
 mod logmon;
 mod run;
 mod supervisor;
+mod support;

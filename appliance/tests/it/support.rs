@@ -1,0 +1,22 @@
+//! What several integration tests share.
+
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+/// How long a stopped `appliance run` may take to exit before it is killed.
+pub const STOP_GRACE: Duration = Duration::from_secs(15);
+
+/// SIGTERM, then wait up to [`STOP_GRACE`] for the exit, then SIGKILL: the teardown of a test's
+/// supervisor, so a failing test leaves no processes behind.
+pub fn stop(child: &mut Child) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    let deadline = Instant::now() + STOP_GRACE;
+    while Instant::now() < deadline && matches!(child.try_wait(), Ok(None)) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
