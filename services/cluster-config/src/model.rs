@@ -24,6 +24,7 @@ pub struct Cluster {
     pub app: App,
     pub db: Db,
     pub alerts: Alerts,
+    pub vrrp: Vrrp,
 }
 
 impl Cluster {
@@ -251,6 +252,19 @@ pub struct Db {
     pub max_lag: Duration,
 }
 
+/// How the floating IP moves between nodes (VRRPv3, run by keepalived).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Vrrp {
+    /// VRRP virtual router id, 1..=255; unique among VRRP routers on the LAN.
+    pub router_id: u8,
+    /// Advertisement interval (VRRPv3: a multiple of 10 ms). A backup takes over after
+    /// three missed advertisements.
+    pub advert_interval: Duration,
+    /// `None`: a node that comes back never takes the address back from a healthy holder.
+    /// `Some(d)`: a node of higher priority takes it back `d` after it could serve again.
+    pub preempt_delay: Option<Duration>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Alerts {
     /// Optional webhook receiving alerts as JSON POSTs.
@@ -385,5 +399,13 @@ mod tests {
             (Duration::from_secs(60), Duration::from_secs(300))
         );
         assert_eq!((a.disk_used_percent, a.cert_expiry_days), (85, 14));
+        assert_eq!(
+            c.vrrp,
+            Vrrp {
+                router_id: 51,
+                advert_interval: Duration::from_millis(100),
+                preempt_delay: None
+            }
+        );
     }
 }

@@ -21,7 +21,7 @@ use toml::Spanned;
 
 use crate::model::{
     Alerts, Algorithm, App, Balancer, BalancerMode, Cluster, Db, DbRole, Firewall, HealthCheck,
-    Ipv4Net, Node, Ports, Tls,
+    Ipv4Net, Node, Ports, Tls, Vrrp,
 };
 use crate::wire;
 
@@ -339,6 +339,7 @@ impl Report<'_> {
         let app = self.app(&file.app);
         let max_lag = self.positive("db.max_lag_ms", file.db.max_lag_ms);
         let alerts = self.alerts(&file.alerts);
+        let vrrp = self.vrrp(&file.vrrp);
         Some(Cluster {
             name: name?,
             domain: domain?,
@@ -355,6 +356,49 @@ impl Report<'_> {
                 max_lag: Duration::from_millis(max_lag?),
             },
             alerts: alerts?,
+            vrrp: vrrp?,
+        })
+    }
+
+    fn vrrp(&mut self, v: &wire::Vrrp) -> Option<Vrrp> {
+        let router_id = self.int(
+            "vrrp.router_id",
+            v.router_id,
+            1..=255,
+            "a VRRP virtual router id from 1 to 255",
+        );
+        // VRRPv3 carries the interval in centiseconds, 12 bits wide.
+        let advert = self.int(
+            "vrrp.advert_interval_ms",
+            v.advert_interval_ms,
+            10..=40_950,
+            "milliseconds from 10 to 40950 (VRRPv3's range)",
+        );
+        let advert = match advert {
+            Some(ms) if ms % 10 != 0 => {
+                self.error(
+                    "vrrp.advert_interval_ms",
+                    format!("{ms} is not a multiple of 10; VRRPv3 counts in centiseconds"),
+                );
+                None
+            }
+            advert => advert,
+        };
+        let preempt_delay = match v.preempt_delay_s {
+            None => Some(None),
+            Some(s) => self
+                .int(
+                    "vrrp.preempt_delay_s",
+                    s,
+                    0..=1000,
+                    "seconds from 0 to 1000 (keepalived's limit), or leave it out to never preempt",
+                )
+                .map(|s: u64| Some(Duration::from_secs(s))),
+        };
+        Some(Vrrp {
+            router_id: router_id?,
+            advert_interval: Duration::from_millis(advert?),
+            preempt_delay: preempt_delay?,
         })
     }
 

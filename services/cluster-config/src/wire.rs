@@ -30,6 +30,11 @@ pub(crate) const DEFAULT_ALERT_COOLDOWN_S: i64 = 300;
 pub(crate) const DEFAULT_DISK_USED_PERCENT: i64 = 85;
 pub(crate) const DEFAULT_CERT_EXPIRY_DAYS: i64 = 14;
 pub(crate) const DEFAULT_NODE_WEIGHT: i64 = 1;
+/// VRRP virtual router id of the floating IP; unique per LAN segment.
+pub(crate) const DEFAULT_VRRP_ROUTER_ID: i64 = 51;
+/// VRRPv3 advertisement interval: a backup takes over after about three missed adverts
+/// (0.3 s here, against keepalived's 1 s default and its 3.5 s takeover).
+pub(crate) const DEFAULT_VRRP_ADVERT_INTERVAL_MS: i64 = 100;
 /// VRRP priority of the first node: it holds the floating IP while it is up.
 pub(crate) const DEFAULT_FIRST_VRRP_PRIORITY: u8 = 150;
 /// VRRP priority of the second node; each later node gets one less, so the takeover order is
@@ -69,6 +74,8 @@ pub(crate) struct File {
     pub db: Db,
     #[serde(default)]
     pub alerts: Alerts,
+    #[serde(default)]
+    pub vrrp: Vrrp,
 }
 
 #[derive(Debug, Deserialize)]
@@ -209,6 +216,26 @@ impl Default for Db {
     fn default() -> Self {
         Db {
             max_lag_ms: DEFAULT_DB_MAX_LAG_MS,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Vrrp {
+    pub router_id: i64,
+    pub advert_interval_ms: i64,
+    /// Absent: a node that comes back never takes the floating IP back (keepalived's
+    /// `nopreempt`). Set: it does, this many seconds after it could serve again.
+    pub preempt_delay_s: Option<i64>,
+}
+
+impl Default for Vrrp {
+    fn default() -> Self {
+        Vrrp {
+            router_id: DEFAULT_VRRP_ROUTER_ID,
+            advert_interval_ms: DEFAULT_VRRP_ADVERT_INTERVAL_MS,
+            preempt_delay_s: None,
         }
     }
 }

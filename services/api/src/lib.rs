@@ -1,0 +1,5 @@
+//! Formats that more than one Tandem crate reads or writes. A file name, a status record or a
+//! line format lives here once, typed, and both sides use it; services never depend on each
+//! other, only on this crate and `cluster-config`.
+
+pub mod vip;
