@@ -23,6 +23,7 @@ mod pool;
 mod proxy;
 mod runtime;
 mod tls;
+pub mod vip;
 
 pub use error::BalancerError;
 pub use plan::{BackendSpec, Plan};
@@ -57,6 +58,9 @@ pub struct Options {
     pub workers: Option<usize>,
     /// Called on SIGHUP by [`run_blocking`] to get the new cluster description.
     pub reload: Option<ReloadFn>,
+    /// The VIP run directory ([`api::vip`]): follow keepalived's notify FIFO there, keep the
+    /// status file and the backends track file. `None`: the balancer ignores the floating IP.
+    pub vip_dir: Option<PathBuf>,
 }
 
 impl Options {
@@ -69,6 +73,7 @@ impl Options {
             limits: Limits::default(),
             workers: None,
             reload: None,
+            vip_dir: None,
         }
     }
 }
@@ -83,6 +88,7 @@ impl std::fmt::Debug for Options {
             .field("limits", &self.limits)
             .field("workers", &self.workers)
             .field("reload", &self.reload.as_ref().map(|_| "<fn>"))
+            .field("vip_dir", &self.vip_dir)
             .finish()
     }
 }
@@ -128,7 +134,9 @@ pub const DEFAULT_MAX_HEADERS: usize = 100;
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Backends sit on the cluster LAN, where a connect takes well under a millisecond: a dead peer
+/// costs a request this long before its retry on another backend (and is marked down at once).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_H2_STREAMS: u32 = 128;

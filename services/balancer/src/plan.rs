@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use cluster_config::{Algorithm, BalancerMode, Cluster, HealthCheck};
 
+use crate::vip::{VipMode, VipPlan};
 use crate::BalancerError;
 
 /// One backend: the nginx of one node.
@@ -25,7 +26,10 @@ pub struct Plan {
     pub algorithm: Algorithm,
     pub mode: BalancerMode,
     pub health: HealthCheck,
-    /// The node's own address and the floating IP, on `ports.http`.
+    /// The floating IP and how it is managed.
+    pub vip: VipPlan,
+    /// The node's own address and the floating IP (unless another node of a local cluster
+    /// holds it), on `ports.http`.
     pub http_listen: Vec<SocketAddr>,
     /// The same addresses on `ports.https`.
     pub https_listen: Vec<SocketAddr>,
@@ -57,17 +61,37 @@ impl Plan {
                 backup: n.backup,
             })
             .collect();
-        let ips: Vec<IpAddr> = if me.address == cluster.floating_ip {
-            vec![IpAddr::V4(me.address)]
+        // Nodes on loopback addresses share one machine, where every 127/8 address is local
+        // and a second bind of the floating IP fails: there the node of highest VRRP priority
+        // (the first in the file on a tie) holds it for good and no keepalived runs.
+        let mode = if me.address.is_loopback() {
+            let top = cluster
+                .nodes
+                .iter()
+                .rev()
+                .max_by_key(|n| n.vrrp_priority)
+                .map(|n| n.name.as_str());
+            VipMode::Fixed {
+                holder: top == Some(node),
+            }
         } else {
-            vec![IpAddr::V4(me.address), IpAddr::V4(cluster.floating_ip)]
+            VipMode::Vrrp
         };
+        let binds_vip = mode != VipMode::Fixed { holder: false };
+        let mut ips = vec![IpAddr::V4(me.address)];
+        if binds_vip && me.address != cluster.floating_ip {
+            ips.push(IpAddr::V4(cluster.floating_ip));
+        }
         Ok(Plan {
             node: node.to_string(),
             backends,
             algorithm: cluster.balancer.algorithm,
             mode: cluster.balancer.mode,
             health: cluster.balancer.health.clone(),
+            vip: VipPlan {
+                address: cluster.floating_ip,
+                mode,
+            },
             http_listen: ips
                 .iter()
                 .map(|&ip| SocketAddr::new(ip, cluster.ports.http))
@@ -117,9 +141,27 @@ mod tests {
             p.self_signed_names,
             ["tandem.test", "*.tandem.test", "10.88.0.10", "10.88.0.11"]
         );
+        assert_eq!(p.vip.mode, VipMode::Vrrp);
         assert!(matches!(
             Plan::new(&c, "server9"),
             Err(BalancerError::UnknownNode(n)) if n == "server9"
         ));
+    }
+
+    #[test]
+    fn on_one_machine_only_the_top_priority_node_binds_the_floating_ip() {
+        let text = include_str!("../../../examples/local-cluster.toml");
+        let c = Cluster::from_toml(text, "local-cluster.toml").unwrap();
+        let l = |v: &[SocketAddr]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+        let holder = Plan::new(&c, "server1").unwrap();
+        assert_eq!(holder.vip.mode, VipMode::Fixed { holder: true });
+        assert_eq!(
+            l(&holder.https_listen),
+            ["127.0.0.11:8443", "127.0.0.10:8443"]
+        );
+        let other = Plan::new(&c, "server2").unwrap();
+        assert_eq!(other.vip.mode, VipMode::Fixed { holder: false });
+        assert_eq!(l(&other.https_listen), ["127.0.0.12:8443"]);
+        assert_eq!(l(&other.http_listen), ["127.0.0.12:8080"]);
     }
 }

@@ -31,6 +31,12 @@ pub struct Shared {
     pub settings: ArcSwap<Settings>,
     pub global: Global,
     pub limits: Limits,
+    /// Wakes every health check at once (see `health_check`).
+    pub recheck: tokio::sync::Notify,
+    /// keepalived's "has a healthy backend" track file, when the node has a floating IP.
+    pub track: Option<crate::vip::TrackFile>,
+    /// The node's view of the floating IP (metrics).
+    pub vip: Option<Arc<crate::vip::VipState>>,
 }
 
 /// The parts of the configuration requests read; swapped whole on reload.
@@ -64,6 +70,15 @@ impl Shared {
         if let Some(t) = backend.observe(obs, routes.thresholds, Instant::now()) {
             log_transition(backend, t, reason);
             routes.rebuild();
+            self.update_track();
+        }
+    }
+
+    /// Tells keepalived whether this node could serve: at least one backend is up.
+    pub fn update_track(&self) {
+        if let Some(track) = &self.track {
+            let any_up = self.routes.load().entries.iter().any(|e| e.backend.is_up());
+            track.set(any_up);
         }
     }
 }
@@ -354,8 +369,14 @@ async fn forward(mut req: Request<Incoming>, ctx: &ConnCtx) -> Response<RespBody
                     }
                 }
                 let failure = classify(&e);
-                if matches!(failure, Failure::Connect | Failure::ClosedBeforeResponse) {
-                    shared.observe(backend, Observation::TrafficFailed, failure_reason(failure));
+                match failure {
+                    Failure::Connect => {
+                        shared.observe(backend, Observation::ConnectFailed, failure_reason(failure))
+                    }
+                    Failure::ClosedBeforeResponse => {
+                        shared.observe(backend, Observation::TrafficFailed, failure_reason(failure))
+                    }
+                    _ => {}
                 }
                 tracing::debug!(backend = %backend.addr, error = %e, ?failure, "backend request failed");
                 if retry::should_retry(&parts.method, replayable, failure, attempts) {

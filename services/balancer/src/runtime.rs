@@ -26,6 +26,7 @@ use crate::metrics::{self, Global};
 use crate::plan::Plan;
 use crate::proxy::{Role, Settings, Shared};
 use crate::tls::{self, CertificateFiles, SniResolver};
+use crate::vip::{TrackFile, VipMode, VipState};
 use crate::{health_check, BalancerError, Options};
 
 /// Namespace for [`Balancer::start`].
@@ -142,12 +143,27 @@ impl Balancer {
             .or(plan.https_listen.first())
             .map_or(443, SocketAddr::port);
         let routes = Routes::new(&plan, None, Instant::now());
+        let vip = opts.vip_dir.as_ref().map(|dir| {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+            Arc::new(VipState::new(&plan.vip, node, dir, now_ms))
+        });
         let shared = Arc::new(Shared {
             routes: ArcSwap::from_pointee(routes),
             settings: ArcSwap::from_pointee(Settings::new(plan.clone(), https_port)),
             global: Global::default(),
             limits: opts.limits.clone(),
+            recheck: tokio::sync::Notify::new(),
+            track: opts
+                .vip_dir
+                .as_ref()
+                .filter(|_| plan.vip.mode == VipMode::Vrrp)
+                .map(|dir| TrackFile::new(dir.join(api::vip::TRACK_BACKENDS))),
+            vip: vip.clone(),
         });
+        // Backends start up (unconfirmed), so the node may serve from the first moment.
+        shared.update_track();
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (tasks_tx, tasks_rx) = mpsc::channel(1);
@@ -168,6 +184,21 @@ impl Balancer {
                 shutdown_rx.clone(),
                 tasks_tx.clone(),
             ));
+        }
+        if let (Some(vip), Some(dir)) = (&vip, &opts.vip_dir) {
+            crate::vip::publish_initial(vip);
+            if plan.vip.mode == VipMode::Vrrp {
+                tokio::spawn(crate::vip::settle(
+                    TrackFile::new(dir.join(api::vip::TRACK_SETTLING)),
+                    shutdown_rx.clone(),
+                ));
+                tokio::spawn(crate::vip::watch(
+                    shared.clone(),
+                    vip.clone(),
+                    dir.join(api::vip::NOTIFY_FIFO),
+                    shutdown_rx.clone(),
+                ));
+            }
         }
         for e in &shared.routes.load().entries {
             tokio::spawn(health_check::run(
@@ -239,7 +270,17 @@ impl Handle {
 
     /// The Prometheus text the metrics endpoint serves.
     pub fn metrics_text(&self) -> String {
-        metrics::render(&self.shared.global, &self.shared.routes.load())
+        metrics_text(&self.shared)
+    }
+
+    /// The node's view of the floating IP (with [`crate::Options::vip_dir`]).
+    pub fn vip_status(&self) -> Option<api::vip::VipStatus> {
+        self.shared.vip.as_ref().map(|v| v.status())
+    }
+
+    /// Wakes every health check now.
+    pub fn recheck(&self) {
+        self.shared.recheck.notify_waiters();
     }
 
     /// Apply a new cluster description: backends, weights, algorithm, mode, health checks, HSTS
@@ -277,6 +318,7 @@ impl Handle {
             old_settings.https_port,
         )));
         self.shared.routes.store(Arc::new(new));
+        self.shared.update_track();
         for b in fresh {
             self.runtime.spawn(health_check::run(
                 self.shared.clone(),
@@ -330,6 +372,14 @@ impl Handle {
     }
 }
 
+fn metrics_text(shared: &Shared) -> String {
+    let mut text = metrics::render(&shared.global, &shared.routes.load());
+    if let Some(vip) = &shared.vip {
+        vip.metrics(&mut text);
+    }
+    text
+}
+
 async fn metrics_loop(
     listener: TcpListener,
     shared: Arc<Shared>,
@@ -350,7 +400,7 @@ async fn metrics_loop(
                 let shared = shared.clone();
                 async move {
                     let mut r = if req.uri().path() == "/metrics" {
-                        let text = metrics::render(&shared.global, &shared.routes.load());
+                        let text = metrics_text(&shared);
                         let mut r = Response::new(RespBody::full(text));
                         r.headers_mut().insert(
                             header::CONTENT_TYPE,

@@ -6,8 +6,13 @@
 //! connection) takes it down at once, while the first passed check confirms it. A confirmed
 //! backend goes down after `fall` consecutive failures and comes back after `rise` consecutive
 //! passed checks. Only active checks raise a backend: real traffic is not sent to a down one.
-//! Passive failures (connection refused or reset) count like failed checks; a successful
-//! response resets the failure streak of an up backend.
+//! Passive failures (connection reset before a response) count like failed checks; a
+//! successful response resets the failure streak of an up backend.
+//!
+//! A failed TCP connect, by a check or by real traffic, takes a backend down at once (HAProxy's
+//! `observe layer4` with `on-error mark-down`): on the cluster LAN a connect fails only when the
+//! peer's machine or its web server is gone, and waiting for `fall` more failures would send
+//! clients to a dead node for `fall × interval` after a failover.
 
 use std::time::Instant;
 
@@ -32,8 +37,10 @@ pub enum Observation {
     CheckPassed,
     /// An active check failed: wrong status, timeout, connection error.
     CheckFailed,
-    /// Real traffic could not connect, or the connection was reset before a response.
+    /// Real traffic's connection was reset or closed before a response.
     TrafficFailed,
+    /// A TCP connect (check or traffic) was refused, unreachable or timed out.
+    ConnectFailed,
     /// Real traffic got a response.
     TrafficOk,
 }
@@ -115,6 +122,13 @@ impl Health {
                     }
                 }
             }
+            Observation::ConnectFailed => {
+                self.passes = 0;
+                if self.state == State::Up {
+                    self.state = State::Down;
+                    self.failures = 0;
+                }
+            }
             Observation::TrafficOk => {
                 if self.state == State::Up {
                     self.failures = 0;
@@ -181,5 +195,10 @@ mod tests {
         check(1, 1, &[p, f, p, f], "UDUD");
         // Zero thresholds behave as 1.
         check(0, 0, &[p, f, p], "UDU");
+        // A failed connect takes even a confirmed backend down at once; checks raise it.
+        let c = ConnectFailed;
+        check(2, 3, &[p, p, c], "UUD");
+        check(2, 3, &[p, c, p, p], "UDDU");
+        check(2, 3, &[c, c, ok, p, c], "DDDDD");
     }
 }
