@@ -26,6 +26,9 @@ pub struct BalancerArgs {
     /// Serve Prometheus metrics here [default: 127.0.0.1:9100, the node's address on loopback].
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
+    /// The VIP run directory: keepalived's notify FIFO, the status and track files.
+    #[arg(long)]
+    pub vip_dir: Option<PathBuf>,
 }
 
 /// Nodes that share a machine (loopback addresses) cannot share 127.0.0.1:9100.
@@ -44,6 +47,7 @@ pub fn main(args: BalancerArgs) -> anyhow::Result<ExitCode> {
     opts.metrics = Some(args.metrics.unwrap_or_else(|| metrics_addr(node.address)));
     // In-flight requests get this long on SIGTERM; the supervisor's stop timeout is longer.
     opts.limits.shutdown_grace = SHUTDOWN_GRACE;
+    opts.vip_dir = args.vip_dir.clone();
     let reload_args = args.node.clone();
     opts.reload = Some(Arc::new(move || {
         reload_args

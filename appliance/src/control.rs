@@ -46,7 +46,13 @@ pub enum Request {
     Stop,
     /// Stop a service and start it again (also revives a failed one).
     Restart { service: String },
+    /// Send a signal to a service's process group (`HUP`, `TERM`, `KILL`, `USR1`, `USR2`,
+    /// `INT`): reloads, and fault drills such as killing the balancer on the address holder.
+    Signal { service: String, signal: String },
 }
+
+/// The signals `Request::Signal` may send, by their names without `SIG`.
+pub const SIGNALS: [&str; 6] = ["HUP", "INT", "KILL", "TERM", "USR1", "USR2"];
 
 fn default_log_lines() -> usize {
     DEFAULT_LOG_LINES
@@ -354,6 +360,18 @@ pub fn logs(target: &Target, service: &str, lines: usize) -> anyhow::Result<Exit
     for line in lines {
         writeln!(out, "{} {}", line.stream.as_str(), line.line)?;
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Asks the supervisor to send `signal` to one service.
+pub fn signal(target: &Target, service: &str, signal: &str) -> anyhow::Result<ExitCode> {
+    request(
+        target,
+        &Request::Signal {
+            service: service.into(),
+            signal: signal.trim_start_matches("SIG").to_ascii_uppercase(),
+        },
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -74,6 +74,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Send a signal to one service's processes (HUP, INT, KILL, TERM, USR1, USR2).
+    Signal {
+        #[command(flatten)]
+        target: appliance::control::Target,
+        service: String,
+        signal: String,
+    },
     /// Run services described in a JSON file under the supervisor (for tests and debugging).
     #[command(hide = true)]
     Supervise {
@@ -144,7 +151,20 @@ fn main() -> anyhow::Result<ExitCode> {
         Command::Admin(args) => appliance::admin::main(args),
         Command::Balancer(args) => appliance::balancer_cmd::main(args),
         Command::Firewall { action } => appliance::firewall_cmd::main(action),
-        Command::Status { target, json } => appliance::control::status(&target, json),
+        Command::Status { target, json } => {
+            let code = appliance::control::status(&target, json)?;
+            if !json {
+                if let Some(line) = appliance::peer::status_line(target.state_dir.as_deref()) {
+                    println!("{line}");
+                }
+            }
+            Ok(code)
+        }
+        Command::Signal {
+            target,
+            service,
+            signal,
+        } => appliance::control::signal(&target, &service, &signal),
         Command::Supervise { spec, state_dir } => {
             appliance::logmon_cmd::supervise(&spec, &state_dir)
         }

@@ -64,6 +64,11 @@ impl Layout {
         }
     }
 
+    /// keepalived's notify FIFO and track files, the balancer's view of the floating IP.
+    pub fn vip_dir(&self) -> PathBuf {
+        self.run.join(api::vip::RUN_SUBDIR)
+    }
+
     fn db_paths(&self) -> db::Paths {
         db::Paths {
             datadir: self.state.join("mysql"),
@@ -155,6 +160,9 @@ pub fn run(
     .load()?;
     let node = &node;
     crate::preflight::require_programs(&[db::MARIADBD, db::INSTALL_DB, db::CLIENT, web::NGINX])?;
+    if !node.address.is_loopback() {
+        crate::preflight::require_programs(&[vip::KEEPALIVED])?;
+    }
     let mut layout = Layout::dev(state_dir);
     match (secret_file, config.and_then(Path::parent)) {
         (Some(file), _) => layout.secret = file.to_path_buf(),
@@ -187,7 +195,8 @@ pub fn services(
     )?);
 
     // The balancer: unprivileged, allowed only to bind 80/443; its certificate lives in a
-    // directory of its own on the data partition.
+    // directory of its own on the data partition. It follows the floating IP in the VIP run
+    // directory (see `prepare`), and the supervisor tells keepalived whether it runs.
     let balancer_state = layout.state.join("balancer");
     make_dir(&balancer_state, 0o700)?;
     let root = nix::unistd::geteuid().is_root();
@@ -195,8 +204,15 @@ pub fn services(
         chown_to(&balancer_state, BALANCER_USER)?;
     }
     let mut balancer = appliance_argv("balancer", identity)?;
-    balancer.extend(["--state-dir".into(), absolute(&balancer_state)?]);
+    let vip_dir = layout.vip_dir();
+    balancer.extend([
+        "--state-dir".into(),
+        absolute(&balancer_state)?,
+        "--vip-dir".into(),
+        absolute(&vip_dir)?,
+    ]);
     let mut balancer = ServiceSpec::daemon("balancer", balancer);
+    balancer.track_file = Some(vip_dir.join(api::vip::TRACK_BALANCER));
     balancer.user = root.then(|| BALANCER_USER.to_string());
     balancer.bind_low_ports = true;
     balancer.stop_timeout = crate::balancer_cmd::STOP_TIMEOUT;
@@ -205,6 +221,9 @@ pub fn services(
         addr: (node.address, cluster.ports.https).into(),
     };
     specs.push(balancer);
+    if let Some(keepalived) = keepalived(cluster, node, layout)? {
+        specs.push(keepalived);
+    }
 
     let mut admin = appliance_argv("admin", identity)?;
     admin.extend([
@@ -225,6 +244,36 @@ pub fn services(
     };
     specs.push(admin);
     Ok(specs)
+}
+
+/// keepalived for the floating IP, on nodes with real addresses (on loopback the nodes share a
+/// machine, and the balancer of the highest-priority node holds the address for good).
+fn keepalived(
+    cluster: &Cluster,
+    node: &Node,
+    layout: &Layout,
+) -> anyhow::Result<Option<ServiceSpec>> {
+    if node.address.is_loopback() {
+        return Ok(None);
+    }
+    let interface = crate::netif::interface_with(node.address)?;
+    let params = vip::Params {
+        cluster,
+        node,
+        interface,
+        paths: vip::Paths {
+            dir: layout.vip_dir(),
+            config_file: layout.run.join("etc/keepalived.conf"),
+        },
+    };
+    write_file(&params.paths.config_file, &vip::render_conf(&params), 0o600)?;
+    let mut spec = ServiceSpec::daemon("keepalived", vip::argv(&params));
+    // keepalived will not start over a pid file whose pid exists (a killed run leaves them).
+    spec.stale_files = params.paths.pid_files().to_vec();
+    // Started once the balancer could serve, stopped before it: on a node's shutdown the
+    // address moves first (keepalived leaves with a priority-0 advert), then requests drain.
+    spec.deps = vec!["balancer".into()];
+    Ok(Some(spec))
 }
 
 /// Runs `specs` under the supervisor with the node's log store attached, until it stops.
@@ -282,6 +331,7 @@ pub fn prepare(
     make_dir(&layout.run.join("etc"), 0o755)?;
 
     let boot = count_boot(&layout.state)?;
+    prepare_vip_dir(layout, root)?;
     tracing::info!(node = %node.name, boot, state = %layout.state.display(), "preparing node");
 
     // MariaDB.
@@ -453,6 +503,26 @@ pub fn prepare(
     nginx.deps = vec!["app".into()];
     specs.push(nginx);
     Ok(specs)
+}
+
+/// The VIP run directory, owned by the balancer (it writes its status and track file there),
+/// with keepalived's notify FIFO and both track files saying "cannot serve" until the
+/// balancer and the supervisor say otherwise: a booting node never takes the address early.
+fn prepare_vip_dir(layout: &Layout, root: bool) -> anyhow::Result<()> {
+    let dir = layout.vip_dir();
+    make_dir(&dir, 0o755)?;
+    let fifo = dir.join(api::vip::NOTIFY_FIFO);
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+        .with_context(|| format!("creating the FIFO {}", fifo.display()))?;
+    for name in [api::vip::TRACK_BALANCER, api::vip::TRACK_BACKENDS] {
+        write_file(&dir.join(name), api::vip::track_value(false), 0o644)?;
+    }
+    if root {
+        for path in [dir.clone(), fifo, dir.join(api::vip::TRACK_BACKENDS)] {
+            chown_to(&path, BALANCER_USER)?;
+        }
+    }
+    Ok(())
 }
 
 /// Increments and returns the boot counter kept in the state directory. Written to a temporary

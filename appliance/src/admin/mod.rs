@@ -69,6 +69,8 @@ struct Ctx {
     scrape: Vec<String>,
     state_dir: PathBuf,
     run_dir: PathBuf,
+    /// Asks the other nodes (their floating-IP view); `None` without the seed's certificates.
+    peers: Option<crate::peer::PeerClient>,
 }
 
 /// Alerts shown on the page.
@@ -95,6 +97,10 @@ pub fn main(args: AdminArgs) -> anyhow::Result<ExitCode> {
             crate::node::Layout::dev(&args.state_dir).run
         }
     });
+    let peers = match tls_dir(&args) {
+        Some(dir) => crate::peer::PeerClient::from_dir(&dir)?,
+        None => None,
+    };
     let ctx = Arc::new(Ctx {
         cluster,
         node,
@@ -102,6 +108,7 @@ pub fn main(args: AdminArgs) -> anyhow::Result<ExitCode> {
         scrape: args.scrape.clone(),
         state_dir: args.state_dir.clone(),
         run_dir,
+        peers,
     });
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -120,12 +127,7 @@ fn server_config(
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
-    let seed_tls = Path::new(crate::init::SEED_MOUNT).join("tls");
-    let tls_dir = args
-        .tls_dir
-        .clone()
-        .or_else(|| Some(seed_tls).filter(|d| d.join("node.crt").exists()));
-    let mut config = match tls_dir {
+    let mut config = match tls_dir(args) {
         Some(dir) => {
             let certs = load_certs(&dir.join("node.crt"))?;
             let key = PrivateKeyDer::from_pem_file(dir.join("node.key"))
@@ -155,6 +157,13 @@ fn server_config(
     };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// `--tls-dir`, else the seed's TLS directory when it has a node certificate.
+fn tls_dir(args: &AdminArgs) -> Option<PathBuf> {
+    args.tls_dir
+        .clone()
+        .or_else(|| Some(crate::peer::seed_tls_dir()).filter(|d| d.join("node.crt").exists()))
 }
 
 fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
@@ -263,6 +272,22 @@ fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp
 }
 
 async fn route(ctx: &Arc<Ctx>, req: Request<Incoming>, peer_cert: bool) -> Resp {
+    let path = req.uri().path();
+    if path.starts_with("/api/peer/") && !peer_cert {
+        return reply(
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            "peer API: a cluster client certificate is required\n",
+        );
+    }
+    if path == SIGNAL_PATH {
+        if req.method() != Method::POST {
+            return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only POST\n");
+        }
+        let query = req.uri().query().unwrap_or("").to_string();
+        let ctx = ctx.clone();
+        return blocking(move || peer_signal(&ctx, &query)).await;
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n");
     }
@@ -290,17 +315,57 @@ async fn route(ctx: &Arc<Ctx>, req: Request<Incoming>, peer_cert: bool) -> Resp 
             )
         }
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),
-        "/api/peer/ping" if peer_cert => reply(
+        "/api/peer/ping" => reply(
             StatusCode::OK,
             "text/plain",
             format!("pong from {}\n", ctx.node.name),
         ),
-        "/api/peer/ping" => reply(
-            StatusCode::FORBIDDEN,
-            "text/plain",
-            "peer API: a cluster client certificate is required\n",
-        ),
+        crate::peer::VIP_PATH => {
+            match crate::peer::own_vip(&ctx.run_dir.join(api::vip::RUN_SUBDIR)) {
+                Ok(status) => reply(StatusCode::OK, "application/json", status.to_json()),
+                Err(e) => reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    format!("{e}\n"),
+                ),
+            }
+        }
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    }
+}
+
+/// `POST /api/peer/signal?service=NAME&signal=SIG`: a peer (the cluster's own tooling: rolling
+/// upgrades, fault drills) signals one of this node's services through the supervisor.
+const SIGNAL_PATH: &str = "/api/peer/signal";
+
+fn peer_signal(ctx: &Ctx, query: &str) -> Resp {
+    let param = |key: &str| {
+        query.split('&').find_map(|kv| {
+            let (k, v) = kv.split_once('=')?;
+            (k == key).then(|| v.to_string())
+        })
+    };
+    let (Some(service), Some(signal)) = (param("service"), param("signal")) else {
+        return reply(
+            StatusCode::BAD_REQUEST,
+            "text/plain",
+            "expected ?service=NAME&signal=SIG\n",
+        );
+    };
+    tracing::warn!(%service, %signal, "signal requested by a peer");
+    match control::request(
+        &ctx.target,
+        &control::Request::Signal {
+            service: service.clone(),
+            signal: signal.clone(),
+        },
+    ) {
+        Ok(_) => reply(
+            StatusCode::OK,
+            "text/plain",
+            format!("sent {signal} to {service}\n"),
+        ),
+        Err(e) => reply(StatusCode::BAD_REQUEST, "text/plain", format!("{e}\n")),
     }
 }
 
@@ -320,6 +385,8 @@ fn services(ctx: &Ctx) -> Result<Vec<ServiceStatus>, String> {
 }
 
 fn gather(ctx: &Ctx) -> StatusView {
+    let own = crate::peer::own_vip(&ctx.run_dir.join(api::vip::RUN_SUBDIR));
+    let views = crate::peer::vip_views(&ctx.cluster, &ctx.node, own, ctx.peers.as_ref());
     let nodes = ctx
         .cluster
         .nodes
@@ -329,11 +396,18 @@ fn gather(ctx: &Ctx) -> StatusView {
             address: n.address.to_string(),
             db_role: n.db_role.as_str().to_string(),
             this_node: n.name == ctx.node.name,
+            vip: views.iter().find(|(name, _)| *name == n.name).map_or(
+                "?".into(),
+                |(_, v)| match v {
+                    Ok(s) => s.state.map_or("unknown", |st| st.as_str()).to_string(),
+                    Err(_) => "no answer".to_string(),
+                },
+            ),
         })
         .collect();
     let mut facts = vec![(
         "floating IP".to_string(),
-        ctx.cluster.floating_ip.to_string(),
+        crate::peer::holder_line(&ctx.cluster.floating_ip.to_string(), &views),
     )];
     facts.extend(db_facts(&ctx.run_dir.join(db::agent::STATUS_FILE)));
     for endpoint in &ctx.scrape {
@@ -352,6 +426,7 @@ fn gather(ctx: &Ctx) -> StatusView {
     StatusView {
         cluster: ctx.cluster.name.clone(),
         node: ctx.node.name.clone(),
+        vip: views.into_iter().map(|(n, v)| (n, v.ok())).collect(),
         nodes,
         services: services(ctx),
         alerts,
@@ -436,6 +511,8 @@ struct StatusJson<'a> {
     node: &'a str,
     services: Option<&'a [ServiceStatus]>,
     error: Option<&'a str>,
+    /// Every node's view of the floating IP (`null`: no answer).
+    vip: &'a [(String, Option<api::vip::VipStatus>)],
 }
 
 impl<'a> From<&'a StatusView> for StatusJson<'a> {
@@ -443,6 +520,7 @@ impl<'a> From<&'a StatusView> for StatusJson<'a> {
         StatusJson {
             cluster: &v.cluster,
             node: &v.node,
+            vip: &v.vip,
             services: v.services.as_ref().ok().map(Vec::as_slice),
             error: v.services.as_ref().err().map(String::as_str),
         }

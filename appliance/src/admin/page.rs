@@ -17,6 +17,8 @@ pub struct NodeRow {
     pub address: String,
     pub db_role: String,
     pub this_node: bool,
+    /// The node's VRRP state for the floating IP (`MASTER` holds it), or why it is unknown.
+    pub vip: String,
 }
 
 /// An alert as the page shows it.
@@ -38,6 +40,8 @@ pub struct StatusView {
     /// `None` when the supervisor could not be asked; the reason is shown instead.
     pub services: Result<Vec<ServiceStatus>, String>,
     pub alerts: Vec<AlertRow>,
+    /// Every node's view of the floating IP (`None`: no answer), for `/api/status`.
+    pub vip: Vec<(String, Option<api::vip::VipStatus>)>,
     /// Extra facts (VIP holder, DB lag, …) as label/value pairs.
     pub facts: Vec<(String, String)>,
 }
@@ -80,15 +84,17 @@ pub fn render(v: &StatusView) -> String {
         esc(&v.node)
     );
 
-    s.push_str("<h2>Nodes</h2>\n<table><tr><th>node</th><th>address</th><th>database</th></tr>\n");
+    s.push_str("<h2>Nodes</h2>\n<table><tr><th>node</th><th>address</th><th>database</th><th>floating IP</th></tr>\n");
     for n in &v.nodes {
         let me = if n.this_node { " (this node)" } else { "" };
         let _ = writeln!(
             s,
-            "<tr><td>{}{me}</td><td>{}</td><td>{}</td></tr>",
+            "<tr data-node=\"{}\"><td>{}{me}</td><td>{}</td><td>{}</td><td class=\"vip\">{}</td></tr>",
+            esc(&n.name),
             esc(&n.name),
             esc(&n.address),
-            esc(&n.db_role)
+            esc(&n.db_role),
+            esc(&n.vip)
         );
     }
     s.push_str("</table>\n");
@@ -219,7 +225,9 @@ mod tests {
                 address: "10.88.0.11".into(),
                 db_role: "replica".into(),
                 this_node: true,
+                vip: "MASTER".into(),
             }],
+            vip: Vec::new(),
             services: Ok(vec![svc("nginx", "running", 1, Some(2))]),
             alerts: vec![AlertRow {
                 rule: "crash-loop".into(),
@@ -233,6 +241,7 @@ mod tests {
         let html = render(&view);
         assert!(html.contains("c&lt;1&gt;"));
         assert!(html.contains("server1 (this node)"));
+        assert!(html.contains("<td class=\"vip\">MASTER</td>"));
         assert!(html.contains("running (restarted 2s ago)"));
         assert!(html.contains("crash-loop"));
         assert!(!html.contains("<script"));

@@ -272,6 +272,35 @@ impl Runner {
                 self.begin_shutdown(StopReason::Requested);
                 Response::Ok
             }
+            Request::Signal { service, signal } => {
+                let Some(idx) = self.services.iter().position(|s| s.spec.name == service) else {
+                    return Response::Error {
+                        message: format!("no service `{service}`"),
+                    };
+                };
+                let sig = crate::control::SIGNALS
+                    .contains(&signal.as_str())
+                    .then(|| format!("SIG{signal}").parse::<Signal>().ok())
+                    .flatten();
+                let Some(sig) = sig else {
+                    return Response::Error {
+                        message: format!(
+                            "signal `{signal}` is not one of {}",
+                            crate::control::SIGNALS.join(", ")
+                        ),
+                    };
+                };
+                match self.services[idx].pid {
+                    Some(pid) => {
+                        tracing::warn!(%service, pid = pid.as_raw(), "sending {} on request", sig.as_str());
+                        process::signal_group(pid, sig);
+                        Response::Ok
+                    }
+                    None => Response::Error {
+                        message: format!("`{service}` has no running process"),
+                    },
+                }
+            }
             Request::Restart { service } => {
                 match self.services.iter().position(|s| s.spec.name == service) {
                     None => Response::Error {
@@ -354,6 +383,8 @@ impl Runner {
         svc.started_at = None;
         svc.ready = false;
         svc.last_exit = Some(exit.to_string());
+        self.track(idx, false);
+        let svc = &mut self.services[idx];
         let cause = svc.stopping.take();
         let kind = svc.spec.kind;
         self.record(idx, EventKind::Exited, Some(pid), &exit.to_string());
@@ -478,6 +509,17 @@ impl Runner {
     }
 
     fn start(&mut self, idx: usize) {
+        for path in &self.services[idx].spec.stale_files {
+            match std::fs::remove_file(path) {
+                Ok(()) => {
+                    tracing::info!(service = %self.services[idx].spec.name, file = %path.display(), "removed a stale file")
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(service = %self.services[idx].spec.name, file = %path.display(), "cannot remove: {e}")
+                }
+            }
+        }
         let spawned = match process::spawn(&self.services[idx].spec) {
             Ok(spawned) => spawned,
             Err(message) => {
@@ -568,8 +610,19 @@ impl Runner {
             cancel.store(true, Ordering::SeqCst);
         }
         let pid = svc.pid;
+        self.track(idx, true);
         self.record(idx, EventKind::Ready, pid, "");
         self.start_eligible();
+    }
+
+    /// Writes the service's track file, if it has one (see `ServiceSpec::track_file`).
+    fn track(&self, idx: usize, ready: bool) {
+        let spec = &self.services[idx].spec;
+        if let Some(path) = &spec.track_file {
+            if let Err(e) = write_track_file(path, ready) {
+                tracing::error!(service = %spec.name, file = %path.display(), "writing the track file: {e}");
+            }
+        }
     }
 
     /// Sends the stop signal to the service's process group; SIGKILL follows after its stop
@@ -586,6 +639,10 @@ impl Runner {
             return;
         }
         tracing::info!(service = %svc.spec.name, pid = pid.as_raw(), "sending {}", svc.spec.stop_signal.0.as_str());
+        // Not ready from the moment it is told to stop: keepalived moves the address first.
+        svc.ready = false;
+        self.track(idx, false);
+        let svc = &mut self.services[idx];
         process::signal_group(pid, svc.spec.stop_signal.0);
         svc.state = State::Stopping;
         svc.stopping = Some(cause);
@@ -678,6 +735,14 @@ impl Runner {
             Err(e) => tracing::error!("{e}"),
         }
     }
+}
+
+/// `0` ready, `1` not: keepalived's `track_file` convention. Temporary file and rename, so
+/// keepalived never reads half a value.
+fn write_track_file(path: &std::path::Path, ready: bool) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, api::vip::track_value(ready))?;
+    std::fs::rename(&tmp, path)
 }
 
 fn probe_ready(readiness: &Readiness) -> bool {

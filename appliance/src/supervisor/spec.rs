@@ -65,6 +65,15 @@ pub struct ServiceSpec {
     /// ambient capability); every other privilege is dropped.
     #[serde(default)]
     pub bind_low_ports: bool,
+    /// A keepalived `track_file` for this service: the supervisor writes `0` into it when the
+    /// service becomes ready and `1` as soon as it is not (stop signal sent, exited, restarting),
+    /// so keepalived gives the floating IP away the moment the service cannot serve.
+    #[serde(default)]
+    pub track_file: Option<PathBuf>,
+    /// Files removed before every start: pid files of a program that refuses to start while a
+    /// pid in them exists (keepalived), which a killed process leaves behind.
+    #[serde(default)]
+    pub stale_files: Vec<PathBuf>,
 }
 
 impl ServiceSpec {
@@ -87,6 +96,8 @@ impl ServiceSpec {
             stop_timeout: STOP_TIMEOUT,
             stop_signal: StopSignal::default(),
             bind_low_ports: false,
+            track_file: None,
+            stale_files: Vec::new(),
         }
     }
 
@@ -168,6 +179,8 @@ impl fmt::Debug for ServiceSpec {
             .field("stop_timeout", &self.stop_timeout)
             .field("stop_signal", &self.stop_signal)
             .field("bind_low_ports", &self.bind_low_ports)
+            .field("track_file", &self.track_file)
+            .field("stale_files", &self.stale_files)
             .finish()
     }
 }

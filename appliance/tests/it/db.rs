@@ -12,7 +12,8 @@ use serde_json::Value;
 
 const APPLIANCE: &str = env!("CARGO_BIN_EXE_appliance");
 
-/// The example cluster with its node addresses replaced by `127.0.0.<a>` and `127.0.0.<b>`.
+/// The example cluster with its node addresses replaced by `127.0.0.<a>` and `127.0.0.<b>`, and
+/// its floating IP by `127.0.0.<a - 1>` (tests run at once must not share one).
 fn cluster_config(dir: &Path, a: u8, b: u8) -> PathBuf {
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/local-cluster.toml");
     let text = std::fs::read_to_string(example).unwrap();
@@ -20,7 +21,12 @@ fn cluster_config(dir: &Path, a: u8, b: u8) -> PathBuf {
         text.contains("\"127.0.0.11\"") && text.contains("\"127.0.0.12\""),
         "the example cluster changed:\n{text}"
     );
+    assert!(
+        text.contains("\"127.0.0.10\""),
+        "the example cluster changed:\n{text}"
+    );
     let text = text
+        .replace("\"127.0.0.10\"", &format!("\"127.0.0.{}\"", a - 1))
         .replace("\"127.0.0.11\"", &format!("\"127.0.0.{a}\""))
         .replace("\"127.0.0.12\"", &format!("\"127.0.0.{b}\""));
     let path = dir.join("cluster.toml");
@@ -529,6 +535,56 @@ fn replication_through_the_app_survives_restarts_kills_and_switchovers() {
     assert_exactly(&s2, &written);
     let (code, status) = s1.db_status();
     assert_eq!(code, 0, "{status}");
+
+    // A local cluster shares one machine: only server1 (the higher VRRP priority) binds the
+    // floating IP, the other balancer runs without it, and no service of either node failed.
+    for node in [&s1, &s2] {
+        let out = Command::new(APPLIANCE)
+            .args(["status", "--json", "--state-dir"])
+            .arg(&node.state)
+            .output()
+            .unwrap();
+        let services: Value = serde_json::from_slice(&out.stdout).unwrap();
+        for svc in services.as_array().unwrap() {
+            assert_ne!(
+                svc["state"],
+                "failed",
+                "{}: {svc}\n{}",
+                node.name,
+                node.log()
+            );
+        }
+        assert_eq!(
+            node.service("balancer").unwrap()["restarts"],
+            0,
+            "{}",
+            node.log()
+        );
+    }
+    let status = |node: &Node| {
+        let out = Command::new(APPLIANCE)
+            .args(["status", "--state-dir"])
+            .arg(&node.state)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert!(
+        status(&s1).contains("floating IP 127.0.0.20: held by this node (server1;"),
+        "{}",
+        status(&s1)
+    );
+    assert!(
+        status(&s2).contains("floating IP 127.0.0.20: held by another node"),
+        "{}",
+        status(&s2)
+    );
+    let vip = std::net::SocketAddr::from(([127, 0, 0, 20], 8443));
+    assert!(
+        std::net::TcpStream::connect_timeout(&vip, Duration::from_secs(2)).is_ok(),
+        "nothing listens on the floating IP {vip}\n{}",
+        s1.log()
+    );
 }
 
 #[test]
