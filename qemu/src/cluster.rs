@@ -14,9 +14,11 @@ use serde_json::Value;
 use crate::error::{Error, Result};
 use crate::machine::{self, Accel, MachineConfig};
 use crate::netns::{run_checked, Netns};
+use crate::probe::{Probe, ProbeOptions};
 use crate::qmp::{self, Qmp};
 use crate::serial::{self, Mark};
-use crate::tools;
+use crate::session::Cancel;
+use crate::{tools, vip};
 
 /// Memory per VM unless the spec says otherwise.
 pub const DEFAULT_MEMORY_MIB: u32 = 1024;
@@ -25,6 +27,10 @@ pub const DEFAULT_CLIENT: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 1);
 pub const DEFAULT_PREFIX: u8 = 24;
 /// Set to `1` to keep a cluster's work dir (overlays, firmware variables) after it is dropped.
 pub const KEEP_ENV: &str = "TANDEM_KEEP";
+/// Each node's own page (`appliance`'s `NODE_PAGE`), served on the web port: `node: NAME`.
+pub const NODE_PAGE: &str = "/node.html";
+/// How long one readiness check of a node's page may take.
+const READY_TRY: Duration = Duration::from_secs(5);
 /// How long QEMU gets to create its QMP socket after being started.
 const QMP_TIMEOUT: Duration = Duration::from_secs(15);
 /// `sun_path` is 108 bytes including the terminating NUL.
@@ -329,6 +335,78 @@ impl Cluster {
                 )))
             }
         })
+    }
+
+    /// `http://<address>:<port>/node.html` of `vm`: answers 200 once the node serves.
+    pub fn node_page_url(vm: &Vm, port: u16) -> String {
+        format!("http://{}:{port}{NODE_PAGE}", vm.address())
+    }
+
+    /// Wait until every node's page answers 200 (see [`Cluster::node_page_url`]), at most
+    /// `timeout`, giving up when `cancel` fires. The error names the nodes still silent.
+    pub fn wait_nodes_serving(&self, port: u16, timeout: Duration, cancel: &Cancel) -> Result<()> {
+        let t0 = Instant::now();
+        let mut waiting: Vec<&Vm> = self.vms.iter().collect();
+        loop {
+            let mut last = None;
+            waiting.retain(|vm| {
+                match self.http_get(&Cluster::node_page_url(vm, port), READY_TRY) {
+                    Ok(r) if r.status == 200 => return false,
+                    Ok(r) => last = Some(format!("{}: status {}", vm.name(), r.status)),
+                    Err(e) => last = Some(format!("{}: {e}", vm.name())),
+                }
+                true
+            });
+            if waiting.is_empty() {
+                return Ok(());
+            }
+            if let Some(vm) = waiting.iter().find(|vm| !vm.is_running()) {
+                return Err(vm.err("QEMU is not running while waiting for its page"));
+            }
+            if t0.elapsed() >= timeout {
+                let names: Vec<&str> = waiting.iter().map(|v| v.name()).collect();
+                return Err(Error::Timeout {
+                    what: format!("{NODE_PAGE} of {} on port {port}", names.join(", ")),
+                    after: timeout,
+                    last,
+                });
+            }
+            if !cancel.sleep(Duration::from_secs(1)) {
+                return Err(Error::Cancelled);
+            }
+        }
+    }
+
+    /// The nodes that answer ARP for `vip` on the client's LAN, by name (a MAC that is no node's
+    /// stays as text), sorted. Empty: nobody holds it; two or more: a split brain. Takes
+    /// [`vip::ARPING_SECONDS`].
+    pub fn vip_holders(&self, vip: Ipv4Addr) -> Result<Vec<String>> {
+        let macs = vip::arp_macs(&self.netns, vip)?;
+        Ok(vip::name_holders(
+            &macs,
+            self.vms.iter().map(|v| (v.name(), v.address())),
+        ))
+    }
+
+    /// Poll [`Cluster::vip_holders`] until exactly one node answers; its name. The error says
+    /// what the last look saw (`nobody`, `server1 and server2`).
+    pub fn wait_single_holder(&self, vip: Ipv4Addr, timeout: Duration) -> Result<String> {
+        self.wait_single_holder_or_cancel(vip, timeout, &Cancel::new())
+    }
+
+    /// [`Cluster::wait_single_holder`], giving up with [`Error::Cancelled`] when `cancel` fires.
+    pub fn wait_single_holder_or_cancel(
+        &self,
+        vip: Ipv4Addr,
+        timeout: Duration,
+        cancel: &Cancel,
+    ) -> Result<String> {
+        vip::wait_single(vip, timeout, cancel, || self.vip_holders(vip))
+    }
+
+    /// Start a client probe loop inside the namespace (see [`Probe`]).
+    pub fn start_probe(&self, opts: ProbeOptions) -> Result<Probe> {
+        Probe::start(&self.netns, opts)
     }
 
     /// The last `n` lines of every VM's serial log (and QEMU's own stderr, when it said anything),

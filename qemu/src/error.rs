@@ -82,6 +82,9 @@ pub enum Error {
 
     #[error("HTTP client: {0}")]
     Http(String),
+
+    #[error("interrupted (Ctrl-C or SIGTERM)")]
+    Cancelled,
 }
 
 fn last_seen(last: &Option<String>) -> String {

@@ -7,28 +7,37 @@
 //! - [`Vm`] powers off (ACPI), reboots (Ctrl-Alt-Del), kills, pauses and unplugs a node.
 //! - [`Cluster::http_get`], [`Cluster::run`], [`Netns::connect`]: a client inside the namespace.
 //! - [`Vm::wait_serial`], [`Cluster::tails`]: serial logs for waits and failure messages.
+//! - [`Cluster::start_probe`]: availability as a client sees it (one HTTPS GET every 20 ms);
+//!   [`Cluster::vip_holders`]: who answers ARP for the floating IP.
+//! - [`bench`]: `tandem-qemu failover` and `soak`, the floating IP's failover as a client sees it.
 //!
 //! The cluster LAN exists only inside the namespace; nothing is sent anywhere else.
 
 mod accel;
+pub mod bench;
 mod cluster;
 mod error;
 mod forward;
 mod machine;
 mod netns;
+pub mod probe;
 pub mod qmp;
 mod serial;
 mod session;
 mod tools;
+pub mod vip;
 
 pub use cluster::{
     unique_id, Cluster, ClusterSpec, HttpResponse, NodeSpec, Vm, DEFAULT_CLIENT,
-    DEFAULT_MEMORY_MIB, DEFAULT_PREFIX, KEEP_ENV,
+    DEFAULT_MEMORY_MIB, DEFAULT_PREFIX, KEEP_ENV, NODE_PAGE,
 };
 pub use error::{Error, Result};
 pub use forward::{Forward, Forwarder};
 pub use machine::{format_mac, mac_for, qemu_args, Accel, MachineConfig};
-pub use netns::Netns;
+pub use netns::{Netns, BRIDGE};
+pub use probe::{Probe, ProbeOptions, ProbeReport};
 pub use serial::{strip_ansi, tail, wait_for, Mark};
-pub use session::{describe, down, up, ShutdownSignals, UpOptions, PID_FILE};
+pub use session::{
+    describe, down, up, Cancel, RunDir, ShutdownSignals, UpOptions, VipWatch, PID_FILE,
+};
 pub use tools::{check_host, OVMF_CODE, OVMF_VARS};

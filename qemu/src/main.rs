@@ -2,6 +2,8 @@
 //!
 //!   tandem-qemu up [--images DIR] [--config FILE]   boot every node, forward ports, wait
 //!   tandem-qemu down                                 power the running cluster off
+//!   tandem-qemu failover --trials N                  kill the floating IP's holder N times
+//!   tandem-qemu soak --minutes M                     probe the floating IP, count holder changes
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -10,10 +12,16 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use qemu::{ClusterSpec, Forward, ShutdownSignals, UpOptions};
+use qemu::bench::{self, BenchTarget, FailoverOptions, SoakOptions};
+use qemu::{ClusterSpec, Forward, ShutdownSignals, UpOptions, VipWatch};
 
 const DEFAULT_IMAGES: &str = "target/images";
 const DEFAULT_RUN_DIR: &str = "target/qemu-run";
+const FAILOVER_RUN_DIR: &str = "target/qemu-failover";
+const SOAK_RUN_DIR: &str = "target/qemu-soak";
+/// `up`: how long the nodes get to serve, then how long one of them gets to take the floating IP.
+const UP_BOOT_TIMEOUT_S: u64 = 900;
+const UP_HOLD_TIMEOUT_S: u64 = 60;
 /// Host ports: floating IP HTTP/HTTPS, then one per node from these bases.
 const HOST_HTTP: u16 = 8080;
 const HOST_HTTPS: u16 = 8443;
@@ -49,6 +57,47 @@ enum Cmd {
         #[arg(long, default_value_t = SHUTDOWN_TIMEOUT_S)]
         shutdown_timeout: u64,
     },
+    /// Failover bench: kill the floating IP's holder N times while a client probes the address
+    /// every 20 ms; print each trial's longest gap between answers and who took over.
+    Failover {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        /// Kills of the holder, one after the other (each node restarted in between).
+        #[arg(long, default_value_t = 5)]
+        trials: u32,
+        /// Seconds to watch, after a restarted node serves again, whether the address moves back.
+        #[arg(long, default_value_t = bench::DEFAULT_SETTLE.as_secs())]
+        settle: u64,
+        /// Serial logs, disk overlays and the pid file (`down --run-dir` stops the bench).
+        #[arg(long, default_value = FAILOVER_RUN_DIR)]
+        run_dir: PathBuf,
+        /// Kill only the holder's balancer (through the peer API) instead of its machine; needs
+        /// a client certificate from the cluster CA (`--peer-cert`, `--peer-key`).
+        #[arg(long, requires_all = ["peer_cert", "peer_key"])]
+        balancer_only: bool,
+        #[arg(long)]
+        peer_cert: Option<PathBuf>,
+        #[arg(long)]
+        peer_key: Option<PathBuf>,
+    },
+    /// Soak bench: probe the floating IP every 20 ms for M minutes and count holder changes
+    /// (looked at every 5 s); nothing is killed.
+    Soak {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+        /// Serial logs, disk overlays and the pid file (`down --run-dir` stops the bench).
+        #[arg(long, default_value = SOAK_RUN_DIR)]
+        run_dir: PathBuf,
+    },
+    /// Kill one node's VM as a power cut would (QEMU quits at once), e.g. to watch the
+    /// floating IP move; Ctrl-C and `up` again bring it back.
+    Kill {
+        node: String,
+        #[arg(long, default_value = DEFAULT_RUN_DIR)]
+        run_dir: PathBuf,
+    },
     /// Stop the cluster that `up` runs from this run dir.
     Down {
         #[arg(long, default_value = DEFAULT_RUN_DIR)]
@@ -57,6 +106,41 @@ enum Cmd {
         #[arg(long, default_value_t = SHUTDOWN_TIMEOUT_S + 30)]
         timeout: u64,
     },
+}
+
+/// The cluster a bench boots (`up` has the same options).
+#[derive(clap::Args)]
+struct ClusterArgs {
+    /// Directory with one image per node (`<node>.qcow2`); built with `image-builder` if missing.
+    #[arg(long, default_value = DEFAULT_IMAGES)]
+    images: PathBuf,
+    /// cluster.toml; the built-in default when absent.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Memory per VM in MiB.
+    #[arg(long, default_value_t = qemu::DEFAULT_MEMORY_MIB)]
+    memory: u32,
+}
+
+impl ClusterArgs {
+    fn target(&self, run_dir: &Path) -> anyhow::Result<BenchTarget> {
+        let cluster = load_cluster(self.config.as_deref())?;
+        ensure_images(&cluster, &self.images, self.config.as_deref())?;
+        let opts = up_options(&cluster, &self.images, run_dir, self.memory)?;
+        Ok(BenchTarget {
+            spec: opts.spec,
+            floating_ip: cluster.floating_ip,
+            https_port: cluster.ports.https,
+            web_port: cluster.ports.web,
+        })
+    }
+}
+
+fn load_cluster(config: Option<&Path>) -> anyhow::Result<cluster_config::Cluster> {
+    match config {
+        Some(path) => cluster_config::Cluster::load(path).map_err(|e| anyhow::anyhow!("{e}")),
+        None => Ok(cluster_config::Cluster::default_cluster()),
+    }
 }
 
 fn main() -> anyhow::Result<ExitCode> {
@@ -77,18 +161,82 @@ fn main() -> anyhow::Result<ExitCode> {
             memory,
             shutdown_timeout,
         } => {
-            let cluster = match &config {
-                Some(path) => {
-                    cluster_config::Cluster::load(path).map_err(|e| anyhow::anyhow!("{e}"))?
-                }
-                None => cluster_config::Cluster::default_cluster(),
-            };
+            let cluster = load_cluster(config.as_deref())?;
             ensure_images(&cluster, &images, config.as_deref())?;
             let mut opts = up_options(&cluster, &images, &run_dir, memory)?;
             opts.shutdown_timeout = Duration::from_secs(shutdown_timeout);
             qemu::up(&opts, &signals, |c| {
                 print!("{}", qemu::describe(c, &opts.forwards))
             })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Failover {
+            cluster,
+            trials,
+            settle,
+            run_dir,
+            balancer_only,
+            peer_cert,
+            peer_key,
+        } => {
+            let kill = match (balancer_only, peer_cert, peer_key) {
+                (true, Some(cert), Some(key)) => bench::Kill::Balancer {
+                    cert: std::path::absolute(cert)?,
+                    key: std::path::absolute(key)?,
+                    admin_port: load_cluster(cluster.config.as_deref())?.ports.admin,
+                },
+                _ => bench::Kill::Machine,
+            };
+            let opts = FailoverOptions {
+                target: cluster.target(&run_dir)?,
+                trials,
+                settle: Duration::from_secs(settle),
+                kill,
+            };
+            let cancel = signals.watch();
+            let run = match bench::failover(&opts, &cancel, &mut |line| println!("{line}")) {
+                Err(qemu::Error::Cancelled) => return Ok(interrupted()),
+                other => other?,
+            };
+            print!("\n{}", bench::failover_table(&run.trials));
+            Ok(if run.interrupted {
+                interrupted()
+            } else if run.all_failed_over(trials) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Cmd::Soak {
+            cluster,
+            minutes,
+            run_dir,
+        } => {
+            let opts = SoakOptions {
+                target: cluster.target(&run_dir)?,
+                duration: Duration::from_secs(minutes * 60),
+            };
+            let cancel = signals.watch();
+            let report = match bench::soak(&opts, &cancel, &mut |line| println!("{line}")) {
+                Err(qemu::Error::Cancelled) => return Ok(interrupted()),
+                other => other?,
+            };
+            print!("\n{}", report.summary());
+            Ok(if report.interrupted {
+                interrupted()
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Cmd::Kill { node, run_dir } => {
+            let socket = run_dir.join(format!("{node}.qmp"));
+            let mut qmp =
+                qemu::qmp::Qmp::connect(&socket, Duration::from_secs(5)).map_err(|e| {
+                    anyhow::anyhow!("{}: {e} (is `up` running there?)", socket.display())
+                })?;
+            // QEMU exits before it answers `quit`; a closed connection is success.
+            let _ = qmp.execute("quit", None);
+            println!("{node}: QEMU killed");
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Down { run_dir, timeout } => {
@@ -100,6 +248,12 @@ fn main() -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Stopped by Ctrl-C or `down`: the shell's convention for "killed by SIGINT".
+fn interrupted() -> ExitCode {
+    eprintln!("tandem-qemu: interrupted; cluster stopped");
+    ExitCode::from(130)
 }
 
 /// A node's image in `dir`: `<node>.qcow2`, else `<node>.img` (raw).
@@ -194,5 +348,12 @@ fn up_options(
         spec,
         forwards,
         shutdown_timeout: Duration::from_secs(SHUTDOWN_TIMEOUT_S),
+        vip: Some(VipWatch {
+            ip: vip,
+            web_port: cluster.ports.web,
+            boot_timeout: Duration::from_secs(UP_BOOT_TIMEOUT_S),
+            hold_timeout: Duration::from_secs(UP_HOLD_TIMEOUT_S),
+            host_url: format!("https://127.0.0.1:{HOST_HTTPS}/"),
+        }),
     })
 }

@@ -15,6 +15,8 @@ pub const QEMU: (&str, &str) = ("qemu-system-x86_64", "qemu-system-x86");
 pub const QEMU_IMG: (&str, &str) = ("qemu-img", "qemu-utils");
 pub const IP: (&str, &str) = ("ip", "iproute2");
 pub const CURL: (&str, &str) = ("curl", "curl");
+/// Who answers ARP for the floating IP.
+pub const ARPING: (&str, &str) = ("arping", "iputils-arping");
 
 /// Full path of `tool` on `$PATH` (plus the sbin directories, which a non-login root shell may
 /// lack), or an error naming its package.
@@ -41,7 +43,7 @@ pub fn check_host() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         return Err(Error::NotRoot);
     }
-    for tool in [QEMU, QEMU_IMG, IP, CURL] {
+    for tool in [QEMU, QEMU_IMG, IP, CURL, ARPING] {
         find(tool)?;
     }
     for file in [OVMF_CODE, OVMF_VARS] {

@@ -1,14 +1,17 @@
 //! The harness itself against real QEMU, OVMF and network namespaces: two VMs with blank disks
-//! (the firmware boots, finds nothing and prints its boot manager on serial). Needs root and the
-//! host packages; a missing one fails with the package name.
+//! (the firmware boots, finds nothing and prints its boot manager on serial); the client probe
+//! against a real TLS server (`openssl s_server`) in a namespace; the floating IP's holders as
+//! ARP shows them, with namespaces standing in for nodes. Needs root and the host packages; a
+//! missing one fails with the package name.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::Command;
-use std::time::Duration;
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use qemu::{Cluster, ClusterSpec, Forward, Forwarder};
+use qemu::{Cluster, ClusterSpec, Forward, Forwarder, Netns, ProbeOptions};
 
 const FIRMWARE: Duration = Duration::from_secs(120);
 /// OVMF prints this when its boot manager runs.
@@ -189,4 +192,166 @@ fn missing_image_is_reported_before_anything_starts() {
         "{err}"
     );
     assert!(!netns_file.exists());
+}
+
+/// A namespace of our own: `tandem-<pid>-<n>`, so a crashed run's leftovers are removed by the
+/// next one.
+fn test_netns(client: Ipv4Addr) -> Arc<Netns> {
+    let name = format!("tandem-{}", qemu::unique_id());
+    Arc::new(Netns::create(&name, client, 24, &[]).unwrap_or_else(|e| panic!("netns: {e}")))
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `openssl s_server -WWW` serving the files of `dir` over TLS at `addr`, inside `netns`;
+/// returns once it accepts connections.
+fn start_tls_server(netns: &Netns, dir: &Path, addr: SocketAddr) -> Child {
+    let mut cmd = Command::new("openssl");
+    cmd.args(["s_server", "-quiet", "-WWW", "-accept", &addr.to_string()])
+        .args(["-cert", "cert.pem", "-key", "key.pem"])
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    let mut child = netns
+        .spawn(cmd)
+        .unwrap_or_else(|e| panic!("openssl s_server (Debian package openssl): {e}"));
+    let t0 = Instant::now();
+    while netns.connect(addr, Duration::from_millis(200)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("openssl s_server exited ({status})");
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "openssl s_server not listening"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child
+}
+
+#[test]
+fn probe_measures_what_a_client_sees() {
+    let netns = test_netns(Ipv4Addr::new(10, 88, 0, 1));
+    let server = SocketAddr::from((Ipv4Addr::new(10, 88, 0, 5), 8443));
+    netns
+        .ip_cmd(&["addr", "add", "10.88.0.5/24", "dev", qemu::BRIDGE])
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    run(Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:P-256", "-nodes", "-subj", "/CN=probe"])
+        .args(["-days", "1", "-keyout", "key.pem", "-out", "cert.pem"])
+        .current_dir(dir.path()));
+    std::fs::write(dir.path().join("node.html"), "<p>node: probe-test</p>\n").unwrap();
+    let url = format!("https://{server}/node.html");
+
+    // Steady state: every request answered, by the node the page names, nothing pausing.
+    let mut tls = start_tls_server(&netns, dir.path(), server);
+    let opts = ProbeOptions::new(&url, Duration::from_secs(2));
+    let steady = qemu::Probe::start(&netns, opts.clone()).unwrap().wait();
+    let summary = steady.summary();
+    assert!((90..=101).contains(&steady.sent), "{summary}");
+    assert_eq!((steady.ok, steady.failed), (steady.sent, 0), "{summary}");
+    assert_eq!(
+        steady.by_node.get("probe-test"),
+        Some(&steady.ok),
+        "{summary}"
+    );
+    assert!(
+        steady.longest_gap < Duration::from_millis(100) && steady.gaps.is_empty(),
+        "{summary}"
+    );
+
+    // An outage: the server is gone for ~300 ms (connections refused), then back.
+    let probe = qemu::Probe::start(&netns, opts).unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    tls.kill().unwrap();
+    tls.wait().unwrap();
+    let killed_at = probe.elapsed();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut tls = start_tls_server(&netns, dir.path(), server);
+    let back_at = probe.elapsed();
+    let outage = probe.wait();
+    let _ = tls.kill();
+    let _ = tls.wait();
+    let summary = outage.summary();
+    eprintln!("outage from {killed_at:?} to {back_at:?}: {summary}");
+    assert!(
+        outage.longest_gap >= Duration::from_millis(250)
+            && outage.longest_gap < Duration::from_secs(1),
+        "{summary}"
+    );
+    assert!(
+        outage.failed > 0 && outage.errors.contains_key("refused"),
+        "{summary}"
+    );
+    assert_eq!(outage.ok + outage.failed, outage.sent, "{summary}");
+    // The long gap is the outage (it may start up to one request before the kill).
+    let (at, len) = *outage.gaps.iter().max_by_key(|(_, len)| *len).unwrap();
+    assert_eq!(len, outage.longest_gap);
+    assert!(
+        at + Duration::from_millis(100) >= killed_at && at <= killed_at,
+        "gap at {at:?}, kill at {killed_at:?}: {summary}"
+    );
+}
+
+/// A stand-in node: its own namespace, plugged into `client`'s bridge, holding `ip` on an
+/// interface with the MAC [`qemu::mac_for`] gives `node_address`.
+fn stand_in(client: &Netns, port: &str, node_address: Ipv4Addr, ip: Ipv4Addr) -> Arc<Netns> {
+    let ns = test_netns(node_address);
+    client
+        .ip_cmd(&[
+            "link",
+            "add",
+            port,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            ns.name(),
+        ])
+        .unwrap();
+    client
+        .ip_cmd(&["link", "set", port, "master", qemu::BRIDGE, "up"])
+        .unwrap();
+    let mac = qemu::format_mac(qemu::mac_for(node_address));
+    ns.ip_cmd(&["link", "set", "eth0", "address", &mac])
+        .unwrap();
+    ns.ip_cmd(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])
+        .unwrap();
+    ns.ip_cmd(&["link", "set", "eth0", "up"]).unwrap();
+    ns
+}
+
+#[test]
+fn arp_shows_every_holder_of_an_address() {
+    let vip = Ipv4Addr::new(10, 88, 0, 10);
+    let nodes = [
+        ("server1", Ipv4Addr::new(10, 88, 0, 11)),
+        ("server2", Ipv4Addr::new(10, 88, 0, 12)),
+    ];
+    let client = test_netns(Ipv4Addr::new(10, 88, 0, 1));
+    let one = stand_in(&client, "p1", nodes[0].1, vip);
+    let two = stand_in(&client, "p2", nodes[1].1, vip);
+    let holders = || {
+        let macs = qemu::vip::arp_macs(&client, vip).unwrap_or_else(|e| panic!("arping: {e}"));
+        qemu::vip::name_holders(&macs, nodes)
+    };
+    // A split brain shows as two holders.
+    assert_eq!(holders(), ["server1", "server2"]);
+    two.ip_cmd(&["link", "set", "eth0", "down"]).unwrap();
+    assert_eq!(holders(), ["server1"]);
+    one.ip_cmd(&["link", "set", "eth0", "down"]).unwrap();
+    assert_eq!(holders(), Vec::<String>::new());
 }
