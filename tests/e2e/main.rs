@@ -7,5 +7,6 @@
 
 mod support;
 
+mod floating_ip;
 mod node_lifecycle;
 mod services;

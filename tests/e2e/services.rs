@@ -220,23 +220,35 @@ fn client_cert(
     Ok((crt, key))
 }
 
-fn peer_api_requires_cluster_certificate(
-    cluster: &Cluster,
-    config: &cluster_config::Cluster,
-) -> qemu::Result<()> {
+/// The cluster CA's directory, as the image manifest names it.
+fn ca_dir(config: &cluster_config::Cluster) -> qemu::Result<PathBuf> {
     let manifest = crate::support::images(config).join("manifest.json");
     let manifest: serde_json::Value = std::fs::read_to_string(&manifest)
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
         .ok_or_else(|| qemu::Error::Http(format!("cannot read {}", manifest.display())))?;
-    let ca_dir = PathBuf::from(
-        manifest["ca_dir"]
-            .as_str()
-            .ok_or_else(|| qemu::Error::Http("manifest has no ca_dir".into()))?,
-    );
-    let dir = cluster.work_dir().join("peer-certs");
+    Ok(PathBuf::from(manifest["ca_dir"].as_str().ok_or_else(
+        || qemu::Error::Http("manifest has no ca_dir".into()),
+    )?))
+}
+
+/// A client certificate `peer` from the cluster CA, in `subdir` of the cluster's work dir.
+pub fn peer_client_cert(
+    cluster: &Cluster,
+    config: &cluster_config::Cluster,
+    subdir: &Path,
+) -> qemu::Result<(PathBuf, PathBuf)> {
+    let dir = cluster.work_dir().join(subdir);
     std::fs::create_dir_all(&dir).map_err(|e| qemu::Error::Http(e.to_string()))?;
-    let (peer_crt, peer_key) = client_cert(&dir, &ca_dir, &config.name, "peer")?;
+    client_cert(&dir, &ca_dir(config)?, &config.name, "peer")
+}
+
+fn peer_api_requires_cluster_certificate(
+    cluster: &Cluster,
+    config: &cluster_config::Cluster,
+) -> qemu::Result<()> {
+    let dir = cluster.work_dir().join("peer-certs");
+    let (peer_crt, peer_key) = peer_client_cert(cluster, config, Path::new("peer-certs"))?;
     // Same names, another CA: must be refused at the handshake.
     let (rogue_crt, rogue_key) = client_cert(&dir, &dir.join("rogue-ca"), &config.name, "rogue")?;
     let url = format!("https://10.88.0.11:{}/api/peer/ping", config.ports.admin);
