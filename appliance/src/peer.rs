@@ -232,6 +232,29 @@ mod tests {
     }
 
     #[test]
+    fn a_node_alone_says_what_it_knows() {
+        use VrrpState::*;
+        let status = |state, mode: &str| {
+            let mut v = view("server1", Some(state)).1.unwrap();
+            v.mode = mode.into();
+            own_line(&v)
+        };
+        assert_eq!(
+            status(Master, "fixed"),
+            "floating IP 10.88.0.10: held by this node (server1; a local cluster's top-priority node holds it for good)"
+        );
+        assert!(status(Backup, "fixed").starts_with("floating IP 10.88.0.10: held by another node"));
+        assert_eq!(
+            status(Master, "vrrp"),
+            "floating IP 10.88.0.10: held by this node (server1)"
+        );
+        assert_eq!(
+            status(Fault, "vrrp"),
+            "floating IP 10.88.0.10: this node (server1) is FAULT; another node holds it or none does"
+        );
+    }
+
+    #[test]
     fn the_holder_line_names_holders_and_silent_nodes() {
         use VrrpState::*;
         let check = |views: Vec<(String, Result<VipStatus, String>)>, want: &str| {

@@ -204,7 +204,7 @@ fn trial(
             cert,
             key,
             admin_port,
-        } => kill_balancer(cluster, vm.address(), *admin_port, cert, key)?,
+        } => cluster.peer_signal(vm.address(), *admin_port, (cert, key), "balancer", "KILL")?,
     }
     if !cancel.sleep(AFTER_KILL) {
         return Err(Error::Cancelled);
@@ -273,41 +273,6 @@ pub fn wait_steady(
         }
     }
     Ok(false)
-}
-
-/// `POST /api/peer/signal?service=balancer&signal=KILL` on the node's admin port, from the
-/// client inside the namespace, with a peer certificate.
-fn kill_balancer(
-    cluster: &Cluster,
-    address: std::net::Ipv4Addr,
-    admin_port: u16,
-    cert: &std::path::Path,
-    key: &std::path::Path,
-) -> Result<()> {
-    let url =
-        format!("https://{address}:{admin_port}/api/peer/signal?service=balancer&signal=KILL");
-    let (cert, key) = (cert.display().to_string(), key.display().to_string());
-    let out = cluster.run(&[
-        "curl",
-        "-sk",
-        "--max-time",
-        "5",
-        "-X",
-        "POST",
-        "--cert",
-        &cert,
-        "--key",
-        &key,
-        "-w",
-        " %{http_code}",
-        &url,
-    ])?;
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    if text.ends_with(" 200") {
-        Ok(())
-    } else {
-        Err(Error::Http(format!("POST {url}: {text:?}")))
-    }
 }
 
 fn trial_line(t: &Trial) -> String {

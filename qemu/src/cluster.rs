@@ -288,6 +288,49 @@ impl Cluster {
         self.netns.output(argv)
     }
 
+    /// `POST /api/peer/signal?service=S&signal=SIG` on a node's admin port, from the client,
+    /// with a client certificate from the cluster CA (`cert`: certificate and key files): the
+    /// node's supervisor signals one of its services (fault drills: kill the balancer).
+    pub fn peer_signal(
+        &self,
+        address: Ipv4Addr,
+        admin_port: u16,
+        cert: (&Path, &Path),
+        service: &str,
+        signal: &str,
+    ) -> Result<()> {
+        let url = format!(
+            "https://{address}:{admin_port}/api/peer/signal?service={service}&signal={signal}"
+        );
+        let curl = tools::find(tools::CURL)?;
+        let (curl, crt, key) = (
+            curl.to_string_lossy(),
+            cert.0.display().to_string(),
+            cert.1.display().to_string(),
+        );
+        let out = self.netns.output(&[
+            &*curl,
+            "-sk",
+            "--max-time",
+            "5",
+            "-X",
+            "POST",
+            "--cert",
+            &crt,
+            "--key",
+            &key,
+            "-w",
+            " %{http_code}",
+            &url,
+        ])?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if text.ends_with(" 200") {
+            Ok(())
+        } else {
+            Err(Error::Http(format!("POST {url}: {text:?}")))
+        }
+    }
+
     /// GET `url` from the client with curl (TLS not verified), any status. Fails only when no
     /// HTTP answer came (refused, unreachable, timed out).
     pub fn http_get(&self, url: &str, timeout: Duration) -> Result<HttpResponse> {

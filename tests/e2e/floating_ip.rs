@@ -113,45 +113,6 @@ fn reaches_both(cluster: &Cluster, config: &cluster_config::Cluster) -> qemu::Re
     )
 }
 
-/// The peer API (mutual TLS, a client certificate from the cluster CA): signal a service.
-fn peer_signal(
-    cluster: &Cluster,
-    config: &cluster_config::Cluster,
-    certs: &(PathBuf, PathBuf),
-    node: &str,
-    service: &str,
-    signal: &str,
-) -> qemu::Result<()> {
-    let n = config
-        .node(node)
-        .ok_or_else(|| err(format!("no node {node}")))?;
-    let url = format!(
-        "https://{}:{}/api/peer/signal?service={service}&signal={signal}",
-        n.address, config.ports.admin
-    );
-    let (crt, key) = (certs.0.display().to_string(), certs.1.display().to_string());
-    let out = cluster.run(&[
-        "curl",
-        "-sk",
-        "--max-time",
-        "10",
-        "-X",
-        "POST",
-        "--cert",
-        &crt,
-        "--key",
-        &key,
-        "-w",
-        " %{http_code}",
-        &url,
-    ])?;
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    if !text.ends_with(" 200") {
-        return Err(err(format!("POST {url}: {text:?}")));
-    }
-    Ok(())
-}
-
 /// Who holds the address, as every node's admin page says it.
 fn page_names_holder(
     cluster: &Cluster,
@@ -214,7 +175,18 @@ pub fn run(
             let report = probe_while(
                 cluster,
                 config,
-                || peer_signal(cluster, config, certs, &holder, "balancer", "KILL"),
+                || {
+                    let address = config
+                        .node(&holder)
+                        .map_or(Ipv4Addr::UNSPECIFIED, |n| n.address);
+                    cluster.peer_signal(
+                        address,
+                        config.ports.admin,
+                        (&certs.0, &certs.1),
+                        "balancer",
+                        "KILL",
+                    )
+                },
                 Duration::from_secs(4),
             )?;
             let now = cluster.wait_single_holder(vip(config), HEAL)?;
