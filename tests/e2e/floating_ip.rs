@@ -280,14 +280,19 @@ pub fn split_and_heal(cluster: &Cluster, config: &cluster_config::Cluster, holde
     step(
         cluster,
         &format!(
-            "{backup}'s link is cut and healed: one holder within {} s",
+            "{backup} is cut off (and claims the address), then healed: one holder within {} s",
             HEAL.as_secs()
         ),
         || {
             let vm = cluster.vm(&backup)?;
+            let mark = vm.serial_mark();
+            // The tap leaves the link up inside the guest: a real partition, not a carrier loss
+            // (which keepalived answers with FAULT). The cut-off node must claim the address.
             vm.cut_network()?;
-            std::thread::sleep(Duration::from_secs(3));
+            let claimed =
+                vm.wait_serial_since(mark, "Entering MASTER STATE", Duration::from_secs(10));
             vm.restore_network()?;
+            claimed?;
             let one = cluster.wait_single_holder(vip(config), HEAL)?;
             eprintln!("    after the heal {one} holds the address");
             reaches_both(cluster, config)
