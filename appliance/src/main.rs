@@ -118,7 +118,7 @@ fn main() -> anyhow::Result<ExitCode> {
         .file_name()
         .is_some_and(|n| n == "init")
     {
-        appliance::logging::init();
+        appliance::logging::init_with(appliance::logging::CONSOLE_FILTER);
         return appliance::init::main();
     }
     let cli = Cli::parse();

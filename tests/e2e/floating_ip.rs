@@ -285,19 +285,46 @@ pub fn split_and_heal(cluster: &Cluster, config: &cluster_config::Cluster, holde
         ),
         || {
             let vm = cluster.vm(&backup)?;
-            let mark = vm.serial_mark();
+            let before = became_master(cluster, config, &backup)?;
             // The tap leaves the link up inside the guest: a real partition, not a carrier loss
-            // (which keepalived answers with FAULT). The cut-off node must claim the address.
+            // (which keepalived answers with FAULT). The cut-off node claims the address.
             vm.cut_network()?;
-            let claimed =
-                vm.wait_serial_since(mark, "Entering MASTER STATE", Duration::from_secs(10));
+            std::thread::sleep(Duration::from_secs(3));
             vm.restore_network()?;
-            claimed?;
             let one = cluster.wait_single_holder(vip(config), HEAL)?;
             eprintln!("    after the heal {one} holds the address");
+            let after = became_master(cluster, config, &backup)?;
+            if after <= before {
+                return Err(err(format!(
+                    "{backup} never claimed the address while cut off (took it {before} times before, {after} after): no split happened"
+                )));
+            }
             reaches_both(cluster, config)
         },
     );
+}
+
+/// How often `node` took the floating IP since its balancer started (its admin `/metrics`).
+fn became_master(
+    cluster: &Cluster,
+    config: &cluster_config::Cluster,
+    node: &str,
+) -> qemu::Result<u64> {
+    let n = config
+        .node(node)
+        .ok_or_else(|| err(format!("no node {node}")))?;
+    let r = cluster.wait_http(
+        &format!("https://{}:{}/metrics", n.address, config.ports.admin),
+        Duration::from_secs(30),
+        |r| r.status == 200,
+    )?;
+    let prefix = format!("tandem_vip_became_master_total{{node=\"{node}\",");
+    r.body
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| err(format!("no {prefix}…}} in {node}'s metrics")))
 }
 
 /// The peer client certificate of the e2e client (see `services::client_cert`).
