@@ -20,7 +20,12 @@ fn entry(log: &str, text: String) -> Entry {
 fn disk_use(dir: &Path) -> (u64, u64, u64) {
     let mut totals = (0, 0, 0);
     for e in fs::read_dir(dir).unwrap() {
-        let meta = e.unwrap().metadata().unwrap();
+        // The writer rotates and deletes files while we look: one listed may be gone.
+        let meta = match e.unwrap().metadata() {
+            Ok(meta) => meta,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(err) => panic!("{err}"),
+        };
         totals.0 += meta.len();
         totals.1 += meta.blocks() * 512;
         totals.2 += 1;
