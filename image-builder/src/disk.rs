@@ -15,8 +15,7 @@ const BLOCK: usize = 4096;
 /// Creates `out` (sparse, `layout.disk_size` bytes) with the partition table and the given
 /// partition images (label, image file). Partitions without an image stay zero.
 pub fn assemble(out: &Path, layout: &DiskLayout, images: &[(&str, &Path)]) -> Result<(), Error> {
-    let _ = std::fs::remove_file(out);
-    let f = File::create(out).map_err(|e| Error::io(STEP, out, e))?;
+    let f = create_private(out).map_err(|e| Error::io(STEP, out, e))?;
     f.set_len(layout.disk_size)
         .map_err(|e| Error::io(STEP, out, e))?;
     drop(f);
@@ -53,6 +52,22 @@ pub fn assemble(out: &Path, layout: &DiskLayout, images: &[(&str, &Path)]) -> Re
     disk.sync_all().map_err(|e| Error::io(STEP, out, e))
 }
 
+/// A new, empty file readable by its owner only: a node's disk holds its private key and the
+/// cluster secret. Created with that mode (never chmodded after), replacing an older one.
+pub fn create_private(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+}
+
 /// Copies `src` into `dst` at `offset`, seeking over all-zero blocks (`dd conv=sparse,notrunc`).
 fn copy_sparse(src: &Path, dst: &mut File, offset: u64) -> std::io::Result<()> {
     let mut input = File::open(src)?;
@@ -85,7 +100,8 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
 }
 
 pub fn to_qcow2(raw: &Path, qcow2: &Path) -> Result<(), Error> {
-    let _ = std::fs::remove_file(qcow2);
+    // qemu-img writes into an existing file without changing its mode.
+    create_private(qcow2).map_err(|e| Error::io("qcow2", qcow2, e))?;
     Cmd::new("qcow2", "qemu-img")
         .args(["convert", "-f", "raw", "-O", "qcow2"])
         .arg(raw)

@@ -254,6 +254,12 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, Error> {
     }
     let out = &opts.out_dir;
     std::fs::create_dir_all(out).map_err(|e| Error::io("output", out, e))?;
+    // Node disks hold the node's key and the cluster secret: the directory is the owner's only.
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io("output", out, e))?;
+    }
     let work = out.join(".work");
     if work.exists() {
         std::fs::remove_dir_all(&work).map_err(|e| Error::io("output", &work, e))?;
@@ -511,6 +517,10 @@ pub fn summary_table(report: &BuildReport) -> String {
         report.manifest.base_cache_key,
         report.manifest.kernel_version
     ));
+    s.push_str(
+        "node disks (.img, .qcow2) hold the node's private key and the cluster secret: \
+         mode 0600, in a directory of mode 0700\n",
+    );
     s
 }
 

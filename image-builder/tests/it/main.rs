@@ -106,6 +106,20 @@ fn builds_bootable_reproducible_images_for_the_default_cluster() {
         assert_eq!(a["size"].as_u64(), Some(size), "{file}");
         assert_eq!(a["sha256"].as_str().map(str::len), Some(64), "{file}");
     }
+    // Node disks carry the node key and the cluster secret: owner only, in an owner-only dir.
+    let mode = |p: &Path| {
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions())
+            & 0o777
+    };
+    assert_eq!(mode(&out1), 0o700);
+    for file in [
+        "server1.img",
+        "server1.qcow2",
+        "server2.img",
+        "server2.qcow2",
+    ] {
+        assert_eq!(mode(&out1.join(file)), 0o600, "{file}");
+    }
 
     // GPT: five partitions, data last.
     let img = out1.join("server1.img");
