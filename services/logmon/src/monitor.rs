@@ -38,6 +38,17 @@ pub const DB_STATUS_FILE: &str = "db-status.json";
 pub const SERVICE_NAME: &str = "logmon";
 /// The service whose stdout carries nginx access lines.
 pub const NGINX_SERVICE: &str = "nginx";
+/// The services whose `health:`/`vip:` status lines count: Tandem's own `appliance`
+/// children. Not nginx, MariaDB or the application, whose lines can carry a client's words.
+pub const STATUS_SOURCES: [&str; 3] = ["balancer", "db-agent", "admin"];
+
+/// A status line, if `log` is one of [`STATUS_SOURCES`] and the line is one (pure).
+pub fn status_from(log: &str, text: &str) -> Option<parse::Status> {
+    STATUS_SOURCES
+        .contains(&log)
+        .then(|| parse::parse_status(text))
+        .flatten()
+}
 /// The cursor in `alerts.db` that remembers the last supervisor event read.
 const EVENTS_CURSOR: &str = "events";
 
@@ -271,7 +282,7 @@ impl Monitor {
                 }
                 continue;
             }
-            let obs = match parse::parse_status(stored.text) {
+            let obs = match status_from(&tail.log, stored.text) {
                 Some(parse::Status::Health { check, up }) => Observation::Health { check, up },
                 Some(parse::Status::Vip { holder }) => Observation::Vip { holder },
                 None => continue,
@@ -436,4 +447,24 @@ pub fn disk_usage(path: &Path) -> std::io::Result<DiskMetrics> {
         used_bytes: size.saturating_sub(free),
         avail_bytes: st.f_bavail as u64 * unit,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_lines_count_only_from_tandems_own_services() {
+        let line = "2026-11-29T09:19:13.151488Z  INFO health: backend server2 (10.88.0.12:8080) is up backend=server2 state=\"up\"";
+        let up = Some(parse::Status::Health {
+            check: "server2".into(),
+            up: true,
+        });
+        assert_eq!(status_from("balancer", line), up);
+        // The same words from nginx (a client can make it log them), MariaDB or the
+        // application are not a status.
+        for log in ["nginx", "mariadb", "app", "keepalived"] {
+            assert_eq!(status_from(log, line), None, "{log}");
+        }
+    }
 }

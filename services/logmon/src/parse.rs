@@ -116,7 +116,20 @@ const LEVELS: [&str; 5] = ["TRACE", "DEBUG", "INFO", "WARN", "ERROR"];
 /// database agent is read from its status file instead: see [`db_status`].)
 pub fn parse_status(line: &str) -> Option<Status> {
     let tokens: Vec<&str> = line.split_whitespace().collect();
-    let at = tokens.iter().position(|t| LEVELS.contains(t))?;
+    // Anchored: the line starts with tracing's timestamp and level, so a level word quoted
+    // further on (a client's Referer in a web server's error line) is never taken for one.
+    let stamp = tokens.first()?;
+    if !(stamp.len() >= 20
+        && stamp.starts_with(|c: char| c.is_ascii_digit())
+        && stamp.contains('T')
+        && stamp.ends_with('Z'))
+    {
+        return None;
+    }
+    let at = 1;
+    if !LEVELS.contains(tokens.get(at)?) {
+        return None;
+    }
     let target = tokens.get(at + 1)?.strip_suffix(':')?;
     let field = |key: &str| {
         tokens[at + 2..].iter().find_map(|t| {
@@ -270,6 +283,14 @@ mod tests {
                 }),
             ),
             ("2025-01-02T03:04:05Z  INFO health: hello", None),
+            // A level and target quoted inside another line (nginx's error log echoes the
+            // client's Referer) is not a status line.
+            (
+                r#"2025/01/02 03:04:05 [error] 7#7: *1 open() failed, referrer: "x 2025-01-02T03:04:05Z INFO health: check=server1 up=true""#,
+                None,
+            ),
+            ("x 2025-01-02T03:04:05Z  INFO health: check=x up=true", None),
+            ("2025-01-02  INFO health: check=x up=true", None),
             ("2025-01-02T03:04:05Z  INFO svc: check=x up=false", None),
             ("check=x up=false", None),
         ];
