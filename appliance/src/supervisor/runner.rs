@@ -619,7 +619,7 @@ impl Runner {
     fn track(&self, idx: usize, ready: bool) {
         let spec = &self.services[idx].spec;
         if let Some(path) = &spec.track_file {
-            if let Err(e) = write_track_file(path, ready) {
+            if let Err(e) = api::vip::write_track(path, ready) {
                 tracing::error!(service = %spec.name, file = %path.display(), "writing the track file: {e}");
             }
         }
@@ -735,14 +735,6 @@ impl Runner {
             Err(e) => tracing::error!("{e}"),
         }
     }
-}
-
-/// `0` ready, `1` not: keepalived's `track_file` convention. Temporary file and rename, so
-/// keepalived never reads half a value.
-fn write_track_file(path: &std::path::Path, ready: bool) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, api::vip::track_value(ready))?;
-    std::fs::rename(&tmp, path)
 }
 
 fn probe_ready(readiness: &Readiness) -> bool {

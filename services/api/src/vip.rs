@@ -36,6 +36,15 @@ pub fn track_value(ok: bool) -> &'static str {
     }
 }
 
+/// Writes a track file: a temporary file renamed into place, so keepalived (which re-reads it
+/// on a rename) never sees half a value. The supervisor and the balancer both write them.
+pub fn write_track(path: &std::path::Path, ok: bool) -> std::io::Result<()> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("track");
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    std::fs::write(&tmp, track_value(ok))?;
+    std::fs::rename(&tmp, path)
+}
+
 /// A VRRP instance's state as keepalived names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
@@ -223,6 +232,23 @@ mod tests {
         ] {
             check(bad, None);
         }
+    }
+
+    #[test]
+    fn track_files_are_replaced_whole() {
+        let dir = std::env::temp_dir().join(format!("api-track-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(TRACK_BALANCER);
+        write_track(&path, false).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "1\n");
+        write_track(&path, true).unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "0\n");
+        assert_eq!(
+            std::fs::read_dir(&dir).unwrap().count(),
+            1,
+            "no temporary file left"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -143,12 +143,10 @@ impl Balancer {
             .or(plan.https_listen.first())
             .map_or(443, SocketAddr::port);
         let routes = Routes::new(&plan, None, Instant::now());
-        let vip = opts.vip_dir.as_ref().map(|dir| {
-            let now_ms = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-            Arc::new(VipState::new(&plan.vip, node, dir, now_ms))
-        });
+        let vip = opts
+            .vip_dir
+            .as_ref()
+            .map(|dir| Arc::new(VipState::new(&plan.vip, node, dir, crate::vip::now_ms())));
         let shared = Arc::new(Shared {
             routes: ArcSwap::from_pointee(routes),
             settings: ArcSwap::from_pointee(Settings::new(plan.clone(), https_port)),

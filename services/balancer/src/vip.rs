@@ -177,7 +177,7 @@ impl TrackFile {
         if *last == Some(ok) {
             return;
         }
-        match write_atomic(&self.path, fmt::track_value(ok).as_bytes()) {
+        match fmt::write_track(&self.path, ok) {
             Ok(()) => {
                 *last = Some(ok);
                 match (name, ok) {
@@ -267,7 +267,7 @@ pub fn publish_initial(state: &VipState) {
     log_state(&state.status());
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
