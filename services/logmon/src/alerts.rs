@@ -14,7 +14,9 @@ use crate::Error;
 
 /// File name of the alert database inside the state directory.
 pub const ALERTS_DB_FILE: &str = "alerts.db";
-/// Oldest alerts beyond this many are deleted when the database is opened for writing.
+/// Rows of history kept: after every insert, resolved alerts older than the newest this many
+/// are deleted, so a flood of alerts cannot fill the data partition. Firing alerts are kept
+/// (the engine holds at most `engine::MAX_ALERT_KEYS` of them).
 pub const MAX_ALERTS_KEPT: i64 = 10_000;
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -54,6 +56,8 @@ pub fn firing(db_path: &Path) -> Result<Vec<Alert>, Error> {
 pub struct AlertDb {
     conn: Connection,
     path: PathBuf,
+    /// [`MAX_ALERTS_KEPT`]; smaller in tests.
+    max_kept: i64,
 }
 
 const COLUMNS: &str = "id, rule, subject, severity, state, message, fired_ms, resolved_ms";
@@ -110,15 +114,13 @@ impl AlertDb {
                 .map_err(err)?;
             tx.commit().map_err(err)?;
         }
-        conn.execute(
-            "DELETE FROM alerts WHERE state = 'resolved' AND id <= (SELECT MAX(id) FROM alerts) - ?1",
-            params![MAX_ALERTS_KEPT],
-        )
-        .map_err(err)?;
-        Ok(AlertDb {
+        let db = AlertDb {
             conn,
             path: path.to_path_buf(),
-        })
+            max_kept: MAX_ALERTS_KEPT,
+        };
+        db.prune()?;
+        Ok(db)
     }
 
     /// Opens an existing database read-only.
@@ -133,7 +135,20 @@ impl AlertDb {
         Ok(AlertDb {
             conn,
             path: path.to_path_buf(),
+            max_kept: MAX_ALERTS_KEPT,
         })
+    }
+
+    /// Deletes resolved alerts older than the newest `max_kept` rows. Row ids only grow, so
+    /// at most `max_kept` rows (plus the firing ones) remain.
+    fn prune(&self) -> Result<(), Error> {
+        self.conn
+            .execute(
+                "DELETE FROM alerts WHERE state = 'resolved' AND id <= (SELECT MAX(id) FROM alerts) - ?1",
+                params![self.max_kept],
+            )
+            .map(drop)
+            .map_err(|e| self.err(e))
     }
 
     fn err(&self, source: rusqlite::Error) -> Error {
@@ -157,6 +172,8 @@ impl AlertDb {
                     )
                     .map_err(|e| self.err(e))?;
                 stored.id = self.conn.last_insert_rowid();
+                // A range delete on the primary key: cheap enough for every insert.
+                self.prune()?;
             }
             AlertState::Resolved => {
                 let id: Option<i64> = self
@@ -298,5 +315,33 @@ mod tests {
         drop(db);
         let db = AlertDb::open(&path).unwrap();
         assert_eq!(db.cursor("events").unwrap(), Some(9));
+    }
+
+    #[test]
+    fn history_is_capped_oldest_resolved_first_firing_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = AlertDb::open(&db_path(dir.path())).unwrap();
+        db.max_kept = 50;
+        let kept = db
+            .record(&alert("disk-usage", AlertState::Firing, 0))
+            .unwrap();
+        for n in 1..=500 {
+            let fired = db
+                .record(&alert("service-restarted", AlertState::Firing, n))
+                .unwrap();
+            let mut resolved = fired;
+            resolved.state = AlertState::Resolved;
+            resolved.resolved_ms = Some(n + 1);
+            db.record(&resolved).unwrap();
+        }
+        let all = db.recent(usize::MAX).unwrap();
+        // The newest 50 (the oldest resolved went first) and the firing one from the start.
+        assert_eq!(all.len(), 51, "{} rows", all.len());
+        assert_eq!(all.first().map(|a| a.fired_ms), Some(500));
+        assert_eq!(all[all.len() - 2].fired_ms, 451);
+        assert_eq!(
+            all.last().map(|a| (a.id, a.state)),
+            Some((kept.id, AlertState::Firing))
+        );
     }
 }

@@ -4,6 +4,10 @@
 //! Every alert has a rule and a subject (a service, a check, `data`, a certificate path…).
 //! One (rule, subject) fires at most once until it resolves, and not again within the
 //! cool-down after it fired (such repeats are counted as suppressed).
+//!
+//! The engine remembers at most [`MAX_ALERT_KEYS`] (rule, subject) pairs: when a new one comes
+//! and the table is full, the pair resolved longest ago is forgotten; when every pair is
+//! firing, the new alert is refused and counted as dropped. Firing alerts are never forgotten.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
@@ -19,6 +23,11 @@ pub const CRASH_LOOP_WINDOW: Duration = Duration::from_secs(60);
 pub const STABLE_AFTER: Duration = Duration::from_secs(60);
 /// The 5xx ratio is judged only over at least this many requests in the window.
 pub const MIN_REQUESTS: u64 = 20;
+/// Distinct (rule, subject) pairs kept in memory. A node has a few dozen (ten rules over its
+/// services, backends, certificates); the bound is for a source that invents subjects (a
+/// hostile or broken service naming a new backend per line), which must not grow the
+/// monitor without limit.
+pub const MAX_ALERT_KEYS: usize = 256;
 
 /// What an alert is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -210,6 +219,9 @@ pub enum Observation {
 struct Key {
     firing: Option<Alert>,
     last_fired_ms: Option<i64>,
+    /// When not firing: the order in which it resolved (the engine's counter, not the time,
+    /// which comes from several clocks), so the oldest resolved key is forgotten first.
+    resolved_seq: u64,
 }
 
 #[derive(Debug, Default)]
@@ -228,6 +240,10 @@ pub struct Engine {
     vip: Option<String>,
     vip_moved_ms: Option<i64>,
     suppressed: u64,
+    /// Alerts refused because [`MAX_ALERT_KEYS`] pairs were held, all firing.
+    dropped: u64,
+    /// Counts resolutions, for [`Key::resolved_seq`].
+    resolutions: u64,
 }
 
 fn ms(d: Duration) -> i64 {
@@ -244,6 +260,8 @@ impl Engine {
             vip: None,
             vip_moved_ms: None,
             suppressed: 0,
+            dropped: 0,
+            resolutions: 0,
         }
     }
 
@@ -251,17 +269,24 @@ impl Engine {
         &self.rules
     }
 
-    /// Takes over alerts stored by an earlier run: firing ones stay firing (and can resolve),
-    /// and every one counts for the cool-down.
+    /// Takes over alerts stored by an earlier run (oldest first): firing ones stay firing (and
+    /// can resolve), and every one counts for the cool-down. The same bound as for new alerts
+    /// applies.
     pub fn restore(&mut self, alerts: &[Alert]) {
         for alert in alerts {
             let Some(rule) = Rule::from_name(&alert.rule) else {
                 continue;
             };
-            let key = self.keys.entry((rule, alert.subject.clone())).or_default();
+            let seq = self.resolutions + 1;
+            let Some(key) = self.admit(rule, &alert.subject) else {
+                continue;
+            };
             key.last_fired_ms = key.last_fired_ms.max(Some(alert.fired_ms));
             if alert.state == AlertState::Firing {
                 key.firing = Some(alert.clone());
+            } else if key.firing.is_none() {
+                key.resolved_seq = seq;
+                self.resolutions = seq;
             }
         }
     }
@@ -280,6 +305,41 @@ impl Engine {
     /// Alerts not raised because of the cool-down, since the engine started.
     pub fn suppressed(&self) -> u64 {
         self.suppressed
+    }
+
+    /// Alerts not raised because [`MAX_ALERT_KEYS`] pairs were held and all of them firing.
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// The (rule, subject) pairs held now; at most [`MAX_ALERT_KEYS`].
+    pub fn subjects(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// The key of (rule, subject), made room for if new: the key resolved longest ago is
+    /// forgotten (with its cool-down). `None`, counted as dropped, when every key fires.
+    fn admit(&mut self, rule: Rule, subject: &str) -> Option<&mut Key> {
+        let id = (rule, subject.to_string());
+        if !self.keys.contains_key(&id) && self.keys.len() >= MAX_ALERT_KEYS {
+            // A linear scan: the table is small and full only under a flood of new subjects.
+            let oldest = self
+                .keys
+                .iter()
+                .filter(|(_, k)| k.firing.is_none())
+                .min_by_key(|(_, k)| k.resolved_seq)
+                .map(|(id, _)| id.clone());
+            match oldest {
+                Some(oldest) => {
+                    self.keys.remove(&oldest);
+                }
+                None => {
+                    self.dropped += 1;
+                    return None;
+                }
+            }
+        }
+        Some(self.keys.entry(id).or_default())
     }
 
     /// Takes one observation made at `now_ms`; returns the alerts that fired or resolved.
@@ -509,7 +569,9 @@ impl Engine {
         out: &mut Vec<Alert>,
     ) {
         let cooldown = ms(self.rules.cooldown);
-        let key = self.keys.entry((rule, subject.to_string())).or_default();
+        let Some(key) = self.admit(rule, subject) else {
+            return;
+        };
         if key.firing.is_some() {
             return;
         }
@@ -537,6 +599,8 @@ impl Engine {
             return;
         };
         if let Some(mut alert) = key.firing.take() {
+            self.resolutions += 1;
+            key.resolved_seq = self.resolutions;
             alert.state = AlertState::Resolved;
             alert.resolved_ms = Some(now_ms);
             out.push(alert);
@@ -772,6 +836,123 @@ mod tests {
                 "vip-moved:floating-ip:firing@14",
                 "vip-moved:floating-ip:resolved@74",
             ],
+        );
+    }
+
+    /// Bursts of distinct subjects: `Fire` raises health-down for `<prefix>0..n`, `Resolve`
+    /// clears it, `Flap` does both for each subject in turn.
+    enum Burst {
+        Fire(&'static str, usize),
+        Resolve(&'static str, usize),
+        Flap(&'static str, usize),
+    }
+
+    /// What the engine holds after the bursts.
+    #[derive(Debug, PartialEq)]
+    struct Held {
+        subjects: usize,
+        firing: usize,
+        dropped: u64,
+    }
+
+    /// Runs the bursts (one observation per second); checks the counts, that every subject in
+    /// `kept` is still known and none in `forgotten` is.
+    fn check_cap(bursts: &[Burst], expected: Held, kept: &[&str], forgotten: &[&str]) {
+        let mut engine = Engine::new(rules());
+        let mut t = 0;
+        let mut health = |engine: &mut Engine, check: String, up: bool| {
+            t += 1000;
+            engine.observe(Observation::Health { check, up }, t);
+        };
+        for burst in bursts {
+            match *burst {
+                Burst::Fire(p, n) => {
+                    (0..n).for_each(|i| health(&mut engine, format!("{p}{i}"), false))
+                }
+                Burst::Resolve(p, n) => {
+                    (0..n).for_each(|i| health(&mut engine, format!("{p}{i}"), true))
+                }
+                Burst::Flap(p, n) => (0..n).for_each(|i| {
+                    health(&mut engine, format!("{p}{i}"), false);
+                    health(&mut engine, format!("{p}{i}"), true);
+                }),
+            }
+        }
+        let got = Held {
+            subjects: engine.subjects(),
+            firing: engine.firing().count(),
+            dropped: engine.dropped(),
+        };
+        assert_eq!(got, expected);
+        assert!(engine.keys.len() <= MAX_ALERT_KEYS);
+        let known = |s: &str| engine.keys.contains_key(&(Rule::HealthDown, s.to_string()));
+        for s in kept {
+            assert!(known(s), "{s} was forgotten");
+        }
+        for s in forgotten {
+            assert!(!known(s), "{s} is still held");
+        }
+    }
+
+    #[test]
+    fn distinct_subjects_are_capped_firing_kept_oldest_resolved_forgotten_first() {
+        use Burst::{Fire, Flap, Resolve};
+        let cap = MAX_ALERT_KEYS;
+        // 10 000 subjects that fire and resolve: memory stays at the cap, the newest kept.
+        check_cap(
+            &[Flap("s", 10_000)],
+            Held {
+                subjects: cap,
+                firing: 0,
+                dropped: 0,
+            },
+            &["s9999", &format!("s{}", 10_000 - cap)],
+            &["s0", &format!("s{}", 10_000 - cap - 1)],
+        );
+        // Every held subject firing: 10 000 new ones are refused and counted; none of the
+        // firing ones is forgotten.
+        check_cap(
+            &[Fire("f", cap), Fire("x", 10_000)],
+            Held {
+                subjects: cap,
+                firing: cap,
+                dropped: 10_000,
+            },
+            &["f0", &format!("f{}", cap - 1)],
+            &["x0", "x9999"],
+        );
+        // Firing and resolved mixed: new subjects replace the oldest resolved ones, in order.
+        check_cap(
+            &[Fire("f", 100), Flap("r", cap - 100), Fire("n", 10)],
+            Held {
+                subjects: cap,
+                firing: 110,
+                dropped: 0,
+            },
+            &["f0", "f99", "r10", &format!("r{}", cap - 101), "n0", "n9"],
+            &["r0", "r9"],
+        );
+        // The one resolved subject makes room for one new one; the next is dropped.
+        check_cap(
+            &[Fire("f", cap), Resolve("f", 1), Fire("x", 2)],
+            Held {
+                subjects: cap,
+                firing: cap,
+                dropped: 1,
+            },
+            &["f1", "x0"],
+            &["f0", "x1"],
+        );
+        // Below the cap nothing is forgotten.
+        check_cap(
+            &[Flap("s", 10), Fire("f", 10)],
+            Held {
+                subjects: 20,
+                firing: 10,
+                dropped: 0,
+            },
+            &["s0", "s9", "f0"],
+            &[],
         );
     }
 

@@ -65,6 +65,7 @@ pub struct Metrics {
     pub alerts_firing: BTreeMap<Rule, u64>,
     pub alerts_fired: BTreeMap<Rule, u64>,
     pub alerts_suppressed: u64,
+    pub alerts_dropped: u64,
     pub webhook_delivered: u64,
     pub webhook_failed_attempts: u64,
     pub webhook_given_up: u64,
@@ -261,6 +262,12 @@ impl Metrics {
             "counter",
             "Alerts not raised again within their cool-down.",
             &[(String::new(), num(self.alerts_suppressed))],
+        );
+        family(
+            "tandem_alerts_dropped_total",
+            "counter",
+            "Alerts not raised because the monitor already holds its maximum of alert subjects, all firing.",
+            &[(String::new(), num(self.alerts_dropped))],
         );
         let webhook = [
             ("delivered", self.webhook_delivered),

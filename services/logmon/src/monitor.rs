@@ -49,6 +49,9 @@ pub fn status_from(log: &str, text: &str) -> Option<parse::Status> {
         .then(|| parse::parse_status(text))
         .flatten()
 }
+/// Dropped alerts (too many subjects) are logged at most this often: the flood that causes
+/// them must not become a flood of log lines.
+pub const DROPPED_LOG_EVERY: Duration = Duration::from_secs(60);
 /// The cursor in `alerts.db` that remembers the last supervisor event read.
 const EVENTS_CURSOR: &str = "events";
 
@@ -126,6 +129,8 @@ struct Monitor {
     next_disk: Instant,
     next_cert: Instant,
     last_error: String,
+    /// Dropped alerts already logged, and when.
+    dropped_logged: (u64, Option<Instant>),
 }
 
 impl Monitor {
@@ -169,6 +174,7 @@ impl Monitor {
             next_disk: Instant::now(),
             next_cert: Instant::now(),
             last_error: String::new(),
+            dropped_logged: (0, None),
             engine,
             db,
             config,
@@ -414,6 +420,18 @@ impl Monitor {
         }
         self.metrics.alerts_firing = firing;
         self.metrics.alerts_suppressed = self.engine.suppressed();
+        let dropped = self.engine.dropped();
+        self.metrics.alerts_dropped = dropped;
+        let (logged, at) = self.dropped_logged;
+        if dropped > logged && at.is_none_or(|t| t.elapsed() >= DROPPED_LOG_EVERY) {
+            tracing::warn!(
+                dropped,
+                "{} alert subjects held, all firing: {} new alerts dropped",
+                crate::engine::MAX_ALERT_KEYS,
+                dropped - logged
+            );
+            self.dropped_logged = (dropped, Some(Instant::now()));
+        }
         if let Some(webhook) = &self.webhook {
             let s = webhook.stats();
             self.metrics.webhook_delivered = s.delivered.load(Ordering::Relaxed);
