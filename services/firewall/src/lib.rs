@@ -1,6 +1,6 @@
 //! The node's firewall. [`ruleset`] is a pure function of the cluster config: default-deny
-//! inbound, the web ports open to everyone, the admin port to the admin networks, MariaDB, VRRP
-//! and the backends' web port to cluster peers only. [`apply`] loads it with `nft -f` as one
+//! inbound, the balancer's ports (HTTP, HTTPS) open to everyone, the admin port to the admin
+//! networks, MariaDB, VRRP and nginx's backend port to cluster peers (and loopback) only. [`apply`] loads it with `nft -f` as one
 //! transaction, so a ruleset that `nft` rejects leaves the previous one in force.
 //!
 //! Only the `inet tandem` table is ours: it is deleted and recreated inside the same
@@ -83,12 +83,13 @@ pub fn ruleset(cluster: &Cluster, node: &Node) -> String {
         "        ip daddr {{ {}, {} }} tcp dport {{ {}, {} }} accept",
         node.address, cluster.floating_ip, ports.http, ports.https
     );
-    // Operators may also reach each backend's nginx directly, to tell a node from the balancer.
     let _ = writeln!(
         s,
-        "        ip saddr @admin_nets tcp dport {{ {}, {} }} accept",
-        ports.admin, ports.web
+        "        ip saddr @admin_nets tcp dport {} accept",
+        ports.admin
     );
+    // nginx is a backend of the balancers only (this node's reaches it over `lo`): a client
+    // holding idle sockets open on it could take a backend down.
     let _ = writeln!(
         s,
         "        ip saddr @peers tcp dport {{ {}, {}, {} }} accept",
@@ -202,6 +203,48 @@ mod tests {
         assert!(rules.contains("elements = { 10.88.0.11 }"), "{rules}");
         assert!(rules.contains("ip daddr { 10.88.0.12, 10.88.0.10 } tcp dport { 80, 443 } accept"));
         assert!(rules.contains("ip saddr @peers tcp dport { 3306, 8080, 9443 } accept"));
-        assert!(rules.contains("ip saddr @admin_nets tcp dport { 9443, 8080 } accept"));
+        assert!(rules.contains("ip saddr @admin_nets tcp dport 9443 accept"));
+    }
+
+    /// The accept rules of the input chain that name `port`.
+    fn rules_for_port(rules: &str, port: u16) -> Vec<String> {
+        let port = port.to_string();
+        rules
+            .lines()
+            .map(str::trim)
+            .filter(|l| l.contains("tcp dport") && l.ends_with("accept"))
+            .filter(|l| {
+                let ports = l.split("tcp dport").nth(1).unwrap_or("");
+                ports
+                    .split(|c: char| !c.is_ascii_digit())
+                    .any(|p| p == port)
+            })
+            .map(String::from)
+            .collect()
+    }
+
+    #[test]
+    fn nginx_backend_port_is_open_to_cluster_peers_only() {
+        let cluster = Cluster::default_cluster();
+        for node in &cluster.nodes {
+            let rules = ruleset(&cluster, node);
+            let web = rules_for_port(&rules, cluster.ports.web);
+            assert_eq!(
+                web,
+                [format!(
+                    "ip saddr @peers tcp dport {{ {}, {}, {} }} accept",
+                    cluster.ports.db, cluster.ports.web, cluster.ports.admin
+                )],
+                "{rules}"
+            );
+            // Loopback (the node's own balancer) is accepted before any port rule.
+            assert!(rules.contains("iif \"lo\" accept"));
+            // The balancer's public ports stay open to every client of the addresses it serves.
+            for port in [cluster.ports.http, cluster.ports.https] {
+                let public = rules_for_port(&rules, port);
+                assert_eq!(public.len(), 1, "{public:?}");
+                assert!(public[0].starts_with("ip daddr {"), "{public:?}");
+            }
+        }
     }
 }

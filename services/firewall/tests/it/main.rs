@@ -12,6 +12,8 @@ const NODE: &str = "10.88.0.11";
 const PEER: &str = "10.88.0.12";
 /// In the subnet, but neither a peer nor inside the admin networks (10.88.0.0/28).
 const OUTSIDE: &str = "10.88.0.200";
+/// An operator's machine: inside the admin networks, not a cluster node.
+const ADMIN: &str = "10.88.0.5";
 
 const CONFIG: &str = r#"
 [cluster]
@@ -62,7 +64,7 @@ fn ruleset_matches_snapshot() {
     }
 }
 
-/// Namespaces `<prefix>-{lan,node,peer,out}`, removed on drop.
+/// Namespaces `<prefix>-{lan,node,peer,out,admin}`, removed on drop.
 struct Lab {
     prefix: String,
     listener: Option<Child>,
@@ -102,9 +104,14 @@ impl Lab {
         ip(&["netns", "add", &lan]);
         ip(&["-n", &lan, "link", "add", "br0", "type", "bridge"]);
         ip(&["-n", &lan, "link", "set", "br0", "up"]);
-        for (i, (role, addr)) in [("node", NODE), ("peer", PEER), ("out", OUTSIDE)]
-            .into_iter()
-            .enumerate()
+        for (i, (role, addr)) in [
+            ("node", NODE),
+            ("peer", PEER),
+            ("out", OUTSIDE),
+            ("admin", ADMIN),
+        ]
+        .into_iter()
+        .enumerate()
         {
             let ns = lab.ns(role);
             let port = format!("v{i}");
@@ -200,7 +207,7 @@ impl Drop for Lab {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for role in ["node", "peer", "out", "lan"] {
+        for role in ["node", "peer", "out", "admin", "lan"] {
             let _ = Command::new("ip")
                 .args(["netns", "del", &self.ns(role)])
                 .status();
@@ -233,6 +240,19 @@ fn default_deny_with_peers_and_admin_nets_and_atomic_replacement() {
     }
     for port in [ports.db, ports.admin, ports.web] {
         assert!(!lab.reaches("out", port), "outside must not reach {port}");
+    }
+    // The admin network reaches the admin port and the balancer, but not nginx behind it.
+    for port in [ports.admin, ports.http, ports.https] {
+        assert!(
+            lab.reaches("admin", port),
+            "admin network should reach {port}"
+        );
+    }
+    for port in [ports.web, ports.db] {
+        assert!(
+            !lab.reaches("admin", port),
+            "admin network must not reach {port}"
+        );
     }
 
     // A ruleset nft rejects leaves the previous one working.
