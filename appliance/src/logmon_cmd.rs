@@ -38,10 +38,15 @@ pub struct Args {
     /// Serve metrics here [default: 127.0.0.1:9101, or the node's address when loopback].
     #[arg(long)]
     pub metrics_addr: Option<std::net::SocketAddr>,
-    /// The TLS certificate whose expiry is watched [default: tls.certificate, else
-    /// STATE_DIR/tls/self-signed.crt].
+    /// The balancer's state directory, where it keeps its self-signed certificate
+    /// [default: STATE_DIR/balancer].
     #[arg(long)]
-    pub cert: Option<PathBuf>,
+    pub balancer_state_dir: Option<PathBuf>,
+    /// A certificate chain whose leaf's expiry is watched; repeat for several (SNI). Replaces
+    /// the default: what the balancer serves, tls.certificate or else
+    /// BALANCER_STATE_DIR/tls/self-signed.crt.
+    #[arg(long)]
+    pub cert: Vec<PathBuf>,
     /// Tuning: how often logs and events are read.
     #[arg(long, value_name = "MS")]
     pub poll_ms: Option<u64>,
@@ -71,8 +76,12 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
     if let Some(addr) = args.metrics_addr {
         config.metrics_addr = Some(addr);
     }
-    if let Some(cert) = args.cert {
-        config.cert_file = cert;
+    if let Some(dir) = &args.balancer_state_dir {
+        config.cert_files =
+            logmon::cert::served_by_balancer(cluster.tls.certificate.as_deref(), dir);
+    }
+    if !args.cert.is_empty() {
+        config.cert_files = args.cert;
     }
     if let Some(ms) = args.poll_ms {
         config.poll = Duration::from_millis(ms.max(10));

@@ -1,7 +1,8 @@
 //! Validated domain types. Once a `Cluster` exists, its invariants hold (unique node names and
 //! addresses, exactly one primary, floating IP inside the subnet, no port clashes).
 
-use std::net::Ipv4Addr;
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -268,7 +269,7 @@ pub struct Vrrp {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Alerts {
     /// Optional webhook receiving alerts as JSON POSTs.
-    pub webhook: Option<String>,
+    pub webhook: Option<WebhookUrl>,
     pub error_ratio_5xx: f64,
     pub window: Duration,
     pub cooldown: Duration,
@@ -276,9 +277,215 @@ pub struct Alerts {
     pub cert_expiry_days: u32,
 }
 
+/// `alerts.webhook`: an `http://` or `https://` URL the log monitor can POST to. Its path and
+/// query often carry a token, so only [`WebhookUrl::origin`] is ever shown: `Debug` prints
+/// the origin alone, and parse errors never repeat the path.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WebhookUrl {
+    url: String,
+    tls: bool,
+    /// Without the brackets of an IPv6 literal.
+    host: String,
+    port: u16,
+}
+
+/// Schemes longer than this are not repeated in an error (the text may not be a URL at all).
+const MAX_SHOWN_SCHEME: usize = 16;
+
+impl WebhookUrl {
+    /// `http[s]://host[:port][/path][?query]` with a DNS name, IPv4 or `[IPv6]` host. Rejects
+    /// what the monitor could not send: other schemes, `user@` credentials, a `#fragment`
+    /// (never sent), and characters that must be percent-encoded (spaces, controls,
+    /// non-ASCII). The error says what is wrong without repeating the path or the query.
+    pub fn parse(url: &str) -> Result<WebhookUrl, String> {
+        const EXPECTED: &str = "expected an http:// or https:// URL";
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return Err(EXPECTED.to_string());
+        };
+        let tls = if scheme.eq_ignore_ascii_case("https") {
+            true
+        } else if scheme.eq_ignore_ascii_case("http") {
+            false
+        } else if scheme.len() <= MAX_SHOWN_SCHEME
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+        {
+            return Err(format!("{EXPECTED}, not {scheme}://"));
+        } else {
+            return Err(EXPECTED.to_string());
+        };
+        if !url.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(
+                "spaces, control and non-ASCII characters must be percent-encoded".to_string(),
+            );
+        }
+        if url.contains('#') {
+            return Err("a #fragment is never sent to the server: remove it".to_string());
+        }
+        let authority = rest.split(['/', '?']).next().unwrap_or_default();
+        if authority.contains('@') {
+            return Err(
+                "credentials (user@host) are not supported: put a token in the path or query"
+                    .to_string(),
+            );
+        }
+        let (host, port) = match authority.strip_prefix('[') {
+            Some(bracketed) => {
+                let (v6, after) = bracketed
+                    .split_once(']')
+                    .ok_or("an IPv6 address needs a closing `]`")?;
+                v6.parse::<Ipv6Addr>()
+                    .map_err(|_| format!("[{v6}] is not an IPv6 address"))?;
+                (v6, after)
+            }
+            None => {
+                let end = authority.find(':').unwrap_or(authority.len());
+                let host = &authority[..end];
+                if !host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+                {
+                    return Err(format!(
+                        "host {host:?}: expected a DNS name, an IPv4 address or an [IPv6] address"
+                    ));
+                }
+                (host, &authority[end..])
+            }
+        };
+        if host.is_empty() {
+            return Err("no host after the scheme".to_string());
+        }
+        let port = match port.strip_prefix(':') {
+            None if port.is_empty() => {
+                if tls {
+                    443
+                } else {
+                    80
+                }
+            }
+            // Digits only: `parse` would take `+80`, which HTTP clients refuse.
+            Some(p) => match p.parse::<u16>() {
+                Ok(n) if n > 0 && p.bytes().all(|b| b.is_ascii_digit()) => n,
+                _ => return Err(format!("port {p:?}: expected 1 to 65535")),
+            },
+            None => return Err(format!("unexpected {port:?} after the host")),
+        };
+        Ok(WebhookUrl {
+            url: url.to_string(),
+            tls,
+            host: host.to_string(),
+            port,
+        })
+    }
+
+    /// The whole URL, token included: for the HTTP client only, never for a log.
+    pub fn as_str(&self) -> &str {
+        &self.url
+    }
+
+    /// `https://` rather than `http://`.
+    pub fn is_https(&self) -> bool {
+        self.tls
+    }
+
+    /// The host, without the brackets of an IPv6 address.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The port, explicit or the scheme's default.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `scheme://host:port`: what may be logged or shown.
+    pub fn origin(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        if self.host.contains(':') {
+            format!("{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            format!("{scheme}://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl fmt::Debug for WebhookUrl {
+    /// The origin only: a `Cluster` printed with `{:?}` must not leak the token.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WebhookUrl({}/…)", self.origin())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn webhook_urls() {
+        // url -> Ok(origin) or Err(message)
+        let table: &[(&str, Result<&str, &str>)] = &[
+            ("http://10.0.0.1:8080/hook", Ok("http://10.0.0.1:8080")),
+            (
+                "https://alerts.example/t/SECRET?k=SECRET",
+                Ok("https://alerts.example:443"),
+            ),
+            ("HTTPS://h", Ok("https://h:443")),
+            ("http://alerts.example", Ok("http://alerts.example:80")),
+            ("http://h?x=1", Ok("http://h:80")),
+            ("http://[::1]:9000/a/b", Ok("http://[::1]:9000")),
+            ("https://[fd00::1]", Ok("https://[fd00::1]:443")),
+            (
+                "ftp://h/SECRET",
+                Err("expected an http:// or https:// URL, not ftp://"),
+            ),
+            (
+                "alerts.example/SECRET",
+                Err("expected an http:// or https:// URL"),
+            ),
+            ("http://", Err("no host after the scheme")),
+            ("http:///SECRET", Err("no host after the scheme")),
+            (
+                "http://h:99999/SECRET",
+                Err("port \"99999\": expected 1 to 65535"),
+            ),
+            ("http://h:0/", Err("port \"0\": expected 1 to 65535")),
+            ("http://h:/", Err("port \"\": expected 1 to 65535")),
+            ("http://h:+80/", Err("port \"+80\": expected 1 to 65535")),
+            (
+                "http://u:SECRET@h/",
+                Err("credentials (user@host) are not supported"),
+            ),
+            ("http://h/SECRET path", Err("must be percent-encoded")),
+            ("http://h/SECRÉT", Err("must be percent-encoded")),
+            ("http://h/SECRET#x", Err("a #fragment is never sent")),
+            ("http://[::1/SECRET", Err("needs a closing `]`")),
+            ("http://[::g]/SECRET", Err("[::g] is not an IPv6 address")),
+            (
+                "http://[::1]x/SECRET",
+                Err("unexpected \"x\" after the host"),
+            ),
+            (
+                "http://h%41/SECRET",
+                Err("host \"h%41\": expected a DNS name"),
+            ),
+        ];
+        for (url, expected) in table {
+            let got = WebhookUrl::parse(url).map(|u| u.origin());
+            match (expected, &got) {
+                (Ok(origin), Ok(got)) => assert_eq!(got, origin, "{url}"),
+                (Err(message), Err(got)) => {
+                    assert!(got.contains(message), "{url}: {got:?}");
+                    assert!(!got.contains("SECRET"), "{url}: {got:?} shows the path");
+                }
+                _ => panic!("{url}: got {got:?}, expected {expected:?}"),
+            }
+        }
+        let url = WebhookUrl::parse("https://h:8443/t/SECRET?k=SECRET").unwrap();
+        assert_eq!(format!("{url:?}"), "WebhookUrl(https://h:8443/…)");
+        assert_eq!((url.host(), url.port(), url.is_https()), ("h", 8443, true));
+        assert_eq!(url.as_str(), "https://h:8443/t/SECRET?k=SECRET");
+    }
 
     fn net(s: &str) -> Ipv4Net {
         s.parse().unwrap()
@@ -393,7 +600,7 @@ mod tests {
         );
         assert_eq!(c.db.max_lag, Duration::from_millis(5000));
         let a = &c.alerts;
-        assert_eq!((a.webhook.as_deref(), a.error_ratio_5xx), (None, 0.05));
+        assert_eq!((&a.webhook, a.error_ratio_5xx), (&None, 0.05));
         assert_eq!(
             (a.window, a.cooldown),
             (Duration::from_secs(60), Duration::from_secs(300))

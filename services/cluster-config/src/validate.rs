@@ -21,7 +21,7 @@ use toml::Spanned;
 
 use crate::model::{
     Alerts, Algorithm, App, Balancer, BalancerMode, Cluster, Db, DbRole, Firewall, HealthCheck,
-    Ipv4Net, Node, Ports, Tls, Vrrp,
+    Ipv4Net, Node, Ports, Tls, Vrrp, WebhookUrl,
 };
 use crate::wire;
 
@@ -747,15 +747,14 @@ impl Report<'_> {
     }
 
     fn alerts(&mut self, a: &wire::Alerts) -> Option<Alerts> {
-        let webhook = match &a.webhook {
-            Some(url) if !valid_webhook(url) => {
-                self.error(
-                    "alerts.webhook",
-                    format!("expected an http:// or https:// URL, got {url:?}"),
-                );
+        let webhook = match a.webhook.as_deref().map(WebhookUrl::parse) {
+            None => Some(None),
+            Some(Ok(url)) => Some(Some(url)),
+            // The message never repeats the URL: its path often carries a token.
+            Some(Err(message)) => {
+                self.error("alerts.webhook", message);
                 None
             }
-            webhook => Some(webhook.clone()),
         };
         let ratio = a.error_ratio_5xx;
         let ratio = if ratio > 0.0 && ratio <= 1.0 {
@@ -951,13 +950,6 @@ fn is_dns_label(s: &str) -> bool {
         && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
         && !s.starts_with('-')
         && !s.ends_with('-')
-}
-
-fn valid_webhook(url: &str) -> bool {
-    ["http://", "https://"].iter().any(|scheme| {
-        url.strip_prefix(scheme)
-            .is_some_and(|rest| !rest.is_empty() && !rest.contains(char::is_whitespace))
-    })
 }
 
 /// `subnet = 10.88.0.0/24` fails as a malformed float; say what is really wrong.

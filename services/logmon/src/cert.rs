@@ -1,16 +1,53 @@
-//! The expiry (`notAfter`) of an X.509 certificate, from PEM or DER, with a minimal DER walk:
+//! Certificate expiry: which certificate chains the balancer serves (the certificates a
+//! client sees), and the `notAfter` of a chain's leaf. PEM is read with ureq's parser (the
+//! rustls one, already in the binary); the leaf's DER is walked just far enough:
 //! Certificate → TBSCertificate → [version] serial signature issuer validity → notAfter.
+
+use std::path::{Path, PathBuf};
+
+use ureq::tls::PemItem;
 
 use crate::time;
 
-/// `notAfter` of the first certificate in `input` (PEM, or DER when no PEM block is found),
-/// in milliseconds since the Unix epoch.
+/// The balancer's state directory below the node's (`appliance::node` creates it) and its
+/// persisted self-signed certificate inside (`balancer::tls::self_signed_paths`). Repeated
+/// here because services never depend on each other; both belong in the shared `api` crate.
+pub const BALANCER_STATE_DIR: &str = "balancer";
+pub const BALANCER_SELF_SIGNED: &str = "tls/self-signed.crt";
+
+/// The chain files the balancer serves (pure): the cluster's `tls.certificate` when set (the
+/// default for every SNI name), else the self-signed one it generates once and keeps in its
+/// state directory.
+pub fn served_by_balancer(
+    tls_certificate: Option<&Path>,
+    balancer_state_dir: &Path,
+) -> Vec<PathBuf> {
+    match tls_certificate {
+        Some(path) => vec![path.to_path_buf()],
+        None => vec![balancer_state_dir.join(BALANCER_SELF_SIGNED)],
+    }
+}
+
+/// `notAfter` of the first certificate (the leaf of a chain file) in `input`, PEM or DER, in
+/// milliseconds since the Unix epoch.
 pub fn not_after_ms(input: &[u8]) -> Result<i64, String> {
-    let der = match pem_block(input, "CERTIFICATE") {
-        Some(b64) => base64_decode(&b64).ok_or("the PEM block is not valid base64")?,
-        None => input.to_vec(),
-    };
-    let (tag, cert, _) = tlv(&der).ok_or("not a DER certificate")?;
+    let leaf = ureq::tls::parse_pem(input).find_map(|item| match item {
+        Ok(PemItem::Certificate(c)) => Some(Ok(c)),
+        Ok(_) => None,
+        Err(e) => Some(Err(format!("bad PEM: {e}"))),
+    });
+    match leaf {
+        Some(cert) => der_not_after_ms(cert?.der()),
+        None if input.windows(11).any(|w| w == b"-----BEGIN ") => {
+            Err("no certificate in the PEM file".into())
+        }
+        None => der_not_after_ms(input),
+    }
+}
+
+/// `notAfter` of one DER certificate.
+fn der_not_after_ms(der: &[u8]) -> Result<i64, String> {
+    let (tag, cert, _) = tlv(der).ok_or("not a DER certificate")?;
     let (tag2, tbs, _) = tlv(cert)
         .filter(|_| tag == 0x30)
         .ok_or("not a DER certificate")?;
@@ -81,43 +118,6 @@ fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
 }
 
-fn pem_block(input: &[u8], label: &str) -> Option<String> {
-    let text = std::str::from_utf8(input).ok()?;
-    let begin = format!("-----BEGIN {label}-----");
-    let end = format!("-----END {label}-----");
-    let start = text.find(&begin)? + begin.len();
-    let stop = start + text[start..].find(&end)?;
-    Some(
-        text[start..stop]
-            .chars()
-            .filter(|c| !c.is_whitespace())
-            .collect(),
-    )
-}
-
-fn base64_decode(text: &str) -> Option<Vec<u8>> {
-    let value = |c: u8| match c {
-        b'A'..=b'Z' => Some(c - b'A'),
-        b'a'..=b'z' => Some(c - b'a' + 26),
-        b'0'..=b'9' => Some(c - b'0' + 52),
-        b'+' => Some(62),
-        b'/' => Some(63),
-        _ => None,
-    };
-    let bytes = text.trim_end_matches('=').as_bytes();
-    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
-    let (mut acc, mut bits) = (0u32, 0);
-    for &c in bytes {
-        acc = (acc << 6) | u32::from(value(c)?);
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    Some(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,10 +147,35 @@ mod tests {
     }
 
     #[test]
-    fn base64() {
-        assert_eq!(base64_decode("aGVsbG8gd29ybGQ=").unwrap(), b"hello world");
-        assert_eq!(base64_decode("YQ==").unwrap(), b"a");
-        assert!(base64_decode("a*b").is_none());
-        assert!(not_after_ms(b"junk").is_err());
+    fn served_chains() {
+        let state = Path::new("/data/tandem/balancer");
+        assert_eq!(
+            served_by_balancer(None, state),
+            [PathBuf::from("/data/tandem/balancer/tls/self-signed.crt")]
+        );
+        assert_eq!(
+            served_by_balancer(Some(Path::new("/data/tls/cert.pem")), state),
+            [PathBuf::from("/data/tls/cert.pem")]
+        );
+    }
+
+    #[test]
+    fn not_certificates() {
+        for (input, expected) in [
+            (&b"junk"[..], "not a DER certificate"),
+            (b"", "not a DER certificate"),
+            (
+                b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+                "no certificate",
+            ),
+            (
+                b"-----BEGIN CERTIFICATE-----\n*\n-----END CERTIFICATE-----\n",
+                "bad PEM",
+            ),
+            (b"\x30\x03\x30\x01\x00", "truncated TBSCertificate"),
+        ] {
+            let got = not_after_ms(input).unwrap_err();
+            assert!(got.contains(expected), "{input:?}: {got}");
+        }
     }
 }

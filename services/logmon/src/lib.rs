@@ -5,8 +5,9 @@
 //! - [`tail`]: follows those files across rotation; [`parse`] reads nginx access lines and the
 //!   structured status lines of Tandem's services.
 //! - [`engine`]: the alert rules (pure: observations and the time in, transitions out).
+//! - [`cert`]: which certificate chains the balancer serves and when their leaves expire.
 //! - [`alerts`]: the alert history in `<state>/alerts.db` and its query API;
-//!   [`webhook`]: the background JSON POST sender.
+//!   [`webhook`]: the background JSON POST sender (http or https, ureq with rustls).
 //! - [`metrics`]: the Prometheus text the monitor serves on `127.0.0.1:9101`.
 //! - [`monitor`]: `appliance logmon`, the loop that ties it together.
 //!

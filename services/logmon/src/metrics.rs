@@ -59,7 +59,8 @@ pub struct Metrics {
     pub log_lines: BTreeMap<String, u64>,
     pub unparsed_access_lines: u64,
     pub disk: Option<DiskMetrics>,
-    pub cert_not_after_ms: Option<i64>,
+    /// By certificate file.
+    pub cert_not_after_ms: BTreeMap<String, i64>,
     pub replication_running: Option<bool>,
     pub replication_lag_ms: Option<u64>,
     pub alerts_firing: BTreeMap<Rule, u64>,
@@ -202,12 +203,17 @@ impl Metrics {
                 &[(String::new(), num(disk.avail_bytes))],
             );
         }
-        if let Some(ms) = self.cert_not_after_ms {
+        if !self.cert_not_after_ms.is_empty() {
+            let certs: Vec<_> = self
+                .cert_not_after_ms
+                .iter()
+                .map(|(path, ms)| (label("path", path), (ms / 1000).to_string()))
+                .collect();
             family(
                 "tandem_tls_cert_not_after_seconds",
                 "gauge",
-                "Expiry of the node's TLS certificate, seconds since the Unix epoch.",
-                &[(String::new(), (ms / 1000).to_string())],
+                "Expiry of the leaf of each certificate chain the balancer serves, seconds since the Unix epoch.",
+                &certs,
             );
         }
         if let Some(running) = self.replication_running {

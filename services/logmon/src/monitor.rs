@@ -22,16 +22,14 @@ use crate::store::{self, SUPERVISOR_LOG};
 use crate::tail::Tailer;
 use crate::webhook::Webhook;
 use crate::{cert, time, Error};
+use cluster_config::WebhookUrl;
 
 /// How often the monitor looks for new lines and events.
 pub const POLL: Duration = Duration::from_secs(1);
 /// How often the data partition is measured.
 pub const DISK_EVERY: Duration = Duration::from_secs(10);
-/// How often the certificate is read.
+/// How often the certificates are read.
 pub const CERT_EVERY: Duration = Duration::from_secs(60);
-/// The balancer's self-signed certificate below the state directory (`balancer::tls`), used
-/// when `tls.certificate` is not set.
-pub const DEFAULT_CERT_FILE: &str = "tls/self-signed.crt";
 /// The database agent's status file, in the node's runtime directory.
 pub const DB_STATUS_FILE: &str = "db-status.json";
 /// The name of the monitor's own service (its log is not read back).
@@ -62,17 +60,22 @@ pub struct Config {
     pub node: String,
     pub state_dir: PathBuf,
     pub rules: Rules,
-    pub webhook: Option<String>,
+    pub webhook: Option<WebhookUrl>,
+    /// PEM certificates an https webhook's certificate must chain to, instead of Mozilla's
+    /// roots (a private CA; tests).
+    pub webhook_ca: Option<PathBuf>,
     /// `None`: no metrics server.
     pub metrics_addr: Option<SocketAddr>,
-    pub cert_file: PathBuf,
+    /// The certificate chains whose leaf's expiry is watched: those the balancer serves.
+    pub cert_files: Vec<PathBuf>,
     /// The database agent's status (`appliance db-agent`), read at every poll when present.
     pub db_status_file: PathBuf,
     pub poll: Duration,
 }
 
 impl Config {
-    /// The defaults for `node` of `cluster`, with state in `state_dir`.
+    /// The defaults for `node` of `cluster`, with state in `state_dir` (the balancer's in
+    /// [`cert::BALANCER_STATE_DIR`] below it, as the node plan lays it out).
     pub fn new(
         cluster: &cluster_config::Cluster,
         node: &cluster_config::Node,
@@ -84,12 +87,12 @@ impl Config {
             state_dir: state_dir.to_path_buf(),
             rules: Rules::from_cluster(cluster),
             webhook: cluster.alerts.webhook.clone(),
+            webhook_ca: None,
             metrics_addr: Some(metrics::default_addr(node.address)),
-            cert_file: cluster
-                .tls
-                .certificate
-                .clone()
-                .unwrap_or_else(|| state_dir.join(DEFAULT_CERT_FILE)),
+            cert_files: cert::served_by_balancer(
+                cluster.tls.certificate.as_deref(),
+                &state_dir.join(cert::BALANCER_STATE_DIR),
+            ),
             db_status_file: state_dir.join("run").join(DB_STATUS_FILE),
             poll: POLL,
         }
@@ -142,7 +145,7 @@ impl Monitor {
         engine.restore(&db.restorable(now.saturating_sub(cooldown_ms))?);
 
         let webhook = match &config.webhook {
-            Some(url) => match Webhook::spawn(url) {
+            Some(url) => match Webhook::spawn(url, config.webhook_ca.as_deref()) {
                 Ok(w) => Some(w),
                 Err(e) => {
                     tracing::error!("{e}; alerts are stored and logged only");
@@ -355,24 +358,28 @@ impl Monitor {
         }
         if instant >= self.next_cert {
             self.next_cert = instant + CERT_EVERY;
-            let path = &self.config.cert_file;
-            match std::fs::read(path) {
-                Ok(bytes) => match cert::not_after_ms(&bytes) {
-                    Ok(not_after_ms) => {
-                        self.metrics.cert_not_after_ms = Some(not_after_ms);
-                        let subject = path.display().to_string();
-                        transitions.extend(self.engine.observe(
-                            Observation::Cert {
-                                subject,
-                                not_after_ms,
-                            },
-                            now,
-                        ));
-                    }
+            for path in &self.config.cert_files {
+                match std::fs::read(path) {
+                    Ok(bytes) => match cert::not_after_ms(&bytes) {
+                        Ok(not_after_ms) => {
+                            let subject = path.display().to_string();
+                            self.metrics
+                                .cert_not_after_ms
+                                .insert(subject.clone(), not_after_ms);
+                            transitions.extend(self.engine.observe(
+                                Observation::Cert {
+                                    subject,
+                                    not_after_ms,
+                                },
+                                now,
+                            ));
+                        }
+                        Err(e) => tracing::warn!(path = %path.display(), "certificate: {e}"),
+                    },
+                    // The balancer makes its self-signed certificate when it first starts.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                     Err(e) => tracing::warn!(path = %path.display(), "certificate: {e}"),
-                },
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => tracing::warn!(path = %path.display(), "certificate: {e}"),
+                }
             }
         }
 

@@ -1,17 +1,21 @@
 //! Sends alerts as JSON POSTs to the optional webhook: a background thread behind a bounded
-//! queue, retrying with exponential backoff, so the monitor never waits for the receiver.
+//! queue, retrying with exponential backoff a bounded number of times, so the monitor never
+//! waits for the receiver, and a dead receiver costs at most a full queue.
 //!
-//! Plain `http://` only, with std's `TcpStream` (HTTP/1.1, `Connection: close`). An `https://`
-//! webhook is refused at start (alerts are still stored and logged) until a TLS client is
-//! brought in.
+//! `http://` or `https://` with ureq (rustls with the ring provider; Mozilla's roots, or the
+//! certificates of a private CA). The URL is validated by `cluster-config`
+//! ([`WebhookUrl`]). Logs name the webhook by its origin (`scheme://host:port`) only: the path
+//! and the query often carry a token.
 
-use std::io::{self, BufRead, BufReader, Write as _};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
+
+use cluster_config::WebhookUrl;
+use ureq::tls::{PemItem, RootCerts, TlsConfig};
 
 use crate::Error;
 
@@ -22,67 +26,9 @@ pub const INITIAL_RETRY_DELAY: Duration = Duration::from_millis(500);
 pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
 /// Attempts per alert before it is given up (about 2 minutes of retries).
 pub const MAX_ATTEMPTS: u32 = 8;
-/// Connect, write and read timeout of one attempt.
+/// The whole of one attempt: resolve, connect, TLS, send, the answer's head.
 pub const TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Where to POST: host, port and path of an `http://` URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Url {
-    pub host: String,
-    pub port: u16,
-    pub path: String,
-}
-
-/// Parses `http://host[:port][/path]`.
-pub fn parse_url(url: &str) -> Result<Url, String> {
-    if url.starts_with("https://") {
-        return Err(format!(
-            "{url}: https webhooks are not supported yet (use http://)"
-        ));
-    }
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("{url}: not an http:// URL"))?;
-    let (authority, path) = match rest.find(['/', '?']) {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let path = if path.starts_with('?') {
-        format!("/{path}")
-    } else {
-        path.to_string()
-    };
-    if authority.contains('@') {
-        return Err(format!("{url}: credentials in the URL are not supported"));
-    }
-    let port = |p: &str| {
-        p.parse::<u16>()
-            .map_err(|_| format!("{url}: bad port {p:?}"))
-    };
-    let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
-        let (h, after) = bracketed
-            .split_once(']')
-            .ok_or_else(|| format!("{url}: unclosed `[`"))?;
-        match after.strip_prefix(':') {
-            Some(p) => (h, port(p)?),
-            None if after.is_empty() => (h, 80),
-            None => return Err(format!("{url}: junk after the address")),
-        }
-    } else {
-        match authority.split_once(':') {
-            Some((h, p)) => (h, port(p)?),
-            None => (authority, 80),
-        }
-    };
-    if host.is_empty() || path.contains(char::is_whitespace) {
-        return Err(format!("{url}: no host, or spaces in the path"));
-    }
-    Ok(Url {
-        host: host.to_string(),
-        port,
-        path,
-    })
-}
+pub const USER_AGENT: &str = "tandem-logmon";
 
 /// The wait after failed attempt number `attempt` (1-based).
 pub fn retry_delay(attempt: u32) -> Duration {
@@ -90,6 +36,23 @@ pub fn retry_delay(attempt: u32) -> Duration {
     INITIAL_RETRY_DELAY
         .saturating_mul(factor)
         .min(MAX_RETRY_DELAY)
+}
+
+/// `message` with the webhook's path and query replaced by `/…` (an HTTP client's error may
+/// quote the URL it was given).
+pub fn redact(message: &str, url: &WebhookUrl) -> String {
+    let full = url.as_str();
+    // The path and query: everything after the authority.
+    let after_scheme = full.split_once("://").map_or(full, |(_, rest)| rest);
+    let secret = after_scheme
+        .find(['/', '?'])
+        .map_or("", |i| &after_scheme[i..]);
+    let message = message.replace(full, &format!("{}/…", url.origin()));
+    if secret.len() > 1 {
+        message.replace(secret, "/…")
+    } else {
+        message
+    }
 }
 
 /// Counters of the sender, for the metrics.
@@ -107,24 +70,49 @@ pub struct Stats {
 pub struct Webhook {
     tx: SyncSender<Vec<u8>>,
     stats: Arc<Stats>,
+    origin: String,
 }
 
 impl Webhook {
-    /// Starts the sender thread for `url`.
-    pub fn spawn(url: &str) -> Result<Webhook, Error> {
-        let target = parse_url(url).map_err(Error::Webhook)?;
+    /// Starts the sender thread for `url`. An https server's certificate must chain to
+    /// Mozilla's roots, or to a certificate in `ca_file` (PEM) when given.
+    pub fn spawn(url: &WebhookUrl, ca_file: Option<&Path>) -> Result<Webhook, Error> {
+        let roots = match ca_file {
+            None => RootCerts::WebPki,
+            Some(path) => RootCerts::new_with_certs(&read_certificates(path)?),
+        };
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .tls_config(TlsConfig::builder().root_certs(roots).build())
+            .timeout_global(Some(TIMEOUT))
+            .http_status_as_error(false)
+            // A redirect would turn the POST into a GET elsewhere: a misconfiguration to see.
+            .max_redirects(0)
+            // The environment's proxy is for people; alerts go where the cluster says.
+            .proxy(None)
+            .user_agent(USER_AGENT)
+            .build()
+            .into();
         let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(QUEUE_LEN);
         let stats = Arc::new(Stats::default());
         let thread_stats = stats.clone();
+        let target = url.clone();
+        // The thread logs to the caller's subscriber (a test's, or the global one).
+        let dispatch = tracing::dispatcher::get_default(Clone::clone);
         thread::Builder::new()
             .name("webhook".into())
             .spawn(move || {
-                for body in rx {
-                    deliver(&target, &body, &thread_stats);
-                }
+                tracing::dispatcher::with_default(&dispatch, || {
+                    for body in rx {
+                        deliver(&agent, &target, &body, &thread_stats);
+                    }
+                });
             })
             .map_err(|e| Error::Webhook(format!("starting the webhook thread: {e}")))?;
-        Ok(Webhook { tx, stats })
+        Ok(Webhook {
+            tx,
+            stats,
+            origin: url.origin(),
+        })
     }
 
     /// Queues one JSON body; never blocks.
@@ -133,7 +121,7 @@ impl Webhook {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 self.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!("webhook queue full: alert dropped");
+                tracing::warn!(webhook = %self.origin, "webhook queue full: alert dropped");
             }
         }
     }
@@ -143,26 +131,50 @@ impl Webhook {
     }
 }
 
-fn deliver(target: &Url, body: &[u8], stats: &Stats) {
+fn read_certificates(path: &Path) -> Result<Vec<ureq::tls::Certificate<'static>>, Error> {
+    let io = |source| Error::Io {
+        path: PathBuf::from(path),
+        source,
+    };
+    let pem = std::fs::read(path).map_err(io)?;
+    let certs: Vec<_> = ureq::tls::parse_pem(&pem)
+        .filter_map(|item| match item {
+            Ok(PemItem::Certificate(c)) => Some(c),
+            _ => None,
+        })
+        .collect();
+    if certs.is_empty() {
+        return Err(Error::Webhook(format!(
+            "{}: no PEM certificate in it",
+            path.display()
+        )));
+    }
+    Ok(certs)
+}
+
+fn deliver(agent: &ureq::Agent, url: &WebhookUrl, body: &[u8], stats: &Stats) {
+    let origin = url.origin();
     for attempt in 1..=MAX_ATTEMPTS {
-        match post(target, body) {
-            Ok(status) if (200..300).contains(&status) => {
+        let result = agent
+            .post(url.as_str())
+            .header("content-type", "application/json")
+            .send(body);
+        match result {
+            Ok(response) if response.status().is_success() => {
                 stats.delivered.fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            Ok(status) => tracing::warn!(
+            Ok(response) => tracing::warn!(
                 attempt,
-                "webhook {}:{}{} answered {status}",
-                target.host,
-                target.port,
-                target.path
+                webhook = %origin,
+                "webhook answered {}",
+                response.status()
             ),
             Err(e) => tracing::warn!(
                 attempt,
-                "webhook {}:{}{}: {e}",
-                target.host,
-                target.port,
-                target.path
+                webhook = %origin,
+                "webhook: {}",
+                redact(&e.to_string(), url)
             ),
         }
         stats.failed_attempts.fetch_add(1, Ordering::Relaxed);
@@ -171,78 +183,12 @@ fn deliver(target: &Url, body: &[u8], stats: &Stats) {
         }
     }
     stats.given_up.fetch_add(1, Ordering::Relaxed);
-    tracing::error!("webhook: alert given up after {MAX_ATTEMPTS} attempts");
-}
-
-/// One POST; returns the status code.
-fn post(target: &Url, body: &[u8]) -> io::Result<u16> {
-    let addr = (target.host.as_str(), target.port)
-        .to_socket_addrs()?
-        .next()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "host has no address"))?;
-    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
-    stream.set_read_timeout(Some(TIMEOUT))?;
-    stream.set_write_timeout(Some(TIMEOUT))?;
-    let host = if target.host.contains(':') {
-        format!("[{}]", target.host)
-    } else {
-        target.host.clone()
-    };
-    let head = format!(
-        "POST {} HTTP/1.1\r\nHost: {host}:{}\r\nUser-Agent: tandem-logmon\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        target.path,
-        target.port,
-        body.len()
-    );
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body)?;
-    let mut status_line = String::new();
-    BufReader::new(stream).read_line(&mut status_line)?;
-    status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .filter(|_| status_line.starts_with("HTTP/"))
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("bad status line {status_line:?}"),
-            )
-        })
+    tracing::error!(webhook = %origin, "webhook: alert given up after {MAX_ATTEMPTS} attempts");
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn urls() {
-        let ok = |url: &str, host: &str, port: u16, path: &str| {
-            assert_eq!(
-                parse_url(url),
-                Ok(Url {
-                    host: host.into(),
-                    port,
-                    path: path.into()
-                }),
-                "{url}"
-            );
-        };
-        ok("http://10.0.0.1:8080/hook", "10.0.0.1", 8080, "/hook");
-        ok("http://alerts.example", "alerts.example", 80, "/");
-        ok("http://h?x=1", "h", 80, "/?x=1");
-        ok("http://[::1]:9000/a/b", "::1", 9000, "/a/b");
-        ok("http://[::1]", "::1", 80, "/");
-        for bad in [
-            "https://h/x",
-            "ftp://h",
-            "http://",
-            "http://h:99999/",
-            "http://u:p@h/",
-        ] {
-            assert!(parse_url(bad).is_err(), "{bad}");
-        }
-    }
 
     #[test]
     fn backoff_doubles_up_to_the_cap() {
@@ -251,5 +197,33 @@ mod tests {
             delays,
             [500, 1000, 2000, 4000, 8000, 16_000, 30_000, 30_000, 30_000]
         );
+    }
+
+    #[test]
+    fn redaction_leaves_the_origin_only() {
+        let url = |u: &str| WebhookUrl::parse(u).unwrap();
+        // (url, message, redacted)
+        let table = [
+            (
+                "https://h:8443/hooks/T0KEN?key=T0KEN",
+                "bad uri: https://h:8443/hooks/T0KEN?key=T0KEN",
+                "bad uri: https://h:8443/…",
+            ),
+            (
+                "http://h/hooks/T0KEN",
+                "redirect to /hooks/T0KEN/x",
+                "redirect to /…/x",
+            ),
+            (
+                "http://h?key=T0KEN",
+                "GET ?key=T0KEN failed",
+                "GET /… failed",
+            ),
+            ("http://h/", "connection refused /", "connection refused /"),
+            ("http://h", "io: timeout", "io: timeout"),
+        ];
+        for (u, message, expected) in table {
+            assert_eq!(redact(message, &url(u)), expected, "{u}");
+        }
     }
 }

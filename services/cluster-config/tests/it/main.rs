@@ -273,7 +273,7 @@ fn optional_settings_reach_the_domain_types() {
         Some(&["/usr/bin/shop".to_owned(), "--port".into(), "8000".into()][..])
     );
     assert_eq!(
-        c.alerts.webhook.as_deref(),
+        c.alerts.webhook.as_ref().map(|u| u.as_str()),
         Some("https://alerts.example.test/hook")
     );
     assert_eq!(

@@ -1,51 +1,186 @@
-//! The log monitor's parts with real files, sockets, `openssl` and `promtool`.
+//! The log monitor's parts with real files, sockets, TLS, `openssl` and `promtool`.
 
 mod monitor;
 mod store;
+mod webhook;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
 use std::process::{Command, Stdio};
 use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject as _;
+
+/// What the receiver got: the request target and the JSON body.
+pub type Received = (String, serde_json::Value);
 
 /// A tiny HTTP receiver on 127.0.0.1: answers the first `fail_first` requests with 503 and
-/// the rest with 200; every body it answered 200 to arrives on the channel.
+/// the rest with 200; every request it answered 200 to arrives on the channel.
 pub fn webhook_receiver(fail_first: usize) -> (SocketAddr, Receiver<serde_json::Value>) {
+    let (addr, rx) = receiver(fail_first, None);
+    let (tx, bodies) = mpsc::channel();
+    thread::spawn(move || {
+        for (_, body) in rx {
+            let _ = tx.send(body);
+        }
+    });
+    (addr, bodies)
+}
+
+/// The same over TLS with `config` (plain HTTP when `None`). Connections that fail (a client
+/// refusing the certificate) are skipped and do not count.
+pub fn receiver(
+    fail_first: usize,
+    config: Option<Arc<rustls::ServerConfig>>,
+) -> (SocketAddr, Receiver<Received>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = mpsc::channel();
     thread::spawn(move || {
-        for (n, stream) in listener.incoming().enumerate() {
-            let Ok(mut stream) = stream else { continue };
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut length = 0;
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                    break;
+        let mut answered = 0;
+        for stream in listener.incoming() {
+            let Ok(tcp) = stream else { continue };
+            let _ = tcp.set_read_timeout(Some(Duration::from_secs(10)));
+            let ok = answered >= fail_first;
+            let got = match &config {
+                None => answer(tcp, ok),
+                Some(config) => {
+                    let Ok(conn) = rustls::ServerConnection::new(config.clone()) else {
+                        continue;
+                    };
+                    answer(rustls::StreamOwned::new(conn, tcp), ok)
                 }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    length = v.trim().parse().unwrap();
-                }
-            }
-            let mut body = vec![0; length];
-            reader.read_exact(&mut body).unwrap();
-            let status = if n < fail_first {
-                "503 Service Unavailable"
-            } else {
-                "200 OK"
             };
-            let _ = write!(
-                stream,
-                "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-            );
-            if n >= fail_first {
-                let _ = tx.send(serde_json::from_slice(&body).unwrap());
+            let Some(got) = got else { continue };
+            answered += 1;
+            if ok {
+                let _ = tx.send(got);
             }
         }
     });
     (addr, rx)
+}
+
+/// Reads one request, answers 200 (`ok`) or 503; `None` when the exchange failed.
+fn answer(stream: impl Read + Write, ok: bool) -> Option<Received> {
+    let mut reader = BufReader::new(stream);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line).ok()?;
+    let target = request_line.split_whitespace().nth(1)?.to_string();
+    let mut length = 0;
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).ok()? == 0 || line == "\r\n" {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().ok()?;
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).ok()?;
+    let status = if ok {
+        "200 OK"
+    } else {
+        "503 Service Unavailable"
+    };
+    let stream = reader.get_mut();
+    write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    stream.flush().ok()?;
+    Some((target, serde_json::from_slice(&body).ok()?))
+}
+
+/// A private CA for the tests: its certificate (PEM) and what signs with it.
+pub struct TestCa {
+    pub pem: String,
+    issuer: rcgen::Certificate,
+    key: rcgen::KeyPair,
+}
+
+impl TestCa {
+    pub fn generate() -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "Tandem test CA");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let issuer = params.self_signed(&key).unwrap();
+        TestCa {
+            pem: issuer.pem(),
+            issuer,
+            key,
+        }
+    }
+
+    /// A leaf for `names` (DNS names or IP addresses) expiring at midnight (UTC) `days` from
+    /// now (rcgen's far-future default when `None`): (certificate PEM, key).
+    pub fn leaf(&self, names: &[&str], days: Option<i64>) -> (String, rcgen::KeyPair) {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
+        if let Some(days) = days {
+            let day = logmon::time::now_ms().div_euclid(86_400_000) + days;
+            let (y, m, d) = logmon::time::civil_from_days(day);
+            params.not_after = rcgen::date_time_ymd(y as i32, m as u8, d as u8);
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer, &self.key).unwrap();
+        (cert.pem(), key)
+    }
+
+    /// A TLS server config presenting a leaf for 127.0.0.1 signed by this CA.
+    pub fn server_config(&self) -> Arc<rustls::ServerConfig> {
+        let (pem, key) = self.leaf(&["127.0.0.1"], None);
+        let chain =
+            vec![rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()];
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+        Arc::new(config)
+    }
+}
+
+/// Log lines written while it is the default subscriber (also in threads that inherit it).
+#[derive(Clone, Default)]
+pub struct CapturedLogs(Arc<Mutex<Vec<u8>>>);
+
+impl CapturedLogs {
+    pub fn subscriber(&self) -> impl tracing::Subscriber + Send + Sync {
+        let logs = self.clone();
+        tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || logs.clone())
+            .finish()
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl Write for CapturedLogs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Runs `promtool check metrics` on `text`; fails the test with promtool's complaints.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use logmon::store::{Entry, Limits, LogStore, LOG_DIR};
 use logmon::{alerts, metrics, AlertState, Config};
 
-use crate::{promtool_check, webhook_receiver};
+use crate::{promtool_check, webhook_receiver, TestCa};
 
 fn free_port() -> SocketAddr {
     TcpListener::bind("127.0.0.1:0")
@@ -60,7 +60,8 @@ fn monitor_counts_requests_raises_alerts_and_serves_valid_metrics() {
     let (hook, received) = webhook_receiver(1);
     let cluster = cluster_config::Cluster::default_cluster();
     let mut config = Config::new(&cluster, cluster.node("server1").unwrap(), state);
-    config.webhook = Some(format!("http://{hook}/alerts"));
+    config.webhook =
+        Some(cluster_config::WebhookUrl::parse(&format!("http://{hook}/alerts")).unwrap());
     let addr = free_port();
     config.metrics_addr = Some(addr);
     config.poll = Duration::from_millis(100);
@@ -173,6 +174,55 @@ fn monitor_counts_requests_raises_alerts_and_serves_valid_metrics() {
         "{rules:?}"
     );
 
+    shutdown.store(true, Ordering::SeqCst);
+    monitor.join().unwrap().unwrap();
+}
+
+#[test]
+fn cert_expiry_watches_the_certificate_the_balancer_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path();
+    let _db = state_db(state);
+    let ca = TestCa::generate();
+    // The balancer's persisted self-signed fallback (its state directory is `balancer/`
+    // below the node's) expires in 3 days; a certificate elsewhere in the state directory
+    // (where the monitor used to look) is fine for years.
+    let served = state.join("balancer/tls/self-signed.crt");
+    let elsewhere = state.join("tls/self-signed.crt");
+    for (path, days) in [(&served, Some(3)), (&elsewhere, None)] {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, ca.leaf(&["tandem.test"], days).0).unwrap();
+    }
+    let cluster = cluster_config::Cluster::default_cluster();
+    let mut config = Config::new(&cluster, cluster.node("server1").unwrap(), state);
+    let addr = free_port();
+    config.metrics_addr = Some(addr);
+    config.poll = Duration::from_millis(100);
+
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let flag = shutdown.clone();
+    let monitor = std::thread::spawn(move || logmon::run(config, &flag));
+    let db = alerts::db_path(state);
+    let firing = wait_for("a cert-expiry alert", Duration::from_secs(10), || {
+        let firing = alerts::firing(&db).ok()?;
+        firing
+            .iter()
+            .any(|a| a.rule == "cert-expiry")
+            .then_some(firing)
+    });
+    let certs: Vec<(&str, &str)> = firing
+        .iter()
+        .filter(|a| a.rule == "cert-expiry")
+        .map(|a| (a.subject.as_str(), a.message.as_str()))
+        .collect();
+    let subject = served.display().to_string();
+    assert_eq!(certs.len(), 1, "{certs:?}");
+    assert_eq!(certs[0].0, subject);
+    assert!(certs[0].1.contains("expires in 2 days"), "{certs:?}");
+    let text = metrics::fetch(addr).unwrap();
+    let gauge = format!("tandem_tls_cert_not_after_seconds{{path=\"{subject}\"}} ");
+    assert!(text.contains(&gauge), "{gauge:?} missing in\n{text}");
+    promtool_check(&text);
     shutdown.store(true, Ordering::SeqCst);
     monitor.join().unwrap().unwrap();
 }
