@@ -475,6 +475,19 @@ pub fn prepare(
         ("TANDEM_APP_ADDR", app_addr.to_string()),
         ("TANDEM_APP_PORT", cluster.ports.app.to_string()),
         ("TANDEM_APP_RUN_DIR", app_run.display().to_string()),
+        // Balancers run on every node and may hold the floating IP: their forwarded-for
+        // entries are believed when the application finds a client's address.
+        (
+            "TANDEM_APP_TRUSTED_PROXIES",
+            cluster
+                .nodes
+                .iter()
+                .map(|n| n.address)
+                .chain([cluster.floating_ip])
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
         ("TANDEM_DB_SOCKET", db_paths.socket().display().to_string()),
         ("TANDEM_DB_HOST", node.address.to_string()),
         ("TANDEM_DB_PORT", cluster.ports.db.to_string()),

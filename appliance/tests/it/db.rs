@@ -247,6 +247,41 @@ impl Node {
             .unwrap_or_default()
     }
 
+    /// Runs `sql` as MariaDB's root over the node's Unix socket (the test runs as root); the
+    /// client's batch output.
+    fn sql_root(&self, database: &str, sql: &str) -> String {
+        let socket = self.state.join("run/mysqld/mysqld.sock");
+        let mut child = Command::new("mariadb")
+            .args([
+                "--no-defaults",
+                "--protocol=SOCKET",
+                "--user=root",
+                "--batch",
+            ])
+            .arg(format!("--socket={}", socket.display()))
+            .arg(database)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run mariadb");
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(sql.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {sql}: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     fn switchover(&self, to: &str) -> (bool, String) {
         let out = Command::new(APPLIANCE)
             .args(["db", "switchover", "--to", to, "--state-dir"])
@@ -268,6 +303,70 @@ impl Drop for Node {
             crate::support::stop(&mut child);
         }
     }
+}
+
+/// An HTTP answer as `curl` saw it.
+#[derive(Debug)]
+struct Answer {
+    status: u16,
+    /// Lower-case names.
+    headers: Vec<(String, String)>,
+    body: String,
+}
+
+impl Answer {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::String(self.body.clone()))
+    }
+}
+
+/// `curl` from the local address `from` (a client of its own, as the rate limit sees it).
+fn curl(from: &str, args: &[&str], url: &str) -> Answer {
+    let out = Command::new("curl")
+        .args(["-s", "-D", "-", "--max-time", "20", "--interface", from])
+        .args(args)
+        .arg(url)
+        .output()
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Answer {
+        status,
+        headers,
+        body: body.to_string(),
+    }
+}
+
+/// POST a JSON note from `from` through `node`'s nginx.
+fn post_from(node: &Node, from: &str, body: &str) -> Answer {
+    let payload = serde_json::json!({ "body": body }).to_string();
+    curl(
+        from,
+        &[
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            &payload,
+        ],
+        &node.url("/notes"),
+    )
 }
 
 fn signal(pid: i32, sig: nix::sys::signal::Signal) {
@@ -636,4 +735,129 @@ fn wrong_credentials_fail_the_health_check_without_crashing() {
     let (code, answer) = s1.post("refused");
     assert_eq!(code, 503, "{answer}");
     assert!(s2.notes().is_empty());
+}
+
+#[test]
+fn the_note_list_is_paged_and_writes_are_capped_and_rate_limited() {
+    use app::{limit, store};
+    let tmp = tmp_root();
+    let config = cluster_config(tmp.path(), 41, 42);
+    let s2 = Node::new("server2", "127.0.0.42", tmp.path(), &config, None);
+    s2.wait_ready("nginx", Duration::from_secs(120));
+    s2.wait_healthy("primary", Duration::from_secs(30));
+    // Each part of the test is a client of its own (the rate limit is per client address).
+    let (sizes, burst, other) = ("127.0.0.201", "127.0.0.202", "127.0.0.203");
+    let first = post_from(&s2, sizes, "first");
+    assert_eq!(first.status, 201, "{first:?}\n{}", s2.log());
+
+    // 300 notes of 4000 bytes (twice today's limit: what the old limit let a cluster store).
+    s2.sql_root(
+        "app",
+        "INSERT INTO notes (node, body) SELECT 'seed', CONCAT('seed-', LPAD(seq, 3, '0'), '-', REPEAT('n', 3991)) FROM seq_1_to_300;\n",
+    );
+    let at = Instant::now();
+    let page = curl(sizes, &[], &s2.url("/notes.json"));
+    eprintln!("JSON page of 301 notes answered in {:?}", at.elapsed());
+    assert_eq!(page.status, 200, "{}\n{}", page.body, s2.log());
+    let v = page.json();
+    let notes = v["notes"].as_array().unwrap();
+    assert_eq!(notes.len(), store::PAGE_SIZE);
+    assert_eq!(notes[0]["body"].as_str().unwrap().len(), 4000);
+    assert!(notes[0]["body"].as_str().unwrap().starts_with("seed-300-"));
+    let older = v["older"].as_str().expect("a link to older notes");
+    let next = curl(sizes, &[], &s2.url(older)).json();
+    let next_notes = next["notes"].as_array().unwrap();
+    assert_eq!(next_notes.len(), store::PAGE_SIZE);
+    assert!(next_notes[0]["body"]
+        .as_str()
+        .unwrap()
+        .starts_with("seed-250-"));
+    let at = Instant::now();
+    let html = curl(sizes, &[], &s2.url("/"));
+    eprintln!("HTML page of 301 notes answered in {:?}", at.elapsed());
+    assert_eq!(html.status, 200, "{}", html.body);
+    assert_eq!(html.body.matches("<li>").count(), store::PAGE_SIZE);
+    assert!(html.body.contains("Older notes"), "{}", html.body);
+    let last = curl(sizes, &[], &s2.url("/?before=2"));
+    assert!(
+        last.status == 200 && last.body.contains(">first<") && !last.body.contains("Older notes"),
+        "{}",
+        last.body
+    );
+    assert_eq!(curl(sizes, &[], &s2.url("/?before=x")).status, 400);
+
+    // A note of the largest size is taken; one byte more is refused with the limit named.
+    let largest = post_from(&s2, sizes, &"l".repeat(store::MAX_NOTE_BYTES));
+    assert_eq!(largest.status, 201, "{}", largest.body);
+    let oversize = post_from(&s2, sizes, &"o".repeat(store::MAX_NOTE_BYTES + 1));
+    assert_eq!(oversize.status, 413, "{}", oversize.body);
+    assert!(
+        oversize.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("at most 2000 bytes")),
+        "{}",
+        oversize.body
+    );
+
+    // A burst from one client: refused with 429 and Retry-After once its bucket is empty;
+    // another client still writes.
+    let mut codes = Vec::new();
+    let mut refused = None;
+    for i in 0..limit::WRITE_BURST + 10 {
+        let a = post_from(&s2, burst, &format!("burst-{i}"));
+        codes.push(a.status);
+        if a.status == 429 && refused.is_none() {
+            refused = Some(a);
+        }
+    }
+    let accepted = codes.iter().filter(|c| **c == 201).count();
+    assert!(
+        codes.iter().all(|c| *c == 201 || *c == 429)
+            && accepted >= limit::WRITE_BURST as usize
+            && accepted < codes.len(),
+        "{codes:?}"
+    );
+    let refused = refused.unwrap();
+    let retry: u64 = refused
+        .header("retry-after")
+        .and_then(|r| r.parse().ok())
+        .expect("Retry-After");
+    assert!(retry >= 1, "{refused:?}");
+    assert!(
+        refused.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("too many writes from 127.0.0.202")),
+        "{}",
+        refused.body
+    );
+    let a = post_from(&s2, other, "another client");
+    assert_eq!(a.status, 201, "{}", a.body);
+
+    // The table full: a clear refusal, nothing deleted to make room.
+    let count = |node: &Node| -> u64 {
+        node.sql_root("app", "SELECT COUNT(*) AS n FROM notes;\n")
+            .lines()
+            .nth(1)
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap()
+    };
+    let missing = store::MAX_NOTES - count(&s2);
+    s2.sql_root(
+        "app",
+        &format!(
+            "INSERT INTO notes (node, body) SELECT 'seed', 'filler' FROM seq_1_to_{missing};\n"
+        ),
+    );
+    let full = post_from(&s2, other, "one too many");
+    assert_eq!(full.status, 507, "{}", full.body);
+    assert!(
+        full.json()["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("the notes are full")),
+        "{}",
+        full.body
+    );
+    assert_eq!(count(&s2), store::MAX_NOTES);
+    let page = curl(other, &[], &s2.url("/notes.json"));
+    assert_eq!(page.status, 200, "{}", page.body);
 }

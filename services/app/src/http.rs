@@ -14,6 +14,8 @@ pub struct Request {
     pub method: String,
     /// The path without the query string.
     pub path: String,
+    /// The query string (after `?`), empty when there is none.
+    pub query: String,
     /// Lower-case names.
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
@@ -25,6 +27,14 @@ impl Request {
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.as_str())
+    }
+
+    /// The decoded value of query parameter `name`, if present.
+    pub fn query_param(&self, name: &str) -> Option<String> {
+        parse_form(&self.query)
+            .into_iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v)
     }
 
     /// Whether the client asked for JSON rather than a page.
@@ -62,8 +72,15 @@ impl ReadError {
     }
 }
 
-/// Method, path and headers of a request.
-pub type Head = (String, String, Vec<(String, String)>);
+/// Method, target and headers of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    pub method: String,
+    pub path: String,
+    pub query: String,
+    /// Lower-case names.
+    pub headers: Vec<(String, String)>,
+}
 
 /// Parses a complete request head (without the final blank line).
 pub fn parse_head(head: &str) -> Result<Head, ReadError> {
@@ -84,7 +101,7 @@ pub fn parse_head(head: &str) -> Result<Head, ReadError> {
     if !target.starts_with('/') {
         return Err(ReadError::Bad("request target must be a path"));
     }
-    let path = target.split('?').next().unwrap_or(target).to_string();
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
     let mut headers = Vec::new();
     for line in lines.filter(|l| !l.is_empty()) {
         let (name, value) = line
@@ -95,7 +112,12 @@ pub fn parse_head(head: &str) -> Result<Head, ReadError> {
         }
         headers.push((name.to_ascii_lowercase(), value.trim().to_string()));
     }
-    Ok((method.to_string(), path, headers))
+    Ok(Head {
+        method: method.to_string(),
+        path: path.to_string(),
+        query: query.to_string(),
+        headers,
+    })
 }
 
 /// Reads one request, enforcing [`MAX_HEAD`] and [`MAX_BODY`].
@@ -126,7 +148,12 @@ pub fn read_request(stream: impl Read) -> Result<Request, ReadError> {
     let text =
         std::str::from_utf8(&head).map_err(|_| ReadError::Bad("request head is not UTF-8"))?;
     let text = text.replace("\r\n", "\n").replace('\n', "\r\n");
-    let (method, path, headers) = parse_head(text.trim_end_matches("\r\n"))?;
+    let Head {
+        method,
+        path,
+        query,
+        headers,
+    } = parse_head(text.trim_end_matches("\r\n"))?;
     let find = |name: &str| {
         headers
             .iter()
@@ -152,6 +179,7 @@ pub fn read_request(stream: impl Read) -> Result<Request, ReadError> {
     Ok(Request {
         method,
         path,
+        query,
         headers,
         body,
     })
@@ -163,6 +191,8 @@ pub struct Response {
     pub status: u16,
     pub content_type: &'static str,
     pub location: Option<String>,
+    /// `Retry-After` in seconds (429, 503).
+    pub retry_after: Option<u64>,
     pub body: Vec<u8>,
 }
 
@@ -172,6 +202,7 @@ impl Response {
             status,
             content_type,
             location: None,
+            retry_after: None,
             body: body.into(),
         }
     }
@@ -204,6 +235,9 @@ impl Response {
         if let Some(location) = &self.location {
             head.push_str(&format!("Location: {location}\r\n"));
         }
+        if let Some(seconds) = self.retry_after {
+            head.push_str(&format!("Retry-After: {seconds}\r\n"));
+        }
         head.push_str("\r\n");
         out.write_all(head.as_bytes())?;
         out.write_all(&self.body)?;
@@ -222,8 +256,10 @@ fn reason(status: u16) -> &'static str {
         411 => "Length Required",
         413 => "Payload Too Large",
         415 => "Unsupported Media Type",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
+        507 => "Insufficient Storage",
         _ => "Unknown",
     }
 }
@@ -277,8 +313,17 @@ mod tests {
     fn reads_requests_with_bodies_and_limits() {
         let r = read("POST /notes?x=1 HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: 4\r\n\r\nabcdEXTRA").unwrap();
         assert_eq!(
-            (r.method.as_str(), r.path.as_str(), r.body.as_slice()),
-            ("POST", "/notes", &b"abcd"[..])
+            (
+                r.method.as_str(),
+                r.path.as_str(),
+                r.query.as_str(),
+                r.body.as_slice()
+            ),
+            ("POST", "/notes", "x=1", &b"abcd"[..])
+        );
+        assert_eq!(
+            (r.query_param("x").as_deref(), r.query_param("y")),
+            (Some("1"), None)
         );
         assert!(r.wants_json());
         let r = read("GET / HTTP/1.0\nAccept: text/html\n\n").unwrap();
@@ -349,6 +394,19 @@ mod tests {
             text.starts_with("HTTP/1.1 303 See Other\r\n")
                 && text.contains("Location: /\r\n")
                 && text.contains("Content-Length: 0\r\n")
+        );
+        let mut out = Vec::new();
+        Response {
+            retry_after: Some(3),
+            ..Response::text(429, "slow down")
+        }
+        .write_to(&mut out)
+        .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.starts_with("HTTP/1.1 429 Too Many Requests\r\n")
+                && text.contains("Retry-After: 3\r\n"),
+            "{text}"
         );
     }
 }

@@ -6,17 +6,24 @@
 //! own or a user's, see [`Config::from_env`]), and through the database agent's status file,
 //! which names the current primary so that a switchover is followed without a restart.
 //!
-//! Routes: `GET /` (page), `GET /notes.json` (or `Accept: application/json`), `POST /notes`
-//! (form field or JSON `body`). Static files (`/style.css`) are served by nginx.
+//! Routes: `GET /` (page), `GET /notes.json` (or `Accept: application/json`), both with
+//! `?before=<id>` for older pages, `POST /notes` (form field or JSON `body`). Static files
+//! (`/style.css`) are served by nginx.
+//!
+//! Limits: a page holds [`store::PAGE_SIZE`] notes, a note at most [`store::MAX_NOTE_BYTES`]
+//! (413), the table at most [`store::MAX_NOTES`] (507, nothing is ever deleted to make room),
+//! and each client (by its forwarded address, see [`limit::client_address`]) gets a token
+//! bucket of writes (429 with `Retry-After`).
 
 pub mod http;
+pub mod limit;
 pub mod store;
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
@@ -48,6 +55,10 @@ pub struct Config {
     pub password: String,
     /// `TANDEM_APP_RUN_DIR`: private runtime directory (the client option file).
     pub run_dir: PathBuf,
+    /// `TANDEM_APP_TRUSTED_PROXIES` (comma-separated addresses, default none): the proxies in
+    /// front of the application (the cluster's balancers) whose `X-Forwarded-For` entries are
+    /// believed when finding the client's address.
+    pub trusted_proxies: Vec<IpAddr>,
 }
 
 impl std::fmt::Debug for Config {
@@ -60,6 +71,7 @@ impl std::fmt::Debug for Config {
             .field("status_file", &self.status_file)
             .field("database", &self.database)
             .field("user", &self.user)
+            .field("trusted_proxies", &self.trusted_proxies)
             .finish_non_exhaustive()
     }
 }
@@ -104,6 +116,18 @@ impl Config {
             name: "TANDEM_APP_ADDR",
             problem: format!("`{addr}` is not an IP address"),
         })?;
+        let trusted_proxies = get("TANDEM_APP_TRUSTED_PROXIES")
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(|a| {
+                a.parse::<IpAddr>().map_err(|_| AppError::Env {
+                    name: "TANDEM_APP_TRUSTED_PROXIES",
+                    problem: format!("`{a}` is not an IP address"),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let local_host = required("TANDEM_DB_HOST")?;
         let local_port = port("TANDEM_DB_PORT", "3306")?;
         Ok(Config {
@@ -119,6 +143,7 @@ impl Config {
             user: required("TANDEM_DB_USER")?,
             password: required("TANDEM_DB_PASSWORD")?,
             run_dir: PathBuf::from(required("TANDEM_APP_RUN_DIR")?),
+            trusted_proxies,
         })
     }
 }
@@ -157,6 +182,10 @@ struct App {
     client: Client,
     /// Set once the schema exists on the primary (it replicates to every node).
     schema_ready: AtomicBool,
+    /// Writes per client address.
+    limiter: Mutex<limit::RateLimiter>,
+    /// The rate limiter's clock starts here.
+    started: Instant,
 }
 
 /// Serves until the process is killed (the supervisor's SIGTERM ends it).
@@ -180,6 +209,8 @@ pub fn run(config: Config) -> Result<(), AppError> {
         config,
         client,
         schema_ready: AtomicBool::new(false),
+        limiter: Mutex::new(limit::RateLimiter::default()),
+        started: Instant::now(),
     });
     let active = Arc::new(AtomicUsize::new(0));
     for stream in listener.incoming() {
@@ -206,8 +237,18 @@ pub fn run(config: Config) -> Result<(), AppError> {
 fn serve(app: &App, stream: TcpStream) {
     let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
     let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
+    let peer = stream
+        .peer_addr()
+        .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
     let response = match http::read_request(&stream) {
-        Ok(request) => app.handle(&request),
+        Ok(request) => {
+            let client = limit::client_address(
+                request.header("x-forwarded-for"),
+                peer,
+                &app.config.trusted_proxies,
+            );
+            app.handle(&request, client)
+        }
         Err(e) => match e.status() {
             Some((status, why)) => Response::text(status, why),
             None => return,
@@ -226,24 +267,34 @@ impl App {
         db_view(text.as_deref(), &self.config.primary_db)
     }
 
-    fn handle(&self, req: &Request) -> Response {
+    fn handle(&self, req: &Request, client: IpAddr) -> Response {
         match (req.method.as_str(), req.path.as_str()) {
             ("GET" | "HEAD", "/" | "/notes" | "/notes.json") => self.list(req),
-            ("POST", "/notes" | "/notes.json") => self.add(req),
+            ("POST", "/notes" | "/notes.json") => self.add(req, client),
             (_, "/" | "/notes" | "/notes.json") => Response::text(405, "method not allowed"),
             _ => Response::text(404, "not found"),
         }
     }
 
     fn list(&self, req: &Request) -> Response {
+        let before = match req.query_param("before").map(|b| b.parse::<u64>()) {
+            None => None,
+            Some(Ok(id)) => Some(id),
+            Some(Err(_)) => return Response::text(400, "`before` must be a note id"),
+        };
         let view = self.view();
         let (host, port) = &self.config.local_db;
-        let notes = self.client.list(host, *port);
+        let notes = self.client.list(host, *port, before);
         if req.wants_json() {
             return match notes {
-                Ok(notes) => Response::json(
+                Ok(page) => Response::json(
                     200,
-                    &json!({"node": self.config.node, "role": view.role, "notes": notes}),
+                    &json!({
+                        "node": self.config.node,
+                        "role": view.role,
+                        "notes": page.notes,
+                        "older": page.older.map(|id| format!("/notes.json?before={id}")),
+                    }),
                 ),
                 Err(e) => Response::json(
                     503,
@@ -259,7 +310,28 @@ impl App {
         )
     }
 
-    fn add(&self, req: &Request) -> Response {
+    fn add(&self, req: &Request, client: IpAddr) -> Response {
+        let now_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let allowed = self
+            .limiter
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take(client, now_ms);
+        if let Err(seconds) = allowed {
+            let message = format!(
+                "too many writes from {client}: at most {} at once and {} per second; retry in {seconds} s",
+                limit::WRITE_BURST,
+                limit::WRITE_REFILL_PER_S
+            );
+            let response = match req.wants_json() {
+                true => Response::json(429, &json!({"node": self.config.node, "error": message})),
+                false => Response::text(429, &message),
+            };
+            return Response {
+                retry_after: Some(seconds),
+                ..response
+            };
+        }
         let json_in = req
             .header("content-type")
             .is_some_and(|c| c.starts_with("application/json"));
@@ -280,7 +352,7 @@ impl App {
         };
         let body = match store::check_note(body.as_deref().unwrap_or("")) {
             Ok(b) => b.to_string(),
-            Err(e) => return fail(400, e),
+            Err(e) => return fail(e.status(), e.to_string()),
         };
         let view = self.view();
         let (host, port) = &view.primary;
@@ -296,13 +368,15 @@ impl App {
                 &json!({"node": self.config.node, "role": view.role, "note": note}),
             ),
             Ok(_) => Response::redirect("/"),
+            Err(e @ StoreError::Full { .. }) => fail(507, e.to_string()),
             Err(e) => fail(503, format!("writing to the primary: {e}")),
         }
     }
 }
 
-/// The HTML page: the node, its role, the notes and a form.
-pub fn render_page(node: &str, view: &DbView, notes: &Result<Vec<store::Note>, String>) -> String {
+/// The HTML page: the node, its role, a page of notes (newest first, a link to older ones) and
+/// a form.
+pub fn render_page(node: &str, view: &DbView, notes: &Result<store::Page, String>) -> String {
     let mut s =
         String::from("<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>Notes — ");
     s.push_str(&escape(node));
@@ -317,12 +391,12 @@ pub fn render_page(node: &str, view: &DbView, notes: &Result<Vec<store::Note>, S
         escape(&view.primary.0),
         view.primary.1
     ));
-    s.push_str("<h1>Notes</h1>\n<form method=\"post\" action=\"/notes\"><textarea name=\"body\" maxlength=\"4000\" required></textarea><button>Add</button></form>\n");
+    s.push_str(&format!("<h1>Notes</h1>\n<form method=\"post\" action=\"/notes\"><textarea name=\"body\" maxlength=\"{}\" required></textarea><button>Add</button></form>\n", store::MAX_NOTE_BYTES));
     match notes {
-        Ok(notes) if notes.is_empty() => s.push_str("<p>No notes yet.</p>\n"),
-        Ok(notes) => {
+        Ok(page) if page.notes.is_empty() => s.push_str("<p>No notes yet.</p>\n"),
+        Ok(page) => {
             s.push_str("<ol>\n");
-            for n in notes.iter().rev() {
+            for n in &page.notes {
                 s.push_str(&format!(
                     "<li><p>{}</p><small>#{} via {} at {}</small></li>\n",
                     escape(&n.body),
@@ -332,6 +406,11 @@ pub fn render_page(node: &str, view: &DbView, notes: &Result<Vec<store::Note>, S
                 ));
             }
             s.push_str("</ol>\n");
+            if let Some(id) = page.older {
+                s.push_str(&format!(
+                    "<p class=\"older\"><a href=\"/?before={id}\">Older notes</a></p>\n"
+                ));
+            }
         }
         Err(e) => s.push_str(&format!(
             "<p class=\"error\">The local database did not answer: {}</p>\n",
@@ -397,6 +476,21 @@ mod tests {
         let e =
             Config::from_lookup(|n| if n == "TANDEM_NODE" { None } else { env(n) }).unwrap_err();
         assert_eq!(e.to_string(), "environment variable TANDEM_NODE: not set");
+        assert!(c.trusted_proxies.is_empty());
+        let with = |value: &'static str| {
+            Config::from_lookup(move |n| match n {
+                "TANDEM_APP_TRUSTED_PROXIES" => Some(value.to_string()),
+                _ => env(n),
+            })
+        };
+        assert_eq!(
+            with("10.88.0.11, 10.88.0.10").unwrap().trusted_proxies,
+            [IpAddr::from([10, 88, 0, 11]), IpAddr::from([10, 88, 0, 10])]
+        );
+        assert_eq!(
+            with("10.88.0.11,nginx").unwrap_err().to_string(),
+            "environment variable TANDEM_APP_TRUSTED_PROXIES: `nginx` is not an IP address"
+        );
     }
 
     #[test]
@@ -434,18 +528,36 @@ mod tests {
             primary: ("10.88.0.12".into(), 3306),
             healthy: Some(true),
         };
-        let notes = vec![store::Note {
-            id: 1,
+        let note = |id: u64, body: &str| store::Note {
+            id,
             node: "server2".into(),
-            body: "<script>".into(),
+            body: body.into(),
             created: "now".into(),
-        }];
+        };
+        let notes = store::Page {
+            notes: vec![note(1, "<script>")],
+            older: None,
+        };
         let page = render_page("server1", &view, &Ok(notes));
         assert!(
             page.contains("node: server1") && page.contains("db_role: replica"),
             "{page}"
         );
         assert!(page.contains("&lt;script&gt;") && !page.contains("<script>"));
+        assert!(!page.contains("Older notes"));
+        let notes = store::Page {
+            notes: vec![note(9, "newer"), note(8, "older")],
+            older: Some(8),
+        };
+        let page = render_page("server1", &view, &Ok(notes));
+        assert!(
+            page.find("newer").unwrap() < page.find("older").unwrap(),
+            "newest first: {page}"
+        );
+        assert!(
+            page.contains("<a href=\"/?before=8\">Older notes</a>"),
+            "{page}"
+        );
         let page = render_page("server1", &view, &Err("down".into()));
         assert!(page.contains("did not answer: down"));
     }

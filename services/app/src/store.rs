@@ -10,10 +10,14 @@ use std::process::{Command, Stdio};
 use serde::{Deserialize, Serialize};
 
 pub const CLIENT: &str = "/usr/bin/mariadb";
-/// Notes listed per page (and per JSON answer).
-pub const LIST_LIMIT: usize = 1000;
-/// Longest note accepted, in characters.
-pub const MAX_NOTE_CHARS: usize = 4000;
+/// Notes listed per page (and per JSON answer), newest first; older ones are on further pages.
+pub const PAGE_SIZE: usize = 50;
+/// Longest note accepted, in bytes of UTF-8 (after trimming).
+pub const MAX_NOTE_BYTES: usize = 2000;
+/// Notes the application stores at most; beyond it, writes are refused (nothing is deleted).
+/// Concurrent writers may each pass the check once, so the table can exceed it by the number of
+/// writes in flight.
+pub const MAX_NOTES: u64 = 10_000;
 /// No query may run longer (seconds), so a stuck server cannot pile up request threads.
 const STATEMENT_TIMEOUT_S: u32 = 5;
 const CONNECT_TIMEOUT_S: u32 = 3;
@@ -39,6 +43,8 @@ pub enum StoreError {
     Client(#[source] std::io::Error),
     #[error("database {server}: unexpected answer: {detail}")]
     Answer { server: String, detail: String },
+    #[error("the notes are full: {max} are stored, the most this application keeps")]
+    Full { max: u64 },
     #[error("writing the client option file {}: {source}", .path.display())]
     OptionFile {
         path: PathBuf,
@@ -67,17 +73,51 @@ created TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3)) ENGINE=InnoDB DEFAUL
 
 const NOTE_JSON: &str = "JSON_OBJECT('id', id, 'node', node, 'body', body, 'created', DATE_FORMAT(created, '%Y-%m-%d %H:%i:%s.%f'))";
 
-/// All notes (newest last) as one JSON array in one cell; NULL when there are none.
-pub fn list_sql() -> String {
+/// One page of notes, newest first: those older than `before` (a note id) when given. One JSON
+/// object per row and line, never one aggregate (which `group_concat_max_len` truncates). One
+/// row more than a page is asked for, to know whether an older page exists.
+pub fn list_sql(before: Option<u64>) -> String {
+    let filter = before.map_or(String::new(), |id| format!(" WHERE id < {id}"));
     format!(
-        "SET STATEMENT max_statement_time = {STATEMENT_TIMEOUT_S} FOR SELECT JSON_ARRAYAGG({NOTE_JSON} ORDER BY id) FROM (SELECT * FROM notes ORDER BY id DESC LIMIT {LIST_LIMIT}) AS t;\n"
+        "SET STATEMENT max_statement_time = {STATEMENT_TIMEOUT_S} FOR SELECT {NOTE_JSON} FROM notes{filter} ORDER BY id DESC LIMIT {};\n",
+        PAGE_SIZE + 1
     )
 }
 
-/// Inserts a note and answers it as JSON. Text goes in as hex literals: no quoting to get wrong.
+/// A page of notes, newest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Page {
+    pub notes: Vec<Note>,
+    /// The `before` of the next (older) page, when there is one.
+    pub older: Option<u64>,
+}
+
+/// The client's answer to [`list_sql`]: one JSON note per line.
+pub fn parse_page(out: &str) -> Result<Page, String> {
+    let mut notes = out
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| serde_json::from_str::<Note>(line).map_err(|e| format!("{e} in a row")))
+        .collect::<Result<Vec<Note>, String>>()?;
+    let older = match notes.len() > PAGE_SIZE {
+        true => {
+            notes.truncate(PAGE_SIZE);
+            notes.last().map(|n| n.id)
+        }
+        false => None,
+    };
+    Ok(Page { notes, older })
+}
+
+/// Inserts a note unless [`MAX_NOTES`] are stored, and answers it as JSON (no row when the
+/// table was full). Text goes in as hex literals: no quoting to get wrong. READ COMMITTED so
+/// that counting takes no shared locks: concurrent writers never deadlock on the check.
 pub fn insert_sql(node: &str, body: &str) -> String {
     format!(
-        "INSERT INTO notes (node, body) VALUES (CONVERT(X'{}' USING utf8mb4), CONVERT(X'{}' USING utf8mb4));\nSELECT {NOTE_JSON} FROM notes WHERE id = LAST_INSERT_ID();\n",
+        "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED;\n\
+         INSERT INTO notes (node, body) SELECT CONVERT(X'{}' USING utf8mb4), CONVERT(X'{}' USING utf8mb4) FROM DUAL WHERE (SELECT COUNT(*) FROM notes) < {MAX_NOTES};\n\
+         SET @inserted = ROW_COUNT();\n\
+         SELECT {NOTE_JSON} FROM notes WHERE @inserted = 1 AND id = LAST_INSERT_ID();\n",
         hex(node.as_bytes()),
         hex(body.as_bytes())
     )
@@ -101,14 +141,32 @@ pub fn parse_client_error(stderr: &str) -> (Option<u32>, String) {
     (code, line.trim().to_string())
 }
 
-/// Validates a note from a client.
-pub fn check_note(body: &str) -> Result<&str, String> {
+/// Why a note from a client is refused before reaching the database.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoteRefused {
+    #[error("a note needs a non-empty `body`")]
+    Empty,
+    #[error("a note has at most {MAX_NOTE_BYTES} bytes; this one has {bytes}")]
+    TooLarge { bytes: usize },
+}
+
+impl NoteRefused {
+    pub fn status(&self) -> u16 {
+        match self {
+            NoteRefused::Empty => 400,
+            NoteRefused::TooLarge { .. } => 413,
+        }
+    }
+}
+
+/// Validates a note from a client: trimmed, not empty, at most [`MAX_NOTE_BYTES`].
+pub fn check_note(body: &str) -> Result<&str, NoteRefused> {
     let body = body.trim();
     if body.is_empty() {
-        return Err("a note needs a non-empty `body`".into());
+        return Err(NoteRefused::Empty);
     }
-    if body.chars().count() > MAX_NOTE_CHARS {
-        return Err(format!("a note has at most {MAX_NOTE_CHARS} characters"));
+    if body.len() > MAX_NOTE_BYTES {
+        return Err(NoteRefused::TooLarge { bytes: body.len() });
     }
     Ok(body)
 }
@@ -194,20 +252,17 @@ impl Client {
         })
     }
 
-    pub fn list(&self, host: &str, port: u16) -> Result<Vec<Note>, StoreError> {
-        let out = match self.query(host, port, &list_sql()) {
+    /// The page of notes older than `before` (the newest when `None`).
+    pub fn list(&self, host: &str, port: u16, before: Option<u64>) -> Result<Page, StoreError> {
+        let out = match self.query(host, port, &list_sql(before)) {
             Err(e) if matches!(e.code(), Some(ER_NO_SUCH_TABLE | ER_BAD_DB)) => {
-                return Ok(Vec::new())
+                return Ok(Page::default())
             }
             other => other?,
         };
-        let cell = out.trim();
-        if cell.is_empty() || cell == "NULL" {
-            return Ok(Vec::new());
-        }
-        serde_json::from_str(cell).map_err(|e| StoreError::Answer {
+        parse_page(&out).map_err(|detail| StoreError::Answer {
             server: format!("{host}:{port}"),
-            detail: e.to_string(),
+            detail,
         })
     }
 
@@ -223,6 +278,9 @@ impl Client {
         body: &str,
     ) -> Result<Note, StoreError> {
         let out = self.query(host, port, &insert_sql(node, body))?;
+        if out.trim().is_empty() {
+            return Err(StoreError::Full { max: MAX_NOTES });
+        }
         serde_json::from_str(out.trim()).map_err(|e| StoreError::Answer {
             server: format!("{host}:{port}"),
             detail: e.to_string(),
@@ -237,10 +295,17 @@ mod tests {
     #[test]
     fn sql_carries_text_as_hex() {
         let sql = insert_sql("s1", "it's\n'; DROP TABLE notes; --");
-        assert!(sql.starts_with("INSERT INTO notes (node, body) VALUES (CONVERT(X'7331' USING utf8mb4), CONVERT(X'6974"), "{sql}");
+        assert!(sql.contains("INSERT INTO notes (node, body) SELECT CONVERT(X'7331' USING utf8mb4), CONVERT(X'6974"), "{sql}");
+        assert!(
+            sql.contains("WHERE (SELECT COUNT(*) FROM notes) < 10000;"),
+            "{sql}"
+        );
         assert!(!sql.contains("DROP"));
-        assert!(list_sql()
-            .contains("ORDER BY id) FROM (SELECT * FROM notes ORDER BY id DESC LIMIT 1000)"));
+        assert!(!list_sql(None).contains("ARRAYAGG"));
+        assert!(list_sql(None).ends_with(" FROM notes ORDER BY id DESC LIMIT 51;\n"));
+        assert!(
+            list_sql(Some(7)).ends_with(" FROM notes WHERE id < 7 ORDER BY id DESC LIMIT 51;\n")
+        );
     }
 
     #[test]
@@ -265,14 +330,61 @@ mod tests {
 
     #[test]
     fn notes_are_checked() {
-        assert_eq!(check_note("  hi "), Ok("hi"));
-        assert!(check_note(" ").is_err());
-        assert!(check_note(&"x".repeat(MAX_NOTE_CHARS + 1)).is_err());
+        let max = "x".repeat(MAX_NOTE_BYTES);
+        let check = |body: &str, want: Result<&str, NoteRefused>| {
+            assert_eq!(check_note(body), want, "{:?}", &body[..body.len().min(20)]);
+        };
+        check("  hi ", Ok("hi"));
+        check(" \n", Err(NoteRefused::Empty));
+        check(&format!(" {max}\n"), Ok(&max));
+        check(
+            &format!("{max}x"),
+            Err(NoteRefused::TooLarge {
+                bytes: MAX_NOTE_BYTES + 1,
+            }),
+        );
+        // Bytes, not characters: 1000 two-byte characters fit, 1001 do not.
+        check(
+            &"é".repeat(MAX_NOTE_BYTES / 2),
+            Ok(&"é".repeat(MAX_NOTE_BYTES / 2)),
+        );
+        assert_eq!(
+            check_note(&"é".repeat(MAX_NOTE_BYTES / 2 + 1))
+                .unwrap_err()
+                .status(),
+            413
+        );
+        assert_eq!(NoteRefused::Empty.status(), 400);
+        assert_eq!(
+            NoteRefused::TooLarge { bytes: 2001 }.to_string(),
+            "a note has at most 2000 bytes; this one has 2001"
+        );
+    }
+
+    fn row(id: u64) -> String {
+        format!(
+            r#"{{"id": {id}, "node": "server1", "body": "a\nb\t\"c\"", "created": "2025-01-01 00:00:00.000000"}}"#
+        )
     }
 
     #[test]
-    fn notes_parse_from_the_servers_json() {
-        let notes: Vec<Note> = serde_json::from_str(r#"[{"id": 1, "node": "server1", "body": "a\nb", "created": "2025-01-01 00:00:00.000000"}]"#).unwrap();
-        assert_eq!(notes[0].body, "a\nb");
+    fn pages_parse_from_one_json_row_per_line() {
+        let rows = |ids: std::ops::RangeInclusive<u64>| -> String {
+            ids.rev().map(|i| row(i) + "\n").collect()
+        };
+        let check = |out: &str, len: usize, first: Option<u64>, older: Option<u64>| {
+            let page = parse_page(out).unwrap();
+            assert_eq!(page.notes.len(), len);
+            assert_eq!(page.notes.first().map(|n| n.id), first);
+            assert_eq!(page.older, older);
+        };
+        check("", 0, None, None);
+        check(&rows(1..=3), 3, Some(3), None);
+        check(&rows(1..=50), 50, Some(50), None);
+        // 51 rows: a full page and an older one starting below the page's last id.
+        check(&rows(10..=60), 50, Some(60), Some(11));
+        let page = parse_page(&row(1)).unwrap();
+        assert_eq!(page.notes[0].body, "a\nb\t\"c\"");
+        assert!(parse_page("{\"id\": 1, \"body\": \"trunc").is_err());
     }
 }
