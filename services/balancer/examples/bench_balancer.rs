@@ -82,6 +82,9 @@ fn run() -> Result<(), String> {
     let state = state.unwrap_or_else(|| std::env::temp_dir().join("tandem-bench-balancer"));
     let mut opts = Options::new(state);
     opts.workers = workers;
+    // All the load comes from one address, and HAProxy's bench frontend has no per-client
+    // limit: only the global cap applies, as there.
+    opts.limits.max_connections_per_client = opts.limits.max_connections;
     opts.listen = Some(Listen {
         http: Vec::new(),
         https: https.into_iter().collect(),

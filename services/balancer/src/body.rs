@@ -16,10 +16,28 @@ use crate::conn::ConnShared;
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What is sent to a backend: nothing (replayable, so retries are possible) or the client's
-/// body, streamed, cut off at the body limit.
+/// body, streamed, cut off at the body limit, counted in flight on the client connection until
+/// it ends or is dropped.
 pub enum ReqBody {
     Empty,
-    Stream(Limited<Incoming>),
+    Stream(Limited<Incoming>, Inflight),
+}
+
+/// The client's request body failed while it was forwarded. It reaches the proxy inside the
+/// backend request's error, and says the fault is the client's, not the backend's.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBodyError {
+    #[error("request body larger than the limit")]
+    TooLarge,
+    /// Its framing is broken (a bad chunk) or it was cut short (the client closed, reset).
+    #[error("request body broken by the client: {0}")]
+    Broken(#[source] BoxError),
+}
+
+impl ReqBody {
+    pub fn stream(body: Limited<Incoming>, inflight: Inflight) -> ReqBody {
+        ReqBody::Stream(body, inflight)
+    }
 }
 
 impl Body for ReqBody {
@@ -32,35 +50,44 @@ impl Body for ReqBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ReqBody::Empty => Poll::Ready(None),
-            ReqBody::Stream(b) => Pin::new(b).poll_frame(cx),
+            // Everything this body yields comes from the client: so do its errors.
+            ReqBody::Stream(b, _) => Pin::new(b).poll_frame(cx).map_err(|e| {
+                if e.is::<LengthLimitError>() {
+                    ClientBodyError::TooLarge.into()
+                } else {
+                    ClientBodyError::Broken(e).into()
+                }
+            }),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             ReqBody::Empty => true,
-            ReqBody::Stream(b) => b.is_end_stream(),
+            ReqBody::Stream(b, _) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             ReqBody::Empty => SizeHint::with_exact(0),
-            ReqBody::Stream(b) => b.size_hint(),
+            ReqBody::Stream(b, _) => b.size_hint(),
         }
     }
 }
 
-/// Whether an error (from the client library) was caused by the body limit.
-pub fn is_body_too_large(err: &(dyn std::error::Error + 'static)) -> bool {
+/// The client body error behind an error of the client library, if that is what it is.
+pub fn client_body_error<'a>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a ClientBodyError> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = cur {
-        if e.is::<LengthLimitError>() {
-            return true;
+        if let Some(c) = e.downcast_ref::<ClientBodyError>() {
+            return Some(c);
         }
         cur = e.source();
     }
-    false
+    None
 }
 
 /// Counts a request in flight until dropped: on a backend (least connections, metrics) or on a

@@ -1,10 +1,11 @@
-//! Listeners and client connections: accept, TLS handshake, HTTP/1 or HTTP/2 by ALPN, and the
-//! timers that close idle and slow connections (408 for a slow request head).
+//! Listeners and client connections: accept (within the connection caps), TLS handshake,
+//! HTTP/1 or HTTP/2 by ALPN, and the timers that close idle and slow connections (408 for a
+//! slow request head).
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -20,6 +21,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
+use crate::core::admission::{Caps, Refusal};
 use crate::core::framing::{Framing, HeadVerdict, Progress};
 use crate::core::timeouts::{self, ConnTimes, Decision};
 use crate::proxy::{self, ConnCtx, Role, Shared};
@@ -55,6 +57,10 @@ struct Track {
     seen_bytes: bool,
     last_read: std::time::Instant,
     head_started: Option<std::time::Instant>,
+    /// HTTP/1: bytes between requests are a request head, whatever the tracker says.
+    h1: bool,
+    /// See [`ConnTimes::unanswered_since`].
+    unanswered_since: Option<std::time::Instant>,
 }
 
 impl ConnShared {
@@ -62,11 +68,13 @@ impl ConnShared {
         ConnShared {
             inflight: AtomicU64::new(0),
             track: Mutex::new(Track {
+                h1: framing.is_some(),
                 framing,
                 verdicts: VecDeque::new(),
                 seen_bytes: false,
                 last_read: std::time::Instant::now(),
                 head_started: None,
+                unanswered_since: None,
             }),
         }
     }
@@ -75,9 +83,26 @@ impl ConnShared {
         self.track.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The framing verdict of the next request head, in order (HTTP/1).
-    pub fn next_verdict(&self) -> Option<HeadVerdict> {
-        self.lock().verdicts.pop_front()
+    /// hyper delivered the next request head (HTTP/1): its framing verdict, in order. Stops
+    /// the tracker-independent head deadline.
+    pub fn on_head(&self) -> Option<HeadVerdict> {
+        let mut t = self.lock();
+        t.unanswered_since = None;
+        t.verdicts.pop_front()
+    }
+
+    /// The backend accepted an upgrade and its 101 goes out now: from here on the connection is
+    /// a tunnel, no longer HTTP (called before the 101 is sent, so that no head timer can write
+    /// a 408 into the tunnel).
+    pub fn tunnel(&self) {
+        let mut t = self.lock();
+        if let Some(f) = &mut t.framing {
+            f.tunnel();
+        }
+        t.verdicts.clear();
+        t.h1 = false;
+        t.unanswered_since = None;
+        t.head_started = None;
     }
 
     fn on_read(&self, data: &[u8]) {
@@ -86,6 +111,9 @@ impl ConnShared {
         let t = &mut *t;
         t.last_read = now;
         t.seen_bytes = true;
+        if t.h1 && t.unanswered_since.is_none() && self.inflight.load(Relaxed) == 0 {
+            t.unanswered_since = Some(now);
+        }
         if let Some(f) = &mut t.framing {
             let before = f.progress();
             f.feed(data, &mut t.verdicts);
@@ -105,14 +133,18 @@ impl ConnShared {
             seen_bytes: t.seen_bytes,
             last_read: t.last_read,
             head_started: t.head_started,
+            unanswered_since: t.unanswered_since,
         }
     }
 }
 
-/// The client stream, reporting every read to the connection's [`ConnShared`].
+/// The client stream, reporting every read to the connection's [`ConnShared`]. It holds the
+/// connection's slot, so a connection counts against the caps for as long as its socket is
+/// open, in hyper or in an upgraded tunnel.
 struct TrackedIo<S> {
     inner: S,
     shared: Arc<ConnShared>,
+    _slot: ConnSlot,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for TrackedIo<S> {
@@ -163,6 +195,67 @@ pub struct Listener {
     pub tls: Option<TlsAcceptor>,
 }
 
+/// A client connection's place within the caps; given back when dropped.
+pub struct ConnSlot {
+    shared: Arc<Shared>,
+    client: IpAddr,
+}
+
+impl ConnSlot {
+    /// Admit a connection from `peer`, or say why not (and whether to warn about it now).
+    fn admit(shared: &Arc<Shared>, peer: SocketAddr) -> Result<ConnSlot, (Refusal, Option<u64>)> {
+        let client = peer.ip().to_canonical();
+        let caps = Caps {
+            global: shared.limits.max_connections,
+            per_client: shared.limits.max_connections_per_client,
+        };
+        let mut a = shared.lock_admission();
+        match a.admit(client, caps) {
+            Ok(()) => {
+                drop(a);
+                shared.global.connections.fetch_add(1, Relaxed);
+                shared.global.active_connections.fetch_add(1, Relaxed);
+                Ok(ConnSlot {
+                    shared: shared.clone(),
+                    client,
+                })
+            }
+            Err(r) => Err((r, a.refused(crate::clock::coarse_now()))),
+        }
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.shared.lock_admission().release(self.client);
+        self.shared.global.active_connections.fetch_sub(1, Relaxed);
+    }
+}
+
+/// What a refused plain-HTTP connection gets (nginx's `limit_conn` answers 503 too).
+const REFUSED_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+content-type: text/plain; charset=utf-8\r\ncontent-length: 21\r\nconnection: close\r\n\r\n\
+too many connections\n";
+
+/// Refuse a connection over a cap, without a task and without waiting. Plain HTTP gets a 503:
+/// one non-blocking write into a fresh socket, cheap enough to make while refusing. TLS gets a
+/// bare close: a 503 would first need the handshake, the expensive part a refusal saves.
+fn refuse(stream: TcpStream, plain: bool) {
+    if plain {
+        let sock = socket2::SockRef::from(&stream);
+        // Closing a socket with unread bytes sends a reset, which can destroy the 503 before
+        // the client reads it: take what already arrived (a request sent with the handshake).
+        let mut sink = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+        for _ in 0..4 {
+            if !matches!(sock.recv(&mut sink), Ok(n) if n > 0) {
+                break;
+            }
+        }
+        // Directly on the socket: tokio has not seen it writable yet.
+        let _ = sock.send(REFUSED_RESPONSE);
+    }
+}
+
 /// Accept until shutdown; every connection task holds a clone of `tasks` so the caller can wait
 /// for all of them to end.
 pub async fn accept_loop(
@@ -179,6 +272,24 @@ pub async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
+                let slot = match ConnSlot::admit(&shared, peer) {
+                    Ok(slot) => slot,
+                    Err((reason, warn)) => {
+                        shared.global.refused(reason).fetch_add(1, Relaxed);
+                        tracing::debug!(%peer, reason = reason.as_str(), "connection refused: cap reached");
+                        if let Some(n) = warn {
+                            tracing::warn!(
+                                reason = reason.as_str(),
+                                refused = n,
+                                max_connections = shared.limits.max_connections,
+                                max_connections_per_client = shared.limits.max_connections_per_client,
+                                "refusing client connections over the cap ({n} since the last warning)"
+                            );
+                        }
+                        refuse(stream, what.tls.is_none());
+                        continue;
+                    }
+                };
                 let _ = stream.set_nodelay(true);
                 let (what, shared, shutdown, tasks) = (
                     what.clone(),
@@ -187,7 +298,7 @@ pub async fn accept_loop(
                     tasks.clone(),
                 );
                 tokio::spawn(async move {
-                    serve(stream, peer, what, shared, shutdown).await;
+                    serve(stream, peer, what, shared, shutdown, slot).await;
                     drop(tasks);
                 });
             }
@@ -200,26 +311,16 @@ pub async fn accept_loop(
     }
 }
 
-struct ActiveConn<'a>(&'a Shared);
-
-impl Drop for ActiveConn<'_> {
-    fn drop(&mut self) {
-        self.0.global.active_connections.fetch_sub(1, Relaxed);
-    }
-}
-
 async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     what: Listener,
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
+    slot: ConnSlot,
 ) {
-    shared.global.connections.fetch_add(1, Relaxed);
-    shared.global.active_connections.fetch_add(1, Relaxed);
-    let _active = ActiveConn(&shared);
     let Some(acceptor) = what.tls else {
-        serve_h1(stream, peer, what.role, shared.clone(), shutdown).await;
+        serve_h1(stream, peer, what.role, shared, shutdown, slot).await;
         return;
     };
     let tls =
@@ -237,9 +338,9 @@ async fn serve(
         };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     if h2 {
-        serve_h2(tls, peer, what.role, shared.clone(), shutdown).await;
+        serve_h2(tls, peer, what.role, shared, shutdown, slot).await;
     } else {
-        serve_h1(tls, peer, what.role, shared.clone(), shutdown).await;
+        serve_h1(tls, peer, what.role, shared, shutdown, slot).await;
     }
 }
 
@@ -256,6 +357,7 @@ async fn serve_h1<S>(
     role: Role,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
+    slot: ConnSlot,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -278,6 +380,7 @@ async fn serve_h1<S>(
     let io = TrackedIo {
         inner: io,
         shared: conn_shared.clone(),
+        _slot: slot,
     };
     let mut builder = http1::Builder::new();
     if limits.max_headers != HYPER_MAX_HEADERS {
@@ -321,7 +424,12 @@ async fn serve_h1<S>(
     if reply_408 {
         shared.global.request_timeout.fetch_add(1, Relaxed);
         if let Some(parts) = conn.into_parts() {
-            let mut io = parts.io.into_inner().inner;
+            // The slot stays taken until the 408 is out and the socket closed.
+            let TrackedIo {
+                inner: mut io,
+                _slot,
+                ..
+            } = parts.io.into_inner();
             let _ = tokio::time::timeout(Duration::from_secs(1), async {
                 io.write_all(REQUEST_TIMEOUT_RESPONSE).await?;
                 io.shutdown().await
@@ -337,6 +445,7 @@ async fn serve_h2<S>(
     role: Role,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
+    slot: ConnSlot,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -356,6 +465,7 @@ async fn serve_h2<S>(
     let io = TrackedIo {
         inner: io,
         shared: conn_shared.clone(),
+        _slot: slot,
     };
     let conn = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
@@ -398,6 +508,23 @@ async fn serve_h2<S>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_refusal_is_one_whole_response() {
+        let mut headers = [httparse::EMPTY_HEADER; 8];
+        let mut r = httparse::Response::new(&mut headers);
+        let httparse::Status::Complete(head) = r.parse(REFUSED_RESPONSE).unwrap() else {
+            panic!("incomplete head");
+        };
+        assert_eq!(r.code, Some(503));
+        let len = r
+            .headers
+            .iter()
+            .find(|h| h.name == "content-length")
+            .unwrap();
+        let len: usize = std::str::from_utf8(len.value).unwrap().parse().unwrap();
+        assert_eq!(len, REFUSED_RESPONSE.len() - head);
+    }
 
     /// The floating IP is bound before this node holds it. Binding sends nothing: this only
     /// needs the address to be absent from every interface.

@@ -2,8 +2,8 @@
 //! node, with TLS termination (rustls), active and passive health checks, retries, limits
 //! against malformed and slow clients, live reload and Prometheus metrics.
 //!
-//! - [`core`] is pure: backend selection, the health state machine, the retry policy and the
-//!   HTTP/1 framing tracker. Everything else is IO around it.
+//! - [`core`] is pure: backend selection, the health state machine, the retry policy, the
+//!   HTTP/1 framing tracker, connection timeouts and caps. Everything else is IO around it.
 //! - [`run_blocking`] is what `appliance balancer` calls: it builds its own tokio runtime and
 //!   runs until SIGTERM/SIGINT (graceful), reloading on SIGHUP through [`Options::reload`].
 //! - [`Balancer::start`] is the async API (tests, benchmarks): it returns a [`Handle`] with the
@@ -127,6 +127,13 @@ pub struct Limits {
     pub shutdown_grace: Duration,
     /// HTTP/2 streams per connection.
     pub max_h2_streams: u32,
+    /// Client connections held at once (HAProxy's `maxconn`); one more is refused: a 503 and a
+    /// close on plain HTTP, a bare close on TLS. Counted from accept until the socket closes,
+    /// upgraded tunnels included.
+    pub max_connections: usize,
+    /// Client connections held at once from one address (nginx's `limit_conn`), refused the
+    /// same way.
+    pub max_connections_per_client: usize,
 }
 
 pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
@@ -140,6 +147,14 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 pub const DEFAULT_MAX_H2_STREAMS: u32 = 128;
+/// Each client connection may hold a backend connection too: 10 000 clients stay well inside
+/// the 65 536 open files a node's services get (HAProxy likewise derives `maxconn` from the
+/// file limit, about half of it, so that a flood of connections fails cleanly instead of
+/// `accept` failing for want of descriptors).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// A browser opens 6 connections per host (more with HTTP/1 and several tabs); 256 leaves room
+/// for a NAT of many users while one address cannot take the whole node.
+pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: usize = 256;
 
 impl Default for Limits {
     fn default() -> Limits {
@@ -153,6 +168,8 @@ impl Default for Limits {
             response_timeout: DEFAULT_RESPONSE_TIMEOUT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             max_h2_streams: DEFAULT_MAX_H2_STREAMS,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_client: DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
         }
     }
 }

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use crate::backend::Routes;
+use crate::core::admission::Refusal;
 
 /// Upper bounds of the latency histogram buckets, in seconds (the last bucket is `+Inf`).
 pub const LATENCY_BUCKETS: [f64; 13] = [
@@ -83,6 +84,19 @@ pub struct Global {
     pub too_large: AtomicU64,
     pub bad_gateway: AtomicU64,
     pub gateway_timeout: AtomicU64,
+    /// Connections refused over the caps, by [`Refusal`].
+    pub refused_global: AtomicU64,
+    pub refused_per_client: AtomicU64,
+}
+
+impl Global {
+    /// The refused-connections counter for `reason`.
+    pub fn refused(&self, reason: Refusal) -> &AtomicU64 {
+        match reason {
+            Refusal::Global => &self.refused_global,
+            Refusal::PerClient => &self.refused_per_client,
+        }
+    }
 }
 
 fn escape(v: &str) -> String {
@@ -91,7 +105,8 @@ fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
-pub fn render(global: &Global, routes: &Routes) -> String {
+/// `clients`: client addresses holding a connection now (the per-client table's size).
+pub fn render(global: &Global, routes: &Routes, clients: usize) -> String {
     let mut out = String::with_capacity(4096);
     let g = |out: &mut String, name: &str, kind: &str, help: &str, v: &AtomicU64| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -102,15 +117,31 @@ pub fn render(global: &Global, routes: &Routes) -> String {
         &mut out,
         &format!("{p}_connections_total"),
         "counter",
-        "Client connections accepted.",
+        "Client connections accepted (within the connection caps).",
         &global.connections,
     );
+    let _ = writeln!(
+        out,
+        "# HELP {p}_connections_refused_total Client connections refused over a cap: the balancer's (global) or one address's (per_client).\n# TYPE {p}_connections_refused_total counter"
+    );
+    for reason in [Refusal::Global, Refusal::PerClient] {
+        let _ = writeln!(
+            out,
+            "{p}_connections_refused_total{{reason=\"{}\"}} {}",
+            reason.as_str(),
+            global.refused(reason).load(Relaxed)
+        );
+    }
     g(
         &mut out,
         &format!("{p}_connections_active"),
         "gauge",
         "Client connections open.",
         &global.active_connections,
+    );
+    let _ = writeln!(
+        out,
+        "# HELP {p}_connections_clients Client addresses holding at least one connection.\n# TYPE {p}_connections_clients gauge\n{p}_connections_clients {clients}"
     );
     g(
         &mut out,

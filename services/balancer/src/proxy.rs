@@ -3,7 +3,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -16,8 +16,9 @@ use hyper::body::{Body, Incoming};
 use hyper_util::rt::TokioIo;
 
 use crate::backend::{Backend, Routes};
-use crate::body::{is_body_too_large, Inflight, ReqBody, RespBody};
+use crate::body::{client_body_error, ClientBodyError, Inflight, ReqBody, RespBody};
 use crate::conn::ConnShared;
+use crate::core::admission::Admission;
 use crate::core::health::{Observation, Transition};
 use crate::core::retry::{self, Failure};
 use crate::metrics::Global;
@@ -37,6 +38,8 @@ pub struct Shared {
     pub track: Option<crate::vip::TrackFile>,
     /// The node's view of the floating IP (metrics).
     pub vip: Option<Arc<crate::vip::VipState>>,
+    /// Client connections held, in all and per address (`Limits::max_connections*`).
+    pub admission: Mutex<Admission>,
 }
 
 /// The parts of the configuration requests read; swapped whole on reload.
@@ -63,6 +66,10 @@ impl Settings {
 }
 
 impl Shared {
+    pub fn lock_admission(&self) -> MutexGuard<'_, Admission> {
+        self.admission.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Record a health observation for `backend`; on a state change, log the event and
     /// rebuild the schedule of the current routing table.
     pub fn observe(&self, backend: &Backend, obs: Observation, reason: &str) {
@@ -163,12 +170,7 @@ pub async fn handle(req: Request<Incoming>, ctx: &ConnCtx) -> Response<RespBody>
 
 async fn route(req: Request<Incoming>, ctx: &ConnCtx) -> Response<RespBody> {
     let g = &ctx.shared.global;
-    if ctx.h1
-        && ctx
-            .conn
-            .next_verdict()
-            .is_some_and(|v| v.conflicting_length)
-    {
+    if ctx.h1 && ctx.conn.on_head().is_some_and(|v| v.conflicting_length) {
         g.bad_request.fetch_add(1, Relaxed);
         return local(
             StatusCode::BAD_REQUEST,
@@ -319,7 +321,10 @@ async fn forward(mut req: Request<Incoming>, ctx: &ConnCtx) -> Response<RespBody
         };
         let backend = &routes.entries[i].backend;
         let req_body = match body.take() {
-            Some(b) => ReqBody::Stream(b),
+            // The request stays in flight on the client connection until its body was read to
+            // the end (or dropped), not only until the response was sent: bytes hyper reads
+            // meanwhile are body, not a head, and get no head deadline.
+            Some(b) => ReqBody::stream(b, Inflight::conn(&ctx.conn)),
             None => ReqBody::Empty,
         };
         let Some(out) = backend_request(&parts, backend, &ctx.fwd, upgrade, req_body) else {
@@ -341,6 +346,8 @@ async fn forward(mut req: Request<Incoming>, ctx: &ConnCtx) -> Response<RespBody
                 shared.observe(backend, Observation::TrafficOk, "response");
                 if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
                     if let Some(client_upgrade) = client_upgrade {
+                        // Only now, with the backend's 101 in hand, is the connection a tunnel.
+                        ctx.conn.tunnel();
                         let backend_upgrade = hyper::upgrade::on(&mut resp);
                         tokio::spawn(async move {
                             let _active = active;
@@ -362,12 +369,25 @@ async fn forward(mut req: Request<Incoming>, ctx: &ConnCtx) -> Response<RespBody
                 return Response::from_parts(p, body);
             }
             Ok(Err(e)) => {
-                backend.metrics.errors.fetch_add(1, Relaxed);
                 if let SendError::Http(h) = &e {
-                    if is_body_too_large(h) {
-                        return too_large(g);
+                    // The client's own body failed (too large, framing broken, cut short): the
+                    // client's error. Not the backend's: no error, no health observation, no
+                    // 502 (which would feed the 5xx alert and blame a healthy backend).
+                    match client_body_error(h) {
+                        Some(ClientBodyError::TooLarge) => return too_large(g),
+                        Some(ClientBodyError::Broken(cause)) => {
+                            tracing::debug!(error = %cause, "request body broken by the client");
+                            g.bad_request.fetch_add(1, Relaxed);
+                            return local(
+                                StatusCode::BAD_REQUEST,
+                                "malformed request body\n",
+                                ctx.h1,
+                            );
+                        }
+                        None => {}
                     }
                 }
+                backend.metrics.errors.fetch_add(1, Relaxed);
                 let failure = classify(&e);
                 match failure {
                     Failure::Connect => {

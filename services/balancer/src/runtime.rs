@@ -159,6 +159,7 @@ impl Balancer {
                 .filter(|_| plan.vip.mode == VipMode::Vrrp)
                 .map(|dir| TrackFile::new(dir.join(api::vip::TRACK_BACKENDS))),
             vip: vip.clone(),
+            admission: Default::default(),
         });
         // Backends start up (unconfirmed), so the node may serve from the first moment.
         shared.update_track();
@@ -371,7 +372,8 @@ impl Handle {
 }
 
 fn metrics_text(shared: &Shared) -> String {
-    let mut text = metrics::render(&shared.global, &shared.routes.load());
+    let clients = shared.lock_admission().clients();
+    let mut text = metrics::render(&shared.global, &shared.routes.load(), clients);
     if let Some(vip) = &shared.vip {
         vip.metrics(&mut text);
     }

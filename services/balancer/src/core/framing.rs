@@ -9,8 +9,15 @@
 //! - **Timeouts.** Whether the connection sits between requests, inside a request head (a slow
 //!   head gets 408) or inside a body.
 //!
-//! The tracker never decides framing for hyper: when it meets something it does not follow (an
-//! upgrade, a head hyper will reject) it turns itself off and reports nothing more.
+//! The tracker never decides framing for hyper: when it meets something it does not follow (a
+//! head hyper will reject, a line longer than it buffers) it turns itself off and reports
+//! nothing more. An `Upgrade:` or `CONNECT` request is followed like any other: the backend may
+//! refuse it, and then the connection carries more requests whose heads need their deadline.
+//! Only the proxy knows when the connection really became a tunnel (it sent the backend's 101)
+//! and says so with [`Framing::tunnel`].
+//!
+//! The same bytes give the same verdicts and progress however they are split into reads
+//! (`fuzz_*` property tests below).
 
 /// Where the byte stream of a connection stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,7 +28,7 @@ pub enum Progress {
     InHead,
     /// Inside a request body.
     InBody,
-    /// No longer followed (upgrade, CONNECT, or something hyper will refuse).
+    /// No longer followed: a tunnel after an accepted upgrade, or something hyper will refuse.
     Off,
 }
 
@@ -65,6 +72,12 @@ impl Framing {
         }
     }
 
+    /// The connection became a tunnel (the backend accepted an upgrade): what follows is not
+    /// HTTP, and is not followed.
+    pub fn tunnel(&mut self) {
+        self.off();
+    }
+
     pub fn progress(&self) -> Progress {
         match self.st {
             St::Head if self.buf.is_empty() => Progress::Idle,
@@ -95,13 +108,15 @@ impl Framing {
                     let room = (self.max_head_bytes + 1).saturating_sub(old);
                     let take = data.len().min(room);
                     self.buf.extend_from_slice(&data[..take]);
-                    if !data[..take].contains(&b'\n') {
+                    // A head is looked at only up to its last complete line, so that how the
+                    // bytes were split into reads never changes when a verdict is reached.
+                    let Some(last_nl) = data[..take].iter().rposition(|&b| b == b'\n') else {
                         if self.buf.len() > self.max_head_bytes {
                             self.off();
                         }
                         return;
-                    }
-                    match self.parse_head() {
+                    };
+                    match self.parse_head(old + last_nl + 1) {
                         Some((len, verdict, next)) => {
                             verdicts.extend(Some(verdict));
                             // Bytes of this feed past the end of the head belong to what follows.
@@ -142,6 +157,11 @@ impl Framing {
                     };
                     self.buf.extend_from_slice(&data[..nl]);
                     data = &data[nl + 1..];
+                    // The same limit whether the line came in one read or several.
+                    if self.buf.len() > MAX_LINE {
+                        self.off();
+                        return;
+                    }
                     let line = std::mem::take(&mut self.buf);
                     let line = line.strip_suffix(b"\r").unwrap_or(&line);
                     self.st = match self.st {
@@ -165,8 +185,8 @@ impl Framing {
         self.buf = Vec::new();
     }
 
-    /// `Some((head length, verdict, next state))` once the head in `buf` is complete.
-    fn parse_head(&mut self) -> Option<(usize, HeadVerdict, St)> {
+    /// `Some((head length, verdict, next state))` once the head in `buf[..lines]` is complete.
+    fn parse_head(&mut self, lines: usize) -> Option<(usize, HeadVerdict, St)> {
         // Up to STACK headers without an allocation (the default limit is 100).
         const STACK: usize = 128;
         let mut on_stack = [httparse::EMPTY_HEADER; STACK];
@@ -178,7 +198,7 @@ impl Framing {
             &mut on_heap[..]
         };
         let mut req = httparse::Request::new(headers);
-        let len = match req.parse(&self.buf) {
+        let len = match req.parse(&self.buf[..lines]) {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) => return None,
             // hyper refuses the same head (400/431); nothing more to follow.
@@ -189,7 +209,6 @@ impl Framing {
         };
         let mut te = None::<bool>; // Some(final encoding is chunked)
         let mut cl = None::<Option<u64>>; // Some(parsed length, None if invalid or unequal)
-        let mut upgrade = req.method == Some("CONNECT");
         for h in req.headers.iter() {
             if h.name.eq_ignore_ascii_case("transfer-encoding") {
                 let last = h.value.rsplit(|&b| b == b',').next().unwrap_or(b"");
@@ -203,15 +222,13 @@ impl Framing {
                     Some(prev) if prev == v => v,
                     Some(_) => None,
                 });
-            } else if h.name.eq_ignore_ascii_case("upgrade") {
-                upgrade = true;
             }
         }
         let verdict = HeadVerdict {
             conflicting_length: te.is_some() && cl.is_some(),
         };
         let next = match (te, cl) {
-            _ if verdict.conflicting_length || upgrade => St::Off,
+            _ if verdict.conflicting_length => St::Off,
             (Some(true), None) => St::ChunkSize,
             (Some(false), None) => St::Off,
             (None, Some(Some(0))) | (None, None) => St::Head,
@@ -298,12 +315,19 @@ mod tests {
             Off,
         );
         check(&format!("{get}{smuggled}"), &["ok", "CONFLICT"], Off);
-        // Upgrades and heads hyper refuses end the tracking.
+        // An upgrade or CONNECT the backend refuses leaves an HTTP/1.1 connection: the next head
+        // is followed (and gets its deadline). An accepted one is reported with `tunnel()`.
+        let upgrade = "GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n";
+        check(&format!("{upgrade}{get}"), &["ok", "ok"], Idle);
+        check(&format!("{upgrade}GET / HTTP/1.1\r\n"), &["ok"], InHead);
+        let connect = "CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n";
+        check(&format!("{connect}{get}GET"), &["ok", "ok"], InHead);
         check(
-            &format!("GET / HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n{get}"),
-            &["ok"],
-            Off,
+            &format!("POST / HTTP/1.1\r\nUpgrade: h2c\r\nContent-Length: 3\r\n\r\nabc{get}"),
+            &["ok", "ok"],
+            Idle,
         );
+        // Heads hyper refuses end the tracking.
         check("GET / HTTP/1.1\r\nBad Header\r\n\r\n", &[], Off);
         check(
             "POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\nxx",
@@ -341,5 +365,242 @@ mod tests {
         );
         f.feed("f".repeat(MAX_LINE + 2).as_bytes(), &mut v);
         assert_eq!(f.progress(), Progress::Off);
+
+        // The same over-long line with its end in the same read (found by `fuzz_*`).
+        let mut f = Framing::new(8192, 100);
+        f.feed(
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            &mut v,
+        );
+        f.feed(format!("1;{}\r\n", "e".repeat(MAX_LINE)).as_bytes(), &mut v);
+        assert_eq!(f.progress(), Progress::Off);
+    }
+
+    /// A head is judged at line ends only: a bad line found early in one big read and late in
+    /// small ones would give different progress for the same bytes (found by `fuzz_*`).
+    #[test]
+    fn a_head_is_judged_at_line_ends() {
+        for pieces in [
+            &["GET / HTTP/1.1\r\nGET "][..],
+            &["GET / HTTP/1.1\r\n", "GET "],
+        ] {
+            let mut f = Framing::new(8192, 100);
+            let mut v = Vec::new();
+            for p in pieces {
+                f.feed(p.as_bytes(), &mut v);
+            }
+            assert_eq!(f.progress(), Progress::InHead, "{pieces:?}");
+            f.feed(b"/ HTTP/1.1\r\n", &mut v);
+            assert_eq!(f.progress(), Progress::Off, "{pieces:?}");
+        }
+    }
+
+    #[test]
+    fn a_tunnel_is_not_followed() {
+        let mut f = Framing::new(8192, 100);
+        let mut v = Vec::new();
+        f.feed(
+            b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            &mut v,
+        );
+        assert_eq!((f.progress(), v.len()), (Progress::Idle, 1));
+        f.tunnel();
+        f.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\nGET", &mut v);
+        assert_eq!((f.progress(), v.len()), (Progress::Off, 1));
+    }
+
+    /// Property tests ("fuzzing" on stable): `PROPTEST_CASES` sets how many cases (256 by
+    /// default; the long run uses 100000).
+    mod fuzz {
+        use proptest::prelude::*;
+        use proptest::sample::Index;
+
+        use super::super::*;
+
+        /// What the tracker decided after each byte, fed one byte at a time: the reference every
+        /// other split must agree with.
+        struct Trace {
+            progress: Vec<Progress>,
+            verdicts_seen: Vec<usize>,
+            verdicts: Vec<HeadVerdict>,
+        }
+
+        fn trace(bytes: &[u8], max_head: usize, max_headers: usize) -> Trace {
+            let mut f = Framing::new(max_head, max_headers);
+            let mut verdicts = Vec::new();
+            let (mut progress, mut verdicts_seen) = (vec![f.progress()], vec![0]);
+            for b in bytes {
+                f.feed(std::slice::from_ref(b), &mut verdicts);
+                progress.push(f.progress());
+                verdicts_seen.push(verdicts.len());
+            }
+            Trace {
+                progress,
+                verdicts_seen,
+                verdicts,
+            }
+        }
+
+        /// Feeds `bytes` split at `cuts` and checks, at the end of every read, the same progress
+        /// and verdicts as the byte-at-a-time reference; then the same for one single read.
+        fn check_splits(
+            bytes: &[u8],
+            cuts: &[Index],
+            max_head: usize,
+            max_headers: usize,
+        ) -> Result<(), TestCaseError> {
+            let reference = trace(bytes, max_head, max_headers);
+            let mut ends: Vec<usize> = cuts.iter().map(|i| i.index(bytes.len() + 1)).collect();
+            ends.push(bytes.len());
+            ends.sort_unstable();
+            ends.dedup();
+            for ends in [ends, vec![bytes.len()]] {
+                let mut f = Framing::new(max_head, max_headers);
+                let mut verdicts = Vec::new();
+                let mut start = 0;
+                for end in ends {
+                    f.feed(&bytes[start..end], &mut verdicts);
+                    start = end;
+                    prop_assert_eq!(f.progress(), reference.progress[end], "after byte {}", end);
+                    prop_assert_eq!(
+                        verdicts.len(),
+                        reference.verdicts_seen[end],
+                        "verdicts after byte {}",
+                        end
+                    );
+                }
+                prop_assert_eq!(&verdicts, &reference.verdicts);
+            }
+            Ok(())
+        }
+
+        /// Pieces of HTTP/1 requests, bodies and junk, so that streams reach every state.
+        fn fragment() -> impl Strategy<Value = Vec<u8>> {
+            let s = |t: &'static str| Just(t.as_bytes().to_vec());
+            prop_oneof![
+                4 => s("GET / HTTP/1.1\r\n"),
+                4 => s("POST /x HTTP/1.1\r\n"),
+                1 => s("CONNECT a:443 HTTP/1.1\r\n"),
+                4 => s("Host: a\r\n"),
+                3 => s("Transfer-Encoding: chunked\r\n"),
+                1 => s("Transfer-Encoding: gzip, chunked\r\n"),
+                1 => s("Transfer-Encoding: gzip\r\n"),
+                3 => (0u64..40).prop_map(|n| format!("Content-Length: {n}\r\n").into_bytes()),
+                1 => s("Content-Length: +1\r\n"),
+                1 => s("Content-Length: 99999999999999999999\r\n"),
+                2 => s("Upgrade: websocket\r\nConnection: upgrade\r\n"),
+                6 => s("\r\n"),
+                1 => s("\n"),
+                1 => s("\r"),
+                4 => (0u64..0x30).prop_map(|n| format!("{n:x}\r\n").into_bytes()),
+                1 => (0u64..0x30).prop_map(|n| format!("{n:X};ext=1\r\n").into_bytes()),
+                2 => s("0\r\n\r\n"),
+                1 => s("X-Trailer: 1\r\n"),
+                3 => prop::collection::vec(any::<u8>(), 0..16),
+                3 => prop::collection::vec(
+                    prop::sample::select(b"abcdef0123456789 :;\r\n".to_vec()),
+                    0..24
+                ),
+                // Chunk-size and trailer lines around the tracker's line limit.
+                1 => ((MAX_LINE - 6)..(MAX_LINE + 2))
+                    .prop_map(|n| format!("1;{}\r\n", "e".repeat(n)).into_bytes()),
+                1 => ((MAX_LINE - 8)..(MAX_LINE + 2))
+                    .prop_map(|n| format!("X-T: {}\r\n", "t".repeat(n)).into_bytes()),
+            ]
+        }
+
+        /// A whole request, mostly well formed: a head, then a body by its own framing (with
+        /// chunk extensions and trailers of every length, around the line limit too).
+        fn message() -> impl Strategy<Value = Vec<u8>> {
+            let line = prop_oneof![
+                Just("GET / HTTP/1.1\r\n".to_string()),
+                Just("POST /up HTTP/1.1\r\n".to_string()),
+                Just("CONNECT a:443 HTTP/1.1\r\n".to_string()),
+                Just(
+                    "GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: upgrade\r\n".to_string()
+                ),
+            ];
+            let text = |max: usize| {
+                prop_oneof![
+                    4 => (0..max.min(40)).prop_map(|n| "x".repeat(n)),
+                    1 => ((MAX_LINE - 12)..(MAX_LINE + 4)).prop_map(|n| "x".repeat(n)),
+                ]
+            };
+            let chunk = (
+                prop::collection::vec(any::<u8>(), 1..40),
+                prop::option::of(text(MAX_LINE)),
+            )
+                .prop_map(|(data, ext)| {
+                    let ext = ext.map(|e| format!(";{e}")).unwrap_or_default();
+                    let mut c = format!("{:x}{ext}\r\n", data.len()).into_bytes();
+                    c.extend_from_slice(&data);
+                    c.extend_from_slice(b"\r\n");
+                    c
+                });
+            let chunked = (
+                prop::collection::vec(chunk, 0..4),
+                prop::collection::vec(text(MAX_LINE), 0..3),
+            )
+                .prop_map(|(chunks, trailers)| {
+                    let mut b = b"Transfer-Encoding: chunked\r\n\r\n".to_vec();
+                    b.extend(chunks.concat());
+                    b.extend_from_slice(b"0\r\n");
+                    for t in trailers {
+                        b.extend_from_slice(format!("X-T: {t}\r\n").as_bytes());
+                    }
+                    b.extend_from_slice(b"\r\n");
+                    b
+                });
+            let sized = prop::collection::vec(any::<u8>(), 0..64).prop_map(|data| {
+                let mut b = format!("Content-Length: {}\r\n\r\n", data.len()).into_bytes();
+                b.extend(data);
+                b
+            });
+            let body = prop_oneof![Just(b"\r\n".to_vec()), sized, chunked];
+            let headers = prop::collection::vec(fragment(), 0..4);
+            (line, headers, body).prop_map(|(line, headers, body)| {
+                let mut m = line.into_bytes();
+                m.extend_from_slice(b"Host: a\r\n");
+                m.extend(headers.concat());
+                m.extend(body);
+                m
+            })
+        }
+
+        fn limits() -> impl Strategy<Value = (usize, usize)> {
+            prop_oneof![Just((8192, 100)), (8usize..300, 1usize..8)]
+        }
+
+        proptest! {
+            #[test]
+            fn fuzz_framing_is_split_invariant_on_arbitrary_bytes(
+                bytes in prop::collection::vec(any::<u8>(), 0..2048),
+                cuts in prop::collection::vec(any::<Index>(), 0..16),
+                (max_head, max_headers) in limits(),
+            ) {
+                check_splits(&bytes, &cuts, max_head, max_headers)?;
+            }
+
+            #[test]
+            fn fuzz_framing_is_split_invariant_on_http_like_streams(
+                parts in prop::collection::vec(fragment(), 0..64),
+                cuts in prop::collection::vec(any::<Index>(), 0..16),
+                (max_head, max_headers) in limits(),
+            ) {
+                check_splits(&parts.concat(), &cuts, max_head, max_headers)?;
+            }
+
+            #[test]
+            fn fuzz_framing_is_split_invariant_on_request_sequences(
+                parts in prop::collection::vec(
+                    prop_oneof![8 => message(), 1 => fragment()],
+                    0..8
+                ),
+                cuts in prop::collection::vec(any::<Index>(), 0..16),
+                (max_head, max_headers) in limits(),
+            ) {
+                check_splits(&parts.concat(), &cuts, max_head, max_headers)?;
+            }
+        }
     }
 }

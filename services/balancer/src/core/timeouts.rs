@@ -1,4 +1,11 @@
 //! What to do with a client connection when its timer fires (pure: the time is passed in).
+//!
+//! A request head has two deadlines, and the earlier one wins:
+//! - the framing tracker's: from the first byte of the head it saw (408);
+//! - one that does not depend on the tracker, for HTTP/1 connections: from the first byte read
+//!   while no request was in flight until hyper delivered a head (408). The tracker may stop
+//!   following a connection (a line longer than it buffers, something it does not parse) while
+//!   hyper goes on reading heads; this deadline still holds then.
 
 use std::time::{Duration, Instant};
 
@@ -22,8 +29,11 @@ pub struct ConnTimes {
     /// Whether any request byte ever arrived (a new connection gets the head timeout to start).
     pub seen_bytes: bool,
     pub last_read: Instant,
-    /// When the first byte of the current, incomplete head arrived.
+    /// When the first byte of the current, incomplete head arrived (framing tracker).
     pub head_started: Option<Instant>,
+    /// HTTP/1: when the first byte arrived that was read while no request was in flight and that
+    /// hyper has not yet turned into a request (independent of the tracker).
+    pub unanswered_since: Option<Instant>,
 }
 
 pub fn decide(
@@ -32,24 +42,31 @@ pub fn decide(
     header_timeout: Duration,
     idle_timeout: Duration,
 ) -> Decision {
-    let at = |deadline: Instant, then: Decision| {
-        if now >= deadline {
-            then
-        } else {
-            Decision::WaitUntil(deadline)
-        }
-    };
-    match t.progress {
+    let tracked = match t.progress {
         // A slow request body: nothing read for the idle timeout, whatever is in flight.
-        Progress::InBody => at(t.last_read + idle_timeout, Decision::Close),
-        // A response is being made or sent: the backend timeouts apply, not these.
-        _ if t.inflight > 0 => Decision::WaitUntil(now + idle_timeout),
-        Progress::InHead => at(
+        Progress::InBody => Some((t.last_read + idle_timeout, Decision::Close)),
+        // A response is being made or sent (or a body forwarded): the backend timeouts apply.
+        _ if t.inflight > 0 => None,
+        Progress::InHead => Some((
             t.head_started.unwrap_or(t.last_read) + header_timeout,
             Decision::RequestTimeout,
-        ),
-        Progress::Idle if !t.seen_bytes => at(t.last_read + header_timeout, Decision::Close),
-        Progress::Idle | Progress::Off => at(t.last_read + idle_timeout, Decision::Close),
+        )),
+        Progress::Idle if !t.seen_bytes => Some((t.last_read + header_timeout, Decision::Close)),
+        Progress::Idle | Progress::Off => Some((t.last_read + idle_timeout, Decision::Close)),
+    };
+    let unanswered = t
+        .unanswered_since
+        .filter(|_| t.inflight == 0)
+        .map(|since| (since + header_timeout, Decision::RequestTimeout));
+    // On a tie the tracker's reason stands.
+    let first = match (tracked, unanswered) {
+        (Some(a), Some(b)) if b.0 < a.0 => Some(b),
+        (a, b) => a.or(b),
+    };
+    match first {
+        Some((deadline, then)) if now >= deadline => then,
+        Some((deadline, _)) => Decision::WaitUntil(deadline),
+        None => Decision::WaitUntil(now + idle_timeout),
     }
 }
 
@@ -71,7 +88,12 @@ mod tests {
                 seen_bytes,
                 last_read: t0 + s(last_read),
                 head_started: head_started.map(|h| t0 + s(h)),
+                unanswered_since: None,
             };
+        let unanswered = |t: ConnTimes, since: u64| ConnTimes {
+            unanswered_since: Some(t0 + s(since)),
+            ..t
+        };
         #[rustfmt::skip]
         let table = [
             // new connection, nothing sent: head timeout, silent close
@@ -90,6 +112,19 @@ mod tests {
             (times(InBody, 1, true, 0, None),      59, WaitUntil(t0 + s(60))),
             (times(InBody, 1, true, 0, None),      60, Close),
             (times(Off, 0, true, 0, None),         60, Close),
+            // A head the tracker no longer follows (Off) still has its deadline: bytes trickle in
+            // (last read at 9 s), hyper makes no request of them.
+            (unanswered(times(Off, 0, true, 9, None), 0),      5,  WaitUntil(t0 + s(10))),
+            (unanswered(times(Off, 0, true, 9, None), 0),      10, RequestTimeout),
+            // ... whatever the tracker believes (a tracker out of step with hyper).
+            (unanswered(times(InBody, 0, true, 9, None), 0),   10, RequestTimeout),
+            (unanswered(times(Idle, 0, true, 9, None), 0),     10, RequestTimeout),
+            // The earlier of the two head deadlines wins; on a tie the tracker's.
+            (unanswered(times(InHead, 0, true, 9, Some(2)), 0), 10, RequestTimeout),
+            (unanswered(times(InHead, 0, true, 9, Some(0)), 3), 11, RequestTimeout),
+            (unanswered(times(InHead, 0, true, 9, Some(3)), 0), 5,  WaitUntil(t0 + s(10))),
+            // Not while a request is in flight (its body, a pipelined head).
+            (unanswered(times(Off, 1, true, 9, None), 0),      30, WaitUntil(t0 + s(90))),
         ];
         for (k, (t, now, expected)) in table.into_iter().enumerate() {
             assert_eq!(

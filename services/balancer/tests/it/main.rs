@@ -2,6 +2,7 @@
 
 mod support;
 
+mod hostile;
 mod malformed;
 mod proxy;
 mod tls;
