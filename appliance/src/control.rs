@@ -72,7 +72,7 @@ pub enum Response {
 pub struct ServiceStatus {
     pub name: String,
     /// `waiting`, `starting`, `running`, `done`, `backoff`, `stopping`, `stopped`, `exited`
-    /// or `failed`.
+    /// or `failed` (a crash loop, retried every maximum backoff).
     pub state: String,
     pub pid: Option<i32>,
     pub restarts: u32,

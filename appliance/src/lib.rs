@@ -15,3 +15,4 @@ pub mod peer;
 pub mod preflight;
 pub mod state;
 pub mod supervisor;
+pub mod users;

@@ -16,9 +16,8 @@ use crate::supervisor::{self, Readiness, ServiceSpec, SupervisorOptions};
 /// OS users the services run as when the supervisor is root (Debian's own).
 pub const NGINX_USER: &str = "www-data";
 pub const MARIADB_USER: &str = "mysql";
-/// The balancer shares the web user: it reads nothing of the others' and writes only its own
-/// certificate directory.
-pub const BALANCER_USER: &str = "www-data";
+/// The balancer has a user of its own: it alone reads the TLS key it serves.
+pub const BALANCER_USER: &str = crate::users::BALANCER;
 /// The web server needs longer than the default to stop when it drains keep-alive clients.
 const DB_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(8);
 /// MariaDB's first start (InnoDB files created) is slow under emulation.
@@ -201,7 +200,8 @@ pub fn services(
     make_dir(&balancer_state, 0o700)?;
     let root = nix::unistd::geteuid().is_root();
     if root {
-        chown_to(&balancer_state, BALANCER_USER)?;
+        // All of it: a key an earlier version wrote as another user becomes the balancer's.
+        crate::users::chown_tree(&balancer_state, BALANCER_USER)?;
     }
     let mut balancer = appliance_argv("balancer", identity)?;
     let vip_dir = layout.vip_dir();
@@ -320,6 +320,9 @@ pub fn prepare(
 ) -> anyhow::Result<Vec<ServiceSpec>> {
     let root = nix::unistd::geteuid().is_root();
     let as_user = |user: &str| root.then(|| user.to_string());
+    if root {
+        crate::users::require()?;
+    }
 
     make_dir(&layout.state, 0o755)?;
     // Runtime state from a previous run is stale by definition.
@@ -460,7 +463,7 @@ pub fn prepare(
         .unwrap_or_else(|| vec![exe, "app".into()]);
     let mut app = ServiceSpec::daemon("app", argv);
     // The application needs no privilege: its database password is in its environment.
-    app.user = as_user(NGINX_USER);
+    app.user = as_user(crate::users::APP);
     app.deps = vec!["mariadb".into()];
     app.readiness = Readiness::Tcp {
         addr: (app_addr, cluster.ports.app).into(),
@@ -468,7 +471,7 @@ pub fn prepare(
     let app_run = layout.run.join("app");
     make_dir(&app_run, 0o700)?;
     if root {
-        chown_to(&app_run, NGINX_USER)?;
+        chown_to(&app_run, crate::users::APP)?;
     }
     let app_env = [
         ("TANDEM_NODE", node.name.clone()),

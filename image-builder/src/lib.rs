@@ -13,6 +13,7 @@ pub mod host;
 pub mod layout;
 pub mod pki;
 pub mod rootimg;
+pub mod users;
 
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
@@ -301,6 +302,12 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, Error> {
         &opts.rootfs_dir.join("overlay"),
         &opts.appliance_bin,
         &staging,
+    )?;
+    let accounts = users::load(&opts.rootfs_dir)?;
+    users::add_to_root(
+        &staging,
+        &accounts,
+        &opts.rootfs_dir.join(users::USERS_FILE),
     )?;
 
     p.step("root.ext4 (mkfs.ext4 -d, timestamps normalised)");

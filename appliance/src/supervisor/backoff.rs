@@ -1,6 +1,10 @@
-//! Restart decisions: exponential backoff with a crash-loop budget.
+//! Restart decisions: exponential backoff, and a crash loop retried at the maximum delay.
 //!
 //! Pure: the caller passes how long the process ran and how it ended; no clock, no sleeps.
+//!
+//! A service is never given up on: a node whose balancer stays down for good after a burst of
+//! crashes (an attacker's, or a dependency's) is worse than one that keeps trying every
+//! [`MAX_BACKOFF`] and says so.
 
 use std::time::Duration;
 
@@ -16,7 +20,8 @@ pub const BACKOFF_FACTOR: u32 = 2;
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A run that stayed ready at least this long is stable: it resets the failure count.
 pub const STABLE_AFTER: Duration = Duration::from_secs(10);
-/// This many consecutive failures without a stable run in between mark the service failed.
+/// This many consecutive failures without a stable run in between are a crash loop: the service
+/// is reported failed (an alert) and from then on retried every `max_backoff`.
 pub const MAX_QUICK_FAILURES: u32 = 5;
 
 /// When a service that ended gets started again.
@@ -67,8 +72,9 @@ pub enum Decision {
     Restart { delay: Duration },
     /// The policy says it stays down (e.g. `on-failure` after a clean exit).
     Stay,
-    /// Crash loop: too many quick failures. Raise an event instead of restarting.
-    GiveUp,
+    /// Crash loop: `max_quick_failures` or more quick failures in a row. The caller raises a
+    /// `failed` event (an alert) and starts it again after `delay`, the maximum backoff.
+    CrashLoop { delay: Duration },
 }
 
 /// The decision and the updated count of consecutive quick failures.
@@ -99,10 +105,13 @@ pub fn decide(
         RestartMode::OnFailure => !success,
         RestartMode::Never => false,
     };
+    let budget = policy.max_quick_failures.max(1);
     let decision = if !wanted {
         Decision::Stay
-    } else if quick_failures >= policy.max_quick_failures.max(1) {
-        Decision::GiveUp
+    } else if quick_failures >= budget {
+        Decision::CrashLoop {
+            delay: policy.max_backoff,
+        }
     } else {
         Decision::Restart {
             delay: delay(policy, quick_failures),
@@ -151,18 +160,45 @@ mod tests {
         Decision::Restart { delay: MS(ms) }
     }
 
+    fn crash_loop() -> Decision {
+        Decision::CrashLoop { delay: MAX_BACKOFF }
+    }
+
     #[test]
-    fn crash_loop_doubles_then_gives_up() {
+    fn crash_loop_doubles_then_retries_at_the_maximum_forever() {
         let crash = (false, 0);
         check(
             &RestartPolicy::default(),
-            &[crash; 5],
+            &[crash; 8],
             &[
                 (1, restart(100)),
                 (2, restart(200)),
                 (3, restart(400)),
                 (4, restart(800)),
-                (5, Decision::GiveUp),
+                (5, crash_loop()),
+                (6, crash_loop()),
+                (7, crash_loop()),
+                (8, crash_loop()),
+            ],
+        );
+    }
+
+    #[test]
+    fn a_stable_run_ends_the_crash_loop() {
+        let crash = (false, 0);
+        let stable = (false, 10_000);
+        check(
+            &RestartPolicy::default(),
+            &[crash, crash, crash, crash, crash, crash, stable, crash],
+            &[
+                (1, restart(100)),
+                (2, restart(200)),
+                (3, restart(400)),
+                (4, restart(800)),
+                (5, crash_loop()),
+                (6, crash_loop()),
+                (0, restart(100)),
+                (1, restart(100)),
             ],
         );
     }
@@ -236,16 +272,26 @@ mod tests {
     }
 
     #[test]
-    fn budget_of_one_gives_up_at_once() {
+    fn budget_of_one_is_a_crash_loop_at_once() {
         let policy = RestartPolicy {
             max_quick_failures: 1,
             ..RestartPolicy::default()
         };
-        check(&policy, &[(false, 0)], &[(1, Decision::GiveUp)]);
+        check(
+            &policy,
+            &[(false, 0), (false, 0)],
+            &[(1, crash_loop()), (2, crash_loop())],
+        );
         let zero = RestartPolicy {
             max_quick_failures: 0,
             ..RestartPolicy::default()
         };
-        check(&zero, &[(false, 0)], &[(1, Decision::GiveUp)]);
+        check(&zero, &[(false, 0)], &[(1, crash_loop())]);
+        // `never` and `on-failure` after a clean exit stay down even in a crash loop.
+        let never = RestartPolicy {
+            mode: RestartMode::Never,
+            ..policy
+        };
+        check(&never, &[(false, 0)], &[(1, Decision::Stay)]);
     }
 }

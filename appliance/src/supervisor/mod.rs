@@ -30,8 +30,10 @@
 //!   exits, the rest of its group is SIGKILLed before it is reaped (nginx workers do not
 //!   outlive a killed master and keep its port).
 //! - Environment variables of services are never logged, nor written to the state DB.
-//! - A crash loop never spins: after [`backoff::MAX_QUICK_FAILURES`] consecutive quick
-//!   failures a service is `failed` and stays down until a `restart` request.
+//! - A crash loop never spins, and never ends in a service left down for good: after
+//!   [`backoff::MAX_QUICK_FAILURES`] consecutive quick failures a service is `failed` (an event
+//!   the log monitor alerts on) and is retried every [`backoff::MAX_BACKOFF`] until it runs
+//!   stably; a `restart` request tries at once.
 //!
 //! Dependencies are checked at start only: a service starts once all its dependencies are
 //! ready; if a dependency later restarts, its dependents keep running.

@@ -54,7 +54,7 @@ enum State {
     Stopped,
     /// Ended and the restart policy keeps it down.
     Exited,
-    /// Gave up after a crash loop.
+    /// In a crash loop: waiting the maximum backoff for its next try.
     Failed,
 }
 
@@ -422,13 +422,15 @@ impl Runner {
         match outcome.decision {
             Decision::Restart { delay } => self.schedule_restart(idx, delay),
             Decision::Stay => svc.state = State::Exited,
-            Decision::GiveUp => {
-                svc.state = State::Failed;
+            Decision::CrashLoop { delay } => {
                 let detail = format!(
-                    "{} consecutive failures without a stable run; not restarting",
-                    outcome.quick_failures
+                    "{} consecutive failures without a stable run; retrying every {}ms",
+                    outcome.quick_failures,
+                    delay.as_millis()
                 );
                 self.record(idx, EventKind::Failed, None, &detail);
+                self.schedule_restart(idx, delay);
+                self.services[idx].state = State::Failed;
             }
         }
     }

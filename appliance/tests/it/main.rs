@@ -1,6 +1,7 @@
 mod admin;
 mod db;
 mod logmon;
+mod privilege;
 mod run;
 mod supervisor;
 mod support;
