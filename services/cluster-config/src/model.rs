@@ -291,12 +291,16 @@ pub struct WebhookUrl {
 
 /// Schemes longer than this are not repeated in an error (the text may not be a URL at all).
 const MAX_SHOWN_SCHEME: usize = 16;
+/// Far beyond any real webhook, far below what HTTP clients refuse (64 KiB).
+pub const MAX_WEBHOOK_URL_LEN: usize = 2048;
+/// Printable ASCII that RFC 3986 allows nowhere in a URL (HTTP clients refuse some of them).
+const NOT_IN_URLS: &[u8] = b"\"<>\\^`{|}";
 
 impl WebhookUrl {
     /// `http[s]://host[:port][/path][?query]` with a DNS name, IPv4 or `[IPv6]` host. Rejects
     /// what the monitor could not send: other schemes, `user@` credentials, a `#fragment`
     /// (never sent), and characters that must be percent-encoded (spaces, controls,
-    /// non-ASCII). The error says what is wrong without repeating the path or the query.
+    /// non-ASCII, `"<>\^`{|}`). The error says what is wrong without repeating the path or the query.
     pub fn parse(url: &str) -> Result<WebhookUrl, String> {
         const EXPECTED: &str = "expected an http:// or https:// URL";
         let Some((scheme, rest)) = url.split_once("://") else {
@@ -315,9 +319,16 @@ impl WebhookUrl {
         } else {
             return Err(EXPECTED.to_string());
         };
-        if !url.bytes().all(|b| b.is_ascii_graphic()) {
+        if url.len() > MAX_WEBHOOK_URL_LEN {
+            return Err(format!("longer than {MAX_WEBHOOK_URL_LEN} characters"));
+        }
+        if !url
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !NOT_IN_URLS.contains(&b))
+        {
             return Err(
-                "spaces, control and non-ASCII characters must be percent-encoded".to_string(),
+                "spaces, control and non-ASCII characters and any of \"<>\\^`{|} must be percent-encoded"
+                    .to_string(),
             );
         }
         if url.contains('#') {
@@ -459,6 +470,12 @@ mod tests {
             ("http://h/SECRET path", Err("must be percent-encoded")),
             ("http://h/SECRÉT", Err("must be percent-encoded")),
             ("http://h/SECRET#x", Err("a #fragment is never sent")),
+            ("http://h/SECRET>", Err("must be percent-encoded")),
+            ("http://h/?q=\"SECRET\"", Err("must be percent-encoded")),
+            (
+                &format!("http://h/{}", "SECRET".repeat(400)),
+                Err("longer than 2048"),
+            ),
             ("http://[::1/SECRET", Err("needs a closing `]`")),
             ("http://[::g]/SECRET", Err("[::g] is not an IPv6 address")),
             (

@@ -1,5 +1,8 @@
 //! The crate's one integration-test binary: the corpus of invalid files in `tests/bad/`, the
-//! shipped configurations, and a no-panic sweep over mangled input.
+//! shipped configurations, a no-panic sweep over mangled input and property tests
+//! ([`fuzz`]).
+
+mod fuzz;
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};

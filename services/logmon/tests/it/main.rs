@@ -1,5 +1,7 @@
-//! The log monitor's parts with real files, sockets, TLS, `openssl` and `promtool`.
+//! The log monitor's parts with real files, sockets, TLS, `openssl` and `promtool`, and
+//! property tests of its parsers ([`fuzz`]).
 
+mod fuzz;
 mod monitor;
 mod store;
 mod webhook;
