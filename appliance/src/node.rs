@@ -26,6 +26,8 @@ const DB_READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120
 pub const NODE_PAGE: &str = "node.html";
 /// File name of the cluster secret in a state directory.
 pub const SECRET_FILE: &str = "cluster.secret";
+/// File name of a developer machine's cluster CA key in a state directory (see `tls`).
+pub const DEV_CA_FILE: &str = "cluster-ca.secret";
 
 /// Where a node keeps things.
 #[derive(Debug, Clone, PartialEq)]
@@ -39,6 +41,11 @@ pub struct Layout {
     /// The cluster secret every node shares (database passwords derive from it; see
     /// `db::agent`). Created when absent, which suits one node; a cluster provisions it.
     pub secret: PathBuf,
+    /// The node's TLS files (`ca.crt`, `node.crt`, `node.key`): the seed's on an image.
+    pub tls: PathBuf,
+    /// A developer machine's own cluster CA key: the node's TLS files are issued from it at
+    /// every start. `None` on an image, whose seed holds them.
+    pub dev_ca: Option<PathBuf>,
 }
 
 impl Layout {
@@ -49,6 +56,8 @@ impl Layout {
             run: state_dir.join("run"),
             socket: state_dir.join("control.sock"),
             secret: state_dir.join(SECRET_FILE),
+            tls: state_dir.join("tls"),
+            dev_ca: Some(state_dir.join(DEV_CA_FILE)),
         }
     }
 
@@ -60,6 +69,8 @@ impl Layout {
             socket: PathBuf::from(crate::control::DEFAULT_SOCKET),
             // The image-builder puts the cluster's shared secret in every node's seed.
             secret: Path::new(crate::init::SEED_MOUNT).join(SECRET_FILE),
+            tls: crate::peer::seed_tls_dir(),
+            dev_ca: None,
         }
     }
 
@@ -169,6 +180,11 @@ pub fn run(
             layout.secret = std::path::absolute(dir.join(format!("{}.secret", cluster.name)))?
         }
         (None, None) => {}
+    }
+    // Like the secret, whatever --secret-file says: the nodes of one config share a CA.
+    if let Some(dir) = config.and_then(Path::parent) {
+        let ca = dir.join(format!("{}-ca.secret", cluster.name));
+        layout.dev_ca = Some(std::path::absolute(ca)?);
     }
     let specs = services(&cluster, node, &layout, config)?;
     let reason = supervise(specs, &layout)?;
@@ -359,6 +375,10 @@ pub fn prepare(
         chown_to(&db_paths.datadir, MARIADB_USER)?;
         chown_to(&db_paths.run_dir, MARIADB_USER)?;
     }
+    if let Some(ca) = &layout.dev_ca {
+        crate::db_agent::issue_dev_tls(ca, cluster, node, &layout.tls)?;
+    }
+    crate::db_agent::install_db_tls(&layout.tls, &db_paths, as_user(MARIADB_USER).as_deref())?;
     write_file(&db_paths.config_file, &db::render_conf(&db_params), 0o644)?;
     let agent_private = layout.run.join("db-agent");
     make_dir(&agent_private, 0o700)?;
@@ -371,6 +391,7 @@ pub fn prepare(
             primary_file: layout.state.join(db::agent::PRIMARY_FILE),
             status_file: layout.run.join(db::agent::STATUS_FILE),
             private_dir: agent_private,
+            ssl_ca: db_paths.ssl_ca(),
         },
     );
     let agent_conf_file = layout.run.join("etc").join(db::agent::AGENT_CONFIG_FILE);
@@ -500,6 +521,7 @@ pub fn prepare(
             "TANDEM_DB_STATUS_FILE",
             agent_conf.status_file.display().to_string(),
         ),
+        ("TANDEM_DB_SSL_CA", db_paths.ssl_ca().display().to_string()),
         ("TANDEM_DB_NAME", db::repl::APP_DATABASE.to_string()),
         ("TANDEM_DB_USER", db::repl::APP_USER.to_string()),
         (

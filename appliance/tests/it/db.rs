@@ -369,6 +369,44 @@ fn post_from(node: &Node, from: &str, body: &str) -> Answer {
     )
 }
 
+/// `sql` through the `mariadb` client over TCP to `host:3306` with the account in
+/// `option_file`, over TLS with the server's certificate checked when `ssl_ca` is given, else
+/// in plain text.
+fn mariadb_tcp(
+    option_file: &Path,
+    host: &str,
+    ssl_ca: Option<&Path>,
+    database: &str,
+    sql: &str,
+) -> std::process::Output {
+    let mut cmd = Command::new("mariadb");
+    cmd.arg(format!("--defaults-file={}", option_file.display()))
+        .args(["--protocol=TCP", "--host", host, "--port", "3306"]);
+    match ssl_ca {
+        Some(ca) => cmd
+            .args(["--ssl", "--ssl-verify-server-cert"])
+            .arg(format!("--ssl-ca={}", ca.display())),
+        None => cmd.arg("--skip-ssl"),
+    };
+    if !database.is_empty() {
+        cmd.arg(database);
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run mariadb");
+    use std::io::Write as _;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(sql.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
 fn signal(pid: i32, sig: nix::sys::signal::Signal) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
 }
@@ -492,36 +530,56 @@ fn replication_through_the_app_survives_restarts_kills_and_switchovers() {
         "nginx serves the application's static files"
     );
 
-    // The replica refuses a direct write by the application's account.
+    // Replication runs over TLS, the primary's certificate verified against the cluster CA.
+    let slave = db::repl::parse_batch(&s1.sql_root("mysql", "SHOW SLAVE STATUS;\n"));
+    assert_eq!(
+        (
+            slave[0]["Master_SSL_Allowed"].as_str(),
+            slave[0]["Master_SSL_Verify_Server_Cert"].as_str()
+        ),
+        ("Yes", "Yes"),
+        "{slave:?}"
+    );
+    // Every account logs in over TLS only: without it, access is denied.
     let secret =
         db::agent::parse_secret(&std::fs::read_to_string(tmp.path().join("local.secret")).unwrap())
             .unwrap();
-    let option_file = tmp.path().join("app-client.cnf");
-    std::fs::write(
-        &option_file,
-        format!(
-            "[client]\nuser = tandem_app\npassword = {}\n",
-            db::agent::passwords(&secret).app
-        ),
-    )
-    .unwrap();
+    let passwords = db::agent::passwords(&secret);
+    let ca = s1.state.join("run/mysqld/tls-ca.pem");
+    for (user, password) in [
+        (db::repl::APP_USER, &passwords.app),
+        (db::repl::REPL_USER, &passwords.replication),
+        (db::repl::ADMIN_USER, &passwords.admin),
+    ] {
+        let option_file = tmp.path().join(format!("{user}.cnf"));
+        std::fs::write(
+            &option_file,
+            format!("[client]\nuser = {user}\npassword = {password}\n"),
+        )
+        .unwrap();
+        let plain = mariadb_tcp(&option_file, "127.0.0.22", None, "", "SELECT 1;\n");
+        let err = String::from_utf8_lossy(&plain.stderr);
+        assert!(
+            !plain.status.success() && err.contains("Access denied"),
+            "{user} without TLS: {err}"
+        );
+        let tls = mariadb_tcp(&option_file, "127.0.0.22", Some(&ca), "", "SELECT 1;\n");
+        assert!(
+            tls.status.success(),
+            "{user} over TLS: {}",
+            String::from_utf8_lossy(&tls.stderr)
+        );
+    }
+    // The replica refuses a direct write by the application's account.
+    let option_file = tmp.path().join(format!("{}.cnf", db::repl::APP_USER));
     let direct = |host: &str| {
-        let mut child = Command::new("mariadb")
-            .arg(format!("--defaults-file={}", option_file.display()))
-            .args(["--protocol=TCP", "--host", host, "--port", "3306", "app"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write as _;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(b"INSERT INTO notes (node, body) VALUES ('direct', 'direct-write');\n")
-            .unwrap();
-        child.wait_with_output().unwrap()
+        mariadb_tcp(
+            &option_file,
+            host,
+            Some(&ca),
+            "app",
+            "INSERT INTO notes (node, body) VALUES ('direct', 'direct-write');\n",
+        )
     };
     let out = direct("127.0.0.21");
     assert!(

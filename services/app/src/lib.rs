@@ -49,6 +49,9 @@ pub struct Config {
     pub primary_db: (String, u16),
     /// `TANDEM_DB_STATUS_FILE`: the agent's status (current role and primary), if any.
     pub status_file: Option<PathBuf>,
+    /// `TANDEM_DB_SSL_CA`: the cluster CA. Every database connection is TLS, the server's
+    /// certificate checked against it and the server's address.
+    pub db_ssl_ca: PathBuf,
     /// `TANDEM_DB_NAME`, `TANDEM_DB_USER`, `TANDEM_DB_PASSWORD`.
     pub database: String,
     pub user: String,
@@ -69,6 +72,7 @@ impl std::fmt::Debug for Config {
             .field("local_db", &self.local_db)
             .field("primary_db", &self.primary_db)
             .field("status_file", &self.status_file)
+            .field("db_ssl_ca", &self.db_ssl_ca)
             .field("database", &self.database)
             .field("user", &self.user)
             .field("trusted_proxies", &self.trusted_proxies)
@@ -139,6 +143,7 @@ impl Config {
             ),
             local_db: (local_host, local_port),
             status_file: get("TANDEM_DB_STATUS_FILE").map(PathBuf::from),
+            db_ssl_ca: PathBuf::from(required("TANDEM_DB_SSL_CA")?),
             database: parsed("TANDEM_DB_NAME", "app")?,
             user: required("TANDEM_DB_USER")?,
             password: required("TANDEM_DB_PASSWORD")?,
@@ -199,6 +204,7 @@ pub fn run(config: Config) -> Result<(), AppError> {
         &config.user,
         &config.password,
         &config.database,
+        &config.db_ssl_ca,
     )?;
     let listener = TcpListener::bind(config.listen).map_err(|source| AppError::Listen {
         addr: config.listen,
@@ -450,6 +456,7 @@ mod tests {
                 "TANDEM_DB_USER" => "tandem_app",
                 "TANDEM_DB_PASSWORD" => "hunter2",
                 "TANDEM_APP_RUN_DIR" => "/run/tandem/app",
+                "TANDEM_DB_SSL_CA" => "/run/tandem/mysqld/tls-ca.pem",
                 _ => return None,
             };
             Some(value.to_string())

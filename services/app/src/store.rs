@@ -177,6 +177,8 @@ pub struct Client {
     pub database: String,
     /// 0600 option file with user and password.
     pub option_file: PathBuf,
+    /// The cluster CA the servers' certificates are checked against.
+    pub ssl_ca: PathBuf,
 }
 
 impl Client {
@@ -186,6 +188,7 @@ impl Client {
         user: &str,
         password: &str,
         database: &str,
+        ssl_ca: &Path,
     ) -> Result<Client, StoreError> {
         let path = dir.join("client.cnf");
         let err = |source| StoreError::OptionFile {
@@ -211,10 +214,12 @@ impl Client {
         Ok(Client {
             database: database.to_string(),
             option_file: path,
+            ssl_ca: ssl_ca.to_path_buf(),
         })
     }
 
-    /// Runs `sql` on `host:port`; returns the output (batch, raw, no column names).
+    /// Runs `sql` on `host:port` over TLS (the server's certificate must come from the cluster
+    /// CA and name `host`); returns the output (batch, raw, no column names).
     pub fn query(&self, host: &str, port: u16, sql: &str) -> Result<String, StoreError> {
         let server = format!("{host}:{port}");
         let mut child = Command::new(CLIENT)
@@ -223,6 +228,8 @@ impl Client {
                 self.option_file.display()
             ))
             .args(["--protocol=TCP", "--batch", "--raw", "--skip-column-names"])
+            .args(["--ssl", "--ssl-verify-server-cert"])
+            .arg(format!("--ssl-ca={}", self.ssl_ca.display()))
             .arg(format!("--connect-timeout={CONNECT_TIMEOUT_S}"))
             .arg(format!("--host={host}"))
             .arg(format!("--port={port}"))

@@ -58,6 +58,9 @@ pub struct AgentConfig {
     pub status_file: PathBuf,
     /// Runtime, private (0700): client option files holding passwords.
     pub private_dir: PathBuf,
+    /// The cluster CA (the local server's `ssl_ca`): TCP connections to any node's server use
+    /// TLS and verify its certificate against it.
+    pub ssl_ca: PathBuf,
 }
 
 impl AgentConfig {
@@ -81,6 +84,7 @@ impl AgentConfig {
             primary_file: paths.primary_file,
             status_file: paths.status_file,
             private_dir: paths.private_dir,
+            ssl_ca: paths.ssl_ca,
         }
     }
 
@@ -109,6 +113,7 @@ pub struct AgentPaths {
     pub primary_file: PathBuf,
     pub status_file: PathBuf,
     pub private_dir: PathBuf,
+    pub ssl_ca: PathBuf,
 }
 
 /// The effective primary: the one persisted by a switchover when it names a node of the
@@ -389,6 +394,7 @@ mod tests {
             primary_file: "/data/tandem/db-primary".into(),
             status_file: "/run/tandem/db-status.json".into(),
             private_dir: "/run/tandem/db-agent".into(),
+            ssl_ca: "/run/tandem/mysqld/tls-ca.pem".into(),
         };
         let c = AgentConfig::for_node(&cluster, "server1", paths);
         assert_eq!(

@@ -21,6 +21,8 @@ pub const INSTALL_DB: &str = "/usr/bin/mariadb-install-db";
 pub const CLIENT: &str = "/usr/bin/mariadb";
 /// Connection attempts of a replica's IO thread before it gives up (1 s apart: ~11 days).
 pub const MASTER_RETRY_COUNT: u64 = 1_000_000;
+/// TLS versions the server accepts (TCP connections; the local socket needs none).
+pub const TLS_VERSIONS: &str = "TLSv1.2,TLSv1.3";
 
 /// Where MariaDB keeps things on this node.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,6 +38,22 @@ pub struct Paths {
 impl Paths {
     pub fn socket(&self) -> PathBuf {
         self.run_dir.join("mysqld.sock")
+    }
+
+    /// The cluster CA: what the server trusts as a replica and every client of it trusts.
+    /// Readable by everyone (the application reads it).
+    pub fn ssl_ca(&self) -> PathBuf {
+        self.run_dir.join("tls-ca.pem")
+    }
+
+    /// The server's certificate (the node's, from the cluster CA).
+    pub fn ssl_cert(&self) -> PathBuf {
+        self.run_dir.join("tls-cert.pem")
+    }
+
+    /// The server's private key: owned by the server's user, mode 0600.
+    pub fn ssl_key(&self) -> PathBuf {
+        self.run_dir.join("tls-key.pem")
     }
 }
 
@@ -99,6 +117,12 @@ pub fn render_conf(p: &Params) -> String {
     // for days instead of the default ~28 h, and notices a silent primary within seconds.
     let _ = writeln!(s, "master_retry_count = {MASTER_RETRY_COUNT}");
     s.push_str("slave_net_timeout = 10\n");
+    // TLS for every TCP connection: accounts REQUIRE SSL (see `repl`), replicas verify their
+    // primary's certificate against the cluster CA.
+    let _ = writeln!(s, "ssl_ca = {}", p.paths.ssl_ca().display());
+    let _ = writeln!(s, "ssl_cert = {}", p.paths.ssl_cert().display());
+    let _ = writeln!(s, "ssl_key = {}", p.paths.ssl_key().display());
+    let _ = writeln!(s, "tls_version = {TLS_VERSIONS}");
     let _ = writeln!(s, "innodb_buffer_pool_size = {INNODB_BUFFER_POOL}");
     s.push_str("performance_schema = OFF\n");
     // The error log goes to stderr, which the supervisor captures.
@@ -170,7 +194,7 @@ mod tests {
     }
 
     #[test]
-    fn every_node_logs_row_binlog_with_gtid() {
+    fn every_node_logs_row_binlog_with_gtid_and_serves_tls() {
         for node in ["server1", "server2"] {
             let conf = render_conf(&params(node));
             for line in [
@@ -178,6 +202,10 @@ mod tests {
                 "binlog_format = ROW",
                 "gtid_strict_mode = ON",
                 "user = mysql",
+                "ssl_ca = /run/tandem/mysqld/tls-ca.pem",
+                "ssl_cert = /run/tandem/mysqld/tls-cert.pem",
+                "ssl_key = /run/tandem/mysqld/tls-key.pem",
+                "tls_version = TLSv1.2,TLSv1.3",
             ] {
                 assert!(conf.contains(line), "{node}: missing {line}\n{conf}");
             }

@@ -343,8 +343,9 @@ impl std::fmt::Debug for Passwords {
 }
 
 /// Run on the primary at every agent start: accounts (created, or their password reset to the
-/// one derived from the cluster secret), the application database, and the primary's name in
-/// `tandem.cluster_state` unless a switchover already recorded one. Idempotent.
+/// one derived from the cluster secret; all of them TCP-only and `REQUIRE SSL`), the
+/// application database, and the primary's name in `tandem.cluster_state` unless a switchover
+/// already recorded one. Idempotent; on an older cluster it adds `REQUIRE SSL`.
 pub fn primary_setup_sql(host: &str, pw: &Passwords, node: &str) -> String {
     let host = quote(host);
     let mut s = String::new();
@@ -357,9 +358,12 @@ pub fn primary_setup_sql(host: &str, pw: &Passwords, node: &str) -> String {
         let password = quote(password);
         let _ = writeln!(
             s,
-            "CREATE USER IF NOT EXISTS {account} IDENTIFIED BY {password};"
+            "CREATE USER IF NOT EXISTS {account} IDENTIFIED BY {password} REQUIRE SSL;"
         );
-        let _ = writeln!(s, "ALTER USER {account} IDENTIFIED BY {password};");
+        let _ = writeln!(
+            s,
+            "ALTER USER {account} IDENTIFIED BY {password} REQUIRE SSL;"
+        );
     }
     let _ = writeln!(
         s,
@@ -403,6 +407,10 @@ pub fn record_primary_sql(node: &str) -> String {
     )
 }
 
+/// The CA file a server was started with (`ssl_ca` in its `my.cnf`): what it trusts when it
+/// replicates. Asked of a remote server before repointing it, since paths differ by machine.
+pub const SSL_CA_SQL: &str = "SELECT @@ssl_ca AS ssl_ca";
+
 /// The state queries the agent and the CLI read every node with (one row, batch form).
 pub const STATE_SQL: &str =
     "SELECT @@read_only AS read_only, @@gtid_current_pos AS current_pos, @@gtid_slave_pos AS slave_pos, @@gtid_binlog_pos AS binlog_pos, @@server_id AS server_id";
@@ -410,15 +418,18 @@ pub const STATE_SQL: &str =
 /// Makes this server a read-only replica of `primary`. `current_pos` (rather than `slave_pos`)
 /// so that a former primary continues after its own last transaction and a plain replica after
 /// the last one it applied; a diverged former primary fails loudly instead of silently skipping.
-pub fn replica_setup_sql(primary: (Ipv4Addr, u16), repl_password: &str) -> String {
+/// Over TLS, the primary's certificate checked against `ssl_ca` (a path on the replica's
+/// machine) and its address: node certificates carry the node's address as a SAN.
+pub fn replica_setup_sql(primary: (Ipv4Addr, u16), repl_password: &str, ssl_ca: &str) -> String {
     let mut s = String::from("SET GLOBAL read_only = ON;\nSTOP SLAVE;\n");
     let _ = writeln!(
         s,
-        "CHANGE MASTER TO MASTER_HOST = {}, MASTER_PORT = {}, MASTER_USER = {}, MASTER_PASSWORD = {}, MASTER_USE_GTID = current_pos, MASTER_CONNECT_RETRY = {CONNECT_RETRY_S}, MASTER_HEARTBEAT_PERIOD = {HEARTBEAT_S};",
+        "CHANGE MASTER TO MASTER_HOST = {}, MASTER_PORT = {}, MASTER_USER = {}, MASTER_PASSWORD = {}, MASTER_USE_GTID = current_pos, MASTER_CONNECT_RETRY = {CONNECT_RETRY_S}, MASTER_HEARTBEAT_PERIOD = {HEARTBEAT_S}, MASTER_SSL = 1, MASTER_SSL_CA = {}, MASTER_SSL_VERIFY_SERVER_CERT = 1;",
         quote(&primary.0.to_string()),
         primary.1,
         quote(REPL_USER),
         quote(repl_password),
+        quote(ssl_ca),
     );
     s.push_str("START SLAVE;\n");
     s
@@ -645,13 +656,26 @@ mod tests {
         };
         assert_eq!(format!("{pw:?}"), "Passwords(..)");
         let sql = primary_setup_sql("10.88.0.0/255.255.255.0", &pw, "server2");
-        assert!(sql.contains("CREATE USER IF NOT EXISTS 'tandem_repl'@'10.88.0.0/255.255.255.0' IDENTIFIED BY 'r\\'1';"), "{sql}");
+        for user in ["tandem_repl", "tandem_app", "tandem_admin"] {
+            for verb in ["CREATE USER IF NOT EXISTS", "ALTER USER"] {
+                let line = sql
+                    .lines()
+                    .find(|l| l.starts_with(verb) && l.contains(&format!("'{user}'@")))
+                    .unwrap_or_else(|| panic!("{verb} {user}:\n{sql}"));
+                assert!(line.ends_with(" REQUIRE SSL;"), "{line}");
+            }
+        }
+        assert!(sql.contains("CREATE USER IF NOT EXISTS 'tandem_repl'@'10.88.0.0/255.255.255.0' IDENTIFIED BY 'r\\'1' REQUIRE SSL;"), "{sql}");
         assert!(sql.contains("GRANT REPLICATION SLAVE ON *.* TO 'tandem_repl'@"));
         assert!(sql.contains("INSERT IGNORE INTO `tandem`.cluster_state (name, value) VALUES ('primary', 'server2');"));
-        let sql = replica_setup_sql((Ipv4Addr::new(10, 88, 0, 12), 3306), "pw");
+        let sql = replica_setup_sql(
+            (Ipv4Addr::new(10, 88, 0, 12), 3306),
+            "pw",
+            "/run/tandem/mysqld/tls-ca.pem",
+        );
         assert_eq!(
             sql,
-            "SET GLOBAL read_only = ON;\nSTOP SLAVE;\nCHANGE MASTER TO MASTER_HOST = '10.88.0.12', MASTER_PORT = 3306, MASTER_USER = 'tandem_repl', MASTER_PASSWORD = 'pw', MASTER_USE_GTID = current_pos, MASTER_CONNECT_RETRY = 1, MASTER_HEARTBEAT_PERIOD = 1;\nSTART SLAVE;\n"
+            "SET GLOBAL read_only = ON;\nSTOP SLAVE;\nCHANGE MASTER TO MASTER_HOST = '10.88.0.12', MASTER_PORT = 3306, MASTER_USER = 'tandem_repl', MASTER_PASSWORD = 'pw', MASTER_USE_GTID = current_pos, MASTER_CONNECT_RETRY = 1, MASTER_HEARTBEAT_PERIOD = 1, MASTER_SSL = 1, MASTER_SSL_CA = '/run/tandem/mysqld/tls-ca.pem', MASTER_SSL_VERIFY_SERVER_CERT = 1;\nSTART SLAVE;\n"
         );
         assert_eq!(
             wait_for_gtid_sql(&pos("0-2-15"), Duration::from_secs(10)),
