@@ -1,5 +1,9 @@
-//! The control socket: newline-delimited JSON requests and responses over a Unix socket
-//! (mode 0600, so root-only on the image), served by the supervisor and used by the CLI.
+//! The control socket: newline-delimited JSON requests and responses over a Unix socket,
+//! served by the supervisor and used by the CLI and the admin server.
+//!
+//! Who may connect is the socket's mode: 0600 (its owner only), or on a node 0660 with the
+//! control group (`tandem-control`: root and the admin server). Stopping the supervisor is
+//! reserved to its own user (and root), whatever the group: the peer's uid is checked.
 //!
 //! One request per line, one response line each; a connection may send several requests.
 
@@ -30,6 +34,9 @@ const MAX_REQUEST_BYTES: u64 = 64 * 1024;
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the CLI waits for a response.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// The socket's mode: its owner only, or owner and group.
+const PRIVATE_MODE: u32 = 0o600;
+const SHARED_MODE: u32 = 0o660;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "snake_case", deny_unknown_fields)]
@@ -122,6 +129,19 @@ impl ControlServer {
     where
         H: Fn(Request) -> Response + Send + Sync + 'static,
     {
+        Self::bind_for(path, None, handler)
+    }
+
+    /// [`ControlServer::bind`], with mode 0660 and group `group` when given: its members may
+    /// connect (all requests but `stop`).
+    pub fn bind_for<H>(
+        path: &Path,
+        group: Option<nix::unistd::Gid>,
+        handler: H,
+    ) -> Result<ControlServer, ControlError>
+    where
+        H: Fn(Request) -> Response + Send + Sync + 'static,
+    {
         let io = |context, source| ControlError::Io {
             path: path.to_path_buf(),
             context,
@@ -147,8 +167,16 @@ impl ControlServer {
         let placed = UnixListener::bind(&staged)
             .map_err(|e| io("binding", e))
             .and_then(|listener| {
-                std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))
-                    .map_err(|e| io("setting mode 0600", e))?;
+                let mode = match group {
+                    Some(gid) => {
+                        nix::unistd::chown(&staged, None, Some(gid))
+                            .map_err(|e| io("setting its group", e.into()))?;
+                        SHARED_MODE
+                    }
+                    None => PRIVATE_MODE,
+                };
+                std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))
+                    .map_err(|e| io("setting its mode", e))?;
                 std::fs::rename(&staged, path).map_err(|e| io("moving into place", e))?;
                 Ok(listener)
             });
@@ -224,7 +252,22 @@ impl Drop for ControlServer {
     }
 }
 
+/// Whether a peer with `peer_uid` may make `request` of a supervisor running as `own_uid`
+/// (pure). Everyone who can connect may ask anything but `stop`, which powers a node off.
+pub fn permitted(request: &Request, peer_uid: u32, own_uid: u32) -> Result<(), String> {
+    match request {
+        Request::Stop if peer_uid != own_uid && peer_uid != 0 => {
+            Err("only root may stop the supervisor".into())
+        }
+        _ => Ok(()),
+    }
+}
+
 fn serve_connection(conn: UnixStream, handler: &dyn Fn(Request) -> Response) {
+    // Unknown (cannot happen on a Unix socket): treated as nobody.
+    let peer_uid = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
+        .map_or(u32::MAX, |c| c.uid());
+    let own_uid = nix::unistd::geteuid().as_raw();
     let _ = conn.set_read_timeout(Some(IO_TIMEOUT));
     let _ = conn.set_write_timeout(Some(IO_TIMEOUT));
     let Ok(mut writer) = conn.try_clone() else {
@@ -251,7 +294,10 @@ fn serve_connection(conn: UnixStream, handler: &dyn Fn(Request) -> Response) {
             continue;
         }
         let response = match serde_json::from_str::<Request>(&line) {
-            Ok(request) => handler(request),
+            Ok(request) => match permitted(&request, peer_uid, own_uid) {
+                Ok(()) => handler(request),
+                Err(message) => Response::Error { message },
+            },
             Err(e) => Response::Error {
                 message: format!("bad request: {e}"),
             },
@@ -500,6 +546,51 @@ db          running  42   1         signal 9 (SIGKILL)  1h02m
 migrations  done     -    0         code 0              -
 ";
         assert_eq!(status_table(&services), expected);
+    }
+
+    #[test]
+    fn only_root_and_the_supervisors_user_may_stop_it() {
+        let check = |request: Request, peer: u32, own: u32, ok: bool| {
+            assert_eq!(
+                permitted(&request, peer, own).is_ok(),
+                ok,
+                "{request:?} from {peer} to {own}"
+            );
+        };
+        check(Request::Stop, 0, 0, true);
+        check(Request::Stop, 963, 0, false);
+        check(Request::Stop, 1000, 1000, true);
+        check(Request::Stop, 0, 1000, true);
+        check(Request::Status, 963, 0, true);
+        let signal = Request::Signal {
+            service: "balancer".into(),
+            signal: "KILL".into(),
+        };
+        check(signal, 963, 0, true);
+        check(
+            Request::Restart {
+                service: "app".into(),
+            },
+            963,
+            0,
+            true,
+        );
+        assert_eq!(
+            permitted(&Request::Stop, 963, 0).unwrap_err(),
+            "only root may stop the supervisor"
+        );
+    }
+
+    #[test]
+    fn a_group_socket_is_the_groups() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SOCKET_FILE);
+        let group = nix::unistd::getegid();
+        let _server = ControlServer::bind_for(&path, Some(group), |_| Response::Ok).unwrap();
+        use std::os::unix::fs::MetadataExt as _;
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o660);
+        assert_eq!(meta.gid(), group.as_raw());
     }
 
     #[test]

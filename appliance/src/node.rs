@@ -22,6 +22,10 @@ pub const BALANCER_USER: &str = crate::users::BALANCER;
 const DB_STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(8);
 /// MariaDB's first start (InnoDB files created) is slow under emulation.
 const DB_READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+/// Ports below this need CAP_NET_BIND_SERVICE.
+const LOW_PORTS_END: u16 = 1024;
+/// The admin server's copy of the seed's TLS files, in the run directory.
+const ADMIN_TLS_DIR: &str = "admin-tls";
 /// The node's own page (name, address, DB role, boot count) under the web root.
 pub const NODE_PAGE: &str = "node.html";
 /// File name of the cluster secret in a state directory.
@@ -230,7 +234,7 @@ pub fn services(
     let mut balancer = ServiceSpec::daemon("balancer", balancer);
     balancer.track_file = Some(vip_dir.join(api::vip::TRACK_BALANCER));
     balancer.user = root.then(|| BALANCER_USER.to_string());
-    balancer.bind_low_ports = true;
+    balancer.capabilities = vec![supervisor::Capability::NET_BIND_SERVICE];
     balancer.stop_timeout = crate::balancer_cmd::STOP_TIMEOUT;
     balancer.deps = vec!["nginx".into()];
     balancer.readiness = Readiness::Tcp {
@@ -254,7 +258,24 @@ pub fn services(
     ] {
         admin.extend(["--scrape".into(), scrape.to_string()]);
     }
+    // The admin server runs as its own user: it reaches the supervisor through the control
+    // socket's group, and the seed's TLS files (root's alone) through a copy made its own.
+    let admin_state = layout.state.join(crate::admin::STATE_SUBDIR);
+    make_dir(&admin_state, 0o700)?;
+    if root {
+        crate::users::chown_tree(&admin_state, crate::users::ADMIN)?;
+    }
+    let seed_tls = crate::peer::seed_tls_dir();
+    if seed_tls.join(crate::peer::NODE_CERT).exists() {
+        let tls = layout.run.join(ADMIN_TLS_DIR);
+        crate::admin::provide_tls(&seed_tls, &tls, root.then_some(crate::users::ADMIN))?;
+        admin.extend(["--tls-dir".into(), absolute(&tls)?]);
+    }
     let mut admin = ServiceSpec::daemon("admin", admin);
+    admin.user = root.then(|| crate::users::ADMIN.to_string());
+    if cluster.ports.admin < LOW_PORTS_END {
+        admin.capabilities = vec![supervisor::Capability::NET_BIND_SERVICE];
+    }
     admin.readiness = Readiness::Tcp {
         addr: (node.address, cluster.ports.admin).into(),
     };
@@ -289,6 +310,11 @@ fn keepalived(
     // Started once the balancer could serve, stopped before it: on a node's shutdown the
     // address moves first (keepalived leaves with a priority-0 advert), then requests drain.
     spec.deps = vec!["balancer".into()];
+    // Root for its raw VRRP socket and the address it moves, and for nothing else.
+    spec.capabilities = vec![
+        supervisor::Capability::NET_ADMIN,
+        supervisor::Capability::NET_RAW,
+    ];
     Ok(Some(spec))
 }
 
@@ -299,6 +325,10 @@ pub fn supervise(
 ) -> anyhow::Result<supervisor::StopReason> {
     let mut options = SupervisorOptions::new(&layout.state);
     options.control_socket = layout.socket.clone();
+    if nix::unistd::geteuid().is_root() {
+        // The admin server (not root) is in this group.
+        options.control_group = Some(crate::users::gid(crate::users::CONTROL_GROUP)?);
+    }
     let logs = crate::logmon_cmd::attach_log_store(&mut options);
     let reason = supervisor::run(specs, options)?;
     logs.finish();
@@ -422,6 +452,14 @@ pub fn prepare(
     };
     let nginx_run = layout.run.join("nginx");
     make_dir(&nginx_run, 0o755)?;
+    // The workers' temporary directories, made theirs here: nginx's master then needs no
+    // right to chown.
+    for temp in web::TEMP_DIRS {
+        make_dir(&nginx_run.join(temp), 0o700)?;
+        if root {
+            chown_to(&nginx_run.join(temp), NGINX_USER)?;
+        }
+    }
     let mut web_params = web::Params::for_node(
         cluster,
         node,
@@ -539,26 +577,44 @@ pub fn prepare(
         addr: (node.address, cluster.ports.web).into(),
     };
     nginx.deps = vec!["app".into()];
+    // The master stays root only to switch its workers to their user (and to bind a low port).
+    nginx.capabilities = vec![
+        supervisor::Capability::SETUID,
+        supervisor::Capability::SETGID,
+    ];
+    if cluster.ports.web < LOW_PORTS_END {
+        nginx
+            .capabilities
+            .push(supervisor::Capability::NET_BIND_SERVICE);
+    }
     specs.push(nginx);
     Ok(specs)
 }
 
-/// The VIP run directory, owned by the balancer (it writes its status and track file there),
-/// with keepalived's notify FIFO and both track files saying "cannot serve" until the
-/// balancer and the supervisor say otherwise: a booting node never takes the address early.
+/// The VIP run directory: root's, writable by the balancer's group too (the balancer writes its
+/// status and track file there, keepalived — root without DAC_OVERRIDE — its pid files). In it
+/// keepalived's notify FIFO (root writes, the balancer's group reads) and both track files
+/// saying "cannot serve" until the balancer and the supervisor say otherwise: a booting node
+/// never takes the address early.
 fn prepare_vip_dir(layout: &Layout, root: bool) -> anyhow::Result<()> {
     let dir = layout.vip_dir();
-    make_dir(&dir, 0o755)?;
+    make_dir(&dir, 0o775)?;
     let fifo = dir.join(api::vip::NOTIFY_FIFO);
-    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o640))
         .with_context(|| format!("creating the FIFO {}", fifo.display()))?;
+    fs::set_permissions(&fifo, fs::Permissions::from_mode(0o640))
+        .with_context(|| format!("chmod {}", fifo.display()))?;
     for name in [api::vip::TRACK_BALANCER, api::vip::TRACK_BACKENDS] {
         write_file(&dir.join(name), api::vip::track_value(false), 0o644)?;
     }
     if root {
-        for path in [dir.clone(), fifo, dir.join(api::vip::TRACK_BACKENDS)] {
-            chown_to(&path, BALANCER_USER)?;
+        let balancer = nix::unistd::User::from_name(BALANCER_USER)?
+            .with_context(|| format!("user {BALANCER_USER} does not exist"))?;
+        for path in [&dir, &fifo] {
+            nix::unistd::chown(path.as_path(), None, Some(balancer.gid))
+                .with_context(|| format!("chgrp {BALANCER_USER} {}", path.display()))?;
         }
+        chown_to(&dir.join(api::vip::TRACK_BACKENDS), BALANCER_USER)?;
     }
     Ok(())
 }

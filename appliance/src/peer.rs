@@ -15,6 +15,12 @@ const MAX_ANSWER_BYTES: u64 = 1 << 20;
 /// The peer API's floating-IP view.
 pub const VIP_PATH: &str = "/api/peer/vip";
 
+/// The files of a node's TLS directory: its certificate (client and server), its key, and the
+/// cluster CA's certificate.
+pub const NODE_CERT: &str = "node.crt";
+pub const NODE_KEY: &str = "node.key";
+pub const CA_CERT: &str = "ca.crt";
+
 /// The seed's TLS directory on an image (`node.crt`, `node.key`, `ca.crt`).
 pub fn seed_tls_dir() -> PathBuf {
     Path::new(crate::init::SEED_MOUNT).join("tls")
@@ -32,18 +38,18 @@ impl PeerClient {
             let path = dir.join(name);
             std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
         };
-        if !dir.join("node.crt").exists() {
+        if !dir.join(NODE_CERT).exists() {
             return Ok(None);
         }
-        let ca = ureq::tls::Certificate::from_pem(&read("ca.crt")?).context("the cluster CA")?;
-        let chain = ureq::tls::parse_pem(&read("node.crt")?)
+        let ca = ureq::tls::Certificate::from_pem(&read(CA_CERT)?).context("the cluster CA")?;
+        let chain = ureq::tls::parse_pem(&read(NODE_CERT)?)
             .filter_map(|item| match item {
                 Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
                 _ => None,
             })
             .collect::<Vec<_>>();
         anyhow::ensure!(!chain.is_empty(), "no certificate in node.crt");
-        let key = ureq::tls::PrivateKey::from_pem(&read("node.key")?).context("node.key")?;
+        let key = ureq::tls::PrivateKey::from_pem(&read(NODE_KEY)?).context(NODE_KEY)?;
         let tls = ureq::tls::TlsConfig::builder()
             .root_certs(ureq::tls::RootCerts::new_with_certs(&[ca]))
             .client_cert(Some(ureq::tls::ClientCert::new_with_certs(&chain, key)))

@@ -15,6 +15,11 @@ use nix::unistd::{Group, User};
 pub const BALANCER: &str = "tandem-balancer";
 /// The application (the demo or the user's): no privilege, no access to the others' files.
 pub const APP: &str = "tandem-app";
+/// The admin server: talks to the supervisor through the control socket's group.
+pub const ADMIN: &str = "tandem-admin";
+/// Members may use the supervisor's control socket (mode 0660, this group): status, logs,
+/// restarts and signals. Stopping the supervisor stays root's.
+pub const CONTROL_GROUP: &str = "tandem-control";
 
 /// A system user of ours: its own group, plus these supplementary groups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,7 +29,7 @@ pub struct ServiceUser {
 }
 
 /// Groups of ours that are not a user's own group.
-pub const GROUPS: &[&str] = &[];
+pub const GROUPS: &[&str] = &[CONTROL_GROUP];
 /// Every user of ours, as `rootfs/users.txt` creates them on the image.
 pub const USERS: &[ServiceUser] = &[
     ServiceUser {
@@ -34,6 +39,10 @@ pub const USERS: &[ServiceUser] = &[
     ServiceUser {
         name: APP,
         groups: &[],
+    },
+    ServiceUser {
+        name: ADMIN,
+        groups: &[CONTROL_GROUP],
     },
 ];
 
@@ -153,6 +162,17 @@ pub fn chown_tree(path: &Path, user: &str) -> Result<(), UsersError> {
         }
     }
     Ok(())
+}
+
+/// The id of one of our groups.
+pub fn gid(group: &str) -> Result<nix::unistd::Gid, UsersError> {
+    Group::from_name(group)
+        .map_err(lookup_err(group))?
+        .map(|g| g.gid)
+        .ok_or_else(|| UsersError::Missing {
+            missing: vec![format!("group {group}")],
+            commands: vec![format!("    groupadd --system {group}")],
+        })
 }
 
 #[cfg(test)]

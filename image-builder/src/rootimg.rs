@@ -1,5 +1,6 @@
 //! The root filesystem image (`root.ext4`), identical for every node: the base, the `rootfs/`
-//! overlay, the appliance binary as `/usr/sbin/appliance` and `/sbin/init`, empty mount points.
+//! overlay, the appliance binary as `/usr/sbin/appliance` and `/sbin/init`, empty mount points,
+//! and no setuid or setgid bit anywhere.
 //!
 //! Reproducible: `mkfs.ext4 -d` with a fixed UUID, hash seed and E2FSPROGS_FAKE_TIME, then every
 //! inode's atime/mtime/ctime set to SOURCE_DATE_EPOCH with debugfs (mkfs.ext4 1.47.0 copies the
@@ -75,7 +76,38 @@ pub fn stage(
     let init = staging.join(INIT_PATH);
     let _ = std::fs::remove_file(&init);
     std::os::unix::fs::symlink(INIT_TARGET, &init).map_err(|e| Error::io(STEP, &init, e))?;
+    clear_setid_bits(staging)?;
     Ok(())
+}
+
+/// The setuid and setgid bits.
+const SETID_BITS: u32 = 0o6000;
+
+/// Clears the setuid and setgid bits of every file and directory below `root` (what
+/// `find -perm /6000` lists; links have none): no program on the image gains privileges by
+/// being run, whoever runs it. Returns the paths it changed, relative to `root`, sorted.
+pub fn clear_setid_bits(root: &Path) -> Result<Vec<PathBuf>, Error> {
+    let mut changed = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        let md = std::fs::symlink_metadata(&path).map_err(|e| Error::io(STEP, &path, e))?;
+        if md.file_type().is_symlink() {
+            continue;
+        }
+        let mode = md.permissions().mode();
+        if mode & SETID_BITS != 0 {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode & !SETID_BITS))
+                .map_err(|e| Error::io(STEP, &path, e))?;
+            changed.push(path.strip_prefix(root).unwrap_or(&path).to_path_buf());
+        }
+        if md.is_dir() {
+            for entry in std::fs::read_dir(&path).map_err(|e| Error::io(STEP, &path, e))? {
+                stack.push(entry.map_err(|e| Error::io(STEP, &path, e))?.path());
+            }
+        }
+    }
+    changed.sort();
+    Ok(changed)
 }
 
 /// What `mkfs.ext4 -d` will copy: every path (relative, sorted) and the blocks it needs.
@@ -242,6 +274,54 @@ mod tests {
         assert_eq!(lines[0], "sif \"/\" atime @42");
         assert_eq!(lines[4], "sif \"/etc\" atime @42");
         assert_eq!(lines[11], "sif \"/etc/hostname\" crtime @42");
+    }
+
+    #[test]
+    fn no_setuid_or_setgid_bit_is_left() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let make = |rel: &str, mode: u32| {
+            let p = root.join(rel);
+            if rel.ends_with('/') {
+                std::fs::create_dir_all(&p).unwrap();
+            } else {
+                std::fs::write(&p, "x").unwrap();
+            }
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        make("usr/", 0o755);
+        make("usr/su", 0o4755);
+        make("usr/chage", 0o2755);
+        make("usr/both", 0o6711);
+        make("usr/plain", 0o644);
+        make("mail/", 0o2775);
+        make("tmp/", 0o1777);
+        std::os::unix::fs::symlink("su", root.join("usr/link")).unwrap();
+        let changed = clear_setid_bits(root).unwrap();
+        let names: Vec<&str> = changed.iter().map(|p| p.to_str().unwrap()).collect();
+        assert_eq!(names, ["mail", "usr/both", "usr/chage", "usr/su"]);
+        let mode = |rel: &str| {
+            std::fs::symlink_metadata(root.join(rel))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777
+        };
+        for (rel, expected) in [
+            ("usr/su", 0o755),
+            ("usr/chage", 0o755),
+            ("usr/both", 0o711),
+            ("usr/plain", 0o644),
+            ("mail", 0o775),
+            // The sticky bit is not a privilege: /tmp keeps it.
+            ("tmp", 0o1777),
+        ] {
+            assert_eq!(mode(rel), expected, "{rel}");
+        }
+        assert!(
+            clear_setid_bits(root).unwrap().is_empty(),
+            "a second pass finds nothing"
+        );
     }
 
     #[test]

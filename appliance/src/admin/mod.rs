@@ -27,8 +27,12 @@ use serde::Serialize;
 
 use crate::control::{self, ServiceStatus, Target};
 use crate::node::NodeArgs;
+use crate::peer::{CA_CERT, NODE_CERT, NODE_KEY};
 use page::{AlertRow, NodeRow, StatusView};
 
+/// The admin server's own directory in the node's state directory (its self-signed certificate
+/// on a machine without a seed), owned by the admin server's user.
+pub const STATE_SUBDIR: &str = "admin";
 /// Local metrics endpoints scraped into `/metrics` (balancer, log monitor) by default.
 pub const DEFAULT_SCRAPE: [&str; 2] = ["127.0.0.1:9100", "127.0.0.1:9101"];
 /// A scrape that takes longer is skipped (and counted as down) for this request.
@@ -47,7 +51,8 @@ pub struct AdminArgs {
     #[arg(long)]
     pub socket: Option<PathBuf>,
     /// Directory with `node.crt`, `node.key` and `ca.crt` (the seed's on an image); without
-    /// it a self-signed certificate is made once in STATE_DIR/tls and peers cannot call in.
+    /// it a self-signed certificate is made once in STATE_DIR/admin/tls and peers cannot call
+    /// in.
     #[arg(long)]
     pub tls_dir: Option<PathBuf>,
     /// Listen here instead of the node's address and admin port.
@@ -129,11 +134,11 @@ fn server_config(
         .with_safe_default_protocol_versions()?;
     let mut config = match tls_dir(args) {
         Some(dir) => {
-            let certs = load_certs(&dir.join("node.crt"))?;
-            let key = PrivateKeyDer::from_pem_file(dir.join("node.key"))
-                .with_context(|| format!("reading {}", dir.join("node.key").display()))?;
+            let certs = load_certs(&dir.join(NODE_CERT))?;
+            let key = PrivateKeyDer::from_pem_file(dir.join(NODE_KEY))
+                .with_context(|| format!("reading {}", dir.join(NODE_KEY).display()))?;
             let mut roots = rustls::RootCertStore::empty();
-            for ca in load_certs(&dir.join("ca.crt"))? {
+            for ca in load_certs(&dir.join(CA_CERT))? {
                 roots.add(ca).context("adding the cluster CA")?;
             }
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
@@ -148,7 +153,8 @@ fn server_config(
                 .with_single_cert(certs, key)?
         }
         None => {
-            let (cert, key) = self_signed(&args.state_dir.join("tls"), cluster, node)?;
+            let dir = args.state_dir.join(STATE_SUBDIR).join("tls");
+            let (cert, key) = self_signed(&dir, cluster, node)?;
             let certs = load_certs(&cert)?;
             let key = PrivateKeyDer::from_pem_file(&key)
                 .with_context(|| format!("reading {}", key.display()))?;
@@ -163,7 +169,53 @@ fn server_config(
 fn tls_dir(args: &AdminArgs) -> Option<PathBuf> {
     args.tls_dir
         .clone()
-        .or_else(|| Some(crate::peer::seed_tls_dir()).filter(|d| d.join("node.crt").exists()))
+        .or_else(|| Some(crate::peer::seed_tls_dir()).filter(|d| d.join(NODE_CERT).exists()))
+}
+
+/// Copies a TLS directory (the seed's: root's alone) into `dir` for the admin server's user
+/// `owner` (`None`: the current user). Each file is created with its final mode and owner
+/// before a byte is written: the key 0600, the certificates 0644, the directory 0700.
+pub fn provide_tls(from: &Path, dir: &Path, owner: Option<&str>) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    let owner = match owner {
+        Some(name) => Some(
+            nix::unistd::User::from_name(name)?
+                .with_context(|| format!("user {name} does not exist"))?,
+        ),
+        None => None,
+    };
+    let chown = |fd: &dyn std::os::fd::AsFd, path: &Path| -> anyhow::Result<()> {
+        if let Some(u) = &owner {
+            nix::unistd::fchown(fd, Some(u.uid), Some(u.gid))
+                .with_context(|| format!("chown {} {}", u.name, path.display()))?;
+        }
+        Ok(())
+    };
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating {}", dir.display()))?;
+    chown(&std::fs::File::open(dir)?, dir)?;
+    for (name, mode) in [(CA_CERT, 0o644), (NODE_CERT, 0o644), (NODE_KEY, 0o600)] {
+        let source = from.join(name);
+        let bytes =
+            std::fs::read(&source).with_context(|| format!("reading {}", source.display()))?;
+        let target = dir.join(name);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&target)
+            .with_context(|| format!("creating {}", target.display()))?;
+        chown(&f, &target)?;
+        f.write_all(&bytes)
+            .and_then(|()| f.sync_all())
+            .with_context(|| format!("writing {}", target.display()))?;
+    }
+    Ok(())
 }
 
 fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
@@ -613,6 +665,40 @@ fn scrape(endpoint: &str) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_seed_tls_is_copied_for_the_admin_user_with_final_modes() {
+        use std::os::unix::fs::MetadataExt as _;
+        // SAFETY: plain geteuid(2).
+        assert!(
+            unsafe { libc::geteuid() } == 0,
+            "this test needs root (it chowns)"
+        );
+        let tmp = tempfile::tempdir().unwrap();
+        let seed = tmp.path().join("seed-tls");
+        std::fs::create_dir(&seed).unwrap();
+        for name in [CA_CERT, NODE_CERT, NODE_KEY] {
+            std::fs::write(seed.join(name), format!("{name}\n")).unwrap();
+        }
+        let dir = tmp.path().join("admin-tls");
+        provide_tls(&seed, &dir, Some("nobody")).unwrap();
+        // Again (the next boot): replaced, not refused.
+        provide_tls(&seed, &dir, Some("nobody")).unwrap();
+        let meta = |p: &Path| std::fs::metadata(p).unwrap();
+        assert_eq!(
+            (meta(&dir).uid(), meta(&dir).mode() & 0o777),
+            (65534, 0o700)
+        );
+        for (name, mode) in [(CA_CERT, 0o644), (NODE_CERT, 0o644), (NODE_KEY, 0o600)] {
+            let p = dir.join(name);
+            assert_eq!(
+                (meta(&p).uid(), meta(&p).mode() & 0o777),
+                (65534, mode),
+                "{name}"
+            );
+            assert_eq!(std::fs::read_to_string(&p).unwrap(), format!("{name}\n"));
+        }
+    }
 
     #[test]
     fn backend_health_comes_from_the_balancer_metrics() {

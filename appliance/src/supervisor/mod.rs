@@ -39,6 +39,7 @@
 //! ready; if a dependency later restarts, its dependents keep running.
 
 pub mod backoff;
+pub mod caps;
 mod logs;
 pub mod order;
 mod process;
@@ -53,6 +54,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use nix::unistd;
 
 pub use backoff::{RestartMode, RestartPolicy};
+pub use caps::Capability;
 pub use logs::{LogLine, Stream, LOG_LINES_KEPT};
 pub use order::OrderError;
 pub(crate) use process::handled as handled_signals;
@@ -72,6 +74,8 @@ pub struct SupervisorOptions {
     pub state_dir: PathBuf,
     /// The control socket (`<state_dir>/control.sock` by [`SupervisorOptions::new`]).
     pub control_socket: PathBuf,
+    /// The control socket's group (mode 0660), or `None`: the supervisor's user only (0600).
+    pub control_group: Option<nix::unistd::Gid>,
     /// Receives every output line of every service (for the log monitor).
     pub log_sink: Option<Sender<LogLine>>,
     /// Receives every service event as it is written to the state DB.
@@ -83,6 +87,7 @@ impl SupervisorOptions {
         let state_dir = state_dir.into();
         SupervisorOptions {
             control_socket: state_dir.join(SOCKET_FILE),
+            control_group: None,
             state_dir,
             log_sink: None,
             event_sink: None,
@@ -179,22 +184,26 @@ pub fn run(
     let db = StateDb::open(&opts.state_dir)?;
 
     let control_tx = tx.clone();
-    let _control = ControlServer::bind(&opts.control_socket, move |request: Request| {
-        let (reply_tx, reply_rx) = mpsc::channel();
-        if control_tx
-            .send(runner::Event::Control(request, reply_tx))
-            .is_err()
-        {
-            return Response::Error {
-                message: "the supervisor is shutting down".into(),
-            };
-        }
-        reply_rx
-            .recv_timeout(CONTROL_REPLY_TIMEOUT)
-            .unwrap_or_else(|_| Response::Error {
-                message: "the supervisor did not answer".into(),
-            })
-    })?;
+    let _control = ControlServer::bind_for(
+        &opts.control_socket,
+        opts.control_group,
+        move |request: Request| {
+            let (reply_tx, reply_rx) = mpsc::channel();
+            if control_tx
+                .send(runner::Event::Control(request, reply_tx))
+                .is_err()
+            {
+                return Response::Error {
+                    message: "the supervisor is shutting down".into(),
+                };
+            }
+            reply_rx
+                .recv_timeout(CONTROL_REPLY_TIMEOUT)
+                .unwrap_or_else(|_| Response::Error {
+                    message: "the supervisor did not answer".into(),
+                })
+        },
+    )?;
     tracing::info!(
         services = specs.len(),
         state_dir = %opts.state_dir.display(),

@@ -14,6 +14,7 @@ use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, SigmaskHow,
 use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::{self, Pid, Uid, User};
 
+use super::caps;
 use super::spec::ServiceSpec;
 
 /// Held while `Command::spawn` runs and while the reaper reaps. std's `spawn` itself waits for
@@ -88,11 +89,24 @@ fn credentials(name: &str) -> Result<(Credentials, User), String> {
     ))
 }
 
-/// After setuid with PR_SET_KEEPCAPS: CAP_NET_BIND_SERVICE as the only permitted, effective,
-/// inheritable and ambient capability, so it survives exec. Async-signal-safe (raw syscalls).
-fn keep_only_net_bind_service() -> std::io::Result<()> {
+/// Where the kernel says which capability is its last.
+const CAP_LAST_CAP_FILE: &str = "/proc/sys/kernel/cap_last_cap";
+/// If that file cannot be read: every number a capability set can hold. Dropping a number the
+/// kernel does not know fails with EINVAL, which is ignored.
+const CAP_LAST_CAP_FALLBACK: u32 = 63;
+
+/// The kernel's highest capability number.
+fn cap_last_cap() -> u32 {
+    std::fs::read_to_string(CAP_LAST_CAP_FILE)
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(CAP_LAST_CAP_FALLBACK)
+}
+
+/// Sets the calling thread's permitted, effective and inheritable capabilities to `mask` (bit
+/// N: capability N). Async-signal-safe (one raw syscall).
+fn set_capabilities(mask: u64) -> std::io::Result<()> {
     const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-    const CAP_NET_BIND_SERVICE: u32 = 10;
     #[repr(C)]
     struct Header {
         version: u32,
@@ -105,44 +119,115 @@ fn keep_only_net_bind_service() -> std::io::Result<()> {
         permitted: u32,
         inheritable: u32,
     }
-    let bit = 1u32 << CAP_NET_BIND_SERVICE;
     let header = Header {
         version: LINUX_CAPABILITY_VERSION_3,
         pid: 0,
     };
-    let data = [
-        Data {
-            effective: bit,
-            permitted: bit,
-            inheritable: bit,
-        },
-        Data {
-            effective: 0,
-            permitted: 0,
-            inheritable: 0,
-        },
-    ];
+    let word = |w: u64| Data {
+        effective: w as u32,
+        permitted: w as u32,
+        inheritable: w as u32,
+    };
+    let data = [word(mask), word(mask >> 32)];
     // SAFETY: capset reads the two structs above, laid out as the kernel's v3 ABI.
     let set = unsafe { libc::syscall(libc::SYS_capset, &header as *const Header, data.as_ptr()) };
-    // SAFETY: prctl with integer arguments only.
-    if set < 0
-        || unsafe {
-            libc::prctl(
-                libc::PR_CAP_AMBIENT,
-                libc::PR_CAP_AMBIENT_RAISE,
-                CAP_NET_BIND_SERVICE as libc::c_ulong,
-                0,
-                0,
-            )
-        } < 0
-    {
+    if set < 0 {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
 
+/// What the child does about privileges before `exec`, decided in the parent.
+struct Privileges {
+    /// Switch to this user (only when the supervisor is root).
+    creds: Option<Credentials>,
+    /// The capabilities the service keeps (bit N: capability N).
+    keep: u64,
+    /// Whether this process may shrink bounding sets (it is root); without that privilege
+    /// there is nothing to drop.
+    bound: bool,
+    last_cap: u32,
+}
+
+impl Privileges {
+    /// Runs in the forked child: only raw system calls on memory allocated before the fork.
+    ///
+    /// `no_new_privs` first (nothing exec'd can gain privileges: setuid bits and file
+    /// capabilities are ignored), then every capability not kept leaves the bounding set, then
+    /// the user switch (keeping capabilities across it only if some are kept), then the kept
+    /// set becomes the permitted, effective and inheritable set, and for a user also ambient,
+    /// so that it survives `exec`. A root service's capabilities after `exec` are its
+    /// bounding set: exactly the kept ones.
+    fn apply(&self) -> std::io::Result<()> {
+        let last_os_error = std::io::Error::last_os_error;
+        // SAFETY (every block below): prctl and setuid-family calls with integer arguments,
+        // and setgroups on a vector allocated before the fork.
+        if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } < 0 {
+            return Err(last_os_error());
+        }
+        if !self.bound {
+            return Ok(());
+        }
+        for cap in 0..=self.last_cap {
+            if self.keep & (1u64 << cap) != 0 {
+                continue;
+            }
+            let dropped =
+                unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+            if dropped < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+                return Err(last_os_error());
+            }
+        }
+        let clear_ambient = unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                0,
+                0,
+                0,
+            )
+        };
+        if clear_ambient < 0 {
+            return Err(last_os_error());
+        }
+        if let Some(c) = &self.creds {
+            if self.keep != 0 && unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) } < 0 {
+                return Err(last_os_error());
+            }
+            if unsafe { libc::setgroups(c.groups.len(), c.groups.as_ptr()) } < 0
+                || unsafe { libc::setgid(c.gid) } < 0
+                || unsafe { libc::setuid(c.uid) } < 0
+            {
+                return Err(last_os_error());
+            }
+        }
+        set_capabilities(self.keep)?;
+        if self.creds.is_some() {
+            for cap in 0..=self.last_cap.min(63) {
+                if self.keep & (1u64 << cap) == 0 {
+                    continue;
+                }
+                let raised = unsafe {
+                    libc::prctl(
+                        libc::PR_CAP_AMBIENT,
+                        libc::PR_CAP_AMBIENT_RAISE,
+                        cap as libc::c_ulong,
+                        0,
+                        0,
+                    )
+                };
+                if raised < 0 {
+                    return Err(last_os_error());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Starts `spec`'s program in its own session and process group, stdin from /dev/null,
-/// stdout and stderr piped, signal mask and dispositions reset, as `spec.user` when root.
+/// stdout and stderr piped, signal mask and dispositions reset, with `no_new_privs`, as
+/// `spec.user` when root and with no capability but `spec.capabilities`.
 pub(crate) fn spawn(spec: &ServiceSpec) -> Result<Spawned, String> {
     let mut cmd = Command::new(&spec.argv[0]);
     cmd.args(&spec.argv[1..])
@@ -153,8 +238,9 @@ pub(crate) fn spawn(spec: &ServiceSpec) -> Result<Spawned, String> {
     if let Some(cwd) = &spec.cwd {
         cmd.current_dir(cwd);
     }
+    let root = Uid::effective().is_root();
     let creds = match &spec.user {
-        Some(name) if Uid::effective().is_root() => {
+        Some(name) if root => {
             let (creds, user) = credentials(name)?;
             for (key, value) in [
                 ("HOME", user.dir.as_os_str()),
@@ -173,8 +259,13 @@ pub(crate) fn spawn(spec: &ServiceSpec) -> Result<Spawned, String> {
         }
         None => None,
     };
+    let privileges = Privileges {
+        creds,
+        keep: caps::mask(&spec.capabilities),
+        bound: root,
+        last_cap: cap_last_cap(),
+    };
     let first_rt_signal = libc::SIGRTMIN();
-    let bind_low_ports = spec.bind_low_ports;
     // SAFETY: the closure runs in the forked child before exec and only makes
     // async-signal-safe system calls on memory allocated before the fork.
     unsafe {
@@ -190,21 +281,7 @@ pub(crate) fn spawn(spec: &ServiceSpec) -> Result<Spawned, String> {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            if let Some(c) = &creds {
-                if bind_low_ports && libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if libc::setgroups(c.groups.len(), c.groups.as_ptr()) < 0
-                    || libc::setgid(c.gid) < 0
-                    || libc::setuid(c.uid) < 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if bind_low_ports {
-                    keep_only_net_bind_service()?;
-                }
-            }
-            Ok(())
+            privileges.apply()
         });
     }
     let child = {

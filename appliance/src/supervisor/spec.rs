@@ -11,6 +11,7 @@ use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
 
 use super::backoff::RestartPolicy;
+use super::caps::Capability;
 
 /// After SIGTERM (or `stop_signal`), the process group gets SIGKILL after this long.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -61,10 +62,12 @@ pub struct ServiceSpec {
     pub stop_timeout: Duration,
     #[serde(default)]
     pub stop_signal: StopSignal,
-    /// Keep the one capability to bind ports below 1024 across the switch to `user` (as an
-    /// ambient capability); every other privilege is dropped.
+    /// The only capabilities the service may ever hold. Every other one is dropped from its
+    /// bounding set before `exec` (it runs with `no_new_privs` too, so nothing gives them
+    /// back); when it switches to `user` these become ambient, so they survive the switch and
+    /// the `exec`. Empty: none at all, even when it runs as root.
     #[serde(default)]
-    pub bind_low_ports: bool,
+    pub capabilities: Vec<Capability>,
     /// A keepalived `track_file` for this service: the supervisor writes `0` into it when the
     /// service becomes ready and `1` as soon as it is not (stop signal sent, exited, restarting),
     /// so keepalived gives the floating IP away the moment the service cannot serve.
@@ -95,7 +98,7 @@ impl ServiceSpec {
             restart: RestartPolicy::default(),
             stop_timeout: STOP_TIMEOUT,
             stop_signal: StopSignal::default(),
-            bind_low_ports: false,
+            capabilities: Vec::new(),
             track_file: None,
             stale_files: Vec::new(),
         }
@@ -178,7 +181,7 @@ impl fmt::Debug for ServiceSpec {
             .field("restart", &self.restart)
             .field("stop_timeout", &self.stop_timeout)
             .field("stop_signal", &self.stop_signal)
-            .field("bind_low_ports", &self.bind_low_ports)
+            .field("capabilities", &self.capabilities)
             .field("track_file", &self.track_file)
             .field("stale_files", &self.stale_files)
             .finish()
@@ -266,12 +269,18 @@ mod tests {
     fn json_round_trip_and_defaults() {
         let json = r#"[
             {"name": "db", "argv": ["sleep", "100"], "readiness": {"type": "tcp", "addr": "127.0.0.1:3306"},
-             "env": {"PASSWORD": "hunter2"}, "stop_signal": "SIGQUIT", "restart": {"max_quick_failures": 3}},
+             "env": {"PASSWORD": "hunter2"}, "stop_signal": "SIGQUIT", "restart": {"max_quick_failures": 3},
+             "user": "nobody", "capabilities": ["NET_BIND_SERVICE", "CAP_NET_RAW"]},
             {"name": "init", "argv": ["true"], "kind": "oneshot", "readiness": {"type": "exit"}}
         ]"#;
         let specs: Vec<ServiceSpec> = serde_json::from_str(json).unwrap();
         assert_eq!(specs[0].stop_signal, StopSignal(Signal::SIGQUIT));
         assert_eq!(specs[0].restart.max_quick_failures, 3);
+        assert_eq!(
+            specs[0].capabilities,
+            [Capability::NET_BIND_SERVICE, Capability::NET_RAW]
+        );
+        assert!(specs[1].capabilities.is_empty(), "none unless listed");
         assert_eq!(
             specs[0].restart.initial_backoff,
             super::super::backoff::INITIAL_BACKOFF

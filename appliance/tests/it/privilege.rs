@@ -9,27 +9,33 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 const APPLIANCE: &str = env!("CARGO_BIN_EXE_appliance");
-/// A loopback address and ports no other test uses.
-const CONFIG: &str = r#"
+/// A one-node cluster on its own loopback address `127.0.0.<octet>` with ports
+/// `<base>080`, `<base>443`, … : each test here has its own, and no other test uses them.
+fn config(octet: u8, base: u8) -> String {
+    format!(
+        r#"
 [cluster]
 name = "privtest"
 domain = "priv.test"
 subnet = "127.0.0.0/8"
-floating_ip = "127.0.0.70"
+floating_ip = "127.0.0.{floating}"
 
 [[node]]
 name = "solo"
-address = "127.0.0.71"
+address = "127.0.0.{octet}"
 db_role = "primary"
 
 [ports]
-http = 28080
-https = 28443
-web = 28081
-app = 28000
-db = 23306
-admin = 29443
-"#;
+http = {base}080
+https = {base}443
+web = {base}081
+app = {base}000
+db = {base}306
+admin = {base}943
+"#,
+        floating = octet - 1
+    )
+}
 /// Everything, MariaDB's first start included, is up within this.
 const STARTUP: Duration = Duration::from_secs(120);
 
@@ -46,9 +52,9 @@ impl Drop for Run {
 }
 
 impl Run {
-    fn start(dir: &Path) -> Run {
+    fn start(dir: &Path, octet: u8, base: u8) -> Run {
         let config = dir.join("cluster.toml");
-        std::fs::write(&config, CONFIG).unwrap();
+        std::fs::write(&config, self::config(octet, base)).unwrap();
         let state = dir.join("solo");
         let log = dir.join("run.log");
         let child = Command::new(APPLIANCE)
@@ -141,6 +147,34 @@ fn process_uid(pid: i32) -> u32 {
         .unwrap()
 }
 
+/// One request on the control socket as `user` (with its groups): the answer line, or why
+/// there is none.
+fn control_as(user: &str, socket: &Path, request: &str) -> String {
+    let script = "import socket, sys\n\
+                  s = socket.socket(socket.AF_UNIX)\n\
+                  try:\n    s.connect(sys.argv[1])\n\
+                  except OSError as e:\n    print('refused', e.errno); sys.exit()\n\
+                  s.sendall(sys.argv[2].encode() + b'\\n')\n\
+                  print(s.makefile().readline().strip())";
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid",
+            user,
+            "--regid",
+            user,
+            "--init-groups",
+            "--",
+            "/usr/bin/python3",
+            "-c",
+            script,
+        ])
+        .arg(socket)
+        .arg(request)
+        .output()
+        .expect("setpriv (util-linux), python3");
+    String::from_utf8_lossy(&out.stdout).trim().to_string() + &String::from_utf8_lossy(&out.stderr)
+}
+
 /// Whether `user` (with only its own groups) can read `path`.
 fn readable_as(user: &str, path: &Path) -> bool {
     Command::new("setpriv")
@@ -197,7 +231,7 @@ fn the_balancer_and_the_application_run_as_their_own_users() {
     )
     .unwrap();
     let key = leave_old_balancer_key(&tmp.path().join("solo"));
-    let run = Run::start(tmp.path());
+    let run = Run::start(tmp.path(), 71, 28);
     let pids = run.wait_all_ready();
     let pid = |name: &str| {
         pids.iter()
@@ -250,4 +284,93 @@ fn the_balancer_and_the_application_run_as_their_own_users() {
         "the balancer does not serve the kept key\n{}",
         run.log()
     );
+}
+
+#[test]
+fn every_service_runs_with_no_new_privs_and_only_its_capabilities() {
+    // SAFETY: plain geteuid(2).
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "this test needs root (the node switches users)"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let run = Run::start(tmp.path(), 73, 27);
+    let pids = run.wait_all_ready();
+    // (service, user, bounding set): CHOWN 0, SETGID 6, SETUID 7, NET_BIND_SERVICE 10.
+    let expected = [
+        ("mariadb", "mysql", "0000000000000000"),
+        ("db-agent", "root", "0000000000000000"),
+        ("app", "tandem-app", "0000000000000000"),
+        ("nginx", "root", "00000000000000c0"),
+        ("logmon", "root", "0000000000000000"),
+        ("balancer", "tandem-balancer", "0000000000000400"),
+        ("admin", "tandem-admin", "0000000000000000"),
+    ];
+    let names: Vec<&str> = pids.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(
+        names,
+        expected.iter().map(|e| e.0).collect::<Vec<_>>(),
+        "the node's services changed: review this table"
+    );
+    for ((service, pid), (_, user, bounding)) in pids.iter().zip(expected) {
+        let what = format!("{service} (pid {pid})");
+        assert_eq!(proc_status(*pid, "NoNewPrivs"), "1", "{what}");
+        assert_eq!(proc_status(*pid, "CapBnd"), bounding, "{what}");
+        assert!(
+            proc_status(*pid, "CapEff") == bounding || user != "root",
+            "{what}: a root service's capabilities are its bounding set"
+        );
+        assert_eq!(process_uid(*pid), uid_of(user), "{what} runs as {user}");
+    }
+
+    // The admin server is not root, and reaches the supervisor through the socket's group.
+    let socket = run.state.join("control.sock");
+    let meta = std::fs::metadata(&socket).unwrap();
+    let control_gid = nix::unistd::Group::from_name("tandem-control")
+        .unwrap()
+        .expect("group tandem-control")
+        .gid
+        .as_raw();
+    assert_eq!((meta.mode() & 0o777, meta.gid()), (0o660, control_gid));
+    let status = Command::new("curl")
+        .args([
+            "-sfk",
+            "--max-time",
+            "10",
+            "https://127.0.0.73:27943/api/status",
+        ])
+        .output()
+        .unwrap();
+    let status: Value = serde_json::from_slice(&status.stdout).unwrap_or_else(|e| {
+        panic!(
+            "admin /api/status: {e}: {}\n{}",
+            String::from_utf8_lossy(&status.stdout),
+            run.log()
+        )
+    });
+    // The daemons, and mariadb-init (done).
+    let listed = status["services"].as_array().map_or(0, Vec::len);
+    assert!(
+        listed == expected.len() + 1 && status["error"].is_null(),
+        "the admin server cannot read the supervisor's status: {status}"
+    );
+    // Members of the group may ask, not stop; others may not even connect.
+    let asked = control_as("tandem-admin", &socket, r#"{"request":"status"}"#);
+    assert!(asked.starts_with(r#"{"response":"status""#), "{asked}");
+    let stopped = control_as("tandem-admin", &socket, r#"{"request":"stop"}"#);
+    assert_eq!(
+        stopped,
+        r#"{"response":"error","message":"only root may stop the supervisor"}"#
+    );
+    let outsider = control_as("tandem-app", &socket, r#"{"request":"status"}"#);
+    assert_eq!(
+        outsider, "refused 13",
+        "the application reached the control socket"
+    );
+    assert_eq!(run.status().len(), listed, "the node stopped");
 }

@@ -633,7 +633,7 @@ fn an_unprivileged_service_may_keep_only_the_right_to_bind_low_ports() {
                 print(open('/proc/self/status').read().split('CapEff:')[1].split()[0])\n\
                 import time; time.sleep(1000)";
     let sup = Supervisor::start(json!([
-        { "name": "low", "user": "nobody", "bind_low_ports": true, "argv": ["python3", "-c", bind, "981"] },
+        { "name": "low", "user": "nobody", "capabilities": ["NET_BIND_SERVICE"], "argv": ["python3", "-c", bind, "981"] },
         { "name": "plain", "user": "nobody", "argv": ["python3", "-c", bind, "982"] },
     ]));
     for (service, expected) in [("low", "bound"), ("plain", "refused 13")] {
@@ -657,4 +657,106 @@ fn an_unprivileged_service_may_keep_only_the_right_to_bind_low_ports() {
         };
         assert_eq!(lines[1].line, caps, "{service}: effective capabilities");
     }
+}
+
+/// `CapBnd`, `CapEff`, `CapAmb`, `NoNewPrivs` and the real uid of a process, from /proc.
+fn privileges(pid: i32) -> BTreeMap<String, String> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(k, _)| ["CapBnd", "CapEff", "CapPrm", "CapAmb", "NoNewPrivs", "Uid"].contains(k))
+        .map(|(k, v)| {
+            let v = v.split_whitespace().next().unwrap_or("");
+            (k.to_string(), v.to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn every_service_has_no_new_privs_and_only_the_capabilities_of_its_spec() {
+    // SAFETY: plain geteuid(2).
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "this test needs root (it bounds capabilities and switches users)"
+    );
+    let sup = Supervisor::start(json!([
+        // Like nginx's master: root, able to hand its port to workers of another user.
+        { "name": "root-some", "argv": ["sleep", "1000"], "capabilities": ["CHOWN", "SETUID", "SETGID"] },
+        // Like the log monitor: root's files, no root powers.
+        { "name": "root-none", "argv": ["sleep", "1000"] },
+        // Like the balancer.
+        { "name": "user-bind", "user": "nobody", "argv": ["sleep", "1000"], "capabilities": ["NET_BIND_SERVICE"] },
+        { "name": "user-none", "user": "nobody", "argv": ["sleep", "1000"] },
+    ]));
+    let expected = [
+        (
+            "root-some",
+            "0",
+            "00000000000000c1",
+            "00000000000000c1",
+            "0000000000000000",
+        ),
+        (
+            "root-none",
+            "0",
+            "0000000000000000",
+            "0000000000000000",
+            "0000000000000000",
+        ),
+        (
+            "user-bind",
+            "65534",
+            "0000000000000400",
+            "0000000000000400",
+            "0000000000000400",
+        ),
+        (
+            "user-none",
+            "65534",
+            "0000000000000000",
+            "0000000000000000",
+            "0000000000000000",
+        ),
+    ];
+    for (service, uid, bounding, effective, ambient) in expected {
+        let pid = sup.wait_for(&format!("{service} running"), STARTUP, || {
+            sup.service(service).pid
+        });
+        let got = privileges(pid);
+        let want: BTreeMap<String, String> = [
+            ("NoNewPrivs", "1"),
+            ("Uid", uid),
+            ("CapBnd", bounding),
+            ("CapEff", effective),
+            ("CapPrm", effective),
+            ("CapAmb", ambient),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        assert_eq!(got, want, "{service}");
+    }
+
+    // With no_new_privs a setuid-root program runs with the caller's privileges.
+    drop(sup);
+    let bin = tempfile::tempdir().unwrap();
+    let setuid = bin.path().join("setuid-id");
+    fs::copy("/usr/bin/id", &setuid).unwrap();
+    fs::set_permissions(&setuid, fs::Permissions::from_mode(0o4755)).unwrap();
+    fs::set_permissions(bin.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let sup = Supervisor::start(json!([
+        { "name": "escalate", "user": "nobody", "argv": ["sh", "-c", format!("{} -u; exec sleep 1000", setuid.display())] },
+    ]));
+    let request = Request::Logs {
+        service: "escalate".into(),
+        lines: 10,
+    };
+    let lines = sup.wait_for("id output", STARTUP, || {
+        let Response::Logs { lines } = control::request(&sup.target(), &request).unwrap() else {
+            panic!()
+        };
+        (!lines.is_empty()).then_some(lines)
+    });
+    assert_eq!(lines[0].line, "65534", "a setuid-root binary gained root");
 }

@@ -206,6 +206,46 @@ fn builds_bootable_reproducible_images_for_the_default_cluster() {
     );
     let appliance_stat = debugfs(&root, 0, "stat /usr/sbin/appliance");
     assert!(appliance_stat.contains("Mode:  0755"), "{appliance_stat}");
+    // Tandem's users and groups (rootfs/users.txt), with their fixed ids.
+    let passwd = debugfs(&root, 0, "cat /etc/passwd");
+    for user in [
+        "tandem-balancer:x:961:961:",
+        "tandem-app:x:962:962:",
+        "tandem-admin:x:963:963:",
+    ] {
+        assert!(passwd.contains(user), "no {user} in /etc/passwd:\n{passwd}");
+    }
+    let group = debugfs(&root, 0, "cat /etc/group");
+    assert!(
+        group.contains("\ntandem-control:x:960:tandem-admin\n"),
+        "{group}"
+    );
+    assert!(debugfs(&root, 0, "cat /etc/shadow").contains("\ntandem-admin:!:"));
+    // No setuid or setgid bit is left: these are the ones Debian's base comes with.
+    for path in [
+        "/usr/bin/su",
+        "/usr/bin/passwd",
+        "/usr/bin/mount",
+        "/usr/bin/umount",
+        "/usr/bin/newgrp",
+        "/usr/bin/gpasswd",
+        "/usr/bin/chfn",
+        "/usr/bin/chsh",
+        "/usr/bin/chage",
+        "/usr/bin/expiry",
+        "/usr/sbin/unix_chkpwd",
+        "/usr/lib/mysql/plugin/auth_pam_tool_dir/auth_pam_tool",
+        "/var/mail",
+    ] {
+        let stat = debugfs(&root, 0, &format!("stat {path}"));
+        let mode = stat
+            .split("Mode:")
+            .nth(1)
+            .and_then(|m| m.split_whitespace().next())
+            .and_then(|m| u32::from_str_radix(m, 8).ok())
+            .unwrap_or_else(|| panic!("no mode for {path}: {stat}"));
+        assert_eq!(mode & 0o6000, 0, "{path} keeps mode {mode:o}");
+    }
     let data = run(Command::new("dumpe2fs").arg("-h").arg(format!(
         "{}?offset={}",
         img.display(),

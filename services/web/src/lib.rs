@@ -36,10 +36,15 @@ pub fn argv(conf: &std::path::Path) -> Vec<String> {
     ]
 }
 
+/// nginx's temporary directories, below [`Paths::run_dir`]. When the master runs as root, the
+/// supervisor creates them owned by the worker user, so that the master needs no right to
+/// chown (it keeps only the rights to switch its workers to that user).
+pub const TEMP_DIRS: [&str; 5] = ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"];
+
 /// Where nginx reads and writes on this node.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Paths {
-    /// Runtime directory (pid file, temp paths); writable by `user`.
+    /// Runtime directory (pid file, [`TEMP_DIRS`]).
     pub run_dir: PathBuf,
     /// Document root: the application files, or the generated node page.
     pub root: PathBuf,
@@ -106,7 +111,7 @@ pub fn render_conf(p: &Params) -> String {
         "    log_format tandem '$remote_addr [$time_iso8601] \"$request\" $status $body_bytes_sent $request_time';\n",
     );
     s.push_str("    access_log /dev/stdout tandem;\n");
-    for temp in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+    for temp in TEMP_DIRS {
         let _ = writeln!(s, "    {temp}_temp_path {run}/{temp};");
     }
     if let Some((addr, port)) = p.app_upstream {
