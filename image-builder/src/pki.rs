@@ -54,8 +54,10 @@ fn ca_params(cluster: &str) -> CertificateParams {
     p
 }
 
-/// Node certificate parameters: SANs are the node name, `<node>.<domain>`, the cluster domain
-/// and the node's address.
+/// Node certificate parameters: SANs are the node's names (`<node>`, `<node>.<domain>`) and its
+/// address, which peers check (the admin port takes a client certificate as a peer only if it
+/// names a node; MariaDB replication verifies the primary by its address). Never the cluster's
+/// public domain: a node's key must not be able to pose as the site the balancers serve.
 pub fn node_params(
     cluster: &cluster_config::Cluster,
     node: &cluster_config::Node,
@@ -77,13 +79,10 @@ pub fn node_params(
     p.use_authority_key_identifier_extension = true;
     p.not_before = date_time_ymd(2024, 1, 1);
     p.not_after = date_time_ymd(2049, 12, 31);
-    let mut names = vec![
+    for n in [
         node.name.clone(),
         format!("{}.{}", node.name, cluster.domain),
-        cluster.domain.clone(),
-    ];
-    names.dedup();
-    for n in names {
+    ] {
         let dns = n
             .clone()
             .try_into()
@@ -199,8 +198,9 @@ pub fn node_cert(
 }
 
 /// A client certificate signed by the CA (an operator's tool, or a test acting as a peer):
-/// client authentication only, valid from the same fixed date as node certificates so that a
-/// node whose clock lags (freshly booted, no NTP) still accepts it.
+/// client authentication only, `name` as its common name and its one DNS name (so it acts as
+/// a peer on the admin port only if `name` is a node's), valid from the same fixed date as
+/// node certificates so that a node whose clock lags (freshly booted, no NTP) still accepts it.
 pub fn client_cert(ca: &Ca, common_name: &str) -> Result<NodeCert, Error> {
     let key =
         KeyPair::generate().map_err(|e| pki_error(format!("key of client {common_name}"), e))?;
@@ -212,6 +212,11 @@ pub fn client_cert(ca: &Ca, common_name: &str) -> Result<NodeCert, Error> {
     p.is_ca = IsCa::ExplicitNoCa;
     p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let dns = common_name
+        .to_string()
+        .try_into()
+        .map_err(|e| pki_error(format!("SAN `{common_name}` of client"), e))?;
+    p.subject_alt_names.push(SanType::DnsName(dns));
     p.use_authority_key_identifier_extension = true;
     p.not_before = date_time_ymd(2024, 1, 1);
     p.not_after = date_time_ymd(2049, 12, 31);
@@ -300,12 +305,11 @@ mod tests {
             .collect();
         assert_eq!(
             sans,
-            [
-                "dns:server1",
-                "dns:server1.tandem.test",
-                "dns:tandem.test",
-                "ip:10.88.0.11"
-            ]
+            ["dns:server1", "dns:server1.tandem.test", "ip:10.88.0.11"]
+        );
+        assert!(
+            !sans.contains(&format!("dns:{}", c.domain)),
+            "a node certificate names the public domain"
         );
     }
 

@@ -1,6 +1,8 @@
 //! `appliance admin`: the node's HTTPS admin port — status page, status JSON, the aggregated
-//! Prometheus endpoint, and the peer API that only other nodes (client certificates signed by
-//! the cluster CA: mutual TLS) may call.
+//! Prometheus endpoint, and the peer API that only other nodes may call: mutual TLS with a
+//! client certificate signed by the cluster CA whose subject alternative names name a node of
+//! the cluster (its name or its address). Any other certificate the CA signed (an operator's
+//! tool, or one made for another purpose) is no peer.
 //!
 //! It runs as its own supervised child and learns everything over the supervisor's control
 //! socket and the other services' local metrics endpoints, so a bug here never touches PID 1.
@@ -288,15 +290,18 @@ async fn serve(
                     }
                     Err(_) => return,
                 };
-            // A verified client certificate means a cluster peer (the CA signs only nodes).
-            let peer_cert = tls
+            // rustls verified the chain up to the cluster CA; the leaf must also name a node.
+            let peer_name = tls
                 .get_ref()
                 .1
                 .peer_certificates()
-                .is_some_and(|c| !c.is_empty());
+                .and_then(|chain| chain.first())
+                .and_then(|leaf| peer_node(&ctx.cluster, leaf))
+                .map(|n| n.name.clone());
             let service = hyper::service::service_fn(move |req| {
                 let ctx = ctx.clone();
-                async move { Ok::<_, Infallible>(route(&ctx, req, peer_cert).await) }
+                let peer_name = peer_name.clone();
+                async move { Ok::<_, Infallible>(route(&ctx, req, peer_name.as_deref()).await) }
             });
             let io = hyper_util::rt::TokioIo::new(tls);
             let conn = hyper::server::conn::http1::Builder::new()
@@ -323,13 +328,30 @@ fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp
         .expect("static headers are valid")
 }
 
-async fn route(ctx: &Arc<Ctx>, req: Request<Incoming>, peer_cert: bool) -> Resp {
+/// The node of `cluster` that a client certificate (already verified against the cluster CA)
+/// names in its subject alternative names: a DNS name equal to the node's name, or an IP
+/// address equal to its address. The common name is not looked at, nor are wildcards matched
+/// (a node's name is one label).
+pub fn peer_node<'c>(cluster: &'c Cluster, leaf: &CertificateDer<'_>) -> Option<&'c Node> {
+    use rustls::pki_types::ServerName;
+    let cert = rustls::server::ParsedCertificate::try_from(leaf).ok()?;
+    let names = |name: ServerName<'_>| rustls::client::verify_server_name(&cert, &name).is_ok();
+    cluster.nodes.iter().find(|node| {
+        let by_name = ServerName::try_from(node.name.as_str()).is_ok_and(&names);
+        let by_address = names(ServerName::IpAddress(
+            std::net::IpAddr::V4(node.address).into(),
+        ));
+        by_name || by_address
+    })
+}
+
+async fn route(ctx: &Arc<Ctx>, req: Request<Incoming>, peer: Option<&str>) -> Resp {
     let path = req.uri().path();
-    if path.starts_with("/api/peer/") && !peer_cert {
+    if path.starts_with("/api/peer/") && peer.is_none() {
         return reply(
             StatusCode::FORBIDDEN,
             "text/plain",
-            "peer API: a cluster client certificate is required\n",
+            "peer API: a client certificate from the cluster CA naming a node of the cluster is required\n",
         );
     }
     if path == SIGNAL_PATH {
@@ -338,7 +360,8 @@ async fn route(ctx: &Arc<Ctx>, req: Request<Incoming>, peer_cert: bool) -> Resp 
         }
         let query = req.uri().query().unwrap_or("").to_string();
         let ctx = ctx.clone();
-        return blocking(move || peer_signal(&ctx, &query)).await;
+        let peer = peer.unwrap_or_default().to_string();
+        return blocking(move || peer_signal(&ctx, &query, &peer)).await;
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n");
@@ -390,7 +413,7 @@ async fn route(ctx: &Arc<Ctx>, req: Request<Incoming>, peer_cert: bool) -> Resp 
 /// upgrades, fault drills) signals one of this node's services through the supervisor.
 const SIGNAL_PATH: &str = "/api/peer/signal";
 
-fn peer_signal(ctx: &Ctx, query: &str) -> Resp {
+fn peer_signal(ctx: &Ctx, query: &str, peer: &str) -> Resp {
     let param = |key: &str| {
         query.split('&').find_map(|kv| {
             let (k, v) = kv.split_once('=')?;
@@ -404,7 +427,7 @@ fn peer_signal(ctx: &Ctx, query: &str) -> Resp {
             "expected ?service=NAME&signal=SIG\n",
         );
     };
-    tracing::warn!(%service, %signal, "signal requested by a peer");
+    tracing::warn!(%service, %signal, %peer, "signal requested by a peer");
     match control::request(
         &ctx.target,
         &control::Request::Signal {

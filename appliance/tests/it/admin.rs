@@ -230,3 +230,147 @@ fn status_page_shows_a_killed_service_and_metrics_parse() {
         "promtool rejects the metrics: {complaints}\n{text}"
     );
 }
+
+/// A client of the admin port that trusts the cluster CA in `ca_pem` and presents `client`
+/// (certificate and key PEM) if given: the status of `GET url` and the body, or the error.
+fn get_with_cert(
+    url: &str,
+    ca_pem: &str,
+    client: Option<(&str, &str)>,
+) -> Result<(u16, String), String> {
+    let ca = ureq::tls::Certificate::from_pem(ca_pem.as_bytes()).map_err(|e| e.to_string())?;
+    let mut tls =
+        ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::new_with_certs(&[ca]));
+    if let Some((cert, key)) = client {
+        let chain: Vec<_> = ureq::tls::parse_pem(cert.as_bytes())
+            .filter_map(|item| match item {
+                Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+                _ => None,
+            })
+            .collect();
+        let key = ureq::tls::PrivateKey::from_pem(key.as_bytes()).map_err(|e| e.to_string())?;
+        tls = tls.client_cert(Some(ureq::tls::ClientCert::new_with_certs(&chain, key)));
+    }
+    let agent = ureq::Agent::config_builder()
+        .tls_config(tls.build())
+        .timeout_global(Some(Duration::from_secs(10)))
+        .http_status_as_error(false)
+        .build()
+        .new_agent();
+    let mut resp = agent.get(url).call().map_err(|e| e.to_string())?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| e.to_string())?;
+    Ok((status, body))
+}
+
+#[test]
+fn the_peer_api_takes_only_certificates_that_name_a_node() {
+    use image_builder::pki;
+    const N1: &str = "127.0.0.81";
+    const ADMIN_PORT: u16 = 26943;
+    let config = format!(
+        r#"
+[cluster]
+name = "peertest"
+domain = "peer.test"
+subnet = "127.0.0.0/8"
+floating_ip = "127.0.0.80"
+
+[[node]]
+name = "n1"
+address = "{N1}"
+db_role = "primary"
+
+[[node]]
+name = "n2"
+address = "127.0.0.82"
+db_role = "replica"
+
+[ports]
+admin = {ADMIN_PORT}
+"#
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let config_path = tmp.path().join("cluster.toml");
+    std::fs::write(&config_path, &config).unwrap();
+    let cluster = cluster_config::Cluster::from_toml(&config, "cluster.toml").unwrap();
+    let (ca, _) = pki::load_or_create_ca(&tmp.path().join("ca"), &cluster.name).unwrap();
+    // n1's TLS directory, as the image-builder puts it in the seed.
+    let tls = tmp.path().join("n1-tls");
+    std::fs::create_dir(&tls).unwrap();
+    let n1 = pki::node_cert(&ca, &cluster, cluster.node("n1").unwrap()).unwrap();
+    pki::write_file(&tls.join("node.crt"), n1.cert_pem.as_bytes(), 0o644).unwrap();
+    pki::write_file(&tls.join("node.key"), n1.key_pem.as_bytes(), 0o600).unwrap();
+    pki::write_file(&tls.join("ca.crt"), ca.cert_pem.as_bytes(), 0o644).unwrap();
+
+    let log = tmp.path().join("admin.log");
+    let child = Command::new(APPLIANCE)
+        .args(["admin", "--config"])
+        .arg(&config_path)
+        .args(["--node", "n1", "--state-dir"])
+        .arg(tmp.path().join("state"))
+        .arg("--tls-dir")
+        .arg(&tls)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let run = Run(child, log);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect((N1, ADMIN_PORT)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "admin not listening\n{}",
+            run.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    let url = format!("https://{N1}:{ADMIN_PORT}/api/peer/ping");
+    let get = |client: Option<&pki::NodeCert>| {
+        get_with_cert(
+            &url,
+            &ca.cert_pem,
+            client.map(|c| (c.cert_pem.as_str(), c.key_pem.as_str())),
+        )
+    };
+    // The other node's certificate, as the image-builder made it: a peer.
+    let n2 = pki::node_cert(&ca, &cluster, cluster.node("n2").unwrap()).unwrap();
+    assert_eq!(
+        get(Some(&n2)),
+        Ok((200, "pong from n1\n".to_string())),
+        "{}",
+        run.log()
+    );
+    // A client certificate naming a node (what a tool acting for a node uses): a peer.
+    let named = pki::client_cert(&ca, "n2").unwrap();
+    assert_eq!(get(Some(&named)).map(|r| r.0), Ok(200));
+    // Signed by the cluster CA, but naming no node: not a peer.
+    let evil = pki::client_cert(&ca, "evil.example").unwrap();
+    let refused = get(Some(&evil)).unwrap();
+    assert_eq!(refused.0, 403, "{refused:?}");
+    assert!(
+        refused.1.contains("naming a node of the cluster"),
+        "{refused:?}"
+    );
+    // No certificate: the public pages only.
+    assert_eq!(get(None).map(|r| r.0), Ok(403));
+    let health = get_with_cert(
+        &format!("https://{N1}:{ADMIN_PORT}/healthz"),
+        &ca.cert_pem,
+        None,
+    );
+    assert_eq!(health.map(|r| r.0), Ok(200));
+    // Another CA's node certificate: no TLS session at all.
+    let (rogue_ca, _) =
+        pki::load_or_create_ca(&tmp.path().join("rogue-ca"), &cluster.name).unwrap();
+    let rogue = pki::node_cert(&rogue_ca, &cluster, cluster.node("n2").unwrap()).unwrap();
+    assert!(
+        get(Some(&rogue)).is_err(),
+        "a certificate of another CA was accepted"
+    );
+}

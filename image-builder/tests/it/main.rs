@@ -191,8 +191,24 @@ fn builds_bootable_reproducible_images_for_the_default_cluster() {
         let text = run(Command::new("openssl")
             .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
             .arg(dir.join("node.crt")));
-        assert!(
-            text.contains(&format!("DNS:{node}")) && text.contains("DNS:tandem.test"),
+        // The node's names and address, never the cluster's public domain.
+        let address = cluster_config::Cluster::default_cluster()
+            .node(node)
+            .unwrap()
+            .address;
+        let sans: Vec<&str> = text
+            .lines()
+            .skip(1)
+            .flat_map(|l| l.split(','))
+            .map(str::trim)
+            .collect();
+        assert_eq!(
+            sans,
+            [
+                format!("DNS:{node}"),
+                format!("DNS:{node}.tandem.test"),
+                format!("IP Address:{address}")
+            ],
             "{text}"
         );
     }
