@@ -637,16 +637,34 @@ pub fn count_boot(state: &Path) -> anyhow::Result<u64> {
 }
 
 /// Atomic replace: temp file in the same directory, fsync, rename, fsync the directory.
+///
+/// The temporary file is created anew with its final mode (`create_new`: one a crash left
+/// behind, or a link planted there, is removed, never written through): a secret is never
+/// readable by others, not even before the rename, and is never chmodded. The umask may narrow
+/// a public mode; such a file gets its bits back before its first byte.
 pub fn write_file(path: &Path, contents: &str, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
     let dir = path.parent().context("file path without a directory")?;
     let tmp = dir.join(format!(
         ".{}.tmp",
         path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
     ));
-    let mut f = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    match fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", tmp.display())),
+    }
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    if mode & 0o077 != 0 {
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+    }
     f.write_all(contents.as_bytes())
         .with_context(|| format!("writing {}", tmp.display()))?;
-    f.set_permissions(fs::Permissions::from_mode(mode))?;
     f.sync_all()
         .with_context(|| format!("syncing {}", tmp.display()))?;
     fs::rename(&tmp, path)
@@ -685,6 +703,31 @@ mod tests {
         fs::write(dir.path().join("boot-count"), "garbage").unwrap();
         let err = count_boot(dir.path()).unwrap_err();
         assert!(format!("{err:#}").contains("not a number"));
+    }
+
+    #[test]
+    fn secrets_are_written_into_new_files_of_their_final_mode() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("admin.key");
+        let tmp = dir.path().join(".admin.key.tmp");
+        // A temporary left by a crash, held open by someone who could read it then.
+        fs::write(&tmp, "").unwrap();
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644)).unwrap();
+        let mut held = fs::File::open(&tmp).unwrap();
+        write_file(&key, "secret", 0o600).unwrap();
+        let mut seen = String::new();
+        std::io::Read::read_to_string(&mut held, &mut seen).unwrap();
+        assert_eq!(seen, "", "the secret went into a file others could read");
+        assert_eq!(fs::metadata(&key).unwrap().mode() & 0o7777, 0o600);
+        // A link planted as the temporary: replaced, not written through.
+        let outside = dir.path().join("outside");
+        fs::write(&outside, "").unwrap();
+        std::os::unix::fs::symlink(&outside, &tmp).unwrap();
+        write_file(&key, "secret 2", 0o600).unwrap();
+        assert_eq!(fs::read_to_string(&outside).unwrap(), "");
+        assert_eq!(fs::read_to_string(&key).unwrap(), "secret 2");
+        assert!(fs::symlink_metadata(&key).unwrap().is_file());
     }
 
     #[test]

@@ -6,7 +6,7 @@
 
 use std::io::Write as _;
 use std::net::IpAddr;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use rcgen::{
@@ -125,8 +125,10 @@ pub fn load_or_create_ca(dir: &Path, cluster: &str) -> Result<(Ca, bool), Error>
             false,
         ));
     }
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(STEP, dir, e))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(CA_DIR_MODE)
+        .create(dir)
         .map_err(|e| Error::io(STEP, dir, e))?;
     let key = KeyPair::generate().map_err(|e| pki_error("CA key", e))?;
     let cert = ca_params(cluster)
@@ -229,20 +231,36 @@ pub fn client_cert(ca: &Ca, common_name: &str) -> Result<NodeCert, Error> {
     })
 }
 
-/// Writes a new file with `mode` from the start (no window in which a key is world-readable).
+/// Writes a new file, created with its final mode (`create_new`: whatever was at `path`, a
+/// file or a link, is replaced, never written through): a key is never readable by anyone
+/// else, not even for a moment, and is never chmodded.
+///
+/// The umask may narrow a public mode (a certificate must stay readable in the seed): such a
+/// file gets its bits back on the open descriptor, before its first byte.
 pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), Error> {
-    let _ = std::fs::remove_file(path);
+    let io = |e| Error::io(STEP, path, e);
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(mode)
         .open(path)
-        .map_err(|e| Error::io(STEP, path, e))?;
-    f.write_all(data).map_err(|e| Error::io(STEP, path, e))?;
-    // The umask may have cleared bits of `mode`.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(|e| Error::io(STEP, path, e))
+        .map_err(io)?;
+    if mode & PUBLIC_BITS != 0 {
+        f.set_permissions(std::fs::Permissions::from_mode(mode))
+            .map_err(io)?;
+    }
+    f.write_all(data).map_err(io)
 }
+
+/// Mode bits that let others than the owner read or write a file.
+const PUBLIC_BITS: u32 = 0o077;
+/// The CA's directory: its key is the cluster's.
+const CA_DIR_MODE: u32 = 0o700;
 
 /// Whether the DER inside a PEM text contains `needle` (a certificate's public key).
 fn pem_contains(pem: &str, needle: &[u8]) -> bool {
@@ -290,6 +308,32 @@ mod tests {
     }
 
     #[test]
+    fn files_replace_what_was_there_and_keys_get_their_mode_at_creation() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        // A link where the key goes: replaced, not written through.
+        let outside = dir.path().join("outside");
+        std::fs::write(&outside, "").unwrap();
+        let key = dir.path().join("node.key");
+        std::os::unix::fs::symlink(&outside, &key).unwrap();
+        write_file(&key, b"secret", 0o600).unwrap();
+        assert_eq!(std::fs::read(&outside).unwrap(), b"");
+        let md = std::fs::symlink_metadata(&key).unwrap();
+        assert!(md.is_file());
+        assert_eq!(md.mode() & 0o7777, 0o600);
+        // A reader holding the previous file open never sees the new content.
+        let cert = dir.path().join("node.crt");
+        std::fs::write(&cert, "old").unwrap();
+        let mut held = std::fs::File::open(&cert).unwrap();
+        write_file(&cert, b"new", 0o644).unwrap();
+        let mut seen = String::new();
+        std::io::Read::read_to_string(&mut held, &mut seen).unwrap();
+        assert_eq!(seen, "old");
+        assert_eq!(std::fs::metadata(&cert).unwrap().mode() & 0o7777, 0o644);
+        assert_eq!(std::fs::read(&cert).unwrap(), b"new");
+    }
+
+    #[test]
     fn node_sans() {
         let c = cluster_config::Cluster::default_cluster();
         let n = c.node("server1").unwrap();
@@ -324,6 +368,7 @@ mod tests {
             std::fs::metadata(ca_dir.join("ca.key")).unwrap().mode() & 0o777,
             0o600
         );
+        assert_eq!(std::fs::metadata(&ca_dir).unwrap().mode() & 0o777, 0o700);
         let (again, created) = load_or_create_ca(&ca_dir, "tandem").unwrap();
         assert!(!created);
         assert_eq!(again.cert_pem, ca.cert_pem);
