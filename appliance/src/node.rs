@@ -259,16 +259,15 @@ pub fn services(
         admin.extend(["--scrape".into(), scrape.to_string()]);
     }
     // The admin server runs as its own user: it reaches the supervisor through the control
-    // socket's group, and the seed's TLS files (root's alone) through a copy made its own.
+    // socket's group, and the node's TLS files (root's alone) through a copy made its own.
     let admin_state = layout.state.join(crate::admin::STATE_SUBDIR);
     make_dir(&admin_state, 0o700)?;
     if root {
         crate::users::chown_tree(&admin_state, crate::users::ADMIN)?;
     }
-    let seed_tls = crate::peer::seed_tls_dir();
-    if seed_tls.join(crate::peer::NODE_CERT).exists() {
+    if layout.tls.join(crate::peer::NODE_CERT).exists() {
         let tls = layout.run.join(ADMIN_TLS_DIR);
-        crate::admin::provide_tls(&seed_tls, &tls, root.then_some(crate::users::ADMIN))?;
+        crate::admin::provide_tls(&layout.tls, &tls, root.then_some(crate::users::ADMIN))?;
         admin.extend(["--tls-dir".into(), absolute(&tls)?]);
     }
     let mut admin = ServiceSpec::daemon("admin", admin);

@@ -367,6 +367,16 @@ fn every_service_runs_with_no_new_privs_and_only_its_capabilities() {
         stopped,
         r#"{"response":"error","message":"only root may stop the supervisor"}"#
     );
+    // Its copy of the node's TLS files: the key is its own, and no one else's.
+    let key = run.state.join("run/admin-tls/node.key");
+    let meta = std::fs::metadata(&key).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.mode() & 0o777),
+        (uid_of("tandem-admin"), 0o600),
+        "{}",
+        key.display()
+    );
+    assert!(!readable_as("tandem-app", &key));
     let outsider = control_as("tandem-app", &socket, r#"{"request":"status"}"#);
     assert_eq!(
         outsider, "refused 13",
