@@ -43,6 +43,16 @@ const SQL_TIMEOUT: Duration = Duration::from_secs(15);
 const REVIVE_INTERVAL: Duration = Duration::from_secs(5);
 /// How long a switchover waits for the target to apply the primary's last transaction.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a switchover waits, once done, for every node's agent to publish the new primary
+/// (an agent sees it within a tick or two of it replicating).
+const FOLLOW_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a switchover looks for the agents' acknowledgements.
+const FOLLOW_POLL: Duration = Duration::from_millis(100);
+/// How soon an agent tries again to acknowledge its primary after a failure.
+const ACK_RETRY: Duration = Duration::from_millis(500);
+/// The agent's option file (admin account) in its private directory: acknowledgements go to
+/// the primary over TCP.
+const AGENT_ADMIN_OPTION_FILE: &str = "agent-admin.cnf";
 
 // ---------------------------------------------------------------------------------------------
 // Secret
@@ -474,15 +484,94 @@ fn load_or_create_dev_ca_key(path: &Path) -> anyhow::Result<rcgen::KeyPair> {
 pub fn agent_main(config_file: &Path) -> anyhow::Result<ExitCode> {
     let cfg = read_agent_config(config_file)?;
     let secret = load_or_create_secret(&cfg.secret_file)?;
-    let mut agent = Agent::new(cfg, dba::passwords(&secret));
+    let passwords = dba::passwords(&secret);
+    fs::create_dir_all(&cfg.private_dir)
+        .with_context(|| format!("creating {}", cfg.private_dir.display()))?;
+    let admin_file = cfg.private_dir.join(AGENT_ADMIN_OPTION_FILE);
+    write_option_file(&admin_file, repl::ADMIN_USER, &passwords.admin)?;
+    let acknowledge = spawn_acknowledger(&cfg, admin_file);
+    let mut agent = Agent::new(cfg, passwords);
     tracing::info!(target: "db", node = %agent.cfg.node, primary = %agent.primary, "database agent started");
     loop {
         let status = agent.tick(crate::supervisor::now_ms());
-        if let Err(e) = write_status(&agent.cfg.status_file, &status) {
-            tracing::warn!(target: "db", error = %format!("{e:#}"), "cannot write the status file");
+        match write_status(&agent.cfg.status_file, &status) {
+            // Published: the application follows it from its next write on.
+            Ok(()) => {
+                let _ = acknowledge.send(status.primary.clone());
+            }
+            Err(e) => {
+                tracing::warn!(target: "db", error = %format!("{e:#}"), "cannot write the status file")
+            }
         }
         std::thread::sleep(TICK);
     }
+}
+
+/// A thread that records, on the primary, which primary this node's status file names
+/// ([`repl::record_follow_sql`]): how a switchover knows every node's application follows.
+/// Fed the published primary after every status write; tries again every [`ACK_RETRY`] until
+/// it succeeds, off the agent's loop so an unreachable primary never delays a status.
+fn spawn_acknowledger(
+    cfg: &AgentConfig,
+    admin_file: PathBuf,
+) -> std::sync::mpsc::Sender<PrimaryRef> {
+    use std::sync::mpsc::RecvTimeoutError;
+    let (tx, rx) = std::sync::mpsc::channel::<PrimaryRef>();
+    let node = cfg.node.clone();
+    let local = Conn::local(&cfg.socket);
+    let ssl_ca = cfg.ssl_ca.clone();
+    let spawned = std::thread::Builder::new()
+        .name("acknowledge".into())
+        .spawn(move || {
+            let mut acked: Option<PrimaryRef> = None;
+            let mut want: Option<PrimaryRef> = None;
+            loop {
+                let next = match want != acked {
+                    true => rx.recv_timeout(ACK_RETRY),
+                    false => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                };
+                match next {
+                    Ok(p) => want = Some(rx.try_iter().last().unwrap_or(p)),
+                    Err(RecvTimeoutError::Timeout) => {}
+                    Err(RecvTimeoutError::Disconnected) => return,
+                }
+                let Some(primary) = want.as_ref().filter(|w| acked.as_ref() != Some(*w)) else {
+                    continue;
+                };
+                let conn = match primary.name == node {
+                    true => local.clone(),
+                    false => Conn::remote(
+                        &admin_file,
+                        &primary.name,
+                        primary.address,
+                        primary.port,
+                        &ssl_ca,
+                    ),
+                };
+                match conn.run(&repl::record_follow_sql(&node, &primary.name)) {
+                    Ok(_) => {
+                        tracing::info!(target: "db", node = %node, primary = %primary.name, "acknowledged the primary");
+                        acked = want.clone();
+                    }
+                    Err(e) => {
+                        tracing::debug!(target: "db", node = %node, primary = %primary.name, error = %e, "acknowledging the primary failed; trying again")
+                    }
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(target: "db", error = %e, "cannot start the acknowledging thread; switchovers will wait for this node in vain");
+    }
+    tx
+}
+
+/// A client option file with an account's password: 0600 from its creation.
+fn write_option_file(path: &Path, user: &str, password: &str) -> anyhow::Result<()> {
+    write_private(
+        path,
+        format!("[client]\nuser = {user}\npassword = {password}\n").as_bytes(),
+        None,
+    )
 }
 
 pub fn read_agent_config(path: &Path) -> anyhow::Result<AgentConfig> {
@@ -681,19 +770,7 @@ fn admin_conns(cfg: &AgentConfig) -> anyhow::Result<Vec<(String, std::net::Ipv4A
     let option_file = cfg
         .private_dir
         .join(format!("admin-{}.cnf", std::process::id()));
-    let _ = fs::remove_file(&option_file);
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&option_file)
-        .with_context(|| format!("creating {}", option_file.display()))?;
-    write!(
-        f,
-        "[client]\nuser = {}\npassword = {password}\n",
-        repl::ADMIN_USER
-    )
-    .with_context(|| format!("writing {}", option_file.display()))?;
+    write_option_file(&option_file, repl::ADMIN_USER, &password)?;
     Ok(cfg
         .nodes
         .iter()
@@ -933,8 +1010,53 @@ pub fn switchover(state_dir: Option<&Path>, to: &str) -> anyhow::Result<ExitCode
         .run(&repl::record_primary_sql(&plan.target))
         .context("recording the new primary")?;
     println!(
-        "switchover: done, {} is the primary; {} replicates from it",
+        "switchover: {} is the primary; {} replicates from it",
         plan.target, plan.old_primary
+    );
+    // 6. Return once every node's agent published it: each application reads the published
+    // primary at every write (and holds writes that meet a read-only server until then).
+    let names: Vec<&str> = cfg.nodes.iter().map(|n| n.name.as_str()).collect();
+    println!(
+        "switchover: waiting up to {FOLLOW_TIMEOUT:?} for every node's application to follow {}",
+        plan.target
+    );
+    let started = Instant::now();
+    let mut waiting = names.clone();
+    let mut last_error = None;
+    loop {
+        match target.rows(&repl::followers_sql()) {
+            Ok(rows) => {
+                let still = dba::not_following(&rows, &plan.target, &names);
+                for done in waiting.iter().filter(|n| !still.contains(n)) {
+                    println!(
+                        "switchover: {done} follows {} ({:.1} s)",
+                        plan.target,
+                        started.elapsed().as_secs_f64()
+                    );
+                }
+                waiting = still;
+            }
+            Err(e) => last_error = Some(e.to_string()),
+        }
+        if waiting.is_empty() {
+            break;
+        }
+        if started.elapsed() >= FOLLOW_TIMEOUT {
+            eprintln!(
+                "switchover: {} is the primary, but {} did not follow it within {FOLLOW_TIMEOUT:?} (is its db-agent running?{}); writes through {} fail until {}",
+                plan.target,
+                waiting.join(", "),
+                last_error.map(|e| format!(" last error: {e}")).unwrap_or_default(),
+                if waiting.len() == 1 { "its application" } else { "their applications" },
+                if waiting.len() == 1 { "it does" } else { "they do" },
+            );
+            return Ok(ExitCode::from(1));
+        }
+        std::thread::sleep(FOLLOW_POLL);
+    }
+    println!(
+        "switchover: done, {} is the primary and every node's application follows it",
+        plan.target
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -919,3 +919,114 @@ fn the_note_list_is_paged_and_writes_are_capped_and_rate_limited() {
     let page = curl(other, &[], &s2.url("/notes.json"));
     assert_eq!(page.status, 200, "{}", page.body);
 }
+
+#[test]
+fn a_switchover_loses_no_write_and_returns_once_every_application_follows() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let tmp = tmp_root();
+    let config = cluster_config(tmp.path(), 51, 52);
+    let s2 = Node::new("server2", "127.0.0.52", tmp.path(), &config, None);
+    let s1 = Node::new("server1", "127.0.0.51", tmp.path(), &config, None);
+    for node in [&s1, &s2] {
+        node.wait_ready("nginx", Duration::from_secs(120));
+    }
+    s2.wait_healthy("primary", Duration::from_secs(30));
+    s1.wait_healthy("replica", Duration::from_secs(30));
+    let first = post_from(&s2, "127.0.0.100", "first");
+    assert_eq!(first.status, 201, "{first:?}");
+
+    // A writer through each node's application, as new users would (a new connection and a
+    // client address of its own each time, so no rate limit applies), all along.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = [
+        (s2.addr.clone(), "old-primary"),
+        (s1.addr.clone(), "replica"),
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(w, (addr, label))| {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let url = format!("http://{addr}:8081/notes");
+            let mut results = Vec::new();
+            let mut i = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let from = format!("127.0.0.{}", 101 + w * 50 + i % 50);
+                let body = format!("{label}-{i}");
+                let payload = serde_json::json!({ "body": body }).to_string();
+                let at = Instant::now();
+                let a = curl(
+                    &from,
+                    &[
+                        "-H",
+                        "Content-Type: application/json",
+                        "--data-binary",
+                        &payload,
+                    ],
+                    &url,
+                );
+                results.push((body, a.status, at.elapsed(), a.body));
+                i += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            results
+        })
+    })
+    .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let at = Instant::now();
+    let (ok, text) = s2.switchover("server1");
+    let took = at.elapsed();
+    // When the command returns, every node's agent publishes the new primary: the application
+    // reads it at its next write.
+    let published: Vec<Value> = [&s1, &s2]
+        .iter()
+        .map(|n| n.agent()["primary"]["name"].clone())
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    stop.store(true, Ordering::SeqCst);
+    let results: Vec<_> = writers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    assert!(ok, "switchover failed:\n{text}\n{}\n{}", s1.log(), s2.log());
+    eprintln!("switchover took {took:?}:\n{text}");
+    assert_eq!(published, ["server1", "server1"], "{text}");
+    assert!(text.contains("every node's application follows"), "{text}");
+    let failed: Vec<_> = results.iter().filter(|r| r.1 != 201).collect();
+    let slowest = results.iter().map(|r| r.2).max().unwrap();
+    eprintln!(
+        "{} writes during the switchover, {} failed, slowest {slowest:?}",
+        results.len(),
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} of {} writes failed: {failed:?}\n{text}",
+        failed.len(),
+        results.len()
+    );
+    assert!(results.len() >= 10, "too few writes: {results:?}");
+    // Every write is there exactly once, on both nodes.
+    let mut written: Vec<String> = results.iter().map(|r| r.0.clone()).collect();
+    written.push("first".into());
+    let count = |node: &Node| -> usize {
+        node.sql_root("app", "SELECT COUNT(*) AS n FROM notes;\n")
+            .lines()
+            .nth(1)
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap()
+    };
+    for node in [&s1, &s2] {
+        node.wait_for("every write replicated", Duration::from_secs(30), || {
+            count(node) == written.len()
+        });
+        let bodies = node.sql_root("app", "SELECT body FROM notes ORDER BY id;\n");
+        let mut have: Vec<&str> = bodies.lines().skip(1).collect();
+        have.sort_unstable();
+        let mut want: Vec<&str> = written.iter().map(String::as_str).collect();
+        want.sort_unstable();
+        assert_eq!(have, want, "{}", node.name);
+    }
+}

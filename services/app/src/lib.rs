@@ -35,6 +35,11 @@ pub const STATIC_FILES: &[(&str, &str)] = &[("style.css", include_str!("../stati
 /// Requests served at once; more get 503 at once rather than queueing without bound.
 pub const MAX_CONNECTIONS: usize = 64;
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a write waits for a primary that takes it (a switchover makes the old primary
+/// read-only until every agent publishes the new one, about a second) before answering 503.
+pub const WRITE_HOLD: Duration = Duration::from_secs(5);
+/// Pause between two attempts of a held write (each re-reads the agent's status).
+const WRITE_RETRY_PAUSE: Duration = Duration::from_millis(100);
 
 /// Everything the application needs, from the environment the node plan sets.
 #[derive(Clone)]
@@ -360,23 +365,51 @@ impl App {
             Ok(b) => b.to_string(),
             Err(e) => return fail(e.status(), e.to_string()),
         };
-        let view = self.view();
-        let (host, port) = &view.primary;
-        if !self.schema_ready.load(Ordering::SeqCst) {
-            if let Err(e) = self.client.ensure_schema(host, *port) {
-                return fail(503, format!("writing to the primary: {e}"));
+        // A write the primary did not take (read-only during a switchover, unreachable) is
+        // tried again, against the primary published then, until WRITE_HOLD has passed.
+        let started = Instant::now();
+        let (view, written) = loop {
+            let view = self.view();
+            let written = self.write(&view.primary, &body);
+            match &written {
+                Err(e) if e.not_applied() && started.elapsed() + WRITE_RETRY_PAUSE < WRITE_HOLD => {
+                    std::thread::sleep(WRITE_RETRY_PAUSE)
+                }
+                _ => break (view, written),
             }
-            self.schema_ready.store(true, Ordering::SeqCst);
+        };
+        if written.is_ok() && started.elapsed() >= WRITE_RETRY_PAUSE {
+            tracing::info!(held_ms = started.elapsed().as_millis(), primary = ?view.primary, "a write was held until the primary took it");
         }
-        match self.client.insert(host, *port, &self.config.node, &body) {
+        match written {
             Ok(note) if req.wants_json() => Response::json(
                 201,
                 &json!({"node": self.config.node, "role": view.role, "note": note}),
             ),
             Ok(_) => Response::redirect("/"),
             Err(e @ StoreError::Full { .. }) => fail(507, e.to_string()),
+            Err(e) if e.not_applied() => Response {
+                retry_after: Some(1),
+                ..fail(
+                    503,
+                    format!(
+                        "writing to the primary: none took the note within {} s, nothing was written: {e}",
+                        WRITE_HOLD.as_secs()
+                    ),
+                )
+            },
             Err(e) => fail(503, format!("writing to the primary: {e}")),
         }
+    }
+
+    /// One attempt: the schema (once) and the note, on `primary`.
+    fn write(&self, primary: &(String, u16), body: &str) -> Result<store::Note, StoreError> {
+        let (host, port) = primary;
+        if !self.schema_ready.load(Ordering::SeqCst) {
+            self.client.ensure_schema(host, *port)?;
+            self.schema_ready.store(true, Ordering::SeqCst);
+        }
+        self.client.insert(host, *port, &self.config.node, body)
     }
 }
 

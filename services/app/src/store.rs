@@ -59,7 +59,19 @@ impl StoreError {
             _ => None,
         }
     }
+
+    /// Whether the server certainly did not apply the statement, so trying it again can never
+    /// write a note twice: see [`NOT_APPLIED`].
+    pub fn not_applied(&self) -> bool {
+        self.code().is_some_and(|c| NOT_APPLIED.contains(&c))
+    }
 }
+
+/// Errors after which nothing was written: the server is read-only (1290, 1836: a switchover
+/// froze the old primary), could not be reached (2002, 2003: no statement was sent), or rolled
+/// the statement back (1213 deadlock, 1205 lock wait timeout). A connection lost during a
+/// statement (2013) is not among them: it may have committed.
+pub const NOT_APPLIED: &[u32] = &[1290, 1836, 2002, 2003, 1213, 1205];
 
 /// Error codes that mean "the table is not there yet" (a fresh cluster, nothing written).
 pub const ER_NO_SUCH_TABLE: u32 = 1146;
@@ -333,6 +345,40 @@ mod tests {
             )
         );
         assert_eq!(parse_client_error("odd\n"), (None, "odd".to_string()));
+    }
+
+    #[test]
+    fn only_errors_that_wrote_nothing_are_retried() {
+        let check = |stderr: &str, retry: bool| {
+            let (code, message) = parse_client_error(stderr);
+            let e = StoreError::Sql {
+                server: "s".into(),
+                code,
+                message,
+            };
+            assert_eq!(e.not_applied(), retry, "{stderr}");
+        };
+        check("ERROR 1290 (HY000) at line 2: The MariaDB server is running with the --read-only option so it cannot execute this statement", true);
+        check(
+            "ERROR 2002 (HY000): Can't connect to server on '127.0.0.12' (115)",
+            true,
+        );
+        check(
+            "ERROR 2003 (HY000): Can't connect to MySQL server on '10.88.0.12' (113)",
+            true,
+        );
+        check("ERROR 1213 (40001) at line 2: Deadlock found when trying to get lock; try restarting transaction", true);
+        check(
+            "ERROR 2013 (HY000) at line 2: Lost connection to server during query",
+            false,
+        );
+        check("ERROR 1045 (28000): Access denied for user 'tandem_app'@'10.88.0.11' (using password: YES)", false);
+        check(
+            "ERROR 1146 (42S02) at line 1: Table 'app.notes' doesn't exist",
+            false,
+        );
+        check("garbage", false);
+        assert!(!StoreError::Full { max: 1 }.not_applied());
     }
 
     #[test]

@@ -330,6 +330,25 @@ pub fn plan_switchover(
     })
 }
 
+/// Which of `nodes` do not acknowledge `primary` yet, from the rows of
+/// [`crate::repl::followers_sql`] read on the primary.
+pub fn not_following<'a>(
+    rows: &[std::collections::BTreeMap<String, String>],
+    primary: &str,
+    nodes: &[&'a str],
+) -> Vec<&'a str> {
+    nodes
+        .iter()
+        .filter(|n| {
+            !rows.iter().any(|r| {
+                r.get("node").map(String::as_str) == Some(**n)
+                    && r.get("primary_node").map(String::as_str) == Some(primary)
+            })
+        })
+        .copied()
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -428,6 +447,20 @@ mod tests {
             binlog_pos: GtidPos::default(),
             slave,
         })
+    }
+
+    #[test]
+    fn a_switchover_waits_for_every_node_to_acknowledge_the_new_primary() {
+        let nodes = ["s1", "s2", "s3"];
+        let check = |rows: &str, want: &[&str]| {
+            let rows = parse_batch(rows);
+            assert_eq!(not_following(&rows, "s1", &nodes), want, "{rows:?}");
+        };
+        check("", &["s1", "s2", "s3"]);
+        check("node\tprimary_node\ns1\ts1\n", &["s2", "s3"]);
+        check("node\tprimary_node\ns1\ts1\ns2\ts2\ns3\ts1\n", &["s2"]);
+        check("node\tprimary_node\ns1\ts1\ns2\ts1\ns3\ts1\n", &[]);
+        check("node\tprimary_node\ns9\ts1\n", &["s1", "s2", "s3"]);
     }
 
     #[test]

@@ -22,6 +22,10 @@ pub const APP_DATABASE: &str = "app";
 /// Tandem's own bookkeeping: `tandem.cluster_state` holds the current primary, written on the
 /// primary and replicated, so every node learns a switchover through replication itself.
 pub const META_DATABASE: &str = "tandem";
+/// `tandem.node_primary`: per node, the primary its agent publishes (and so the application on
+/// the node writes to), written by that agent on the primary and replicated. A switchover
+/// empties it and waits until every node is back in it naming the new primary.
+pub const FOLLOWS_TABLE: &str = "node_primary";
 /// Seconds between a replica's connection attempts to an unreachable primary.
 pub const CONNECT_RETRY_S: u32 = 1;
 /// Heartbeat from primary to replica, so a silent primary is noticed.
@@ -390,7 +394,28 @@ pub fn primary_setup_sql(host: &str, pw: &Passwords, node: &str) -> String {
         "INSERT IGNORE INTO `{META_DATABASE}`.cluster_state (name, value) VALUES ('primary', {});",
         quote(node)
     );
+    s.push_str(&follows_table_sql());
     s
+}
+
+fn follows_table_sql() -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS `{META_DATABASE}`.{FOLLOWS_TABLE} (node VARCHAR(255) PRIMARY KEY, primary_node VARCHAR(255) NOT NULL, changed TIMESTAMP(3) NOT NULL DEFAULT CURRENT_TIMESTAMP(3)) ENGINE=InnoDB;\n"
+    )
+}
+
+/// Run on the primary by `node`'s agent once its published status names `primary`.
+pub fn record_follow_sql(node: &str, primary: &str) -> String {
+    format!(
+        "INSERT INTO `{META_DATABASE}`.{FOLLOWS_TABLE} (node, primary_node) VALUES ({0}, {1}) ON DUPLICATE KEY UPDATE primary_node = {1}, changed = CURRENT_TIMESTAMP(3);\n",
+        quote(node),
+        quote(primary)
+    )
+}
+
+/// Every node's acknowledged primary (batch form: `node`, `primary_node`).
+pub fn followers_sql() -> String {
+    format!("SELECT node, primary_node FROM `{META_DATABASE}`.{FOLLOWS_TABLE}")
 }
 
 /// Reads the primary recorded in the replicated bookkeeping table (no row, or an error when
@@ -399,11 +424,14 @@ pub fn recorded_primary_sql() -> String {
     format!("SELECT value FROM `{META_DATABASE}`.cluster_state WHERE name = 'primary'")
 }
 
-/// Run on the new primary at the end of a switchover; replicated to every node.
+/// Run on the new primary at the end of a switchover; replicated to every node. Forgets every
+/// node's acknowledgement first: from then on, an acknowledgement of `node` means the agent
+/// has seen this switchover.
 pub fn record_primary_sql(node: &str) -> String {
     format!(
-        "INSERT INTO `{META_DATABASE}`.cluster_state (name, value) VALUES ('primary', {0}) ON DUPLICATE KEY UPDATE value = {0}, changed = CURRENT_TIMESTAMP(3);\n",
-        quote(node)
+        "{table}DELETE FROM `{META_DATABASE}`.{FOLLOWS_TABLE};\nINSERT INTO `{META_DATABASE}`.cluster_state (name, value) VALUES ('primary', {node}) ON DUPLICATE KEY UPDATE value = {node}, changed = CURRENT_TIMESTAMP(3);\n",
+        table = follows_table_sql(),
+        node = quote(node)
     )
 }
 
@@ -681,6 +709,18 @@ mod tests {
             wait_for_gtid_sql(&pos("0-2-15"), Duration::from_secs(10)),
             "SELECT MASTER_GTID_WAIT('0-2-15', 10) AS waited"
         );
-        assert!(record_primary_sql("server1").contains("ON DUPLICATE KEY UPDATE value = 'server1'"));
+        let record = record_primary_sql("server1");
+        assert!(record.contains("ON DUPLICATE KEY UPDATE value = 'server1'"));
+        assert!(
+            record.find("DELETE FROM `tandem`.node_primary;").unwrap()
+                < record.find("INSERT INTO `tandem`.cluster_state").unwrap(),
+            "{record}"
+        );
+        assert!(primary_setup_sql("h", &pw, "server2")
+            .contains("CREATE TABLE IF NOT EXISTS `tandem`.node_primary"));
+        assert_eq!(
+            record_follow_sql("server1", "server2"),
+            "INSERT INTO `tandem`.node_primary (node, primary_node) VALUES ('server1', 'server2') ON DUPLICATE KEY UPDATE primary_node = 'server2', changed = CURRENT_TIMESTAMP(3);\n"
+        );
     }
 }
