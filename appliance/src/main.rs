@@ -118,12 +118,24 @@ fn main() -> anyhow::Result<ExitCode> {
         .file_name()
         .is_some_and(|n| n == "init")
     {
-        appliance::logging::init_with(appliance::logging::CONSOLE_FILTER);
+        appliance::logging::init_daemon(appliance::logging::CONSOLE_FILTER);
         return appliance::init::main();
     }
     let cli = Cli::parse();
-    appliance::logging::init();
-    match cli.command {
+    // The supervisor's processes must never block on a console nobody reads.
+    let daemon = matches!(cli.command, Command::Run { .. } | Command::Supervise { .. });
+    if daemon {
+        appliance::logging::init_daemon(appliance::logging::DEFAULT_FILTER);
+    } else {
+        appliance::logging::init();
+    }
+    let result = run_command(cli.command);
+    appliance::logging::flush_console();
+    result
+}
+
+fn run_command(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
         Command::CheckConfig { file } => appliance::node::check_config(file.as_deref()),
         Command::DefaultConfig => {
             print!("{}", cluster_config::DEFAULT_CLUSTER_TOML);

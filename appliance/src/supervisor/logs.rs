@@ -4,7 +4,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{BufRead, BufReader, Read};
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 
@@ -86,7 +85,7 @@ pub(crate) fn capture(
     stream: Stream,
     pid: i32,
     buffers: Arc<LogBuffers>,
-    sink: Option<Sender<LogLine>>,
+    sink: Option<logmon::store::QueueSender<LogLine>>,
 ) -> std::io::Result<()> {
     thread::Builder::new().name(format!("log-{service}-{}", stream.as_str())).spawn(move || {
         let mut reader = BufReader::new(pipe);

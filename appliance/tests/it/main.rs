@@ -1,4 +1,5 @@
 mod admin;
+mod console;
 mod db;
 mod logmon;
 mod privilege;

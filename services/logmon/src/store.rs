@@ -13,7 +13,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write as _};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{self, Sender};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::SystemTime;
@@ -350,10 +350,101 @@ impl LogStore {
     }
 }
 
-/// Starts a thread that appends every item sent on the returned channel to `store`
-/// (converted by `to_entry`), flushing whenever the channel is drained. It ends when every
-/// sender is gone (join the handle to know everything is written). Write errors are logged
-/// (once per distinct error), never fatal.
+/// Items a writer's queue holds before [`QueueSender::send`] drops: a few seconds of a busy
+/// node's output, so a slow disk never holds the services' pipes (or PID 1) back.
+pub const QUEUE_CAPACITY: usize = 16_384;
+/// The log of the store's own events (`log-store failed|ready`), which the monitor alerts on.
+pub const STORE_SUBJECT: &str = "log-store";
+/// After dropping, the store reports itself `ready` again once this long passed without a drop.
+pub const DROP_QUIET_MS: i64 = 60_000;
+
+/// The sending side of a writer's bounded queue. It never blocks: when the queue is full the
+/// item is dropped and counted, and the writer reports the count in the store (an event the log
+/// monitor alerts on).
+pub struct QueueSender<T> {
+    tx: mpsc::SyncSender<T>,
+    dropped: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<T> Clone for QueueSender<T> {
+    fn clone(&self) -> Self {
+        QueueSender {
+            tx: self.tx.clone(),
+            dropped: self.dropped.clone(),
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for QueueSender<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueueSender")
+            .field("dropped", &self.dropped())
+            .finish()
+    }
+}
+
+impl<T> QueueSender<T> {
+    /// A queue of `capacity` items; the receiving side is for the writer.
+    pub fn bounded(capacity: usize) -> (QueueSender<T>, mpsc::Receiver<T>) {
+        let (tx, rx) = mpsc::sync_channel(capacity);
+        let dropped = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        (QueueSender { tx, dropped }, rx)
+    }
+
+    /// Queues `item`; `false` if it was dropped (queue full, or the writer is gone).
+    pub fn send(&self, item: T) -> bool {
+        match self.tx.try_send(item) {
+            Ok(()) => true,
+            Err(_) => {
+                self.dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                false
+            }
+        }
+    }
+
+    /// Items dropped since the queue was made.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// What the writer says about drops, from the count it last reported: pure, the time passed in.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DropReport {
+    reported: u64,
+    last_drop_ms: Option<i64>,
+}
+
+impl DropReport {
+    /// The event text to store (`log-store failed …` or `log-store ready …`), if any.
+    pub fn after_batch(&mut self, dropped: u64, now_ms: i64) -> Option<String> {
+        if dropped > self.reported {
+            let new = dropped - self.reported;
+            self.reported = dropped;
+            self.last_drop_ms = Some(now_ms);
+            return Some(format!(
+                "{STORE_SUBJECT} failed {new} lines dropped: the log store's queue was full ({dropped} since start)"
+            ));
+        }
+        match self.last_drop_ms {
+            Some(t) if now_ms - t >= DROP_QUIET_MS => {
+                self.last_drop_ms = None;
+                Some(format!(
+                    "{STORE_SUBJECT} ready no lines dropped for {}s",
+                    DROP_QUIET_MS / 1000
+                ))
+            }
+            _ => None,
+        }
+    }
+}
+
+/// Starts a thread that appends every item sent on the returned queue to `store` (converted
+/// by `to_entry`), flushing whenever the queue is drained. It ends when every sender is gone
+/// (join the handle to know everything is written). Write errors are logged (once per distinct
+/// error), never fatal. Items dropped on a full queue are reported in [`SUPERVISOR_LOG`] as
+/// `log-store failed` events.
 ///
 /// All signals are blocked in the new thread: the supervisor takes SIGCHLD and SIGTERM with
 /// `sigwait` in a thread of its own, and this thread may start before it blocks them.
@@ -361,12 +452,13 @@ pub fn spawn_writer<T, F>(
     store: Arc<Mutex<LogStore>>,
     name: &str,
     to_entry: F,
-) -> io::Result<(Sender<T>, thread::JoinHandle<()>)>
+) -> io::Result<(QueueSender<T>, thread::JoinHandle<()>)>
 where
     T: Send + 'static,
     F: Fn(T) -> Entry + Send + 'static,
 {
-    let (tx, rx) = mpsc::channel::<T>();
+    let (tx, rx) = QueueSender::bounded(QUEUE_CAPACITY);
+    let dropped = tx.dropped.clone();
     let builder = thread::Builder::new().name(name.to_string());
     let handle = spawn_with_signals_blocked(builder, move || {
         let mut last_error = String::new();
@@ -379,11 +471,32 @@ where
                 }
             }
         };
-        while let Ok(first) = rx.recv() {
+        let mut drops = DropReport::default();
+        let tick = std::time::Duration::from_millis(DROP_QUIET_MS as u64 / 4);
+        loop {
+            let first = match rx.recv_timeout(tick) {
+                Ok(first) => Some(first),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
             let mut store = store.lock().unwrap_or_else(PoisonError::into_inner);
-            report(store.append(&to_entry(first)));
-            while let Ok(item) = rx.try_recv() {
-                report(store.append(&to_entry(item)));
+            if let Some(first) = first {
+                report(store.append(&to_entry(first)));
+                while let Ok(item) = rx.try_recv() {
+                    report(store.append(&to_entry(item)));
+                }
+            }
+            let now_ms = crate::time::now_ms();
+            let count = dropped.load(std::sync::atomic::Ordering::Relaxed);
+            if let Some(text) = drops.after_batch(count, now_ms) {
+                tracing::warn!("{text}");
+                report(store.append(&Entry {
+                    ts_ms: now_ms,
+                    log: SUPERVISOR_LOG.to_string(),
+                    tag: "event".to_string(),
+                    pid: None,
+                    text,
+                }));
             }
             report(store.flush());
         }
@@ -413,6 +526,40 @@ fn spawn_with_signals_blocked(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_queue_drops_and_counts_instead_of_blocking() {
+        let (tx, rx) = QueueSender::bounded(3);
+        let accepted = (0..10).filter(|&i| tx.send(i)).count();
+        assert_eq!((accepted, tx.dropped()), (3, 7));
+        assert_eq!(rx.try_iter().collect::<Vec<_>>(), [0, 1, 2]);
+        assert!(tx.send(10));
+        drop(rx);
+        assert!(!tx.send(11), "no writer: dropped, not blocked");
+        assert_eq!(tx.clone().dropped(), 8);
+    }
+
+    #[test]
+    fn drops_are_reported_once_then_resolved_after_a_quiet_minute() {
+        let mut r = DropReport::default();
+        assert_eq!(r.after_batch(0, 0), None);
+        let first = r.after_batch(5, 1_000).unwrap();
+        assert!(
+            first.starts_with("log-store failed 5 lines dropped"),
+            "{first}"
+        );
+        assert_eq!(r.after_batch(5, 2_000), None, "reported once");
+        let more = r.after_batch(8, 30_000).unwrap();
+        assert!(
+            more.starts_with("log-store failed 3 lines dropped"),
+            "{more}"
+        );
+        assert!(more.contains("(8 since start)"), "{more}");
+        assert_eq!(r.after_batch(8, 30_000 + DROP_QUIET_MS - 1), None);
+        let ready = r.after_batch(8, 30_000 + DROP_QUIET_MS).unwrap();
+        assert!(ready.starts_with("log-store ready"), "{ready}");
+        assert_eq!(r.after_batch(8, 10 * DROP_QUIET_MS), None, "resolved once");
+    }
 
     #[test]
     fn rotation_arithmetic() {
