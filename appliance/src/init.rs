@@ -19,6 +19,8 @@ use nix::sys::reboot::{reboot, set_cad_enabled, RebootMode};
 use nix::sys::signal::{kill, sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::unistd::{sync, Pid};
 
+use api::storage::Degraded;
+
 use crate::node::{self, Layout};
 use crate::supervisor::StopReason;
 
@@ -93,7 +95,13 @@ fn boot_and_supervise() -> anyhow::Result<Halt> {
         // Not fatal: the node works on the image's initial size.
         tracing::warn!("could not grow the data partition: {e:#}");
     }
-    mount_data(&data_dev)?;
+    let degraded = match mount_data(&data_dev) {
+        Ok(()) => None,
+        Err(damage) => {
+            tracing::error!(reason = %damage.reason, hint = %damage.hint, "data partition unusable: booting degraded (nothing was formatted)");
+            Some(damage)
+        }
+    };
 
     nix::unistd::sethostname(&node.name).context("setting the hostname")?;
     configure_network(&cluster, node)?;
@@ -101,21 +109,30 @@ fn boot_and_supervise() -> anyhow::Result<Halt> {
     firewall::apply(&firewall::ruleset(&cluster, node)).context("applying the firewall")?;
     tracing::info!("firewall applied");
 
-    let layout = Layout::image();
-    let specs = node::services(&cluster, node, &layout, None)?;
+    let mut layout = Layout::image();
+    let healthy = degraded.is_none();
+    let (specs, faults) = match degraded {
+        None => (node::services(&cluster, node, &layout, None)?, Vec::new()),
+        Some(damage) => degraded_services(&cluster, node, &mut layout, damage),
+    };
     // The supervisor blocks its signals in the calling thread and waits for them; a thread
     // started before that must not have them unblocked, or it would swallow them.
     crate::supervisor::handled_signals()
         .thread_block()
         .context("blocking signals")?;
     spawn_power_button_watch();
-    spawn_boot_blessing(layout.socket.clone());
+    if healthy {
+        spawn_boot_blessing(layout.socket.clone());
+    } else {
+        // A degraded boot is not a healthy one: the entry stays unblessed.
+        tracing::warn!("degraded boot: the boot entry is not blessed");
+    }
     tracing::info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "system up; starting services"
     );
 
-    let reason = node::supervise(specs, &layout)?;
+    let reason = node::supervise(specs, &layout, faults)?;
     tracing::info!(?reason, "services stopped");
     Ok(match reason {
         StopReason::Interrupt => Halt::Reboot,
@@ -151,6 +168,8 @@ fn shut_down(halt: Halt) -> ! {
         Halt::Reboot => RebootMode::RB_AUTOBOOT,
         Halt::PowerOff => RebootMode::RB_POWER_OFF,
     };
+    // The last lines (why we halt) must reach the console before the machine goes.
+    crate::logging::flush_console();
     let err = reboot(mode).unwrap_err();
     // reboot(2) only returns on error; PID 1 must not exit, so keep trying.
     loop {
@@ -291,28 +310,224 @@ fn mount_fs(dev: &Path, target: &str, fstype: &str, flags: MsFlags) -> anyhow::R
     .with_context(|| format!("mounting {} ({fstype}) on {target}", dev.display()))
 }
 
-/// The data partition: a fresh filesystem if it has none (never over an existing one).
-fn mount_data(dev: &Path) -> anyhow::Result<()> {
-    if !has_ext4_magic(dev)? {
-        tracing::warn!(dev = %dev.display(), "data partition has no filesystem; creating one");
-        run(Command::new("mkfs.ext4")
-            .args(["-q", "-L", "data"])
-            .arg(dev))?;
-    }
-    run(Command::new("e2fsck").args(["-p"]).arg(dev)).or_else(|e| {
-        // 1 = errors corrected; anything worse is logged, and mounting decides.
-        tracing::warn!("e2fsck on the data partition: {e:#}");
-        Ok::<(), anyhow::Error>(())
+/// The subject of the data partition's [`Degraded`] record and alert.
+const DATA_SUBJECT: &str = "data-partition";
+/// The state directory of a degraded node: on tmpfs, so that nothing touches the damaged disk.
+const DEGRADED_STATE: &str = "/run/tandem-degraded";
+/// What a degraded node still runs: the admin server (its page says why) and the log monitor
+/// (alerts). Everything else needs the data partition.
+const DEGRADED_KEEP: [&str; 2] = ["admin", logmon::monitor::SERVICE_NAME];
+/// Space on the data partition only root (PID 1: state DB, boot counter, log store) may use,
+/// so that MariaDB filling the disk leaves the node able to boot and say so.
+const DATA_RESERVED_PERCENT: &str = "5";
+/// The first bytes of the data partition read to decide what it holds (ext4's magic is at
+/// 1080).
+const DATA_HEAD_BYTES: usize = 4096;
+
+/// Mounts the data partition (`nodev,nosuid,noexec`), creating its filesystem only on the
+/// first boot of an image (the image-builder's marker). Anything else that cannot be checked
+/// and mounted is returned as the reason to boot degraded: a damaged filesystem is never
+/// formatted.
+fn mount_data(dev: &Path) -> Result<(), Degraded> {
+    check_data(dev)?;
+    mount_fs(dev, DATA_MOUNT, "ext4", MsFlags::MS_NOEXEC).map_err(|e| Degraded {
+        subject: DATA_SUBJECT.into(),
+        reason: format!("data partition {}: {e:#}", dev.display()),
+        hint: "nothing was formatted; check the disk".into(),
+        stopped: Vec::new(),
+        since_ms: now_ms(),
+    })
+}
+
+/// Makes `dev` (a partition or, in tests, an image file) hold a checked ext4 filesystem, or
+/// says why it cannot: formats only a partition carrying the first-boot marker.
+fn check_data(dev: &Path) -> Result<(), Degraded> {
+    let damaged = |reason: String, hint: &str| Degraded {
+        subject: DATA_SUBJECT.into(),
+        reason: format!("data partition {}: {reason}", dev.display()),
+        hint: hint.to_string(),
+        stopped: Vec::new(),
+        since_ms: now_ms(),
+    };
+    let head = read_head(dev).map_err(|e| {
+        damaged(
+            format!("cannot be read: {e}"),
+            "replace the disk, or check the hypervisor's storage",
+        )
     })?;
-    mount_fs(dev, DATA_MOUNT, "ext4", MsFlags::empty())
+    match data_plan(&head) {
+        DataPlan::Format => {
+            tracing::info!(dev = %dev.display(), "first boot: creating the data filesystem");
+            run(Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-L", "data", "-m", DATA_RESERVED_PERCENT])
+                .arg(dev))
+            .map_err(|e| {
+                damaged(
+                    format!("creating the filesystem: {e:#}"),
+                    "replace the disk",
+                )
+            })?;
+            erase_marker(dev).map_err(|e| {
+                damaged(
+                    format!("erasing the first-boot marker: {e}"),
+                    "replace the disk",
+                )
+            })?;
+        }
+        DataPlan::Check => {
+            let code = e2fsck(dev, "-p");
+            match fsck_verdict(code) {
+                Fsck::Clean => {}
+                Fsck::Repaired => tracing::warn!(code, "e2fsck repaired the data partition"),
+                Fsck::Failed => {
+                    return Err(damaged(
+                        format!("e2fsck found errors it could not repair (exit {code})"),
+                        &format!(
+                            "nothing was formatted; repair it offline with `e2fsck -f {}`",
+                            dev.display()
+                        ),
+                    ))
+                }
+            }
+            if api::storage::is_uninitialised(&head) {
+                // mkfs finished on an earlier boot, which then lost power before erasing the
+                // marker. It must go, or a later superblock fault would look like a first boot.
+                if let Err(e) = erase_marker(dev) {
+                    tracing::warn!("erasing the first-boot marker: {e}");
+                }
+            }
+        }
+        DataPlan::Damaged => {
+            // No filesystem where the image made one: the primary superblock is gone. Look for
+            // a backup superblock (read-only; `-n` changes nothing) to say what is recoverable.
+            let probe = e2fsck(dev, "-n");
+            let hint = if probe < 8 {
+                format!(
+                    "nothing was formatted and a backup superblock is intact: `e2fsck -b 32768 -B 4096 {}` restores the filesystem",
+                    dev.display()
+                )
+            } else {
+                "nothing was formatted; no backup superblock could be read either".to_string()
+            };
+            return Err(damaged(
+                "no readable filesystem (ext4 superblock missing) and no first-boot marker".into(),
+                &hint,
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// What [`mount_data`] does with a data partition, from its first bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DataPlan {
+    /// An ext4 filesystem: check (`e2fsck -p`) and mount.
+    Check,
+    /// No filesystem, and the image-builder's never-initialised marker: create one.
+    Format,
+    /// No filesystem and no marker: damaged. Touch nothing.
+    Damaged,
+}
+
+fn data_plan(head: &[u8]) -> DataPlan {
+    let magic = head.get(1080..1082) == Some(&[0x53, 0xEF][..]);
+    if magic {
+        DataPlan::Check
+    } else if api::storage::is_uninitialised(head) {
+        DataPlan::Format
+    } else {
+        DataPlan::Damaged
+    }
+}
+
+/// e2fsck's exit status, as systemd-fsck reads it: below 4 the filesystem may be mounted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fsck {
+    Clean,
+    Repaired,
+    Failed,
+}
+
+fn fsck_verdict(code: i32) -> Fsck {
+    match code {
+        0 => Fsck::Clean,
+        1..=3 => Fsck::Repaired,
+        _ => Fsck::Failed,
+    }
+}
+
+/// Runs e2fsck with `mode` (`-p` or `-n`) and returns its exit code (128 if it did not run).
+/// The read-only probe (`-n`) lists every inconsistency it would fix (hundreds of lines on a
+/// lost superblock): not for the console.
+fn e2fsck(dev: &Path, mode: &str) -> i32 {
+    let mut cmd = Command::new("e2fsck");
+    cmd.arg(mode).arg(dev);
+    if mode == "-n" {
+        cmd.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+    }
+    match cmd.status() {
+        Ok(status) => status.code().unwrap_or(128),
+        Err(e) => {
+            tracing::warn!("running e2fsck: {e}");
+            128
+        }
+    }
+}
+
+fn read_head(dev: &Path) -> std::io::Result<Vec<u8>> {
+    let mut head = vec![0u8; DATA_HEAD_BYTES];
+    fs::File::open(dev)?.read_exact(&mut head)?;
+    Ok(head)
+}
+
+fn erase_marker(dev: &Path) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut f = fs::OpenOptions::new().write(true).open(dev)?;
+    f.write_all(&[0u8; api::storage::UNINITIALISED_MARKER.len()])?;
+    f.sync_all()
 }
 
 fn has_ext4_magic(dev: &Path) -> anyhow::Result<bool> {
-    let mut buf = [0u8; 1082];
-    fs::File::open(dev)
-        .and_then(|mut f| f.read_exact(&mut buf))
-        .with_context(|| format!("reading the superblock of {}", dev.display()))?;
-    Ok(buf[1080..1082] == [0x53, 0xEF])
+    let head =
+        read_head(dev).with_context(|| format!("reading the superblock of {}", dev.display()))?;
+    Ok(data_plan(&head) == DataPlan::Check)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The services of a node whose data partition is unusable: state on tmpfs, only
+/// [`DEGRADED_KEEP`] started; `damage` (now naming what stays stopped) is returned for the
+/// supervisor to show and alert on. Errors here leave the node with no services rather than in
+/// a reboot loop.
+fn degraded_services(
+    cluster: &Cluster,
+    node: &cluster_config::Node,
+    layout: &mut Layout,
+    mut damage: Degraded,
+) -> (Vec<crate::supervisor::ServiceSpec>, Vec<Degraded>) {
+    layout.state = PathBuf::from(DEGRADED_STATE);
+    let all = match node::services(cluster, node, layout, None) {
+        Ok(all) => all,
+        Err(e) => {
+            tracing::error!("planning the degraded node's services: {e:#}");
+            Vec::new()
+        }
+    };
+    let (kept, stopped): (Vec<_>, Vec<_>) = all
+        .into_iter()
+        .partition(|s| DEGRADED_KEEP.contains(&s.name.as_str()));
+    damage.stopped = stopped.into_iter().map(|s| s.name).collect();
+    let mut kept = kept;
+    for spec in &mut kept {
+        // Nothing it waited for will start.
+        spec.deps.retain(|d| DEGRADED_KEEP.contains(&d.as_str()));
+    }
+    (kept, vec![damage])
 }
 
 /// After switch_root nothing loads modules for devices any more: load the driver of every
@@ -361,24 +576,70 @@ fn collect_modaliases(dir: &Path, out: &mut Vec<String>, depth: usize) {
     }
 }
 
-/// `/dev/<name>` of the GPT partition labelled `label` (no udev here: read sysfs).
+/// `/dev/<name>` of the GPT partition labelled `label` on the disk the node booted from (no
+/// udev here: read sysfs). Other disks are never looked at: a USB stick with a partition called
+/// `data` must not be taken for ours (and formatted).
 pub fn find_partition(label: &str) -> anyhow::Result<PathBuf> {
+    let disk = boot_disk()?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        for entry in fs::read_dir("/sys/class/block")
-            .context("listing /sys/class/block")?
-            .flatten()
-        {
-            let uevent = fs::read_to_string(entry.path().join("uevent")).unwrap_or_default();
-            if uevent.lines().any(|l| l == format!("PARTNAME={label}")) {
-                return Ok(Path::new("/dev").join(entry.file_name()));
+        let found = partitions_labelled(&disk, label)?;
+        match found.as_slice() {
+            [one] => return Ok(Path::new("/dev").join(one)),
+            [] if Instant::now() > deadline => {
+                bail!(
+                    "no partition labelled `{label}` on the boot disk {}",
+                    disk.display()
+                )
             }
+            [] => std::thread::sleep(Duration::from_millis(100)),
+            _ => bail!(
+                "{} partitions labelled `{label}` on the boot disk {}",
+                found.len(),
+                disk.display()
+            ),
         }
-        if Instant::now() > deadline {
-            bail!("no partition labelled `{label}` found");
-        }
-        std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The partitions of `disk` (its sysfs directory) named `label`, as device names.
+fn partitions_labelled(disk: &Path, label: &str) -> anyhow::Result<Vec<std::ffi::OsString>> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir(disk)
+        .with_context(|| format!("listing {}", disk.display()))?
+        .flatten()
+    {
+        let uevent = fs::read_to_string(entry.path().join("uevent")).unwrap_or_default();
+        if partition_name(&uevent) == Some(label) {
+            found.push(entry.file_name());
+        }
+    }
+    Ok(found)
+}
+
+/// `PARTNAME` of a block device's `uevent`, if it is a partition with a name.
+fn partition_name(uevent: &str) -> Option<&str> {
+    uevent.lines().find_map(|l| l.strip_prefix("PARTNAME="))
+}
+
+/// The sysfs directory of the disk holding the root filesystem we run from: the device of `/`
+/// (`st_dev`) is a partition of it.
+fn boot_disk() -> anyhow::Result<PathBuf> {
+    use std::os::unix::fs::MetadataExt as _;
+    let dev = fs::metadata("/").context("stat /")?.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let sys = Path::new("/sys/dev/block").join(format!("{major}:{minor}"));
+    let part = fs::canonicalize(&sys).with_context(|| format!("resolving {}", sys.display()))?;
+    if !part.join("partition").exists() {
+        bail!(
+            "the root filesystem ({major}:{minor}, {}) is not on a partition of a disk",
+            part.display()
+        );
+    }
+    Ok(part
+        .parent()
+        .context("a partition without a disk in sysfs")?
+        .to_path_buf())
 }
 
 fn sysfs_u64(path: &Path) -> anyhow::Result<u64> {
@@ -616,4 +877,229 @@ fn run_with_input(cmd: &mut Command, input: &str) -> anyhow::Result<()> {
         bail!("{shown} failed: {status}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Seek as _, SeekFrom, Write as _};
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn the_first_bytes_decide_check_format_or_hands_off() {
+        let check = |head: &[u8], expected: DataPlan| assert_eq!(data_plan(head), expected);
+        let mut ext4 = vec![0u8; DATA_HEAD_BYTES];
+        ext4[1080..1082].copy_from_slice(&[0x53, 0xEF]);
+        let mut marked = vec![0u8; DATA_HEAD_BYTES];
+        marked[..32].copy_from_slice(api::storage::UNINITIALISED_MARKER);
+        let mut both = marked.clone();
+        both[1080..1082].copy_from_slice(&[0x53, 0xEF]);
+        check(&ext4, DataPlan::Check);
+        check(&marked, DataPlan::Format);
+        // A filesystem made on a boot that lost power before erasing the marker: never format.
+        check(&both, DataPlan::Check);
+        // Zeros (a zeroed superblock), garbage, a short read: damaged, touched by nothing.
+        check(&vec![0u8; DATA_HEAD_BYTES], DataPlan::Damaged);
+        check(&vec![0xA5u8; DATA_HEAD_BYTES], DataPlan::Damaged);
+        check(&[], DataPlan::Damaged);
+    }
+
+    #[test]
+    fn e2fsck_exit_codes_below_4_may_mount() {
+        for (code, expected) in [
+            (0, Fsck::Clean),
+            (1, Fsck::Repaired),
+            (2, Fsck::Repaired),
+            (4, Fsck::Failed),
+            (8, Fsck::Failed),
+            (12, Fsck::Failed),
+            (128, Fsck::Failed),
+            (-1, Fsck::Failed),
+        ] {
+            assert_eq!(fsck_verdict(code), expected, "exit {code}");
+        }
+    }
+
+    fn run_ok(cmd: &mut Command) -> String {
+        let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        assert!(out.status.success(), "{cmd:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// An ext4 image holding `mysql/ibdata1`, as a node's data partition after use.
+    fn used_data_partition(path: &Path) {
+        fs::File::create(path).unwrap().set_len(256 * MIB).unwrap();
+        run_ok(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-b", "4096", "-L", "data"])
+                .arg(path),
+        );
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(b"InnoDB pages").unwrap();
+        run_ok(
+            Command::new("debugfs")
+                .arg("-w")
+                .arg(path)
+                .args(["-R", "mkdir mysql"]),
+        );
+        run_ok(Command::new("debugfs").arg("-w").arg(path).args([
+            "-R",
+            &format!("write {} mysql/ibdata1", file.path().display()),
+        ]));
+    }
+
+    fn contents(path: &Path) -> Vec<u8> {
+        fs::read(path).unwrap()
+    }
+
+    #[test]
+    fn a_zeroed_superblock_is_reported_with_its_backup_and_nothing_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("data.img");
+        used_data_partition(&img);
+        let mut f = fs::OpenOptions::new().write(true).open(&img).unwrap();
+        f.seek(SeekFrom::Start(1024)).unwrap();
+        f.write_all(&[0u8; 1024]).unwrap();
+        drop(f);
+        let before = contents(&img);
+
+        let damage = check_data(&img).unwrap_err();
+        assert!(
+            damage.reason.contains("no readable filesystem"),
+            "{damage:?}"
+        );
+        assert!(
+            damage.hint.contains("e2fsck -b 32768 -B 4096"),
+            "{damage:?}"
+        );
+        assert!(
+            contents(&img) == before,
+            "the damaged partition was written to"
+        );
+        // The data is still there, behind the backup superblock.
+        let ls = run_ok(
+            Command::new("debugfs")
+                .args(["-c", "-s", "32768", "-b", "4096", "-R", "ls -l mysql"])
+                .arg(&img),
+        );
+        assert!(ls.contains("ibdata1"), "{ls}");
+    }
+
+    #[test]
+    fn a_disk_of_garbage_without_the_marker_is_never_formatted() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("stick.img");
+        fs::write(&img, vec![0xA5u8; 8 * MIB as usize]).unwrap();
+        let before = contents(&img);
+        let damage = check_data(&img).unwrap_err();
+        assert!(damage.hint.contains("nothing was formatted"), "{damage:?}");
+        assert!(contents(&img) == before);
+    }
+
+    #[test]
+    fn the_marker_makes_a_filesystem_once_and_is_erased() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("data.img");
+        let f = fs::File::create(&img).unwrap();
+        f.set_len(256 * MIB).unwrap();
+        (&f).write_all(api::storage::UNINITIALISED_MARKER).unwrap();
+        drop(f);
+
+        check_data(&img).unwrap();
+        let head = read_head(&img).unwrap();
+        assert_eq!(data_plan(&head), DataPlan::Check);
+        assert!(!api::storage::is_uninitialised(&head), "marker left behind");
+        let sb = run_ok(Command::new("dumpe2fs").arg("-h").arg(&img));
+        assert!(sb.contains("Filesystem volume name:   data"), "{sb}");
+        // Root keeps 5 % for the state DB and the boot counter when MariaDB fills the rest.
+        let blocks = |key: &str| -> u64 {
+            sb.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap()
+        };
+        let reserved = blocks("Reserved block count:") * 100 / blocks("Block count:");
+        assert!((4..=5).contains(&reserved), "{reserved}% reserved");
+
+        // The next boot checks and keeps what is there.
+        run_ok(
+            Command::new("debugfs")
+                .arg("-w")
+                .arg(&img)
+                .args(["-R", "mkdir kept"]),
+        );
+        check_data(&img).unwrap();
+        let ls = run_ok(Command::new("debugfs").arg(&img).args(["-R", "ls"]));
+        assert!(ls.contains("kept"), "{ls}");
+    }
+
+    #[test]
+    fn a_filesystem_with_errors_e2fsck_cannot_preen_boots_degraded() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("data.img");
+        used_data_partition(&img);
+        // Clear the root directory's inode (preen mode refuses to fix that alone) and mark the
+        // filesystem as having errors, as the kernel does when it meets one.
+        run_ok(
+            Command::new("debugfs")
+                .arg("-w")
+                .arg(&img)
+                .args(["-R", "clri <2>"]),
+        );
+        run_ok(
+            Command::new("debugfs")
+                .arg("-w")
+                .arg(&img)
+                .args(["-R", "ssv state 2"]),
+        );
+        let uuid = || {
+            run_ok(Command::new("dumpe2fs").arg("-h").arg(&img))
+                .lines()
+                .find(|l| l.starts_with("Filesystem UUID:"))
+                .map(str::to_string)
+        };
+        let before = uuid();
+        let damage = check_data(&img).unwrap_err();
+        assert!(damage.reason.contains("could not repair"), "{damage:?}");
+        assert!(damage.hint.contains("e2fsck -f"), "{damage:?}");
+        // Preening may have fixed what is safe to fix; the filesystem is the same one.
+        assert_eq!(uuid(), before, "the data partition was formatted");
+    }
+
+    #[test]
+    fn partitions_are_taken_from_the_boot_disk_only() {
+        // A fake sysfs: the boot disk vda and a USB stick sda, both with a `data` partition.
+        let sys = tempfile::tempdir().unwrap();
+        let part = |disk: &str, name: &str, label: &str| {
+            let dir = sys.path().join(disk).join(name);
+            fs::create_dir_all(&dir).unwrap();
+            fs::write(
+                dir.join("uevent"),
+                format!("MAJOR=254\nMINOR=1\nDEVNAME={name}\nDEVTYPE=partition\nPARTN=1\nPARTNAME={label}\n"),
+            )
+            .unwrap();
+        };
+        part("vda", "vda2", "root-a");
+        part("vda", "vda5", "data");
+        part("sda", "sda1", "data");
+        fs::create_dir_all(sys.path().join("vda/queue")).unwrap();
+        let vda = sys.path().join("vda");
+        assert_eq!(partitions_labelled(&vda, "data").unwrap(), ["vda5"]);
+        assert!(partitions_labelled(&vda, "seed").unwrap().is_empty());
+        assert_eq!(
+            partitions_labelled(&sys.path().join("sda"), "data").unwrap(),
+            ["sda1"]
+        );
+    }
+
+    #[test]
+    fn the_boot_disk_is_the_disk_of_the_root_filesystem() {
+        // Wherever the tests run, `/` is either on a partition (its disk is found) or not
+        // (overlay, tmpfs: a clear error); never a panic, never another disk.
+        match boot_disk() {
+            Ok(disk) => assert!(disk.starts_with("/sys/devices"), "{}", disk.display()),
+            Err(e) => assert!(e.to_string().contains("not on a partition"), "{e:#}"),
+        }
+    }
 }

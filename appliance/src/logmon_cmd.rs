@@ -140,12 +140,33 @@ impl LogStoreGuard {
     }
 }
 
+/// At most this share of the data partition holds logs, so that on a small disk they leave
+/// room for MariaDB (and root's reserved blocks for the state DB).
+const LOG_SHARE_DIVISOR: u64 = 10;
+
+/// The log store's caps on the filesystem of `state_dir`: the defaults, or a tenth of the
+/// filesystem when that is less (never below one file per log).
+fn log_limits(state_dir: &std::path::Path) -> Limits {
+    let mut limits = Limits::default();
+    if let Ok(fs) = nix::sys::statvfs::statvfs(state_dir) {
+        let size = fs.blocks().saturating_mul(fs.fragment_size());
+        limits.total_bytes = limits
+            .total_bytes
+            .min(size / LOG_SHARE_DIVISOR)
+            .max(limits.file_bytes);
+    }
+    limits
+}
+
 /// Opens `<state>/logs` and connects the supervisor's log and event sinks to it. A store
 /// that cannot be opened is logged and left out: the node runs on without logs on disk.
 pub fn attach_log_store(options: &mut SupervisorOptions) -> LogStoreGuard {
     let dir = options.state_dir.join(store::LOG_DIR);
     let attached = (|| -> std::io::Result<LogStoreGuard> {
-        let shared = Arc::new(Mutex::new(LogStore::open(&dir, Limits::default())?));
+        let shared = Arc::new(Mutex::new(LogStore::open(
+            &dir,
+            log_limits(&options.state_dir),
+        )?));
         let (lines, lines_writer) =
             store::spawn_writer(shared.clone(), "log-store", |line: LogLine| Entry {
                 ts_ms: line.ts_ms,

@@ -191,7 +191,8 @@ pub fn run(
         layout.dev_ca = Some(std::path::absolute(ca)?);
     }
     let specs = services(&cluster, node, &layout, config)?;
-    let reason = supervise(specs, &layout)?;
+    crate::preflight::require_reachable_state_dir(&layout.state, &specs)?;
+    let reason = supervise(specs, &layout, Vec::new())?;
     tracing::info!(?reason, "supervisor stopped");
     Ok(ExitCode::SUCCESS)
 }
@@ -251,6 +252,9 @@ pub fn services(
         absolute(&layout.state)?,
         "--socket".into(),
         absolute(&layout.socket)?,
+        // Said, not guessed from the state directory: a degraded node keeps its state on tmpfs.
+        "--run-dir".into(),
+        absolute(&layout.run)?,
     ]);
     for scrape in [
         logmon::metrics::default_addr(node.address),
@@ -318,9 +322,11 @@ fn keepalived(
 }
 
 /// Runs `specs` under the supervisor with the node's log store attached, until it stops.
+/// `faults` are what keeps the node degraded before anything started (see `init`).
 pub fn supervise(
     specs: Vec<ServiceSpec>,
     layout: &Layout,
+    faults: Vec<api::storage::Degraded>,
 ) -> anyhow::Result<supervisor::StopReason> {
     let mut options = SupervisorOptions::new(&layout.state);
     options.control_socket = layout.socket.clone();
@@ -328,6 +334,8 @@ pub fn supervise(
         // The admin server (not root) is in this group.
         options.control_group = Some(crate::users::gid(crate::users::CONTROL_GROUP)?);
     }
+    options.run_dir = Some(layout.run.clone());
+    options.faults = faults;
     let logs = crate::logmon_cmd::attach_log_store(&mut options);
     let reason = supervisor::run(specs, options)?;
     logs.finish();
@@ -378,7 +386,12 @@ pub fn prepare(
     make_dir(&layout.run, 0o755)?;
     make_dir(&layout.run.join("etc"), 0o755)?;
 
-    let boot = count_boot(&layout.state)?;
+    // A full or failing data partition must not stop the node (PID 1 would reboot into the
+    // same fault): the count is skipped, the state DB's own fallback says what is wrong.
+    let boot = count_boot(&layout.state).unwrap_or_else(|e| {
+        tracing::error!("counting the boot: {e:#}; skipped");
+        0
+    });
     prepare_vip_dir(layout, root)?;
     tracing::info!(node = %node.name, boot, state = %layout.state.display(), "preparing node");
 
@@ -599,9 +612,12 @@ fn prepare_vip_dir(layout: &Layout, root: bool) -> anyhow::Result<()> {
     let dir = layout.vip_dir();
     make_dir(&dir, 0o775)?;
     let fifo = dir.join(api::vip::NOTIFY_FIFO);
-    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o640))
+    // Root's (keepalived, without CAP_DAC_OVERRIDE, uses only a FIFO it owns) and the
+    // balancer's group's: the balancer opens it read-write, so that it never sees end-of-file
+    // when keepalived restarts.
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o660))
         .with_context(|| format!("creating the FIFO {}", fifo.display()))?;
-    fs::set_permissions(&fifo, fs::Permissions::from_mode(0o640))
+    fs::set_permissions(&fifo, fs::Permissions::from_mode(0o660))
         .with_context(|| format!("chmod {}", fifo.display()))?;
     for name in [api::vip::TRACK_BALANCER, api::vip::TRACK_BACKENDS] {
         write_file(&dir.join(name), api::vip::track_value(false), 0o644)?;

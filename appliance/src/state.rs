@@ -47,6 +47,34 @@ pub enum StateError {
     TooNew { path: PathBuf, found: i64 },
 }
 
+impl StateError {
+    /// Whether the file is damaged (as opposed to unreachable, full or from a newer binary).
+    pub fn is_corruption(&self) -> bool {
+        matches!(
+            self,
+            StateError::Sqlite {
+                source: rusqlite::Error::SqliteFailure(e, _),
+                ..
+            } if matches!(
+                e.code,
+                rusqlite::ErrorCode::DatabaseCorrupt | rusqlite::ErrorCode::NotADatabase
+            )
+        )
+    }
+}
+
+/// How [`StateDb::open_or_recover`] came by its database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recovery {
+    /// The file opened as it was.
+    None,
+    /// The file was damaged: moved to `to`, and a new one created.
+    MovedAside { to: PathBuf, error: String },
+    /// The file could not be used (full disk, I/O error, newer schema): events of this run are
+    /// kept in memory only.
+    InMemory { error: String },
+}
+
 /// What happened to a service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -121,12 +149,84 @@ impl StateDb {
             path: path.clone(),
             source,
         };
-        let mut conn = Connection::open(&path).map_err(err)?;
+        let conn = Connection::open(&path).map_err(err)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(err)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(err)?;
+        // A torn or bit-flipped file often opens fine and fails later; look once, up front.
+        let check: String = conn
+            .pragma_query_value(None, "quick_check", |r| r.get(0))
+            .map_err(err)?;
+        if check != "ok" {
+            return Err(err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
+                Some(format!("quick_check: {check}")),
+            )));
+        }
+        Self::migrate(conn, path)
+    }
+
+    /// The database of a run that cannot keep one on disk: same schema, gone at exit.
+    pub fn in_memory() -> Result<StateDb, StateError> {
+        let path = PathBuf::from(":memory:");
+        let conn = Connection::open_in_memory().map_err(|source| StateError::Sqlite {
+            path: path.clone(),
+            source,
+        })?;
+        Self::migrate(conn, path)
+    }
+
+    /// Opens `<state_dir>/state.db`, and when that fails still returns a database, so that a
+    /// corrupt file or a full disk never stops the node from starting (PID 1 would reboot into
+    /// the same fault every few seconds). A corrupt file is moved aside (kept for whoever looks)
+    /// and a new one created; anything else (full disk, I/O error, a newer schema after a
+    /// rollback, which must not be destroyed) gives an in-memory database for this run.
+    pub fn open_or_recover(state_dir: &Path, now_ms: i64) -> (StateDb, Recovery) {
+        let first = match StateDb::open(state_dir) {
+            Ok(db) => return (db, Recovery::None),
+            Err(e) => e,
+        };
+        if first.is_corruption() {
+            let path = state_dir.join(STATE_DB_FILE);
+            let aside = state_dir.join(format!("{STATE_DB_FILE}.corrupt-{now_ms}"));
+            let moved = std::fs::rename(&path, &aside).map(|()| {
+                // The WAL and shared-memory files belong to the corrupt database.
+                for suffix in ["-wal", "-shm"] {
+                    let from = state_dir.join(format!("{STATE_DB_FILE}{suffix}"));
+                    let _ = std::fs::rename(&from, format!("{}{suffix}", aside.display()));
+                }
+            });
+            if moved.is_ok() {
+                if let Ok(db) = StateDb::open(state_dir) {
+                    return (
+                        db,
+                        Recovery::MovedAside {
+                            to: aside,
+                            error: first.to_string(),
+                        },
+                    );
+                }
+            }
+        }
+        match StateDb::in_memory() {
+            Ok(db) => (
+                db,
+                Recovery::InMemory {
+                    error: first.to_string(),
+                },
+            ),
+            // SQLite in memory fails only without memory; nothing sensible is left to do.
+            Err(e) => panic!("no state DB on disk ({first}) nor in memory ({e})"),
+        }
+    }
+
+    fn migrate(mut conn: Connection, path: PathBuf) -> Result<StateDb, StateError> {
+        let err = |source| StateError::Sqlite {
+            path: path.clone(),
+            source,
+        };
         let found: i64 = conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(err)?;
@@ -296,6 +396,115 @@ mod tests {
         let reader = StateDb::open_read_only(dir.path()).unwrap();
         assert_eq!(reader.recent(Some("app"), 10).unwrap().len(), 1);
         assert!(reader.record(4, "x", EventKind::Ready, None, "").is_err());
+    }
+
+    #[test]
+    fn a_corrupt_state_db_is_moved_aside_and_recreated() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = StateDb::open(dir.path()).unwrap();
+        db.record(1, "db", EventKind::Started, Some(10), "mariadbd")
+            .unwrap();
+        drop(db);
+        // A torn write: the header survives, the pages do not.
+        let path = dir.path().join(STATE_DB_FILE);
+        let mut bytes = std::fs::read(&path).unwrap();
+        for b in bytes.iter_mut().skip(100) {
+            *b = 0xA5;
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(StateDb::open(dir.path()).err().unwrap().is_corruption());
+
+        let (db, recovery) = StateDb::open_or_recover(dir.path(), 42);
+        let Recovery::MovedAside { to, .. } = recovery else {
+            panic!("{recovery:?}")
+        };
+        assert_eq!(to, dir.path().join("state.db.corrupt-42"));
+        assert_eq!(
+            std::fs::read(&to).unwrap(),
+            bytes,
+            "the damaged file is kept as it was"
+        );
+        assert_eq!(db.path(), path);
+        db.record(2, "db", EventKind::Ready, None, "").unwrap();
+        assert_eq!(db.recent(None, 10).unwrap().len(), 1);
+
+        // Not a database at all (a file of zeros after a crash): the same.
+        drop(db);
+        std::fs::write(&path, vec![0u8; 8192]).unwrap();
+        let (_, recovery) = StateDb::open_or_recover(dir.path(), 43);
+        assert!(
+            matches!(recovery, Recovery::MovedAside { .. }),
+            "{recovery:?}"
+        );
+    }
+
+    #[test]
+    fn a_newer_schema_is_kept_and_this_run_keeps_events_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join(STATE_DB_FILE)).unwrap();
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        drop(conn);
+        let (db, recovery) = StateDb::open_or_recover(dir.path(), 1);
+        assert!(
+            matches!(&recovery, Recovery::InMemory { error } if error.contains("newer")),
+            "{recovery:?}"
+        );
+        db.record(1, "db", EventKind::Ready, None, "").unwrap();
+        assert_eq!(db.recent(None, 10).unwrap().len(), 1);
+        // Left for the newer binary a rollback came from: same schema version, not moved.
+        let conn = Connection::open(dir.path().join(STATE_DB_FILE)).unwrap();
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION + 1);
+    }
+
+    /// A tmpfs of `size` on a temporary directory, unmounted on drop. Needs root (CI is).
+    struct SmallFs(tempfile::TempDir);
+
+    impl SmallFs {
+        fn mount(size: &str) -> SmallFs {
+            let dir = tempfile::tempdir().unwrap();
+            let status = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir.path())
+                .status()
+                .expect("running mount");
+            assert!(
+                status.success(),
+                "mounting a small tmpfs failed ({status}): this test needs root, to fill a filesystem"
+            );
+            SmallFs(dir)
+        }
+
+        fn fill(&self) {
+            use std::io::Write as _;
+            let mut f = std::fs::File::create(self.0.path().join("filler")).unwrap();
+            let block = vec![0u8; 4096];
+            while f.write_all(&block).is_ok() {}
+        }
+    }
+
+    impl Drop for SmallFs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg(self.0.path())
+                .status();
+        }
+    }
+
+    #[test]
+    fn a_full_disk_neither_stops_the_state_db_nor_the_boot_count() {
+        let fs = SmallFs::mount("256k");
+        fs.fill();
+        let (db, recovery) = StateDb::open_or_recover(fs.0.path(), 1);
+        assert!(
+            matches!(recovery, Recovery::InMemory { .. }),
+            "{recovery:?}"
+        );
+        db.record(1, "db", EventKind::Ready, None, "").unwrap();
+        assert!(crate::node::count_boot(fs.0.path()).is_err());
     }
 
     #[test]

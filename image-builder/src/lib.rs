@@ -368,17 +368,11 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, Error> {
             epoch,
         };
         seed_fs.make(Some(&seed_dir), &seed_img)?;
-        let data_img = node_work.join("data.ext4");
-        let data_uuid = format!("{uuid_base}/data");
-        let data_fs = rootimg::Ext4 {
-            step: "data",
-            label: "data",
-            uuid_name: &data_uuid,
-            size: layout::DATA_SIZE,
-            journal: true,
-            epoch,
-        };
-        data_fs.make(None, &data_img)?;
+        // No filesystem on the data partition, only the marker that says none was ever made:
+        // the node creates it on first boot, at the disk's final size, and formats nothing that
+        // lacks the marker (a damaged filesystem is not an empty one).
+        let data_img = node_work.join("data.marker");
+        pki::write_file(&data_img, api::storage::UNINITIALISED_MARKER, 0o600)?;
 
         p.step(format!("{name}: ESP (systemd-boot, kernel, initrd)"));
         let esp_img = node_work.join("esp.vfat");

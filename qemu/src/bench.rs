@@ -52,7 +52,7 @@ pub struct BenchTarget {
     pub floating_ip: Ipv4Addr,
     pub https_port: u16,
     /// The nodes' own page (`/node.html`) answers on this port once they serve.
-    pub web_port: u16,
+    pub page_port: u16,
 }
 
 impl BenchTarget {
@@ -226,7 +226,7 @@ fn trial(
     if opts.kill == Kill::Machine {
         vm.start()?;
     }
-    cluster.wait_nodes_serving(opts.target.web_port, BOOT_TIMEOUT, cancel)?;
+    cluster.wait_nodes_serving(opts.target.page_port, BOOT_TIMEOUT, cancel)?;
     let t0 = Instant::now();
     let mut moved_back = false;
     while t0.elapsed() < opts.settle {
@@ -464,12 +464,12 @@ fn boot(
         cluster
             .vms()
             .iter()
-            .map(|vm| Cluster::node_page_url(vm, target.web_port))
+            .map(|vm| Cluster::node_page_url(vm, target.page_port))
             .collect::<Vec<_>>()
             .join(", ")
     ));
     let t0 = Instant::now();
-    if let Err(e) = cluster.wait_nodes_serving(target.web_port, BOOT_TIMEOUT, cancel) {
+    if let Err(e) = cluster.wait_nodes_serving(target.page_port, BOOT_TIMEOUT, cancel) {
         if !matches!(e, Error::Cancelled) {
             say(&cluster.tails(TAIL_LINES));
         }
@@ -572,7 +572,7 @@ longest gap over 3 trial(s): median 412 ms, max 8000 ms
             spec: ClusterSpec::new("/w"),
             floating_ip: Ipv4Addr::new(10, 88, 0, 10),
             https_port,
-            web_port: 8080,
+            page_port: 443,
         };
         assert_eq!(t(443).vip_url(), "https://10.88.0.10/node.html");
         assert_eq!(t(8443).vip_url(), "https://10.88.0.10:8443/node.html");

@@ -380,9 +380,10 @@ impl Cluster {
         })
     }
 
-    /// `http://<address>:<port>/node.html` of `vm`: answers 200 once the node serves.
+    /// `https://<address>:<port>/node.html` of `vm` (its balancer): answers 200 once the node
+    /// serves clients. nginx's own port is open to cluster peers only.
     pub fn node_page_url(vm: &Vm, port: u16) -> String {
-        format!("http://{}:{port}{NODE_PAGE}", vm.address())
+        format!("https://{}:{port}{NODE_PAGE}", vm.address())
     }
 
     /// Wait until every node's page answers 200 (see [`Cluster::node_page_url`]), at most
@@ -540,6 +541,11 @@ impl Vm {
 
     pub fn qmp_path(&self) -> &Path {
         &self.machine.qmp_socket
+    }
+
+    /// The VM's qcow2 overlay (its disk). Only to be touched while QEMU is not running.
+    pub fn disk(&self) -> &Path {
+        &self.machine.disk
     }
 
     /// The full QEMU command line (for logs and humans).

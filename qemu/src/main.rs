@@ -25,7 +25,7 @@ const UP_HOLD_TIMEOUT_S: u64 = 60;
 /// Host ports: floating IP HTTP/HTTPS, then one per node from these bases.
 const HOST_HTTP: u16 = 8080;
 const HOST_HTTPS: u16 = 8443;
-const HOST_WEB_BASE: u16 = 8081;
+const HOST_NODE_BASE: u16 = 8081;
 const HOST_ADMIN_BASE: u16 = 9443;
 /// Seconds the guests get to power off on ACPI before they are killed.
 const SHUTDOWN_TIMEOUT_S: u64 = 60;
@@ -131,7 +131,7 @@ impl ClusterArgs {
             spec: opts.spec,
             floating_ip: cluster.floating_ip,
             https_port: cluster.ports.https,
-            web_port: cluster.ports.web,
+            page_port: cluster.ports.https,
         })
     }
 }
@@ -333,10 +333,11 @@ fn up_options(
             .with_context(|| format!("no image for node {} in {}", node.name, images.display()))?;
         spec = spec.node(&node.name, node.address, image);
         let i = u16::try_from(i).context("too many nodes")?;
+        // The node's own balancer: nginx's web port is open to cluster peers only.
         forwards.push(Forward {
-            label: format!("{} web", node.name),
-            listen: local(HOST_WEB_BASE + i),
-            target: (node.address, cluster.ports.web).into(),
+            label: format!("{} balancer (HTTPS)", node.name),
+            listen: local(HOST_NODE_BASE + i),
+            target: (node.address, cluster.ports.https).into(),
         });
         forwards.push(Forward {
             label: format!("{} admin (HTTPS)", node.name),
@@ -350,7 +351,7 @@ fn up_options(
         shutdown_timeout: Duration::from_secs(SHUTDOWN_TIMEOUT_S),
         vip: Some(VipWatch {
             ip: vip,
-            web_port: cluster.ports.web,
+            page_port: cluster.ports.https,
             boot_timeout: Duration::from_secs(UP_BOOT_TIMEOUT_S),
             hold_timeout: Duration::from_secs(UP_HOLD_TIMEOUT_S),
             host_url: format!("https://127.0.0.1:{HOST_HTTPS}/"),

@@ -32,8 +32,8 @@ pub struct UpOptions {
 #[derive(Debug, Clone)]
 pub struct VipWatch {
     pub ip: Ipv4Addr,
-    /// The nodes serve once `http://<node>:<web_port>/node.html` answers 200.
-    pub web_port: u16,
+    /// The nodes serve once `https://<node>:<page_port>/node.html` (their balancers) answers 200.
+    pub page_port: u16,
     /// How long the nodes get to boot and serve.
     pub boot_timeout: Duration,
     /// How long after that one node must hold the address.
@@ -181,7 +181,7 @@ pub fn up(opts: &UpOptions, signals: &ShutdownSignals, ready: impl FnOnce(&Clust
 /// `floating IP … is held by …`, once the nodes serve; `None` when stopped before.
 fn vip_line(cluster: &Cluster, watch: &VipWatch, stop: &Cancel) -> Option<String> {
     let ip = watch.ip;
-    if let Err(e) = cluster.wait_nodes_serving(watch.web_port, watch.boot_timeout, stop) {
+    if let Err(e) = cluster.wait_nodes_serving(watch.page_port, watch.boot_timeout, stop) {
         return (!stop.is_cancelled())
             .then(|| format!("floating IP {ip}: no node holds it yet (nodes not serving: {e})"));
     }

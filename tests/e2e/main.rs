@@ -7,6 +7,7 @@
 
 mod support;
 
+mod disk_faults;
 mod floating_ip;
 mod node_lifecycle;
 mod services;

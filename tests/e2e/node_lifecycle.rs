@@ -96,4 +96,7 @@ fn two_nodes_boot_serve_reboot_and_survive_a_power_cut() {
             Ok(())
         },
     );
+
+    // Last, as it leaves server2 degraded.
+    crate::disk_faults::zeroed_superblock_boots_degraded(&cluster, &config);
 }

@@ -11,7 +11,8 @@ use qemu::{Cluster, HttpResponse};
 /// Replication and the first database setup on a fresh cluster take a while under TCG.
 pub const DB_TIMEOUT: Duration = Duration::from_secs(180);
 
-/// POST a note through `node`'s nginx → app; the app writes to the primary wherever it is.
+/// POST a note through `node`'s balancer → some node's nginx → app; the app writes to the
+/// primary wherever it is.
 pub fn post_note(
     cluster: &Cluster,
     config: &cluster_config::Cluster,
@@ -19,13 +20,14 @@ pub fn post_note(
     text: &str,
 ) -> qemu::Result<()> {
     let n = config.node(node).expect("node of the default cluster");
-    let url = format!("http://{}:{}/notes", n.address, config.ports.web);
+    let url = format!("https://{}:{}/notes", n.address, config.ports.https);
     let body = format!("{{\"body\":\"{text}\"}}");
     qemu::wait_for(DB_TIMEOUT, &format!("POST {url}"), || {
         let out = cluster
             .run(&[
                 "curl",
                 "-sS",
+                "-k",
                 "--max-time",
                 "10",
                 "-o",
@@ -54,6 +56,8 @@ pub fn post_note(
 }
 
 /// Wait until `node`'s application lists a note with `text` (read from its local database).
+/// Asked through the node's balancer until an answer comes from `node` itself (the JSON names
+/// the node that served it): a client cannot reach a node's web port directly.
 pub fn wait_note(
     cluster: &Cluster,
     config: &cluster_config::Cluster,
@@ -62,8 +66,11 @@ pub fn wait_note(
     timeout: Duration,
 ) -> qemu::Result<HttpResponse> {
     let n = config.node(node).expect("node of the default cluster");
-    let url = format!("http://{}:{}/notes.json", n.address, config.ports.web);
-    cluster.wait_http(&url, timeout, |r| r.status == 200 && r.body.contains(text))
+    let url = format!("https://{}:{}/notes.json", n.address, config.ports.https);
+    let served_by = format!("\"node\":\"{node}\"");
+    cluster.wait_http(&url, timeout, |r| {
+        r.status == 200 && r.body.contains(&served_by) && r.body.contains(text)
+    })
 }
 
 /// `curl` exit code for a plain TCP connection attempt from the client: 0 connected (or
@@ -103,6 +110,14 @@ pub fn run(cluster: &Cluster, config: &cluster_config::Cluster) -> String {
             if db != 28 {
                 return Err(qemu::Error::Http(format!(
                     "3306 from the client: curl exit {db}, expected 28 (dropped)"
+                )));
+            }
+            // nginx behind the balancer is for cluster peers only (issue 10 item 9).
+            let web = tcp_probe(cluster, "10.88.0.12", config.ports.web)?;
+            if web != 28 {
+                return Err(qemu::Error::Http(format!(
+                    "web port {} from the client: curl exit {web}, expected 28 (dropped)",
+                    config.ports.web
                 )));
             }
             let health = cluster.http_get(
@@ -240,7 +255,9 @@ pub fn peer_client_cert(
 ) -> qemu::Result<(PathBuf, PathBuf)> {
     let dir = cluster.work_dir().join(subdir);
     std::fs::create_dir_all(&dir).map_err(|e| qemu::Error::Http(e.to_string()))?;
-    client_cert(&dir, &ca_dir(config)?, &config.name, "peer")
+    // The admin server takes a certificate as a peer's only if its SAN names a node: the test
+    // acts as server2's tooling.
+    client_cert(&dir, &ca_dir(config)?, &config.name, "server2")
 }
 
 fn peer_api_requires_cluster_certificate(
@@ -282,6 +299,15 @@ fn peer_api_requires_cluster_certificate(
     if !without.ends_with(" 403") {
         return Err(qemu::Error::Http(format!(
             "without a certificate: {without:?}, expected 403"
+        )));
+    }
+    // The cluster's CA, but a name that is no node's (issue 10 item 12).
+    let (outsider_crt, outsider_key) =
+        client_cert(&dir, &ca_dir(config)?, &config.name, "evil.example")?;
+    let (_, outsider) = curl(Some((&outsider_crt, &outsider_key)))?;
+    if !outsider.ends_with(" 403") {
+        return Err(qemu::Error::Http(format!(
+            "a cluster certificate naming no node: {outsider:?}, expected 403"
         )));
     }
     let (code, rogue) = curl(Some((&rogue_crt, &rogue_key)))?;

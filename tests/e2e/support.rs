@@ -99,10 +99,12 @@ pub fn step<T>(cluster: &Cluster, name: &str, body: impl FnOnce() -> qemu::Resul
     }
 }
 
-/// The node's page URL on its web port, from the client.
+/// The node's page through its own balancer (HTTPS on its address), from the client. nginx's
+/// web port is open to cluster peers only, so a client sees a node's page when that balancer's
+/// round robin picks the node: [`wait_page`] asks until it does.
 pub fn page_url(config: &cluster_config::Cluster, node: &str) -> String {
     let n = config.node(node).expect("node of the default cluster");
-    format!("http://{}:{}/node.html", n.address, config.ports.web)
+    format!("https://{}:{}/node.html", n.address, config.ports.https)
 }
 
 /// `boot: N` on a node's page.

@@ -506,6 +506,7 @@ fn gather(ctx: &Ctx) -> StatusView {
         services: services(ctx),
         alerts,
         facts,
+        degraded: api::storage::Degraded::read_all(&ctx.run_dir),
     }
 }
 
@@ -588,6 +589,8 @@ struct StatusJson<'a> {
     error: Option<&'a str>,
     /// Every node's view of the floating IP (`null`: no answer).
     vip: &'a [(String, Option<api::vip::VipStatus>)],
+    /// Why the node runs degraded; empty when it does not.
+    degraded: &'a [api::storage::Degraded],
 }
 
 impl<'a> From<&'a StatusView> for StatusJson<'a> {
@@ -596,6 +599,7 @@ impl<'a> From<&'a StatusView> for StatusJson<'a> {
             cluster: &v.cluster,
             node: &v.node,
             vip: &v.vip,
+            degraded: &v.degraded,
             services: v.services.as_ref().ok().map(Vec::as_slice),
             error: v.services.as_ref().err().map(String::as_str),
         }

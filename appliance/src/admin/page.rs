@@ -44,6 +44,8 @@ pub struct StatusView {
     pub vip: Vec<(String, Option<api::vip::VipStatus>)>,
     /// Extra facts (VIP holder, DB lag, …) as label/value pairs.
     pub facts: Vec<(String, String)>,
+    /// Why the node runs degraded (a damaged data partition, a lost state DB); empty if not.
+    pub degraded: Vec<api::storage::Degraded>,
 }
 
 /// How a service's state reads to a person: a restart just now is said plainly.
@@ -83,6 +85,20 @@ pub fn render(v: &StatusView) -> String {
         esc(&v.cluster),
         esc(&v.node)
     );
+
+    if !v.degraded.is_empty() {
+        s.push_str("<div id=\"degraded\" class=\"bad\"><h2>This node is degraded</h2>\n");
+        for d in &v.degraded {
+            let _ = writeln!(s, "<p><b>{}</b></p>", esc(&d.reason));
+            if !d.stopped.is_empty() {
+                let _ = writeln!(s, "<p>stopped: {}</p>", esc(&d.stopped.join(", ")));
+            }
+            if !d.hint.is_empty() {
+                let _ = writeln!(s, "<p>what to do: {}</p>", esc(&d.hint));
+            }
+        }
+        s.push_str("</div>\n");
+    }
 
     s.push_str("<h2>Nodes</h2>\n<table><tr><th>node</th><th>address</th><th>database</th><th>floating IP</th></tr>\n");
     for n in &v.nodes {
@@ -237,8 +253,10 @@ mod tests {
                 message: "3 restarts in 60s".into(),
             }],
             facts: vec![("floating IP".into(), "10.88.0.10".into())],
+            degraded: Vec::new(),
         };
         let html = render(&view);
+        assert!(!html.contains("degraded"));
         assert!(html.contains("c&lt;1&gt;"));
         assert!(html.contains("server1 (this node)"));
         assert!(html.contains("<td class=\"vip\">MASTER</td>"));
@@ -247,9 +265,23 @@ mod tests {
         assert!(!html.contains("<script"));
         let down = render(&StatusView {
             services: Err("no socket".into()),
-            ..view
+            ..view.clone()
         });
         assert!(down.contains("supervisor unreachable: no socket"));
+        let degraded = render(&StatusView {
+            degraded: vec![api::storage::Degraded {
+                subject: "data-partition".into(),
+                reason: "data partition /dev/vda5: no <readable> filesystem".into(),
+                hint: "e2fsck -b 32768".into(),
+                stopped: vec!["mariadb".into(), "nginx".into()],
+                since_ms: 0,
+            }],
+            ..view
+        });
+        assert!(degraded.contains("This node is degraded"), "{degraded}");
+        assert!(degraded.contains("no &lt;readable&gt; filesystem"));
+        assert!(degraded.contains("stopped: mariadb, nginx"));
+        assert!(degraded.contains("what to do: e2fsck -b 32768"));
     }
 
     #[test]

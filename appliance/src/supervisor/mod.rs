@@ -48,7 +48,7 @@ pub mod spec;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::mpsc::{self, Sender};
+use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use nix::unistd;
@@ -62,7 +62,11 @@ pub use process::ExitKind;
 pub use spec::{Kind, Readiness, ServiceSpec, StopSignal};
 
 use crate::control::{ControlError, ControlServer, Request, Response, SOCKET_FILE};
-use crate::state::{EventRecord, StateDb, StateError};
+use crate::state::{EventKind, EventRecord, Recovery, StateDb, StateError};
+use api::storage::Degraded;
+
+/// The subject of the state DB's [`Degraded`] record and alert.
+pub const STATE_DB_SUBJECT: &str = "state-db";
 
 /// How long a control request waits for the event loop.
 const CONTROL_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -77,9 +81,15 @@ pub struct SupervisorOptions {
     /// The control socket's group (mode 0660), or `None`: the supervisor's user only (0600).
     pub control_group: Option<nix::unistd::Gid>,
     /// Receives every output line of every service (for the log monitor).
-    pub log_sink: Option<Sender<LogLine>>,
+    pub log_sink: Option<logmon::store::QueueSender<LogLine>>,
     /// Receives every service event as it is written to the state DB.
-    pub event_sink: Option<Sender<EventRecord>>,
+    pub event_sink: Option<logmon::store::QueueSender<EventRecord>>,
+    /// Where the node's [`Degraded`] records are written (`None`: nowhere, e.g. `supervise`).
+    pub run_dir: Option<PathBuf>,
+    /// Faults found before the supervisor started (a damaged data partition): written with
+    /// the supervisor's own to `run_dir` and recorded as `failed` events, which the log
+    /// monitor alerts on.
+    pub faults: Vec<Degraded>,
 }
 
 impl SupervisorOptions {
@@ -91,6 +101,8 @@ impl SupervisorOptions {
             state_dir,
             log_sink: None,
             event_sink: None,
+            run_dir: None,
+            faults: Vec::new(),
         }
     }
 }
@@ -181,7 +193,37 @@ pub fn run(
         path: opts.state_dir.clone(),
         source,
     })?;
-    let db = StateDb::open(&opts.state_dir)?;
+    let (db, recovery) = StateDb::open_or_recover(&opts.state_dir, now_ms());
+    let mut faults = opts.faults.clone();
+    faults.extend(state_db_fault(&recovery));
+    for fault in &faults {
+        tracing::error!(subject = %fault.subject, hint = %fault.hint, "{}", fault.reason);
+        if let Some(run_dir) = &opts.run_dir {
+            if let Err(e) = fault.append(run_dir) {
+                tracing::error!(dir = %run_dir.display(), "writing the degraded record: {e}");
+            }
+        }
+        // A `failed` event: the log monitor alerts on it like on a service that failed.
+        let event = db
+            .record(
+                now_ms(),
+                &fault.subject,
+                EventKind::Failed,
+                None,
+                &fault.reason,
+            )
+            .unwrap_or_else(|_| EventRecord {
+                id: 0,
+                ts_ms: now_ms(),
+                service: fault.subject.clone(),
+                kind: EventKind::Failed.as_str().into(),
+                pid: None,
+                detail: fault.reason.clone(),
+            });
+        if let Some(sink) = &opts.event_sink {
+            let _ = sink.send(event);
+        }
+    }
 
     let control_tx = tx.clone();
     let _control = ControlServer::bind_for(
@@ -213,6 +255,28 @@ pub fn run(
     let reason = runner::Runner::new(specs, order, db, &opts, tx).run(&rx);
     tracing::info!(?reason, "supervisor stopped");
     Ok(reason)
+}
+
+/// The degraded record of a state DB that could not be opened as it was.
+fn state_db_fault(recovery: &Recovery) -> Option<Degraded> {
+    let (reason, hint) = match recovery {
+        Recovery::None => return None,
+        Recovery::MovedAside { to, error } => (
+            format!("state DB was unreadable ({error}); moved to {} and recreated: earlier service events are not shown", to.display()),
+            "nothing to do; the old file is kept for inspection".to_string(),
+        ),
+        Recovery::InMemory { error } => (
+            format!("state DB cannot be used ({error}); service events of this boot are kept in memory only"),
+            "free space on the data partition (or check the disk), then restart the node".to_string(),
+        ),
+    };
+    Some(Degraded {
+        subject: STATE_DB_SUBJECT.into(),
+        reason,
+        hint,
+        stopped: Vec::new(),
+        since_ms: u64::try_from(now_ms()).unwrap_or(0),
+    })
 }
 
 /// `appliance supervise --spec FILE --state-dir DIR`.

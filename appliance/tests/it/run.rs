@@ -301,3 +301,43 @@ fn local_cluster_runs_real_nginx_and_mariadb_and_recovers_from_kill9() {
         );
     }
 }
+
+#[test]
+fn a_state_dir_service_users_cannot_reach_is_refused_before_anything_starts() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "this test needs root: services drop to their own users only when started as root"
+    );
+    // A parent directory that is 0700 (like a home directory): mysql cannot search it, so
+    // MariaDB would crash-loop on EACCES.
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
+    let state = tmp.path().join("server1");
+    let started = Instant::now();
+    let out = Command::new(APPLIANCE)
+        .args(["run", "--config"])
+        .arg(example_config())
+        .args(["--node", "server1", "--state-dir"])
+        .arg(&state)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run appliance");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "took {:?}",
+        started.elapsed()
+    );
+    let dir = tmp.path().display().to_string();
+    assert!(
+        stderr.contains(&format!("{dir} is mode 0700")) && stderr.contains("(user mysql)"),
+        "{stderr}"
+    );
+    // Nothing was started: no MariaDB datadir was initialised.
+    assert!(!state.join("mysql/mysql").exists());
+}

@@ -2,4 +2,5 @@
 //! line format lives here once, typed, and both sides use it; services never depend on each
 //! other, only on this crate and `cluster-config`.
 
+pub mod storage;
 pub mod vip;

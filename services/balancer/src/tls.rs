@@ -179,13 +179,19 @@ pub fn ensure_self_signed(
     Ok((cert_path, key_path))
 }
 
+/// Writes `path` through a new temporary file created with its final `mode` (`create_new`: a
+/// leftover or planted temporary, or a link, is removed, never written through; the key is
+/// never readable by anyone else, not even for a moment), synced, then renamed into place.
 fn write_atomically(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     let mut f = fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(mode)
         .open(&tmp)?;
     f.write_all(data)?;
@@ -213,6 +219,19 @@ pub fn server_config(resolver: Arc<SniResolver>) -> Result<ServerConfig, Balance
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_planted_temporary_is_replaced_never_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "untouched").unwrap();
+        std::os::unix::fs::symlink(&victim, dir.path().join("k.tmp")).unwrap();
+        let key = dir.path().join("k.key");
+        write_atomically(&key, b"secret", 0o600).unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "untouched");
+        assert_eq!(fs::read_to_string(&key).unwrap(), "secret");
+        assert_eq!(fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    }
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
