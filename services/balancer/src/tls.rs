@@ -220,6 +220,8 @@ pub fn server_config(resolver: Arc<SniResolver>) -> Result<ServerConfig, Balance
 mod tests {
     use super::*;
 
+    use std::os::unix::fs::PermissionsExt;
+
     #[test]
     fn a_planted_temporary_is_replaced_never_written_through() {
         let dir = tempfile::tempdir().unwrap();
@@ -230,9 +232,11 @@ mod tests {
         write_atomically(&key, b"secret", 0o600).unwrap();
         assert_eq!(fs::read_to_string(&victim).unwrap(), "untouched");
         assert_eq!(fs::read_to_string(&key).unwrap(), "secret");
-        assert_eq!(fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
-    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn self_signed_is_generated_once_with_a_private_key() {
