@@ -359,7 +359,18 @@ fn check_data(dev: &Path) -> Result<(), Degraded> {
         DataPlan::Format => {
             tracing::info!(dev = %dev.display(), "first boot: creating the data filesystem");
             run(Command::new("mkfs.ext4")
-                .args(["-q", "-F", "-L", "data", "-m", DATA_RESERVED_PERCENT])
+                // 4 KiB blocks whatever the size (mke2fs picks 1 KiB below 512 MiB): the backup
+                // superblock is then where the damaged-partition hint says, at block 32768.
+                .args([
+                    "-q",
+                    "-F",
+                    "-b",
+                    "4096",
+                    "-L",
+                    "data",
+                    "-m",
+                    DATA_RESERVED_PERCENT,
+                ])
                 .arg(dev))
             .map_err(|e| {
                 damaged(
@@ -1012,6 +1023,7 @@ mod tests {
         assert!(!api::storage::is_uninitialised(&head), "marker left behind");
         let sb = run_ok(Command::new("dumpe2fs").arg("-h").arg(&img));
         assert!(sb.contains("Filesystem volume name:   data"), "{sb}");
+        assert!(sb.contains("Block size:               4096"), "{sb}");
         // Root keeps 5 % for the state DB and the boot counter when MariaDB fills the rest.
         let blocks = |key: &str| -> u64 {
             sb.lines()
