@@ -208,18 +208,28 @@ pub fn services(
 ) -> anyhow::Result<Vec<ServiceSpec>> {
     let mut specs = prepare(cluster, node, layout)?;
     let identity = config.map(|c| (c, node.name.as_str()));
-    specs.push(crate::logmon_cmd::service_spec(
-        config,
-        identity.map(|(_, n)| n),
-        &layout.state,
-    )?);
+    let root = nix::unistd::geteuid().is_root();
+
+    // The log monitor: its own user, which reads the log store, the state DB (read-only) and
+    // the certificate the balancer serves, and writes only its own directory (alerts.db).
+    let logmon_state = layout.state.join(logmon::alerts::ALERTS_SUBDIR);
+    make_dir(&logmon_state, 0o755)?;
+    if root {
+        move_old_alerts_db(&layout.state, &logmon_state)?;
+        crate::users::chown_tree(&logmon_state, crate::users::LOGMON)?;
+    }
+    let mut logmon =
+        crate::logmon_cmd::service_spec(config, identity.map(|(_, n)| n), &layout.state)?;
+    logmon.user = root.then(|| crate::users::LOGMON.to_string());
+    specs.push(logmon);
 
     // The balancer: unprivileged, allowed only to bind 80/443; its certificate lives in a
     // directory of its own on the data partition. It follows the floating IP in the VIP run
     // directory (see `prepare`), and the supervisor tells keepalived whether it runs.
     let balancer_state = layout.state.join("balancer");
-    make_dir(&balancer_state, 0o700)?;
-    let root = nix::unistd::geteuid().is_root();
+    // Others may pass through (the log monitor reads the certificate served, 0644) but not
+    // list; the key is 0600, the balancer's.
+    make_dir(&balancer_state, 0o711)?;
     if root {
         // All of it: a key an earlier version wrote as another user becomes the balancer's.
         crate::users::chown_tree(&balancer_state, BALANCER_USER)?;
@@ -630,6 +640,24 @@ fn prepare_vip_dir(layout: &Layout, root: bool) -> anyhow::Result<()> {
                 .with_context(|| format!("chgrp {BALANCER_USER} {}", path.display()))?;
         }
         chown_to(&dir.join(api::vip::TRACK_BACKENDS), BALANCER_USER)?;
+    }
+    Ok(())
+}
+
+/// `alerts.db` (and its WAL) lived in the state directory itself before the log monitor had a
+/// user of its own: moved into its directory once, so no alert history is lost.
+fn move_old_alerts_db(state: &Path, logmon_state: &Path) -> anyhow::Result<()> {
+    let file = logmon::alerts::ALERTS_DB_FILE;
+    if !state.join(file).exists() || logmon_state.join(file).exists() {
+        return Ok(());
+    }
+    for suffix in ["", "-wal", "-shm"] {
+        let from = state.join(format!("{file}{suffix}"));
+        if from.exists() {
+            fs::rename(&from, logmon_state.join(format!("{file}{suffix}"))).with_context(|| {
+                format!("moving {} into {}", from.display(), logmon_state.display())
+            })?;
+        }
     }
     Ok(())
 }

@@ -17,6 +17,8 @@ pub const BALANCER: &str = "tandem-balancer";
 pub const APP: &str = "tandem-app";
 /// The admin server: talks to the supervisor through the control socket's group.
 pub const ADMIN: &str = "tandem-admin";
+/// The log monitor: reads the log store and the state DB, writes only its own alerts.db.
+pub const LOGMON: &str = "tandem-logmon";
 /// Members may use the supervisor's control socket (mode 0660, this group): status, logs,
 /// restarts and signals. Stopping the supervisor stays root's.
 pub const CONTROL_GROUP: &str = "tandem-control";
@@ -43,6 +45,10 @@ pub const USERS: &[ServiceUser] = &[
     ServiceUser {
         name: ADMIN,
         groups: &[CONTROL_GROUP],
+    },
+    ServiceUser {
+        name: LOGMON,
+        groups: &[],
     },
 ];
 

@@ -307,7 +307,7 @@ fn every_service_runs_with_no_new_privs_and_only_its_capabilities() {
         ("db-agent", "root", "0000000000000000"),
         ("app", "tandem-app", "0000000000000000"),
         ("nginx", "root", "00000000000000c0"),
-        ("logmon", "root", "0000000000000000"),
+        ("logmon", "tandem-logmon", "0000000000000000"),
         ("balancer", "tandem-balancer", "0000000000000400"),
         ("admin", "tandem-admin", "0000000000000000"),
     ];

@@ -14,6 +14,9 @@ use crate::Error;
 
 /// File name of the alert database inside the state directory.
 pub const ALERTS_DB_FILE: &str = "alerts.db";
+/// The log monitor's own directory below the state directory (it runs as its own user and
+/// may write nowhere else there).
+pub const ALERTS_SUBDIR: &str = "logmon";
 /// Rows of history kept: after every insert, resolved alerts older than the newest this many
 /// are deleted, so a flood of alerts cannot fill the data partition. Firing alerts are kept
 /// (the engine holds at most `engine::MAX_ALERT_KEYS` of them).
@@ -38,9 +41,9 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE alerts (
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
-/// `<state_dir>/alerts.db`.
+/// `<state_dir>/logmon/alerts.db`.
 pub fn db_path(state_dir: &Path) -> PathBuf {
-    state_dir.join(ALERTS_DB_FILE)
+    state_dir.join(ALERTS_SUBDIR).join(ALERTS_DB_FILE)
 }
 
 /// The newest `limit` alerts (firing or resolved), newest first. For the status page and CLI.
@@ -87,6 +90,12 @@ impl AlertDb {
             path: path.to_path_buf(),
             source,
         };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| Error::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
         let mut conn = Connection::open(path).map_err(err)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
