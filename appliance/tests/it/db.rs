@@ -251,28 +251,16 @@ impl Node {
     /// client's batch output.
     fn sql_root(&self, database: &str, sql: &str) -> String {
         let socket = self.state.join("run/mysqld/mysqld.sock");
-        let mut child = Command::new("mariadb")
-            .args([
-                "--no-defaults",
-                "--protocol=SOCKET",
-                "--user=root",
-                "--batch",
-            ])
-            .arg(format!("--socket={}", socket.display()))
-            .arg(database)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run mariadb");
-        use std::io::Write as _;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(sql.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+        let mut cmd = Command::new("mariadb");
+        cmd.args([
+            "--no-defaults",
+            "--protocol=SOCKET",
+            "--user=root",
+            "--batch",
+        ])
+        .arg(format!("--socket={}", socket.display()))
+        .arg(database);
+        let out = mariadb_stdin(&mut cmd, sql);
         assert!(
             out.status.success(),
             "{}: {sql}: {}",
@@ -391,6 +379,11 @@ fn mariadb_tcp(
     if !database.is_empty() {
         cmd.arg(database);
     }
+    mariadb_stdin(&mut cmd, sql)
+}
+
+/// Runs a `mariadb` client command with `sql` on its standard input (never in its argv).
+fn mariadb_stdin(cmd: &mut Command, sql: &str) -> std::process::Output {
     let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
