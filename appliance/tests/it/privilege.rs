@@ -195,6 +195,29 @@ fn readable_as(user: &str, path: &Path) -> bool {
         .success()
 }
 
+/// Whether `user` can create a file in `dir` (then removes it).
+fn writable_dir_as(user: &str, dir: &Path) -> bool {
+    let probe = dir.join(format!(".probe-{user}"));
+    let ok = Command::new("setpriv")
+        .args([
+            "--reuid",
+            user,
+            "--regid",
+            user,
+            "--init-groups",
+            "--",
+            "touch",
+        ])
+        .arg(&probe)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("setpriv (util-linux)")
+        .success();
+    let _ = std::fs::remove_file(&probe);
+    ok
+}
+
 /// A self-signed key pair in the balancer's files, as an earlier version (running the balancer
 /// as www-data) left it.
 fn leave_old_balancer_key(state: &Path) -> PathBuf {
@@ -359,6 +382,25 @@ fn every_service_runs_with_no_new_privs_and_only_its_capabilities() {
         listed == expected.len() + 1 && status["error"].is_null(),
         "the admin server cannot read the supervisor's status: {status}"
     );
+    // The log monitor (tandem-logmon) reads the certificate the balancer serves, for its
+    // expiry check, and cannot read the balancer's key.
+    let served = run.state.join("balancer/tls/self-signed.crt");
+    let balancer_key = run.state.join("balancer/tls/self-signed.key");
+    assert!(
+        served.exists() && balancer_key.exists(),
+        "{}",
+        served.display()
+    );
+    assert!(
+        readable_as("tandem-logmon", &served),
+        "{}",
+        served.display()
+    );
+    assert!(!readable_as("tandem-logmon", &balancer_key));
+    // Nor write anywhere in the state directory but its own.
+    assert!(!writable_dir_as("tandem-logmon", &run.state));
+    assert!(writable_dir_as("tandem-logmon", &run.state.join("logmon")));
+
     // Members of the group may ask, not stop; others may not even connect.
     let asked = control_as("tandem-admin", &socket, r#"{"request":"status"}"#);
     assert!(asked.starts_with(r#"{"response":"status""#), "{asked}");
