@@ -356,6 +356,10 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, Error> {
         pki::write_file(&tls.join("ca.crt"), ca.cert_pem.as_bytes(), 0o644)?;
         pki::write_file(&tls.join("node.crt"), cert.cert_pem.as_bytes(), 0o644)?;
         pki::write_file(&tls.join("node.key"), cert.key_pem.as_bytes(), 0o600)?;
+        // MariaDB's own: its key is copied for `mysql`, and is no peer identity.
+        let db_cert = pki::db_cert(&ca, &cluster, node)?;
+        pki::write_file(&tls.join("db.crt"), db_cert.cert_pem.as_bytes(), 0o644)?;
+        pki::write_file(&tls.join("db.key"), db_cert.key_pem.as_bytes(), 0o600)?;
         let seed_img = node_work.join("seed.ext4");
         let uuid_base = format!("{}/{}", cluster.name, name);
         let seed_uuid = format!("{uuid_base}/seed");

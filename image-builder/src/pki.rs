@@ -199,6 +199,28 @@ pub fn node_cert(
     })
 }
 
+/// The certificate MariaDB serves: the node's names and address like [`node_cert`], but for
+/// server authentication only. MariaDB holds its key (a copy readable by `mysql`), so that key
+/// must not double as the node's identity towards its peers' admin API, which takes only
+/// client certificates.
+pub fn db_cert(
+    ca: &Ca,
+    cluster: &cluster_config::Cluster,
+    node: &cluster_config::Node,
+) -> Result<NodeCert, Error> {
+    let key = KeyPair::generate()
+        .map_err(|e| pki_error(format!("database key of node {}", node.name), e))?;
+    let mut p = node_params(cluster, node)?;
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = p
+        .signed_by(&key, &ca.cert, &ca.key)
+        .map_err(|e| pki_error(format!("database certificate of node {}", node.name), e))?;
+    Ok(NodeCert {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
 /// A client certificate signed by the CA (an operator's tool, or a test acting as a peer):
 /// client authentication only, `name` as its common name and its one DNS name (so it acts as
 /// a peer on the admin port only if `name` is a node's), valid from the same fixed date as

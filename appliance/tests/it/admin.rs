@@ -357,6 +357,13 @@ admin = {ADMIN_PORT}
         refused.1.contains("naming a node of the cluster"),
         "{refused:?}"
     );
+    // The certificate MariaDB serves (its key is readable by `mysql`): no client identity,
+    // so no TLS session as a peer at all.
+    let db = pki::db_cert(&ca, &cluster, cluster.node("n2").unwrap()).unwrap();
+    assert!(
+        get(Some(&db)).is_err(),
+        "the database's certificate was taken as a client's"
+    );
     // No certificate: the public pages only.
     assert_eq!(get(None).map(|r| r.0), Ok(403));
     let health = get_with_cert(

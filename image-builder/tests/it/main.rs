@@ -175,13 +175,24 @@ fn builds_bootable_reproducible_images_for_the_default_cluster() {
             debugfs(&img, seed, "cat /cluster.toml"),
             cluster_config::DEFAULT_CLUSTER_TOML
         );
-        let key = debugfs(&img, seed, "stat /tls/node.key");
-        assert!(key.contains("Mode:  0600"), "node.key must be 0600: {key}");
+        for key in ["node.key", "db.key"] {
+            let stat = debugfs(&img, seed, &format!("stat /tls/{key}"));
+            assert!(stat.contains("Mode:  0600"), "{key} must be 0600: {stat}");
+        }
         let dir = tmp.path().join(format!("tls-{node}"));
         std::fs::create_dir(&dir).unwrap();
-        for f in ["ca.crt", "node.crt"] {
+        for f in ["ca.crt", "node.crt", "db.crt"] {
             std::fs::write(dir.join(f), debugfs(&img, seed, &format!("cat /tls/{f}"))).unwrap();
         }
+        // MariaDB's certificate serves only: its key (copied for `mysql`) is no client identity.
+        let usage = run(Command::new("openssl")
+            .args(["x509", "-noout", "-ext", "extendedKeyUsage", "-in"])
+            .arg(dir.join("db.crt")));
+        assert!(
+            usage.contains("TLS Web Server Authentication")
+                && !usage.contains("Client Authentication"),
+            "{usage}"
+        );
         let verify = run(Command::new("openssl")
             .arg("verify")
             .arg("-CAfile")
