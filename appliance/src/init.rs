@@ -330,25 +330,30 @@ const DATA_HEAD_BYTES: usize = 4096;
 /// formatted.
 fn mount_data(dev: &Path) -> Result<(), Degraded> {
     check_data(dev)?;
-    mount_fs(dev, DATA_MOUNT, "ext4", MsFlags::MS_NOEXEC).map_err(|e| Degraded {
-        subject: DATA_SUBJECT.into(),
-        reason: format!("data partition {}: {e:#}", dev.display()),
-        hint: "nothing was formatted; check the disk".into(),
-        stopped: Vec::new(),
-        since_ms: now_ms(),
+    mount_fs(dev, DATA_MOUNT, "ext4", MsFlags::MS_NOEXEC).map_err(|e| {
+        data_damage(
+            dev,
+            format!("{e:#}"),
+            "nothing was formatted; check the disk",
+        )
     })
+}
+
+/// The [`Degraded`] record of the data partition `dev`, noticed now.
+fn data_damage(dev: &Path, reason: String, hint: &str) -> Degraded {
+    Degraded {
+        subject: DATA_SUBJECT.into(),
+        reason: format!("data partition {}: {reason}", dev.display()),
+        hint: hint.to_string(),
+        stopped: Vec::new(),
+        since_ms: u64::try_from(crate::supervisor::now_ms()).unwrap_or(0),
+    }
 }
 
 /// Makes `dev` (a partition or, in tests, an image file) hold a checked ext4 filesystem, or
 /// says why it cannot: formats only a partition carrying the first-boot marker.
 fn check_data(dev: &Path) -> Result<(), Degraded> {
-    let damaged = |reason: String, hint: &str| Degraded {
-        subject: DATA_SUBJECT.into(),
-        reason: format!("data partition {}: {reason}", dev.display()),
-        hint: hint.to_string(),
-        stopped: Vec::new(),
-        since_ms: now_ms(),
-    };
+    let damaged = |reason: String, hint: &str| data_damage(dev, reason, hint);
     let head = read_head(dev).map_err(|e| {
         damaged(
             format!("cannot be read: {e}"),
@@ -503,12 +508,6 @@ fn has_ext4_magic(dev: &Path) -> anyhow::Result<bool> {
     let head =
         read_head(dev).with_context(|| format!("reading the superblock of {}", dev.display()))?;
     Ok(data_plan(&head) == DataPlan::Check)
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The services of a node whose data partition is unusable: state on tmpfs, only

@@ -124,15 +124,13 @@ pub fn require_reachable_state_dir(
     )
 }
 
+/// The user as the supervisor will switch to it (`None`: unknown here, which starting the
+/// service reports).
 fn identity(user: &str) -> Option<Identity> {
-    let u = nix::unistd::User::from_name(user).ok()??;
-    let cname = std::ffi::CString::new(user).ok()?;
-    let gids = nix::unistd::getgrouplist(&cname, u.gid)
-        .map(|g| g.into_iter().map(|g| g.as_raw()).collect())
-        .unwrap_or_else(|_| vec![u.gid.as_raw()]);
+    let (creds, _) = crate::supervisor::credentials(user).ok()?;
     Some(Identity {
-        uid: u.uid.as_raw(),
-        gids,
+        uid: creds.uid,
+        gids: creds.groups,
     })
 }
 

@@ -57,6 +57,7 @@ pub use backoff::{RestartMode, RestartPolicy};
 pub use caps::Capability;
 pub use logs::{LogLine, Stream, LOG_LINES_KEPT};
 pub use order::OrderError;
+pub(crate) use process::credentials;
 pub(crate) use process::handled as handled_signals;
 pub use process::ExitKind;
 pub use spec::{Kind, Readiness, ServiceSpec, StopSignal};

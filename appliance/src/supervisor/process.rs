@@ -63,13 +63,14 @@ pub(crate) struct Spawned {
 }
 
 /// User to switch to in the child, resolved in the parent (no NSS lookups after fork).
-struct Credentials {
-    uid: libc::uid_t,
-    gid: libc::gid_t,
-    groups: Vec<libc::gid_t>,
+pub(crate) struct Credentials {
+    pub(crate) uid: libc::uid_t,
+    pub(crate) gid: libc::gid_t,
+    /// Every group of the user, its own included (`getgrouplist`).
+    pub(crate) groups: Vec<libc::gid_t>,
 }
 
-fn credentials(name: &str) -> Result<(Credentials, User), String> {
+pub(crate) fn credentials(name: &str) -> Result<(Credentials, User), String> {
     let user = User::from_name(name)
         .map_err(|e| format!("looking up user `{name}`: {e}"))?
         .ok_or_else(|| format!("no user `{name}`"))?;

@@ -175,8 +175,8 @@ fn control_as(user: &str, socket: &Path, request: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string() + &String::from_utf8_lossy(&out.stderr)
 }
 
-/// Whether `user` (with only its own groups) can read `path`.
-fn readable_as(user: &str, path: &Path) -> bool {
+/// Whether `program path`, run as `user` (with only its own groups), succeeds.
+fn succeeds_as(user: &str, program: &str, path: &Path) -> bool {
     Command::new("setpriv")
         .args([
             "--reuid",
@@ -185,7 +185,7 @@ fn readable_as(user: &str, path: &Path) -> bool {
             user,
             "--init-groups",
             "--",
-            "cat",
+            program,
         ])
         .arg(path)
         .stdout(Stdio::null())
@@ -195,27 +195,34 @@ fn readable_as(user: &str, path: &Path) -> bool {
         .success()
 }
 
+/// Whether `user` (with only its own groups) can read `path`.
+fn readable_as(user: &str, path: &Path) -> bool {
+    succeeds_as(user, "cat", path)
+}
+
 /// Whether `user` can create a file in `dir` (then removes it).
 fn writable_dir_as(user: &str, dir: &Path) -> bool {
     let probe = dir.join(format!(".probe-{user}"));
-    let ok = Command::new("setpriv")
-        .args([
-            "--reuid",
-            user,
-            "--regid",
-            user,
-            "--init-groups",
-            "--",
-            "touch",
-        ])
-        .arg(&probe)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("setpriv (util-linux)")
-        .success();
+    let ok = succeeds_as(user, "touch", &probe);
     let _ = std::fs::remove_file(&probe);
     ok
+}
+
+/// A temporary root for a node run as root: fails clearly without root, and is 0755 so that
+/// the services' users reach their directories below it.
+fn root_run_dir() -> tempfile::TempDir {
+    // SAFETY: plain geteuid(2).
+    assert!(
+        unsafe { libc::geteuid() } == 0,
+        "this test needs root (the node switches users)"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    tmp
 }
 
 /// A self-signed key pair in the balancer's files, as an earlier version (running the balancer
@@ -242,17 +249,7 @@ fn leave_old_balancer_key(state: &Path) -> PathBuf {
 
 #[test]
 fn the_balancer_and_the_application_run_as_their_own_users() {
-    // SAFETY: plain geteuid(2).
-    assert!(
-        unsafe { libc::geteuid() } == 0,
-        "this test needs root (the node switches users)"
-    );
-    let tmp = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(
-        tmp.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    let tmp = root_run_dir();
     let key = leave_old_balancer_key(&tmp.path().join("solo"));
     let run = Run::start(tmp.path(), 71, 28);
     let pids = run.wait_all_ready();
@@ -311,17 +308,7 @@ fn the_balancer_and_the_application_run_as_their_own_users() {
 
 #[test]
 fn every_service_runs_with_no_new_privs_and_only_its_capabilities() {
-    // SAFETY: plain geteuid(2).
-    assert!(
-        unsafe { libc::geteuid() } == 0,
-        "this test needs root (the node switches users)"
-    );
-    let tmp = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(
-        tmp.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    let tmp = root_run_dir();
     let run = Run::start(tmp.path(), 73, 27);
     let pids = run.wait_all_ready();
     // (service, user, bounding set): CHOWN 0, SETGID 6, SETUID 7, NET_BIND_SERVICE 10.
