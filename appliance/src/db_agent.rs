@@ -32,7 +32,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use cluster_config::{Cluster, DbRole, Node};
-use db::agent::{self as dba, AgentConfig, AgentStatus, PrimaryRef, Snapshot};
+use api::db::{AgentStatus, PrimaryRef, Role};
+use db::agent::{self as dba, AgentConfig, Snapshot};
 use db::repl::{self, GtidPos, Health, Observation, SlaveStatus};
 
 /// How often the agent looks at its server.
@@ -58,10 +59,10 @@ const AGENT_ADMIN_OPTION_FILE: &str = "agent-admin.cnf";
 // Secret
 
 /// Reads the cluster secret, creating it (32 random bytes as hex, mode 0600) when absent.
-pub fn load_or_create_secret(path: &Path) -> anyhow::Result<[u8; dba::SECRET_LEN]> {
+pub fn load_or_create_secret(path: &Path) -> anyhow::Result<[u8; api::secret::SECRET_LEN]> {
     match fs::read_to_string(path) {
         Ok(text) => {
-            return dba::parse_secret(&text)
+            return api::secret::parse_secret(&text)
                 .map_err(|e| anyhow::anyhow!("cluster secret {}: {e}", path.display()))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -69,7 +70,7 @@ pub fn load_or_create_secret(path: &Path) -> anyhow::Result<[u8; dba::SECRET_LEN
             return Err(e).with_context(|| format!("reading the cluster secret {}", path.display()))
         }
     }
-    let mut bytes = [0u8; dba::SECRET_LEN];
+    let mut bytes = [0u8; api::secret::SECRET_LEN];
     fs::File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut bytes))
         .context("reading /dev/urandom")?;
@@ -83,7 +84,7 @@ pub fn load_or_create_secret(path: &Path) -> anyhow::Result<[u8; dba::SECRET_LEN
         .open(path)
     {
         Ok(mut f) => {
-            f.write_all(format!("{}\n", dba::hex(&bytes)).as_bytes())
+            f.write_all(api::secret::format_secret(&bytes).as_bytes())
                 .and_then(|()| f.sync_all())
                 .with_context(|| format!("writing {}", path.display()))?;
             tracing::info!(path = %path.display(), "created a new cluster secret");
@@ -633,12 +634,11 @@ impl Agent {
             }
             Err(e) => Health::unhealthy(e),
         };
-        let role = self
-            .cfg
-            .role(&self.cfg.node, &self.primary)
-            .as_str()
-            .to_string();
-        self.report(&role, &health);
+        let role = match self.cfg.role(&self.cfg.node, &self.primary) {
+            cluster_config::DbRole::Primary => Role::Primary,
+            cluster_config::DbRole::Replica => Role::Replica,
+        };
+        self.report(role.as_str(), &health);
         let slave = seen.as_ref().and_then(|s| s.slave.clone());
         AgentStatus {
             node: self.cfg.node.clone(),
@@ -863,7 +863,7 @@ pub fn status(state_dir: Option<&Path>, json: bool) -> anyhow::Result<ExitCode> 
             Some(a) => println!(
                 "this node: {} ({}), {}, primary {} ({}:{}){}",
                 a.node,
-                a.role,
+                a.role.as_str(),
                 if a.healthy { "healthy" } else { "UNHEALTHY" },
                 a.primary.name,
                 a.primary.address,

@@ -441,7 +441,7 @@ pub fn prepare(
             socket: db_paths.socket(),
             secret_file: layout.secret.clone(),
             primary_file: layout.state.join(db::agent::PRIMARY_FILE),
-            status_file: layout.run.join(db::agent::STATUS_FILE),
+            status_file: layout.run.join(api::db::STATUS_FILE),
             private_dir: agent_private,
             ssl_ca: db_paths.ssl_ca(),
         },
@@ -586,7 +586,7 @@ pub fn prepare(
         ("TANDEM_DB_USER", db::repl::APP_USER.to_string()),
         (
             "TANDEM_DB_PASSWORD",
-            db::agent::derive_password(&secret, "app"),
+            api::secret::derive_password(&secret, "app"),
         ),
     ];
     app.env

@@ -484,7 +484,7 @@ fn gather(ctx: &Ctx) -> StatusView {
         "floating IP".to_string(),
         crate::peer::holder_line(&ctx.cluster.floating_ip.to_string(), &views),
     )];
-    facts.extend(db_facts(&ctx.run_dir.join(db::agent::STATUS_FILE)));
+    facts.extend(db_facts(&ctx.run_dir.join(api::db::STATUS_FILE)));
     for endpoint in &ctx.scrape {
         if let Ok(text) = scrape(endpoint) {
             facts.extend(backend_facts(&text));
@@ -550,15 +550,15 @@ pub fn backend_facts(metrics: &str) -> Vec<(String, String)> {
 
 /// What the database agent last published about this node's MariaDB.
 fn db_facts(status_file: &Path) -> Vec<(String, String)> {
-    let status: db::agent::AgentStatus = match std::fs::read_to_string(status_file)
+    let status = match std::fs::read_to_string(status_file)
         .map_err(|e| e.to_string())
-        .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
+        .and_then(|t| api::db::AgentStatus::parse(&t))
     {
         Ok(status) => status,
         Err(e) => return vec![("database".into(), format!("no status from the agent ({e})"))],
     };
     let mut facts = vec![
-        ("database role".to_string(), status.role.clone()),
+        ("database role".to_string(), status.role.as_str().to_string()),
         (
             "database primary".to_string(),
             format!("{} ({})", status.primary.name, status.primary.address),

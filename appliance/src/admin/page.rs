@@ -189,7 +189,7 @@ pub fn human_duration(secs: u64) -> String {
 }
 
 fn esc(s: &str) -> String {
-    web::html_escape(s)
+    api::text::html_escape(s)
 }
 
 const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2em;color:#222}\

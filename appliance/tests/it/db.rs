@@ -535,7 +535,7 @@ fn replication_through_the_app_survives_restarts_kills_and_switchovers() {
     );
     // Every account logs in over TLS only: without it, access is denied.
     let secret =
-        db::agent::parse_secret(&std::fs::read_to_string(tmp.path().join("local.secret")).unwrap())
+        api::secret::parse_secret(&std::fs::read_to_string(tmp.path().join("local.secret")).unwrap())
             .unwrap();
     let passwords = db::agent::passwords(&secret);
     let ca = s1.state.join("run/mysqld/tls-ca.pem");

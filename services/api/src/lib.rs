@@ -2,5 +2,8 @@
 //! line format lives here once, typed, and both sides use it; services never depend on each
 //! other, only on this crate and `cluster-config`.
 
+pub mod db;
+pub mod secret;
 pub mod storage;
+pub mod text;
 pub mod vip;

@@ -14,16 +14,12 @@ use std::path::PathBuf;
 
 use cluster_config::{Cluster, DbRole};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
+use api::secret::{derive_password, SECRET_LEN};
 
 use crate::repl::{GtidPos, Passwords, SlaveStatus};
 
-/// Length of the cluster secret in bytes.
-pub const SECRET_LEN: usize = 32;
 /// File name of the agent's configuration below the run directory's `etc/`.
 pub const AGENT_CONFIG_FILE: &str = "db-agent.json";
-/// File name of the agent's published status in the run directory.
-pub const STATUS_FILE: &str = "db-status.json";
 /// File name, in the state directory, of the primary chosen by the last switchover.
 pub const PRIMARY_FILE: &str = "db-primary";
 
@@ -129,89 +125,7 @@ pub fn effective_primary<'a>(
     }
 }
 
-/// The primary as the application and `db status` need to know it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PrimaryRef {
-    pub name: String,
-    pub address: Ipv4Addr,
-    pub port: u16,
-}
-
-/// What the agent publishes in `run/db-status.json` (never any secret). A stable interface:
-/// the demo application reads `role` and `primary`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct AgentStatus {
-    pub node: String,
-    /// `primary` or `replica`.
-    pub role: String,
-    pub primary: PrimaryRef,
-    pub healthy: bool,
-    pub error: Option<String>,
-    pub lag_s: Option<u64>,
-    pub read_only: Option<bool>,
-    pub io_running: Option<String>,
-    pub sql_running: Option<bool>,
-    pub gtid_current_pos: Option<String>,
-    pub gtid_slave_pos: Option<String>,
-    pub gtid_binlog_pos: Option<String>,
-    /// Unix time in milliseconds of this observation.
-    pub updated_ms: i64,
-}
-
-// ---------------------------------------------------------------------------------------------
-// Secrets
-
-/// Parses the secret file's text: 64 hex digits (surrounding whitespace ignored).
-pub fn parse_secret(text: &str) -> Result<[u8; SECRET_LEN], String> {
-    let text = text.trim();
-    let expected = || {
-        format!(
-            "expected {} hex digits, found {} characters",
-            SECRET_LEN * 2,
-            text.len()
-        )
-    };
-    if text.len() != SECRET_LEN * 2 {
-        return Err(expected());
-    }
-    let mut out = [0u8; SECRET_LEN];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2).ok_or_else(expected)?, 16)
-            .map_err(|_| expected())?;
-    }
-    Ok(out)
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// HMAC-SHA256 (RFC 2104); ten lines, not a dependency.
-pub fn hmac_sha256(key: &[u8], message: &[u8]) -> [u8; 32] {
-    const BLOCK: usize = 64;
-    let mut k = [0u8; BLOCK];
-    if key.len() > BLOCK {
-        k[..32].copy_from_slice(&Sha256::digest(key));
-    } else {
-        k[..key.len()].copy_from_slice(key);
-    }
-    let pad = |byte: u8| k.map(|b| b ^ byte);
-    let inner = Sha256::new()
-        .chain_update(pad(0x36))
-        .chain_update(message)
-        .finalize();
-    Sha256::new()
-        .chain_update(pad(0x5c))
-        .chain_update(inner)
-        .finalize()
-        .into()
-}
-
-/// The password for one purpose.
-pub fn derive_password(secret: &[u8; SECRET_LEN], purpose: &str) -> String {
-    hex(&hmac_sha256(secret, purpose.as_bytes()))
-}
-
+/// The database passwords of a cluster, derived from its secret (see [`api::secret`]).
 pub fn passwords(secret: &[u8; SECRET_LEN]) -> Passwords {
     Passwords {
         replication: derive_password(secret, "replication"),
@@ -355,39 +269,13 @@ mod tests {
     use crate::repl::{parse_batch, SlaveStatus};
 
     #[test]
-    fn hmac_matches_rfc4231_and_passwords_differ_by_purpose() {
-        // RFC 4231 test case 2.
-        let mac = hmac_sha256(b"Jefe", b"what do ya want for nothing?");
-        assert_eq!(
-            hex(&mac),
-            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
-        );
-        // Test case 6: a key longer than the block.
-        let mac = hmac_sha256(
-            &[0xaa; 131],
-            b"Test Using Larger Than Block-Size Key - Hash Key First",
-        );
-        assert_eq!(
-            hex(&mac),
-            "60e431591ee0b67f0d8a26aacbf5b77f8e0bc6213728c5140546040f0ee37f54"
-        );
+    fn passwords_differ_by_purpose_and_by_secret() {
         let secret = [7u8; SECRET_LEN];
         let pw = passwords(&secret);
         assert_eq!(pw.replication.len(), 64);
         assert!(pw.replication != pw.app && pw.app != pw.admin);
         assert_eq!(pw, passwords(&secret));
         assert_ne!(pw, passwords(&[8u8; SECRET_LEN]));
-    }
-
-    #[test]
-    fn secret_file_text() {
-        let text = format!("{}\n", "ab".repeat(32));
-        assert_eq!(parse_secret(&text).unwrap(), [0xab; 32]);
-        assert!(parse_secret("abc")
-            .unwrap_err()
-            .contains("expected 64 hex digits"));
-        assert!(parse_secret(&"zz".repeat(32)).is_err());
-        assert!(parse_secret(&"é".repeat(32)).is_err());
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
+use api::text::html_escape;
 use cluster_config::{Cluster, Node};
 
 pub const NGINX: &str = "/usr/sbin/nginx";
@@ -173,22 +174,6 @@ pub fn render_node_page(page: &NodePage<'_>) -> String {
     let _ = writeln!(s, "<p>boot: {}</p>", page.boot);
     s.push_str("</body></html>\n");
     s
-}
-
-/// Escapes text for HTML element content and attribute values.
-pub fn html_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 #[cfg(test)]
