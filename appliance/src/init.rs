@@ -795,8 +795,8 @@ fn spawn_boot_blessing(socket: PathBuf) {
         let target = crate::control::Target { socket: Some(socket), state_dir: None };
         let deadline = Instant::now() + BLESS_DEADLINE;
         loop {
-            if let Ok(crate::control::Response::Status { services }) =
-                crate::control::request(&target, &crate::control::Request::Status)
+            if let Ok(api::control::Response::Status { services }) =
+                crate::control::request(&target, &api::control::Request::Status)
             {
                 if !services.is_empty() && services.iter().all(|s| s.ready) {
                     break;

@@ -16,8 +16,10 @@ use anyhow::Context as _;
 use logmon::store::{self, Entry, Limits, LogStore};
 
 use crate::node::{Layout, NodeArgs};
-use crate::state::EventRecord;
-use crate::supervisor::{self, LogLine, ServiceSpec, SupervisorOptions};
+use api::events::EventRecord;
+use api::control::LogLine;
+
+use crate::supervisor::{self, ServiceSpec, SupervisorOptions};
 
 /// At shutdown, how long the log store gets to write what is still queued.
 const STORE_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);

@@ -70,7 +70,7 @@ impl Layout {
         Layout {
             state: PathBuf::from("/data/tandem"),
             run: PathBuf::from("/run/tandem"),
-            socket: PathBuf::from(crate::control::DEFAULT_SOCKET),
+            socket: PathBuf::from(api::control::DEFAULT_SOCKET),
             // The image-builder puts the cluster's shared secret in every node's seed.
             secret: Path::new(crate::init::SEED_MOUNT).join(SECRET_FILE),
             tls: crate::peer::seed_tls_dir(),

@@ -27,7 +27,8 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Serialize;
 
-use crate::control::{self, ServiceStatus, Target};
+use crate::control::{self, Target};
+use api::control::{self as ctl, ServiceStatus, SOCKET_FILE};
 use crate::node::NodeArgs;
 use crate::peer::{CA_CERT, NODE_CERT, NODE_KEY};
 use page::{AlertRow, NodeRow, StatusView};
@@ -93,7 +94,7 @@ pub fn main(args: AdminArgs) -> anyhow::Result<ExitCode> {
         socket: Some(
             args.socket
                 .clone()
-                .unwrap_or_else(|| args.state_dir.join(control::SOCKET_FILE)),
+                .unwrap_or_else(|| args.state_dir.join(SOCKET_FILE)),
         ),
         state_dir: None,
     };
@@ -430,7 +431,7 @@ fn peer_signal(ctx: &Ctx, query: &str, peer: &str) -> Resp {
     tracing::warn!(%service, %signal, %peer, "signal requested by a peer");
     match control::request(
         &ctx.target,
-        &control::Request::Signal {
+        &ctl::Request::Signal {
             service: service.clone(),
             signal: signal.clone(),
         },
@@ -451,9 +452,9 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 fn services(ctx: &Ctx) -> Result<Vec<ServiceStatus>, String> {
-    match control::request(&ctx.target, &control::Request::Status) {
-        Ok(control::Response::Status { services }) => Ok(services),
-        Ok(control::Response::Error { message }) => Err(message),
+    match control::request(&ctx.target, &ctl::Request::Status) {
+        Ok(ctl::Response::Status { services }) => Ok(services),
+        Ok(ctl::Response::Error { message }) => Err(message),
         Ok(other) => Err(format!("unexpected answer {other:?}")),
         Err(e) => Err(e.to_string()),
     }

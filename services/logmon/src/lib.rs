@@ -12,12 +12,11 @@
 //! - [`monitor`]: `appliance logmon`, the loop that ties it together.
 //!
 //! This crate never depends on the supervisor: it reads the supervisor's state DB through
-//! its documented table ([`events`]) and the log files through their documented format.
+//! its documented table ([`api::events`]) and the log files through their documented format.
 
 pub mod alerts;
 pub mod cert;
 pub mod engine;
-pub mod events;
 pub mod metrics;
 pub mod monitor;
 pub mod parse;
@@ -52,6 +51,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Events(#[from] api::events::ReadError),
     #[error("webhook: {0}")]
     Webhook(String),
 }
