@@ -89,11 +89,6 @@ impl Error {
     }
 }
 
-/// Lower-case hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
     /// `None`: the built-in default cluster.
@@ -352,7 +347,11 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, Error> {
             format!("{name}\n").as_bytes(),
             0o644,
         )?;
-        pki::write_file(&seed_dir.join(pki::SECRET_FILE), secret.as_bytes(), 0o600)?;
+        pki::write_file(
+            &seed_dir.join(api::secret::SECRET_FILE),
+            secret.as_bytes(),
+            0o600,
+        )?;
         pki::write_file(&tls.join("ca.crt"), ca.cert_pem.as_bytes(), 0o644)?;
         pki::write_file(&tls.join("node.crt"), cert.cert_pem.as_bytes(), 0o644)?;
         pki::write_file(&tls.join("node.key"), cert.key_pem.as_bytes(), 0o600)?;
@@ -474,7 +473,7 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     loop {
         let n = f.read(&mut buf)?;
         if n == 0 {
-            return Ok(hex(&h.finalize()));
+            return Ok(hex::encode(h.finalize()));
         }
         h.update(&buf[..n]);
     }
@@ -544,8 +543,7 @@ mod tests {
     }
 
     #[test]
-    fn hex_and_file_hash() {
-        assert_eq!(hex(&[0, 0xab, 0x10]), "00ab10");
+    fn file_hash() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
         std::fs::write(&p, b"abc").unwrap();
