@@ -15,13 +15,13 @@ use serde::Serialize;
 
 use crate::alerts::{self, AlertDb};
 use crate::engine::{Alert, AlertState, Engine, Observation, Rule, Rules};
-use api::events::EventReader;
 use crate::metrics::{self, DiskMetrics, Metrics, MetricsServer, ServiceMetrics};
 use crate::parse::{self, DbStatus, StatusClass};
 use crate::store::{self, SUPERVISOR_LOG};
 use crate::tail::Tailer;
 use crate::webhook::Webhook;
 use crate::{cert, time, Error};
+use api::events::EventReader;
 use cluster_config::WebhookUrl;
 
 /// How often the monitor looks for new lines and events.
