@@ -411,10 +411,13 @@ async fn accept_loop(
     limits: ServerLimits,
     mut stopped: oneshot::Receiver<()>,
 ) {
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let permits = Arc::new(Semaphore::new(
+        limits.max_connections.min(Semaphore::MAX_PERMITS),
+    ));
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
+        // hyper refuses (panics on) a read buffer under 8 KiB.
         .max_buf_size(MAX_HEAD_BYTES.max(8192))
         .max_header_size(MAX_HEAD_BYTES);
     loop {
@@ -441,7 +444,7 @@ async fn accept_loop(
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone();
-            let response = respond(request.method(), request.uri().path(), text);
+            let response = respond(request.method(), request.uri().path(), text).map(Full::new);
             async move { Ok::<_, Infallible>(response) }
         });
         let connection = http.serve_connection(TokioIo::new(stream), service);
@@ -458,7 +461,7 @@ async fn accept_loop(
 
 /// The answer to `method path` (pure): the metrics `text` for `GET /metrics`, its head only
 /// for `HEAD`, 404 for any other path, 405 for any other method.
-pub fn respond(method: &Method, path: &str, text: String) -> Response<Full<Bytes>> {
+fn respond(method: &Method, path: &str, text: String) -> Response<Bytes> {
     let (status, content_type, body) = if path != "/metrics" {
         (StatusCode::NOT_FOUND, "text/plain", "try /metrics\n".into())
     } else if method != Method::GET && method != Method::HEAD {
@@ -476,7 +479,7 @@ pub fn respond(method: &Method, path: &str, text: String) -> Response<Full<Bytes
     } else {
         Bytes::from(body)
     };
-    let mut response = Response::new(Full::new(body));
+    let mut response = Response::new(body);
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -549,6 +552,56 @@ mod tests {
             "tandem_service_restarts_total{service=\"we\\\"ird\"} 2\n",
         ] {
             assert!(text.contains(expected), "{expected:?} not in\n{text}");
+        }
+    }
+
+    #[test]
+    fn answers() {
+        // (method, path) -> (status, content type, Allow, body)
+        let table = [
+            ("GET", "/metrics", (200, CONTENT_TYPE, None, "up 1\n")),
+            ("HEAD", "/metrics", (200, CONTENT_TYPE, None, "")),
+            ("GET", "/", (404, "text/plain", None, "try /metrics\n")),
+            ("HEAD", "/metric", (404, "text/plain", None, "")),
+            ("DELETE", "/x", (404, "text/plain", None, "try /metrics\n")),
+            (
+                "POST",
+                "/metrics",
+                (405, "text/plain", Some("GET, HEAD"), "GET or HEAD only\n"),
+            ),
+            (
+                "OPTIONS",
+                "/metrics",
+                (405, "text/plain", Some("GET, HEAD"), "GET or HEAD only\n"),
+            ),
+        ];
+        for (method, path, (status, content_type, allow, body)) in table {
+            let method = Method::from_bytes(method.as_bytes()).unwrap();
+            let response = respond(&method, path, "up 1\n".into());
+            let headers = response.headers();
+            let got = (
+                response.status().as_u16(),
+                headers[header::CONTENT_TYPE].to_str().unwrap(),
+                headers.get(header::ALLOW).map(|v| v.to_str().unwrap()),
+                response.body().clone(),
+            );
+            assert_eq!(
+                got,
+                (status, content_type, allow, Bytes::from(body)),
+                "{method} {path}"
+            );
+            // HEAD says how long the GET's body is.
+            let get_length = if method == Method::HEAD {
+                respond(&Method::GET, path, "up 1\n".into()).headers()[header::CONTENT_LENGTH]
+                    .clone()
+            } else {
+                HeaderValue::from(body.len())
+            };
+            assert_eq!(
+                headers[header::CONTENT_LENGTH],
+                get_length,
+                "{method} {path}"
+            );
         }
     }
 
