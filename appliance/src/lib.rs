@@ -1,17 +1,15 @@
 //! The Tandem supervisor library: the process supervisor core, its state database and control
 //! socket, and the node roles (`run` on a developer machine, `init` as PID 1).
 
-pub mod admin;
+pub mod admin_cmd;
 pub mod balancer_cmd;
 pub mod control;
-pub mod db_agent;
 pub mod firewall_cmd;
 pub mod init;
 pub mod logging;
 pub mod logmon_cmd;
 pub mod netif;
 pub mod node;
-pub mod peer;
 pub mod preflight;
 pub mod state;
 pub mod supervisor;

@@ -73,7 +73,7 @@ impl Layout {
             socket: PathBuf::from(api::control::DEFAULT_SOCKET),
             // The image-builder puts the cluster's shared secret in every node's seed.
             secret: Path::new(crate::init::SEED_MOUNT).join(SECRET_FILE),
-            tls: crate::peer::seed_tls_dir(),
+            tls: Path::new(crate::init::SEED_MOUNT).join(api::tls::SEED_SUBDIR),
             dev_ca: None,
         }
     }
@@ -274,14 +274,14 @@ pub fn services(
     }
     // The admin server runs as its own user: it reaches the supervisor through the control
     // socket's group, and the node's TLS files (root's alone) through a copy made its own.
-    let admin_state = layout.state.join(crate::admin::STATE_SUBDIR);
+    let admin_state = layout.state.join(admin::STATE_SUBDIR);
     make_dir(&admin_state, 0o700)?;
     if root {
         crate::users::chown_tree(&admin_state, crate::users::ADMIN)?;
     }
-    if layout.tls.join(crate::peer::NODE_CERT).exists() {
+    if layout.tls.join(api::tls::NODE_CERT).exists() {
         let tls = layout.run.join(ADMIN_TLS_DIR);
-        crate::admin::provide_tls(&layout.tls, &tls, root.then_some(crate::users::ADMIN))?;
+        admin::provide_tls(&layout.tls, &tls, root.then_some(crate::users::ADMIN))?;
         admin.extend(["--tls-dir".into(), absolute(&tls)?]);
     }
     let mut admin = ServiceSpec::daemon("admin", admin);
@@ -408,7 +408,7 @@ pub fn prepare(
     // MariaDB.
     let db_paths = layout.db_paths();
     let mut db_params = db::Params::for_node(cluster, node, None, db_paths.clone());
-    // After a switchover the persisted primary overrides cluster.toml (see `db_agent`).
+    // After a switchover the persisted primary overrides cluster.toml (see `db::agent_run`).
     let persisted = fs::read_to_string(layout.state.join(db::agent::PRIMARY_FILE)).ok();
     let names: Vec<&str> = cluster.nodes.iter().map(|n| n.name.as_str()).collect();
     let primary_name =
@@ -420,7 +420,7 @@ pub fn prepare(
     } else {
         cluster_config::DbRole::Replica
     };
-    let secret = crate::db_agent::load_or_create_secret(&layout.secret)?;
+    let secret = db::secret_file::load_or_create(&layout.secret)?;
     make_dir(&db_paths.datadir, 0o750)?;
     make_dir(&db_paths.run_dir, 0o755)?;
     if root {
@@ -428,9 +428,9 @@ pub fn prepare(
         chown_to(&db_paths.run_dir, MARIADB_USER)?;
     }
     if let Some(ca) = &layout.dev_ca {
-        crate::db_agent::issue_dev_tls(ca, cluster, node, &layout.tls)?;
+        db::tls::issue_dev(ca, cluster, node, &layout.tls)?;
     }
-    crate::db_agent::install_db_tls(&layout.tls, &db_paths, as_user(MARIADB_USER).as_deref())?;
+    db::tls::install(&layout.tls, &db_paths, as_user(MARIADB_USER).as_deref())?;
     write_file(&db_paths.config_file, &db::render_conf(&db_params), 0o644)?;
     let agent_private = layout.run.join("db-agent");
     make_dir(&agent_private, 0o700)?;

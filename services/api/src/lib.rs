@@ -11,4 +11,5 @@ pub mod secret;
 pub mod sqlite;
 pub mod storage;
 pub mod text;
+pub mod tls;
 pub mod vip;

@@ -12,9 +12,9 @@
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
+use api::secret::{derive_password, SECRET_LEN};
 use cluster_config::{Cluster, DbRole};
 use serde::{Deserialize, Serialize};
-use api::secret::{derive_password, SECRET_LEN};
 
 use crate::repl::{GtidPos, Passwords, SlaveStatus};
 

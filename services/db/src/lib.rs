@@ -1,8 +1,12 @@
-//! MariaDB on a node: the server configuration for its role and the commands that initialise
-//! and run it. Pure functions; the supervisor writes the files and runs the processes.
+//! MariaDB on a node: owns the server's configuration for its role (`my.cnf`), its TLS files,
+//! the database agent (`appliance db-agent`) and the `appliance db` commands, SQL through the
+//! `mariadb` client. Must not depend on another service crate or on `appliance`: what it needs
+//! of the node (paths, the secret's file) comes in as arguments or through `api`.
 //!
 //! Every node logs binary logs in ROW format with GTIDs, so any replica can later be promoted
-//! (switchover) and any late-joining replica can catch up from the binlog.
+//! (switchover) and any late-joining replica can catch up from the binlog. The renderers and
+//! decisions (`render_conf`, [`repl`], [`agent`]) are pure; [`agent_run`], [`cli`], [`client`],
+//! [`tls`] and [`secret_file`] do the IO.
 
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -11,7 +15,16 @@ use std::path::{Path, PathBuf};
 use cluster_config::{Cluster, DbRole, Node};
 
 pub mod agent;
+pub mod agent_run;
+pub mod cli;
+pub mod client;
+mod error;
+mod files;
 pub mod repl;
+pub mod secret_file;
+pub mod tls;
+
+pub use error::Error;
 
 /// Buffer pool size: small on purpose, the appliance shares a node with nginx and the app.
 pub const INNODB_BUFFER_POOL: &str = "128M";
