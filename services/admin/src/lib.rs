@@ -1,8 +1,9 @@
-//! The admin server (`appliance admin`): owns the node's HTTPS admin port — status page,
-//! status JSON, the aggregated Prometheus endpoint, the peer API — and the client of the peers'
-//! ports ([`peer`]). Must not depend on `appliance` or another service: it learns everything
-//! through the control socket ([`api::control`]), files in the run directory, the local
-//! metrics endpoints and the alert reader its caller passes in.
+//! The admin server (`appliance admin`). Owns the node's HTTPS admin port (status page and
+//! JSON, aggregated metrics, the peer API) and the client of the peers' ports ([`peer`]).
+//! Must not depend on `appliance` or another service: it asks the control socket and reads files.
+//!
+//! What it shows comes from the supervisor's control socket ([`api::control`]), files in the
+//! run directory, the local metrics endpoints and the alert reader its caller passes in.
 //!
 //! The peer API is for other nodes only: mutual TLS with a client certificate signed by the
 //! cluster CA whose subject alternative names name a node of the cluster (its name or its

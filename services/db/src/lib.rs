@@ -1,7 +1,6 @@
-//! MariaDB on a node: owns the server's configuration for its role (`my.cnf`), its TLS files,
-//! the database agent (`appliance db-agent`) and the `appliance db` commands, SQL through the
-//! `mariadb` client. Must not depend on another service crate or on `appliance`: what it needs
-//! of the node (paths, the secret's file) comes in as arguments or through `api`.
+//! MariaDB on a node. Owns the server's `my.cnf`, its TLS files, the database agent
+//! (`appliance db-agent`) and the `appliance db` commands, which talk SQL through `mariadb`.
+//! Must not depend on `appliance` or another service: node paths come as arguments or via `api`.
 //!
 //! Every node logs binary logs in ROW format with GTIDs, so any replica can later be promoted
 //! (switchover) and any late-joining replica can catch up from the binlog. The renderers and
