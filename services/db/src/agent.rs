@@ -60,6 +60,7 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
+    /// The configuration of the agent of `node`, with its files at `paths`.
     pub fn for_node(cluster: &Cluster, node: &str, paths: AgentPaths) -> AgentConfig {
         AgentConfig {
             node: node.to_string(),
@@ -84,6 +85,7 @@ impl AgentConfig {
         }
     }
 
+    /// The address of the node named `node`, if the cluster has it.
     pub fn address_of(&self, node: &str) -> Option<Ipv4Addr> {
         self.nodes
             .iter()

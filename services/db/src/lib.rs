@@ -27,7 +27,9 @@ pub use error::Error;
 
 /// Buffer pool size: small on purpose, the appliance shares a node with nginx and the app.
 pub const INNODB_BUFFER_POOL: &str = "128M";
+/// The server.
 pub const MARIADBD: &str = "/usr/sbin/mariadbd";
+/// The one-shot initialiser of an empty datadir.
 pub const INSTALL_DB: &str = "/usr/bin/mariadb-install-db";
 /// The command-line client the agent and the CLI talk SQL through.
 pub const CLIENT: &str = "/usr/bin/mariadb";
@@ -48,6 +50,7 @@ pub struct Paths {
 }
 
 impl Paths {
+    /// The server's Unix socket (root logs in there by `unix_socket` authentication).
     pub fn socket(&self) -> PathBuf {
         self.run_dir.join("mysqld.sock")
     }
@@ -69,6 +72,7 @@ impl Paths {
     }
 }
 
+/// Everything `my.cnf` and the server's command lines depend on.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Params {
     pub listen: Ipv4Addr,
@@ -81,6 +85,7 @@ pub struct Params {
 }
 
 impl Params {
+    /// The parameters of `node` in `cluster`, with its role from the config.
     pub fn for_node(cluster: &Cluster, node: &Node, user: Option<String>, paths: Paths) -> Params {
         Params {
             listen: node.address,
@@ -92,6 +97,7 @@ impl Params {
         }
     }
 
+    /// Where the server listens for TCP (TLS) clients.
     pub fn tcp_addr(&self) -> SocketAddr {
         SocketAddr::from((self.listen, self.port))
     }
