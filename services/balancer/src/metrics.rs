@@ -5,6 +5,8 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use api::prometheus::escape_label as escape;
+
 use crate::backend::Routes;
 use crate::core::admission::Refusal;
 
@@ -97,12 +99,6 @@ impl Global {
             Refusal::PerClient => &self.refused_per_client,
         }
     }
-}
-
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
 }
 
 /// `clients`: client addresses holding a connection now (the per-client table's size).
