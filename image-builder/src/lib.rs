@@ -77,6 +77,8 @@ pub enum Error {
         partition: String,
         capacity: u64,
     },
+    #[error("disk image: the layout has no partition labelled {label:?} (it has esp, root-a, root-b, seed, data)")]
+    NoPartition { label: String },
 }
 
 impl Error {
@@ -425,7 +427,8 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, Error> {
         artifacts,
     };
     let manifest_path = out.join("manifest.json");
-    let json = serde_json::to_string_pretty(&manifest).expect("the manifest serialises");
+    let json = serde_json::to_string_pretty(&manifest)
+        .map_err(|e| Error::io("manifest", &manifest_path, e.into()))?;
     std::fs::write(&manifest_path, json + "\n")
         .map_err(|e| Error::io("manifest", &manifest_path, e))?;
     p.finish();
@@ -461,7 +464,18 @@ fn hash_artifacts(
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().expect("hashing threads do not panic"))
+            .zip(files)
+            .map(|(h, (path, _, _))| {
+                h.join().map_err(|panic| {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .copied()
+                        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                        .unwrap_or("no message");
+                    let e = std::io::Error::other(format!("hashing thread panicked: {what}"));
+                    Error::io("manifest", path, e)
+                })?
+            })
             .collect()
     })
 }
