@@ -154,7 +154,8 @@ fi
 exec 9>"$LOCK"
 if ! flock -n 9; then
     say "waiting for $LOCK (a test or another bench holds the local cluster's addresses)"
-    flock 9
+    # In short waits, so that a signal is acted on while waiting.
+    until flock -w 2 9; do :; done
 fi
 
 work=$WORK/run
