@@ -211,9 +211,8 @@ fn writable_dir_as(user: &str, dir: &Path) -> bool {
 /// A temporary root for a node run as root: fails clearly without root, and is 0755 so that
 /// the services' users reach their directories below it.
 fn root_run_dir() -> tempfile::TempDir {
-    // SAFETY: plain geteuid(2).
     assert!(
-        unsafe { libc::geteuid() } == 0,
+        nix::unistd::geteuid().is_root(),
         "this test needs root (the node switches users)"
     );
     let tmp = tempfile::tempdir().unwrap();
