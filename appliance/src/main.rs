@@ -138,7 +138,7 @@ fn main() -> anyhow::Result<ExitCode> {
 
 fn run_command(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::CheckConfig { file } => appliance::node::check_config(file.as_deref()),
+        Command::CheckConfig { file } => appliance::args::check_config(file.as_deref()),
         Command::DefaultConfig => {
             print!("{}", cluster_config::DEFAULT_CLUSTER_TOML);
             Ok(ExitCode::SUCCESS)

@@ -29,7 +29,7 @@ use serde::Serialize;
 
 use crate::control::{self, Target};
 use api::control::{self as ctl, ServiceStatus, SOCKET_FILE};
-use crate::node::NodeArgs;
+use crate::args::NodeArgs;
 use crate::peer::{CA_CERT, NODE_CERT, NODE_KEY};
 use page::{AlertRow, NodeRow, StatusView};
 
@@ -99,10 +99,10 @@ pub fn main(args: AdminArgs) -> anyhow::Result<ExitCode> {
         state_dir: None,
     };
     let run_dir = args.run_dir.clone().unwrap_or_else(|| {
-        if args.state_dir == crate::node::Layout::image().state {
-            crate::node::Layout::image().run
+        if args.state_dir == crate::layout::Layout::image().state {
+            crate::layout::Layout::image().run
         } else {
-            crate::node::Layout::dev(&args.state_dir).run
+            crate::layout::Layout::dev(&args.state_dir).run
         }
     });
     let peers = match tls_dir(&args) {
@@ -248,8 +248,8 @@ fn self_signed(dir: &Path, cluster: &Cluster, node: &Node) -> anyhow::Result<(Pa
     ];
     let generated =
         rcgen::generate_simple_self_signed(names).context("generating the admin certificate")?;
-    crate::node::write_file(&key, &generated.key_pair.serialize_pem(), 0o600)?;
-    crate::node::write_file(&cert, &generated.cert.pem(), 0o644)?;
+    crate::files::write_file(&key, &generated.key_pair.serialize_pem(), 0o600)?;
+    crate::files::write_file(&cert, &generated.cert.pem(), 0o644)?;
     Ok((cert, key))
 }
 

@@ -6,6 +6,8 @@ pub mod access_log;
 pub mod control;
 pub mod db;
 pub mod events;
+pub mod files;
+pub mod ports;
 pub mod prometheus;
 pub mod secret;
 pub mod sqlite;
