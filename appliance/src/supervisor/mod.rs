@@ -40,6 +40,7 @@
 
 pub mod backoff;
 pub mod caps;
+mod executor;
 mod logs;
 pub mod order;
 mod process;
@@ -63,8 +64,8 @@ pub use process::ExitKind;
 pub use spec::{Kind, Readiness, ServiceSpec, StopSignal};
 
 use crate::control::{ControlError, ControlServer};
-use api::control::{LogLine, Request, Response, SOCKET_FILE};
 use crate::state::{Recovery, StateDb, StateError};
+use api::control::{LogLine, Request, Response, SOCKET_FILE};
 use api::events::{EventKind, EventRecord};
 use api::storage::Degraded;
 
@@ -186,7 +187,7 @@ pub fn run(
     // First, before any thread exists: block the signals we take with sigwait.
     let signal_tx = tx.clone();
     let _signals = process::SignalThread::start(move |event| {
-        let _ = signal_tx.send(runner::Event::Signal(event));
+        let _ = signal_tx.send(executor::Input::Signal(event));
     })
     .map_err(SupervisorError::Signals)?;
     if unistd::getpid().as_raw() != 1 {
@@ -235,7 +236,7 @@ pub fn run(
         move |request: Request| {
             let (reply_tx, reply_rx) = mpsc::channel();
             if control_tx
-                .send(runner::Event::Control(request, reply_tx))
+                .send(executor::Input::Control(request, reply_tx))
                 .is_err()
             {
                 return Response::Error {
@@ -255,7 +256,8 @@ pub fn run(
         socket = %opts.control_socket.display(),
         "supervisor started"
     );
-    let reason = runner::Runner::new(specs, order, db, &opts, tx).run(&rx);
+    let runner = runner::Runner::new(specs, order);
+    let reason = executor::Executor::new(runner, db, &opts, tx).run(&rx);
     tracing::info!(?reason, "supervisor stopped");
     Ok(reason)
 }
