@@ -297,3 +297,42 @@ pub(crate) fn now_ms() -> i64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_spec_files_are_refused_with_the_reason() {
+        let check = |text: &str, expected: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("spec.json");
+            std::fs::write(&path, text).unwrap();
+            let err = load_specs(&path).unwrap_err().to_string();
+            assert!(err.contains(expected), "expected {expected:?} in {err}");
+        };
+        check(
+            r#"[{ "name": "a", "argv": ["x"], "deps": ["b"] }]"#,
+            "service `a` depends on `b`, which is not a service",
+        );
+        check(
+            r#"[{ "name": "a", "argv": ["x"], "deps": ["b"] }, { "name": "b", "argv": ["x"], "deps": ["a"] }]"#,
+            "dependency cycle: a -> b -> a",
+        );
+        check(
+            r#"[{ "name": "a", "argv": ["x"], "color": "red" }]"#,
+            "unknown field `color`",
+        );
+        check(
+            r#"[{ "name": "a b", "argv": ["x"] }]"#,
+            "service `a b`: name must be 1 to 64 characters",
+        );
+        check("[", "spec.json: EOF while parsing");
+        let missing = Path::new("/nonexistent/spec.json");
+        let err = load_specs(missing).unwrap_err().to_string();
+        assert!(
+            err.starts_with("service spec file /nonexistent/spec.json: "),
+            "{err}"
+        );
+    }
+}
