@@ -9,11 +9,29 @@
 //!
 //! - [`spec`]: what to run ([`ServiceSpec`], loadable from JSON).
 //! - [`order`] and [`backoff`]: pure decisions (start order; whether and when to restart).
-//! - `process`: spawning, the signal thread (the only reaper), the final orphan sweep.
-//! - `runner`: the event loop. One thread owns all service state and takes events (child
-//!   exited, ready, control request, shutdown signal) from one channel; deadlines (restart
-//!   timers, readiness timeouts, SIGKILL after the stop timeout) are its `recv_timeout`.
+//! - `runner`: the state machine that owns every service's state and makes every decision:
+//!   dependency gating, readiness deadlines and retries, restarts, the stop order, SIGKILL
+//!   after the stop timeout, the orphan sweep. `Runner::handle(event, now)` returns effects;
+//!   it makes no system call and reads no clock, so its tests are tables without processes.
+//! - `executor`: the event loop, on the thread that called [`run`]. It owns the runner and
+//!   performs its effects through `process`, the state DB, the log buffers and the control
+//!   replies. Events come from one channel: the signal thread's reaped children and shutdown
+//!   signals, readiness probes (one short-lived thread each), and control requests; when none
+//!   comes before `Runner::next_deadline`, the runner gets a tick.
+//! - `process`: spawning, the signal thread (the only reaper), the final orphan sweep's
+//!   listing and killing.
 //! - `logs`: per-service ring buffers of output lines, fed by one reader thread per pipe.
+//!
+//! ```text
+//! signal thread  (Exited, Shutdown) ─┐
+//! probe threads  (Probed)            ├─► channel ─► executor ──Event──► Runner::handle(event, now)
+//! control server (Request)          ─┘                 ▲                         │
+//!                                                      └───── Vec<Effect> ◄──────┘
+//! ```
+//!
+//! The executor performs the effects in order. Spawning and listing the children finish at
+//! once: their outcome (`Spawned` or `SpawnFailed`, `Children`) goes back to the runner before
+//! the next effect and the next input, so services start in the order the runner decided.
 //!
 //! # Invariants
 //!
@@ -34,6 +52,9 @@
 //!   [`backoff::MAX_QUICK_FAILURES`] consecutive quick failures a service is `failed` (an event
 //!   the log monitor alerts on) and is retried every [`backoff::MAX_BACKOFF`] until it runs
 //!   stably; a `restart` request tries at once.
+//!
+//! - **The runner decides, the executor acts.** Nothing in `runner` makes a system call or
+//!   reads the clock; nothing in `executor` decides what a service's state is.
 //!
 //! Dependencies are checked at start only: a service starts once all its dependencies are
 //! ready; if a dependency later restarts, its dependents keep running.
