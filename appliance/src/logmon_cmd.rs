@@ -73,7 +73,7 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
     let mut config = logmon::Config::new(&cluster, &node, &state_dir);
     let run_dir = args.run_dir.or_else(|| on_image.then_some(image.run));
     if let Some(run_dir) = run_dir {
-        config.db_status_file = run_dir.join(logmon::monitor::DB_STATUS_FILE);
+        config.db_status_file = run_dir.join(api::db::STATUS_FILE);
     }
     if let Some(addr) = args.metrics_addr {
         config.metrics_addr = Some(addr);

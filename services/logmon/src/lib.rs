@@ -9,8 +9,8 @@
 //! - [`cert`]: which certificate chains the balancer serves and when their leaves expire.
 //! - [`alerts`]: the alert history in `<state>/alerts.db` and its query API;
 //!   [`webhook`]: the background JSON POST sender (http or https, ureq with rustls).
-//! - [`metrics`]: the Prometheus text the monitor serves on `127.0.0.1:9101` (hyper, on a
-//!   small tokio runtime of its own) and its client (ureq).
+//! - [`metrics`]: the Prometheus text the monitor serves on [`api::ports::LOGMON_METRICS`]
+//!   (hyper, on a small tokio runtime of its own) and its client (ureq).
 //! - [`monitor`]: `appliance logmon`, the loop that ties it together.
 //!
 //! This crate never depends on the supervisor: it reads the supervisor's state DB through
@@ -30,7 +30,6 @@ pub mod webhook;
 use std::path::PathBuf;
 
 pub use engine::{Alert, AlertState, Rule, Rules, Severity};
-pub use metrics::METRICS_PORT;
 pub use monitor::{run, Config};
 
 #[derive(Debug, thiserror::Error)]
