@@ -8,6 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use api::files::balancer_self_signed;
 use arc_swap::ArcSwap;
 use rustls::crypto::ring as provider;
 use rustls::pki_types::pem::PemObject;
@@ -26,12 +27,6 @@ pub struct CertificateFiles {
     pub names: Vec<String>,
     pub certificate: PathBuf,
     pub key: PathBuf,
-}
-
-/// Where the generated self-signed certificate lives under the state directory.
-pub(crate) fn self_signed_paths(state_dir: &Path) -> (PathBuf, PathBuf) {
-    let dir = state_dir.join("tls");
-    (dir.join("self-signed.crt"), dir.join("self-signed.key"))
 }
 
 #[derive(Debug)]
@@ -149,13 +144,14 @@ pub(crate) fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey
     }
 }
 
-/// The self-signed certificate and key under `state_dir`, generated on first use and kept
-/// (the key readable by its owner only), so every restart serves the same certificate.
+/// The self-signed certificate and key under `state_dir` ([`balancer_self_signed`]: the log
+/// monitor watches the certificate there), generated on first use and kept (the key readable by
+/// its owner only), so every restart serves the same certificate.
 pub(crate) fn ensure_self_signed(
     state_dir: &Path,
     names: &[String],
 ) -> Result<(PathBuf, PathBuf), BalancerError> {
-    let (cert_path, key_path) = self_signed_paths(state_dir);
+    let (cert_path, key_path) = balancer_self_signed(state_dir);
     if cert_path.exists() && key_path.exists() {
         return Ok((cert_path, key_path));
     }
