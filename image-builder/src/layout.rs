@@ -25,12 +25,13 @@ pub const TYPE_ROOT_X86_64: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
 pub const TYPE_LINUX_DATA: &str = "0FC63DAF-8483-4772-8E3D-693D477DE4E4";
 
 /// Partition labels, in table order. The kernel command line and the supervisor find
-/// partitions by these names (`root=PARTLABEL=root-a`).
-pub const LABEL_ESP: &str = "esp";
+/// partitions by these names (`root=PARTLABEL=root-a`; `appliance init` the others by the
+/// shared `api::files::PARTITION_*`).
+pub const LABEL_ESP: &str = api::files::PARTITION_ESP;
 pub const LABEL_ROOT_A: &str = "root-a";
 pub const LABEL_ROOT_B: &str = "root-b";
-pub const LABEL_SEED: &str = "seed";
-pub const LABEL_DATA: &str = "data";
+pub const LABEL_SEED: &str = api::files::PARTITION_SEED;
+pub const LABEL_DATA: &str = api::files::PARTITION_DATA;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Partition {
