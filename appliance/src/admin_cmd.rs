@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use crate::node::{Layout, NodeArgs};
+use crate::args::NodeArgs;
+use crate::layout::Layout;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct AdminArgs {
@@ -31,8 +32,9 @@ pub struct AdminArgs {
     /// [default: STATE_DIR/run, or /run/tandem on an image].
     #[arg(long)]
     pub run_dir: Option<PathBuf>,
-    /// Local Prometheus endpoints to aggregate (host:port, path /metrics).
-    #[arg(long = "scrape", default_values_t = admin::DEFAULT_SCRAPE.map(String::from))]
+    /// A local Prometheus endpoint to aggregate (host:port, path /metrics); repeat for several
+    /// [default: the balancer's and the log monitor's].
+    #[arg(long = "scrape")]
     pub scrape: Vec<String>,
 }
 
@@ -56,7 +58,11 @@ pub fn main(args: AdminArgs) -> anyhow::Result<ExitCode> {
     // `--tls-dir`, else the seed's when it has a node certificate.
     let tls_dir = args
         .tls_dir
-        .or_else(|| Some(image.tls).filter(|d| d.join(api::tls::NODE_CERT).exists()));
+        .or_else(|| Some(image.tls).filter(|d| d.join(api::files::NODE_CERT).exists()));
+    let scrape = match args.scrape.is_empty() {
+        true => admin::default_scrape(node.address),
+        false => args.scrape,
+    };
     let alerts_db = logmon::alerts::db_path(&args.state_dir);
     let alerts: admin::AlertSource = Box::new(move |limit| {
         let alerts = logmon::alerts::recent(&alerts_db, limit).map_err(|e| e.to_string())?;
@@ -80,7 +86,7 @@ pub fn main(args: AdminArgs) -> anyhow::Result<ExitCode> {
         socket,
         run_dir,
         tls_dir,
-        scrape: args.scrape,
+        scrape,
         alerts,
     })?;
     Ok(ExitCode::SUCCESS)

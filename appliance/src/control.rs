@@ -182,8 +182,8 @@ impl Drop for ControlServer {
         // blocked accept(2) fail at once, even if someone removed the socket file meanwhile.
         if let Some(listener) = &self.wake {
             use std::os::fd::AsRawFd as _;
-            // SAFETY: shutdown on a file descriptor we own; no memory is involved.
-            unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR) };
+            let _ =
+                nix::sys::socket::shutdown(listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
         }
         let _ = UnixStream::connect(&self.path);
         if let Some(accept) = self.accept.take() {

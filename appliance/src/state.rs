@@ -7,8 +7,8 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use api::events::{EventKind, EventRecord, SCHEMA_VERSION, STATE_DB_FILE};
 use api::events::MIGRATIONS;
+use api::events::{EventKind, EventRecord, SCHEMA_VERSION, STATE_DB_FILE};
 use api::sqlite::MigrateError;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 
@@ -16,7 +16,6 @@ use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 pub const MAX_EVENTS_KEPT: i64 = 100_000;
 /// How long a statement waits for a lock held by another connection.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -418,7 +417,7 @@ mod tests {
             "{recovery:?}"
         );
         db.record(1, "db", EventKind::Ready, None, "").unwrap();
-        assert!(crate::node::count_boot(fs.0.path()).is_err());
+        assert!(crate::files::count_boot(fs.0.path()).is_err());
     }
 
     #[test]

@@ -20,6 +20,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use api::files::{
+    CA_CERT, DB_CERT, DB_KEY, NODE_CERT, NODE_KEY, SEED_CLUSTER_CONFIG, SEED_NODE_NAME,
+    SEED_TLS_DIR,
+};
 use cluster_config::Cluster;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -77,6 +81,8 @@ pub enum Error {
         partition: String,
         capacity: u64,
     },
+    #[error("disk image: the layout has no partition labelled {label:?} (it has esp, root-a, root-b, seed, data)")]
+    NoPartition { label: String },
 }
 
 impl Error {
@@ -335,15 +341,15 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, Error> {
         p.step(format!("{name}: certificate, seed and data partitions"));
         let cert = pki::node_cert(&ca, &cluster, node)?;
         let seed_dir = node_work.join("seed");
-        let tls = seed_dir.join("tls");
+        let tls = seed_dir.join(SEED_TLS_DIR);
         std::fs::create_dir_all(&tls).map_err(|e| Error::io("seed", &tls, e))?;
         pki::write_file(
-            &seed_dir.join("cluster.toml"),
+            &seed_dir.join(SEED_CLUSTER_CONFIG),
             config_text.as_bytes(),
             0o644,
         )?;
         pki::write_file(
-            &seed_dir.join("node"),
+            &seed_dir.join(SEED_NODE_NAME),
             format!("{name}\n").as_bytes(),
             0o644,
         )?;
@@ -352,13 +358,13 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, Error> {
             secret.as_bytes(),
             0o600,
         )?;
-        pki::write_file(&tls.join("ca.crt"), ca.cert_pem.as_bytes(), 0o644)?;
-        pki::write_file(&tls.join("node.crt"), cert.cert_pem.as_bytes(), 0o644)?;
-        pki::write_file(&tls.join("node.key"), cert.key_pem.as_bytes(), 0o600)?;
+        pki::write_file(&tls.join(CA_CERT), ca.cert_pem.as_bytes(), 0o644)?;
+        pki::write_file(&tls.join(NODE_CERT), cert.cert_pem.as_bytes(), 0o644)?;
+        pki::write_file(&tls.join(NODE_KEY), cert.key_pem.as_bytes(), 0o600)?;
         // MariaDB's own: its key is copied for `mysql`, and is no peer identity.
         let db_cert = pki::db_cert(&ca, &cluster, node)?;
-        pki::write_file(&tls.join("db.crt"), db_cert.cert_pem.as_bytes(), 0o644)?;
-        pki::write_file(&tls.join("db.key"), db_cert.key_pem.as_bytes(), 0o600)?;
+        pki::write_file(&tls.join(DB_CERT), db_cert.cert_pem.as_bytes(), 0o644)?;
+        pki::write_file(&tls.join(DB_KEY), db_cert.key_pem.as_bytes(), 0o600)?;
         let seed_img = node_work.join("seed.ext4");
         let uuid_base = format!("{}/{}", cluster.name, name);
         let seed_uuid = format!("{uuid_base}/seed");
@@ -425,7 +431,8 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, Error> {
         artifacts,
     };
     let manifest_path = out.join("manifest.json");
-    let json = serde_json::to_string_pretty(&manifest).expect("the manifest serialises");
+    let json = serde_json::to_string_pretty(&manifest)
+        .map_err(|e| Error::io("manifest", &manifest_path, e.into()))?;
     std::fs::write(&manifest_path, json + "\n")
         .map_err(|e| Error::io("manifest", &manifest_path, e))?;
     p.finish();
@@ -461,7 +468,18 @@ fn hash_artifacts(
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().expect("hashing threads do not panic"))
+            .zip(files)
+            .map(|(h, (path, _, _))| {
+                h.join().map_err(|panic| {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .copied()
+                        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                        .unwrap_or("no message");
+                    let e = std::io::Error::other(format!("hashing thread panicked: {what}"));
+                    Error::io("manifest", path, e)
+                })?
+            })
             .collect()
     })
 }

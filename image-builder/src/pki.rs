@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use api::files::CA_CERT;
 use api::secret::{format_secret, parse_secret, SECRET_FILE, SECRET_LEN};
 use rcgen::{
     date_time_ymd, BasicConstraints, Certificate, CertificateParams, DistinguishedName, DnType,
@@ -103,10 +104,11 @@ pub fn node_params(
     Ok(p)
 }
 
-/// Loads the CA from `dir` (`ca.crt`, `ca.key`), or creates it there. Returns it and whether it
+/// Loads the CA from `dir` ([`CA_CERT`], the name it has in a node's seed too, and `ca.key`), or
+/// creates it there. Returns it and whether it
 /// was created by this call.
 pub fn load_or_create_ca(dir: &Path, cluster: &str) -> Result<(Ca, bool), Error> {
-    let crt = dir.join("ca.crt");
+    let crt = dir.join(CA_CERT);
     let key_path = dir.join("ca.key");
     if key_path.exists() || crt.exists() {
         let key_pem =
@@ -354,7 +356,7 @@ mod tests {
         // A link where the key goes: replaced, not written through.
         let outside = dir.path().join("outside");
         std::fs::write(&outside, "").unwrap();
-        let key = dir.path().join("node.key");
+        let key = dir.path().join(api::files::NODE_KEY);
         std::os::unix::fs::symlink(&outside, &key).unwrap();
         write_file(&key, b"secret", 0o600).unwrap();
         assert_eq!(std::fs::read(&outside).unwrap(), b"");
@@ -362,7 +364,7 @@ mod tests {
         assert!(md.is_file());
         assert_eq!(md.mode() & 0o7777, 0o600);
         // A reader holding the previous file open never sees the new content.
-        let cert = dir.path().join("node.crt");
+        let cert = dir.path().join(api::files::NODE_CERT);
         std::fs::write(&cert, "old").unwrap();
         let mut held = std::fs::File::open(&cert).unwrap();
         write_file(&cert, b"new", 0o644).unwrap();
@@ -420,7 +422,7 @@ mod tests {
         // A certificate that does not match the key is refused.
         let other = dir.path().join("other-ca");
         load_or_create_ca(&other, "tandem").unwrap();
-        std::fs::copy(other.join("ca.crt"), ca_dir.join("ca.crt")).unwrap();
+        std::fs::copy(other.join(CA_CERT), ca_dir.join(CA_CERT)).unwrap();
         let e = load_or_create_ca(&ca_dir, "tandem")
             .err()
             .unwrap()
@@ -428,11 +430,11 @@ mod tests {
         assert!(e.contains("does not belong"), "{e}");
 
         // Nor is one that is no certificate at all; the error names the file.
-        std::fs::write(ca_dir.join("ca.crt"), "not a certificate\n").unwrap();
+        std::fs::write(ca_dir.join(CA_CERT), "not a certificate\n").unwrap();
         let e = load_or_create_ca(&ca_dir, "tandem")
             .err()
             .unwrap()
             .to_string();
-        assert!(e.contains("ca.crt: no PEM certificate"), "{e}");
+        assert!(e.contains(&format!("{CA_CERT}: no PEM certificate")), "{e}");
     }
 }

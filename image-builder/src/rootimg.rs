@@ -19,7 +19,8 @@ pub const APPLIANCE_PATH: &str = "usr/sbin/appliance";
 /// Where PID 1 is looked for; `/sbin` is a symlink to `usr/sbin` (merged /usr).
 pub const INIT_PATH: &str = "usr/sbin/init";
 pub const INIT_TARGET: &str = "/usr/sbin/appliance";
-/// Mount points that must exist and be empty in the read-only root.
+/// Mount points that must exist and be empty in the read-only root (among them the first
+/// component of `api::files::SEED_MOUNT`, `IMAGE_STATE_DIR` and `IMAGE_RUN_DIR`).
 pub const MOUNT_POINTS: &[(&str, u32)] = &[
     ("data", 0o755),
     ("seed", 0o755),
@@ -265,6 +266,21 @@ pub fn build(staging: &Path, out: &Path, epoch: u64) -> Result<u64, Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_nodes_fixed_directories_have_mount_points() {
+        for dir in [
+            api::files::SEED_MOUNT,
+            api::files::IMAGE_STATE_DIR,
+            api::files::IMAGE_RUN_DIR,
+        ] {
+            let top = Path::new(dir).components().nth(1).unwrap();
+            assert!(
+                MOUNT_POINTS.iter().any(|(m, _)| top.as_os_str() == *m),
+                "{dir}"
+            );
+        }
+    }
 
     #[test]
     fn timestamp_script_covers_root_and_every_path() {

@@ -12,7 +12,7 @@ use api::control::{LogLine, Stream};
 /// Lines kept per service.
 pub const LOG_LINES_KEPT: usize = 500;
 /// Longer lines are split into pieces of this many bytes (bounds memory per reader).
-pub const MAX_LINE_BYTES: usize = 16 * 1024;
+pub(crate) const MAX_LINE_BYTES: usize = 16 * 1024;
 
 /// The ring buffers of all services; shared by reader threads and the control server.
 #[derive(Debug, Default)]

@@ -9,11 +9,29 @@
 //!
 //! - [`spec`]: what to run ([`ServiceSpec`], loadable from JSON).
 //! - [`order`] and [`backoff`]: pure decisions (start order; whether and when to restart).
-//! - `process`: spawning, the signal thread (the only reaper), the final orphan sweep.
-//! - `runner`: the event loop. One thread owns all service state and takes events (child
-//!   exited, ready, control request, shutdown signal) from one channel; deadlines (restart
-//!   timers, readiness timeouts, SIGKILL after the stop timeout) are its `recv_timeout`.
+//! - `runner`: the state machine that owns every service's state and makes every decision:
+//!   dependency gating, readiness deadlines and retries, restarts, the stop order, SIGKILL
+//!   after the stop timeout, the orphan sweep. `Runner::handle(event, now)` returns effects;
+//!   it makes no system call and reads no clock, so its tests are tables without processes.
+//! - `executor`: the event loop, on the thread that called [`run`]. It owns the runner and
+//!   performs its effects through `process`, the state DB, the log buffers and the control
+//!   replies. Events come from one channel: the signal thread's reaped children and shutdown
+//!   signals, readiness probes (one short-lived thread each), and control requests; when none
+//!   comes before `Runner::next_deadline`, the runner gets a tick.
+//! - `process`: spawning, the signal thread (the only reaper), the final orphan sweep's
+//!   listing and killing.
 //! - `logs`: per-service ring buffers of output lines, fed by one reader thread per pipe.
+//!
+//! ```text
+//! signal thread  (Exited, Shutdown) ─┐
+//! probe threads  (Probed)            ├─► channel ─► executor ──Event──► Runner::handle(event, now)
+//! control server (Request)          ─┘                 ▲                         │
+//!                                                      └───── Vec<Effect> ◄──────┘
+//! ```
+//!
+//! The executor performs the effects in order. Spawning and listing the children finish at
+//! once: their outcome (`Spawned` or `SpawnFailed`, `Children`) goes back to the runner before
+//! the next effect and the next input, so services start in the order the runner decided.
 //!
 //! # Invariants
 //!
@@ -35,11 +53,15 @@
 //!   the log monitor alerts on) and is retried every [`backoff::MAX_BACKOFF`] until it runs
 //!   stably; a `restart` request tries at once.
 //!
+//! - **The runner decides, the executor acts.** Nothing in `runner` makes a system call or
+//!   reads the clock; nothing in `executor` decides what a service's state is.
+//!
 //! Dependencies are checked at start only: a service starts once all its dependencies are
 //! ready; if a dependency later restarts, its dependents keep running.
 
 pub mod backoff;
 pub mod caps;
+mod executor;
 mod logs;
 pub mod order;
 mod process;
@@ -63,8 +85,8 @@ pub use process::ExitKind;
 pub use spec::{Kind, Readiness, ServiceSpec, StopSignal};
 
 use crate::control::{ControlError, ControlServer};
-use api::control::{LogLine, Request, Response, SOCKET_FILE};
 use crate::state::{Recovery, StateDb, StateError};
+use api::control::{LogLine, Request, Response, SOCKET_FILE};
 use api::events::{EventKind, EventRecord};
 use api::storage::Degraded;
 
@@ -186,7 +208,7 @@ pub fn run(
     // First, before any thread exists: block the signals we take with sigwait.
     let signal_tx = tx.clone();
     let _signals = process::SignalThread::start(move |event| {
-        let _ = signal_tx.send(runner::Event::Signal(event));
+        let _ = signal_tx.send(executor::Input::Signal(event));
     })
     .map_err(SupervisorError::Signals)?;
     if unistd::getpid().as_raw() != 1 {
@@ -235,7 +257,7 @@ pub fn run(
         move |request: Request| {
             let (reply_tx, reply_rx) = mpsc::channel();
             if control_tx
-                .send(runner::Event::Control(request, reply_tx))
+                .send(executor::Input::Control(request, reply_tx))
                 .is_err()
             {
                 return Response::Error {
@@ -255,7 +277,8 @@ pub fn run(
         socket = %opts.control_socket.display(),
         "supervisor started"
     );
-    let reason = runner::Runner::new(specs, order, db, &opts, tx).run(&rx);
+    let runner = runner::Runner::new(specs, order);
+    let reason = executor::Executor::new(runner, db, &opts, tx).run(&rx);
     tracing::info!(?reason, "supervisor stopped");
     Ok(reason)
 }
@@ -294,4 +317,43 @@ pub(crate) fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_spec_files_are_refused_with_the_reason() {
+        let check = |text: &str, expected: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("spec.json");
+            std::fs::write(&path, text).unwrap();
+            let err = load_specs(&path).unwrap_err().to_string();
+            assert!(err.contains(expected), "expected {expected:?} in {err}");
+        };
+        check(
+            r#"[{ "name": "a", "argv": ["x"], "deps": ["b"] }]"#,
+            "service `a` depends on `b`, which is not a service",
+        );
+        check(
+            r#"[{ "name": "a", "argv": ["x"], "deps": ["b"] }, { "name": "b", "argv": ["x"], "deps": ["a"] }]"#,
+            "dependency cycle: a -> b -> a",
+        );
+        check(
+            r#"[{ "name": "a", "argv": ["x"], "color": "red" }]"#,
+            "unknown field `color`",
+        );
+        check(
+            r#"[{ "name": "a b", "argv": ["x"] }]"#,
+            "service `a b`: name must be 1 to 64 characters",
+        );
+        check("[", "spec.json: EOF while parsing");
+        let missing = Path::new("/nonexistent/spec.json");
+        let err = load_specs(missing).unwrap_err().to_string();
+        assert!(
+            err.starts_with("service spec file /nonexistent/spec.json: "),
+            "{err}"
+        );
+    }
 }

@@ -10,9 +10,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 
 use nix::errno::Errno;
+use nix::sys::prctl;
 use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
-use nix::unistd::{self, Pid, Uid, User};
+use nix::unistd::{self, Gid, Pid, Uid, User};
 
 use super::caps;
 use super::spec::ServiceSpec;
@@ -64,10 +65,10 @@ pub(crate) struct Spawned {
 
 /// User to switch to in the child, resolved in the parent (no NSS lookups after fork).
 pub(crate) struct Credentials {
-    pub(crate) uid: libc::uid_t,
-    pub(crate) gid: libc::gid_t,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
     /// Every group of the user, its own included (`getgrouplist`).
-    pub(crate) groups: Vec<libc::gid_t>,
+    pub(crate) groups: Vec<u32>,
 }
 
 pub(crate) fn credentials(name: &str) -> Result<(Credentials, User), String> {
@@ -111,7 +112,7 @@ fn set_capabilities(mask: u64) -> std::io::Result<()> {
     #[repr(C)]
     struct Header {
         version: u32,
-        pid: libc::c_int,
+        pid: std::ffi::c_int,
     }
     #[repr(C)]
     #[derive(Clone, Copy)]
@@ -130,18 +131,35 @@ fn set_capabilities(mask: u64) -> std::io::Result<()> {
         inheritable: w as u32,
     };
     let data = [word(mask), word(mask >> 32)];
+    // nix has no capset.
     // SAFETY: capset reads the two structs above, laid out as the kernel's v3 ABI.
     let set = unsafe { libc::syscall(libc::SYS_capset, &header as *const Header, data.as_ptr()) };
-    if set < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    Errno::result(set)?;
     Ok(())
+}
+
+/// `prctl(option, arg, 0, 0, 0)`, for the capability options nix does not wrap
+/// (`PR_CAPBSET_DROP`, `PR_CAP_AMBIENT`). Async-signal-safe.
+fn prctl_raw(
+    option: std::ffi::c_int,
+    arg: std::ffi::c_ulong,
+    arg3: std::ffi::c_ulong,
+) -> nix::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    Errno::result(unsafe { libc::prctl(option, arg, arg3, 0, 0) }).map(drop)
+}
+
+/// The user to switch to, as the child needs it: allocated before the fork.
+struct SwitchTo {
+    uid: Uid,
+    gid: Gid,
+    groups: Vec<Gid>,
 }
 
 /// What the child does about privileges before `exec`, decided in the parent.
 struct Privileges {
     /// Switch to this user (only when the supervisor is root).
-    creds: Option<Credentials>,
+    user: Option<SwitchTo>,
     /// The capabilities the service keeps (bit N: capability N).
     keep: u64,
     /// Whether this process may shrink bounding sets (it is root); without that privilege
@@ -160,12 +178,7 @@ impl Privileges {
     /// so that it survives `exec`. A root service's capabilities after `exec` are its
     /// bounding set: exactly the kept ones.
     fn apply(&self) -> std::io::Result<()> {
-        let last_os_error = std::io::Error::last_os_error;
-        // SAFETY (every block below): prctl and setuid-family calls with integer arguments,
-        // and setgroups on a vector allocated before the fork.
-        if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } < 0 {
-            return Err(last_os_error());
-        }
+        prctl::set_no_new_privs()?;
         if !self.bound {
             return Ok(());
         }
@@ -173,53 +186,36 @@ impl Privileges {
             if self.keep & (1u64 << cap) != 0 {
                 continue;
             }
-            let dropped =
-                unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
-            if dropped < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
-                return Err(last_os_error());
+            match prctl_raw(libc::PR_CAPBSET_DROP, cap.into(), 0) {
+                // A number the kernel does not know.
+                Ok(()) | Err(Errno::EINVAL) => {}
+                Err(e) => return Err(e.into()),
             }
         }
-        let clear_ambient = unsafe {
-            libc::prctl(
-                libc::PR_CAP_AMBIENT,
-                libc::PR_CAP_AMBIENT_CLEAR_ALL,
-                0,
-                0,
-                0,
-            )
-        };
-        if clear_ambient < 0 {
-            return Err(last_os_error());
-        }
-        if let Some(c) = &self.creds {
-            if self.keep != 0 && unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) } < 0 {
-                return Err(last_os_error());
+        prctl_raw(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL as std::ffi::c_ulong,
+            0,
+        )?;
+        if let Some(user) = &self.user {
+            if self.keep != 0 {
+                prctl::set_keepcaps(true)?;
             }
-            if unsafe { libc::setgroups(c.groups.len(), c.groups.as_ptr()) } < 0
-                || unsafe { libc::setgid(c.gid) } < 0
-                || unsafe { libc::setuid(c.uid) } < 0
-            {
-                return Err(last_os_error());
-            }
+            unistd::setgroups(&user.groups)?;
+            unistd::setgid(user.gid)?;
+            unistd::setuid(user.uid)?;
         }
         set_capabilities(self.keep)?;
-        if self.creds.is_some() {
+        if self.user.is_some() {
             for cap in 0..=self.last_cap.min(63) {
                 if self.keep & (1u64 << cap) == 0 {
                     continue;
                 }
-                let raised = unsafe {
-                    libc::prctl(
-                        libc::PR_CAP_AMBIENT,
-                        libc::PR_CAP_AMBIENT_RAISE,
-                        cap as libc::c_ulong,
-                        0,
-                        0,
-                    )
-                };
-                if raised < 0 {
-                    return Err(last_os_error());
-                }
+                prctl_raw(
+                    libc::PR_CAP_AMBIENT,
+                    libc::PR_CAP_AMBIENT_RAISE as std::ffi::c_ulong,
+                    cap.into(),
+                )?;
             }
         }
         Ok(())
@@ -240,7 +236,7 @@ pub(crate) fn spawn(spec: &ServiceSpec) -> Result<Spawned, String> {
         cmd.current_dir(cwd);
     }
     let root = Uid::effective().is_root();
-    let creds = match &spec.user {
+    let user = match &spec.user {
         Some(name) if root => {
             let (creds, user) = credentials(name)?;
             for (key, value) in [
@@ -252,7 +248,11 @@ pub(crate) fn spawn(spec: &ServiceSpec) -> Result<Spawned, String> {
                     cmd.env(key, value);
                 }
             }
-            Some(creds)
+            Some(SwitchTo {
+                uid: Uid::from_raw(creds.uid),
+                gid: Gid::from_raw(creds.gid),
+                groups: creds.groups.into_iter().map(Gid::from_raw).collect(),
+            })
         }
         Some(name) => {
             tracing::debug!(service = %spec.name, user = %name, "not root: running as the current user");
@@ -261,27 +261,22 @@ pub(crate) fn spawn(spec: &ServiceSpec) -> Result<Spawned, String> {
         None => None,
     };
     let privileges = Privileges {
-        creds,
+        user,
         keep: caps::mask(&spec.capabilities),
         bound: root,
         last_cap: cap_last_cap(),
     };
-    let first_rt_signal = libc::SIGRTMIN();
     // SAFETY: the closure runs in the forked child before exec and only makes
     // async-signal-safe system calls on memory allocated before the fork.
     unsafe {
         cmd.pre_exec(move || {
-            let mut empty: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut empty);
-            libc::pthread_sigmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
-            for sig in 1..first_rt_signal {
-                if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                    libc::signal(sig, libc::SIG_DFL);
+            let _ = signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+            for sig in Signal::iterator() {
+                if sig != Signal::SIGKILL && sig != Signal::SIGSTOP {
+                    let _ = signal::signal(sig, SigHandler::SigDfl);
                 }
             }
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            unistd::setsid()?;
             privileges.apply()
         });
     }
@@ -328,7 +323,7 @@ pub(crate) fn handled() -> SigSet {
     set
 }
 
-extern "C" fn ignore_signal(_: libc::c_int) {}
+extern "C" fn ignore_signal(_: std::ffi::c_int) {}
 
 /// Owns the process-wide signal setup for the duration of `run`.
 pub(crate) struct SignalThread {
@@ -366,7 +361,7 @@ impl SignalThread {
         let handle = thread::Builder::new()
             .name("signals".into())
             .spawn(move || signal_loop(set, &on_event, &stop2))
-            .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EAGAIN)))?;
+            .map_err(|e| e.raw_os_error().map_or(Errno::EAGAIN, Errno::from_raw))?;
         Ok(SignalThread {
             stop,
             handle: Some(handle),

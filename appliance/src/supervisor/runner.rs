@@ -1,41 +1,95 @@
-//! The event loop: the one thread that owns every service's state.
+//! The supervisor's decisions: a state machine that owns every service's state.
+//!
+//! [`Runner::handle`] takes one [`Event`] and the time, updates the services and returns the
+//! [`Effect`]s to carry out. It makes no system call and reads no clock: the executor
+//! (`executor.rs`) spawns, signals, probes and writes, and feeds what happened back as events.
+//! Deadlines (restart timers, readiness timeouts and retries, SIGKILL after the stop timeout,
+//! the orphan sweep) are kept here; [`Runner::next_deadline`] says when the executor must call
+//! again, with [`Event::Tick`] if nothing else happened by then.
 
-use std::net::TcpStream;
-use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
-use std::sync::Arc;
-use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use super::backoff::{self, Decision};
-use super::logs::{self, LogBuffers};
-use super::process::{self, ExitKind, SignalEvent};
+use super::process::ExitKind;
 use super::spec::{Kind, Readiness, ServiceSpec};
-use super::{now_ms, StopReason, SupervisorOptions};
-use crate::state::StateDb;
-use api::events::{EventKind, EventRecord};
-use api::control::{LogLine, Request, Response, ServiceStatus, Stream};
+use super::StopReason;
+use api::control::{Request, Response, ServiceStatus};
+use api::events::EventKind;
 
-/// How often a readiness probe is retried.
-pub const READINESS_POLL: Duration = Duration::from_millis(50);
-/// How long one TCP readiness probe may take.
-const PROBE_TIMEOUT: Duration = Duration::from_millis(200);
+/// How long after a failed readiness probe the next one runs.
+pub(crate) const READINESS_POLL: Duration = Duration::from_millis(50);
 /// At shutdown, how long leftover descendants get to disappear after SIGKILL.
-pub const ORPHAN_SWEEP_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const ORPHAN_SWEEP_TIMEOUT: Duration = Duration::from_secs(5);
 /// A process still there this long after SIGKILL (stuck in the kernel) is given up on, so
 /// that shutdown cannot hang.
-pub const ABANDON_AFTER_KILL: Duration = Duration::from_secs(5);
+pub(crate) const ABANDON_AFTER_KILL: Duration = Duration::from_secs(5);
 /// Pause between two scans for leftover descendants.
-const SWEEP_INTERVAL: Duration = Duration::from_millis(20);
+pub(crate) const SWEEP_INTERVAL: Duration = Duration::from_millis(20);
 
+/// What happened; services are named by their index in the spec list.
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Event {
-    Signal(SignalEvent),
-    Ready { idx: usize, generation: u64 },
-    Control(Request, Sender<Response>),
+    /// The supervisor begins: start what has no dependency.
+    Start,
+    /// Only time passed (a deadline from [`Runner::next_deadline`] is due).
+    Tick,
+    /// A child was reaped (a service's process, or any other descendant).
+    Exited { pid: Pid, exit: ExitKind },
+    /// [`Effect::Spawn`] started the process.
+    Spawned { service: usize, pid: Pid },
+    /// [`Effect::Spawn`] could not start it.
+    SpawnFailed { service: usize, message: String },
+    /// The answer to [`Effect::Probe`].
+    Probed {
+        service: usize,
+        generation: u64,
+        ready: bool,
+    },
+    /// A control request; answered by [`Effect::Reply`] or [`Effect::SendLogs`] with its id.
+    Control { id: u64, request: Request },
+    /// SIGTERM, SIGINT or SIGHUP to the supervisor.
+    Signal(Signal),
+    /// The answer to [`Effect::ListChildren`]: every process whose parent is the supervisor.
+    Children(Vec<Pid>),
+}
+
+/// What the executor must do, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Effect {
+    /// Remove the service's stale files and start its process; answer with
+    /// [`Event::Spawned`] or [`Event::SpawnFailed`] before any other event.
+    Spawn(usize),
+    /// Send `signal` to the process group `pgid` (gone already is fine).
+    Signal { pgid: Pid, signal: Signal },
+    /// Check the service's readiness once, without blocking the loop; answer with
+    /// [`Event::Probed`].
+    Probe { service: usize, generation: u64 },
+    /// Write the service's track file (it has one).
+    Track { service: usize, ready: bool },
+    /// Write a service event to the state DB and the event sink (already logged).
+    Record {
+        service: usize,
+        kind: EventKind,
+        pid: Option<Pid>,
+        detail: String,
+    },
+    /// Answer control request `id`.
+    Reply { id: u64, response: Response },
+    /// Answer control request `id` with the last `lines` output lines of the service.
+    SendLogs {
+        id: u64,
+        service: usize,
+        lines: usize,
+    },
+    /// List the supervisor's children; answer with [`Event::Children`].
+    ListChildren,
+    /// SIGKILL a leftover descendant (and the group it leads).
+    KillLeftover(Pid),
+    /// Everything is stopped and swept: the supervisor returns `reason`.
+    Exit(StopReason),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +151,8 @@ struct Service {
     dependents: Vec<usize>,
     state: State,
     pid: Option<Pid>,
+    /// [`Effect::Spawn`] was emitted and its answer has not come yet.
+    spawning: bool,
     /// Bumped at every start; readiness reports of an older process are ignored.
     generation: u64,
     started_at: Option<Instant>,
@@ -105,30 +161,41 @@ struct Service {
     restarts: u32,
     quick_failures: u32,
     last_exit: Option<String>,
-    checker: Option<Arc<AtomicBool>>,
     deadline: Option<(Instant, Timer)>,
+    /// When to probe readiness again (none while a probe runs).
+    probe_at: Option<Instant>,
     stopping: Option<StopCause>,
+}
+
+impl Service {
+    /// Whether a process of this service exists or is being started.
+    fn alive(&self) -> bool {
+        self.pid.is_some() || self.spawning
+    }
+}
+
+/// The final sweep of leftover descendants, once every service has stopped.
+struct Sweep {
+    /// Leftovers still there then are given up on.
+    deadline: Instant,
+    /// When to list the children again (none while a listing is asked for).
+    next: Option<Instant>,
 }
 
 pub(crate) struct Runner {
     services: Vec<Service>,
     order: Vec<usize>,
-    db: StateDb,
-    event_sink: Option<logmon::store::QueueSender<EventRecord>>,
-    log_sink: Option<logmon::store::QueueSender<LogLine>>,
-    buffers: Arc<LogBuffers>,
-    tx: Sender<Event>,
     shutdown: Option<StopReason>,
+    sweep: Option<Sweep>,
+    /// [`Effect::Exit`] was emitted.
+    finished: bool,
+    /// The effects of the event being handled.
+    effects: Vec<Effect>,
 }
 
 impl Runner {
-    pub(crate) fn new(
-        specs: Vec<ServiceSpec>,
-        order: Vec<usize>,
-        db: StateDb,
-        opts: &SupervisorOptions,
-        tx: Sender<Event>,
-    ) -> Runner {
+    /// `order` is the start order from [`super::validate`].
+    pub(crate) fn new(specs: Vec<ServiceSpec>, order: Vec<usize>) -> Runner {
         let index = |name: &str| specs.iter().position(|s| s.name == name);
         let deps: Vec<Vec<usize>> = specs
             .iter()
@@ -143,6 +210,7 @@ impl Runner {
                 dependents: Vec::new(),
                 state: State::Waiting,
                 pid: None,
+                spawning: false,
                 generation: 0,
                 started_at: None,
                 ready_at: None,
@@ -150,8 +218,8 @@ impl Runner {
                 restarts: 0,
                 quick_failures: 0,
                 last_exit: None,
-                checker: None,
                 deadline: None,
+                probe_at: None,
                 stopping: None,
             })
             .collect();
@@ -163,161 +231,200 @@ impl Runner {
         Runner {
             services,
             order,
-            db,
-            event_sink: opts.event_sink.clone(),
-            log_sink: opts.log_sink.clone(),
-            buffers: Arc::default(),
-            tx,
             shutdown: None,
+            sweep: None,
+            finished: false,
+            effects: Vec::new(),
         }
     }
 
-    /// Runs until shutdown is complete, including the sweep of leftover descendants.
-    pub(crate) fn run(mut self, rx: &Receiver<Event>) -> StopReason {
-        self.start_eligible();
-        let reason = loop {
-            if let Some(reason) = self.shutdown {
-                if self.services.iter().all(|s| s.pid.is_none()) {
-                    break reason;
-                }
-            }
-            let next = self
-                .services
-                .iter()
-                .filter_map(|s| s.deadline.map(|(at, _)| at))
-                .min();
-            let event = match next {
-                Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
-                    Ok(event) => Some(event),
-                    Err(RecvTimeoutError::Timeout) => None,
-                    // Unreachable: `self.tx` keeps the channel open.
-                    Err(RecvTimeoutError::Disconnected) => break StopReason::Terminate,
-                },
-                None => match rx.recv() {
-                    Ok(event) => Some(event),
-                    Err(_) => break StopReason::Terminate,
-                },
-            };
-            if let Some(event) = event {
-                self.handle(event);
-            }
-            self.fire_deadlines();
-            if self.shutdown.is_some() {
-                self.drive_shutdown();
-            }
-        };
-        self.sweep_orphans(rx);
-        reason
+    /// The spec of service `idx` (as named in events and effects).
+    pub(crate) fn spec(&self, idx: usize) -> &ServiceSpec {
+        &self.services[idx].spec
     }
 
-    fn handle(&mut self, event: Event) {
-        match event {
-            Event::Signal(SignalEvent::Exited { pid, exit }) => {
-                match self.services.iter().position(|s| s.pid == Some(pid)) {
-                    Some(idx) => self.on_exit(idx, pid, exit),
-                    None => tracing::debug!(pid = pid.as_raw(), "reaped orphan ({exit})"),
-                }
+    /// When the executor must call [`Runner::handle`] again if no event came by then.
+    pub(crate) fn next_deadline(&self) -> Option<Instant> {
+        if self.finished {
+            return None;
+        }
+        let services = self
+            .services
+            .iter()
+            .flat_map(|s| [s.deadline.map(|(at, _)| at), s.probe_at]);
+        let sweep = self.sweep.as_ref().and_then(|s| s.next);
+        services.chain([sweep]).flatten().min()
+    }
+
+    /// Takes one event at `now`; returns what to do.
+    pub(crate) fn handle(&mut self, event: Event, now: Instant) -> Vec<Effect> {
+        if self.finished {
+            // The executor stops at `Exit`; a late request still gets an answer.
+            if let Event::Control { id, .. } = event {
+                self.reply_shutting_down(id);
             }
-            Event::Signal(SignalEvent::Shutdown(sig)) => {
-                let reason = match sig {
-                    Signal::SIGINT => StopReason::Interrupt,
-                    Signal::SIGHUP => StopReason::Hangup,
-                    _ => StopReason::Terminate,
-                };
-                if self.shutdown.is_some() {
-                    tracing::warn!(
-                        "{} during shutdown: killing every service now",
-                        sig.as_str()
-                    );
-                    for svc in &self.services {
-                        if let Some(pid) = svc.pid {
-                            process::signal_group(pid, Signal::SIGKILL);
+            return std::mem::take(&mut self.effects);
+        }
+        match event {
+            Event::Start => self.start_eligible(),
+            Event::Tick => {}
+            Event::Exited { pid, exit } => {
+                match self.services.iter().position(|s| s.pid == Some(pid)) {
+                    Some(idx) => self.on_exit(idx, pid, exit, now),
+                    None => {
+                        tracing::debug!(pid = pid.as_raw(), "reaped orphan ({exit})");
+                        if let Some(sweep) = &mut self.sweep {
+                            // Look again at once rather than after the interval.
+                            sweep.next = Some(now);
                         }
                     }
+                }
+            }
+            Event::Spawned { service, pid } => self.on_spawned(service, pid, now),
+            Event::SpawnFailed { service, message } => self.on_spawn_failed(service, &message, now),
+            Event::Probed {
+                service,
+                generation,
+                ready,
+            } => {
+                let svc = &mut self.services[service];
+                let current = svc.generation == generation
+                    && svc.state == State::Starting
+                    && svc.pid.is_some();
+                if current {
+                    if ready {
+                        self.mark_ready(service, now);
+                    } else {
+                        svc.probe_at = Some(now + READINESS_POLL);
+                    }
+                }
+            }
+            Event::Signal(sig) => self.on_signal(sig, now),
+            Event::Control { id, request } => {
+                if self.sweep.is_some() {
+                    self.reply_shutting_down(id);
                 } else {
-                    tracing::info!("{}: stopping every service", sig.as_str());
-                    self.begin_shutdown(reason);
+                    self.control(id, request, now);
                 }
             }
-            Event::Ready { idx, generation } => {
-                let svc = &self.services[idx];
-                if svc.generation == generation && svc.state == State::Starting && svc.pid.is_some()
-                {
-                    self.mark_ready(idx);
+            Event::Children(left) => self.on_children(&left, now),
+        }
+        self.fire_deadlines(now);
+        if self.shutdown.is_some() {
+            self.drive_shutdown(now);
+        }
+        std::mem::take(&mut self.effects)
+    }
+
+    fn on_signal(&mut self, sig: Signal, now: Instant) {
+        let reason = match sig {
+            Signal::SIGINT => StopReason::Interrupt,
+            Signal::SIGHUP => StopReason::Hangup,
+            _ => StopReason::Terminate,
+        };
+        if self.shutdown.is_some() {
+            tracing::warn!(
+                "{} during shutdown: killing every service now",
+                sig.as_str()
+            );
+            for svc in &self.services {
+                if let Some(pid) = svc.pid {
+                    self.effects.push(Effect::Signal {
+                        pgid: pid,
+                        signal: Signal::SIGKILL,
+                    });
                 }
             }
-            Event::Control(request, reply) => {
-                let response = self.control(request);
-                let _ = reply.send(response);
-            }
+        } else {
+            tracing::info!("{}: stopping every service", sig.as_str());
+            self.begin_shutdown(reason, now);
         }
     }
 
-    fn control(&mut self, request: Request) -> Response {
-        match request {
+    fn reply_shutting_down(&mut self, id: u64) {
+        self.effects.push(Effect::Reply {
+            id,
+            response: Response::Error {
+                message: "the supervisor is shutting down".into(),
+            },
+        });
+    }
+
+    fn control(&mut self, id: u64, request: Request, now: Instant) {
+        let response = match request {
             Request::Status => Response::Status {
-                services: self.status(),
+                services: self.status(now),
             },
             Request::Logs { service, lines } => {
-                if !self.services.iter().any(|s| s.spec.name == service) {
-                    return Response::Error {
+                match self.services.iter().position(|s| s.spec.name == service) {
+                    Some(idx) => {
+                        self.effects.push(Effect::SendLogs {
+                            id,
+                            service: idx,
+                            lines,
+                        });
+                        return;
+                    }
+                    None => Response::Error {
                         message: format!("no service `{service}`"),
-                    };
-                }
-                Response::Logs {
-                    lines: self.buffers.tail(&service, lines),
+                    },
                 }
             }
             Request::Stop => {
                 tracing::info!("stop requested: stopping every service");
-                self.begin_shutdown(StopReason::Requested);
+                self.begin_shutdown(StopReason::Requested, now);
                 Response::Ok
             }
-            Request::Signal { service, signal } => {
-                let Some(idx) = self.services.iter().position(|s| s.spec.name == service) else {
-                    return Response::Error {
-                        message: format!("no service `{service}`"),
-                    };
-                };
-                let sig = api::control::SIGNALS
-                    .contains(&signal.as_str())
-                    .then(|| format!("SIG{signal}").parse::<Signal>().ok())
-                    .flatten();
-                let Some(sig) = sig else {
-                    return Response::Error {
-                        message: format!(
-                            "signal `{signal}` is not one of {}",
-                            api::control::SIGNALS.join(", ")
-                        ),
-                    };
-                };
-                match self.services[idx].pid {
-                    Some(pid) => {
-                        tracing::warn!(%service, pid = pid.as_raw(), "sending {} on request", sig.as_str());
-                        process::signal_group(pid, sig);
-                        Response::Ok
-                    }
-                    None => Response::Error {
-                        message: format!("`{service}` has no running process"),
-                    },
-                }
-            }
+            Request::Signal { service, signal } => self.signal_request(&service, &signal),
             Request::Restart { service } => {
                 match self.services.iter().position(|s| s.spec.name == service) {
                     None => Response::Error {
                         message: format!("no service `{service}`"),
                     },
-                    Some(idx) => match self.request_restart(idx) {
+                    Some(idx) => match self.request_restart(idx, now) {
                         Ok(()) => Response::Ok,
                         Err(message) => Response::Error { message },
                     },
                 }
             }
+        };
+        self.effects.push(Effect::Reply { id, response });
+    }
+
+    fn signal_request(&mut self, service: &str, signal: &str) -> Response {
+        let Some(idx) = self.services.iter().position(|s| s.spec.name == service) else {
+            return Response::Error {
+                message: format!("no service `{service}`"),
+            };
+        };
+        let sig = api::control::SIGNALS
+            .contains(&signal)
+            .then(|| format!("SIG{signal}").parse::<Signal>().ok())
+            .flatten();
+        let Some(sig) = sig else {
+            return Response::Error {
+                message: format!(
+                    "signal `{signal}` is not one of {}",
+                    api::control::SIGNALS.join(", ")
+                ),
+            };
+        };
+        match self.services[idx].pid {
+            Some(pid) => {
+                tracing::warn!(%service, pid = pid.as_raw(), "sending {} on request", sig.as_str());
+                self.effects.push(Effect::Signal {
+                    pgid: pid,
+                    signal: sig,
+                });
+                Response::Ok
+            }
+            None => Response::Error {
+                message: format!("`{service}` has no running process"),
+            },
         }
     }
 
-    fn status(&self) -> Vec<ServiceStatus> {
-        let now = Instant::now();
+    fn status(&self, now: Instant) -> Vec<ServiceStatus> {
         self.order
             .iter()
             .map(|&idx| {
@@ -331,14 +438,14 @@ impl Runner {
                     uptime_s: s
                         .started_at
                         .filter(|_| s.pid.is_some())
-                        .map(|t| (now - t).as_secs()),
+                        .map(|t| now.saturating_duration_since(t).as_secs()),
                     ready: s.ready,
                 }
             })
             .collect()
     }
 
-    fn request_restart(&mut self, idx: usize) -> Result<(), String> {
+    fn request_restart(&mut self, idx: usize, now: Instant) -> Result<(), String> {
         if self.shutdown.is_some() {
             return Err("the supervisor is shutting down".into());
         }
@@ -359,28 +466,73 @@ impl Runner {
             }
             State::Stopping => Ok(()),
             State::Starting | State::Running => {
-                self.stop(idx, StopCause::Restart);
+                self.stop(idx, StopCause::Restart, now);
                 Ok(())
             }
             State::Done | State::Backoff | State::Stopped | State::Exited | State::Failed => {
                 let svc = &mut self.services[idx];
                 svc.quick_failures = 0;
                 svc.deadline = None;
-                self.schedule_restart(idx, Duration::ZERO);
+                self.schedule_restart(idx, Duration::ZERO, now);
                 Ok(())
             }
         }
     }
 
-    fn on_exit(&mut self, idx: usize, pid: Pid, exit: ExitKind) {
-        let now = Instant::now();
+    fn on_spawned(&mut self, idx: usize, pid: Pid, now: Instant) {
+        let svc = &mut self.services[idx];
+        svc.spawning = false;
+        svc.pid = Some(pid);
+        svc.generation += 1;
+        svc.started_at = Some(now);
+        svc.ready = false;
+        svc.state = State::Starting;
+        let program = svc.spec.argv[0].clone();
+        self.record(idx, EventKind::Started, Some(pid), &program);
+        let svc = &mut self.services[idx];
+        match (svc.spec.kind, &svc.spec.readiness) {
+            (Kind::Daemon, Readiness::Immediate) => self.mark_ready(idx, now),
+            (Kind::Oneshot, _) => {
+                svc.deadline = Some((now + svc.spec.ready_timeout, Timer::ReadyTimeout));
+            }
+            (Kind::Daemon, _) => {
+                svc.deadline = Some((now + svc.spec.ready_timeout, Timer::ReadyTimeout));
+                let generation = svc.generation;
+                self.effects.push(Effect::Probe {
+                    service: idx,
+                    generation,
+                });
+            }
+        }
+    }
+
+    fn on_spawn_failed(&mut self, idx: usize, message: &str, now: Instant) {
+        let svc = &mut self.services[idx];
+        svc.spawning = false;
+        svc.last_exit = Some("not started".into());
+        tracing::error!(service = %svc.spec.name, "{message}");
+        self.record(
+            idx,
+            EventKind::Exited,
+            None,
+            &format!("not started: {message}"),
+        );
+        if self.shutdown.is_some() {
+            self.services[idx].state = State::Stopped;
+        } else {
+            self.after_failure(idx, false, Duration::ZERO, now);
+        }
+    }
+
+    fn on_exit(&mut self, idx: usize, pid: Pid, exit: ExitKind, now: Instant) {
         let svc = &mut self.services[idx];
         svc.pid = None;
         svc.deadline = None;
-        if let Some(cancel) = svc.checker.take() {
-            cancel.store(true, Ordering::SeqCst);
-        }
-        let ready_for = svc.ready_at.take().map_or(Duration::ZERO, |t| now - t);
+        svc.probe_at = None;
+        let ready_for = svc
+            .ready_at
+            .take()
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
         svc.started_at = None;
         svc.ready = false;
         svc.last_exit = Some(exit.to_string());
@@ -397,9 +549,9 @@ impl Runner {
         match cause {
             Some(StopCause::Restart) => {
                 self.services[idx].quick_failures = 0;
-                self.schedule_restart(idx, Duration::ZERO);
+                self.schedule_restart(idx, Duration::ZERO, now);
             }
-            Some(StopCause::ReadyTimeout) => self.after_failure(idx, false, Duration::ZERO),
+            Some(StopCause::ReadyTimeout) => self.after_failure(idx, false, Duration::ZERO, now),
             Some(StopCause::Shutdown) | None => {
                 if kind == Kind::Oneshot && exit.success() {
                     let svc = &mut self.services[idx];
@@ -409,19 +561,19 @@ impl Runner {
                     self.record(idx, EventKind::Ready, None, "exited 0");
                     self.start_eligible();
                 } else {
-                    self.after_failure(idx, exit.success(), ready_for);
+                    self.after_failure(idx, exit.success(), ready_for, now);
                 }
             }
         }
     }
 
     /// Applies the restart policy to a process that ended on its own (or never got ready).
-    fn after_failure(&mut self, idx: usize, success: bool, ready_for: Duration) {
+    fn after_failure(&mut self, idx: usize, success: bool, ready_for: Duration, now: Instant) {
         let svc = &mut self.services[idx];
         let outcome = backoff::decide(&svc.spec.restart, svc.quick_failures, success, ready_for);
         svc.quick_failures = outcome.quick_failures;
         match outcome.decision {
-            Decision::Restart { delay } => self.schedule_restart(idx, delay),
+            Decision::Restart { delay } => self.schedule_restart(idx, delay, now),
             Decision::Stay => svc.state = State::Exited,
             Decision::CrashLoop { delay } => {
                 let detail = format!(
@@ -430,68 +582,88 @@ impl Runner {
                     delay.as_millis()
                 );
                 self.record(idx, EventKind::Failed, None, &detail);
-                self.schedule_restart(idx, delay);
+                self.schedule_restart(idx, delay, now);
                 self.services[idx].state = State::Failed;
             }
         }
     }
 
-    fn schedule_restart(&mut self, idx: usize, delay: Duration) {
+    fn schedule_restart(&mut self, idx: usize, delay: Duration, now: Instant) {
         let svc = &mut self.services[idx];
         svc.state = State::Backoff;
-        svc.deadline = Some((Instant::now() + delay, Timer::Restart));
+        svc.deadline = Some((now + delay, Timer::Restart));
         let detail = format!("in {}ms, restart {}", delay.as_millis(), svc.restarts + 1);
         self.record(idx, EventKind::Restarting, None, &detail);
     }
 
-    fn fire_deadlines(&mut self) {
-        let now = Instant::now();
+    fn fire_deadlines(&mut self, now: Instant) {
         for idx in 0..self.services.len() {
-            let Some((at, timer)) = self.services[idx].deadline else {
-                continue;
-            };
-            if at > now {
-                continue;
+            self.fire_timer(idx, now);
+            // After the timer: a readiness timeout cancels the probe.
+            let svc = &mut self.services[idx];
+            if svc.probe_at.is_some_and(|at| at <= now) {
+                svc.probe_at = None;
+                self.effects.push(Effect::Probe {
+                    service: idx,
+                    generation: svc.generation,
+                });
             }
-            self.services[idx].deadline = None;
-            match timer {
-                Timer::Restart => {
-                    self.services[idx].restarts += 1;
-                    self.services[idx].state = State::Waiting;
-                    self.start_eligible();
-                }
-                Timer::ReadyTimeout => {
-                    let detail = format!(
-                        "not ready after {}ms",
-                        self.services[idx].spec.ready_timeout.as_millis()
+        }
+        if let Some(sweep) = &mut self.sweep {
+            if sweep.next.is_some_and(|at| at <= now) {
+                sweep.next = None;
+                self.effects.push(Effect::ListChildren);
+            }
+        }
+    }
+
+    fn fire_timer(&mut self, idx: usize, now: Instant) {
+        let Some((at, timer)) = self.services[idx].deadline else {
+            return;
+        };
+        if at > now {
+            return;
+        }
+        self.services[idx].deadline = None;
+        match timer {
+            Timer::Restart => {
+                self.services[idx].restarts += 1;
+                self.services[idx].state = State::Waiting;
+                self.start_eligible();
+            }
+            Timer::ReadyTimeout => {
+                let detail = format!(
+                    "not ready after {}ms",
+                    self.services[idx].spec.ready_timeout.as_millis()
+                );
+                self.record(idx, EventKind::Timeout, self.services[idx].pid, &detail);
+                self.stop(idx, StopCause::ReadyTimeout, now);
+            }
+            Timer::Kill => {
+                let svc = &self.services[idx];
+                if let Some(pid) = svc.pid {
+                    tracing::warn!(
+                        service = %svc.spec.name,
+                        "still running {}ms after {}: sending SIGKILL",
+                        svc.spec.stop_timeout.as_millis(),
+                        svc.spec.stop_signal.0.as_str()
                     );
-                    self.record(idx, EventKind::Timeout, self.services[idx].pid, &detail);
-                    self.stop(idx, StopCause::ReadyTimeout);
+                    self.effects.push(Effect::Signal {
+                        pgid: pid,
+                        signal: Signal::SIGKILL,
+                    });
+                    self.services[idx].deadline = Some((now + ABANDON_AFTER_KILL, Timer::Abandon));
                 }
-                Timer::Kill => {
-                    let svc = &self.services[idx];
-                    if let Some(pid) = svc.pid {
-                        tracing::warn!(
-                            service = %svc.spec.name,
-                            "still running {}ms after {}: sending SIGKILL",
-                            svc.spec.stop_timeout.as_millis(),
-                            svc.spec.stop_signal.0.as_str()
-                        );
-                        process::signal_group(pid, Signal::SIGKILL);
-                        self.services[idx].deadline =
-                            Some((now + ABANDON_AFTER_KILL, Timer::Abandon));
-                    }
-                }
-                Timer::Abandon => {
-                    if let Some(pid) = self.services[idx].pid {
-                        tracing::error!(
-                            service = %self.services[idx].spec.name,
-                            pid = pid.as_raw(),
-                            "did not exit {}ms after SIGKILL: giving up on it",
-                            ABANDON_AFTER_KILL.as_millis()
-                        );
-                        self.on_exit(idx, pid, ExitKind::Signal(Signal::SIGKILL as i32));
-                    }
+            }
+            Timer::Abandon => {
+                if let Some(pid) = self.services[idx].pid {
+                    tracing::error!(
+                        service = %self.services[idx].spec.name,
+                        pid = pid.as_raw(),
+                        "did not exit {}ms after SIGKILL: giving up on it",
+                        ABANDON_AFTER_KILL.as_millis()
+                    );
+                    self.on_exit(idx, pid, ExitKind::Signal(Signal::SIGKILL as i32), now);
                 }
             }
         }
@@ -505,137 +677,47 @@ impl Runner {
         for i in 0..self.order.len() {
             let idx = self.order[i];
             let svc = &self.services[idx];
-            if svc.state == State::Waiting && svc.deps.iter().all(|&d| self.services[d].ready) {
-                self.start(idx);
+            if svc.state == State::Waiting
+                && !svc.spawning
+                && svc.deps.iter().all(|&d| self.services[d].ready)
+            {
+                let svc = &mut self.services[idx];
+                svc.spawning = true;
+                svc.state = State::Starting;
+                self.effects.push(Effect::Spawn(idx));
             }
         }
     }
 
-    fn start(&mut self, idx: usize) {
-        for path in &self.services[idx].spec.stale_files {
-            match std::fs::remove_file(path) {
-                Ok(()) => {
-                    tracing::info!(service = %self.services[idx].spec.name, file = %path.display(), "removed a stale file")
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    tracing::warn!(service = %self.services[idx].spec.name, file = %path.display(), "cannot remove: {e}")
-                }
-            }
-        }
-        let spawned = match process::spawn(&self.services[idx].spec) {
-            Ok(spawned) => spawned,
-            Err(message) => {
-                tracing::error!(service = %self.services[idx].spec.name, "{message}");
-                self.services[idx].last_exit = Some("not started".into());
-                self.record(
-                    idx,
-                    EventKind::Exited,
-                    None,
-                    &format!("not started: {message}"),
-                );
-                self.after_failure(idx, false, Duration::ZERO);
-                return;
-            }
-        };
-        let now = Instant::now();
-        let svc = &mut self.services[idx];
-        svc.pid = Some(spawned.pid);
-        svc.generation += 1;
-        svc.started_at = Some(now);
-        svc.ready = false;
-        svc.state = State::Starting;
-        let name = svc.spec.name.clone();
-        let program = svc.spec.argv[0].clone();
-        let raw_pid = spawned.pid.as_raw();
-        for (pipe, stream) in [
-            (
-                Box::new(spawned.stdout) as Box<dyn std::io::Read + Send>,
-                Stream::Stdout,
-            ),
-            (Box::new(spawned.stderr), Stream::Stderr),
-        ] {
-            let captured = logs::capture(
-                pipe,
-                name.clone(),
-                stream,
-                raw_pid,
-                self.buffers.clone(),
-                self.log_sink.clone(),
-            );
-            if let Err(e) = captured {
-                tracing::warn!(service = %name, "cannot start a log reader thread: {e}");
-            }
-        }
-        self.record(idx, EventKind::Started, Some(spawned.pid), &program);
-
-        let svc = &mut self.services[idx];
-        let probe = match (svc.spec.kind, &svc.spec.readiness) {
-            (Kind::Daemon, Readiness::Immediate) => None,
-            (Kind::Oneshot, _) => {
-                svc.deadline = Some((now + svc.spec.ready_timeout, Timer::ReadyTimeout));
-                return;
-            }
-            (Kind::Daemon, readiness) => Some(readiness.clone()),
-        };
-        let Some(readiness) = probe else {
-            self.mark_ready(idx);
-            return;
-        };
-        svc.deadline = Some((now + svc.spec.ready_timeout, Timer::ReadyTimeout));
-        let cancel = Arc::new(AtomicBool::new(false));
-        svc.checker = Some(cancel.clone());
-        let tx = self.tx.clone();
-        let generation = svc.generation;
-        let spawned = thread::Builder::new()
-            .name(format!("ready-{name}"))
-            .spawn(move || {
-                while !cancel.load(Ordering::SeqCst) {
-                    if probe_ready(&readiness) {
-                        let _ = tx.send(Event::Ready { idx, generation });
-                        return;
-                    }
-                    thread::sleep(READINESS_POLL);
-                }
-            });
-        if let Err(e) = spawned {
-            tracing::warn!(service = %name, "cannot start the readiness checker (the ready timeout will fire): {e}");
-        }
-    }
-
-    fn mark_ready(&mut self, idx: usize) {
+    fn mark_ready(&mut self, idx: usize, now: Instant) {
         let svc = &mut self.services[idx];
         svc.state = State::Running;
         svc.ready = true;
-        svc.ready_at = Some(Instant::now());
+        svc.ready_at = Some(now);
         svc.deadline = None;
-        if let Some(cancel) = svc.checker.take() {
-            cancel.store(true, Ordering::SeqCst);
-        }
+        svc.probe_at = None;
         let pid = svc.pid;
         self.track(idx, true);
         self.record(idx, EventKind::Ready, pid, "");
         self.start_eligible();
     }
 
-    /// Writes the service's track file, if it has one (see `ServiceSpec::track_file`).
-    fn track(&self, idx: usize, ready: bool) {
-        let spec = &self.services[idx].spec;
-        if let Some(path) = &spec.track_file {
-            if let Err(e) = api::vip::write_track(path, ready) {
-                tracing::error!(service = %spec.name, file = %path.display(), "writing the track file: {e}");
-            }
+    /// Has the service's track file written, if it has one (see `ServiceSpec::track_file`).
+    fn track(&mut self, idx: usize, ready: bool) {
+        if self.services[idx].spec.track_file.is_some() {
+            self.effects.push(Effect::Track {
+                service: idx,
+                ready,
+            });
         }
     }
 
     /// Sends the stop signal to the service's process group; SIGKILL follows after its stop
     /// timeout.
-    fn stop(&mut self, idx: usize, cause: StopCause) {
+    fn stop(&mut self, idx: usize, cause: StopCause, now: Instant) {
         let svc = &mut self.services[idx];
         let Some(pid) = svc.pid else { return };
-        if let Some(cancel) = svc.checker.take() {
-            cancel.store(true, Ordering::SeqCst);
-        }
+        svc.probe_at = None;
         if svc.stopping.is_some() {
             // Already signalled; only what happens after the exit changes.
             svc.stopping = Some(cause);
@@ -646,73 +728,72 @@ impl Runner {
         svc.ready = false;
         self.track(idx, false);
         let svc = &mut self.services[idx];
-        process::signal_group(pid, svc.spec.stop_signal.0);
+        self.effects.push(Effect::Signal {
+            pgid: pid,
+            signal: svc.spec.stop_signal.0,
+        });
         svc.state = State::Stopping;
         svc.stopping = Some(cause);
-        svc.deadline = Some((Instant::now() + svc.spec.stop_timeout, Timer::Kill));
+        svc.deadline = Some((now + svc.spec.stop_timeout, Timer::Kill));
     }
 
-    fn begin_shutdown(&mut self, reason: StopReason) {
+    fn begin_shutdown(&mut self, reason: StopReason, now: Instant) {
         if self.shutdown.is_some() {
             return;
         }
         self.shutdown = Some(reason);
         for svc in &mut self.services {
-            if svc.pid.is_none() {
+            if !svc.alive() {
                 svc.deadline = None;
                 svc.state = State::Stopped;
             }
         }
-        self.drive_shutdown();
+        self.drive_shutdown(now);
     }
 
     /// Stops, in reverse start order, each running service none of whose dependents still
-    /// runs.
-    fn drive_shutdown(&mut self) {
+    /// runs; once none runs, sweeps leftover descendants, then exits.
+    fn drive_shutdown(&mut self, now: Instant) {
         for i in (0..self.order.len()).rev() {
             let idx = self.order[i];
             let svc = &self.services[idx];
-            let dependents_gone = svc
-                .dependents
-                .iter()
-                .all(|&d| self.services[d].pid.is_none());
+            let dependents_gone = svc.dependents.iter().all(|&d| !self.services[d].alive());
             if svc.pid.is_some() && svc.stopping != Some(StopCause::Shutdown) && dependents_gone {
-                self.stop(idx, StopCause::Shutdown);
+                self.stop(idx, StopCause::Shutdown, now);
             }
+        }
+        if self.sweep.is_none() && self.services.iter().all(|s| !s.alive()) {
+            self.sweep = Some(Sweep {
+                deadline: now + ORPHAN_SWEEP_TIMEOUT,
+                next: None,
+            });
+            self.effects.push(Effect::ListChildren);
         }
     }
 
-    /// Kills and reaps every process still re-parented to us, until none is left.
-    fn sweep_orphans(&mut self, rx: &Receiver<Event>) {
-        let deadline = Instant::now() + ORPHAN_SWEEP_TIMEOUT;
-        loop {
-            let left = process::children_from_proc();
-            if left.is_empty() {
-                return;
-            }
-            if Instant::now() >= deadline {
-                tracing::warn!(pids = ?left, "processes left after shutdown");
-                return;
-            }
-            for &pid in &left {
+    /// Kills every process still re-parented to us, until none is left or the sweep's time is
+    /// up.
+    fn on_children(&mut self, left: &[Pid], now: Instant) {
+        let Some(sweep) = &mut self.sweep else {
+            return;
+        };
+        if !left.is_empty() && now < sweep.deadline {
+            for &pid in left {
                 tracing::info!(pid = pid.as_raw(), "killing leftover descendant");
-                process::kill_hard(pid);
+                self.effects.push(Effect::KillLeftover(pid));
             }
-            match rx.recv_timeout(SWEEP_INTERVAL) {
-                Ok(Event::Signal(SignalEvent::Exited { pid, exit })) => {
-                    tracing::debug!(pid = pid.as_raw(), "reaped leftover ({exit})");
-                }
-                Ok(Event::Control(_, reply)) => {
-                    let _ = reply.send(Response::Error {
-                        message: "the supervisor is shutting down".into(),
-                    });
-                }
-                Ok(_) | Err(_) => {}
-            }
+            sweep.next = Some(now + SWEEP_INTERVAL);
+            return;
         }
+        if !left.is_empty() {
+            tracing::warn!(pids = ?left, "processes left after shutdown");
+        }
+        self.finished = true;
+        let reason = self.shutdown.unwrap_or(StopReason::Terminate);
+        self.effects.push(Effect::Exit(reason));
     }
 
-    fn record(&self, idx: usize, kind: EventKind, pid: Option<Pid>, detail: &str) {
+    fn record(&mut self, idx: usize, kind: EventKind, pid: Option<Pid>, detail: &str) {
         let service = &self.services[idx].spec.name;
         let raw_pid = pid.map(Pid::as_raw);
         match kind {
@@ -728,22 +809,14 @@ impl Runner {
             }
             _ => tracing::info!(service = %service, pid = raw_pid, "{kind} {detail}"),
         }
-        match self.db.record(now_ms(), service, kind, raw_pid, detail) {
-            Ok(event) => {
-                if let Some(sink) = &self.event_sink {
-                    let _ = sink.send(event);
-                }
-            }
-            // PID 1 keeps going when the data partition is full or broken.
-            Err(e) => tracing::error!("{e}"),
-        }
+        self.effects.push(Effect::Record {
+            service: idx,
+            kind,
+            pid,
+            detail: detail.to_string(),
+        });
     }
 }
 
-fn probe_ready(readiness: &Readiness) -> bool {
-    match readiness {
-        Readiness::Immediate | Readiness::Exit => true,
-        Readiness::Tcp { addr } => TcpStream::connect_timeout(addr, PROBE_TIMEOUT).is_ok(),
-        Readiness::UnixSocket { path } => UnixStream::connect(path).is_ok(),
-    }
-}
+#[cfg(test)]
+mod tests;

@@ -4,8 +4,16 @@
 //! Needs root (or an already cached base) and the host tools; as root the builder installs
 //! missing ones. It fails, never skips, when something is missing.
 
+// Test code: a failed unwrap is a failed test, with the panic naming the value.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+use api::files::{
+    CA_CERT, DB_CERT, DB_KEY, NODE_CERT, NODE_KEY, PARTITION_SEED, SEED_CLUSTER_CONFIG,
+    SEED_NODE_NAME, SEED_TLS_DIR,
+};
 
 const BUILDER: &str = env!("CARGO_BIN_EXE_image-builder");
 
@@ -167,27 +175,31 @@ fn builds_bootable_reproducible_images_for_the_default_cluster() {
         let img = out1.join(format!("{node}.img"));
         let seed = partitions(&img)
             .into_iter()
-            .find(|p| p.name == "seed")
+            .find(|p| p.name == PARTITION_SEED)
             .unwrap()
             .offset;
-        assert_eq!(debugfs(&img, seed, "cat /node"), format!("{node}\n"));
         assert_eq!(
-            debugfs(&img, seed, "cat /cluster.toml"),
+            debugfs(&img, seed, &format!("cat /{SEED_NODE_NAME}")),
+            format!("{node}\n")
+        );
+        assert_eq!(
+            debugfs(&img, seed, &format!("cat /{SEED_CLUSTER_CONFIG}")),
             cluster_config::DEFAULT_CLUSTER_TOML
         );
-        for key in ["node.key", "db.key"] {
-            let stat = debugfs(&img, seed, &format!("stat /tls/{key}"));
+        for key in [NODE_KEY, DB_KEY] {
+            let stat = debugfs(&img, seed, &format!("stat /{SEED_TLS_DIR}/{key}"));
             assert!(stat.contains("Mode:  0600"), "{key} must be 0600: {stat}");
         }
         let dir = tmp.path().join(format!("tls-{node}"));
         std::fs::create_dir(&dir).unwrap();
-        for f in ["ca.crt", "node.crt", "db.crt"] {
-            std::fs::write(dir.join(f), debugfs(&img, seed, &format!("cat /tls/{f}"))).unwrap();
+        for f in [CA_CERT, NODE_CERT, DB_CERT] {
+            let text = debugfs(&img, seed, &format!("cat /{SEED_TLS_DIR}/{f}"));
+            std::fs::write(dir.join(f), text).unwrap();
         }
         // MariaDB's certificate serves only: its key (copied for `mysql`) is no client identity.
         let usage = run(Command::new("openssl")
             .args(["x509", "-noout", "-ext", "extendedKeyUsage", "-in"])
-            .arg(dir.join("db.crt")));
+            .arg(dir.join(DB_CERT)));
         assert!(
             usage.contains("TLS Web Server Authentication")
                 && !usage.contains("Client Authentication"),
@@ -196,12 +208,12 @@ fn builds_bootable_reproducible_images_for_the_default_cluster() {
         let verify = run(Command::new("openssl")
             .arg("verify")
             .arg("-CAfile")
-            .arg(dir.join("ca.crt"))
-            .arg(dir.join("node.crt")));
+            .arg(dir.join(CA_CERT))
+            .arg(dir.join(NODE_CERT)));
         assert!(verify.contains(": OK"), "{verify}");
         let text = run(Command::new("openssl")
             .args(["x509", "-noout", "-ext", "subjectAltName", "-in"])
-            .arg(dir.join("node.crt")));
+            .arg(dir.join(NODE_CERT)));
         // The node's names and address, never the cluster's public domain.
         let address = cluster_config::Cluster::default_cluster()
             .node(node)

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use api::control::{self as ctl, ServiceStatus};
-use api::tls::{CA_CERT, NODE_CERT, NODE_KEY};
+use api::files::{ADMIN_STATE_DIR, CA_CERT, NODE_CERT, NODE_KEY};
 use bytes::Bytes;
 use cluster_config::{Cluster, Node};
 use http_body_util::Full;
@@ -33,11 +33,6 @@ use serde::Serialize;
 
 use page::{AlertRow, NodeRow, StatusView};
 
-/// The admin server's own directory in the node's state directory (its self-signed certificate
-/// on a machine without a seed), owned by the admin server's user.
-pub const STATE_SUBDIR: &str = "admin";
-/// Local metrics endpoints scraped into `/metrics` (balancer, log monitor) by default.
-pub const DEFAULT_SCRAPE: [&str; 2] = ["127.0.0.1:9100", "127.0.0.1:9101"];
 /// A scrape that takes longer is skipped (and counted as down) for this request.
 const SCRAPE_TIMEOUT: Duration = Duration::from_millis(800);
 /// Largest metrics text accepted from one local endpoint.
@@ -53,17 +48,17 @@ pub struct Config {
     /// Where to listen: the node's address and admin port, unless told otherwise.
     pub listen: SocketAddr,
     /// The node's state directory: the self-signed certificate of a machine without the
-    /// seed's goes below it ([`STATE_SUBDIR`]).
+    /// seed's goes below it ([`ADMIN_STATE_DIR`]).
     pub state_dir: PathBuf,
     /// The supervisor's control socket.
     pub socket: PathBuf,
     /// The node's runtime directory: the database agent's status, the floating IP's status,
     /// the degraded records.
     pub run_dir: PathBuf,
-    /// A TLS directory ([`api::tls`]: the node's certificate and key, the cluster CA): peers
-    /// may call in. `None`: a self-signed certificate, and no peer API.
+    /// A TLS directory ([`CA_CERT`], [`NODE_CERT`], [`NODE_KEY`]): peers may call in. `None`: a self-signed certificate, and no peer API.
     pub tls_dir: Option<PathBuf>,
-    /// Local Prometheus endpoints (`host:port`, path `/metrics`) aggregated into `/metrics`.
+    /// Local Prometheus endpoints (`host:port`, path `/metrics`) aggregated into `/metrics`
+    /// (usually [`default_scrape`]).
     pub scrape: Vec<String>,
     /// The newest alerts, for the page.
     pub alerts: AlertSource,
@@ -100,9 +95,6 @@ pub enum Error {
     /// A TLS file holds something else than it should.
     #[error("{}: {detail}", path.display())]
     Invalid { path: PathBuf, detail: String },
-    /// An OS user could not be found.
-    #[error("user {user}: {detail}")]
-    User { user: String, detail: String },
     /// rustls refused the certificates or the protocol versions.
     #[error("TLS: {0}")]
     Tls(#[from] rustls::Error),
@@ -166,6 +158,13 @@ struct Ctx {
     peers: Option<peer::PeerClient>,
 }
 
+/// The node's local metrics endpoints: the balancer's and the log monitor's.
+pub fn default_scrape(node_address: std::net::Ipv4Addr) -> Vec<String> {
+    [api::ports::BALANCER_METRICS, api::ports::LOGMON_METRICS]
+        .map(|port| api::ports::local_addr(node_address, port).to_string())
+        .to_vec()
+}
+
 /// Serves the admin port until SIGTERM.
 pub fn run(config: Config) -> Result<(), Error> {
     let tls = server_config(&config)?;
@@ -219,7 +218,7 @@ fn server_config(config: &Config) -> Result<Arc<rustls::ServerConfig>, Error> {
                 .with_single_cert(certs, key)?
         }
         None => {
-            let dir = config.state_dir.join(STATE_SUBDIR).join("tls");
+            let dir = config.state_dir.join(ADMIN_STATE_DIR).join("tls");
             let (cert, key) = self_signed(&dir, &config.cluster, &config.node)?;
             builder
                 .with_no_client_auth()
@@ -230,53 +229,9 @@ fn server_config(config: &Config) -> Result<Arc<rustls::ServerConfig>, Error> {
     Ok(Arc::new(tls))
 }
 
-/// Copies a TLS directory (the seed's: root's alone) into `dir` for the admin server's user
-/// `owner` (`None`: the current user). Each file is created with its final mode and owner
-/// before a byte is written: the key 0600, the certificates 0644, the directory 0700.
-pub fn provide_tls(from: &Path, dir: &Path, owner: Option<&str>) -> Result<(), Error> {
-    use std::os::unix::fs::DirBuilderExt as _;
-    let owner = match owner {
-        Some(name) => Some(
-            nix::unistd::User::from_name(name)
-                .map_err(|e| Error::User {
-                    user: name.into(),
-                    detail: format!("looking it up: {e}"),
-                })?
-                .ok_or_else(|| Error::User {
-                    user: name.into(),
-                    detail: "does not exist".into(),
-                })?,
-        ),
-        None => None,
-    };
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).map_err(Error::io("removing", dir))?;
-    }
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(dir)
-        .map_err(Error::io("creating", dir))?;
-    if let Some(u) = &owner {
-        let handle = std::fs::File::open(dir).map_err(Error::io("opening", dir))?;
-        nix::unistd::fchown(&handle, Some(u.uid), Some(u.gid))
-            .map_err(|e| Error::io("chown", dir)(e.into()))?;
-    }
-    for (name, mode) in [(CA_CERT, 0o644), (NODE_CERT, 0o644), (NODE_KEY, 0o600)] {
-        let source = from.join(name);
-        let bytes = std::fs::read(&source).map_err(Error::io("reading", &source))?;
-        write_new(&dir.join(name), &bytes, mode, owner.as_ref())?;
-    }
-    Ok(())
-}
-
-/// Writes `bytes` to `path` whole: a temporary file beside it, created with its final mode and
-/// owner before a byte is written, synced, then renamed over `path`.
-fn write_new(
-    path: &Path,
-    bytes: &[u8],
-    mode: u32,
-    owner: Option<&nix::unistd::User>,
-) -> Result<(), Error> {
+/// Writes `bytes` to `path` whole: a temporary file beside it, created with its final mode
+/// before a byte is written, synced, then renamed over `path`.
+fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let tmp = path.with_extension("tmp");
     match std::fs::remove_file(&tmp) {
@@ -291,10 +246,6 @@ fn write_new(
         .mode(mode)
         .open(&tmp)
         .map_err(Error::io("creating", &tmp))?;
-    if let Some(u) = owner {
-        nix::unistd::fchown(&f, Some(u.uid), Some(u.gid))
-            .map_err(|e| Error::io("chown", &tmp)(e.into()))?;
-    }
     f.write_all(bytes)
         .and_then(|()| f.sync_all())
         .map_err(Error::io("writing", &tmp))?;
@@ -336,13 +287,8 @@ fn self_signed(dir: &Path, cluster: &Cluster, node: &Node) -> Result<(PathBuf, P
         format!("{}.{}", node.name, cluster.domain),
     ];
     let generated = rcgen::generate_simple_self_signed(names)?;
-    write_new(
-        &key,
-        generated.key_pair.serialize_pem().as_bytes(),
-        0o600,
-        None,
-    )?;
-    write_new(&cert, generated.cert.pem().as_bytes(), 0o644, None)?;
+    write_new(&key, generated.key_pair.serialize_pem().as_bytes(), 0o600)?;
+    write_new(&cert, generated.cert.pem().as_bytes(), 0o644)?;
     Ok((cert, key))
 }
 
@@ -831,39 +777,6 @@ fn scrape(agent: &ureq::Agent, endpoint: &str) -> Result<String, FetchError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_seed_tls_is_copied_for_the_admin_user_with_final_modes() {
-        use std::os::unix::fs::MetadataExt as _;
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "this test needs root (it chowns)"
-        );
-        let tmp = tempfile::tempdir().unwrap();
-        let seed = tmp.path().join("seed-tls");
-        std::fs::create_dir(&seed).unwrap();
-        for name in [CA_CERT, NODE_CERT, NODE_KEY] {
-            std::fs::write(seed.join(name), format!("{name}\n")).unwrap();
-        }
-        let dir = tmp.path().join("admin-tls");
-        provide_tls(&seed, &dir, Some("nobody")).unwrap();
-        // Again (the next boot): replaced, not refused.
-        provide_tls(&seed, &dir, Some("nobody")).unwrap();
-        let meta = |p: &Path| std::fs::metadata(p).unwrap();
-        assert_eq!(
-            (meta(&dir).uid(), meta(&dir).mode() & 0o777),
-            (65534, 0o700)
-        );
-        for (name, mode) in [(CA_CERT, 0o644), (NODE_CERT, 0o644), (NODE_KEY, 0o600)] {
-            let p = dir.join(name);
-            assert_eq!(
-                (meta(&p).uid(), meta(&p).mode() & 0o777),
-                (65534, mode),
-                "{name}"
-            );
-            assert_eq!(std::fs::read_to_string(&p).unwrap(), format!("{name}\n"));
-        }
-    }
 
     #[test]
     fn backend_health_comes_from_the_balancer_metrics() {

@@ -1,12 +1,12 @@
 //! Calls to the other nodes' peer API (their admin port, mutual TLS with the cluster CA): the
-//! node presents the certificate from its TLS directory ([`api::tls`]) and trusts only the
-//! cluster CA. Every node's view of the floating IP, and the holder line of `appliance status`
+//! node presents the certificate from its TLS directory (the seed's on an image) and trusts
+//! only the cluster CA. Every node's view of the floating IP, and the holder line of `appliance status`
 //! and of the status page.
 
 use std::path::Path;
 use std::time::Duration;
 
-use api::tls::{CA_CERT, NODE_CERT, NODE_KEY};
+use api::files::{FileName, CA_CERT, NODE_CERT, NODE_KEY};
 use api::vip::VipStatus;
 use cluster_config::{Cluster, Node};
 
@@ -31,11 +31,11 @@ impl PeerClient {
         if !dir.join(NODE_CERT).exists() {
             return Ok(None);
         }
-        let read = |name: &str| {
+        let read = |name: FileName| {
             let path = dir.join(name);
             std::fs::read(&path).map_err(Error::io("reading", &path))
         };
-        let invalid = |name: &str, detail: String| Error::Invalid {
+        let invalid = |name: FileName, detail: String| Error::Invalid {
             path: dir.join(name),
             detail,
         };

@@ -44,9 +44,11 @@ pub type ReloadFn = Arc<dyn Fn() -> Result<Cluster, String> + Send + Sync>;
 /// How the balancer runs, beyond what `cluster.toml` says.
 #[derive(Clone)]
 pub struct Options {
-    /// Where the self-signed certificate is generated once and kept (`<state_dir>/tls/`).
+    /// Where the self-signed certificate is generated once and kept
+    /// ([`api::files::balancer_self_signed`], where the log monitor watches its expiry).
     pub state_dir: PathBuf,
-    /// Prometheus endpoint (`GET /metrics`), e.g. `127.0.0.1:9100`. `None`: not served.
+    /// Prometheus endpoint (`GET /metrics`), on a node the local
+    /// [`api::ports::BALANCER_METRICS`]. `None`: not served.
     pub metrics: Option<SocketAddr>,
     /// Listen addresses instead of the node's address and the floating IP on `ports.http` /
     /// `ports.https` (tests, benchmarks). Port 0 picks a free port; see [`Handle`].

@@ -8,6 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use api::files::balancer_self_signed;
 use arc_swap::ArcSwap;
 use rustls::crypto::ring as provider;
 use rustls::pki_types::pem::PemObject;
@@ -28,12 +29,6 @@ pub struct CertificateFiles {
     pub key: PathBuf,
 }
 
-/// Where the generated self-signed certificate lives under the state directory.
-pub fn self_signed_paths(state_dir: &Path) -> (PathBuf, PathBuf) {
-    let dir = state_dir.join("tls");
-    (dir.join("self-signed.crt"), dir.join("self-signed.key"))
-}
-
 #[derive(Debug)]
 struct Store {
     exact: HashMap<String, Arc<CertifiedKey>>,
@@ -45,7 +40,7 @@ struct Store {
 /// Picks the certificate for a client's SNI name; unknown or absent names get the default (the
 /// cluster's own certificate).
 #[derive(Debug)]
-pub struct SniResolver {
+pub(crate) struct SniResolver {
     store: ArcSwap<Store>,
 }
 
@@ -69,7 +64,7 @@ impl ResolvesServerCert for SniResolver {
 }
 
 impl SniResolver {
-    pub fn load(
+    pub(crate) fn load(
         plan: &Plan,
         state_dir: &Path,
         extra: &[CertificateFiles],
@@ -80,7 +75,7 @@ impl SniResolver {
     }
 
     /// Re-read every certificate; on error the old ones stay in use.
-    pub fn reload(
+    pub(crate) fn reload(
         &self,
         plan: &Plan,
         state_dir: &Path,
@@ -123,7 +118,7 @@ fn load_store(
     Ok(store)
 }
 
-pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, BalancerError> {
+pub(crate) fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, BalancerError> {
     let tls_err = |path: &Path, message: String| BalancerError::Tls {
         path: path.to_path_buf(),
         message,
@@ -149,13 +144,14 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, Balan
     }
 }
 
-/// The self-signed certificate and key under `state_dir`, generated on first use and kept
-/// (the key readable by its owner only), so every restart serves the same certificate.
-pub fn ensure_self_signed(
+/// The self-signed certificate and key under `state_dir` ([`balancer_self_signed`]: the log
+/// monitor watches the certificate there), generated on first use and kept (the key readable by
+/// its owner only), so every restart serves the same certificate.
+pub(crate) fn ensure_self_signed(
     state_dir: &Path,
     names: &[String],
 ) -> Result<(PathBuf, PathBuf), BalancerError> {
-    let (cert_path, key_path) = self_signed_paths(state_dir);
+    let (cert_path, key_path) = balancer_self_signed(state_dir);
     if cert_path.exists() && key_path.exists() {
         return Ok((cert_path, key_path));
     }
@@ -203,7 +199,7 @@ fn write_atomically(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> 
     Ok(())
 }
 
-pub fn server_config(resolver: Arc<SniResolver>) -> Result<ServerConfig, BalancerError> {
+pub(crate) fn server_config(resolver: Arc<SniResolver>) -> Result<ServerConfig, BalancerError> {
     let mut config = ServerConfig::builder_with_provider(Arc::new(provider::default_provider()))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| BalancerError::TlsSetup(e.to_string()))?

@@ -24,7 +24,7 @@ use cluster_config::DbRole;
 
 use crate::agent::{self as dba, AgentConfig, Snapshot};
 use crate::client::{Conn, SqlError};
-use crate::files::{create_dir, write_file, write_private};
+use crate::files::{create_dir, read_secret, write_file, write_private};
 use crate::repl::{self, GtidPos, Health, Observation, SlaveStatus};
 use crate::Error;
 
@@ -41,7 +41,7 @@ const AGENT_ADMIN_OPTION_FILE: &str = "agent-admin.cnf";
 /// `appliance db-agent --config FILE`: runs until killed; returns only when it cannot start.
 pub fn run(config_file: &Path) -> Result<(), Error> {
     let cfg = AgentConfig::read(config_file)?;
-    let secret = crate::secret_file::load_or_create(&cfg.secret_file)?;
+    let secret = read_secret(&cfg.secret_file)?;
     let passwords = dba::passwords(&secret);
     create_dir(&cfg.private_dir)?;
     let admin_file = cfg.private_dir.join(AGENT_ADMIN_OPTION_FILE);
@@ -174,7 +174,6 @@ pub(crate) fn write_option_file(path: &Path, user: &str, password: &str) -> Resu
     write_private(
         path,
         format!("[client]\nuser = {user}\npassword = {password}\n").as_bytes(),
-        None,
     )
 }
 

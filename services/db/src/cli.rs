@@ -53,7 +53,7 @@ fn admin_conns(
     cfg: &AgentConfig,
     file: &OptionFile,
 ) -> Result<Vec<(String, Ipv4Addr, Conn)>, Error> {
-    let secret = crate::secret_file::load_or_create(&cfg.secret_file)?;
+    let secret = crate::files::read_secret(&cfg.secret_file)?;
     let password = dba::passwords(&secret).admin;
     crate::files::create_dir(&cfg.private_dir)?;
     write_option_file(&file.0, repl::ADMIN_USER, &password)?;
@@ -221,7 +221,7 @@ pub fn switchover(run_dir: &Path, to: &str) -> Result<ExitCode, Error> {
             return Ok(ExitCode::from(1));
         }
     };
-    let passwords = dba::passwords(&crate::secret_file::load_or_create(&cfg.secret_file)?);
+    let passwords = dba::passwords(&crate::files::read_secret(&cfg.secret_file)?);
     let (old_addr, old) = conn(&plan.old_primary)?;
     let (target_addr, target) = conn(&plan.target)?;
     println!("switchover: {} -> {}", plan.old_primary, plan.target);

@@ -1,11 +1,10 @@
-//! What can go wrong running the agent, its setup and the `db` commands.
+//! What can go wrong running the agent and the `db` commands.
 
 use std::path::PathBuf;
 
 use crate::client::SqlError;
 
-/// An error of the agent, the node's database setup or the `db` commands; each names the file,
-/// user or server it is about.
+/// An error of the agent or the `db` commands; each names the file or server it is about.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// A file or directory operation failed.
@@ -20,16 +19,6 @@ pub enum Error {
     /// A file holds something else than it should.
     #[error("{}: {detail}", path.display())]
     Invalid { path: PathBuf, detail: String },
-    /// An OS user could not be found.
-    #[error("user {user}: {detail}")]
-    User { user: String, detail: String },
-    /// A certificate or key could not be made.
-    #[error("{what}: {source}")]
-    Certificate {
-        what: String,
-        #[source]
-        source: rcgen::Error,
-    },
     /// A step of a command failed on a server.
     #[error("{step}: {source}")]
     Sql {

@@ -1,11 +1,11 @@
-//! MariaDB on a node. Owns the server's `my.cnf`, its TLS files, the database agent
+//! MariaDB on a node. Owns the server's `my.cnf` and command lines, the database agent
 //! (`appliance db-agent`) and the `appliance db` commands, which talk SQL through `mariadb`.
 //! Must not depend on `appliance` or another service: node paths come as arguments or via `api`.
 //!
 //! Every node logs binary logs in ROW format with GTIDs, so any replica can later be promoted
 //! (switchover) and any late-joining replica can catch up from the binlog. The renderers and
-//! decisions (`render_conf`, [`repl`], [`agent`]) are pure; [`agent_run`], [`cli`], [`client`],
-//! [`tls`] and [`secret_file`] do the IO.
+//! decisions (`render_conf`, [`repl`], [`agent`]) are pure; [`agent_run`], [`cli`] and
+//! [`client`] do the IO.
 
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -20,8 +20,6 @@ pub mod client;
 mod error;
 mod files;
 pub mod repl;
-pub mod secret_file;
-pub mod tls;
 
 pub use error::Error;
 

@@ -4,26 +4,21 @@
 
 use std::path::{Path, PathBuf};
 
+use api::files::balancer_self_signed;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::CertificateDer;
 use x509_cert::der::Decode as _;
 
-/// The balancer's state directory below the node's (`appliance::node` creates it) and its
-/// persisted self-signed certificate inside (`balancer::tls::self_signed_paths`). Repeated
-/// here because services never depend on each other; both belong in the shared `api` crate.
-pub const BALANCER_STATE_DIR: &str = "balancer";
-pub const BALANCER_SELF_SIGNED: &str = "tls/self-signed.crt";
-
 /// The chain files the balancer serves (pure): the cluster's `tls.certificate` when set (the
 /// default for every SNI name), else the self-signed one it generates once and keeps in its
-/// state directory.
+/// state directory ([`balancer_self_signed`]).
 pub fn served_by_balancer(
     tls_certificate: Option<&Path>,
     balancer_state_dir: &Path,
 ) -> Vec<PathBuf> {
     match tls_certificate {
         Some(path) => vec![path.to_path_buf()],
-        None => vec![balancer_state_dir.join(BALANCER_SELF_SIGNED)],
+        None => vec![balancer_self_signed(balancer_state_dir).0],
     }
 }
 
@@ -98,7 +93,7 @@ mod tests {
         let state = Path::new("/data/tandem/balancer");
         assert_eq!(
             served_by_balancer(None, state),
-            [PathBuf::from("/data/tandem/balancer/tls/self-signed.crt")]
+            [balancer_self_signed(state).0]
         );
         assert_eq!(
             served_by_balancer(Some(Path::new("/data/tls/cert.pem")), state),

@@ -2,13 +2,15 @@
 //!
 //! - [`store`]: the size-capped log store the supervisor writes every service's output and
 //!   its events into (`<state>/logs/<name>.log`, rotated; total cap).
-//! - [`tail`]: follows those files across rotation; [`parse`] reads nginx access lines and the
-//!   structured status lines of Tandem's services.
+//! - [`tail`]: follows those files across rotation; nginx's access lines are read with
+//!   [`api::access_log`] (the format `web` gives nginx), [`parse`] reads the structured status
+//!   lines of Tandem's services and the database agent's status ([`api::db::AgentStatus`]).
 //! - [`engine`]: the alert rules (pure: observations and the time in, transitions out).
 //! - [`cert`]: which certificate chains the balancer serves and when their leaves expire.
 //! - [`alerts`]: the alert history in `<state>/alerts.db` and its query API;
 //!   [`webhook`]: the background JSON POST sender (http or https, ureq with rustls).
-//! - [`metrics`]: the Prometheus text the monitor serves on `127.0.0.1:9101`.
+//! - [`metrics`]: the Prometheus text the monitor serves on [`api::ports::LOGMON_METRICS`]
+//!   (hyper, on a small tokio runtime of its own) and its client (ureq).
 //! - [`monitor`]: `appliance logmon`, the loop that ties it together.
 //!
 //! This crate never depends on the supervisor: it reads the supervisor's state DB through
@@ -28,7 +30,6 @@ pub mod webhook;
 use std::path::PathBuf;
 
 pub use engine::{Alert, AlertState, Rule, Rules, Severity};
-pub use metrics::METRICS_PORT;
 pub use monitor::{run, Config};
 
 #[derive(Debug, thiserror::Error)]

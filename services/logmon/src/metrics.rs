@@ -1,12 +1,12 @@
-//! The monitor's metrics in the Prometheus text format (version 0.0.4), served on
-//! `127.0.0.1:`[`METRICS_PORT`] (hyper) for the admin server to aggregate, and a client for it
-//! (ureq).
+//! The monitor's metrics in the Prometheus text format (version 0.0.4), served on the node's
+//! local [`api::ports::LOGMON_METRICS`] (hyper) for the admin server to aggregate, and a client
+//! for it (ureq).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::Duration;
@@ -26,8 +26,6 @@ use tokio::sync::{oneshot, Semaphore};
 use crate::engine::Rule;
 use crate::parse::StatusClass;
 
-/// The monitor's metrics port.
-pub const METRICS_PORT: u16 = 9101;
 /// Upper bounds (seconds) of the request-time histogram buckets.
 pub const LATENCY_BUCKETS: [f64; 11] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -36,17 +34,6 @@ pub const LATENCY_BUCKETS: [f64; 11] = [
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 /// The Prometheus text format's media type.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
-
-/// Where the monitor of a node listens: loopback, on the node's own address when that is a
-/// loopback address (several nodes on one developer machine), else on 127.0.0.1.
-pub fn default_addr(node_address: Ipv4Addr) -> SocketAddr {
-    let ip = if node_address.is_loopback() {
-        node_address
-    } else {
-        Ipv4Addr::LOCALHOST
-    };
-    SocketAddr::from((ip, METRICS_PORT))
-}
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ServiceMetrics {
@@ -603,17 +590,5 @@ mod tests {
                 "{method} {path}"
             );
         }
-    }
-
-    #[test]
-    fn metrics_address() {
-        assert_eq!(
-            default_addr(Ipv4Addr::new(10, 88, 0, 11)).to_string(),
-            "127.0.0.1:9101"
-        );
-        assert_eq!(
-            default_addr(Ipv4Addr::new(127, 0, 0, 12)).to_string(),
-            "127.0.0.12:9101"
-        );
     }
 }

@@ -22,6 +22,8 @@ use crate::tail::Tailer;
 use crate::webhook::Webhook;
 use crate::{cert, time, Error};
 use api::events::EventReader;
+use api::files::{BALANCER_STATE_DIR, DEV_RUN_DIR};
+use api::ports::{local_addr, LOGMON_METRICS};
 use cluster_config::WebhookUrl;
 
 /// How often the monitor looks for new lines and events.
@@ -30,9 +32,6 @@ pub const POLL: Duration = Duration::from_secs(1);
 pub const DISK_EVERY: Duration = Duration::from_secs(10);
 /// How often the certificates are read.
 pub const CERT_EVERY: Duration = Duration::from_secs(60);
-/// The database agent's status file, in the node's runtime directory: [`api::db::STATUS_FILE`],
-/// kept under this name until `appliance logmon` uses the api's.
-pub use api::db::STATUS_FILE as DB_STATUS_FILE;
 /// The name of the monitor's own service (its log is not read back).
 pub const SERVICE_NAME: &str = "logmon";
 /// The service whose stdout carries nginx access lines.
@@ -75,8 +74,9 @@ pub struct Config {
 }
 
 impl Config {
-    /// The defaults for `node` of `cluster`, with state in `state_dir` (the balancer's in
-    /// [`cert::BALANCER_STATE_DIR`] below it, as the node plan lays it out).
+    /// The defaults for `node` of `cluster`, with state in `state_dir`, as the node plan lays it
+    /// out: the balancer's in [`BALANCER_STATE_DIR`] below it, the database agent's status in
+    /// [`DEV_RUN_DIR`] (`appliance run`; on an image `appliance logmon` names the run directory).
     pub fn new(
         cluster: &cluster_config::Cluster,
         node: &cluster_config::Node,
@@ -89,12 +89,12 @@ impl Config {
             rules: Rules::from_cluster(cluster),
             webhook: cluster.alerts.webhook.clone(),
             webhook_ca: None,
-            metrics_addr: Some(metrics::default_addr(node.address)),
+            metrics_addr: Some(local_addr(node.address, LOGMON_METRICS)),
             cert_files: cert::served_by_balancer(
                 cluster.tls.certificate.as_deref(),
-                &state_dir.join(cert::BALANCER_STATE_DIR),
+                &state_dir.join(BALANCER_STATE_DIR),
             ),
-            db_status_file: state_dir.join("run").join(api::db::STATUS_FILE),
+            db_status_file: state_dir.join(DEV_RUN_DIR).join(api::db::STATUS_FILE),
             poll: POLL,
         }
     }
@@ -493,5 +493,36 @@ mod tests {
         for log in ["nginx", "mariadb", "app", "keepalived"] {
             assert_eq!(status_from(log, line), None, "{log}");
         }
+    }
+
+    /// The defaults find what the node plan lays out (on-disk names that must not change) and
+    /// serve metrics on loopback, apart per node on one machine.
+    #[test]
+    fn defaults_follow_the_node_layout() {
+        let check = |address: [u8; 4], certificate: Option<&str>, metrics: &str, cert: &str| {
+            let mut cluster = cluster_config::Cluster::default_cluster();
+            cluster.tls.certificate = certificate.map(PathBuf::from);
+            let mut node = cluster.nodes[0].clone();
+            node.address = address.into();
+            let config = Config::new(&cluster, &node, Path::new("/s"));
+            assert_eq!(
+                config.metrics_addr.map(|a| a.to_string()).as_deref(),
+                Some(metrics)
+            );
+            assert_eq!(config.cert_files, [PathBuf::from(cert)]);
+            assert_eq!(config.db_status_file, Path::new("/s/run/db-status.json"));
+        };
+        check(
+            [10, 88, 0, 11],
+            None,
+            "127.0.0.1:9101",
+            "/s/balancer/tls/self-signed.crt",
+        );
+        check(
+            [127, 0, 0, 12],
+            Some("/c/chain.pem"),
+            "127.0.0.12:9101",
+            "/c/chain.pem",
+        );
     }
 }

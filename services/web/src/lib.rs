@@ -114,7 +114,11 @@ pub fn render_conf(p: &Params) -> String {
         api::access_log::FORMAT_NAME,
         api::access_log::FORMAT
     );
-    s.push_str("    access_log /dev/stdout tandem;\n");
+    let _ = writeln!(
+        s,
+        "    access_log /dev/stdout {};",
+        api::access_log::FORMAT_NAME
+    );
     for temp in TEMP_DIRS {
         let _ = writeln!(s, "    {temp}_temp_path {run}/{temp};");
     }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use api::files::balancer_self_signed;
 use balancer::CertificateFiles;
 
 use crate::support::*;
@@ -119,7 +120,7 @@ async fn openssl_sees_tls13_alpn_h2_and_old_versions_refused() {
     assert!(out.contains("New, TLSv1.3"), "{out}");
     assert!(out.contains("ALPN protocol: h2"), "{out}");
     // The self-signed certificate generated into the state directory is the one served.
-    let generated = std::fs::read_to_string(s.state.path().join("tls/self-signed.crt")).unwrap();
+    let generated = std::fs::read_to_string(balancer_self_signed(s.state.path()).0).unwrap();
     assert!(same_pem(&served_pem(&out), &generated));
 
     let (ok, out) =
@@ -189,7 +190,7 @@ async fn sni_picks_the_configured_certificate_and_reload_keeps_connections() {
         );
     }
     assert!(
-        !s.state.path().join("tls/self-signed.crt").exists(),
+        !balancer_self_signed(s.state.path()).0.exists(),
         "self-signed made although configured"
     );
 

@@ -1,6 +1,9 @@
 //! The log monitor's parts with real files, sockets, TLS, `openssl` and `promtool`, and
 //! property tests of its parsers ([`fuzz`]).
 
+// Test code: a failed unwrap is a failed test, with the panic naming the value.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod fuzz;
 mod metrics;
 mod monitor;

@@ -4,6 +4,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use api::events::STATE_DB_FILE;
+use api::files::{balancer_self_signed, BALANCER_STATE_DIR, DEV_RUN_DIR};
 use logmon::store::{Entry, Limits, LogStore, LOG_DIR};
 use logmon::{alerts, metrics, AlertState, Config};
 
@@ -18,7 +20,7 @@ fn free_port() -> SocketAddr {
 
 /// The supervisor's `events` table as `appliance::state` creates it.
 fn state_db(dir: &Path) -> rusqlite::Connection {
-    let conn = rusqlite::Connection::open(dir.join("state.db")).unwrap();
+    let conn = rusqlite::Connection::open(dir.join(STATE_DB_FILE)).unwrap();
     conn.pragma_update(None, "journal_mode", "WAL").unwrap();
     conn.execute_batch(
         "CREATE TABLE events (id INTEGER PRIMARY KEY, ts_ms INTEGER NOT NULL, service TEXT NOT NULL,
@@ -103,7 +105,7 @@ fn monitor_counts_requests_raises_alerts_and_serves_valid_metrics() {
         .unwrap();
     store.flush().unwrap();
     // The database agent reports a replica whose IO thread does not run.
-    std::fs::create_dir_all(state.join("run")).unwrap();
+    std::fs::create_dir_all(state.join(DEV_RUN_DIR)).unwrap();
     let status = api::db::AgentStatus {
         node: "server1".into(),
         role: api::db::Role::Replica,
@@ -124,7 +126,7 @@ fn monitor_counts_requests_raises_alerts_and_serves_valid_metrics() {
         updated_ms: logmon::time::now_ms(),
     };
     std::fs::write(
-        state.join("run").join(api::db::STATUS_FILE),
+        state.join(DEV_RUN_DIR).join(api::db::STATUS_FILE),
         serde_json::to_vec(&status).unwrap(),
     )
     .unwrap();
@@ -209,8 +211,8 @@ fn cert_expiry_watches_the_certificate_the_balancer_serves() {
     // The balancer's persisted self-signed fallback (its state directory is `balancer/`
     // below the node's) expires in 3 days; a certificate elsewhere in the state directory
     // (where the monitor used to look) is fine for years.
-    let served = state.join("balancer/tls/self-signed.crt");
-    let elsewhere = state.join("tls/self-signed.crt");
+    let (served, _) = balancer_self_signed(&state.join(BALANCER_STATE_DIR));
+    let (elsewhere, _) = balancer_self_signed(state);
     for (path, days) in [(&served, Some(3)), (&elsewhere, None)] {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(path, ca.leaf(&["tandem.test"], days).0).unwrap();
