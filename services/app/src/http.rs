@@ -25,9 +25,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// Longest accepted request head (request line + headers): hyper's read buffer, 431 beyond.
-pub const MAX_HEAD: usize = 16 * 1024;
+pub(crate) const MAX_HEAD: usize = 16 * 1024;
 /// Longest accepted request body: 413 beyond.
-pub const MAX_BODY: usize = 64 * 1024;
+pub(crate) const MAX_BODY: usize = 64 * 1024;
 
 /// What a connection over [`Limits::max_connections`] gets before it is closed.
 const REFUSED_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
@@ -35,36 +35,36 @@ Content-Type: text/plain; charset=utf-8\r\nContent-Length: 5\r\nConnection: clos
 
 /// The server's limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// Connections open at once, idle keep-alive ones included; a connection beyond gets 503
     /// and is closed.
-    pub max_connections: usize,
+    pub(crate) max_connections: usize,
     /// Requests handled at once; a request beyond gets 503 at once (the connection stays).
-    pub max_requests: usize,
+    pub(crate) max_requests: usize,
     /// A request head must arrive within this long, counted from the connection's start or
     /// from the end of the previous answer: it is also how long an idle keep-alive connection
     /// stays open (hyper's `header_read_timeout`).
-    pub head_timeout: Duration,
+    pub(crate) head_timeout: Duration,
     /// The whole body must arrive within this long after the head (408 otherwise).
-    pub body_timeout: Duration,
+    pub(crate) body_timeout: Duration,
 }
 
 /// A request as the handler sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Request {
-    pub method: String,
+pub(crate) struct Request {
+    pub(crate) method: String,
     /// The path without the query string.
-    pub path: String,
+    pub(crate) path: String,
     /// The query string (after `?`), empty when there is none.
-    pub query: String,
+    pub(crate) query: String,
     /// Lower-case names.
-    pub headers: Vec<(String, String)>,
-    pub body: Bytes,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) body: Bytes,
 }
 
 impl Request {
     /// The first value of header `name` (lower case).
-    pub fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(n, _)| n == name)
@@ -72,12 +72,12 @@ impl Request {
     }
 
     /// The decoded value of query parameter `name`, if present.
-    pub fn query_param(&self, name: &str) -> Option<String> {
+    pub(crate) fn query_param(&self, name: &str) -> Option<String> {
         form_value(self.query.as_bytes(), name)
     }
 
     /// Whether the client asked for JSON rather than a page.
-    pub fn wants_json(&self) -> bool {
+    pub(crate) fn wants_json(&self) -> bool {
         self.path.ends_with(".json")
             || self
                 .header("accept")
@@ -106,7 +106,7 @@ impl Request {
 }
 
 /// The decoded value of field `name` in `application/x-www-form-urlencoded` text.
-pub fn form_value(text: &[u8], name: &str) -> Option<String> {
+pub(crate) fn form_value(text: &[u8], name: &str) -> Option<String> {
     form_urlencoded::parse(text)
         .find(|(k, _)| k == name)
         .map(|(_, v)| v.into_owned())
@@ -114,20 +114,20 @@ pub fn form_value(text: &[u8], name: &str) -> Option<String> {
 
 /// A response; `Content-Length` and `Date` are hyper's.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Response {
-    pub status: u16,
-    pub content_type: &'static str,
-    pub location: Option<String>,
+pub(crate) struct Response {
+    pub(crate) status: u16,
+    pub(crate) content_type: &'static str,
+    pub(crate) location: Option<String>,
     /// `Retry-After` in seconds (429, 503).
-    pub retry_after: Option<u64>,
+    pub(crate) retry_after: Option<u64>,
     /// Close the connection after this answer (its request's framing cannot be trusted).
-    pub close: bool,
-    pub body: Bytes,
+    pub(crate) close: bool,
+    pub(crate) body: Bytes,
 }
 
 impl Response {
     /// A response with `body` of `content_type`.
-    pub fn new(status: u16, content_type: &'static str, body: impl Into<Bytes>) -> Response {
+    pub(crate) fn new(status: u16, content_type: &'static str, body: impl Into<Bytes>) -> Response {
         Response {
             status,
             content_type,
@@ -139,19 +139,19 @@ impl Response {
     }
 
     /// `value` as JSON, one line.
-    pub fn json(status: u16, value: &serde_json::Value) -> Response {
+    pub(crate) fn json(status: u16, value: &serde_json::Value) -> Response {
         let mut body = serde_json::to_vec(value).unwrap_or_default();
         body.push(b'\n');
         Response::new(status, "application/json", body)
     }
 
     /// `text` and a newline, as plain text.
-    pub fn text(status: u16, text: &str) -> Response {
+    pub(crate) fn text(status: u16, text: &str) -> Response {
         Response::new(status, "text/plain; charset=utf-8", format!("{text}\n"))
     }
 
     /// 303 to `to`.
-    pub fn redirect(to: &str) -> Response {
+    pub(crate) fn redirect(to: &str) -> Response {
         Response {
             location: Some(to.to_string()),
             ..Response::new(303, "text/plain; charset=utf-8", "")
@@ -186,14 +186,14 @@ impl Response {
 }
 
 /// What answers requests.
-pub trait Handler: Send + Sync + 'static {
-    /// The answer to `request` from the client at `client_peer` (the connection's peer).
+pub(crate) trait Handler: Send + Sync + 'static {
+    /// The answer to `request` from `peer` (the connection's; the client may be behind it).
     fn handle(&self, request: Request, peer: IpAddr) -> impl Future<Output = Response> + Send;
 }
 
 /// Serves `listener` until the task is dropped; errors of single connections are logged at
 /// debug level and end only that connection.
-pub async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>, limits: Limits) {
+pub(crate) async fn serve<H: Handler>(listener: TcpListener, handler: Arc<H>, limits: Limits) {
     let connections = Arc::new(Semaphore::new(limits.max_connections));
     let requests = Arc::new(Semaphore::new(limits.max_requests));
     loop {

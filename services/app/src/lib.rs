@@ -11,7 +11,7 @@
 //! `?before=<id>` for older pages (`HEAD` too), `POST /notes` (form field or JSON `body`).
 //! Static files (`/style.css`) are served by nginx.
 //!
-//! HTTP ([`http`]): hyper on tokio, HTTP/1.1 with keep-alive, at most [`MAX_CONNECTIONS`]
+//! HTTP (`http.rs`): hyper on tokio, HTTP/1.1 with keep-alive, at most [`MAX_CONNECTIONS`]
 //! connections and [`MAX_REQUESTS`] requests at once (503 beyond either), bounded heads and
 //! bodies (431, 413), deadlines for both (the head's is also the idle keep-alive timeout).
 //!
@@ -25,7 +25,7 @@
 //! and each client (by its forwarded address, see [`limit::client_address`]) gets a token
 //! bucket of writes (429 with `Retry-After`).
 
-pub mod http;
+mod http;
 pub mod limit;
 pub mod store;
 

@@ -252,7 +252,8 @@ impl<P: Clone> Pools<P> {
     }
 
     /// The servers pools are held for: the local one, then the primary's when it is another.
-    pub(crate) fn servers(&self) -> Vec<&Server> {
+    #[cfg(test)]
+    fn servers(&self) -> Vec<&Server> {
         std::iter::once(&self.local.0)
             .chain(self.primary.as_ref().map(|(s, _)| s))
             .collect()
@@ -301,11 +302,6 @@ impl Store {
         self.pools
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// The servers a pool is held for (the local one first).
-    pub fn servers(&self) -> Vec<Server> {
-        self.pools().servers().into_iter().cloned().collect()
     }
 
     /// The pool for writes to `primary`; a pool it replaces is closed in the background once
