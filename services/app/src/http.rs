@@ -320,13 +320,18 @@ mod tests {
     /// Echoes method, path, query and body; `/wait` waits for the test's signal first, `/page`
     /// is a fixed text.
     struct Echo {
-        release: Arc<tokio::sync::Notify>,
+        release: Arc<Semaphore>,
+        waiting: Arc<std::sync::atomic::AtomicUsize>,
     }
 
     impl Handler for Echo {
         async fn handle(&self, r: Request, _peer: IpAddr) -> Response {
             match r.path.as_str() {
-                "/wait" => self.release.notified().await,
+                "/wait" => {
+                    self.waiting
+                        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let _ = self.release.acquire().await.map(|p| p.forget());
+                }
                 "/page" => return Response::text(200, "the same page for GET and HEAD"),
                 _ => {}
             }
@@ -350,7 +355,8 @@ mod tests {
 
     struct Server {
         addr: SocketAddr,
-        release: Arc<tokio::sync::Notify>,
+        release: Arc<Semaphore>,
+        waiting: Arc<std::sync::atomic::AtomicUsize>,
         _runtime: tokio::runtime::Runtime,
     }
 
@@ -362,14 +368,17 @@ mod tests {
             .unwrap();
         let listener = runtime.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
         let addr = listener.local_addr().unwrap();
-        let release = Arc::new(tokio::sync::Notify::new());
+        let release = Arc::new(Semaphore::new(0));
+        let waiting = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let handler = Arc::new(Echo {
             release: Arc::clone(&release),
+            waiting: Arc::clone(&waiting),
         });
         runtime.spawn(serve(listener, handler, limits));
         Server {
             addr,
             release,
+            waiting,
             _runtime: runtime,
         }
     }
@@ -587,7 +596,14 @@ mod tests {
                 c
             })
             .collect();
-        std::thread::sleep(Duration::from_millis(100));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while server.waiting.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the handler never got both"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let mut third = Conn::open(server.addr);
         third.send("GET /now HTTP/1.1\r\nHost: app\r\n\r\n");
         let (head, body) = third.answer(true);
@@ -595,14 +611,13 @@ mod tests {
         assert!(body.starts_with("busy"), "{body}");
         // Four connections open (one idle): a fifth is answered 503 and closed.
         let _idle = Conn::open(server.addr);
-        std::thread::sleep(Duration::from_millis(50));
         let mut fifth = Conn::open(server.addr);
         fifth.send("GET / HTTP/1.1\r\nHost: app\r\n\r\n");
         let (head, body) = fifth.answer(true);
         assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
         assert_eq!(body, "busy\n");
         assert!(fifth.closed());
-        server.release.notify_waiters();
+        server.release.add_permits(2);
         for c in &mut held {
             assert_eq!(status(&c.answer(true).0), "200");
         }
