@@ -1,20 +1,17 @@
 //! `appliance balancer`: the node's load balancer and TLS terminator as a supervised child,
 //! unprivileged but for binding ports 80 and 443. SIGHUP re-reads cluster.toml.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use crate::node::NodeArgs;
+use crate::args::NodeArgs;
 
 /// How long in-flight requests may finish when the node stops (a node stop is bounded: the
 /// supervisor's SIGKILL comes at [`STOP_TIMEOUT`]).
 pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 pub const STOP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(7);
-
-/// The balancer's Prometheus endpoint (aggregated by the admin server).
-pub const METRICS_PORT: u16 = 9100;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct BalancerArgs {
@@ -31,20 +28,13 @@ pub struct BalancerArgs {
     pub vip_dir: Option<PathBuf>,
 }
 
-/// Nodes that share a machine (loopback addresses) cannot share 127.0.0.1:9100.
-pub fn metrics_addr(node: Ipv4Addr) -> SocketAddr {
-    let ip = if node.is_loopback() {
-        node
-    } else {
-        Ipv4Addr::LOCALHOST
-    };
-    SocketAddr::from((ip, METRICS_PORT))
-}
-
 pub fn main(args: BalancerArgs) -> anyhow::Result<ExitCode> {
     let (cluster, node) = args.node.load()?;
     let mut opts = balancer::Options::new(&args.state_dir);
-    opts.metrics = Some(args.metrics.unwrap_or_else(|| metrics_addr(node.address)));
+    opts.metrics = Some(
+        args.metrics
+            .unwrap_or_else(|| api::ports::local_addr(node.address, api::ports::BALANCER_METRICS)),
+    );
     // In-flight requests get this long on SIGTERM; the supervisor's stop timeout is longer.
     opts.limits.shutdown_grace = SHUTDOWN_GRACE;
     opts.vip_dir = args.vip_dir.clone();

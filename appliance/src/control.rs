@@ -18,16 +18,9 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+use api::control::{Request, Response, ServiceStatus, DEFAULT_SOCKET, SOCKET_FILE};
+use serde::Serialize;
 
-use crate::supervisor::LogLine;
-
-/// Where `appliance init` listens, and where the CLI looks by default.
-pub const DEFAULT_SOCKET: &str = "/run/tandem/control.sock";
-/// File name of the socket inside a state directory.
-pub const SOCKET_FILE: &str = "control.sock";
-/// `logs` returns this many lines when the request does not say.
-pub const DEFAULT_LOG_LINES: usize = 100;
 /// Longest request line accepted.
 const MAX_REQUEST_BYTES: u64 = 64 * 1024;
 /// A connection idle this long is closed; so is a client that does not read its response.
@@ -37,58 +30,6 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// The socket's mode: its owner only, or owner and group.
 const PRIVATE_MODE: u32 = 0o600;
 const SHARED_MODE: u32 = 0o660;
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "request", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Request {
-    /// Every service's state.
-    Status,
-    /// The last `lines` lines a service wrote (stdout and stderr interleaved).
-    Logs {
-        service: String,
-        #[serde(default = "default_log_lines")]
-        lines: usize,
-    },
-    /// Stop all services and the supervisor.
-    Stop,
-    /// Stop a service and start it again (also revives a failed one).
-    Restart { service: String },
-    /// Send a signal to a service's process group (`HUP`, `TERM`, `KILL`, `USR1`, `USR2`,
-    /// `INT`): reloads, and fault drills such as killing the balancer on the address holder.
-    Signal { service: String, signal: String },
-}
-
-/// The signals `Request::Signal` may send, by their names without `SIG`.
-pub const SIGNALS: [&str; 6] = ["HUP", "INT", "KILL", "TERM", "USR1", "USR2"];
-
-fn default_log_lines() -> usize {
-    DEFAULT_LOG_LINES
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "response", rename_all = "snake_case", deny_unknown_fields)]
-pub enum Response {
-    Status { services: Vec<ServiceStatus> },
-    Logs { lines: Vec<LogLine> },
-    Ok,
-    Error { message: String },
-}
-
-/// One service in `status`. The field names are a stable interface (`status --json`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ServiceStatus {
-    pub name: String,
-    /// `waiting`, `starting`, `running`, `done`, `backoff`, `stopping`, `stopped`, `exited`
-    /// or `failed` (a crash loop, retried every maximum backoff).
-    pub state: String,
-    pub pid: Option<i32>,
-    pub restarts: u32,
-    /// How the last process ended: `code 1`, `signal 9 (SIGKILL)`.
-    pub last_exit: Option<String>,
-    /// Seconds since the current process started.
-    pub uptime_s: Option<u64>,
-    pub ready: bool,
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -241,8 +182,8 @@ impl Drop for ControlServer {
         // blocked accept(2) fail at once, even if someone removed the socket file meanwhile.
         if let Some(listener) = &self.wake {
             use std::os::fd::AsRawFd as _;
-            // SAFETY: shutdown on a file descriptor we own; no memory is involved.
-            unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR) };
+            let _ =
+                nix::sys::socket::shutdown(listener.as_raw_fd(), nix::sys::socket::Shutdown::Both);
         }
         let _ = UnixStream::connect(&self.path);
         if let Some(accept) = self.accept.take() {
@@ -488,6 +429,7 @@ fn format_uptime(s: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use api::control::DEFAULT_LOG_LINES;
 
     #[test]
     fn wire_format() {

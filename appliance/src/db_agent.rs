@@ -19,22 +19,24 @@
 //!
 //! Every TCP connection is TLS with the cluster CA: the accounts `REQUIRE SSL`, replicas and
 //! the cross-node commands verify the server's certificate (node certificates name the node's
-//! address). [`install_db_tls`] gives the server its files; on a developer machine
-//! [`issue_dev_tls`] makes them from a CA of its own first.
+//! address). The node plan gives the server its files (`crate::node`); on a developer machine
+//! `crate::secrets::issue_dev_tls` makes them from a CA of its own first.
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read as _, Write as _};
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use cluster_config::{Cluster, DbRole, Node};
+use cluster_config::DbRole;
 use api::db::{AgentStatus, PrimaryRef, Role};
 use db::agent::{self as dba, AgentConfig, Snapshot};
 use db::repl::{self, GtidPos, Health, Observation, SlaveStatus};
+
+use crate::secrets::load_or_create_secret;
 
 /// How often the agent looks at its server.
 pub const TICK: Duration = Duration::from_secs(1);
@@ -54,55 +56,6 @@ const ACK_RETRY: Duration = Duration::from_millis(500);
 /// The agent's option file (admin account) in its private directory: acknowledgements go to
 /// the primary over TCP.
 const AGENT_ADMIN_OPTION_FILE: &str = "agent-admin.cnf";
-
-// ---------------------------------------------------------------------------------------------
-// Secret
-
-/// Reads the cluster secret, creating it (32 random bytes as hex, mode 0600) when absent.
-pub fn load_or_create_secret(path: &Path) -> anyhow::Result<[u8; api::secret::SECRET_LEN]> {
-    match fs::read_to_string(path) {
-        Ok(text) => {
-            return api::secret::parse_secret(&text)
-                .map_err(|e| anyhow::anyhow!("cluster secret {}: {e}", path.display()))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(e).with_context(|| format!("reading the cluster secret {}", path.display()))
-        }
-    }
-    let mut bytes = [0u8; api::secret::SECRET_LEN];
-    fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .context("reading /dev/urandom")?;
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    match fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-    {
-        Ok(mut f) => {
-            f.write_all(api::secret::format_secret(&bytes).as_bytes())
-                .and_then(|()| f.sync_all())
-                .with_context(|| format!("writing {}", path.display()))?;
-            tracing::info!(path = %path.display(), "created a new cluster secret");
-            Ok(bytes)
-        }
-        // Another node on this machine created it first: use theirs.
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            std::thread::sleep(Duration::from_millis(100));
-            load_or_create_secret(path)
-        }
-        Err(e) => Err(e).with_context(|| {
-            format!(
-                "creating the cluster secret {} (or pass --secret-file)",
-                path.display()
-            )
-        }),
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Talking SQL
@@ -283,56 +236,7 @@ fn snapshot(conn: &Conn, name: &str, address: std::net::Ipv4Addr) -> Result<Snap
 }
 
 // ---------------------------------------------------------------------------------------------
-// TLS files
-
-/// In a node's TLS directory (the seed's `tls/` on an image): the cluster CA.
-pub const TLS_CA: &str = "ca.crt";
-/// The node's certificate and key (also its identity towards the peers' admin API).
-pub const TLS_NODE_CERT: &str = "node.crt";
-pub const TLS_NODE_KEY: &str = "node.key";
-/// A certificate and key for MariaDB alone, used instead of the node's when both exist, so the
-/// server's user never holds the node's peer identity.
-pub const TLS_DB_CERT: &str = "db.crt";
-pub const TLS_DB_KEY: &str = "db.key";
-
-/// Gives MariaDB its TLS files from `tls_dir`: the CA and certificate as world-readable copies
-/// (clients of the server read the CA), the key as a new file of mode 0600 from its creation,
-/// owned by `owner` (the server's OS user when the supervisor is root). The seed's key stays
-/// root-only; the copy lives in the runtime directory and is remade at every start.
-pub fn install_db_tls(
-    tls_dir: &Path,
-    paths: &db::Paths,
-    owner: Option<&str>,
-) -> anyhow::Result<()> {
-    let from = |name: &str| tls_dir.join(name);
-    let (cert, key) = match from(TLS_DB_CERT).exists() && from(TLS_DB_KEY).exists() {
-        true => (from(TLS_DB_CERT), from(TLS_DB_KEY)),
-        false => (from(TLS_NODE_CERT), from(TLS_NODE_KEY)),
-    };
-    let read = |path: &Path| {
-        fs::read(path).with_context(|| {
-            format!(
-                "reading {} (the node's TLS files: {TLS_CA}, {TLS_NODE_CERT}, {TLS_NODE_KEY})",
-                path.display()
-            )
-        })
-    };
-    let text = |path: &Path| -> anyhow::Result<String> {
-        String::from_utf8(read(path)?).with_context(|| format!("{}: not PEM text", path.display()))
-    };
-    crate::node::write_file(&paths.ssl_ca(), &text(&from(TLS_CA))?, 0o644)?;
-    crate::node::write_file(&paths.ssl_cert(), &text(&cert)?, 0o644)?;
-    let owner = match owner {
-        Some(user) => {
-            let u = nix::unistd::User::from_name(user)
-                .with_context(|| format!("looking up user {user}"))?
-                .with_context(|| format!("user {user} does not exist"))?;
-            Some((u.uid, u.gid))
-        }
-        None => None,
-    };
-    write_private(&paths.ssl_key(), &read(&key)?, owner)
-}
+// Files
 
 /// A new file holding a secret: mode 0600 from its creation (never readable by anyone else,
 /// not even for a moment), then handed to `owner`.
@@ -360,122 +264,6 @@ fn write_private(
     f.write_all(bytes)
         .and_then(|()| f.sync_all())
         .with_context(|| format!("writing {}", path.display()))
-}
-
-/// The development CA's certificate: the same for the same key, so every node of a local
-/// cluster derives an equivalent one from the shared key file.
-fn dev_ca_params(cluster: &str) -> rcgen::CertificateParams {
-    let mut p = rcgen::CertificateParams::default();
-    let mut dn = rcgen::DistinguishedName::new();
-    dn.push(rcgen::DnType::OrganizationName, "Tandem");
-    dn.push(
-        rcgen::DnType::CommonName,
-        format!("Tandem development CA {cluster}"),
-    );
-    p.distinguished_name = dn;
-    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
-    p.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-        rcgen::KeyUsagePurpose::DigitalSignature,
-    ];
-    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
-    p.not_after = rcgen::date_time_ymd(2050, 1, 1);
-    p
-}
-
-/// On a developer machine (`appliance run`), where no seed holds certificates: the cluster
-/// CA's key in `ca_key_file` (created 0600 when absent; the nodes of one config on one machine
-/// share it, like the cluster secret), and a fresh certificate for `node` in `tls_dir`, with
-/// the SANs the image-builder gives node certificates (name, name.domain, address).
-pub fn issue_dev_tls(
-    ca_key_file: &Path,
-    cluster: &Cluster,
-    node: &Node,
-    tls_dir: &Path,
-) -> anyhow::Result<()> {
-    let ca_key = load_or_create_dev_ca_key(ca_key_file)?;
-    let ca = dev_ca_params(&cluster.name)
-        .self_signed(&ca_key)
-        .context("making the development CA certificate")?;
-    let mut p = rcgen::CertificateParams::default();
-    let mut dn = rcgen::DistinguishedName::new();
-    dn.push(rcgen::DnType::OrganizationName, "Tandem");
-    dn.push(rcgen::DnType::CommonName, node.name.clone());
-    p.distinguished_name = dn;
-    p.is_ca = rcgen::IsCa::ExplicitNoCa;
-    p.key_usages = vec![
-        rcgen::KeyUsagePurpose::DigitalSignature,
-        rcgen::KeyUsagePurpose::KeyEncipherment,
-    ];
-    p.extended_key_usages = vec![
-        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    p.use_authority_key_identifier_extension = true;
-    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
-    p.not_after = rcgen::date_time_ymd(2049, 12, 31);
-    let mut names = vec![
-        node.name.clone(),
-        format!("{}.{}", node.name, cluster.domain),
-    ];
-    names.dedup();
-    for name in names {
-        let dns = name
-            .clone()
-            .try_into()
-            .with_context(|| format!("`{name}` as a certificate name"))?;
-        p.subject_alt_names.push(rcgen::SanType::DnsName(dns));
-    }
-    p.subject_alt_names
-        .push(rcgen::SanType::IpAddress(std::net::IpAddr::V4(
-            node.address,
-        )));
-    let key = rcgen::KeyPair::generate().context("generating the node's key")?;
-    let cert = p
-        .signed_by(&key, &ca, &ca_key)
-        .context("signing the node's certificate")?;
-    fs::create_dir_all(tls_dir).with_context(|| format!("creating {}", tls_dir.display()))?;
-    fs::set_permissions(tls_dir, fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("chmod {}", tls_dir.display()))?;
-    write_private(
-        &tls_dir.join(TLS_NODE_KEY),
-        key.serialize_pem().as_bytes(),
-        None,
-    )?;
-    crate::node::write_file(&tls_dir.join(TLS_NODE_CERT), &cert.pem(), 0o644)?;
-    crate::node::write_file(&tls_dir.join(TLS_CA), &ca.pem(), 0o644)
-}
-
-fn load_or_create_dev_ca_key(path: &Path) -> anyhow::Result<rcgen::KeyPair> {
-    let load = |pem: &str| {
-        rcgen::KeyPair::from_pem(pem).with_context(|| format!("{}: not a CA key", path.display()))
-    };
-    match fs::read_to_string(path) {
-        Ok(pem) => return load(&pem),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-    }
-    let key = rcgen::KeyPair::generate().context("generating the development CA's key")?;
-    if let Some(dir) = path.parent() {
-        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    // Written completely under a private name, then published by a hard link, which fails if
-    // another node on this machine published one first: then theirs is used.
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    write_private(&tmp, key.serialize_pem().as_bytes(), None)?;
-    let linked = fs::hard_link(&tmp, path);
-    let _ = fs::remove_file(&tmp);
-    match linked {
-        Ok(()) => {
-            tracing::info!(path = %path.display(), "created a development cluster CA");
-            Ok(key)
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            load(&fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?)
-        }
-        Err(e) => Err(e).with_context(|| format!("creating {}", path.display())),
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -675,7 +463,7 @@ impl Agent {
             recorded.filter(|r| caught_up && *r != self.primary && self.cfg.address_of(r).is_some())
         {
             tracing::info!(target: "db", node = %self.cfg.node, from = %self.primary, to = %recorded, "primary changed by a switchover");
-            crate::node::write_file(&self.cfg.primary_file, &format!("{recorded}\n"), 0o644)
+            crate::files::write_file(&self.cfg.primary_file, &format!("{recorded}\n"), 0o644)
                 .map_err(|e| format!("persisting the new primary: {e:#}"))?;
             self.primary = recorded;
             repoint = true;
@@ -756,8 +544,8 @@ fn write_status(path: &Path, status: &AgentStatus) -> anyhow::Result<()> {
 /// The run directory of a node: below `--state-dir` for `appliance run`, else the image's.
 fn run_dir(state_dir: Option<&Path>) -> PathBuf {
     match state_dir {
-        Some(dir) => crate::node::Layout::dev(dir).run,
-        None => crate::node::Layout::image().run,
+        Some(dir) => crate::layout::Layout::dev(dir).run,
+        None => crate::layout::Layout::image().run,
     }
 }
 
@@ -1059,63 +847,4 @@ pub fn switchover(state_dir: Option<&Path>, to: &str) -> anyhow::Result<ExitCode
         plan.target
     );
     Ok(ExitCode::SUCCESS)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::unix::fs::MetadataExt as _;
-
-    fn paths(dir: &Path) -> db::Paths {
-        db::Paths {
-            datadir: dir.join("data"),
-            run_dir: dir.join("mysqld"),
-            config_file: dir.join("my.cnf"),
-        }
-    }
-
-    #[test]
-    fn mariadb_gets_the_node_certificate_and_a_private_copy_of_its_key() {
-        let dir = tempfile::tempdir().unwrap();
-        let cluster = Cluster::default_cluster();
-        let node = cluster.node("server1").unwrap();
-        let ca_key = dir.path().join("local-ca.secret");
-        let tls = dir.path().join("tls");
-        issue_dev_tls(&ca_key, &cluster, node, &tls).unwrap();
-        let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o777;
-        assert_eq!(mode(&ca_key), 0o600);
-        assert_eq!(mode(&tls.join(TLS_NODE_KEY)), 0o600);
-        let first_ca = fs::read_to_string(tls.join(TLS_CA)).unwrap();
-        // A second node of the same config uses the same CA key.
-        let other = dir.path().join("tls2");
-        issue_dev_tls(&ca_key, &cluster, cluster.node("server2").unwrap(), &other).unwrap();
-        assert_eq!(
-            rcgen::KeyPair::from_pem(&fs::read_to_string(&ca_key).unwrap())
-                .unwrap()
-                .public_key_der(),
-            load_or_create_dev_ca_key(&ca_key).unwrap().public_key_der()
-        );
-        assert!(first_ca.starts_with("-----BEGIN CERTIFICATE-----"));
-
-        let p = paths(dir.path());
-        fs::create_dir_all(&p.run_dir).unwrap();
-        // A stale key file from an earlier start is replaced, not reused.
-        fs::write(p.ssl_key(), "stale").unwrap();
-        install_db_tls(&tls, &p, None).unwrap();
-        assert_eq!(mode(&p.ssl_key()), 0o600);
-        assert_eq!(mode(&p.ssl_ca()), 0o644);
-        assert_eq!(
-            fs::read(p.ssl_key()).unwrap(),
-            fs::read(tls.join(TLS_NODE_KEY)).unwrap()
-        );
-        assert_eq!(fs::read_to_string(p.ssl_ca()).unwrap(), first_ca);
-        // A MariaDB-only pair wins over the node's own.
-        fs::write(tls.join(TLS_DB_CERT), "db cert").unwrap();
-        fs::write(tls.join(TLS_DB_KEY), "db key").unwrap();
-        install_db_tls(&tls, &p, None).unwrap();
-        assert_eq!(fs::read_to_string(p.ssl_cert()).unwrap(), "db cert");
-        assert_eq!(fs::read_to_string(p.ssl_key()).unwrap(), "db key");
-        let e = install_db_tls(&dir.path().join("none"), &p, None).unwrap_err();
-        assert!(format!("{e:#}").contains("the node's TLS files"), "{e:#}");
-    }
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 
-use crate::node::NodeArgs;
+use crate::args::NodeArgs;
 
 #[derive(Subcommand)]
 pub enum Action {

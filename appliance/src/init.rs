@@ -19,13 +19,13 @@ use nix::sys::reboot::{reboot, set_cad_enabled, RebootMode};
 use nix::sys::signal::{kill, sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::unistd::{sync, Pid};
 
+use api::files::{PARTITION_DATA, PARTITION_ESP, PARTITION_SEED, SEED_MOUNT};
 use api::storage::Degraded;
 
-use crate::node::{self, Layout};
+use crate::layout::{Layout, DATA_MOUNT};
+use crate::node;
 use crate::supervisor::StopReason;
 
-pub const SEED_MOUNT: &str = "/seed";
-pub const DATA_MOUNT: &str = "/data";
 /// Grow the data partition only when at least this much of the disk lies unused behind it.
 const GROW_THRESHOLD_BYTES: u64 = 16 << 20;
 /// After a fatal error, wait this long (the serial log keeps the reason) before rebooting.
@@ -78,19 +78,19 @@ fn boot_and_supervise() -> anyhow::Result<Halt> {
     raise_open_files_limit();
     load_device_modules();
 
-    let seed_dev = find_partition("seed")?;
+    let seed_dev = find_partition(PARTITION_SEED)?;
     mount_fs(&seed_dev, SEED_MOUNT, "ext4", MsFlags::MS_RDONLY)?;
-    let node_name = fs::read_to_string(Path::new(SEED_MOUNT).join("node"))
+    let node_name = fs::read_to_string(Path::new(SEED_MOUNT).join(api::files::SEED_NODE_NAME))
         .context("reading the seed's node name")?;
     let node_name = node_name.trim();
-    let cluster = Cluster::load(&Path::new(SEED_MOUNT).join("cluster.toml"))
+    let cluster = Cluster::load(&Path::new(SEED_MOUNT).join(api::files::SEED_CLUSTER_CONFIG))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let node = cluster
         .node(node_name)
         .with_context(|| format!("seed names node `{node_name}`, absent from its cluster.toml"))?;
     tracing::info!(node = %node.name, address = %node.address, "seed read");
 
-    let data_dev = find_partition("data")?;
+    let data_dev = find_partition(PARTITION_DATA)?;
     if let Err(e) = grow_partition(&data_dev) {
         // Not fatal: the node works on the image's initial size.
         tracing::warn!("could not grow the data partition: {e:#}");
@@ -205,7 +205,7 @@ fn raise_open_files_limit() {
 /// The signals PID 1 acts on must have a handler: the kernel drops signals to init whose
 /// disposition is the default. The supervisor blocks and waits for them; the handler never runs.
 fn make_signals_deliverable() -> anyhow::Result<()> {
-    extern "C" fn ignore(_: libc::c_int) {}
+    extern "C" fn ignore(_: std::ffi::c_int) {}
     let action = SigAction::new(
         SigHandler::Handler(ignore),
         SaFlags::SA_RESTART,
@@ -637,7 +637,7 @@ fn partition_name(uevent: &str) -> Option<&str> {
 fn boot_disk() -> anyhow::Result<PathBuf> {
     use std::os::unix::fs::MetadataExt as _;
     let dev = fs::metadata("/").context("stat /")?.dev();
-    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
     let sys = Path::new("/sys/dev/block").join(format!("{major}:{minor}"));
     let part = fs::canonicalize(&sys).with_context(|| format!("resolving {}", sys.display()))?;
     if !part.join("partition").exists() {
@@ -795,8 +795,8 @@ fn spawn_boot_blessing(socket: PathBuf) {
         let target = crate::control::Target { socket: Some(socket), state_dir: None };
         let deadline = Instant::now() + BLESS_DEADLINE;
         loop {
-            if let Ok(crate::control::Response::Status { services }) =
-                crate::control::request(&target, &crate::control::Request::Status)
+            if let Ok(api::control::Response::Status { services }) =
+                crate::control::request(&target, &api::control::Request::Status)
             {
                 if !services.is_empty() && services.iter().all(|s| s.ready) {
                     break;
@@ -818,7 +818,7 @@ fn spawn_boot_blessing(socket: PathBuf) {
 
 /// Renames `loader/entries/appliance-<slot>+…conf` to `appliance-<slot>.conf` on the ESP.
 fn bless(slot: &str) -> anyhow::Result<Option<String>> {
-    let esp = find_partition("esp")?;
+    let esp = find_partition(PARTITION_ESP)?;
     fs::create_dir_all(ESP_MOUNT)?;
     mount(
         Some(&esp),

@@ -2,17 +2,21 @@
 //! socket, and the node roles (`run` on a developer machine, `init` as PID 1).
 
 pub mod admin;
+pub mod args;
 pub mod balancer_cmd;
 pub mod control;
 pub mod db_agent;
+pub mod files;
 pub mod firewall_cmd;
 pub mod init;
+pub mod layout;
 pub mod logging;
 pub mod logmon_cmd;
 pub mod netif;
 pub mod node;
 pub mod peer;
 pub mod preflight;
+pub mod secrets;
 pub mod state;
 pub mod supervisor;
 pub mod users;

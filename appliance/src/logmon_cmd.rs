@@ -2,7 +2,7 @@
 //!
 //! - the log store: writer threads, fed by the supervisor's log and event sinks, that append
 //!   every service line and event to `<state>/logs/` with a size cap ([`attach_log_store`]);
-//! - `appliance logmon`: the monitor as a supervised child ([`main`], [`service_spec`]), so
+//! - `appliance logmon`: the monitor as a supervised child ([`main`]; the node plan starts it), so
 //!   that parsing, alert rules and the webhook can never hurt PID 1.
 
 use std::path::{Path, PathBuf};
@@ -12,12 +12,14 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::Context as _;
 use logmon::store::{self, Entry, Limits, LogStore};
 
-use crate::node::{Layout, NodeArgs};
-use crate::state::EventRecord;
-use crate::supervisor::{self, LogLine, ServiceSpec, SupervisorOptions};
+use crate::args::NodeArgs;
+use crate::layout::Layout;
+use api::control::LogLine;
+use api::events::EventRecord;
+
+use crate::supervisor::{self, SupervisorOptions};
 
 /// At shutdown, how long the log store gets to write what is still queued.
 const STORE_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
@@ -98,29 +100,6 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
     tracing::info!(node = %node.name, state = %state_dir.display(), "log monitor started");
     logmon::run(config, &AtomicBool::new(false))?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// The monitor as a service of the node plan. `config` and `node` are passed on when given
-/// (`appliance run`); on the image the monitor finds both on the seed.
-pub fn service_spec(
-    config: Option<&Path>,
-    node: Option<&str>,
-    state_dir: &Path,
-) -> anyhow::Result<ServiceSpec> {
-    let exe = std::env::current_exe().context("locating the appliance binary")?;
-    let mut argv = vec![exe.display().to_string(), "logmon".to_string()];
-    if let Some(config) = config {
-        let config = std::path::absolute(config)
-            .with_context(|| format!("resolving {}", config.display()))?;
-        argv.extend(["--config".to_string(), config.display().to_string()]);
-    }
-    if let Some(node) = node {
-        argv.extend(["--node".to_string(), node.to_string()]);
-    }
-    let state_dir = std::path::absolute(state_dir)
-        .with_context(|| format!("resolving {}", state_dir.display()))?;
-    argv.extend(["--state-dir".to_string(), state_dir.display().to_string()]);
-    Ok(ServiceSpec::daemon(logmon::monitor::SERVICE_NAME, argv))
 }
 
 /// The writer threads of the log store; [`LogStoreGuard::finish`] waits for them after the

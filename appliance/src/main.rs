@@ -6,8 +6,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// mimalloc: the balancer allocates per request (headers, bodies, futures); measured cheaper
-/// than glibc malloc there (bench/balancer.sh).
+/// mimalloc: the balancer allocates per request (headers, bodies, futures). bench/alloc.sh
+/// (callgrind, 5 000 keep-alive requests through one worker) measured 1.8 % fewer
+/// instructions per proxied request than glibc malloc, on plain HTTP (33 853 vs 34 478) and on
+/// HTTPS (42 484 vs 43 282). The other subcommands neither gain nor lose measurably.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -136,7 +138,7 @@ fn main() -> anyhow::Result<ExitCode> {
 
 fn run_command(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::CheckConfig { file } => appliance::node::check_config(file.as_deref()),
+        Command::CheckConfig { file } => appliance::args::check_config(file.as_deref()),
         Command::DefaultConfig => {
             print!("{}", cluster_config::DEFAULT_CLUSTER_TOML);
             Ok(ExitCode::SUCCESS)

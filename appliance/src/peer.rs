@@ -23,7 +23,7 @@ pub const CA_CERT: &str = "ca.crt";
 
 /// The seed's TLS directory on an image (`node.crt`, `node.key`, `ca.crt`).
 pub fn seed_tls_dir() -> PathBuf {
-    Path::new(crate::init::SEED_MOUNT).join("tls")
+    Path::new(api::files::SEED_MOUNT).join(api::files::SEED_TLS_DIR)
 }
 
 /// An HTTPS client that authenticates as this node, or `None` without the seed's certificates
@@ -173,12 +173,12 @@ pub fn holder_line(address: &str, views: &[(String, Result<VipStatus, String>)])
 /// a status (a supervisor without the node's stack).
 pub fn status_line(state_dir: Option<&Path>) -> Option<String> {
     let layout = match state_dir {
-        Some(dir) => crate::node::Layout::dev(dir),
-        None => crate::node::Layout::image(),
+        Some(dir) => crate::layout::Layout::dev(dir),
+        None => crate::layout::Layout::image(),
     };
     let own = own_vip(&layout.vip_dir()).ok()?;
     let on_image = state_dir.is_none();
-    let node_args = crate::node::NodeArgs {
+    let node_args = crate::args::NodeArgs {
         config: None,
         node: None,
     };

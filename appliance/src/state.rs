@@ -4,34 +4,18 @@
 //! The supervisor's event loop is the only writer; each write is its own transaction. Readers
 //! (`status`, tests) may open the same file concurrently.
 
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use api::events::MIGRATIONS;
+use api::events::{EventKind, EventRecord, SCHEMA_VERSION, STATE_DB_FILE};
+use api::sqlite::MigrateError;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
-use serde::{Deserialize, Serialize};
 
-/// File name of the database inside the state directory.
-pub const STATE_DB_FILE: &str = "state.db";
 /// Oldest events beyond this many are deleted when the database is opened for writing.
 pub const MAX_EVENTS_KEPT: i64 = 100_000;
 /// How long a statement waits for a lock held by another connection.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Forward migrations; migration `i` takes the schema from version `i` to `i + 1`.
-/// Never edit one that has shipped: append a new one.
-const MIGRATIONS: &[&str] = &["CREATE TABLE events (
-        id INTEGER PRIMARY KEY,
-        ts_ms INTEGER NOT NULL,
-        service TEXT NOT NULL,
-        kind TEXT NOT NULL,
-        pid INTEGER NULL,
-        detail TEXT NOT NULL
-    );
-    CREATE INDEX events_by_service ON events (service, id);"];
-
-/// The schema version this binary writes.
-pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -73,67 +57,6 @@ pub enum Recovery {
     /// The file could not be used (full disk, I/O error, newer schema): events of this run are
     /// kept in memory only.
     InMemory { error: String },
-}
-
-/// What happened to a service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum EventKind {
-    /// A process was started (pid set; detail: the program).
-    Started,
-    /// The service became ready (dependents may start).
-    Ready,
-    /// The process ended (detail: `code 1`, `signal 9 (SIGKILL)`).
-    Exited,
-    /// Not ready within its ready timeout; it is being killed (detail: the timeout).
-    Timeout,
-    /// A restart is scheduled (detail: `in 200ms, restart 3`).
-    Restarting,
-    /// Given up: crash loop or could not be started (detail: why).
-    Failed,
-    /// Stopped on request or at shutdown.
-    Stopped,
-}
-
-impl EventKind {
-    pub const ALL: [EventKind; 7] = [
-        EventKind::Started,
-        EventKind::Ready,
-        EventKind::Exited,
-        EventKind::Timeout,
-        EventKind::Restarting,
-        EventKind::Failed,
-        EventKind::Stopped,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            EventKind::Started => "started",
-            EventKind::Ready => "ready",
-            EventKind::Exited => "exited",
-            EventKind::Timeout => "timeout",
-            EventKind::Restarting => "restarting",
-            EventKind::Failed => "failed",
-            EventKind::Stopped => "stopped",
-        }
-    }
-}
-
-impl fmt::Display for EventKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// One row of `events`. `kind` is text so rows written by a newer binary still read.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EventRecord {
-    pub id: i64,
-    pub ts_ms: i64,
-    pub service: String,
-    pub kind: String,
-    pub pid: Option<i32>,
-    pub detail: String,
 }
 
 pub struct StateDb {
@@ -227,22 +150,12 @@ impl StateDb {
             path: path.clone(),
             source,
         };
-        let found: i64 = conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .map_err(err)?;
-        if found > SCHEMA_VERSION {
-            return Err(StateError::TooNew { path, found });
-        }
-        for (from, sql) in MIGRATIONS
-            .iter()
-            .enumerate()
-            .skip(usize::try_from(found).unwrap_or(0))
-        {
-            let tx = conn.transaction().map_err(err)?;
-            tx.execute_batch(sql).map_err(err)?;
-            tx.pragma_update(None, "user_version", from as i64 + 1)
-                .map_err(err)?;
-            tx.commit().map_err(err)?;
+        match api::sqlite::migrate(&mut conn, MIGRATIONS) {
+            Ok(_) => {}
+            Err(MigrateError::TooNew { found, .. }) => {
+                return Err(StateError::TooNew { path, found })
+            }
+            Err(MigrateError::Sqlite(source)) => return Err(err(source)),
         }
         conn.execute(
             "DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?1",
@@ -504,7 +417,7 @@ mod tests {
             "{recovery:?}"
         );
         db.record(1, "db", EventKind::Ready, None, "").unwrap();
-        assert!(crate::node::count_boot(fs.0.path()).is_err());
+        assert!(crate::files::count_boot(fs.0.path()).is_err());
     }
 
     #[test]

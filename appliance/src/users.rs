@@ -115,7 +115,10 @@ pub fn require() -> Result<(), UsersError> {
             ));
             continue;
         };
-        let name = CString::new(user.name).expect("user names have no NUL");
+        let name = CString::new(user.name).map_err(|_| UsersError::Lookup {
+            name: user.name.to_string(),
+            source: nix::Error::EINVAL,
+        })?;
         let member_of =
             nix::unistd::getgrouplist(&name, found.gid).map_err(lookup_err(user.name))?;
         for &group in user.groups {
@@ -229,9 +232,8 @@ mod tests {
 
     #[test]
     fn chown_tree_reaches_every_entry_without_following_links() {
-        // SAFETY: plain geteuid(2).
         assert!(
-            unsafe { libc::geteuid() } == 0,
+            nix::unistd::geteuid().is_root(),
             "this test needs root (it chowns)"
         );
         let dir = tempfile::tempdir().unwrap();

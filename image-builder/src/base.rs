@@ -193,7 +193,7 @@ impl BaseInputs {
             field("hook", name);
             field("hook-text", text);
         }
-        crate::hex(&h.finalize()[..12])
+        hex::encode(&h.finalize()[..12])
     }
 }
 

@@ -95,7 +95,9 @@ impl Cmd {
         c.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = c.spawn().map_err(|e| self.spawn_error(e))?;
         if let Some(input) = &self.stdin {
-            let mut w = child.stdin.take().expect("stdin was piped");
+            let mut w = child.stdin.take().ok_or_else(|| {
+                self.spawn_error(std::io::Error::other("no pipe to its standard input"))
+            })?;
             w.write_all(input).map_err(|e| self.spawn_error(e))?;
         }
         let out = child.wait_with_output().map_err(|e| self.spawn_error(e))?;

@@ -15,6 +15,15 @@ const BLOCK: usize = 4096;
 /// Creates `out` (sparse, `layout.disk_size` bytes) with the partition table and the given
 /// partition images (label, image file). Partitions without an image stay zero.
 pub fn assemble(out: &Path, layout: &DiskLayout, images: &[(&str, &Path)]) -> Result<(), Error> {
+    let images = images
+        .iter()
+        .map(|&(label, image)| {
+            let part = layout.partition(label).ok_or_else(|| Error::NoPartition {
+                label: label.to_string(),
+            })?;
+            Ok((label, image, part))
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
     let f = create_private(out).map_err(|e| Error::io(STEP, out, e))?;
     f.set_len(layout.disk_size)
         .map_err(|e| Error::io(STEP, out, e))?;
@@ -34,8 +43,7 @@ pub fn assemble(out: &Path, layout: &DiskLayout, images: &[(&str, &Path)]) -> Re
         .write(true)
         .open(out)
         .map_err(|e| Error::io(STEP, out, e))?;
-    for (label, image) in images {
-        let part = layout.partition(label);
+    for (label, image, part) in images {
         let len = std::fs::metadata(image)
             .map_err(|e| Error::io(STEP, image, e))?
             .len();
@@ -113,6 +121,19 @@ pub fn to_qcow2(raw: &Path, qcow2: &Path) -> Result<(), Error> {
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn an_unknown_partition_is_named_before_anything_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("disk.img");
+        let layout = DiskLayout::new("tandem", "server1", crate::layout::GIB);
+        let e = assemble(&out, &layout, &[("swap", Path::new("/dev/null"))]).unwrap_err();
+        assert!(
+            e.to_string().contains("no partition labelled \"swap\""),
+            "{e}"
+        );
+        assert!(!out.exists());
+    }
 
     #[test]
     fn sparse_copy_writes_data_at_offset_and_leaves_holes() {

@@ -19,9 +19,9 @@ pub const REQUIREMENTS: &[(&str, &str)] = &[
     (crate::esp::SYSTEMD_BOOT_EFI, "systemd-boot-efi"),
 ];
 
+/// Whether this process runs as root (effective user id 0).
 pub fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
+    nix::unistd::Uid::effective().is_root()
 }
 
 /// Debian packages (sorted, deduplicated) providing what is missing on this host.

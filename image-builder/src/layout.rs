@@ -102,11 +102,10 @@ impl DiskLayout {
         }
     }
 
-    pub fn partition(&self, label: &str) -> &Partition {
-        self.partitions
-            .iter()
-            .find(|p| p.label == label)
-            .expect("every layout has the five fixed partitions")
+    /// The partition labelled `label`, if the layout has one (every layout has the five
+    /// `LABEL_*` partitions).
+    pub fn partition(&self, label: &str) -> Option<&Partition> {
+        self.partitions.iter().find(|p| p.label == label)
     }
 
     /// Input for `sfdisk` that creates exactly this table.
@@ -146,9 +145,14 @@ pub fn derived_uuid(parts: &[&str]) -> String {
     b.copy_from_slice(&d[..16]);
     b[6] = (b[6] & 0x0f) | 0x80; // version 8
     b[8] = (b[8] & 0x3f) | 0x80; // RFC variant
+    let h = hex::encode_upper(b);
     format!(
-        "{:02X}{:02X}{:02X}{:02X}-{:02X}{:02X}-{:02X}{:02X}-{:02X}{:02X}-{:02X}{:02X}{:02X}{:02X}{:02X}{:02X}",
-        b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
     )
 }
 
@@ -191,7 +195,7 @@ mod tests {
             ]
         );
         assert_eq!(l.disk_size, 2578 * MIB);
-        assert_eq!(l.partition("seed").start_lba(), 2305 * 2048);
+        assert_eq!(l.partition("seed").unwrap().start_lba(), 2305 * 2048);
         for p in &l.partitions {
             assert_eq!(p.offset % ALIGN, 0);
         }
@@ -202,6 +206,12 @@ mod tests {
         let a = DiskLayout::new("tandem", "server1", GIB);
         let b = DiskLayout::new("tandem", "server2", GIB);
         assert_eq!(a, DiskLayout::new("tandem", "server1", GIB));
+        // Existing disks carry these GUIDs: the derivation must never change.
+        assert_eq!(a.disk_guid, "9C7E7A37-DB34-8B5F-BFF6-6306D8D8D3CD");
+        assert_eq!(
+            derived_fat_volume_id(&["tandem", "server1", "disk"]),
+            "9C7E7A37"
+        );
         assert_ne!(a.disk_guid, b.disk_guid);
         let mut all: Vec<&str> = a
             .partitions

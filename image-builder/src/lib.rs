@@ -77,6 +77,8 @@ pub enum Error {
         partition: String,
         capacity: u64,
     },
+    #[error("disk image: the layout has no partition labelled {label:?} (it has esp, root-a, root-b, seed, data)")]
+    NoPartition { label: String },
 }
 
 impl Error {
@@ -87,11 +89,6 @@ impl Error {
             source,
         }
     }
-}
-
-/// Lower-case hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[derive(Debug, Clone)]
@@ -352,7 +349,11 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, Error> {
             format!("{name}\n").as_bytes(),
             0o644,
         )?;
-        pki::write_file(&seed_dir.join(pki::SECRET_FILE), secret.as_bytes(), 0o600)?;
+        pki::write_file(
+            &seed_dir.join(api::secret::SECRET_FILE),
+            secret.as_bytes(),
+            0o600,
+        )?;
         pki::write_file(&tls.join("ca.crt"), ca.cert_pem.as_bytes(), 0o644)?;
         pki::write_file(&tls.join("node.crt"), cert.cert_pem.as_bytes(), 0o644)?;
         pki::write_file(&tls.join("node.key"), cert.key_pem.as_bytes(), 0o600)?;
@@ -426,7 +427,8 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, Error> {
         artifacts,
     };
     let manifest_path = out.join("manifest.json");
-    let json = serde_json::to_string_pretty(&manifest).expect("the manifest serialises");
+    let json = serde_json::to_string_pretty(&manifest)
+        .map_err(|e| Error::io("manifest", &manifest_path, e.into()))?;
     std::fs::write(&manifest_path, json + "\n")
         .map_err(|e| Error::io("manifest", &manifest_path, e))?;
     p.finish();
@@ -462,7 +464,18 @@ fn hash_artifacts(
             .collect();
         handles
             .into_iter()
-            .map(|h| h.join().expect("hashing threads do not panic"))
+            .zip(files)
+            .map(|(h, (path, _, _))| {
+                h.join().map_err(|panic| {
+                    let what = panic
+                        .downcast_ref::<&str>()
+                        .copied()
+                        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                        .unwrap_or("no message");
+                    let e = std::io::Error::other(format!("hashing thread panicked: {what}"));
+                    Error::io("manifest", path, e)
+                })?
+            })
             .collect()
     })
 }
@@ -474,7 +487,7 @@ pub fn sha256_file(path: &Path) -> std::io::Result<String> {
     loop {
         let n = f.read(&mut buf)?;
         if n == 0 {
-            return Ok(hex(&h.finalize()));
+            return Ok(hex::encode(h.finalize()));
         }
         h.update(&buf[..n]);
     }
@@ -544,8 +557,7 @@ mod tests {
     }
 
     #[test]
-    fn hex_and_file_hash() {
-        assert_eq!(hex(&[0, 0xab, 0x10]), "00ab10");
+    fn file_hash() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("f");
         std::fs::write(&p, b"abc").unwrap();

@@ -9,25 +9,34 @@ use std::net::IpAddr;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use api::secret::{format_secret, parse_secret, SECRET_FILE, SECRET_LEN};
 use rcgen::{
     date_time_ymd, BasicConstraints, Certificate, CertificateParams, DistinguishedName, DnType,
     ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
 };
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::CertificateDer;
+use x509_cert::der::{Decode as _, Encode as _};
 
 use crate::Error;
 
 const STEP: &str = "certificates";
 
+/// The cluster CA: its key signs every node's and client's certificate.
 pub struct Ca {
     cert: Certificate,
     key: KeyPair,
     /// The certificate as stored in `ca.crt` (what nodes trust).
     pub cert_pem: String,
+    /// Where `ca.crt`, `ca.key` and the cluster secret are kept.
     pub dir: PathBuf,
 }
 
+/// A certificate signed by the CA and its fresh key, both PEM.
 pub struct NodeCert {
+    /// The certificate.
     pub cert_pem: String,
+    /// Its private key (PKCS#8): written 0600 only.
     pub key_pem: String,
 }
 
@@ -105,7 +114,9 @@ pub fn load_or_create_ca(dir: &Path, cluster: &str) -> Result<(Ca, bool), Error>
         let cert_pem = std::fs::read_to_string(&crt).map_err(|e| Error::io(STEP, &crt, e))?;
         let key = KeyPair::from_pem(&key_pem)
             .map_err(|e| pki_error(key_path.display().to_string(), e))?;
-        if !pem_contains(&cert_pem, &key.public_key_der()) {
+        let held = certificate_public_key(&cert_pem)
+            .map_err(|e| Error::Pki(format!("{}: {e}", crt.display())))?;
+        if held != key.public_key_der() {
             return Err(Error::Pki(format!(
                 "{} does not belong to {} (delete both to make a new CA)",
                 crt.display(),
@@ -148,33 +159,26 @@ pub fn load_or_create_ca(dir: &Path, cluster: &str) -> Result<(Ca, bool), Error>
     ))
 }
 
-/// Bytes of the cluster secret every node shares (database passwords derive from it).
-pub const SECRET_LEN: usize = 32;
-/// Its file beside the CA and in every seed: hex, one line, 0600.
-pub const SECRET_FILE: &str = "cluster.secret";
-
-/// Loads the cluster secret kept beside the CA, or creates it from the kernel's random source.
-/// Returns the file's text (hex + newline), ready to copy into each seed.
+/// Loads the cluster secret kept beside the CA (`api::secret`'s file and format), or creates
+/// it from the kernel's random source. Returns the file's text, ready to copy into each seed.
 pub fn load_or_create_secret(dir: &Path) -> Result<String, Error> {
     let path = dir.join(SECRET_FILE);
     match std::fs::read_to_string(&path) {
         Ok(text) => {
-            let hex = text.trim();
-            if hex.len() != SECRET_LEN * 2 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-                return Err(Error::Pki(format!(
-                    "{}: expected {} hex digits (delete it to make a new one; every node must then be rebuilt)",
-                    path.display(),
-                    SECRET_LEN * 2
-                )));
-            }
-            Ok(format!("{hex}\n"))
+            let secret = parse_secret(&text).map_err(|e| {
+                Error::Pki(format!(
+                    "{}: {e} (delete it to make a new one; every node must then be rebuilt)",
+                    path.display()
+                ))
+            })?;
+            Ok(format_secret(&secret))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut bytes = [0u8; SECRET_LEN];
+            let mut secret = [0u8; SECRET_LEN];
             std::fs::File::open("/dev/urandom")
-                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut secret))
                 .map_err(|e| Error::io(STEP, Path::new("/dev/urandom"), e))?;
-            let text: String = bytes.iter().map(|b| format!("{b:02x}")).collect::<String>() + "\n";
+            let text = format_secret(&secret);
             write_file(&path, text.as_bytes(), 0o600)?;
             Ok(text)
         }
@@ -284,37 +288,16 @@ const PUBLIC_BITS: u32 = 0o077;
 /// The CA's directory: its key is the cluster's.
 const CA_DIR_MODE: u32 = 0o700;
 
-/// Whether the DER inside a PEM text contains `needle` (a certificate's public key).
-fn pem_contains(pem: &str, needle: &[u8]) -> bool {
-    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
-    let Some(der) = base64_decode(b64.trim()) else {
-        return false;
-    };
-    der.windows(needle.len()).any(|w| w == needle)
-}
-
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let val = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    };
-    let s = s.trim_end_matches('=').as_bytes();
-    let mut out = Vec::with_capacity(s.len() * 3 / 4);
-    for chunk in s.chunks(4) {
-        let mut n = 0u32;
-        for (i, &c) in chunk.iter().enumerate() {
-            n |= val(c)? << (18 - 6 * i);
-        }
-        let bytes = n.to_be_bytes();
-        out.extend_from_slice(&bytes[1..chunk.len()]);
-    }
-    Some(out)
+/// The public key (SubjectPublicKeyInfo, DER) held by the first certificate of a PEM text.
+fn certificate_public_key(pem: &str) -> Result<Vec<u8>, String> {
+    let der = CertificateDer::from_pem_slice(pem.as_bytes())
+        .map_err(|e| format!("no PEM certificate: {e}"))?;
+    let cert = x509_cert::Certificate::from_der(&der)
+        .map_err(|e| format!("not an X.509 certificate: {e}"))?;
+    cert.tbs_certificate()
+        .subject_public_key_info()
+        .to_der()
+        .map_err(|e| format!("its public key does not encode: {e}"))
 }
 
 #[cfg(test)]
@@ -322,11 +305,46 @@ mod tests {
     use super::*;
 
     #[test]
-    fn base64() {
-        assert_eq!(base64_decode("aGVsbG8=").unwrap(), b"hello");
-        assert_eq!(base64_decode("aGVsbG8h").unwrap(), b"hello!");
-        assert_eq!(base64_decode("aGk=").unwrap(), b"hi");
-        assert!(base64_decode("a*").is_none());
+    fn certificates_give_their_public_key_and_bad_ones_are_named() {
+        let key = KeyPair::generate().unwrap();
+        let pem = ca_params("tandem").self_signed(&key).unwrap().pem();
+        assert_eq!(certificate_public_key(&pem).unwrap(), key.public_key_der());
+        let other = KeyPair::generate().unwrap();
+        assert_ne!(
+            certificate_public_key(&pem).unwrap(),
+            other.public_key_der()
+        );
+        for (input, expected) in [
+            ("", "no PEM certificate"),
+            (&*other.serialize_pem(), "no PEM certificate"),
+            (
+                "-----BEGIN CERTIFICATE-----\n*\n-----END CERTIFICATE-----\n",
+                "no PEM certificate: base64",
+            ),
+            (
+                "-----BEGIN CERTIFICATE-----\nMAMwAQA=\n-----END CERTIFICATE-----\n",
+                "not an X.509 certificate",
+            ),
+        ] {
+            let e = certificate_public_key(input).unwrap_err();
+            assert!(e.starts_with(expected), "{input:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn the_secret_is_created_once_in_the_shared_format_and_a_bad_one_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = load_or_create_secret(dir.path()).unwrap();
+        let secret = parse_secret(&text).unwrap();
+        assert_eq!(text, format_secret(&secret));
+        use std::os::unix::fs::MetadataExt;
+        let path = dir.path().join(SECRET_FILE);
+        assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+        assert_eq!(load_or_create_secret(dir.path()).unwrap(), text);
+        std::fs::write(&path, "abc\n").unwrap();
+        let e = load_or_create_secret(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("cluster.secret: expected 64 hex digits"), "{e}");
+        assert!(e.contains("delete it"), "{e}");
     }
 
     #[test]
@@ -408,5 +426,13 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(e.contains("does not belong"), "{e}");
+
+        // Nor is one that is no certificate at all; the error names the file.
+        std::fs::write(ca_dir.join("ca.crt"), "not a certificate\n").unwrap();
+        let e = load_or_create_ca(&ca_dir, "tandem")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("ca.crt: no PEM certificate"), "{e}");
     }
 }

@@ -20,7 +20,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 const PROBE_BOOTED: &str = "BdsDxe";
 
 /// The accelerator for this process's VMs.
-pub fn choose() -> Accel {
+pub(crate) fn choose() -> Accel {
     static CHOSEN: OnceLock<Accel> = OnceLock::new();
     *CHOSEN.get_or_init(|| {
         let accel = match std::env::var("TANDEM_ACCEL").as_deref() {

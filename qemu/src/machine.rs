@@ -57,7 +57,7 @@ pub fn format_mac(mac: [u8; 6]) -> String {
 }
 
 /// QEMU's disk format name for a node image, from its extension (`.qcow2`, else raw).
-pub fn image_format(path: &Path) -> &'static str {
+pub(crate) fn image_format(path: &Path) -> &'static str {
     match path.extension().and_then(|e| e.to_str()) {
         Some("qcow2") => "qcow2",
         _ => "raw",

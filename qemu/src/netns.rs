@@ -10,7 +10,6 @@
 use std::fs::File;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -19,6 +18,11 @@ use std::sync::mpsc;
 use std::sync::Mutex;
 use std::thread::JoinHandle;
 use std::time::Duration;
+
+use nix::sched::{setns, CloneFlags};
+use nix::sys::prctl::set_pdeathsig;
+use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow, Signal};
+use nix::unistd::{setpgid, Pid};
 
 use crate::error::{Error, Result};
 use crate::tools;
@@ -81,6 +85,7 @@ impl Netns {
         Ok(ns)
     }
 
+    /// The namespace's name (what `ip netns` lists).
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -122,20 +127,14 @@ impl Netns {
     /// cleanly) and with no signals blocked (the harness may block some for `sigwait`).
     pub fn spawn(&self, mut command: Command) -> Result<Child> {
         let what = format!("{command:?}");
-        // SAFETY: only async-signal-safe calls (prctl, setpgid, sigprocmask) between fork and exec.
+        // SAFETY: between fork and exec the closure only makes the async-signal-safe system
+        // calls prctl(PR_SET_PDEATHSIG), setpgid and sigprocmask (nix's wrappers around them
+        // neither allocate nor lock), and it touches no state shared with other threads.
         unsafe {
             command.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                if libc::setpgid(0, 0) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                let mut none: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut none);
-                if libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut()) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
+                set_pdeathsig(Signal::SIGKILL)?;
+                setpgid(Pid::from_raw(0), Pid::from_raw(0))?;
+                sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None)?;
                 Ok(())
             });
         }
@@ -250,7 +249,7 @@ impl Drop for Netns {
 
 /// Delete the namespaces of harness processes that died without cleaning up (SIGKILL, OOM):
 /// `tandem-<pid>-<n>` whose pid no longer exists. Their VMs died with them (PDEATHSIG).
-pub fn remove_stale() {
+pub(crate) fn remove_stale() {
     let Ok(entries) = std::fs::read_dir("/run/netns") else {
         return;
     };
@@ -275,12 +274,10 @@ fn stale_owner(name: &str) -> Option<u32> {
     pid.parse().ok()
 }
 
+/// Move the calling thread into the network namespace pinned at `path`.
 fn enter(path: &std::path::Path) -> io::Result<()> {
     let f = File::open(path)?;
-    // SAFETY: setns on a valid fd we own; it only changes this thread's network namespace.
-    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    setns(&f, CloneFlags::CLONE_NEWNET)?;
     Ok(())
 }
 

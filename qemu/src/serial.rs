@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 pub struct Mark(pub u64);
 
 /// The log's text from `since` on (lossy UTF-8; a missing file reads as empty).
-pub fn read_since(path: &Path, since: Mark) -> String {
+pub(crate) fn read_since(path: &Path, since: Mark) -> String {
     let mut bytes = Vec::new();
     if let Ok(mut f) = std::fs::File::open(path) {
         if f.seek(SeekFrom::Start(since.0)).is_ok() {
@@ -21,7 +21,7 @@ pub fn read_since(path: &Path, since: Mark) -> String {
 }
 
 /// The current end of the log.
-pub fn mark(path: &Path) -> Mark {
+pub(crate) fn mark(path: &Path) -> Mark {
     Mark(std::fs::metadata(path).map(|m| m.len()).unwrap_or(0))
 }
 
@@ -62,7 +62,7 @@ pub fn tail(text: &str, n: usize) -> Vec<String> {
 }
 
 /// The first line of `text` for which `matches` holds.
-pub fn find_line(text: &str, matches: impl Fn(&str) -> bool) -> Option<String> {
+pub(crate) fn find_line(text: &str, matches: impl Fn(&str) -> bool) -> Option<String> {
     strip_ansi(text)
         .lines()
         .find(|l| matches(l))
@@ -70,7 +70,10 @@ pub fn find_line(text: &str, matches: impl Fn(&str) -> bool) -> Option<String> {
 }
 
 /// Format tails of several logs under one header each, for failure messages.
-pub fn format_tails<'a>(logs: impl IntoIterator<Item = (&'a str, &'a Path)>, n: usize) -> String {
+pub(crate) fn format_tails<'a>(
+    logs: impl IntoIterator<Item = (&'a str, &'a Path)>,
+    n: usize,
+) -> String {
     let mut out = String::new();
     for (name, path) in logs {
         let text = read_since(path, Mark(0));

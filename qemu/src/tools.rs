@@ -11,16 +11,16 @@ pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
 pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 
 /// Programs the harness runs, and their Debian packages.
-pub const QEMU: (&str, &str) = ("qemu-system-x86_64", "qemu-system-x86");
-pub const QEMU_IMG: (&str, &str) = ("qemu-img", "qemu-utils");
-pub const IP: (&str, &str) = ("ip", "iproute2");
-pub const CURL: (&str, &str) = ("curl", "curl");
+pub(crate) const QEMU: (&str, &str) = ("qemu-system-x86_64", "qemu-system-x86");
+pub(crate) const QEMU_IMG: (&str, &str) = ("qemu-img", "qemu-utils");
+pub(crate) const IP: (&str, &str) = ("ip", "iproute2");
+pub(crate) const CURL: (&str, &str) = ("curl", "curl");
 /// Who answers ARP for the floating IP.
-pub const ARPING: (&str, &str) = ("arping", "iputils-arping");
+pub(crate) const ARPING: (&str, &str) = ("arping", "iputils-arping");
 
 /// Full path of `tool` on `$PATH` (plus the sbin directories, which a non-login root shell may
 /// lack), or an error naming its package.
-pub fn find((tool, package): (&'static str, &'static str)) -> Result<PathBuf> {
+pub(crate) fn find((tool, package): (&'static str, &'static str)) -> Result<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     let extra = [PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")];
     std::env::split_paths(&path)

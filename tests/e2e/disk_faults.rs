@@ -48,7 +48,10 @@ fn data_offset(image: &Path) -> qemu::Result<u64> {
         .ok_or_else(|| err(format!("no data partition in {}", image.display())))
 }
 
-pub fn zeroed_superblock_boots_degraded(cluster: &Cluster, config: &cluster_config::Cluster) {
+pub(crate) fn zeroed_superblock_boots_degraded(
+    cluster: &Cluster,
+    config: &cluster_config::Cluster,
+) {
     let node = config
         .node("server2")
         .expect("server2 in the default cluster");

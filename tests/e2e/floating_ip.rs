@@ -11,20 +11,20 @@ use qemu::{Cluster, ProbeOptions, ProbeReport};
 use crate::support::step;
 
 /// How long the address may take to settle on one node after boot, a move or a heal.
-pub const SETTLE: Duration = Duration::from_secs(60);
+pub(crate) const SETTLE: Duration = Duration::from_secs(60);
 /// CI's bound on the longest gap a client sees in one failover. The bench
 /// (`bench/vip-failover.sh`) measures the real figure over five trials; one trial on a loaded
 /// two-core CI machine under TCG gets slack (the worst of ten CI-like runs: 2.3 s), while
 /// keepalived's defaults (3.5 s before the address moves) would still fail it.
-pub const MAX_GAP: Duration = Duration::from_millis(3000);
+pub(crate) const MAX_GAP: Duration = Duration::from_millis(3000);
 /// Within this after a split heals, exactly one node answers for the address.
-pub const HEAL: Duration = Duration::from_secs(5);
+pub(crate) const HEAL: Duration = Duration::from_secs(5);
 
 fn err(what: impl Into<String>) -> qemu::Error {
     qemu::Error::Http(what.into())
 }
 
-pub fn vip(config: &cluster_config::Cluster) -> Ipv4Addr {
+pub(crate) fn vip(config: &cluster_config::Cluster) -> Ipv4Addr {
     config.floating_ip
 }
 
@@ -33,7 +33,7 @@ fn vip_url(config: &cluster_config::Cluster) -> String {
 }
 
 /// The other node of the two-node default cluster.
-pub fn other(config: &cluster_config::Cluster, node: &str) -> String {
+pub(crate) fn other(config: &cluster_config::Cluster, node: &str) -> String {
     config
         .nodes
         .iter()
@@ -149,7 +149,7 @@ fn page_names_holder(
 
 /// Boot-time checks and the balancer-kill failover, on a cluster that stays up. Returns the
 /// holder afterwards.
-pub fn run(
+pub(crate) fn run(
     cluster: &Cluster,
     config: &cluster_config::Cluster,
     certs: &(PathBuf, PathBuf),
@@ -224,7 +224,7 @@ pub fn run(
 
 /// The holder's machine dies (power cut); the address moves within the bound, the node boots
 /// again as a backup and the address stays where it is. Returns the new holder.
-pub fn power_cut_of_holder(
+pub(crate) fn power_cut_of_holder(
     cluster: &Cluster,
     config: &cluster_config::Cluster,
     boots: &mut std::collections::HashMap<String, u64>,
@@ -275,7 +275,7 @@ pub fn power_cut_of_holder(
 }
 
 /// The cluster LAN is cut between the nodes and healed: within [`HEAL`] one node answers.
-pub fn split_and_heal(cluster: &Cluster, config: &cluster_config::Cluster, holder: &str) {
+pub(crate) fn split_and_heal(cluster: &Cluster, config: &cluster_config::Cluster, holder: &str) {
     let backup = other(config, holder);
     step(
         cluster,
@@ -328,7 +328,10 @@ fn became_master(
 }
 
 /// The peer client certificate of the e2e client (see `services::client_cert`).
-pub fn peer_certs(cluster: &Cluster, config: &cluster_config::Cluster) -> (PathBuf, PathBuf) {
+pub(crate) fn peer_certs(
+    cluster: &Cluster,
+    config: &cluster_config::Cluster,
+) -> (PathBuf, PathBuf) {
     step(
         cluster,
         "a peer client certificate from the cluster CA",

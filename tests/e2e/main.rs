@@ -5,6 +5,9 @@
 //! `scripts/build-images`). Missing images fail the tests; they are never skipped.
 //! `TANDEM_KEEP=1` keeps each cluster's work dir (overlays, logs) under `target/e2e/`.
 
+// Test code: a failed unwrap is a failed test, with the panic naming the value.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 mod disk_faults;

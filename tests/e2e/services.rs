@@ -9,11 +9,11 @@ use std::time::Duration;
 use qemu::{Cluster, HttpResponse};
 
 /// Replication and the first database setup on a fresh cluster take a while under TCG.
-pub const DB_TIMEOUT: Duration = Duration::from_secs(180);
+pub(crate) const DB_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// POST a note through `node`'s balancer → some node's nginx → app; the app writes to the
 /// primary wherever it is.
-pub fn post_note(
+pub(crate) fn post_note(
     cluster: &Cluster,
     config: &cluster_config::Cluster,
     node: &str,
@@ -58,7 +58,7 @@ pub fn post_note(
 /// Wait until `node`'s application lists a note with `text` (read from its local database).
 /// Asked through the node's balancer until an answer comes from `node` itself (the JSON names
 /// the node that served it): a client cannot reach a node's web port directly.
-pub fn wait_note(
+pub(crate) fn wait_note(
     cluster: &Cluster,
     config: &cluster_config::Cluster,
     node: &str,
@@ -75,7 +75,7 @@ pub fn wait_note(
 
 /// `curl` exit code for a plain TCP connection attempt from the client: 0 connected (or
 /// answered), 7 refused, 28 timed out (dropped by a firewall).
-pub fn tcp_probe(cluster: &Cluster, addr: &str, port: u16) -> qemu::Result<i32> {
+pub(crate) fn tcp_probe(cluster: &Cluster, addr: &str, port: u16) -> qemu::Result<i32> {
     let out = cluster.run(&[
         "curl",
         "-s",
@@ -88,7 +88,7 @@ pub fn tcp_probe(cluster: &Cluster, addr: &str, port: u16) -> qemu::Result<i32> 
     Ok(out.status.code().unwrap_or(-1))
 }
 
-pub fn run(cluster: &Cluster, config: &cluster_config::Cluster) -> String {
+pub(crate) fn run(cluster: &Cluster, config: &cluster_config::Cluster) -> String {
     let note = format!("e2e note {}", std::process::id());
     crate::support::step(
         cluster,
@@ -248,7 +248,7 @@ fn ca_dir(config: &cluster_config::Cluster) -> qemu::Result<PathBuf> {
 }
 
 /// A client certificate `peer` from the cluster CA, in `subdir` of the cluster's work dir.
-pub fn peer_client_cert(
+pub(crate) fn peer_client_cert(
     cluster: &Cluster,
     config: &cluster_config::Cluster,
     subdir: &Path,

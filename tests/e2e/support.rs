@@ -7,14 +7,14 @@ use qemu::{Cluster, ClusterSpec, HttpResponse};
 
 /// Under TCG on a loaded two-core machine, two nodes booting at once reach HTTP in 1–2 minutes;
 /// the margin is for a busy CI host.
-pub const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
+pub(crate) const BOOT_TIMEOUT: Duration = Duration::from_secs(300);
 /// Serial lines printed on each boot, after the page is up, come within this.
-pub const SERIAL_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const SERIAL_TIMEOUT: Duration = Duration::from_secs(120);
 /// Lines of each serial log shown when a step fails.
-pub const TAIL_LINES: usize = 40;
+pub(crate) const TAIL_LINES: usize = 40;
 
 /// The built-in cluster the images are built for (server1 10.88.0.11, server2 10.88.0.12).
-pub fn cluster_config() -> cluster_config::Cluster {
+pub(crate) fn cluster_config() -> cluster_config::Cluster {
     cluster_config::Cluster::default_cluster()
 }
 
@@ -28,7 +28,7 @@ fn workspace() -> PathBuf {
 
 /// The image directory, with a node image for every node of `config`, or a panic that says how
 /// to build them.
-pub fn images(config: &cluster_config::Cluster) -> PathBuf {
+pub(crate) fn images(config: &cluster_config::Cluster) -> PathBuf {
     let dir = std::env::var_os("TANDEM_IMAGES")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace().join("target/images"));
@@ -56,7 +56,7 @@ pub fn images(config: &cluster_config::Cluster) -> PathBuf {
 }
 
 /// Boot every node of the default cluster from the images, each VM on a fresh overlay.
-pub fn boot_cluster() -> Cluster {
+pub(crate) fn boot_cluster() -> Cluster {
     let config = cluster_config();
     let images = images(&config);
     let id = qemu::unique_id();
@@ -83,7 +83,7 @@ pub fn boot_cluster() -> Cluster {
 }
 
 /// Run one named step; on error, fail the test with the error and every serial log's tail.
-pub fn step<T>(cluster: &Cluster, name: &str, body: impl FnOnce() -> qemu::Result<T>) -> T {
+pub(crate) fn step<T>(cluster: &Cluster, name: &str, body: impl FnOnce() -> qemu::Result<T>) -> T {
     let t0 = Instant::now();
     eprintln!("==> {name}");
     match body() {
@@ -102,13 +102,13 @@ pub fn step<T>(cluster: &Cluster, name: &str, body: impl FnOnce() -> qemu::Resul
 /// The node's page through its own balancer (HTTPS on its address), from the client. nginx's
 /// web port is open to cluster peers only, so a client sees a node's page when that balancer's
 /// round robin picks the node: [`wait_page`] asks until it does.
-pub fn page_url(config: &cluster_config::Cluster, node: &str) -> String {
+pub(crate) fn page_url(config: &cluster_config::Cluster, node: &str) -> String {
     let n = config.node(node).expect("node of the default cluster");
     format!("https://{}:{}/node.html", n.address, config.ports.https)
 }
 
 /// `boot: N` on a node's page.
-pub fn boot_count(body: &str) -> Option<u64> {
+pub(crate) fn boot_count(body: &str) -> Option<u64> {
     let rest = &body[body.find("boot: ")? + "boot: ".len()..];
     let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
     digits.parse().ok()
@@ -116,7 +116,7 @@ pub fn boot_count(body: &str) -> Option<u64> {
 
 /// Wait until `node`'s page answers 200 with its name (and, if given, this boot count).
 /// Returns the boot count shown.
-pub fn wait_page(
+pub(crate) fn wait_page(
     cluster: &Cluster,
     config: &cluster_config::Cluster,
     node: &str,

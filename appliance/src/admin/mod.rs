@@ -27,8 +27,9 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Serialize;
 
-use crate::control::{self, ServiceStatus, Target};
-use crate::node::NodeArgs;
+use crate::control::{self, Target};
+use api::control::{self as ctl, ServiceStatus, SOCKET_FILE};
+use crate::args::NodeArgs;
 use crate::peer::{CA_CERT, NODE_CERT, NODE_KEY};
 use page::{AlertRow, NodeRow, StatusView};
 
@@ -93,15 +94,15 @@ pub fn main(args: AdminArgs) -> anyhow::Result<ExitCode> {
         socket: Some(
             args.socket
                 .clone()
-                .unwrap_or_else(|| args.state_dir.join(control::SOCKET_FILE)),
+                .unwrap_or_else(|| args.state_dir.join(SOCKET_FILE)),
         ),
         state_dir: None,
     };
     let run_dir = args.run_dir.clone().unwrap_or_else(|| {
-        if args.state_dir == crate::node::Layout::image().state {
-            crate::node::Layout::image().run
+        if args.state_dir == crate::layout::Layout::image().state {
+            crate::layout::Layout::image().run
         } else {
-            crate::node::Layout::dev(&args.state_dir).run
+            crate::layout::Layout::dev(&args.state_dir).run
         }
     });
     let peers = match tls_dir(&args) {
@@ -247,8 +248,8 @@ fn self_signed(dir: &Path, cluster: &Cluster, node: &Node) -> anyhow::Result<(Pa
     ];
     let generated =
         rcgen::generate_simple_self_signed(names).context("generating the admin certificate")?;
-    crate::node::write_file(&key, &generated.key_pair.serialize_pem(), 0o600)?;
-    crate::node::write_file(&cert, &generated.cert.pem(), 0o644)?;
+    crate::files::write_file(&key, &generated.key_pair.serialize_pem(), 0o600)?;
+    crate::files::write_file(&cert, &generated.cert.pem(), 0o644)?;
     Ok((cert, key))
 }
 
@@ -430,7 +431,7 @@ fn peer_signal(ctx: &Ctx, query: &str, peer: &str) -> Resp {
     tracing::warn!(%service, %signal, %peer, "signal requested by a peer");
     match control::request(
         &ctx.target,
-        &control::Request::Signal {
+        &ctl::Request::Signal {
             service: service.clone(),
             signal: signal.clone(),
         },
@@ -451,9 +452,9 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> 
 }
 
 fn services(ctx: &Ctx) -> Result<Vec<ServiceStatus>, String> {
-    match control::request(&ctx.target, &control::Request::Status) {
-        Ok(control::Response::Status { services }) => Ok(services),
-        Ok(control::Response::Error { message }) => Err(message),
+    match control::request(&ctx.target, &ctl::Request::Status) {
+        Ok(ctl::Response::Status { services }) => Ok(services),
+        Ok(ctl::Response::Error { message }) => Err(message),
         Ok(other) => Err(format!("unexpected answer {other:?}")),
         Err(e) => Err(e.to_string()),
     }

@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use crate::control::ServiceStatus;
+use api::control::ServiceStatus;
 
 /// A service that restarted less than this long ago is flagged on the page.
 pub const RECENT_RESTART_S: u64 = 120;

@@ -7,39 +7,12 @@ use std::io::{BufRead, BufReader, Read};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 
-use serde::{Deserialize, Serialize};
+use api::control::{LogLine, Stream};
 
 /// Lines kept per service.
 pub const LOG_LINES_KEPT: usize = 500;
 /// Longer lines are split into pieces of this many bytes (bounds memory per reader).
 pub const MAX_LINE_BYTES: usize = 16 * 1024;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Stream {
-    Stdout,
-    Stderr,
-}
-
-impl Stream {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Stream::Stdout => "stdout",
-            Stream::Stderr => "stderr",
-        }
-    }
-}
-
-/// One line a service wrote, without its line terminator.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LogLine {
-    /// Milliseconds since the Unix epoch, when the supervisor read the line.
-    pub ts_ms: i64,
-    pub service: String,
-    pub stream: Stream,
-    pub pid: i32,
-    pub line: String,
-}
 
 /// The ring buffers of all services; shared by reader threads and the control server.
 #[derive(Debug, Default)]

@@ -55,15 +55,17 @@ use nix::unistd;
 
 pub use backoff::{RestartMode, RestartPolicy};
 pub use caps::Capability;
-pub use logs::{LogLine, Stream, LOG_LINES_KEPT};
+pub use logs::LOG_LINES_KEPT;
 pub use order::OrderError;
 pub(crate) use process::credentials;
 pub(crate) use process::handled as handled_signals;
 pub use process::ExitKind;
 pub use spec::{Kind, Readiness, ServiceSpec, StopSignal};
 
-use crate::control::{ControlError, ControlServer, Request, Response, SOCKET_FILE};
-use crate::state::{EventKind, EventRecord, Recovery, StateDb, StateError};
+use crate::control::{ControlError, ControlServer};
+use api::control::{LogLine, Request, Response, SOCKET_FILE};
+use crate::state::{Recovery, StateDb, StateError};
+use api::events::{EventKind, EventRecord};
 use api::storage::Degraded;
 
 /// The subject of the state DB's [`Degraded`] record and alert.

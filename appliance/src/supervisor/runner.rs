@@ -12,12 +12,13 @@ use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
 use super::backoff::{self, Decision};
-use super::logs::{self, LogBuffers, LogLine, Stream};
+use super::logs::{self, LogBuffers};
 use super::process::{self, ExitKind, SignalEvent};
 use super::spec::{Kind, Readiness, ServiceSpec};
 use super::{now_ms, StopReason, SupervisorOptions};
-use crate::control::{Request, Response, ServiceStatus};
-use crate::state::{EventKind, EventRecord, StateDb};
+use crate::state::StateDb;
+use api::events::{EventKind, EventRecord};
+use api::control::{LogLine, Request, Response, ServiceStatus, Stream};
 
 /// How often a readiness probe is retried.
 pub const READINESS_POLL: Duration = Duration::from_millis(50);
@@ -278,7 +279,7 @@ impl Runner {
                         message: format!("no service `{service}`"),
                     };
                 };
-                let sig = crate::control::SIGNALS
+                let sig = api::control::SIGNALS
                     .contains(&signal.as_str())
                     .then(|| format!("SIG{signal}").parse::<Signal>().ok())
                     .flatten();
@@ -286,7 +287,7 @@ impl Runner {
                     return Response::Error {
                         message: format!(
                             "signal `{signal}` is not one of {}",
-                            crate::control::SIGNALS.join(", ")
+                            api::control::SIGNALS.join(", ")
                         ),
                     };
                 };

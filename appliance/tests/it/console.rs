@@ -6,7 +6,7 @@ use std::io::Read as _;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use appliance::control::ServiceStatus;
+use api::control::ServiceStatus;
 use serde_json::json;
 
 fn status(state: &std::path::Path) -> Option<Vec<ServiceStatus>> {

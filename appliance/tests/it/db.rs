@@ -534,9 +534,10 @@ fn replication_through_the_app_survives_restarts_kills_and_switchovers() {
         "{slave:?}"
     );
     // Every account logs in over TLS only: without it, access is denied.
-    let secret =
-        api::secret::parse_secret(&std::fs::read_to_string(tmp.path().join("local.secret")).unwrap())
-            .unwrap();
+    let secret = api::secret::parse_secret(
+        &std::fs::read_to_string(tmp.path().join("local.secret")).unwrap(),
+    )
+    .unwrap();
     let passwords = db::agent::passwords(&secret);
     let ca = s1.state.join("run/mysqld/tls-ca.pem");
     for (user, password) in [
@@ -659,7 +660,7 @@ fn replication_through_the_app_survives_restarts_kills_and_switchovers() {
         "{status}"
     );
     assert_eq!(
-        std::fs::read_to_string(s2.state.join("db-primary"))
+        std::fs::read_to_string(s2.state.join(api::files::DB_PRIMARY))
             .unwrap()
             .trim(),
         "server1"

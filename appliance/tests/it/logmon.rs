@@ -120,14 +120,7 @@ impl Drop for Node {
         if std::thread::panicking() {
             eprintln!("{}", self.evidence());
         }
-        // SAFETY: plain kill(2).
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        crate::support::stop(&mut self.child);
     }
 }
 
@@ -208,8 +201,11 @@ fn killing_a_service_three_times_fires_one_crash_loop_alert_that_resolves() {
             let pid = s["pid"].as_i64()?;
             (pid != last_pid && s["ready"] == true).then_some(pid)
         });
-        // SAFETY: plain kill(2).
-        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
         last_pid = pid;
     }
 

@@ -211,9 +211,8 @@ fn writable_dir_as(user: &str, dir: &Path) -> bool {
 /// A temporary root for a node run as root: fails clearly without root, and is 0755 so that
 /// the services' users reach their directories below it.
 fn root_run_dir() -> tempfile::TempDir {
-    // SAFETY: plain geteuid(2).
     assert!(
-        unsafe { libc::geteuid() } == 0,
+        nix::unistd::geteuid().is_root(),
         "this test needs root (the node switches users)"
     );
     let tmp = tempfile::tempdir().unwrap();
@@ -228,19 +227,15 @@ fn root_run_dir() -> tempfile::TempDir {
 /// A self-signed key pair in the balancer's files, as an earlier version (running the balancer
 /// as www-data) left it.
 fn leave_old_balancer_key(state: &Path) -> PathBuf {
-    let tls = state.join("balancer/tls");
+    let balancer = state.join(api::files::BALANCER_STATE_DIR);
+    let (cert, key) = api::files::balancer_self_signed(&balancer);
+    let tls = balancer.join(api::files::BALANCER_TLS_DIR);
     std::fs::create_dir_all(&tls).unwrap();
     let generated = rcgen::generate_simple_self_signed(vec!["priv.test".to_string()]).unwrap();
-    let key = tls.join("self-signed.key");
-    std::fs::write(tls.join("self-signed.crt"), generated.cert.pem()).unwrap();
+    std::fs::write(&cert, generated.cert.pem()).unwrap();
     std::fs::write(&key, generated.key_pair.serialize_pem()).unwrap();
     let www = uid_of("www-data");
-    for p in [
-        state.join("balancer"),
-        tls.clone(),
-        key.clone(),
-        tls.join("self-signed.crt"),
-    ] {
+    for p in [balancer, tls, key.clone(), cert] {
         std::os::unix::fs::chown(&p, Some(www), Some(www)).unwrap();
     }
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
@@ -339,7 +334,7 @@ fn every_service_runs_with_no_new_privs_and_only_its_capabilities() {
     }
 
     // The admin server is not root, and reaches the supervisor through the socket's group.
-    let socket = run.state.join("control.sock");
+    let socket = run.state.join(api::control::SOCKET_FILE);
     let meta = std::fs::metadata(&socket).unwrap();
     let control_gid = nix::unistd::Group::from_name("tandem-control")
         .unwrap()
@@ -371,8 +366,8 @@ fn every_service_runs_with_no_new_privs_and_only_its_capabilities() {
     );
     // The log monitor (tandem-logmon) reads the certificate the balancer serves, for its
     // expiry check, and cannot read the balancer's key.
-    let served = run.state.join("balancer/tls/self-signed.crt");
-    let balancer_key = run.state.join("balancer/tls/self-signed.key");
+    let (served, balancer_key) =
+        api::files::balancer_self_signed(&run.state.join(api::files::BALANCER_STATE_DIR));
     assert!(
         served.exists() && balancer_key.exists(),
         "{}",

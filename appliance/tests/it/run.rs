@@ -100,7 +100,7 @@ impl Node {
     }
 
     fn events(&self, service: &str) -> Vec<String> {
-        let db = rusqlite::Connection::open(self.state.join("state.db")).unwrap();
+        let db = rusqlite::Connection::open(self.state.join(api::events::STATE_DB_FILE)).unwrap();
         let mut stmt = db
             .prepare("SELECT kind FROM events WHERE service = ?1 ORDER BY id")
             .unwrap();
@@ -196,7 +196,7 @@ fn local_cluster_runs_real_nginx_and_mariadb_and_recovers_from_kill9() {
     for (node, addr) in [(&server1, "127.0.0.11"), (&server2, "127.0.0.12")] {
         // The node's own page: static, served by nginx itself (`/` is the application, which
         // answers only once replication is set up).
-        let page = http_get(&format!("http://{addr}:8081/node.html"))
+        let page = http_get(&format!("http://{addr}:8081/{}", api::files::NODE_PAGE))
             .unwrap_or_else(|| panic!("no page\n{}", node.log()));
         assert!(page.contains(&format!("node: {}", node.name)), "{page}");
         let health = http_get(&format!("http://{addr}:8081/healthz"));
@@ -248,7 +248,7 @@ fn local_cluster_runs_real_nginx_and_mariadb_and_recovers_from_kill9() {
         );
         assert_eq!(tail.last().copied(), Some("ready"), "{service}: {events:?}");
     }
-    let page = http_get("http://127.0.0.12:8081/node.html")
+    let page = http_get(&format!("http://127.0.0.12:8081/{}", api::files::NODE_PAGE))
         .unwrap_or_else(|| panic!("no page after restart\n{}", server2.log()));
     assert!(page.contains("node: server2"));
 

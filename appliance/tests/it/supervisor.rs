@@ -9,8 +9,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use appliance::control::{self, Request, Response, ServiceStatus, Target};
-use appliance::state::{EventRecord, StateDb};
+use api::control::{Request, Response, ServiceStatus};
+use appliance::control::{self, Target};
+use api::events::EventRecord;
+use appliance::state::StateDb;
 use serde_json::{json, Value};
 
 const STARTUP: Duration = Duration::from_secs(10);

@@ -4,6 +4,9 @@
 //! Needs root (or an already cached base) and the host tools; as root the builder installs
 //! missing ones. It fails, never skips, when something is missing.
 
+// Test code: a failed unwrap is a failed test, with the panic naming the value.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

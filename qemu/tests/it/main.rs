@@ -4,6 +4,9 @@
 //! ARP shows them, with namespaces standing in for nodes. Needs root and the host packages; a
 //! missing one fails with the package name.
 
+// Test code: a failed unwrap is a failed test, with the panic naming the value.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
@@ -199,6 +202,50 @@ fn missing_image_is_reported_before_anything_starts() {
 fn test_netns(client: Ipv4Addr) -> Arc<Netns> {
     let name = format!("tandem-{}", qemu::unique_id());
     Arc::new(Netns::create(&name, client, 24, &[]).unwrap_or_else(|e| panic!("netns: {e}")))
+}
+
+/// What `Netns::spawn` promises a child: it runs inside the namespace, leads its own process
+/// group and starts with no signal blocked, even when the thread that made the namespace (and so
+/// its spawner thread) blocks some, as the `tandem-qemu` CLI does for `sigwait`.
+#[test]
+fn spawned_commands_run_in_the_namespace_in_their_own_group_with_no_signal_blocked() {
+    use nix::sys::signal::{SigSet, Signal};
+    use std::os::unix::fs::MetadataExt as _;
+
+    let mut blocked = SigSet::empty();
+    blocked.add(Signal::SIGUSR1);
+    let before = blocked
+        .thread_swap_mask(nix::sys::signal::SigmaskHow::SIG_BLOCK)
+        .unwrap();
+    let netns = test_netns(Ipv4Addr::new(10, 88, 0, 1));
+    before.thread_set_mask().unwrap();
+
+    // Each command reports on itself (a shell between would show its own mask and group).
+    let run = |argv: &[&str]| {
+        let out = netns.output(argv).unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{argv:?}: {stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let ns = run(&["readlink", "/proc/self/ns/net"]);
+    let ns = ns.trim();
+    let stat = run(&["cat", "/proc/self/stat"]);
+    let stat: Vec<&str> = stat.split_whitespace().collect();
+    let (pid, pgrp) = (stat[0], stat[4]);
+    let status = run(&["cat", "/proc/self/status"]);
+    let sigblk = status.lines().find(|l| l.starts_with("SigBlk:")).unwrap();
+    let inode = std::fs::metadata(netns.path()).unwrap().ino();
+    assert_eq!(ns, format!("net:[{inode}]"), "not inside {}", netns.name());
+    assert_eq!(pgrp, pid, "not the leader of its own process group");
+    assert_eq!(
+        sigblk.split_whitespace().nth(1),
+        Some("0000000000000000"),
+        "{sigblk}"
+    );
 }
 
 fn run(cmd: &mut Command) {

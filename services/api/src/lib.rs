@@ -2,8 +2,15 @@
 //! line format lives here once, typed, and both sides use it; services never depend on each
 //! other, only on this crate and `cluster-config`.
 
+pub mod access_log;
+pub mod control;
 pub mod db;
+pub mod events;
+pub mod files;
+pub mod ports;
+pub mod prometheus;
 pub mod secret;
+pub mod sqlite;
 pub mod storage;
 pub mod text;
 pub mod vip;

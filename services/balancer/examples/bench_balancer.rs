@@ -13,7 +13,9 @@ use std::process::ExitCode;
 use balancer::{Listen, Options};
 use cluster_config::{Cluster, DbRole, Node};
 
-/// The allocator of the `appliance` binary, which runs the balancer in production.
+/// The allocator of the `appliance` binary, which runs the balancer in production
+/// (`--features system-alloc` keeps glibc's, for bench/alloc.sh).
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -37,13 +37,22 @@ pub struct Backend {
     pub pool: Pool,
 }
 
+/// `addr` as a URI authority (`1.2.3.4:80`, `[::1]:80`).
+#[allow(
+    clippy::expect_used,
+    reason = "a SocketAddr displays as host:port with only digits, dots, colons and brackets, which is always a valid authority"
+)]
+fn authority(addr: SocketAddr) -> http::uri::Authority {
+    http::uri::Authority::try_from(addr.to_string().as_str())
+        .expect("a socket address is a valid authority")
+}
+
 impl Backend {
     pub fn new(name: &str, addr: SocketAddr, now: Instant) -> Backend {
         Backend {
             name: name.to_string(),
             addr,
-            authority: http::uri::Authority::try_from(addr.to_string().as_str())
-                .expect("a socket address is a valid authority"),
+            authority: authority(addr),
             health: Mutex::new(Health::new(now)),
             up: AtomicBool::new(true),
             suspect: AtomicBool::new(false),

@@ -13,7 +13,7 @@ use hyper::client::conn::http1::SendRequest;
 use crate::backend::Backend;
 use crate::conn::ConnShared;
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What is sent to a backend: nothing (replayable, so retries are possible) or the client's
 /// body, streamed, cut off at the body limit, counted in flight on the client connection until
@@ -26,7 +26,7 @@ pub enum ReqBody {
 /// The client's request body failed while it was forwarded. It reaches the proxy inside the
 /// backend request's error, and says the fault is the client's, not the backend's.
 #[derive(Debug, thiserror::Error)]
-pub enum ClientBodyError {
+pub(crate) enum ClientBodyError {
     #[error("request body larger than the limit")]
     TooLarge,
     /// Its framing is broken (a bad chunk) or it was cut short (the client closed, reset).
@@ -77,7 +77,7 @@ impl Body for ReqBody {
 }
 
 /// The client body error behind an error of the client library, if that is what it is.
-pub fn client_body_error<'a>(
+pub(crate) fn client_body_error<'a>(
     err: &'a (dyn std::error::Error + 'static),
 ) -> Option<&'a ClientBodyError> {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
@@ -126,7 +126,7 @@ impl Drop for Inflight {
 }
 
 /// What goes back to the client: a backend's body or a small local one.
-pub struct RespBody {
+pub(crate) struct RespBody {
     kind: Kind,
     _guards: [Option<Inflight>; 2],
 }
@@ -160,7 +160,7 @@ impl Drop for RespBody {
 }
 
 impl RespBody {
-    pub fn full(b: impl Into<Bytes>) -> RespBody {
+    pub(crate) fn full(b: impl Into<Bytes>) -> RespBody {
         let b = b.into();
         RespBody {
             kind: Kind::Full((!b.is_empty()).then_some(b)),
@@ -168,11 +168,11 @@ impl RespBody {
         }
     }
 
-    pub fn empty() -> RespBody {
+    pub(crate) fn empty() -> RespBody {
         RespBody::full(Bytes::new())
     }
 
-    pub fn backend(
+    pub(crate) fn backend(
         body: Incoming,
         backend: Arc<Backend>,
         conn: SendRequest<ReqBody>,
@@ -188,7 +188,7 @@ impl RespBody {
         }
     }
 
-    pub fn add_guard(&mut self, g: Inflight) {
+    pub(crate) fn add_guard(&mut self, g: Inflight) {
         if let Some(slot) = self._guards.iter_mut().find(|s| s.is_none()) {
             *slot = Some(g);
         }

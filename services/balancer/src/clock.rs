@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-pub const TICK: Duration = Duration::from_millis(20);
+pub(crate) const TICK: Duration = Duration::from_millis(20);
 
 static BASE: OnceLock<Instant> = OnceLock::new();
 static MILLIS: AtomicU64 = AtomicU64::new(0);
@@ -15,7 +15,7 @@ fn base() -> Instant {
 }
 
 /// Now, to within one tick (while [`run`] runs somewhere in the process).
-pub fn coarse_now() -> Instant {
+pub(crate) fn coarse_now() -> Instant {
     base() + Duration::from_millis(MILLIS.load(Relaxed))
 }
 
@@ -25,7 +25,7 @@ fn update() {
 }
 
 /// Keeps the coarse clock ticking; one per balancer (more are harmless).
-pub async fn run(mut shutdown: tokio::sync::watch::Receiver<bool>) {
+pub(crate) async fn run(mut shutdown: tokio::sync::watch::Receiver<bool>) {
     loop {
         update();
         tokio::select! {

@@ -29,7 +29,7 @@ use crate::BalancerError;
 
 /// Bind a listening socket. IPv4 sockets get `IP_FREEBIND`, so the floating IP can be bound
 /// before this node holds it.
-pub fn bind(addr: SocketAddr) -> Result<TcpListener, BalancerError> {
+pub(crate) fn bind(addr: SocketAddr) -> Result<TcpListener, BalancerError> {
     use socket2::{Domain, Protocol, Socket, Type};
     let err = |source| BalancerError::Bind { addr, source };
     let s =
@@ -190,13 +190,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for TrackedIo<S> {
 
 /// What an accept loop serves.
 #[derive(Clone)]
-pub struct Listener {
+pub(crate) struct Listener {
     pub role: Role,
     pub tls: Option<TlsAcceptor>,
 }
 
 /// A client connection's place within the caps; given back when dropped.
-pub struct ConnSlot {
+pub(crate) struct ConnSlot {
     shared: Arc<Shared>,
     client: IpAddr,
 }
@@ -258,7 +258,7 @@ fn refuse(stream: TcpStream, plain: bool) {
 
 /// Accept until shutdown; every connection task holds a clone of `tasks` so the caller can wait
 /// for all of them to end.
-pub async fn accept_loop(
+pub(crate) async fn accept_loop(
     listener: TcpListener,
     what: Listener,
     shared: Arc<Shared>,

@@ -19,7 +19,7 @@ use crate::backend::Backend;
 use crate::core::health::Observation;
 use crate::proxy::Shared;
 
-pub async fn run(
+pub(crate) async fn run(
     shared: Arc<Shared>,
     backend: Arc<Backend>,
     mut shutdown: watch::Receiver<bool>,

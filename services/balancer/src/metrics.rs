@@ -5,11 +5,13 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use api::prometheus::escape_label as escape;
+
 use crate::backend::Routes;
 use crate::core::admission::Refusal;
 
 /// Upper bounds of the latency histogram buckets, in seconds (the last bucket is `+Inf`).
-pub const LATENCY_BUCKETS: [f64; 13] = [
+pub(crate) const LATENCY_BUCKETS: [f64; 13] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0,
 ];
 
@@ -99,14 +101,8 @@ impl Global {
     }
 }
 
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
 /// `clients`: client addresses holding a connection now (the per-client table's size).
-pub fn render(global: &Global, routes: &Routes, clients: usize) -> String {
+pub(crate) fn render(global: &Global, routes: &Routes, clients: usize) -> String {
     let mut out = String::with_capacity(4096);
     let g = |out: &mut String, name: &str, kind: &str, help: &str, v: &AtomicU64| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");

@@ -22,7 +22,7 @@ const MAX_IDLE: usize = 1024;
 /// An idle connection older than this is closed instead of reused: well before nginx's own
 /// keep-alive timeout (75 s), so a request is rarely sent on a connection the backend is
 /// closing at that moment (a non-idempotent one could not be retried).
-pub const MAX_IDLE_AGE: Duration = Duration::from_secs(30);
+pub(crate) const MAX_IDLE_AGE: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Default)]
 pub struct Pool {

@@ -90,7 +90,7 @@ impl Shared {
     }
 }
 
-pub fn log_transition(backend: &Backend, t: Transition, reason: &str) {
+pub(crate) fn log_transition(backend: &Backend, t: Transition, reason: &str) {
     let state = t.to.as_str();
     let addr = backend.addr.to_string();
     match t.to {
@@ -107,7 +107,7 @@ pub fn log_transition(backend: &Backend, t: Transition, reason: &str) {
 
 /// Which port a connection came in on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
+pub(crate) enum Role {
     /// Plain HTTP: the health path, else a redirect to HTTPS.
     Redirect,
     /// Proxy to the backends; `tls` says whether the client used TLS.
@@ -115,7 +115,7 @@ pub enum Role {
 }
 
 /// Per client connection.
-pub struct ConnCtx {
+pub(crate) struct ConnCtx {
     pub shared: Arc<Shared>,
     pub role: Role,
     pub conn: Arc<ConnShared>,
@@ -125,7 +125,7 @@ pub struct ConnCtx {
 }
 
 /// The forwarding header values of one client connection, made once per connection.
-pub struct Forwarding {
+pub(crate) struct Forwarding {
     ip: IpAddr,
     /// `X-Forwarded-For` when the client sent none: its address.
     xff: HeaderValue,
@@ -136,13 +136,17 @@ pub struct Forwarding {
 }
 
 impl Forwarding {
-    pub fn new(peer: SocketAddr, tls: bool) -> Forwarding {
+    pub(crate) fn new(peer: SocketAddr, tls: bool) -> Forwarding {
         let ip = peer.ip().to_canonical();
         let proto = if tls { "https" } else { "http" };
         let node = match ip {
             IpAddr::V4(v4) => v4.to_string(),
             IpAddr::V6(v6) => format!("\"[{v6}]\""),
         };
+        #[allow(
+            clippy::expect_used,
+            reason = "the values are an IP address, `for=`, `;proto=http(s)`, quotes and brackets: visible ASCII, always a valid header value"
+        )]
         let value =
             |s: String| HeaderValue::from_str(&s).expect("an address is a valid header value");
         Forwarding {
@@ -154,7 +158,7 @@ impl Forwarding {
     }
 }
 
-pub async fn handle(req: Request<Incoming>, ctx: &ConnCtx) -> Response<RespBody> {
+pub(crate) async fn handle(req: Request<Incoming>, ctx: &ConnCtx) -> Response<RespBody> {
     let guard = Inflight::conn(&ctx.conn);
     let tls = ctx.role == (Role::Proxy { tls: true });
     let mut resp = route(req, ctx).await;

@@ -29,7 +29,7 @@ pub struct CertificateFiles {
 }
 
 /// Where the generated self-signed certificate lives under the state directory.
-pub fn self_signed_paths(state_dir: &Path) -> (PathBuf, PathBuf) {
+pub(crate) fn self_signed_paths(state_dir: &Path) -> (PathBuf, PathBuf) {
     let dir = state_dir.join("tls");
     (dir.join("self-signed.crt"), dir.join("self-signed.key"))
 }
@@ -45,7 +45,7 @@ struct Store {
 /// Picks the certificate for a client's SNI name; unknown or absent names get the default (the
 /// cluster's own certificate).
 #[derive(Debug)]
-pub struct SniResolver {
+pub(crate) struct SniResolver {
     store: ArcSwap<Store>,
 }
 
@@ -69,7 +69,7 @@ impl ResolvesServerCert for SniResolver {
 }
 
 impl SniResolver {
-    pub fn load(
+    pub(crate) fn load(
         plan: &Plan,
         state_dir: &Path,
         extra: &[CertificateFiles],
@@ -80,7 +80,7 @@ impl SniResolver {
     }
 
     /// Re-read every certificate; on error the old ones stay in use.
-    pub fn reload(
+    pub(crate) fn reload(
         &self,
         plan: &Plan,
         state_dir: &Path,
@@ -123,7 +123,7 @@ fn load_store(
     Ok(store)
 }
 
-pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, BalancerError> {
+pub(crate) fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, BalancerError> {
     let tls_err = |path: &Path, message: String| BalancerError::Tls {
         path: path.to_path_buf(),
         message,
@@ -151,7 +151,7 @@ pub fn load_certified_key(cert: &Path, key: &Path) -> Result<CertifiedKey, Balan
 
 /// The self-signed certificate and key under `state_dir`, generated on first use and kept
 /// (the key readable by its owner only), so every restart serves the same certificate.
-pub fn ensure_self_signed(
+pub(crate) fn ensure_self_signed(
     state_dir: &Path,
     names: &[String],
 ) -> Result<(PathBuf, PathBuf), BalancerError> {
@@ -203,7 +203,7 @@ fn write_atomically(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> 
     Ok(())
 }
 
-pub fn server_config(resolver: Arc<SniResolver>) -> Result<ServerConfig, BalancerError> {
+pub(crate) fn server_config(resolver: Arc<SniResolver>) -> Result<ServerConfig, BalancerError> {
     let mut config = ServerConfig::builder_with_provider(Arc::new(provider::default_provider()))
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .map_err(|e| BalancerError::TlsSetup(e.to_string()))?

@@ -43,15 +43,25 @@ impl Cluster {
     }
 
     /// The embedded default cluster (always valid; a unit test holds that).
+    #[allow(
+        clippy::expect_used,
+        reason = "the embedded file is a constant; `default_cluster_holds_the_documented_values` validates it"
+    )]
     pub fn default_cluster() -> Cluster {
         Cluster::from_toml(crate::DEFAULT_CLUSTER_TOML, crate::DEFAULT_CLUSTER_NAME)
             .expect("the embedded default cluster.toml is valid")
     }
 
+    /// The node called `name`, if the cluster has one.
     pub fn node(&self, name: &str) -> Option<&Node> {
         self.nodes.iter().find(|n| n.name == name)
     }
 
+    /// The node whose database is the primary.
+    #[allow(
+        clippy::expect_used,
+        reason = "`nodes` holds exactly one primary: the field's documented invariant, which `validate` enforces"
+    )]
     pub fn primary(&self) -> &Node {
         self.nodes
             .iter()

@@ -102,26 +102,16 @@ impl AlertDb {
             .map_err(err)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(err)?;
-        let found: i64 = conn
-            .pragma_query_value(None, "user_version", |r| r.get(0))
-            .map_err(err)?;
-        if found > SCHEMA_VERSION {
-            return Err(Error::SchemaTooNew {
-                path: path.to_path_buf(),
-                found,
-                supported: SCHEMA_VERSION,
-            });
-        }
-        for (from, sql) in MIGRATIONS
-            .iter()
-            .enumerate()
-            .skip(usize::try_from(found).unwrap_or(0))
-        {
-            let tx = conn.transaction().map_err(err)?;
-            tx.execute_batch(sql).map_err(err)?;
-            tx.pragma_update(None, "user_version", from as i64 + 1)
-                .map_err(err)?;
-            tx.commit().map_err(err)?;
+        match api::sqlite::migrate(&mut conn, MIGRATIONS) {
+            Ok(_) => {}
+            Err(api::sqlite::MigrateError::TooNew { found, known }) => {
+                return Err(Error::SchemaTooNew {
+                    path: path.to_path_buf(),
+                    found,
+                    supported: known,
+                })
+            }
+            Err(api::sqlite::MigrateError::Sqlite(source)) => return Err(err(source)),
         }
         let db = AlertDb {
             conn,

@@ -1,13 +1,12 @@
 //! Certificate expiry: which certificate chains the balancer serves (the certificates a
-//! client sees), and the `notAfter` of a chain's leaf. PEM is read with ureq's parser (the
-//! rustls one, already in the binary); the leaf's DER is walked just far enough:
-//! Certificate → TBSCertificate → [version] serial signature issuer validity → notAfter.
+//! client sees), and the `notAfter` of a chain's leaf. PEM is read with rustls-pki-types (the
+//! parser rustls ships) and the certificate with x509-cert.
 
 use std::path::{Path, PathBuf};
 
-use ureq::tls::PemItem;
-
-use crate::time;
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::CertificateDer;
+use x509_cert::der::Decode as _;
 
 /// The balancer's state directory below the node's (`appliance::node` creates it) and its
 /// persisted self-signed certificate inside (`balancer::tls::self_signed_paths`). Repeated
@@ -31,13 +30,9 @@ pub fn served_by_balancer(
 /// `notAfter` of the first certificate (the leaf of a chain file) in `input`, PEM or DER, in
 /// milliseconds since the Unix epoch.
 pub fn not_after_ms(input: &[u8]) -> Result<i64, String> {
-    let leaf = ureq::tls::parse_pem(input).find_map(|item| match item {
-        Ok(PemItem::Certificate(c)) => Some(Ok(c)),
-        Ok(_) => None,
-        Err(e) => Some(Err(format!("bad PEM: {e}"))),
-    });
-    match leaf {
-        Some(cert) => der_not_after_ms(cert?.der()),
+    match CertificateDer::pem_slice_iter(input).next() {
+        Some(Ok(leaf)) => der_not_after_ms(&leaf),
+        Some(Err(e)) => Err(format!("bad PEM: {e}")),
         None if input.windows(11).any(|w| w == b"-----BEGIN ") => {
             Err("no certificate in the PEM file".into())
         }
@@ -47,103 +42,55 @@ pub fn not_after_ms(input: &[u8]) -> Result<i64, String> {
 
 /// `notAfter` of one DER certificate.
 fn der_not_after_ms(der: &[u8]) -> Result<i64, String> {
-    let (tag, cert, _) = tlv(der).ok_or("not a DER certificate")?;
-    let (tag2, tbs, _) = tlv(cert)
-        .filter(|_| tag == 0x30)
-        .ok_or("not a DER certificate")?;
-    if tag2 != 0x30 {
-        return Err("no TBSCertificate".into());
-    }
-    let mut rest = tbs;
-    let mut next = || -> Result<(u8, &[u8]), String> {
-        let (t, content, after) = tlv(rest).ok_or("truncated TBSCertificate")?;
-        rest = after;
-        Ok((t, content))
-    };
-    let (mut t, _) = next()?;
-    if t == 0xA0 {
-        // Explicit version tag; the serial follows.
-        t = next()?.0;
-    }
-    if t != 0x02 {
-        return Err("no serial number".into());
-    }
-    let _signature = next()?;
-    let _issuer = next()?;
-    let (t, validity) = next()?;
-    if t != 0x30 {
-        return Err("no validity".into());
-    }
-    let (_, _, after_not_before) = tlv(validity).ok_or("no notBefore")?;
-    let (t, not_after, _) = tlv(after_not_before).ok_or("no notAfter")?;
-    let text = std::str::from_utf8(not_after).map_err(|_| "notAfter is not text")?;
-    asn1_time_ms(t, text).ok_or_else(|| format!("notAfter {text:?} is not a UTC time"))
-}
-
-/// UTCTime (tag 0x17, `YYMMDDHHMMSSZ`) or GeneralizedTime (0x18, `YYYYMMDDHHMMSSZ`).
-pub fn asn1_time_ms(tag: u8, text: &str) -> Option<i64> {
-    let digits = text.strip_suffix('Z')?;
-    if !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let (year, rest) = match (tag, digits.len()) {
-        (0x17, 12) => {
-            let yy: i64 = digits[..2].parse().ok()?;
-            (if yy >= 50 { 1900 + yy } else { 2000 + yy }, &digits[2..])
-        }
-        (0x18, 14) => (digits[..4].parse().ok()?, &digits[4..]),
-        _ => return None,
-    };
-    let n = |i: usize| rest[i..i + 2].parse::<i64>().ok();
-    time::civil_ms(year, n(0)?, n(2)?, n(4)?, n(6)?, n(8)?)
-}
-
-/// One DER TLV: tag, content, the rest after it.
-fn tlv(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-    let (&tag, rest) = input.split_first()?;
-    let (&first, mut rest) = rest.split_first()?;
-    let len = if first < 0x80 {
-        usize::from(first)
-    } else {
-        let n = usize::from(first & 0x7f);
-        if n == 0 || n > 4 || rest.len() < n {
-            return None;
-        }
-        let len = rest[..n]
-            .iter()
-            .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
-        rest = &rest[n..];
-        len
-    };
-    (rest.len() >= len).then(|| (tag, &rest[..len], &rest[len..]))
+    let cert =
+        x509_cert::Certificate::from_der(der).map_err(|e| format!("not a DER certificate: {e}"))?;
+    let not_after = cert.tbs_certificate().validity().not_after;
+    i64::try_from(not_after.to_unix_duration().as_millis())
+        .map_err(|_| format!("notAfter {not_after} is out of range"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::time;
+
+    /// A self-signed certificate valid until `y-m-d h:mi:s` UTC, PEM and DER.
+    fn cert_until((y, m, d): (i32, u8, u8), (h, mi, s): (u8, u8, u8)) -> (String, Vec<u8>) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(vec!["example.test".into()]).unwrap();
+        p.not_before = rcgen::date_time_ymd(1990, 1, 1);
+        p.not_after = rcgen::date_time_ymd(y, m, d)
+            .replace_hour(h)
+            .and_then(|t| t.replace_minute(mi))
+            .and_then(|t| t.replace_second(s))
+            .unwrap();
+        let cert = p.self_signed(&key).unwrap();
+        (cert.pem(), cert.der().to_vec())
+    }
 
     #[test]
-    fn asn1_times() {
-        assert_eq!(
-            asn1_time_ms(0x17, "250102030405Z"),
-            time::parse_iso_ms("2025-01-02T03:04:05.000Z")
-        );
-        assert_eq!(
-            asn1_time_ms(0x17, "991231235959Z"),
-            time::parse_iso_ms("1999-12-31T23:59:59.000Z")
-        );
-        assert_eq!(
-            asn1_time_ms(0x18, "20991231235959Z"),
-            time::parse_iso_ms("2099-12-31T23:59:59.000Z")
-        );
-        for (tag, bad) in [
-            (0x17, "2501020304Z"),
-            (0x18, "250102030405Z"),
-            (0x17, "250102030405"),
-            (0x17, "25010203040xZ"),
+    fn leaf_not_after_from_pem_and_der() {
+        // UTCTime before 2050 (two-digit years on both sides of 2000), GeneralizedTime after.
+        for (date, clock, iso) in [
+            ((1999, 12, 31), (23, 59, 59), "1999-12-31T23:59:59.000Z"),
+            ((2025, 1, 2), (3, 4, 5), "2025-01-02T03:04:05.000Z"),
+            ((2049, 12, 31), (0, 0, 0), "2049-12-31T00:00:00.000Z"),
+            ((2099, 12, 31), (23, 59, 59), "2099-12-31T23:59:59.000Z"),
         ] {
-            assert_eq!(asn1_time_ms(tag, bad), None, "{bad}");
+            let expected = time::parse_iso_ms(iso).unwrap();
+            let (pem, der) = cert_until(date, clock);
+            assert_eq!(not_after_ms(pem.as_bytes()), Ok(expected), "{iso} (PEM)");
+            assert_eq!(not_after_ms(&der), Ok(expected), "{iso} (DER)");
         }
+        // A chain file: the leaf is the first certificate, whatever comes before or after it.
+        let (leaf, _) = cert_until((2030, 6, 1), (12, 0, 0));
+        let (issuer, _) = cert_until((2040, 1, 1), (12, 0, 0));
+        let key = rcgen::KeyPair::generate().unwrap().serialize_pem();
+        let chain = format!("{key}{leaf}{issuer}");
+        assert_eq!(
+            not_after_ms(chain.as_bytes()),
+            Ok(time::parse_iso_ms("2030-06-01T12:00:00.000Z").unwrap())
+        );
     }
 
     #[test]
@@ -172,7 +119,12 @@ mod tests {
                 b"-----BEGIN CERTIFICATE-----\n*\n-----END CERTIFICATE-----\n",
                 "bad PEM",
             ),
-            (b"\x30\x03\x30\x01\x00", "truncated TBSCertificate"),
+            // A certificate SEQUENCE whose TBSCertificate is cut short.
+            (b"\x30\x03\x30\x01\x00", "not a DER certificate"),
+            (
+                b"-----BEGIN CERTIFICATE-----\nMAMwAQA=\n-----END CERTIFICATE-----\n",
+                "not a DER certificate",
+            ),
         ] {
             let got = not_after_ms(input).unwrap_err();
             assert!(got.contains(expected), "{input:?}: {got}");

@@ -2,22 +2,23 @@
 //!
 //! - [`store`]: the size-capped log store the supervisor writes every service's output and
 //!   its events into (`<state>/logs/<name>.log`, rotated; total cap).
-//! - [`tail`]: follows those files across rotation; [`parse`] reads nginx access lines and the
-//!   structured status lines of Tandem's services.
+//! - [`tail`]: follows those files across rotation; nginx's access lines are read with
+//!   [`api::access_log`] (the format `web` gives nginx), [`parse`] reads the structured status
+//!   lines of Tandem's services and the database agent's status ([`api::db::AgentStatus`]).
 //! - [`engine`]: the alert rules (pure: observations and the time in, transitions out).
 //! - [`cert`]: which certificate chains the balancer serves and when their leaves expire.
 //! - [`alerts`]: the alert history in `<state>/alerts.db` and its query API;
 //!   [`webhook`]: the background JSON POST sender (http or https, ureq with rustls).
-//! - [`metrics`]: the Prometheus text the monitor serves on `127.0.0.1:9101`.
+//! - [`metrics`]: the Prometheus text the monitor serves on `127.0.0.1:9101` (hyper, on a
+//!   small tokio runtime of its own) and its client (ureq).
 //! - [`monitor`]: `appliance logmon`, the loop that ties it together.
 //!
 //! This crate never depends on the supervisor: it reads the supervisor's state DB through
-//! its documented table ([`events`]) and the log files through their documented format.
+//! its documented table ([`api::events`]) and the log files through their documented format.
 
 pub mod alerts;
 pub mod cert;
 pub mod engine;
-pub mod events;
 pub mod metrics;
 pub mod monitor;
 pub mod parse;
@@ -52,6 +53,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Events(#[from] api::events::ReadError),
     #[error("webhook: {0}")]
     Webhook(String),
 }

@@ -1,16 +1,30 @@
 //! The monitor's metrics in the Prometheus text format (version 0.0.4), served on
-//! `127.0.0.1:`[`METRICS_PORT`] for the admin server to aggregate, and a small client for it.
+//! `127.0.0.1:`[`METRICS_PORT`] (hyper) for the admin server to aggregate, and a client for it
+//! (ureq).
 
 use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::fmt::Write as _;
-use std::io::{self, Read, Write as _};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::io;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::Duration;
 
+use api::access_log::AccessLine;
+use api::prometheus::escape_label;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::sync::{oneshot, Semaphore};
+
 use crate::engine::Rule;
-use crate::parse::{AccessLine, StatusClass};
+use crate::parse::StatusClass;
 
 /// The monitor's metrics port.
 pub const METRICS_PORT: u16 = 9101;
@@ -18,8 +32,9 @@ pub const METRICS_PORT: u16 = 9101;
 pub const LATENCY_BUCKETS: [f64; 11] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
-/// How long the server waits for a request, and the client for an answer.
+/// How long the server waits for a request head, and the client for an answer.
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
+/// The Prometheus text format's media type.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Where the monitor of a node listens: loopback, on the node's own address when that is a
@@ -75,7 +90,10 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn observe_access(&mut self, line: &AccessLine<'_>) {
-        *self.requests.entry(line.class()).or_default() += 1;
+        *self
+            .requests
+            .entry(StatusClass::of(line.status))
+            .or_default() += 1;
         self.response_bytes += line.bytes;
         for (count, &le) in self.latency_buckets.iter_mut().zip(&LATENCY_BUCKETS) {
             if line.request_time <= le {
@@ -96,7 +114,7 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{suffix_labels} {value}");
             }
         };
-        let label = |k: &str, v: &str| format!("{{{k}=\"{}\"}}", escape(v));
+        let label = |k: &str, v: &str| format!("{{{k}=\"{}\"}}", escape_label(v));
         let num = |v: u64| v.to_string();
 
         let up: Vec<_> = self
@@ -295,98 +313,214 @@ impl Metrics {
     }
 }
 
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', r"\\")
-        .replace('"', "\\\"")
-        .replace('\n', r"\n")
+/// The metrics server's limits (the defaults are the named constants below).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// A request head (or, on a kept-alive connection, the next one) must arrive within this.
+    pub header_read_timeout: Duration,
+    /// Connections open at once; one more is closed as soon as it is accepted.
+    pub max_connections: usize,
+    /// The longest a connection lives, so a client that stops reading cannot hold one.
+    pub connection_lifetime: Duration,
 }
 
-/// Serves `GET /metrics` with the latest text in `snapshot`, one connection at a time, on a
-/// thread of its own. Returns the bound address.
-pub fn serve(addr: SocketAddr, snapshot: Arc<Mutex<String>>) -> io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)?;
-    let bound = listener.local_addr()?;
-    thread::Builder::new()
-        .name("metrics".into())
-        .spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
-                if let Err(e) = answer(stream, &snapshot) {
-                    tracing::debug!("metrics client: {e}");
-                }
-            }
-        })?;
-    Ok(bound)
-}
+/// The most connections the metrics server holds open: scrapers are the admin server and a
+/// person with curl, so a handful is plenty, and a loop opening connections costs little.
+pub const MAX_CONNECTIONS: usize = 64;
+/// The longest a connection to the metrics server lives.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// The largest request head the server reads (hyper answers 431 beyond it).
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 
-fn answer(mut stream: TcpStream, snapshot: &Mutex<String>) -> io::Result<()> {
-    stream.set_read_timeout(Some(HTTP_TIMEOUT))?;
-    stream.set_write_timeout(Some(HTTP_TIMEOUT))?;
-    let mut head = Vec::new();
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
-        let n = stream.read(&mut buf)?;
-        if n == 0 || head.len() > 16 * 1024 {
-            break;
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            header_read_timeout: HTTP_TIMEOUT,
+            max_connections: MAX_CONNECTIONS,
+            connection_lifetime: CONNECTION_LIFETIME,
         }
-        head.extend_from_slice(&buf[..n]);
     }
-    let head = String::from_utf8_lossy(&head);
-    let mut words = head.split_whitespace();
-    let (method, target) = (words.next().unwrap_or(""), words.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    let (status, content_type, body) = match (method, path) {
-        ("GET" | "HEAD", "/metrics") => {
+}
+
+/// The running metrics server; dropping it stops the server and closes its connections.
+#[derive(Debug)]
+pub struct MetricsServer {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl MetricsServer {
+    /// The address it listens on (the port the system chose, when asked for port 0).
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for MetricsServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                tracing::error!("the metrics server's thread panicked");
+            }
+        }
+    }
+}
+
+/// Serves `GET /metrics` (and `HEAD`) with the latest text in `snapshot`, with the default
+/// [`ServerLimits`], on a thread of its own.
+pub fn serve(addr: SocketAddr, snapshot: Arc<Mutex<String>>) -> io::Result<MetricsServer> {
+    serve_with(addr, snapshot, ServerLimits::default())
+}
+
+/// [`serve`] with other limits: HTTP/1.1 (hyper) on a single-threaded tokio runtime on a
+/// thread of its own (the rest of the monitor is plain threads), many clients at once.
+pub fn serve_with(
+    addr: SocketAddr,
+    snapshot: Arc<Mutex<String>>,
+    limits: ServerLimits,
+) -> io::Result<MetricsServer> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    let bound = listener.local_addr()?;
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()?;
+    let listener = {
+        let _entered = runtime.enter();
+        tokio::net::TcpListener::from_std(listener)?
+    };
+    let (stop, stopped) = oneshot::channel();
+    let thread = thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || runtime.block_on(accept_loop(listener, snapshot, limits, stopped)))?;
+    Ok(MetricsServer {
+        addr: bound,
+        stop: Some(stop),
+        thread: Some(thread),
+    })
+}
+
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    snapshot: Arc<Mutex<String>>,
+    limits: ServerLimits,
+    mut stopped: oneshot::Receiver<()>,
+) {
+    let permits = Arc::new(Semaphore::new(
+        limits.max_connections.min(Semaphore::MAX_PERMITS),
+    ));
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        // hyper refuses (panics on) a read buffer under 8 KiB.
+        .max_buf_size(MAX_HEAD_BYTES.max(8192))
+        .max_header_size(MAX_HEAD_BYTES);
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut stopped => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of descriptors, mostly: wait instead of spinning on the error.
+                tracing::warn!("metrics: accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            tracing::debug!(%peer, "metrics: {} connections open, one more closed", limits.max_connections);
+            continue;
+        };
+        let snapshot = snapshot.clone();
+        let service = service_fn(move |request: Request<Incoming>| {
             let text = snapshot
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .clone();
-            ("200 OK", CONTENT_TYPE, text)
-        }
-        ("GET" | "HEAD", _) => ("404 Not Found", "text/plain", "try /metrics\n".to_string()),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain",
-            "GET only\n".to_string(),
-        ),
-    };
-    let body = if method == "HEAD" {
-        String::new()
-    } else {
-        body
-    };
-    write!(
-        stream,
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
+            let response = respond(request.method(), request.uri().path(), text).map(Full::new);
+            async move { Ok::<_, Infallible>(response) }
+        });
+        let connection = http.serve_connection(TokioIo::new(stream), service);
+        tokio::spawn(async move {
+            let _permit = permit;
+            match tokio::time::timeout(limits.connection_lifetime, connection).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(%peer, "metrics client: {e}"),
+                Err(_) => tracing::debug!(%peer, "metrics client: connection lifetime reached"),
+            }
+        });
+    }
 }
 
-/// Fetches the metrics text of a monitor (for the admin server's aggregation and tests).
-pub fn fetch(addr: SocketAddr) -> io::Result<String> {
-    let mut stream = TcpStream::connect_timeout(&addr, HTTP_TIMEOUT)?;
-    stream.set_read_timeout(Some(HTTP_TIMEOUT))?;
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no end of the response head"))?;
-    if !head.starts_with("HTTP/1.1 200") {
-        let first = head.lines().next().unwrap_or("");
-        return Err(io::Error::other(format!("metrics: {first}")));
+/// The answer to `method path` (pure): the metrics `text` for `GET /metrics`, its head only
+/// for `HEAD`, 404 for any other path, 405 for any other method.
+fn respond(method: &Method, path: &str, text: String) -> Response<Bytes> {
+    let (status, content_type, body) = if path != "/metrics" {
+        (StatusCode::NOT_FOUND, "text/plain", "try /metrics\n".into())
+    } else if method != Method::GET && method != Method::HEAD {
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "GET or HEAD only\n".into(),
+        )
+    } else {
+        (StatusCode::OK, CONTENT_TYPE, text)
+    };
+    let length = body.len();
+    let body = if method == Method::HEAD {
+        Bytes::new()
+    } else {
+        Bytes::from(body)
+    };
+    let mut response = Response::new(body);
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    if status == StatusCode::METHOD_NOT_ALLOWED {
+        headers.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
     }
-    Ok(body.to_string())
+    response
+}
+
+/// Fetches the metrics text of a monitor (for the admin server's aggregation and tests); an
+/// answer other than 200 is an error naming its status.
+pub fn fetch(addr: SocketAddr) -> io::Result<String> {
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(HTTP_TIMEOUT))
+        .http_status_as_error(false)
+        // The monitor is on loopback: the environment's proxy is not for it.
+        .proxy(None)
+        .build()
+        .into();
+    let url = format!("http://{addr}/metrics");
+    let mut response = agent
+        .get(&url)
+        .call()
+        .map_err(|e| io::Error::other(format!("{url}: {e}")))?;
+    if response.status() != StatusCode::OK {
+        return Err(io::Error::other(format!(
+            "{url}: answered {}",
+            response.status()
+        )));
+    }
+    response
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| io::Error::other(format!("{url}: {e}")))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::parse::parse_access;
+    use api::access_log::parse as parse_access;
 
     #[test]
     fn histogram_is_cumulative_and_labels_are_escaped() {
@@ -418,6 +552,56 @@ mod tests {
             "tandem_service_restarts_total{service=\"we\\\"ird\"} 2\n",
         ] {
             assert!(text.contains(expected), "{expected:?} not in\n{text}");
+        }
+    }
+
+    #[test]
+    fn answers() {
+        // (method, path) -> (status, content type, Allow, body)
+        let table = [
+            ("GET", "/metrics", (200, CONTENT_TYPE, None, "up 1\n")),
+            ("HEAD", "/metrics", (200, CONTENT_TYPE, None, "")),
+            ("GET", "/", (404, "text/plain", None, "try /metrics\n")),
+            ("HEAD", "/metric", (404, "text/plain", None, "")),
+            ("DELETE", "/x", (404, "text/plain", None, "try /metrics\n")),
+            (
+                "POST",
+                "/metrics",
+                (405, "text/plain", Some("GET, HEAD"), "GET or HEAD only\n"),
+            ),
+            (
+                "OPTIONS",
+                "/metrics",
+                (405, "text/plain", Some("GET, HEAD"), "GET or HEAD only\n"),
+            ),
+        ];
+        for (method, path, (status, content_type, allow, body)) in table {
+            let method = Method::from_bytes(method.as_bytes()).unwrap();
+            let response = respond(&method, path, "up 1\n".into());
+            let headers = response.headers();
+            let got = (
+                response.status().as_u16(),
+                headers[header::CONTENT_TYPE].to_str().unwrap(),
+                headers.get(header::ALLOW).map(|v| v.to_str().unwrap()),
+                response.body().clone(),
+            );
+            assert_eq!(
+                got,
+                (status, content_type, allow, Bytes::from(body)),
+                "{method} {path}"
+            );
+            // HEAD says how long the GET's body is.
+            let get_length = if method == Method::HEAD {
+                respond(&Method::GET, path, "up 1\n".into()).headers()[header::CONTENT_LENGTH]
+                    .clone()
+            } else {
+                HeaderValue::from(body.len())
+            };
+            assert_eq!(
+                headers[header::CONTENT_LENGTH],
+                get_length,
+                "{method} {path}"
+            );
         }
     }
 

@@ -15,13 +15,13 @@ use serde::Serialize;
 
 use crate::alerts::{self, AlertDb};
 use crate::engine::{Alert, AlertState, Engine, Observation, Rule, Rules};
-use crate::events::EventReader;
-use crate::metrics::{self, DiskMetrics, Metrics, ServiceMetrics};
+use crate::metrics::{self, DiskMetrics, Metrics, MetricsServer, ServiceMetrics};
 use crate::parse::{self, DbStatus, StatusClass};
 use crate::store::{self, SUPERVISOR_LOG};
 use crate::tail::Tailer;
 use crate::webhook::Webhook;
 use crate::{cert, time, Error};
+use api::events::EventReader;
 use cluster_config::WebhookUrl;
 
 /// How often the monitor looks for new lines and events.
@@ -30,8 +30,9 @@ pub const POLL: Duration = Duration::from_secs(1);
 pub const DISK_EVERY: Duration = Duration::from_secs(10);
 /// How often the certificates are read.
 pub const CERT_EVERY: Duration = Duration::from_secs(60);
-/// The database agent's status file, in the node's runtime directory.
-pub const DB_STATUS_FILE: &str = "db-status.json";
+/// The database agent's status file, in the node's runtime directory: [`api::db::STATUS_FILE`],
+/// kept under this name until `appliance logmon` uses the api's.
+pub use api::db::STATUS_FILE as DB_STATUS_FILE;
 /// The name of the monitor's own service (its log is not read back).
 pub const SERVICE_NAME: &str = "logmon";
 /// The service whose stdout carries nginx access lines.
@@ -93,7 +94,7 @@ impl Config {
                 cluster.tls.certificate.as_deref(),
                 &state_dir.join(cert::BALANCER_STATE_DIR),
             ),
-            db_status_file: state_dir.join("run").join(DB_STATUS_FILE),
+            db_status_file: state_dir.join("run").join(api::db::STATUS_FILE),
             poll: POLL,
         }
     }
@@ -129,6 +130,8 @@ struct Monitor {
     webhook: Option<Webhook>,
     metrics: Metrics,
     snapshot: Arc<Mutex<String>>,
+    /// Serves `snapshot` until the monitor is dropped.
+    _metrics_server: Option<MetricsServer>,
     next_disk: Instant,
     next_cert: Instant,
     last_error: String,
@@ -155,13 +158,20 @@ impl Monitor {
             None => None,
         };
         let snapshot = Arc::new(Mutex::new(String::new()));
-        if let Some(addr) = config.metrics_addr {
-            match metrics::serve(addr, snapshot.clone()) {
-                Ok(bound) => tracing::info!(%bound, "serving metrics"),
+        let metrics_server = match config.metrics_addr {
+            Some(addr) => match metrics::serve(addr, snapshot.clone()) {
+                Ok(server) => {
+                    tracing::info!(bound = %server.addr(), "serving metrics");
+                    Some(server)
+                }
                 // Alerts matter more than metrics: keep monitoring.
-                Err(e) => tracing::error!(%addr, "cannot serve metrics: {e}"),
-            }
-        }
+                Err(e) => {
+                    tracing::error!(%addr, "cannot serve metrics: {e}");
+                    None
+                }
+            },
+            None => None,
+        };
         let tailer = Tailer::new(
             &config.state_dir.join(store::LOG_DIR),
             &[SUPERVISOR_LOG, SERVICE_NAME],
@@ -174,6 +184,7 @@ impl Monitor {
             webhook,
             metrics: Metrics::default(),
             snapshot,
+            _metrics_server: metrics_server,
             next_disk: Instant::now(),
             next_cert: Instant::now(),
             last_error: String::new(),
@@ -259,7 +270,7 @@ impl Monitor {
                     transitions.extend(self.engine.observe(obs, event.ts_ms));
                     cursor = event.id;
                 }
-                if batch.len() < crate::events::BATCH as usize {
+                if batch.len() < api::events::BATCH as usize {
                     break;
                 }
             }
@@ -281,11 +292,12 @@ impl Monitor {
                 continue;
             };
             if tail.log == NGINX_SERVICE && stored.tag == "stdout" {
-                match parse::parse_access(stored.text) {
+                match api::access_log::parse(stored.text) {
                     Some(access) => {
                         self.metrics.observe_access(&access);
                         total += 1;
-                        errors += u64::from(access.class() == StatusClass::ServerError);
+                        errors +=
+                            u64::from(StatusClass::of(access.status) == StatusClass::ServerError);
                     }
                     None => self.metrics.unparsed_access_lines += 1,
                 }
@@ -311,14 +323,14 @@ impl Monitor {
         // The database agent's view.
         match std::fs::read_to_string(&self.config.db_status_file) {
             Ok(text) => match parse::db_status(&text) {
-                Some(DbStatus::Primary { healthy }) => {
+                Ok(DbStatus::Primary { healthy }) => {
                     let obs = Observation::Health {
                         check: "db".into(),
                         up: healthy,
                     };
                     transitions.extend(self.engine.observe(obs, now));
                 }
-                Some(DbStatus::Replica { running, lag_ms }) => {
+                Ok(DbStatus::Replica { running, lag_ms }) => {
                     self.metrics.replication_running = Some(running);
                     self.metrics.replication_lag_ms = lag_ms;
                     transitions.extend(
@@ -327,7 +339,7 @@ impl Monitor {
                     );
                 }
                 // Being rewritten, or a newer format: next poll.
-                None => {}
+                Err(e) => tracing::debug!("{e}"),
             },
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => tracing::debug!(path = %self.config.db_status_file.display(), "{e}"),
@@ -453,24 +465,14 @@ impl Monitor {
 
 /// Size, used and available bytes of the filesystem holding `path` (like `df`).
 pub fn disk_usage(path: &Path) -> std::io::Result<DiskMetrics> {
-    use std::os::unix::ffi::OsStrExt as _;
-    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path"))?;
-    // SAFETY: statvfs writes into the zeroed struct we own; the path is NUL-terminated.
-    let st = unsafe {
-        let mut st: libc::statvfs = std::mem::zeroed();
-        if libc::statvfs(c_path.as_ptr(), &mut st) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        st
-    };
-    let unit = st.f_frsize as u64;
-    let size = st.f_blocks as u64 * unit;
-    let free = st.f_bfree as u64 * unit;
+    let st = nix::sys::statvfs::statvfs(path)?;
+    let unit = st.fragment_size();
+    let size = st.blocks().saturating_mul(unit);
+    let free = st.blocks_free().saturating_mul(unit);
     Ok(DiskMetrics {
         size_bytes: size,
         used_bytes: size.saturating_sub(free),
-        avail_bytes: st.f_bavail as u64 * unit,
+        avail_bytes: st.blocks_available().saturating_mul(unit),
     })
 }
 

@@ -1,26 +1,9 @@
-//! Parsers for what services print: nginx access lines (`log_format tandem`) and the
-//! structured status lines of Tandem's own services.
+//! Parsers for what services print and publish: the structured status lines of Tandem's own
+//! services and the database agent's status, and the classes nginx's access lines are counted
+//! in (the access lines themselves are read with [`api::access_log::parse`], beside the format
+//! `web` gives nginx).
 
-/// One nginx access line of `log_format tandem`:
-/// `$remote_addr [$time_iso8601] "$request" $status $body_bytes_sent $request_time`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AccessLine<'a> {
-    pub remote: &'a str,
-    pub time: &'a str,
-    /// `GET / HTTP/1.1` (nginx escapes quotes inside it as `\x22`).
-    pub request: &'a str,
-    pub status: u16,
-    pub bytes: u64,
-    /// Seconds.
-    pub request_time: f64,
-}
-
-impl AccessLine<'_> {
-    /// `2xx`, `5xx`, …
-    pub fn class(&self) -> StatusClass {
-        StatusClass::of(self.status)
-    }
-}
+use api::db::{AgentStatus, Role};
 
 /// The first digit of an HTTP status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -65,37 +48,6 @@ impl StatusClass {
             StatusClass::Other => "other",
         }
     }
-}
-
-/// Parses one access line; `None` for anything else (nginx also prints notices on stdout
-/// only when misconfigured, and those are not requests).
-pub fn parse_access(line: &str) -> Option<AccessLine<'_>> {
-    let (rest, request_time) = line.rsplit_once(' ')?;
-    let (rest, bytes) = rest.rsplit_once(' ')?;
-    let (rest, status) = rest.rsplit_once(' ')?;
-    let request_time: f64 = request_time
-        .parse()
-        .ok()
-        .filter(|t: &f64| t.is_finite() && *t >= 0.0)?;
-    let bytes: u64 = bytes.parse().ok()?;
-    if status.len() != 3 || !status.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let status: u16 = status.parse().ok()?;
-    let (remote, rest) = rest.split_once(" [")?;
-    let (time, rest) = rest.split_once("] ")?;
-    let request = rest.strip_prefix('"')?.strip_suffix('"')?;
-    if remote.is_empty() || remote.contains(' ') || time.is_empty() {
-        return None;
-    }
-    Some(AccessLine {
-        remote,
-        time,
-        request,
-        status,
-        bytes,
-        request_time,
-    })
 }
 
 /// What a structured status line says (see [`parse_status`]).
@@ -169,28 +121,20 @@ pub enum DbStatus {
     Replica { running: bool, lag_ms: Option<u64> },
 }
 
-/// Reads the fields the monitor needs from the agent's status JSON: `role`, `healthy`,
-/// `io_running` (`"Yes"` when running), `sql_running`, `lag_s`.
-pub fn db_status(json: &str) -> Option<DbStatus> {
-    let v: serde_json::Value = serde_json::from_str(json).ok()?;
-    match v.get("role")?.as_str()? {
-        "primary" => Some(DbStatus::Primary {
-            healthy: v.get("healthy")?.as_bool()?,
-        }),
-        "replica" => {
-            let io = v.get("io_running").and_then(|x| x.as_str()) == Some("Yes");
-            let sql = v.get("sql_running").and_then(|x| x.as_bool()) == Some(true);
-            let lag_ms = v
-                .get("lag_s")
-                .and_then(|x| x.as_u64())
-                .map(|s| s.saturating_mul(1000));
-            Some(DbStatus::Replica {
-                running: io && sql,
-                lag_ms,
-            })
-        }
-        _ => None,
-    }
+/// What the monitor needs from the agent's status file ([`api::db::AgentStatus`]): the
+/// primary's health, or whether a replica replicates and its lag. The error says what is wrong
+/// with the text (a file being rewritten, or from another version).
+pub fn db_status(json: &str) -> Result<DbStatus, String> {
+    let status = AgentStatus::parse(json)?;
+    Ok(match status.role {
+        Role::Primary => DbStatus::Primary {
+            healthy: status.healthy,
+        },
+        Role::Replica => DbStatus::Replica {
+            running: status.replicating(),
+            lag_ms: status.lag_s.map(|s| s.saturating_mul(1000)),
+        },
+    })
 }
 
 #[cfg(test)]
@@ -198,54 +142,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn access_lines() {
-        // line -> (remote, request, status, bytes, request_time) or None
-        type Row = (
-            &'static str,
-            Option<(&'static str, &'static str, u16, u64, f64)>,
-        );
-        let table: &[Row] = &[
-            (
-                r#"10.88.0.1 [2025-01-02T03:04:05+00:00] "GET / HTTP/1.1" 200 612 0.000"#,
-                Some(("10.88.0.1", "GET / HTTP/1.1", 200, 612, 0.0)),
-            ),
-            (
-                r#"::1 [2025-01-02T03:04:05+00:00] "POST /api?x=1 HTTP/2.0" 502 157 1.234"#,
-                Some(("::1", "POST /api?x=1 HTTP/2.0", 502, 157, 1.234)),
-            ),
-            // Quotes in the request are escaped by nginx; spaces in it are fine.
-            (
-                r#"1.2.3.4 [t] "GET /a\x22b c HTTP/1.1" 404 0 0.010"#,
-                Some(("1.2.3.4", r"GET /a\x22b c HTTP/1.1", 404, 0, 0.01)),
-            ),
-            // A bad request line is logged as "-" or garbage, still a request.
-            (
-                r#"1.2.3.4 [t] "-" 400 0 0.000"#,
-                Some(("1.2.3.4", "-", 400, 0, 0.0)),
-            ),
-            (
-                r#"1.2.3.4 [t] "" 499 0 0.001"#,
-                Some(("1.2.3.4", "", 499, 0, 0.001)),
-            ),
-            (r#"1.2.3.4 [t] "GET /" 2000 0 0.0"#, None),
-            (r#"1.2.3.4 [t] "GET /" 200 -5 0.0"#, None),
-            (r#"1.2.3.4 [t] "GET /" 200 5 -1"#, None),
-            (r#"1.2.3.4 [t] "GET /" 200 5 NaN"#, None),
-            (r#"1.2.3.4 "GET /" 200 5 0.1"#, None),
-            (r#"1.2.3.4 [t] GET / 200 5 0.1"#, None),
-            (
-                "2025/01/02 03:04:05 [notice] 1#1: start worker processes",
-                None,
-            ),
-            ("", None),
-        ];
-        for (line, expected) in table {
-            let got = parse_access(line)
-                .map(|a| (a.remote, a.request, a.status, a.bytes, a.request_time));
-            assert_eq!(got, *expected, "{line}");
+    fn status_classes() {
+        for (status, class) in [
+            (100, "1xx"),
+            (200, "2xx"),
+            (304, "3xx"),
+            (499, "4xx"),
+            (503, "5xx"),
+            (0, "other"),
+            (600, "other"),
+        ] {
+            assert_eq!(StatusClass::of(status).as_str(), class, "{status}");
         }
-        assert_eq!(StatusClass::of(503).as_str(), "5xx");
-        assert_eq!(StatusClass::of(0).as_str(), "other");
     }
 
     #[test]
@@ -301,41 +209,70 @@ mod tests {
 
     #[test]
     fn db_status_files() {
-        let table: &[(&str, Option<DbStatus>)] = &[
+        // The agent's record with `fields` replaced (JSON, without braces).
+        let record = |fields: &str| {
+            let base = r#""node":"server2","primary":{"name":"server1","address":"10.88.0.11","port":3306},"error":null,"read_only":null,"gtid_current_pos":null,"gtid_slave_pos":null,"gtid_binlog_pos":null,"updated_ms":1"#;
+            format!("{{{base},{fields}}}")
+        };
+        let table: &[(String, Result<DbStatus, &str>)] = &[
             (
-                r#"{"role":"primary","healthy":true,"lag_s":null}"#,
-                Some(DbStatus::Primary { healthy: true }),
+                record(
+                    r#""role":"primary","healthy":true,"lag_s":null,"io_running":null,"sql_running":null"#,
+                ),
+                Ok(DbStatus::Primary { healthy: true }),
             ),
             (
-                r#"{"role":"primary","healthy":false}"#,
-                Some(DbStatus::Primary { healthy: false }),
+                record(
+                    r#""role":"primary","healthy":false,"lag_s":null,"io_running":null,"sql_running":null"#,
+                ),
+                Ok(DbStatus::Primary { healthy: false }),
             ),
             (
-                r#"{"role":"replica","healthy":true,"io_running":"Yes","sql_running":true,"lag_s":3}"#,
-                Some(DbStatus::Replica {
+                record(
+                    r#""role":"replica","healthy":true,"io_running":"Yes","sql_running":true,"lag_s":3"#,
+                ),
+                Ok(DbStatus::Replica {
                     running: true,
                     lag_ms: Some(3000),
                 }),
             ),
             (
-                r#"{"role":"replica","healthy":false,"io_running":"Connecting","sql_running":true,"lag_s":null}"#,
-                Some(DbStatus::Replica {
+                record(
+                    r#""role":"replica","healthy":false,"io_running":"Connecting","sql_running":true,"lag_s":null"#,
+                ),
+                Ok(DbStatus::Replica {
                     running: false,
                     lag_ms: None,
+                }),
+            ),
+            // A field added by a later agent is ignored.
+            (
+                record(
+                    r#""role":"replica","healthy":true,"io_running":"Yes","sql_running":false,"lag_s":0,"new":1"#,
+                ),
+                Ok(DbStatus::Replica {
+                    running: false,
+                    lag_ms: Some(0),
                 }),
             ),
             (
-                r#"{"role":"replica"}"#,
-                Some(DbStatus::Replica {
-                    running: false,
-                    lag_ms: None,
-                }),
+                record(
+                    r#""role":"arbiter","healthy":true,"io_running":null,"sql_running":null,"lag_s":null"#,
+                ),
+                Err("db-status.json: unknown variant `arbiter`"),
             ),
-            (r#"{"role":"arbiter","healthy":true}"#, None),
-            ("not json", None),
+            (
+                r#"{"role":"replica"}"#.into(),
+                Err("db-status.json: missing field"),
+            ),
+            ("not json".into(), Err("db-status.json: expected")),
         ];
         for (json, expected) in table {
-            assert_eq!(db_status(json), *expected, "{json}");
+            match (db_status(json), expected) {
+                (Ok(got), Ok(want)) => assert_eq!(got, *want, "{json}"),
+                (Err(got), Err(want)) => assert!(got.starts_with(want), "{got} for {json}"),
+                (got, _) => panic!("{got:?} for {json}, expected {expected:?}"),
+            }
         }
     }
 }

@@ -8,6 +8,7 @@
 //! A line on disk: `2025-01-02T03:04:05.678Z stdout 1234 text…` (time in UTC, then the stream
 //! or `event`, then the pid or `-`, then the text as the service wrote it).
 
+use std::collections::hash_map::Entry as Slot;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write as _};
@@ -17,6 +18,8 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
 use std::time::SystemTime;
+
+use nix::sys::signal::{SigSet, SigmaskHow};
 
 use crate::time;
 
@@ -258,24 +261,23 @@ impl LogStore {
     }
 
     fn active(&mut self, stem: &str) -> io::Result<&mut Active> {
-        if !self.active.contains_key(stem) {
-            let name = file_name(stem, 0);
-            let file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .mode(0o640)
-                .open(self.dir.join(&name))?;
-            let len = file.metadata()?.len();
-            let known = self.sizes.insert(name, len).unwrap_or(0);
-            self.total = self.total - known + len;
-            self.active.insert(
-                stem.to_string(),
-                Active {
+        match self.active.entry(stem.to_string()) {
+            Slot::Occupied(open) => Ok(open.into_mut()),
+            Slot::Vacant(slot) => {
+                let name = file_name(stem, 0);
+                let file = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .mode(0o640)
+                    .open(self.dir.join(&name))?;
+                let len = file.metadata()?.len();
+                let known = self.sizes.insert(name, len).unwrap_or(0);
+                self.total = self.total - known + len;
+                Ok(slot.insert(Active {
                     out: BufWriter::new(file),
-                },
-            );
+                }))
+            }
         }
-        Ok(self.active.get_mut(stem).expect("inserted above"))
     }
 
     fn rotate(&mut self, stem: &str) -> io::Result<()> {
@@ -333,8 +335,8 @@ impl LogStore {
             if size == 0 {
                 break;
             }
-            let (stem, _) = parse_file_name(&name).expect("only store files are tracked");
-            if let Some(active) = self.active.get_mut(stem) {
+            let active = parse_file_name(&name).and_then(|(stem, _)| self.active.get_mut(stem));
+            if let Some(active) = active {
                 active.out.flush()?;
                 active.out.get_ref().set_len(0)?;
             } else {
@@ -510,17 +512,13 @@ fn spawn_with_signals_blocked(
     builder: thread::Builder,
     f: impl FnOnce() + Send + 'static,
 ) -> io::Result<thread::JoinHandle<()>> {
-    // SAFETY: plain libc calls on stack-allocated signal sets; the previous mask is restored
-    // in this thread before returning.
-    unsafe {
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut old: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &all, &mut old);
-        let spawned = builder.spawn(f);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
-        spawned
+    // A new thread inherits its creator's mask: block everything here, spawn, restore.
+    let old = SigSet::all().thread_swap_mask(SigmaskHow::SIG_BLOCK)?;
+    let spawned = builder.spawn(f);
+    if let Err(e) = old.thread_set_mask() {
+        tracing::error!("restoring this thread's signal mask after spawning a log writer: {e}");
     }
+    spawned
 }
 
 #[cfg(test)]

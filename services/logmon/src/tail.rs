@@ -2,6 +2,7 @@
 //! `<name>.log`, across rotations (the rest of the rotated file is read through the still open
 //! descriptor before the new file) and truncations (read again from the start).
 
+use std::collections::btree_map::Entry;
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom};
@@ -28,6 +29,24 @@ struct Follow {
     ino: u64,
     pos: u64,
     partial: Vec<u8>,
+}
+
+impl Follow {
+    /// Opens `path` (inode `ino`), positioned at its start or its end.
+    fn open(path: &Path, ino: u64, from_start: bool) -> io::Result<Follow> {
+        let mut file = File::open(path)?;
+        let pos = if from_start {
+            0
+        } else {
+            file.seek(SeekFrom::End(0))?
+        };
+        Ok(Follow {
+            file,
+            ino,
+            pos,
+            partial: Vec::new(),
+        })
+    }
 }
 
 pub struct Tailer {
@@ -79,8 +98,9 @@ impl Tailer {
                 continue;
             };
             let from_start = self.scanned;
-            let follow = match self.follows.get_mut(&log) {
-                Some(f) if f.ino == meta.ino() => {
+            let follow = match self.follows.entry(log.clone()) {
+                Entry::Occupied(e) if e.get().ino == meta.ino() => {
+                    let f = e.into_mut();
                     if meta.len() < f.pos {
                         // Truncated (the store's total cap): start over.
                         f.file.seek(SeekFrom::Start(0))?;
@@ -89,27 +109,14 @@ impl Tailer {
                     }
                     f
                 }
-                existing => {
-                    if let Some(old) = existing {
-                        // Rotated: finish the old file first.
-                        read_lines(old, &log, &mut out)?;
-                        flush_partial(old, &log, &mut out);
-                    }
-                    let mut file = File::open(&path)?;
-                    let pos = if from_start {
-                        0
-                    } else {
-                        file.seek(SeekFrom::End(0))?
-                    };
-                    let follow = Follow {
-                        file,
-                        ino: meta.ino(),
-                        pos,
-                        partial: Vec::new(),
-                    };
-                    self.follows.insert(log.clone(), follow);
-                    self.follows.get_mut(&log).expect("inserted above")
+                Entry::Occupied(mut e) => {
+                    // Rotated: finish the old file first.
+                    read_lines(e.get_mut(), &log, &mut out)?;
+                    flush_partial(e.get_mut(), &log, &mut out);
+                    e.insert(Follow::open(&path, meta.ino(), from_start)?);
+                    e.into_mut()
                 }
+                Entry::Vacant(e) => e.insert(Follow::open(&path, meta.ino(), from_start)?),
             };
             read_lines(follow, &log, &mut out)?;
         }

@@ -108,10 +108,17 @@ pub fn render_conf(p: &Params) -> String {
     );
     // A timed-out connection is reset, not lingered on: its memory is freed at once.
     s.push_str("    reset_timedout_connection on;\n");
-    s.push_str(
-        "    log_format tandem '$remote_addr [$time_iso8601] \"$request\" $status $body_bytes_sent $request_time';\n",
+    let _ = writeln!(
+        s,
+        "    log_format {} '{}';",
+        api::access_log::FORMAT_NAME,
+        api::access_log::FORMAT
     );
-    s.push_str("    access_log /dev/stdout tandem;\n");
+    let _ = writeln!(
+        s,
+        "    access_log /dev/stdout {};",
+        api::access_log::FORMAT_NAME
+    );
     for temp in TEMP_DIRS {
         let _ = writeln!(s, "    {temp}_temp_path {run}/{temp};");
     }

@@ -16,7 +16,7 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::TokioExecutor;
 
 /// The path of a required tool, or a panic that says how to install it.
-pub fn tool(name: &str, package: &str) -> PathBuf {
+pub(crate) fn tool(name: &str, package: &str) -> PathBuf {
     for dir in [
         "/usr/sbin",
         "/usr/bin",
@@ -34,17 +34,17 @@ pub fn tool(name: &str, package: &str) -> PathBuf {
 }
 
 /// Each test gets its own 127.0.N.0/24 so tests running in parallel never share an address.
-pub fn subnet() -> u8 {
+pub(crate) fn subnet() -> u8 {
     static NEXT: AtomicU8 = AtomicU8::new(100);
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
-pub fn ip(net: u8, host: u8) -> Ipv4Addr {
+pub(crate) fn ip(net: u8, host: u8) -> Ipv4Addr {
     Ipv4Addr::new(127, 0, net, host)
 }
 
 /// A port free on every given address.
-pub fn free_port(ips: &[Ipv4Addr]) -> u16 {
+pub(crate) fn free_port(ips: &[Ipv4Addr]) -> u16 {
     for _ in 0..100 {
         let l = TcpListener::bind((ips[0], 0)).unwrap();
         let port = l.local_addr().unwrap().port();
@@ -60,7 +60,7 @@ pub fn free_port(ips: &[Ipv4Addr]) -> u16 {
 
 /// A real nginx serving `backend <name>` on `addr`, `/healthz`, and `/headers` (echoes what
 /// the balancer added). `master_process off` makes it one process: killing it kills it all.
-pub struct Nginx {
+pub(crate) struct Nginx {
     pub name: String,
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
@@ -68,7 +68,7 @@ pub struct Nginx {
 }
 
 impl Nginx {
-    pub fn start(name: &str, addr: SocketAddr) -> Nginx {
+    pub(crate) fn start(name: &str, addr: SocketAddr) -> Nginx {
         let dir = tempfile::tempdir().unwrap();
         let mut n = Nginx {
             name: name.into(),
@@ -80,7 +80,7 @@ impl Nginx {
         n
     }
 
-    pub fn restart(&mut self) {
+    pub(crate) fn restart(&mut self) {
         let bin = tool("nginx", "nginx-light");
         let d = self.dir.path().display().to_string();
         let (name, addr) = (&self.name, self.addr);
@@ -140,14 +140,14 @@ http {{
     }
 
     /// SIGKILL: the backend dies mid-flight, as in a crash.
-    pub fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
 
-    pub fn access_log(&self) -> String {
+    pub(crate) fn access_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("access.log")).unwrap_or_default()
     }
 }
@@ -159,7 +159,7 @@ impl Drop for Nginx {
 }
 
 /// Two nodes on 127.0.N.11/12 with nginx on a common port, and a cluster describing them.
-pub struct Setup {
+pub(crate) struct Setup {
     pub net: u8,
     pub cluster: Cluster,
     pub backends: Vec<Nginx>,
@@ -167,11 +167,11 @@ pub struct Setup {
 }
 
 impl Setup {
-    pub fn new() -> Setup {
+    pub(crate) fn new() -> Setup {
         Setup::with(|_| {})
     }
 
-    pub fn with(f: impl FnOnce(&mut Cluster)) -> Setup {
+    pub(crate) fn with(f: impl FnOnce(&mut Cluster)) -> Setup {
         let net = subnet();
         let ips = [ip(net, 11), ip(net, 12)];
         let port = free_port(&ips);
@@ -198,7 +198,7 @@ impl Setup {
         }
     }
 
-    pub fn options(&self) -> Options {
+    pub(crate) fn options(&self) -> Options {
         let a = |h| SocketAddr::from((ip(self.net, h), 0));
         let mut o = Options::new(self.state.path());
         o.listen = Some(Listen {
@@ -214,18 +214,18 @@ impl Setup {
         o
     }
 
-    pub async fn start(&self) -> Handle {
+    pub(crate) async fn start(&self) -> Handle {
         self.start_with(self.options()).await
     }
 
-    pub async fn start_with(&self, o: Options) -> Handle {
+    pub(crate) async fn start_with(&self, o: Options) -> Handle {
         Balancer::start(self.cluster.clone(), "server1", o)
             .await
             .expect("balancer starts")
     }
 }
 
-pub fn init_tracing() {
+pub(crate) fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -236,7 +236,11 @@ pub fn init_tracing() {
 }
 
 /// Wait until every backend has the wanted state (as the balancer sees it).
-pub async fn wait_for(h: &Handle, what: &str, f: impl Fn(&[balancer::BackendStatus]) -> bool) {
+pub(crate) async fn wait_for(
+    h: &Handle,
+    what: &str,
+    f: impl Fn(&[balancer::BackendStatus]) -> bool,
+) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let b = h.backends();
@@ -251,14 +255,18 @@ pub async fn wait_for(h: &Handle, what: &str, f: impl Fn(&[balancer::BackendStat
     }
 }
 
-pub type HttpClient = Client<HttpConnector, Empty<Bytes>>;
+pub(crate) type HttpClient = Client<HttpConnector, Empty<Bytes>>;
 
-pub fn client() -> HttpClient {
+pub(crate) fn client() -> HttpClient {
     Client::builder(TokioExecutor::new()).build(HttpConnector::new())
 }
 
 /// GET `path` from `addr`: (status, body).
-pub async fn get(c: &HttpClient, addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+pub(crate) async fn get(
+    c: &HttpClient,
+    addr: SocketAddr,
+    path: &str,
+) -> Result<(u16, String), String> {
     let uri: http::Uri = format!("http://{addr}{path}").parse().unwrap();
     let resp = c.get(uri).await.map_err(|e| format!("{e:?}"))?;
     let status = resp.status().as_u16();
@@ -272,7 +280,7 @@ pub async fn get(c: &HttpClient, addr: SocketAddr, path: &str) -> Result<(u16, S
 }
 
 /// Send raw bytes, return everything the server sends until it closes (or `wait` passes).
-pub fn raw(addr: SocketAddr, request: &[u8], wait: Duration) -> String {
+pub(crate) fn raw(addr: SocketAddr, request: &[u8], wait: Duration) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(wait)).unwrap();
     let _ = s.write_all(request);
@@ -282,7 +290,7 @@ pub fn raw(addr: SocketAddr, request: &[u8], wait: Duration) -> String {
 }
 
 /// Run a command, returning (success, stdout + stderr).
-pub fn run(cmd: &mut Command) -> (bool, String) {
+pub(crate) fn run(cmd: &mut Command) -> (bool, String) {
     let out = cmd.stdin(Stdio::null()).output().expect("run command");
     let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
     s.push_str(&String::from_utf8_lossy(&out.stderr));

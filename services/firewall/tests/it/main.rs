@@ -1,6 +1,9 @@
 //! The firewall with the real `nft`, inside network namespaces made by the test: a node, a
 //! cluster peer and an outside host on one bridge (10.88.0.0/24, private to the test).
 
+// Test code: a failed unwrap is a failed test, with the panic naming the value.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::os::fd::AsFd as _;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

@@ -6,8 +6,10 @@
 //! The case count is proptest's (256, or `PROPTEST_CASES`: CI runs the default, a long run
 //! sets `PROPTEST_CASES=100000`).
 
+use api::access_log;
+use api::db::{AgentStatus, PrimaryRef, Role};
 use cluster_config::WebhookUrl;
-use logmon::parse::{self, Status};
+use logmon::parse::{self, DbStatus, Status};
 use logmon::store::{self, Entry};
 use logmon::{cert, time};
 use proptest::prelude::*;
@@ -36,14 +38,14 @@ fn certificate_der() -> Vec<u8> {
 proptest! {
     #[test]
     fn fuzz_access_parser_never_panics_and_keeps_its_shape(line in line_like()) {
-        if let Some(a) = parse::parse_access(&line) {
+        if let Some(a) = access_log::parse(&line) {
             prop_assert!(!a.remote.is_empty() && !a.remote.contains(' '));
             prop_assert!(a.status <= 999);
             prop_assert!(a.request_time.is_finite() && a.request_time >= 0.0);
         }
     }
 
-    /// nginx's `log_format tandem` reads back field by field, whatever the client put in the
+    /// nginx's `log_format tandem` ([`access_log::FORMAT`]) reads back field by field, whatever the client put in the
     /// request (quotes, brackets, spaces, things that look like a status and a size).
     #[test]
     fn fuzz_access_lines_round_trip(
@@ -59,7 +61,7 @@ proptest! {
             millis / 1000,
             millis % 1000
         );
-        let a = parse::parse_access(&line);
+        let a = access_log::parse(&line);
         prop_assert!(a.is_some(), "not parsed: {}", line);
         let a = a.unwrap();
         prop_assert_eq!(
@@ -110,6 +112,48 @@ proptest! {
         r#"\{("(role|healthy|io_running|sql_running|lag_s)": ?("primary"|"replica"|"Yes"|true|false|null|-?[0-9]{1,20}|[0-9]\.[0-9]e[0-9]{1,3}),? ?){0,5}\}"#,
     ]) {
         let _ = parse::db_status(&json);
+    }
+
+    /// Whatever the agent publishes reads back as what the monitor alerts on: a primary's
+    /// health, a replica's threads and lag.
+    #[test]
+    fn fuzz_db_status_reads_the_agents_record(
+        primary in any::<bool>(),
+        healthy in any::<bool>(),
+        lag_s in any::<Option<u64>>(),
+        io_running in prop::option::of(select(&["Yes", "No", "Connecting"][..])),
+        sql_running in any::<Option<bool>>(),
+        error in prop::option::of("\\PC{0,20}"),
+    ) {
+        let status = AgentStatus {
+            node: "server2".into(),
+            role: if primary { Role::Primary } else { Role::Replica },
+            primary: PrimaryRef {
+                name: "server1".into(),
+                address: std::net::Ipv4Addr::new(10, 88, 0, 11),
+                port: 3306,
+            },
+            healthy,
+            error,
+            lag_s,
+            read_only: None,
+            io_running: io_running.map(str::to_string),
+            sql_running,
+            gtid_current_pos: None,
+            gtid_slave_pos: None,
+            gtid_binlog_pos: None,
+            updated_ms: 1,
+        };
+        let json = serde_json::to_string(&status).unwrap();
+        let expected = if primary {
+            DbStatus::Primary { healthy }
+        } else {
+            DbStatus::Replica {
+                running: io_running == Some("Yes") && sql_running == Some(true),
+                lag_ms: lag_s.map(|s| s.saturating_mul(1000)),
+            }
+        };
+        prop_assert_eq!(parse::db_status(&json), Ok(expected), "{}", json);
     }
 
     #[test]

@@ -1,19 +1,30 @@
 //! The log monitor's parts with real files, sockets, TLS, `openssl` and `promtool`, and
 //! property tests of its parsers ([`fuzz`]).
 
+// Test code: a failed unwrap is a failed test, with the panic naming the value.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod fuzz;
+mod metrics;
 mod monitor;
 mod store;
 mod webhook;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject as _;
 
 /// What the receiver got: the request target and the JSON body.
@@ -32,71 +43,77 @@ pub fn webhook_receiver(fail_first: usize) -> (SocketAddr, Receiver<serde_json::
     (addr, bodies)
 }
 
-/// The same over TLS with `config` (plain HTTP when `None`). Connections that fail (a client
-/// refusing the certificate) are skipped and do not count.
+/// The same over TLS with `config` (plain HTTP when `None`), served by hyper. Connections
+/// that fail (a client refusing the certificate) are skipped and do not count.
 pub fn receiver(
     fail_first: usize,
     config: Option<Arc<rustls::ServerConfig>>,
 ) -> (SocketAddr, Receiver<Received>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
+    listener.set_nonblocking(true).unwrap();
     let (tx, rx) = mpsc::channel();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     thread::spawn(move || {
-        let mut answered = 0;
-        for stream in listener.incoming() {
-            let Ok(tcp) = stream else { continue };
-            let _ = tcp.set_read_timeout(Some(Duration::from_secs(10)));
-            let ok = answered >= fail_first;
-            let got = match &config {
-                None => answer(tcp, ok),
-                Some(config) => {
-                    let Ok(conn) = rustls::ServerConnection::new(config.clone()) else {
-                        continue;
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let tls = config.map(tokio_rustls::TlsAcceptor::from);
+            let answered = Arc::new(AtomicUsize::new(0));
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (tls, answered, tx) = (tls.clone(), answered.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let service = service_fn(move |request| {
+                        answer(request, fail_first, answered.clone(), tx.clone())
+                    });
+                    let http = http1::Builder::new();
+                    let _ = match tls {
+                        None => http.serve_connection(TokioIo::new(tcp), service).await,
+                        Some(tls) => {
+                            let Ok(stream) = tls.accept(tcp).await else {
+                                return;
+                            };
+                            http.serve_connection(TokioIo::new(stream), service).await
+                        }
                     };
-                    answer(rustls::StreamOwned::new(conn, tcp), ok)
-                }
-            };
-            let Some(got) = got else { continue };
-            answered += 1;
-            if ok {
-                let _ = tx.send(got);
+                });
             }
-        }
+        });
     });
     (addr, rx)
 }
 
-/// Reads one request, answers 200 (`ok`) or 503; `None` when the exchange failed.
-fn answer(stream: impl Read + Write, ok: bool) -> Option<Received> {
-    let mut reader = BufReader::new(stream);
-    let mut request_line = String::new();
-    reader.read_line(&mut request_line).ok()?;
-    let target = request_line.split_whitespace().nth(1)?.to_string();
-    let mut length = 0;
-    loop {
-        let mut line = String::new();
-        if reader.read_line(&mut line).ok()? == 0 || line == "\r\n" {
-            break;
-        }
-        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-            length = v.trim().parse().ok()?;
+/// Answers one request: 503 for the first `fail_first` requests, 200 after; a 200 request's
+/// target and JSON body go to `tx`.
+async fn answer(
+    request: Request<Incoming>,
+    fail_first: usize,
+    answered: Arc<AtomicUsize>,
+    tx: mpsc::Sender<Received>,
+) -> Result<Response<Empty<Bytes>>, hyper::Error> {
+    let target = request
+        .uri()
+        .path_and_query()
+        .map_or_else(String::new, |p| p.as_str().to_string());
+    let body = request.into_body().collect().await?.to_bytes();
+    let ok = answered.fetch_add(1, Ordering::SeqCst) >= fail_first;
+    if ok {
+        if let Ok(json) = serde_json::from_slice(&body) {
+            let _ = tx.send((target, json));
         }
     }
-    let mut body = vec![0; length];
-    reader.read_exact(&mut body).ok()?;
-    let status = if ok {
-        "200 OK"
+    let mut response = Response::new(Empty::new());
+    *response.status_mut() = if ok {
+        StatusCode::OK
     } else {
-        "503 Service Unavailable"
+        StatusCode::SERVICE_UNAVAILABLE
     };
-    let stream = reader.get_mut();
-    write!(
-        stream,
-        "HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    stream.flush().ok()?;
-    Some((target, serde_json::from_slice(&body).ok()?))
+    Ok(response)
 }
 
 /// A private CA for the tests: its certificate (PEM) and what signs with it.

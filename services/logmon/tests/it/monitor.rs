@@ -104,8 +104,30 @@ fn monitor_counts_requests_raises_alerts_and_serves_valid_metrics() {
     store.flush().unwrap();
     // The database agent reports a replica whose IO thread does not run.
     std::fs::create_dir_all(state.join("run")).unwrap();
-    let status = r#"{"role":"replica","healthy":false,"io_running":"Connecting","sql_running":true,"lag_s":null}"#;
-    std::fs::write(state.join("run/db-status.json"), status).unwrap();
+    let status = api::db::AgentStatus {
+        node: "server1".into(),
+        role: api::db::Role::Replica,
+        primary: api::db::PrimaryRef {
+            name: "server2".into(),
+            address: std::net::Ipv4Addr::new(10, 88, 0, 12),
+            port: 3306,
+        },
+        healthy: false,
+        error: None,
+        lag_s: None,
+        read_only: Some(true),
+        io_running: Some("Connecting".into()),
+        sql_running: Some(true),
+        gtid_current_pos: None,
+        gtid_slave_pos: None,
+        gtid_binlog_pos: None,
+        updated_ms: logmon::time::now_ms(),
+    };
+    std::fs::write(
+        state.join("run").join(api::db::STATUS_FILE),
+        serde_json::to_vec(&status).unwrap(),
+    )
+    .unwrap();
 
     // The webhook answers 503 first: the alert arrives by a retry.
     let mut rules_seen = Vec::new();

@@ -4,6 +4,9 @@
 //!
 //! Run with `--nocapture` to see the measured takeover times.
 
+// Test code: a failed unwrap is a failed test, with the panic naming the value.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::fs::File;
 use std::io::Read as _;
 use std::os::unix::fs::OpenOptionsExt as _;

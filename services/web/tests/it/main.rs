@@ -1,6 +1,9 @@
 //! The rendered nginx.conf with the real Debian nginx: idle sockets (connections stalled in the
 //! middle of a request head) neither exhaust it nor stay open for long.
 
+// Test code: a failed unwrap is a failed test, with the panic naming the value.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::io::{Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::Path;
@@ -64,8 +67,7 @@ fn start_nginx(dir: &Path, port: u16) -> Nginx {
         std::fs::create_dir_all(d).unwrap();
     }
     std::fs::write(www.join("index.html"), "hello from nginx\n").unwrap();
-    // SAFETY: plain geteuid(2).
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = nix::unistd::geteuid().is_root();
     let mut params = web::Params::for_node(
         &cluster,
         node,

@@ -1,0 +1,188 @@
+//! A node's stack, built from the cluster config: which services run, with which rendered
+//! configuration, in which directories. Shared by `appliance run` (a developer machine) and
+//! `appliance init` (PID 1 on the image); only the [`Layout`] differs.
+//!
+//! Three steps: [`inputs`] reads what the plan needs (boot count, cluster secret, TLS files,
+//! the persisted primary, ...), [`plan()`] (pure) turns the cluster, the node, the layout and
+//! those inputs into directories, files and services, and [`apply()`] makes them.
+
+mod apply;
+mod plan;
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use cluster_config::{Cluster, Node};
+
+use crate::args::NodeArgs;
+use crate::layout::Layout;
+use crate::secrets::{self, NodeTls};
+use crate::supervisor::{self, ServiceSpec, SupervisorOptions};
+
+pub use apply::apply;
+pub use plan::{
+    plan, plan_stack, Contents, Dir, File, Inputs, NodePlan, Owner, PlanError, MARIADB_USER,
+    NGINX_USER,
+};
+
+/// `appliance run`: this node's stack on a developer machine, until SIGTERM/SIGINT.
+///
+/// The cluster secret is `secret_file`, else `<cluster.toml's directory>/<cluster name>.secret`
+/// (so the nodes of one config on one machine share it), else `<state_dir>/cluster.secret`.
+pub fn run(
+    config: Option<&Path>,
+    node: &str,
+    state_dir: &Path,
+    secret_file: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
+    let (cluster, node) = NodeArgs {
+        config: config.map(Path::to_path_buf),
+        node: Some(node.to_string()),
+    }
+    .load()?;
+    let node = &node;
+    crate::preflight::require_programs(&[db::MARIADBD, db::INSTALL_DB, db::CLIENT, web::NGINX])?;
+    if !node.address.is_loopback() {
+        crate::preflight::require_programs(&[vip::KEEPALIVED])?;
+    }
+    let mut layout = Layout::dev(state_dir);
+    match (secret_file, config.and_then(Path::parent)) {
+        (Some(file), _) => layout.secret = file.to_path_buf(),
+        (None, Some(dir)) => layout.secret = dir.join(format!("{}.secret", cluster.name)),
+        (None, None) => {}
+    }
+    // Like the secret, whatever --secret-file says: the nodes of one config share a CA.
+    if let Some(dir) = config.and_then(Path::parent) {
+        layout.dev_ca = Some(dir.join(format!("{}-ca.secret", cluster.name)));
+    }
+    let layout = layout.absolute().context("resolving the state directory")?;
+    let specs = services(&cluster, node, &layout, config)?;
+    crate::preflight::require_reachable_state_dir(&layout.state, &specs)?;
+    let reason = supervise(specs, &layout, Vec::new())?;
+    tracing::info!(?reason, "supervisor stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Every service of the node, its directories and files made: its own stack ([`prepare`])
+/// plus the appliance's helpers (log monitor, balancer, keepalived, admin server), which are
+/// `appliance` subcommands run as children. `config` is the cluster.toml they read; `None` on
+/// an image, where they read the seed.
+pub fn services(
+    cluster: &Cluster,
+    node: &Node,
+    layout: &Layout,
+    config: Option<&Path>,
+) -> anyhow::Result<Vec<ServiceSpec>> {
+    let layout = layout
+        .absolute()
+        .context("resolving the node's directories")?;
+    let mut inputs = inputs(cluster, node, &layout, config)?;
+    if !node.address.is_loopback() {
+        inputs.interface = Some(crate::netif::interface_with(node.address)?);
+    }
+    if inputs.root {
+        move_old_alerts_db(&layout.state)?;
+    }
+    apply(&plan(cluster, node, &layout, &inputs)?)
+}
+
+/// The node's own stack (mariadb-init, mariadb, db-agent, app, nginx), its directories and
+/// files made. Runs before any service starts.
+pub fn prepare(
+    cluster: &Cluster,
+    node: &Node,
+    layout: &Layout,
+) -> anyhow::Result<Vec<ServiceSpec>> {
+    let layout = layout
+        .absolute()
+        .context("resolving the node's directories")?;
+    let inputs = inputs(cluster, node, &layout, None)?;
+    apply(&plan_stack(cluster, node, &layout, &inputs)?)
+}
+
+/// Reads (and where absent creates) what the plan needs: checks the service users when root,
+/// counts the boot, loads the cluster secret, issues a developer machine's TLS files and reads
+/// them, and looks at MariaDB's datadir and the persisted primary. `interface` is left unset.
+pub fn inputs(
+    cluster: &Cluster,
+    node: &Node,
+    layout: &Layout,
+    config: Option<&Path>,
+) -> anyhow::Result<Inputs> {
+    let root = nix::unistd::geteuid().is_root();
+    if root {
+        crate::users::require()?;
+    }
+    crate::files::make_dir(&layout.state, 0o755)?;
+    // A full or failing data partition must not stop the node (PID 1 would reboot into the
+    // same fault): the count is skipped, the state DB's own fallback says what is wrong.
+    let boot = crate::files::count_boot(&layout.state).unwrap_or_else(|e| {
+        tracing::error!("counting the boot: {e:#}; skipped");
+        0
+    });
+    tracing::info!(node = %node.name, boot, state = %layout.state.display(), "preparing node");
+    let secret = secrets::load_or_create_secret(&layout.secret)?;
+    if let Some(ca) = &layout.dev_ca {
+        secrets::issue_dev_tls(ca, cluster, node, &layout.tls)?;
+    }
+    let exe = std::env::current_exe().context("locating the appliance binary")?;
+    let config = match config {
+        Some(c) => {
+            Some(std::path::absolute(c).with_context(|| format!("resolving {}", c.display()))?)
+        }
+        None => None,
+    };
+    Ok(Inputs {
+        root,
+        boot,
+        secret,
+        tls: NodeTls::read(&layout.tls)?,
+        persisted_primary: std::fs::read_to_string(layout.state.join(api::files::DB_PRIMARY)).ok(),
+        db_initialised: db::is_initialised(&layout.db_paths().datadir),
+        interface: None,
+        exe,
+        config,
+    })
+}
+
+/// Runs `specs` under the supervisor with the node's log store attached, until it stops.
+/// `faults` are what keeps the node degraded before anything started (see `init`).
+pub fn supervise(
+    specs: Vec<ServiceSpec>,
+    layout: &Layout,
+    faults: Vec<api::storage::Degraded>,
+) -> anyhow::Result<supervisor::StopReason> {
+    let mut options = SupervisorOptions::new(&layout.state);
+    options.control_socket = layout.socket.clone();
+    if nix::unistd::geteuid().is_root() {
+        // The admin server (not root) is in this group.
+        options.control_group = Some(crate::users::gid(crate::users::CONTROL_GROUP)?);
+    }
+    options.run_dir = Some(layout.run.clone());
+    options.faults = faults;
+    let logs = crate::logmon_cmd::attach_log_store(&mut options);
+    let reason = supervisor::run(specs, options)?;
+    logs.finish();
+    Ok(reason)
+}
+
+/// `alerts.db` (and its WAL) lived in the state directory itself before the log monitor had a
+/// user of its own: moved into its directory once, so no alert history is lost.
+fn move_old_alerts_db(state: &Path) -> anyhow::Result<()> {
+    let file = logmon::alerts::ALERTS_DB_FILE;
+    let logmon_state = state.join(logmon::alerts::ALERTS_SUBDIR);
+    if !state.join(file).exists() || logmon_state.join(file).exists() {
+        return Ok(());
+    }
+    crate::files::make_dir(&logmon_state, 0o755)?;
+    for suffix in ["", "-wal", "-shm"] {
+        let from = state.join(format!("{file}{suffix}"));
+        if from.exists() {
+            std::fs::rename(&from, logmon_state.join(format!("{file}{suffix}"))).with_context(
+                || format!("moving {} into {}", from.display(), logmon_state.display()),
+            )?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,284 @@
+//! The node's secrets as files: the cluster secret (created on a developer machine when
+//! absent), the node's TLS files read into memory for the node plan, and on a developer machine
+//! a development CA that issues them. A leaf: it imports nothing else of this crate but the
+//! file helpers.
+
+use std::fmt;
+use std::fs;
+use std::io::Read as _;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use api::files::{CA_CERT, DB_CERT, DB_KEY, NODE_CERT, NODE_KEY};
+use api::secret::SECRET_LEN;
+use cluster_config::{Cluster, Node};
+
+use crate::files::{create_private, make_dir, write_file};
+
+/// How long to wait before reading a secret another node on this machine is creating.
+const CREATE_RACE_WAIT: Duration = Duration::from_millis(100);
+
+/// Reads the cluster secret, creating it (32 random bytes as hex, mode 0600) when absent.
+pub fn load_or_create_secret(path: &Path) -> anyhow::Result<[u8; SECRET_LEN]> {
+    match fs::read_to_string(path) {
+        Ok(text) => {
+            return api::secret::parse_secret(&text)
+                .map_err(|e| anyhow::anyhow!("cluster secret {}: {e}", path.display()))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(e).with_context(|| format!("reading the cluster secret {}", path.display()))
+        }
+    }
+    let mut bytes = [0u8; SECRET_LEN];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("reading /dev/urandom")?;
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    match create_private(path, api::secret::format_secret(&bytes).as_bytes()) {
+        Ok(()) => {
+            tracing::info!(path = %path.display(), "created a new cluster secret");
+            Ok(bytes)
+        }
+        // Another node on this machine created it first: use theirs.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::thread::sleep(CREATE_RACE_WAIT);
+            load_or_create_secret(path)
+        }
+        Err(e) => Err(e).with_context(|| {
+            format!(
+                "creating the cluster secret {} (or pass --secret-file)",
+                path.display()
+            )
+        }),
+    }
+}
+
+/// The node's TLS files, read before the node is planned: the plan gives MariaDB and the admin
+/// server copies of their own. `Debug` shows no key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NodeTls {
+    /// The cluster CA's certificate (PEM).
+    pub ca: String,
+    /// The node's certificate (PEM).
+    pub cert: String,
+    /// The node's key (PEM).
+    pub key: String,
+    /// MariaDB's own certificate and key, when the directory has both (an image's seed).
+    pub db: Option<(String, String)>,
+}
+
+impl NodeTls {
+    /// Reads `dir` (the seed's `tls/`, or the one [`issue_dev_tls`] made).
+    pub fn read(dir: &Path) -> anyhow::Result<NodeTls> {
+        let read = |name: api::files::FileName| {
+            let path = dir.join(name);
+            fs::read_to_string(&path).with_context(|| {
+                format!(
+                    "reading {} (the node's TLS files: {CA_CERT}, {NODE_CERT}, {NODE_KEY})",
+                    path.display()
+                )
+            })
+        };
+        let db = match dir.join(DB_CERT).exists() && dir.join(DB_KEY).exists() {
+            true => Some((read(DB_CERT)?, read(DB_KEY)?)),
+            false => None,
+        };
+        Ok(NodeTls {
+            ca: read(CA_CERT)?,
+            cert: read(NODE_CERT)?,
+            key: read(NODE_KEY)?,
+            db,
+        })
+    }
+
+    /// MariaDB's certificate and key: its own pair when there is one, else the node's.
+    pub fn for_db(&self) -> (&str, &str) {
+        match &self.db {
+            Some((cert, key)) => (cert, key),
+            None => (&self.cert, &self.key),
+        }
+    }
+}
+
+impl fmt::Debug for NodeTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NodeTls")
+            .field("ca", &format_args!("{} bytes", self.ca.len()))
+            .field("cert", &format_args!("{} bytes", self.cert.len()))
+            .field("db", &self.db.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The development CA's certificate: the same for the same key, so every node of a local
+/// cluster derives an equivalent one from the shared key file.
+fn dev_ca_params(cluster: &str) -> rcgen::CertificateParams {
+    let mut p = rcgen::CertificateParams::default();
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(rcgen::DnType::OrganizationName, "Tandem");
+    dn.push(
+        rcgen::DnType::CommonName,
+        format!("Tandem development CA {cluster}"),
+    );
+    p.distinguished_name = dn;
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+        rcgen::KeyUsagePurpose::DigitalSignature,
+    ];
+    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2050, 1, 1);
+    p
+}
+
+/// On a developer machine (`appliance run`), where no seed holds certificates: the cluster
+/// CA's key in `ca_key_file` (created 0600 when absent; the nodes of one config on one machine
+/// share it, like the cluster secret), and a fresh certificate for `node` in `tls_dir`, with
+/// the SANs the image-builder gives node certificates (name, name.domain, address).
+pub fn issue_dev_tls(
+    ca_key_file: &Path,
+    cluster: &Cluster,
+    node: &Node,
+    tls_dir: &Path,
+) -> anyhow::Result<()> {
+    let ca_key = load_or_create_dev_ca_key(ca_key_file)?;
+    let ca = dev_ca_params(&cluster.name)
+        .self_signed(&ca_key)
+        .context("making the development CA certificate")?;
+    let mut p = rcgen::CertificateParams::default();
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(rcgen::DnType::OrganizationName, "Tandem");
+    dn.push(rcgen::DnType::CommonName, node.name.clone());
+    p.distinguished_name = dn;
+    p.is_ca = rcgen::IsCa::ExplicitNoCa;
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::DigitalSignature,
+        rcgen::KeyUsagePurpose::KeyEncipherment,
+    ];
+    p.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    p.use_authority_key_identifier_extension = true;
+    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    p.not_after = rcgen::date_time_ymd(2049, 12, 31);
+    let mut names = vec![
+        node.name.clone(),
+        format!("{}.{}", node.name, cluster.domain),
+    ];
+    names.dedup();
+    for name in names {
+        let dns = name
+            .clone()
+            .try_into()
+            .with_context(|| format!("`{name}` as a certificate name"))?;
+        p.subject_alt_names.push(rcgen::SanType::DnsName(dns));
+    }
+    p.subject_alt_names
+        .push(rcgen::SanType::IpAddress(std::net::IpAddr::V4(
+            node.address,
+        )));
+    let key = rcgen::KeyPair::generate().context("generating the node's key")?;
+    let cert = p
+        .signed_by(&key, &ca, &ca_key)
+        .context("signing the node's certificate")?;
+    make_dir(tls_dir, 0o700)?;
+    write_file(&tls_dir.join(NODE_KEY), &key.serialize_pem(), 0o600)?;
+    write_file(&tls_dir.join(NODE_CERT), &cert.pem(), 0o644)?;
+    write_file(&tls_dir.join(CA_CERT), &ca.pem(), 0o644)
+}
+
+fn load_or_create_dev_ca_key(path: &Path) -> anyhow::Result<rcgen::KeyPair> {
+    let load = |pem: &str| {
+        rcgen::KeyPair::from_pem(pem).with_context(|| format!("{}: not a CA key", path.display()))
+    };
+    match fs::read_to_string(path) {
+        Ok(pem) => return load(&pem),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let key = rcgen::KeyPair::generate().context("generating the development CA's key")?;
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    // Written completely under a private name, then published by a hard link, which fails if
+    // another node on this machine published one first: then theirs is used.
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing {}", tmp.display()))
+        }
+        _ => {}
+    }
+    create_private(&tmp, key.serialize_pem().as_bytes())
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    let linked = fs::hard_link(&tmp, path);
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {
+            tracing::info!(path = %path.display(), "created a development cluster CA");
+            Ok(key)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            load(&fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?)
+        }
+        Err(e) => Err(e).with_context(|| format!("creating {}", path.display())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt as _;
+
+    #[test]
+    fn a_dev_cluster_shares_one_ca_and_each_node_reads_its_own_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = Cluster::default_cluster();
+        let node = cluster.node("server1").unwrap();
+        let ca_key = dir.path().join("local-ca.secret");
+        let tls = dir.path().join("tls");
+        issue_dev_tls(&ca_key, &cluster, node, &tls).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o777;
+        assert_eq!(mode(&ca_key), 0o600);
+        assert_eq!(mode(&tls), 0o700);
+        assert_eq!(mode(&tls.join(NODE_KEY)), 0o600);
+        let first = NodeTls::read(&tls).unwrap();
+        assert!(first.ca.starts_with("-----BEGIN CERTIFICATE-----"));
+        assert_eq!(first.for_db(), (first.cert.as_str(), first.key.as_str()));
+        assert!(!format!("{first:?}").contains("PRIVATE"), "{first:?}");
+        // A second node of the same config uses the same CA key.
+        let other = dir.path().join("tls2");
+        issue_dev_tls(&ca_key, &cluster, cluster.node("server2").unwrap(), &other).unwrap();
+        // (Its CA certificate is signed anew, with the same key and subject.)
+        assert_eq!(
+            rcgen::KeyPair::from_pem(&fs::read_to_string(&ca_key).unwrap())
+                .unwrap()
+                .public_key_der(),
+            load_or_create_dev_ca_key(&ca_key).unwrap().public_key_der()
+        );
+        // A MariaDB-only pair wins over the node's own.
+        fs::write(tls.join(DB_CERT), "db cert").unwrap();
+        fs::write(tls.join(DB_KEY), "db key").unwrap();
+        assert_eq!(NodeTls::read(&tls).unwrap().for_db(), ("db cert", "db key"));
+        let e = NodeTls::read(&dir.path().join("none")).unwrap_err();
+        assert!(format!("{e:#}").contains("the node's TLS files"), "{e:#}");
+    }
+
+    #[test]
+    fn the_cluster_secret_is_created_once_and_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/cluster.secret");
+        let secret = load_or_create_secret(&path).unwrap();
+        assert_eq!(fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
+        assert_eq!(load_or_create_secret(&path).unwrap(), secret);
+        fs::write(&path, "short").unwrap();
+        let e = load_or_create_secret(&path).unwrap_err();
+        assert!(format!("{e:#}").contains("cluster secret"), "{e:#}");
+    }
+}

@@ -1,0 +1,123 @@
+//! SQLite schema versions: every Tandem database (the supervisor's `state.db`, the log
+//! monitor's `alerts.db`) is migrated forward by this one helper.
+//!
+//! The schema version is `PRAGMA user_version`; migration `i` takes the schema from version
+//! `i` to `i + 1`, in its own transaction with the version bump, so a crash leaves the file at
+//! one version or the next. A file from a newer binary (after a rollback) is refused untouched.
+
+use rusqlite::Connection;
+
+/// Why a database could not be brought to this binary's schema.
+#[derive(Debug)]
+pub enum MigrateError {
+    Sqlite(rusqlite::Error),
+    /// The file's schema version is newer than the newest migration this binary knows.
+    TooNew {
+        found: i64,
+        known: i64,
+    },
+}
+
+impl std::fmt::Display for MigrateError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MigrateError::Sqlite(e) => write!(f, "{e}"),
+            MigrateError::TooNew { found, known } => write!(
+                f,
+                "schema version {found} is newer than this binary's {known} (written by a newer release?)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for MigrateError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            MigrateError::Sqlite(e) => Some(e),
+            MigrateError::TooNew { .. } => None,
+        }
+    }
+}
+
+impl From<rusqlite::Error> for MigrateError {
+    fn from(e: rusqlite::Error) -> Self {
+        MigrateError::Sqlite(e)
+    }
+}
+
+/// The version a database is at after `migrations`.
+pub fn version_of(migrations: &[&str]) -> i64 {
+    i64::try_from(migrations.len()).unwrap_or(i64::MAX)
+}
+
+/// Applies the migrations `conn` has not had yet; returns the version it was found at.
+/// Never edit a migration that has shipped: append a new one.
+pub fn migrate(conn: &mut Connection, migrations: &[&str]) -> Result<i64, MigrateError> {
+    let known = version_of(migrations);
+    let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    if found > known {
+        return Err(MigrateError::TooNew { found, known });
+    }
+    for (from, sql) in migrations
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(found).unwrap_or(0))
+    {
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", version_of(&migrations[..=from]))?;
+        tx.commit()?;
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const V1: &[&str] = &["CREATE TABLE a (x INTEGER);"];
+    const V2: &[&str] = &[
+        "CREATE TABLE a (x INTEGER);",
+        "ALTER TABLE a ADD COLUMN y TEXT;",
+    ];
+
+    fn version(conn: &Connection) -> i64 {
+        conn.pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn migrations_apply_once_in_order_and_a_newer_file_is_refused_untouched() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        assert_eq!(migrate(&mut conn, V1).unwrap(), 0);
+        conn.execute("INSERT INTO a (x) VALUES (1)", []).unwrap();
+        assert_eq!(migrate(&mut conn, V2).unwrap(), 1);
+        assert_eq!(version(&conn), 2);
+        // Idempotent; the row survived the migration.
+        assert_eq!(migrate(&mut conn, V2).unwrap(), 2);
+        let y: Option<String> = conn.query_row("SELECT y FROM a", [], |r| r.get(0)).unwrap();
+        assert_eq!(y, None);
+        // An older binary refuses the newer file and leaves it at its version.
+        let err = migrate(&mut conn, V1).unwrap_err();
+        assert!(
+            matches!(err, MigrateError::TooNew { found: 2, known: 1 }),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("newer than this binary's 1"),
+            "{err}"
+        );
+        assert_eq!(version(&conn), 2);
+    }
+
+    #[test]
+    fn a_failing_migration_leaves_the_previous_version() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn, V1).unwrap();
+        let bad: &[&str] = &[V1[0], "ALTER TABLE a ADD COLUMN y TEXT; SYNTAX ERROR;"];
+        assert!(migrate(&mut conn, bad).is_err());
+        assert_eq!(version(&conn), 1);
+        // The failed transaction added no column.
+        assert!(conn.query_row("SELECT y FROM a", [], |_| Ok(())).is_err());
+    }
+}
