@@ -3,38 +3,59 @@
 //! primary, wherever it currently is, and every answer names the node and its database role.
 //!
 //! It knows Tandem only through the environment the node plan gives every application (its
-//! own or a user's, see [`Config::from_env`]), and through the database agent's status file,
-//! which names the current primary so that a switchover is followed without a restart.
+//! own or a user's, see [`Config::from_env`]), and through the database agent's status file
+//! ([`api::db::AgentStatus`]), which names the current primary so that a switchover is followed
+//! without a restart: each write reads it, and a new primary gets a new connection pool.
 //!
 //! Routes: `GET /` (page), `GET /notes.json` (or `Accept: application/json`), both with
-//! `?before=<id>` for older pages, `POST /notes` (form field or JSON `body`). Static files
-//! (`/style.css`) are served by nginx.
+//! `?before=<id>` for older pages (`HEAD` too), `POST /notes` (form field or JSON `body`).
+//! Static files (`/style.css`) are served by nginx.
+//!
+//! HTTP (`http.rs`): hyper on tokio, HTTP/1.1 with keep-alive, at most [`MAX_CONNECTIONS`]
+//! connections and [`MAX_REQUESTS`] requests at once (503 beyond either), bounded heads and
+//! bodies (431, 413), deadlines for both (the head's is also the idle keep-alive timeout).
+//!
+//! Database ([`store`]): `mysql_async`, a pool per server, TLS checked against the cluster CA,
+//! prepared statements. A write the primary did not take (read-only during a switchover,
+//! unreachable) is held and retried, against the primary published then, for up to
+//! [`WRITE_HOLD`], then answered 503; only errors that certainly wrote nothing are retried.
 //!
 //! Limits: a page holds [`store::PAGE_SIZE`] notes, a note at most [`store::MAX_NOTE_BYTES`]
 //! (413), the table at most [`store::MAX_NOTES`] (507, nothing is ever deleted to make room),
 //! and each client (by its forwarded address, see [`limit::client_address`]) gets a token
 //! bucket of writes (429 with `Retry-After`).
 
-pub mod http;
+mod http;
 pub mod limit;
 pub mod store;
 
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use api::db::{AgentStatus, Role};
+use api::text::html_escape;
 use serde_json::json;
+use tokio::net::TcpListener;
 
 use http::{Request, Response};
-use store::{Client, StoreError};
+use store::{Credentials, Server, Store, StoreError};
 
 /// Static application files, served by nginx from the node's web root.
 pub const STATIC_FILES: &[(&str, &str)] = &[("style.css", include_str!("../static/style.css"))];
+/// Connections open at once, idle keep-alive ones included (nginx keeps up to 32 per worker);
+/// a connection beyond gets 503 and is closed.
+pub const MAX_CONNECTIONS: usize = 512;
 /// Requests served at once; more get 503 at once rather than queueing without bound.
-pub const MAX_CONNECTIONS: usize = 64;
-const IO_TIMEOUT: Duration = Duration::from_secs(10);
+pub const MAX_REQUESTS: usize = 64;
+/// A request head must arrive within this long, and an idle keep-alive connection is closed
+/// after it. Longer than nginx's upstream `keepalive_timeout` (60 s by default), so nginx always
+/// closes an idle connection first: a POST nginx sends on a connection we are closing would be
+/// its 502 (nginx never sends a non-idempotent request twice).
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(75);
+/// The request body must arrive within this long after its head (408 otherwise).
+pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a write waits for a primary that takes it (a switchover makes the old primary
 /// read-only until every agent publishes the new one, about a second) before answering 503.
 pub const WRITE_HOLD: Duration = Duration::from_secs(5);
@@ -57,12 +78,12 @@ pub struct Config {
     /// `TANDEM_DB_SSL_CA`: the cluster CA. Every database connection is TLS, the server's
     /// certificate checked against it and the server's address.
     pub db_ssl_ca: PathBuf,
-    /// `TANDEM_DB_NAME`, `TANDEM_DB_USER`, `TANDEM_DB_PASSWORD`.
+    /// `TANDEM_DB_NAME` (default `app`).
     pub database: String,
+    /// `TANDEM_DB_USER`.
     pub user: String,
+    /// `TANDEM_DB_PASSWORD`; never logged.
     pub password: String,
-    /// `TANDEM_APP_RUN_DIR`: private runtime directory (the client option file).
-    pub run_dir: PathBuf,
     /// `TANDEM_APP_TRUSTED_PROXIES` (comma-separated addresses, default none): the proxies in
     /// front of the application (the cluster's balancers) whose `X-Forwarded-For` entries are
     /// believed when finding the client's address.
@@ -85,6 +106,7 @@ impl std::fmt::Debug for Config {
     }
 }
 
+/// Why the application could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
     #[error("environment variable {name}: {problem}")]
@@ -94,15 +116,22 @@ pub enum AppError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error(transparent)]
-    Store(#[from] StoreError),
+    #[error("reading the cluster CA {}: {source}", .path.display())]
+    Ca {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("starting the async runtime: {0}")]
+    Runtime(#[source] std::io::Error),
 }
 
 impl Config {
+    /// The configuration from the process environment.
     pub fn from_env() -> Result<Config, AppError> {
         Config::from_lookup(|name| std::env::var(name).ok())
     }
 
+    /// The configuration from `get` (an environment variable's value by name).
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Config, AppError> {
         let required = |name: &'static str| {
             get(name).ok_or(AppError::Env {
@@ -110,17 +139,16 @@ impl Config {
                 problem: "not set".into(),
             })
         };
-        let parsed = |name: &'static str, default: &str| -> Result<String, AppError> {
-            Ok(get(name).unwrap_or_else(|| default.to_string()))
-        };
+        let or_default =
+            |name: &'static str, default: &str| get(name).unwrap_or_else(|| default.to_string());
         let port = |name: &'static str, default: &str| -> Result<u16, AppError> {
-            let v = parsed(name, default)?;
+            let v = or_default(name, default);
             v.parse().map_err(|_| AppError::Env {
                 name,
                 problem: format!("`{v}` is not a port"),
             })
         };
-        let addr = parsed("TANDEM_APP_ADDR", "127.0.0.1")?;
+        let addr = or_default("TANDEM_APP_ADDR", "127.0.0.1");
         let ip = addr.parse().map_err(|_| AppError::Env {
             name: "TANDEM_APP_ADDR",
             problem: format!("`{addr}` is not an IP address"),
@@ -149,10 +177,9 @@ impl Config {
             local_db: (local_host, local_port),
             status_file: get("TANDEM_DB_STATUS_FILE").map(PathBuf::from),
             db_ssl_ca: PathBuf::from(required("TANDEM_DB_SSL_CA")?),
-            database: parsed("TANDEM_DB_NAME", "app")?,
+            database: or_default("TANDEM_DB_NAME", "app"),
             user: required("TANDEM_DB_USER")?,
             password: required("TANDEM_DB_PASSWORD")?,
-            run_dir: PathBuf::from(required("TANDEM_APP_RUN_DIR")?),
             trusted_proxies,
         })
     }
@@ -160,38 +187,41 @@ impl Config {
 
 /// The node's database role and the primary, as the agent last published them.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DbView {
-    pub role: String,
-    pub primary: (String, u16),
-    pub healthy: Option<bool>,
+pub(crate) struct DbView {
+    /// `None` while the agent has published nothing readable.
+    pub(crate) role: Option<Role>,
+    pub(crate) primary: Server,
 }
 
-/// Reads the agent's status JSON; falls back to the start-time primary when there is none.
-pub fn db_view(status_json: Option<&str>, fallback: &(String, u16)) -> DbView {
-    let v: Option<serde_json::Value> = status_json.and_then(|t| serde_json::from_str(t).ok());
-    let primary = v.as_ref().and_then(|v| {
-        let p = &v["primary"];
-        Some((
-            p["address"].as_str()?.to_string(),
-            u16::try_from(p["port"].as_u64()?).ok()?,
-        ))
-    });
-    DbView {
-        role: v
-            .as_ref()
-            .and_then(|v| v["role"].as_str())
-            .unwrap_or("unknown")
-            .to_string(),
-        primary: primary.unwrap_or_else(|| fallback.clone()),
-        healthy: v.as_ref().and_then(|v| v["healthy"].as_bool()),
+impl DbView {
+    fn role_name(&self) -> &'static str {
+        self.role.map_or("unknown", Role::as_str)
+    }
+}
+
+/// Reads the agent's status; falls back to the start-time primary while there is none (or it
+/// cannot be read).
+pub(crate) fn db_view(status_json: Option<&str>, fallback: &Server) -> DbView {
+    match status_json.map(AgentStatus::parse) {
+        Some(Ok(status)) => DbView {
+            role: Some(status.role),
+            primary: Server {
+                host: status.primary.address.to_string(),
+                port: status.primary.port,
+            },
+        },
+        _ => DbView {
+            role: None,
+            primary: fallback.clone(),
+        },
     }
 }
 
 struct App {
     config: Config,
-    client: Client,
-    /// Set once the schema exists on the primary (it replicates to every node).
-    schema_ready: AtomicBool,
+    store: Store,
+    /// The primary when the node started, until the agent publishes one.
+    start_primary: Server,
     /// Writes per client address.
     limiter: Mutex<limit::RateLimiter>,
     /// The rate limiter's clock starts here.
@@ -200,72 +230,79 @@ struct App {
 
 /// Serves until the process is killed (the supervisor's SIGTERM ends it).
 pub fn run(config: Config) -> Result<(), AppError> {
-    std::fs::create_dir_all(&config.run_dir).map_err(|source| StoreError::OptionFile {
-        path: config.run_dir.clone(),
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(AppError::Runtime)?;
+    runtime.block_on(async {
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| AppError::Listen {
+                    addr: config.listen,
+                    source,
+                })?;
+        serve(config, listener).await
+    })
+}
+
+/// Serves on `listener` until the task is dropped. Fails only at the start, when the cluster
+/// CA cannot be read.
+pub async fn serve(config: Config, listener: TcpListener) -> Result<(), AppError> {
+    // rustls' process-wide provider: ring, whatever else the binary links.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ca_pem = std::fs::read(&config.db_ssl_ca).map_err(|source| AppError::Ca {
+        path: config.db_ssl_ca.clone(),
         source,
     })?;
-    let client = Client::new(
-        &config.run_dir,
-        &config.user,
-        &config.password,
-        &config.database,
-        &config.db_ssl_ca,
-    )?;
-    let listener = TcpListener::bind(config.listen).map_err(|source| AppError::Listen {
-        addr: config.listen,
-        source,
-    })?;
-    tracing::info!(node = %config.node, listen = %config.listen, local_db = ?config.local_db, "demo application listening");
+    let server = |(host, port): &(String, u16)| Server {
+        host: host.clone(),
+        port: *port,
+    };
+    let store = Store::new(
+        server(&config.local_db),
+        Credentials {
+            user: config.user.clone(),
+            password: config.password.clone(),
+            database: config.database.clone(),
+            ca_pem,
+        },
+    );
+    let listen = listener.local_addr().unwrap_or(config.listen);
+    tracing::info!(node = %config.node, %listen, local_db = ?config.local_db, "demo application listening");
     let app = Arc::new(App {
+        start_primary: server(&config.primary_db),
         config,
-        client,
-        schema_ready: AtomicBool::new(false),
+        store,
         limiter: Mutex::new(limit::RateLimiter::default()),
         started: Instant::now(),
     });
-    let active = Arc::new(AtomicUsize::new(0));
-    for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
-        if active.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-            active.fetch_sub(1, Ordering::SeqCst);
-            let _ = Response::text(503, "busy").write_to(&stream);
-            continue;
-        }
-        let (app, counter) = (Arc::clone(&app), Arc::clone(&active));
-        let spawned = std::thread::Builder::new()
-            .name("conn".into())
-            .spawn(move || {
-                serve(&app, stream);
-                counter.fetch_sub(1, Ordering::SeqCst);
-            });
-        if spawned.is_err() {
-            active.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
+    let limits = http::Limits {
+        max_connections: MAX_CONNECTIONS,
+        max_requests: MAX_REQUESTS,
+        head_timeout: HEAD_TIMEOUT,
+        body_timeout: BODY_TIMEOUT,
+    };
+    http::serve(listener, app, limits).await;
     Ok(())
 }
 
-fn serve(app: &App, stream: TcpStream) {
-    let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-    let peer = stream
-        .peer_addr()
-        .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip());
-    let response = match http::read_request(&stream) {
-        Ok(request) => {
-            let client = limit::client_address(
-                request.header("x-forwarded-for"),
-                peer,
-                &app.config.trusted_proxies,
-            );
-            app.handle(&request, client)
+impl http::Handler for App {
+    async fn handle(&self, req: Request, peer: IpAddr) -> Response {
+        match (req.method.as_str(), req.path.as_str()) {
+            ("GET" | "HEAD", "/" | "/notes" | "/notes.json") => self.list(&req).await,
+            ("POST", "/notes" | "/notes.json") => {
+                let client = limit::client_address(
+                    req.header("x-forwarded-for"),
+                    peer,
+                    &self.config.trusted_proxies,
+                );
+                self.add(&req, client).await
+            }
+            (_, "/" | "/notes" | "/notes.json") => Response::text(405, "method not allowed"),
+            _ => Response::text(404, "not found"),
         }
-        Err(e) => match e.status() {
-            Some((status, why)) => Response::text(status, why),
-            None => return,
-        },
-    };
-    let _ = response.write_to(&stream);
+    }
 }
 
 impl App {
@@ -275,41 +312,31 @@ impl App {
             .status_file
             .as_ref()
             .and_then(|p| std::fs::read_to_string(p).ok());
-        db_view(text.as_deref(), &self.config.primary_db)
+        db_view(text.as_deref(), &self.start_primary)
     }
 
-    fn handle(&self, req: &Request, client: IpAddr) -> Response {
-        match (req.method.as_str(), req.path.as_str()) {
-            ("GET" | "HEAD", "/" | "/notes" | "/notes.json") => self.list(req),
-            ("POST", "/notes" | "/notes.json") => self.add(req, client),
-            (_, "/" | "/notes" | "/notes.json") => Response::text(405, "method not allowed"),
-            _ => Response::text(404, "not found"),
-        }
-    }
-
-    fn list(&self, req: &Request) -> Response {
+    async fn list(&self, req: &Request) -> Response {
         let before = match req.query_param("before").map(|b| b.parse::<u64>()) {
             None => None,
             Some(Ok(id)) => Some(id),
             Some(Err(_)) => return Response::text(400, "`before` must be a note id"),
         };
         let view = self.view();
-        let (host, port) = &self.config.local_db;
-        let notes = self.client.list(host, *port, before);
+        let notes = self.store.list(before).await;
         if req.wants_json() {
             return match notes {
                 Ok(page) => Response::json(
                     200,
                     &json!({
                         "node": self.config.node,
-                        "role": view.role,
+                        "role": view.role_name(),
                         "notes": page.notes,
                         "older": page.older.map(|id| format!("/notes.json?before={id}")),
                     }),
                 ),
                 Err(e) => Response::json(
                     503,
-                    &json!({"node": self.config.node, "role": view.role, "error": e.to_string()}),
+                    &json!({"node": self.config.node, "role": view.role_name(), "error": e.to_string()}),
                 ),
             };
         }
@@ -321,7 +348,7 @@ impl App {
         )
     }
 
-    fn add(&self, req: &Request, client: IpAddr) -> Response {
+    async fn add(&self, req: &Request, client: IpAddr) -> Response {
         let now_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         let allowed = self
             .limiter
@@ -351,11 +378,7 @@ impl App {
                 .ok()
                 .and_then(|v| v["body"].as_str().map(str::to_string))
         } else {
-            let text = String::from_utf8_lossy(&req.body);
-            http::parse_form(&text)
-                .into_iter()
-                .find(|(k, _)| k == "body")
-                .map(|(_, v)| v)
+            http::form_value(&req.body, "body")
         };
         let fail = |status: u16, message: String| match req.wants_json() {
             true => Response::json(status, &json!({"node": self.config.node, "error": message})),
@@ -370,21 +393,24 @@ impl App {
         let started = Instant::now();
         let (view, written) = loop {
             let view = self.view();
-            let written = self.write(&view.primary, &body);
+            let written = self
+                .store
+                .insert(&view.primary, &self.config.node, &body)
+                .await;
             match &written {
                 Err(e) if e.not_applied() && started.elapsed() + WRITE_RETRY_PAUSE < WRITE_HOLD => {
-                    std::thread::sleep(WRITE_RETRY_PAUSE)
+                    tokio::time::sleep(WRITE_RETRY_PAUSE).await
                 }
                 _ => break (view, written),
             }
         };
         if written.is_ok() && started.elapsed() >= WRITE_RETRY_PAUSE {
-            tracing::info!(held_ms = started.elapsed().as_millis(), primary = ?view.primary, "a write was held until the primary took it");
+            tracing::info!(held_ms = started.elapsed().as_millis(), primary = %view.primary, "a write was held until the primary took it");
         }
         match written {
             Ok(note) if req.wants_json() => Response::json(
                 201,
-                &json!({"node": self.config.node, "role": view.role, "note": note}),
+                &json!({"node": self.config.node, "role": view.role_name(), "note": note}),
             ),
             Ok(_) => Response::redirect("/"),
             Err(e @ StoreError::Full { .. }) => fail(507, e.to_string()),
@@ -401,34 +427,31 @@ impl App {
             Err(e) => fail(503, format!("writing to the primary: {e}")),
         }
     }
-
-    /// One attempt: the schema (once) and the note, on `primary`.
-    fn write(&self, primary: &(String, u16), body: &str) -> Result<store::Note, StoreError> {
-        let (host, port) = primary;
-        if !self.schema_ready.load(Ordering::SeqCst) {
-            self.client.ensure_schema(host, *port)?;
-            self.schema_ready.store(true, Ordering::SeqCst);
-        }
-        self.client.insert(host, *port, &self.config.node, body)
-    }
 }
 
 /// The HTML page: the node, its role, a page of notes (newest first, a link to older ones) and
 /// a form.
-pub fn render_page(node: &str, view: &DbView, notes: &Result<store::Page, String>) -> String {
+pub(crate) fn render_page(
+    node: &str,
+    view: &DbView,
+    notes: &Result<store::Page, String>,
+) -> String {
     let mut s =
         String::from("<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>Notes — ");
-    s.push_str(&escape(node));
+    s.push_str(&html_escape(node));
     s.push_str("</title><link rel=\"stylesheet\" href=\"/style.css\"></head>\n<body>\n<header>\n");
-    s.push_str(&format!("<p class=\"node\">node: {}</p>\n", escape(node)));
+    s.push_str(&format!(
+        "<p class=\"node\">node: {}</p>\n",
+        html_escape(node)
+    ));
     s.push_str(&format!(
         "<p class=\"role\">db_role: {}</p>\n",
-        escape(&view.role)
+        view.role_name()
     ));
     s.push_str(&format!(
         "<p class=\"primary\">primary: {}:{}</p>\n</header>\n",
-        escape(&view.primary.0),
-        view.primary.1
+        html_escape(&view.primary.host),
+        view.primary.port
     ));
     s.push_str(&format!("<h1>Notes</h1>\n<form method=\"post\" action=\"/notes\"><textarea name=\"body\" maxlength=\"{}\" required></textarea><button>Add</button></form>\n", store::MAX_NOTE_BYTES));
     match notes {
@@ -438,10 +461,10 @@ pub fn render_page(node: &str, view: &DbView, notes: &Result<store::Page, String
             for n in &page.notes {
                 s.push_str(&format!(
                     "<li><p>{}</p><small>#{} via {} at {}</small></li>\n",
-                    escape(&n.body),
+                    html_escape(&n.body),
                     n.id,
-                    escape(&n.node),
-                    escape(&n.created)
+                    html_escape(&n.node),
+                    html_escape(&n.created)
                 ));
             }
             s.push_str("</ol>\n");
@@ -453,26 +476,11 @@ pub fn render_page(node: &str, view: &DbView, notes: &Result<store::Page, String
         }
         Err(e) => s.push_str(&format!(
             "<p class=\"error\">The local database did not answer: {}</p>\n",
-            escape(e)
+            html_escape(e)
         )),
     }
     s.push_str("</body></html>\n");
     s
-}
-
-fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -535,38 +543,60 @@ mod tests {
 
     #[test]
     fn the_agents_status_names_role_and_primary() {
-        let fallback = ("10.88.0.12".to_string(), 3306);
-        let v = db_view(
-            Some(
-                r#"{"role": "replica", "healthy": true, "primary": {"name": "server1", "address": "10.88.0.11", "port": 3307}}"#,
-            ),
-            &fallback,
-        );
+        let fallback = Server {
+            host: "10.88.0.12".into(),
+            port: 3306,
+        };
+        let status = api::db::AgentStatus {
+            node: "server2".into(),
+            role: Role::Replica,
+            primary: api::db::PrimaryRef {
+                name: "server1".into(),
+                address: std::net::Ipv4Addr::new(10, 88, 0, 11),
+                port: 3307,
+            },
+            healthy: true,
+            error: None,
+            lag_s: Some(0),
+            read_only: Some(true),
+            io_running: Some("Yes".into()),
+            sql_running: Some(true),
+            gtid_current_pos: None,
+            gtid_slave_pos: None,
+            gtid_binlog_pos: None,
+            updated_ms: 1,
+        };
+        let text = serde_json::to_string(&status).unwrap();
         assert_eq!(
-            v,
+            db_view(Some(&text), &fallback),
             DbView {
-                role: "replica".into(),
-                primary: ("10.88.0.11".into(), 3307),
-                healthy: Some(true)
+                role: Some(Role::Replica),
+                primary: Server {
+                    host: "10.88.0.11".into(),
+                    port: 3307
+                },
             }
         );
-        assert_eq!(
-            db_view(None, &fallback),
-            DbView {
-                role: "unknown".into(),
-                primary: fallback.clone(),
-                healthy: None
-            }
-        );
-        assert_eq!(db_view(Some("{garbage"), &fallback).primary, fallback);
+        let unknown = DbView {
+            role: None,
+            primary: fallback.clone(),
+        };
+        assert_eq!(db_view(None, &fallback), unknown);
+        assert_eq!(unknown.role_name(), "unknown");
+        assert_eq!(db_view(Some("{garbage"), &fallback), unknown);
+        // Only part of a status (an agent of another version, a torn file) is no status.
+        let partial = r#"{"role": "primary", "primary": {"name": "server1", "address": "10.88.0.11", "port": 3306}}"#;
+        assert_eq!(db_view(Some(partial), &fallback), unknown);
     }
 
     #[test]
     fn page_names_node_and_role_and_escapes_notes() {
         let view = DbView {
-            role: "replica".into(),
-            primary: ("10.88.0.12".into(), 3306),
-            healthy: Some(true),
+            role: Some(Role::Replica),
+            primary: Server {
+                host: "10.88.0.12".into(),
+                port: 3306,
+            },
         };
         let note = |id: u64, body: &str| store::Note {
             id,
