@@ -114,95 +114,38 @@ impl fmt::Debug for NodeTls {
     }
 }
 
-/// The development CA's certificate: the same for the same key, so every node of a local
-/// cluster derives an equivalent one from the shared key file.
-fn dev_ca_params(cluster: &str) -> rcgen::CertificateParams {
-    let mut p = rcgen::CertificateParams::default();
-    let mut dn = rcgen::DistinguishedName::new();
-    dn.push(rcgen::DnType::OrganizationName, "Tandem");
-    dn.push(
-        rcgen::DnType::CommonName,
-        format!("Tandem development CA {cluster}"),
-    );
-    p.distinguished_name = dn;
-    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
-    p.key_usages = vec![
-        rcgen::KeyUsagePurpose::KeyCertSign,
-        rcgen::KeyUsagePurpose::CrlSign,
-        rcgen::KeyUsagePurpose::DigitalSignature,
-    ];
-    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
-    p.not_after = rcgen::date_time_ymd(2050, 1, 1);
-    p
-}
-
 /// On a developer machine (`appliance run`), where no seed holds certificates: the cluster
 /// CA's key in `ca_key_file` (created 0600 when absent; the nodes of one config on one machine
-/// share it, like the cluster secret), and a fresh certificate for `node` in `tls_dir`, with
-/// the SANs the image-builder gives node certificates (name, name.domain, address).
+/// share it, like the cluster secret), and in `tls_dir` what an image's seed holds, made by the
+/// same `pki` profiles as the image-builder's: the CA certificate, a fresh node certificate
+/// (name, name.domain, address) and MariaDB's own server-only certificate.
 pub fn issue_dev_tls(
     ca_key_file: &Path,
     cluster: &Cluster,
     node: &Node,
     tls_dir: &Path,
 ) -> anyhow::Result<()> {
-    let ca_key = load_or_create_dev_ca_key(ca_key_file)?;
-    let ca = dev_ca_params(&cluster.name)
-        .self_signed(&ca_key)
-        .context("making the development CA certificate")?;
-    let mut p = rcgen::CertificateParams::default();
-    let mut dn = rcgen::DistinguishedName::new();
-    dn.push(rcgen::DnType::OrganizationName, "Tandem");
-    dn.push(rcgen::DnType::CommonName, node.name.clone());
-    p.distinguished_name = dn;
-    p.is_ca = rcgen::IsCa::ExplicitNoCa;
-    p.key_usages = vec![
-        rcgen::KeyUsagePurpose::DigitalSignature,
-        rcgen::KeyUsagePurpose::KeyEncipherment,
-    ];
-    p.extended_key_usages = vec![
-        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    p.use_authority_key_identifier_extension = true;
-    p.not_before = rcgen::date_time_ymd(2024, 1, 1);
-    p.not_after = rcgen::date_time_ymd(2049, 12, 31);
-    let mut names = vec![
-        node.name.clone(),
-        format!("{}.{}", node.name, cluster.domain),
-    ];
-    names.dedup();
-    for name in names {
-        let dns = name
-            .clone()
-            .try_into()
-            .with_context(|| format!("`{name}` as a certificate name"))?;
-        p.subject_alt_names.push(rcgen::SanType::DnsName(dns));
-    }
-    p.subject_alt_names
-        .push(rcgen::SanType::IpAddress(std::net::IpAddr::V4(
-            node.address,
-        )));
-    let key = rcgen::KeyPair::generate().context("generating the node's key")?;
-    let cert = p
-        .signed_by(&key, &ca, &ca_key)
-        .context("signing the node's certificate")?;
+    let ca = load_or_create_dev_ca(ca_key_file, &pki::dev_ca_name(&cluster.name))?;
+    let cert = ca.node_cert(cluster, node)?;
+    let db = ca.db_cert(cluster, node)?;
     make_dir(tls_dir, 0o700)?;
-    write_file(&tls_dir.join(NODE_KEY), &key.serialize_pem(), 0o600)?;
-    write_file(&tls_dir.join(NODE_CERT), &cert.pem(), 0o644)?;
-    write_file(&tls_dir.join(CA_CERT), &ca.pem(), 0o644)
+    write_file(&tls_dir.join(NODE_KEY), &cert.key_pem, 0o600)?;
+    write_file(&tls_dir.join(NODE_CERT), &cert.cert_pem, 0o644)?;
+    write_file(&tls_dir.join(DB_KEY), &db.key_pem, 0o600)?;
+    write_file(&tls_dir.join(DB_CERT), &db.cert_pem, 0o644)?;
+    write_file(&tls_dir.join(CA_CERT), &ca.cert_pem, 0o644)
 }
 
-fn load_or_create_dev_ca_key(path: &Path) -> anyhow::Result<rcgen::KeyPair> {
+fn load_or_create_dev_ca(path: &Path, name: &str) -> anyhow::Result<pki::Ca> {
     let load = |pem: &str| {
-        rcgen::KeyPair::from_pem(pem).with_context(|| format!("{}: not a CA key", path.display()))
+        pki::Ca::from_key_pem(pem, name).with_context(|| format!("{}: not a CA key", path.display()))
     };
     match fs::read_to_string(path) {
         Ok(pem) => return load(&pem),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     }
-    let key = rcgen::KeyPair::generate().context("generating the development CA's key")?;
+    let ca = pki::Ca::generate(name).context("making the development CA")?;
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -215,14 +158,14 @@ fn load_or_create_dev_ca_key(path: &Path) -> anyhow::Result<rcgen::KeyPair> {
         }
         _ => {}
     }
-    create_private(&tmp, key.serialize_pem().as_bytes())
+    create_private(&tmp, ca.key_pem().as_bytes())
         .with_context(|| format!("creating {}", tmp.display()))?;
     let linked = fs::hard_link(&tmp, path);
     let _ = fs::remove_file(&tmp);
     match linked {
         Ok(()) => {
             tracing::info!(path = %path.display(), "created a development cluster CA");
-            Ok(key)
+            Ok(ca)
         }
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             load(&fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?)
@@ -250,22 +193,23 @@ mod tests {
         assert_eq!(mode(&tls.join(NODE_KEY)), 0o600);
         let first = NodeTls::read(&tls).unwrap();
         assert!(first.ca.starts_with("-----BEGIN CERTIFICATE-----"));
-        assert_eq!(first.for_db(), (first.cert.as_str(), first.key.as_str()));
+        // MariaDB gets its own server-only pair, as on an image.
+        let (db_cert, db_key) = first.for_db();
+        assert_ne!(db_key, first.key.as_str());
+        assert!(db_cert.starts_with("-----BEGIN CERTIFICATE-----"));
+        assert_eq!(mode(&tls.join(DB_KEY)), 0o600);
         assert!(!format!("{first:?}").contains("PRIVATE"), "{first:?}");
         // A second node of the same config uses the same CA key.
         let other = dir.path().join("tls2");
         issue_dev_tls(&ca_key, &cluster, cluster.node("server2").unwrap(), &other).unwrap();
         // (Its CA certificate is signed anew, with the same key and subject.)
-        assert_eq!(
-            rcgen::KeyPair::from_pem(&fs::read_to_string(&ca_key).unwrap())
-                .unwrap()
-                .public_key_der(),
-            load_or_create_dev_ca_key(&ca_key).unwrap().public_key_der()
-        );
-        // A MariaDB-only pair wins over the node's own.
-        fs::write(tls.join(DB_CERT), "db cert").unwrap();
-        fs::write(tls.join(DB_KEY), "db key").unwrap();
-        assert_eq!(NodeTls::read(&tls).unwrap().for_db(), ("db cert", "db key"));
+        let ca = load_or_create_dev_ca(&ca_key, &pki::dev_ca_name(&cluster.name)).unwrap();
+        assert!(ca.matches(&first.ca).unwrap());
+        assert!(ca.matches(&NodeTls::read(&other).unwrap().ca).unwrap());
+        // Without a MariaDB pair (an older seed), MariaDB falls back to the node's own.
+        fs::remove_file(tls.join(DB_CERT)).unwrap();
+        let old = NodeTls::read(&tls).unwrap();
+        assert_eq!(old.for_db(), (old.cert.as_str(), old.key.as_str()));
         let e = NodeTls::read(&dir.path().join("none")).unwrap_err();
         assert!(format!("{e:#}").contains("the node's TLS files"), "{e:#}");
     }

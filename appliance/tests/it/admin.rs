@@ -350,7 +350,7 @@ admin = {ADMIN_PORT}
     }
 
     let url = format!("https://{N1}:{ADMIN_PORT}/api/peer/ping");
-    let get = |client: Option<&pki::NodeCert>| {
+    let get = |client: Option<&pki::Issued>| {
         get_with_cert(
             &url,
             &ca.cert_pem,
