@@ -55,7 +55,8 @@ pub struct Config {
     /// The node's runtime directory: the database agent's status, the floating IP's status,
     /// the degraded records.
     pub run_dir: PathBuf,
-    /// A TLS directory ([`CA_CERT`], [`NODE_CERT`], [`NODE_KEY`]): peers may call in. `None`: a self-signed certificate, and no peer API.
+    /// A TLS directory ([`CA_CERT`], [`NODE_CERT`], [`NODE_KEY`]): peers may call in. `None`:
+    /// a self-signed certificate, and no peer API.
     pub tls_dir: Option<PathBuf>,
     /// Local Prometheus endpoints (`host:port`, path `/metrics`) aggregated into `/metrics`
     /// (usually [`default_scrape`]).
@@ -233,7 +234,8 @@ fn server_config(config: &Config) -> Result<Arc<rustls::ServerConfig>, Error> {
 /// before a byte is written, synced, then renamed over `path`.
 fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
     use std::os::unix::fs::OpenOptionsExt as _;
-    let tmp = path.with_extension("tmp");
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
     match std::fs::remove_file(&tmp) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             return Err(Error::io("removing", &tmp)(e))

@@ -1,7 +1,7 @@
 //! Calls to the other nodes' peer API (their admin port, mutual TLS with the cluster CA): the
 //! node presents the certificate from its TLS directory (the seed's on an image) and trusts
-//! only the cluster CA. Every node's view of the floating IP, and the holder line of `appliance status`
-//! and of the status page.
+//! only the cluster CA. Every node's view of the floating IP, and the holder line of
+//! `appliance status` and of the status page.
 
 use std::path::Path;
 use std::time::Duration;
