@@ -297,4 +297,22 @@ mod tests {
             "floating IP 10.88.0.10: no node holds it",
         );
     }
+
+    #[test]
+    fn the_status_line_reads_this_node_s_view_from_its_run_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let vip_dir = dir.path().join(api::vip::RUN_SUBDIR);
+        let no_tls = dir.path().join("no-tls");
+        // No balancer ever wrote a status: no line at all.
+        assert_eq!(status_line(&vip_dir, None, &no_tls), None);
+        std::fs::create_dir_all(&vip_dir).unwrap();
+        let own = view("server1", Some(VrrpState::Master)).1.unwrap();
+        std::fs::write(vip_dir.join(api::vip::STATUS_FILE), own.to_json()).unwrap();
+        let want = Some("floating IP 10.88.0.10: held by this node (server1)".to_string());
+        assert_eq!(status_line(&vip_dir, None, &no_tls), want);
+        // A known node without its certificates (no peer API here) says only its own view.
+        let cluster = Cluster::default_cluster();
+        let me = cluster.node("server1").unwrap().clone();
+        assert_eq!(status_line(&vip_dir, Some((cluster, me)), &no_tls), want);
+    }
 }
