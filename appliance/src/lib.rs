@@ -1,11 +1,10 @@
 //! The Tandem supervisor library: the process supervisor core, its state database and control
 //! socket, and the node roles (`run` on a developer machine, `init` as PID 1).
 
-pub mod admin;
+pub mod admin_cmd;
 pub mod args;
 pub mod balancer_cmd;
 pub mod control;
-pub mod db_agent;
 pub mod files;
 pub mod firewall_cmd;
 pub mod init;
@@ -14,7 +13,6 @@ pub mod logging;
 pub mod logmon_cmd;
 pub mod netif;
 pub mod node;
-pub mod peer;
 pub mod preflight;
 pub mod secrets;
 pub mod state;

@@ -62,7 +62,7 @@ enum Command {
     /// The load balancer and TLS terminator in front of every node's nginx.
     Balancer(appliance::balancer_cmd::BalancerArgs),
     /// The HTTPS admin port: status page, status JSON, metrics, peer API.
-    Admin(appliance::admin::AdminArgs),
+    Admin(appliance::admin_cmd::AdminArgs),
     /// The node's nftables firewall.
     Firewall {
         #[command(subcommand)]
@@ -151,24 +151,27 @@ fn run_command(command: Command) -> anyhow::Result<ExitCode> {
         } => appliance::node::run(config.as_deref(), &node, &state_dir, secret_file.as_deref()),
         Command::Db {
             command: DbCommand::Status { state_dir, json },
-        } => appliance::db_agent::status(state_dir.as_deref(), json),
+        } => Ok(db::cli::status(&db_run_dir(state_dir.as_deref()), json)?),
         Command::Db {
             command: DbCommand::Switchover { to, state_dir },
-        } => appliance::db_agent::switchover(state_dir.as_deref(), &to),
-        Command::DbAgent { config } => appliance::db_agent::agent_main(&config),
+        } => Ok(db::cli::switchover(&db_run_dir(state_dir.as_deref()), &to)?),
+        Command::DbAgent { config } => {
+            db::agent_run::run(&config)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::App => {
             app::run(app::Config::from_env()?)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Init => appliance::init::main(),
         Command::Logmon(args) => appliance::logmon_cmd::main(args),
-        Command::Admin(args) => appliance::admin::main(args),
+        Command::Admin(args) => appliance::admin_cmd::main(args),
         Command::Balancer(args) => appliance::balancer_cmd::main(args),
         Command::Firewall { action } => appliance::firewall_cmd::main(action),
         Command::Status { target, json } => {
             let code = appliance::control::status(&target, json)?;
             if !json {
-                if let Some(line) = appliance::peer::status_line(target.state_dir.as_deref()) {
+                if let Some(line) = appliance::admin_cmd::status_line(target.state_dir.as_deref()) {
                     println!("{line}");
                 }
             }
@@ -182,5 +185,14 @@ fn run_command(command: Command) -> anyhow::Result<ExitCode> {
         Command::Supervise { spec, state_dir } => {
             appliance::logmon_cmd::supervise(&spec, &state_dir)
         }
+    }
+}
+
+/// The run directory of the node `appliance db` is about: below `--state-dir` for
+/// `appliance run`, else the image's.
+fn db_run_dir(state_dir: Option<&std::path::Path>) -> PathBuf {
+    match state_dir {
+        Some(dir) => appliance::layout::Layout::dev(dir).run,
+        None => appliance::layout::Layout::image().run,
     }
 }

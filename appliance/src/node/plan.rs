@@ -265,7 +265,7 @@ impl<'a> Planner<'a> {
         // MariaDB.
         let db_paths = layout.db_paths();
         let mut db_params = db::Params::for_node(cluster, node, None, db_paths.clone());
-        // After a switchover the persisted primary overrides cluster.toml (see `db_agent`).
+        // After a switchover the persisted primary overrides cluster.toml (see `db::agent_run`).
         let names: Vec<&str> = cluster.nodes.iter().map(|n| n.name.as_str()).collect();
         let primary_name = db::agent::effective_primary(
             &cluster.primary().name,

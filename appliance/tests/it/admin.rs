@@ -196,17 +196,36 @@ fn status_page_shows_a_killed_service_and_metrics_parse() {
     );
     eprintln!("status page screenshot: {}", png.display());
 
-    // The aggregated metrics are valid Prometheus text and include the log monitor's.
-    let metrics = Command::new("curl")
-        .args(["-sfk", &format!("https://{ADDR}:19443/metrics")])
-        .output()
-        .unwrap();
+    // The aggregated metrics are valid Prometheus text and include the balancer's and the log
+    // monitor's, each scraped from its local endpoint.
+    let scraped =
+        [9100, 9101].map(|port| format!("tandem_scrape_up{{endpoint=\"{ADDR}:{port}\"}} 1\n"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        let metrics = Command::new("curl")
+            .args(["-sfk", &format!("https://{ADDR}:19443/metrics")])
+            .output()
+            .unwrap();
+        assert!(
+            metrics.status.success(),
+            "metrics endpoint failed\n{}",
+            run.log()
+        );
+        let text = String::from_utf8_lossy(&metrics.stdout).into_owned();
+        if scraped.iter().all(|up| text.contains(up.as_str())) {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the balancer's or the log monitor's metrics were not scraped\n{text}\n{}",
+            run.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
     assert!(
-        metrics.status.success(),
-        "metrics endpoint failed\n{}",
-        run.log()
+        text.contains("\ntandem_balancer_") && text.contains("\ntandem_alerts_firing"),
+        "{text}"
     );
-    let text = String::from_utf8_lossy(&metrics.stdout).into_owned();
     assert!(
         text.contains(
             "tandem_supervisor_service_restarts_total{node=\"solo\",service=\"nginx\"} 1"

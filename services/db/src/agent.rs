@@ -12,9 +12,9 @@
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
+use api::secret::{derive_password, SECRET_LEN};
 use cluster_config::{Cluster, DbRole};
 use serde::{Deserialize, Serialize};
-use api::secret::{derive_password, SECRET_LEN};
 
 use crate::repl::{GtidPos, Passwords, SlaveStatus};
 
@@ -60,6 +60,7 @@ pub struct AgentConfig {
 }
 
 impl AgentConfig {
+    /// The configuration of the agent of `node`, with its files at `paths`.
     pub fn for_node(cluster: &Cluster, node: &str, paths: AgentPaths) -> AgentConfig {
         AgentConfig {
             node: node.to_string(),
@@ -84,6 +85,7 @@ impl AgentConfig {
         }
     }
 
+    /// The address of the node named `node`, if the cluster has it.
     pub fn address_of(&self, node: &str) -> Option<Ipv4Addr> {
         self.nodes
             .iter()

@@ -1,8 +1,11 @@
-//! MariaDB on a node: the server configuration for its role and the commands that initialise
-//! and run it. Pure functions; the supervisor writes the files and runs the processes.
+//! MariaDB on a node. Owns the server's `my.cnf` and command lines, the database agent
+//! (`appliance db-agent`) and the `appliance db` commands, which talk SQL through `mariadb`.
+//! Must not depend on `appliance` or another service: node paths come as arguments or via `api`.
 //!
 //! Every node logs binary logs in ROW format with GTIDs, so any replica can later be promoted
-//! (switchover) and any late-joining replica can catch up from the binlog.
+//! (switchover) and any late-joining replica can catch up from the binlog. The renderers and
+//! decisions (`render_conf`, [`repl`], [`agent`]) are pure; [`agent_run`], [`cli`] and
+//! [`client`] do the IO.
 
 use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -11,11 +14,20 @@ use std::path::{Path, PathBuf};
 use cluster_config::{Cluster, DbRole, Node};
 
 pub mod agent;
+pub mod agent_run;
+pub mod cli;
+pub mod client;
+mod error;
+mod files;
 pub mod repl;
+
+pub use error::Error;
 
 /// Buffer pool size: small on purpose, the appliance shares a node with nginx and the app.
 pub const INNODB_BUFFER_POOL: &str = "128M";
+/// The server.
 pub const MARIADBD: &str = "/usr/sbin/mariadbd";
+/// The one-shot initialiser of an empty datadir.
 pub const INSTALL_DB: &str = "/usr/bin/mariadb-install-db";
 /// The command-line client the agent and the CLI talk SQL through.
 pub const CLIENT: &str = "/usr/bin/mariadb";
@@ -36,6 +48,7 @@ pub struct Paths {
 }
 
 impl Paths {
+    /// The server's Unix socket (root logs in there by `unix_socket` authentication).
     pub fn socket(&self) -> PathBuf {
         self.run_dir.join("mysqld.sock")
     }
@@ -57,6 +70,7 @@ impl Paths {
     }
 }
 
+/// Everything `my.cnf` and the server's command lines depend on.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Params {
     pub listen: Ipv4Addr,
@@ -69,6 +83,7 @@ pub struct Params {
 }
 
 impl Params {
+    /// The parameters of `node` in `cluster`, with its role from the config.
     pub fn for_node(cluster: &Cluster, node: &Node, user: Option<String>, paths: Paths) -> Params {
         Params {
             listen: node.address,
@@ -80,6 +95,7 @@ impl Params {
         }
     }
 
+    /// Where the server listens for TCP (TLS) clients.
     pub fn tcp_addr(&self) -> SocketAddr {
         SocketAddr::from((self.listen, self.port))
     }

@@ -41,6 +41,7 @@ pub const HEARTBEAT_S: u32 = 1;
 pub struct GtidPos(pub BTreeMap<u32, (u32, u64)>);
 
 impl GtidPos {
+    /// Parses MariaDB's `domain-server-sequence[,…]` form (empty: no transaction yet).
     pub fn parse(text: &str) -> Result<GtidPos, String> {
         let mut map = BTreeMap::new();
         for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -166,6 +167,7 @@ impl SlaveStatus {
         })
     }
 
+    /// Whether the IO thread is connected to the primary (`Slave_IO_Running: Yes`).
     pub fn io_running(&self) -> bool {
         self.io_running == "Yes"
     }
@@ -207,6 +209,7 @@ pub struct Health {
 }
 
 impl Health {
+    /// Unhealthy for `error`, nothing else known.
     pub fn unhealthy(error: impl Into<String>) -> Health {
         Health {
             healthy: false,

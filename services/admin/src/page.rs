@@ -6,50 +6,50 @@ use std::fmt::Write as _;
 use api::control::ServiceStatus;
 
 /// A service that restarted less than this long ago is flagged on the page.
-pub const RECENT_RESTART_S: u64 = 120;
+pub(crate) const RECENT_RESTART_S: u64 = 120;
 /// The page reloads itself this often.
-pub const REFRESH_S: u32 = 5;
+pub(crate) const REFRESH_S: u32 = 5;
 
 /// One node of the cluster as the page shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NodeRow {
-    pub name: String,
-    pub address: String,
-    pub db_role: String,
-    pub this_node: bool,
+pub(crate) struct NodeRow {
+    pub(crate) name: String,
+    pub(crate) address: String,
+    pub(crate) db_role: String,
+    pub(crate) this_node: bool,
     /// The node's VRRP state for the floating IP (`MASTER` holds it), or why it is unknown.
-    pub vip: String,
+    pub(crate) vip: String,
 }
 
 /// An alert as the page shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AlertRow {
-    pub rule: String,
-    pub subject: String,
-    pub state: String,
-    pub since: String,
-    pub message: String,
+pub(crate) struct AlertRow {
+    pub(crate) rule: String,
+    pub(crate) subject: String,
+    pub(crate) state: String,
+    pub(crate) since: String,
+    pub(crate) message: String,
 }
 
 /// Everything on the page.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StatusView {
-    pub cluster: String,
-    pub node: String,
-    pub nodes: Vec<NodeRow>,
+pub(crate) struct StatusView {
+    pub(crate) cluster: String,
+    pub(crate) node: String,
+    pub(crate) nodes: Vec<NodeRow>,
     /// `None` when the supervisor could not be asked; the reason is shown instead.
-    pub services: Result<Vec<ServiceStatus>, String>,
-    pub alerts: Vec<AlertRow>,
+    pub(crate) services: Result<Vec<ServiceStatus>, String>,
+    pub(crate) alerts: Vec<AlertRow>,
     /// Every node's view of the floating IP (`None`: no answer), for `/api/status`.
-    pub vip: Vec<(String, Option<api::vip::VipStatus>)>,
+    pub(crate) vip: Vec<(String, Option<api::vip::VipStatus>)>,
     /// Extra facts (VIP holder, DB lag, …) as label/value pairs.
-    pub facts: Vec<(String, String)>,
+    pub(crate) facts: Vec<(String, String)>,
     /// Why the node runs degraded (a damaged data partition, a lost state DB); empty if not.
-    pub degraded: Vec<api::storage::Degraded>,
+    pub(crate) degraded: Vec<api::storage::Degraded>,
 }
 
 /// How a service's state reads to a person: a restart just now is said plainly.
-pub fn describe(s: &ServiceStatus) -> String {
+pub(crate) fn describe(s: &ServiceStatus) -> String {
     match s.state.as_str() {
         "backoff" | "starting" if s.restarts > 0 => "restarting".to_string(),
         "running" if s.restarts > 0 && s.uptime_s.is_some_and(|u| u < RECENT_RESTART_S) => {
@@ -69,7 +69,7 @@ fn css_class(s: &ServiceStatus) -> &'static str {
     }
 }
 
-pub fn render(v: &StatusView) -> String {
+pub(crate) fn render(v: &StatusView) -> String {
     let mut s = String::new();
     let _ = write!(
         s,
@@ -179,7 +179,7 @@ pub fn render(v: &StatusView) -> String {
     s
 }
 
-pub fn human_duration(secs: u64) -> String {
+pub(crate) fn human_duration(secs: u64) -> String {
     match secs {
         0..=59 => format!("{secs}s"),
         60..=3599 => format!("{}m{}s", secs / 60, secs % 60),

@@ -1,23 +1,27 @@
-//! `appliance admin`: the node's HTTPS admin port — status page, status JSON, the aggregated
-//! Prometheus endpoint, and the peer API that only other nodes may call: mutual TLS with a
-//! client certificate signed by the cluster CA whose subject alternative names name a node of
-//! the cluster (its name or its address). Any other certificate the CA signed (an operator's
-//! tool, or one made for another purpose) is no peer.
+//! The admin server (`appliance admin`). Owns the node's HTTPS admin port (status page and
+//! JSON, aggregated metrics, the peer API) and the client of the peers' ports ([`peer`]).
+//! Must not depend on `appliance` or another service: it asks the control socket and reads files.
 //!
-//! It runs as its own supervised child and learns everything over the supervisor's control
-//! socket and the other services' local metrics endpoints, so a bug here never touches PID 1.
+//! What it shows comes from the supervisor's control socket ([`api::control`]), files in the
+//! run directory, the local metrics endpoints and the alert reader its caller passes in.
+//!
+//! The peer API is for other nodes only: mutual TLS with a client certificate signed by the
+//! cluster CA whose subject alternative names name a node of the cluster (its name or its
+//! address). Any other certificate the CA signed (an operator's tool, or one made for another
+//! purpose) is no peer. It runs as its own supervised child, so a bug here never touches PID 1.
 
-pub mod page;
+mod page;
+pub mod peer;
 
 use std::convert::Infallible;
-use std::io::{Read as _, Write as _};
-use std::net::{SocketAddr, TcpStream};
+use std::io::Write as _;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
+use api::control::{self as ctl, ServiceStatus};
+use api::files::{ADMIN_STATE_DIR, CA_CERT, NODE_CERT, NODE_KEY};
 use bytes::Bytes;
 use cluster_config::{Cluster, Node};
 use http_body_util::Full;
@@ -27,229 +31,266 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Serialize;
 
-use crate::control::{self, Target};
-use api::control::{self as ctl, ServiceStatus, SOCKET_FILE};
-use crate::args::NodeArgs;
-use crate::peer::{CA_CERT, NODE_CERT, NODE_KEY};
 use page::{AlertRow, NodeRow, StatusView};
 
-/// The admin server's own directory in the node's state directory (its self-signed certificate
-/// on a machine without a seed), owned by the admin server's user.
-pub const STATE_SUBDIR: &str = "admin";
-/// Local metrics endpoints scraped into `/metrics` (balancer, log monitor) by default.
-pub const DEFAULT_SCRAPE: [&str; 2] = ["127.0.0.1:9100", "127.0.0.1:9101"];
 /// A scrape that takes longer is skipped (and counted as down) for this request.
 const SCRAPE_TIMEOUT: Duration = Duration::from_millis(800);
 /// Largest metrics text accepted from one local endpoint.
 const MAX_SCRAPE_BYTES: u64 = 4 << 20;
+/// Alerts shown on the page.
+const PAGE_ALERTS: usize = 15;
 
-#[derive(Debug, Clone, clap::Args)]
-pub struct AdminArgs {
-    #[command(flatten)]
-    pub node: NodeArgs,
-    /// The node's state directory (the supervisor's socket and state DB are there).
-    #[arg(long)]
+/// What the admin server runs with; the caller resolved every default.
+pub struct Config {
+    pub cluster: Cluster,
+    /// This node.
+    pub node: Node,
+    /// Where to listen: the node's address and admin port, unless told otherwise.
+    pub listen: SocketAddr,
+    /// The node's state directory: the self-signed certificate of a machine without the
+    /// seed's goes below it ([`ADMIN_STATE_DIR`]).
     pub state_dir: PathBuf,
-    /// The supervisor's control socket [default: STATE_DIR/control.sock].
-    #[arg(long)]
-    pub socket: Option<PathBuf>,
-    /// Directory with `node.crt`, `node.key` and `ca.crt` (the seed's on an image); without
-    /// it a self-signed certificate is made once in STATE_DIR/admin/tls and peers cannot call
-    /// in.
-    #[arg(long)]
+    /// The supervisor's control socket.
+    pub socket: PathBuf,
+    /// The node's runtime directory: the database agent's status, the floating IP's status,
+    /// the degraded records.
+    pub run_dir: PathBuf,
+    /// A TLS directory ([`CA_CERT`], [`NODE_CERT`], [`NODE_KEY`]): peers may call in. `None`:
+    /// a self-signed certificate, and no peer API.
     pub tls_dir: Option<PathBuf>,
-    /// Listen here instead of the node's address and admin port.
-    #[arg(long)]
-    pub listen: Option<SocketAddr>,
-    /// The node's runtime directory (the database agent's status file is there)
-    /// [default: STATE_DIR/run, or /run/tandem on an image].
-    #[arg(long)]
-    pub run_dir: Option<PathBuf>,
-    /// Local Prometheus endpoints to aggregate (host:port, path /metrics).
-    #[arg(long = "scrape", default_values_t = DEFAULT_SCRAPE.map(String::from))]
+    /// Local Prometheus endpoints (`host:port`, path `/metrics`) aggregated into `/metrics`
+    /// (usually [`default_scrape`]).
     pub scrape: Vec<String>,
+    /// The newest alerts, for the page.
+    pub alerts: AlertSource,
+}
+
+/// Reads the newest `limit` alerts, newest first (the log monitor's history, which the caller
+/// knows how to read: services never depend on each other). `Err` says why there are none.
+pub type AlertSource = Box<dyn Fn(usize) -> Result<Vec<Alert>, String> + Send + Sync>;
+
+/// An alert as the admin server shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Alert {
+    pub rule: String,
+    pub subject: String,
+    /// `firing` or `resolved`.
+    pub state: String,
+    pub message: String,
+    /// Unix time in milliseconds.
+    pub fired_ms: i64,
+    pub resolved_ms: Option<i64>,
+}
+
+/// Why the admin server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file or directory operation failed.
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A TLS file holds something else than it should.
+    #[error("{}: {detail}", path.display())]
+    Invalid { path: PathBuf, detail: String },
+    /// rustls refused the certificates or the protocol versions.
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    /// The client certificate verifier could not be built.
+    #[error("client certificate verifier: {0}")]
+    Verifier(#[from] rustls::server::VerifierBuilderError),
+    /// The self-signed certificate could not be made.
+    #[error("generating the admin certificate: {0}")]
+    Certificate(#[from] rcgen::Error),
+    /// The listening socket or the runtime could not be set up.
+    #[error("{what}: {source}")]
+    Server {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.to_path_buf();
+        move |source| Error::Io { what, path, source }
+    }
+}
+
+/// Why a GET of a peer or of a local metrics endpoint gave no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The endpoint is not `host:port`.
+    #[error("`{0}` is not host:port")]
+    Endpoint(String),
+    /// No answer (refused, timed out, TLS failed) or an unreadable one.
+    #[error("GET {url}: {source}")]
+    Request {
+        url: String,
+        #[source]
+        source: ureq::Error,
+    },
+    /// An answer other than 200.
+    #[error("GET {url}: {status} {body}")]
+    Status {
+        url: String,
+        status: u16,
+        body: String,
+    },
+    /// A 200 whose body is not what the path serves.
+    #[error("{from}: {detail}")]
+    Format { from: String, detail: String },
 }
 
 struct Ctx {
     cluster: Cluster,
     node: Node,
-    target: Target,
+    socket: PathBuf,
     scrape: Vec<String>,
-    state_dir: PathBuf,
+    /// The client of the local metrics endpoints.
+    scraper: ureq::Agent,
     run_dir: PathBuf,
+    alerts: AlertSource,
     /// Asks the other nodes (their floating-IP view); `None` without the seed's certificates.
-    peers: Option<crate::peer::PeerClient>,
+    peers: Option<peer::PeerClient>,
 }
 
-/// Alerts shown on the page.
-const PAGE_ALERTS: usize = 15;
+/// The node's local metrics endpoints: the balancer's and the log monitor's.
+pub fn default_scrape(node_address: std::net::Ipv4Addr) -> Vec<String> {
+    [api::ports::BALANCER_METRICS, api::ports::LOGMON_METRICS]
+        .map(|port| api::ports::local_addr(node_address, port).to_string())
+        .to_vec()
+}
 
-pub fn main(args: AdminArgs) -> anyhow::Result<ExitCode> {
-    let (cluster, node) = args.node.load()?;
-    let listen = args
-        .listen
-        .unwrap_or(SocketAddr::from((node.address, cluster.ports.admin)));
-    let tls = server_config(&args, &cluster, &node)?;
-    let target = Target {
-        socket: Some(
-            args.socket
-                .clone()
-                .unwrap_or_else(|| args.state_dir.join(SOCKET_FILE)),
-        ),
-        state_dir: None,
-    };
-    let run_dir = args.run_dir.clone().unwrap_or_else(|| {
-        if args.state_dir == crate::layout::Layout::image().state {
-            crate::layout::Layout::image().run
-        } else {
-            crate::layout::Layout::dev(&args.state_dir).run
-        }
-    });
-    let peers = match tls_dir(&args) {
-        Some(dir) => crate::peer::PeerClient::from_dir(&dir)?,
+/// Serves the admin port until SIGTERM.
+pub fn run(config: Config) -> Result<(), Error> {
+    let tls = server_config(&config)?;
+    let peers = match &config.tls_dir {
+        Some(dir) => peer::PeerClient::from_dir(dir)?,
         None => None,
     };
+    let listen = config.listen;
     let ctx = Arc::new(Ctx {
-        cluster,
-        node,
-        target,
-        scrape: args.scrape.clone(),
-        state_dir: args.state_dir.clone(),
-        run_dir,
+        cluster: config.cluster,
+        node: config.node,
+        socket: config.socket,
+        scrape: config.scrape,
+        scraper: scraper(),
+        run_dir: config.run_dir,
+        alerts: config.alerts,
         peers,
     });
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?;
-    runtime.block_on(serve(listen, tls, ctx))?;
-    Ok(ExitCode::SUCCESS)
+        .build()
+        .map_err(|source| Error::Server {
+            what: "starting the admin server's runtime".into(),
+            source,
+        })?;
+    runtime.block_on(serve(listen, tls, ctx))
 }
 
 /// TLS for the admin port: the node certificate from the seed with optional client
 /// certificates verified against the cluster CA, or a self-signed one on a developer machine.
-fn server_config(
-    args: &AdminArgs,
-    cluster: &Cluster,
-    node: &Node,
-) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+fn server_config(config: &Config) -> Result<Arc<rustls::ServerConfig>, Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
-    let mut config = match tls_dir(args) {
+    let mut tls = match &config.tls_dir {
         Some(dir) => {
             let certs = load_certs(&dir.join(NODE_CERT))?;
-            let key = PrivateKeyDer::from_pem_file(dir.join(NODE_KEY))
-                .with_context(|| format!("reading {}", dir.join(NODE_KEY).display()))?;
+            let key = load_key(&dir.join(NODE_KEY))?;
             let mut roots = rustls::RootCertStore::empty();
             for ca in load_certs(&dir.join(CA_CERT))? {
-                roots.add(ca).context("adding the cluster CA")?;
+                roots.add(ca)?;
             }
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
                 Arc::new(roots),
                 provider,
             )
             .allow_unauthenticated()
-            .build()
-            .context("client certificate verifier")?;
+            .build()?;
             builder
                 .with_client_cert_verifier(verifier)
                 .with_single_cert(certs, key)?
         }
         None => {
-            let dir = args.state_dir.join(STATE_SUBDIR).join("tls");
-            let (cert, key) = self_signed(&dir, cluster, node)?;
-            let certs = load_certs(&cert)?;
-            let key = PrivateKeyDer::from_pem_file(&key)
-                .with_context(|| format!("reading {}", key.display()))?;
-            builder.with_no_client_auth().with_single_cert(certs, key)?
+            let dir = config.state_dir.join(ADMIN_STATE_DIR).join("tls");
+            let (cert, key) = self_signed(&dir, &config.cluster, &config.node)?;
+            builder
+                .with_no_client_auth()
+                .with_single_cert(load_certs(&cert)?, load_key(&key)?)?
         }
     };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(tls))
 }
 
-/// `--tls-dir`, else the seed's TLS directory when it has a node certificate.
-fn tls_dir(args: &AdminArgs) -> Option<PathBuf> {
-    args.tls_dir
-        .clone()
-        .or_else(|| Some(crate::peer::seed_tls_dir()).filter(|d| d.join(NODE_CERT).exists()))
-}
-
-/// Copies a TLS directory (the seed's: root's alone) into `dir` for the admin server's user
-/// `owner` (`None`: the current user). Each file is created with its final mode and owner
-/// before a byte is written: the key 0600, the certificates 0644, the directory 0700.
-pub fn provide_tls(from: &Path, dir: &Path, owner: Option<&str>) -> anyhow::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
-    let owner = match owner {
-        Some(name) => Some(
-            nix::unistd::User::from_name(name)?
-                .with_context(|| format!("user {name} does not exist"))?,
-        ),
-        None => None,
-    };
-    let chown = |fd: &dyn std::os::fd::AsFd, path: &Path| -> anyhow::Result<()> {
-        if let Some(u) = &owner {
-            nix::unistd::fchown(fd, Some(u.uid), Some(u.gid))
-                .with_context(|| format!("chown {} {}", u.name, path.display()))?;
+/// Writes `bytes` to `path` whole: a temporary file beside it, created with its final mode
+/// before a byte is written, synced, then renamed over `path`.
+fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(Error::io("removing", &tmp)(e))
         }
-        Ok(())
-    };
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+        _ => {}
     }
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("creating {}", dir.display()))?;
-    chown(&std::fs::File::open(dir)?, dir)?;
-    for (name, mode) in [(CA_CERT, 0o644), (NODE_CERT, 0o644), (NODE_KEY, 0o600)] {
-        let source = from.join(name);
-        let bytes =
-            std::fs::read(&source).with_context(|| format!("reading {}", source.display()))?;
-        let target = dir.join(name);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&target)
-            .with_context(|| format!("creating {}", target.display()))?;
-        chown(&f, &target)?;
-        f.write_all(&bytes)
-            .and_then(|()| f.sync_all())
-            .with_context(|| format!("writing {}", target.display()))?;
-    }
-    Ok(())
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(Error::io("creating", &tmp))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(Error::io("writing", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(Error::io("renaming a new version into", path))
 }
 
-fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
+    let invalid = |detail: String| Error::Invalid {
+        path: path.to_path_buf(),
+        detail,
+    };
     let certs = CertificateDer::pem_file_iter(path)
-        .with_context(|| format!("reading {}", path.display()))?
+        .map_err(|e| invalid(format!("reading: {e}")))?
         .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("parsing {}", path.display()))?;
-    anyhow::ensure!(
-        !certs.is_empty(),
-        "{}: no certificate in it",
-        path.display()
-    );
+        .map_err(|e| invalid(format!("parsing: {e}")))?;
+    if certs.is_empty() {
+        return Err(invalid("no certificate in it".into()));
+    }
     Ok(certs)
 }
 
+fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, Error> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| Error::Invalid {
+        path: path.to_path_buf(),
+        detail: format!("no private key: {e}"),
+    })
+}
+
 /// Made once and kept: the key never changes under a browser that accepted it.
-fn self_signed(dir: &Path, cluster: &Cluster, node: &Node) -> anyhow::Result<(PathBuf, PathBuf)> {
+fn self_signed(dir: &Path, cluster: &Cluster, node: &Node) -> Result<(PathBuf, PathBuf), Error> {
     let (cert, key) = (dir.join("admin.crt"), dir.join("admin.key"));
     if cert.exists() && key.exists() {
         return Ok((cert, key));
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(Error::io("creating", dir))?;
     let names = vec![
         node.name.clone(),
         node.address.to_string(),
         format!("{}.{}", node.name, cluster.domain),
     ];
-    let generated =
-        rcgen::generate_simple_self_signed(names).context("generating the admin certificate")?;
-    crate::files::write_file(&key, &generated.key_pair.serialize_pem(), 0o600)?;
-    crate::files::write_file(&cert, &generated.cert.pem(), 0o644)?;
+    let generated = rcgen::generate_simple_self_signed(names)?;
+    write_new(&key, generated.key_pair.serialize_pem().as_bytes(), 0o600)?;
+    write_new(&cert, generated.cert.pem().as_bytes(), 0o644)?;
     Ok((cert, key))
 }
 
@@ -257,13 +298,20 @@ async fn serve(
     listen: SocketAddr,
     tls: Arc<rustls::ServerConfig>,
     ctx: Arc<Ctx>,
-) -> anyhow::Result<()> {
+) -> Result<(), Error> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("binding {listen}"))?;
+        .map_err(|source| Error::Server {
+            what: format!("binding {listen}"),
+            source,
+        })?;
     tracing::info!(%listen, "admin server listening");
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| Error::Server {
+            what: "watching SIGTERM".into(),
+            source,
+        })?;
     loop {
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -318,22 +366,26 @@ async fn serve(
 
 type Resp = Response<Full<Bytes>>;
 
-fn reply(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Resp {
-    Response::builder()
-        .status(status)
-        .header("content-type", content_type)
-        .header("cache-control", "no-store")
-        .header("x-content-type-options", "nosniff")
-        .header("strict-transport-security", "max-age=31536000")
-        .body(Full::new(body.into()))
-        .expect("static headers are valid")
+fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Resp {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    let headers = resp.headers_mut();
+    for (name, value) in [
+        (hyper::header::CONTENT_TYPE, content_type),
+        (hyper::header::CACHE_CONTROL, "no-store"),
+        (hyper::header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (hyper::header::STRICT_TRANSPORT_SECURITY, "max-age=31536000"),
+    ] {
+        headers.insert(name, hyper::header::HeaderValue::from_static(value));
+    }
+    resp
 }
 
 /// The node of `cluster` that a client certificate (already verified against the cluster CA)
 /// names in its subject alternative names: a DNS name equal to the node's name, or an IP
 /// address equal to its address. The common name is not looked at, nor are wildcards matched
 /// (a node's name is one label).
-pub fn peer_node<'c>(cluster: &'c Cluster, leaf: &CertificateDer<'_>) -> Option<&'c Node> {
+fn peer_node<'c>(cluster: &'c Cluster, leaf: &CertificateDer<'_>) -> Option<&'c Node> {
     use rustls::pki_types::ServerName;
     let cert = rustls::server::ParsedCertificate::try_from(leaf).ok()?;
     let names = |name: ServerName<'_>| rustls::client::verify_server_name(&cert, &name).is_ok();
@@ -370,25 +422,34 @@ async fn route(ctx: &Arc<Ctx>, req: Request<Incoming>, peer: Option<&str>) -> Re
     let ctx = ctx.clone();
     match req.uri().path() {
         "/" => {
-            let view = blocking(move || gather(&ctx)).await;
-            reply(
-                StatusCode::OK,
-                "text/html; charset=utf-8",
-                page::render(&view),
-            )
+            blocking(move || {
+                let view = gather(&ctx);
+                reply(
+                    StatusCode::OK,
+                    "text/html; charset=utf-8",
+                    page::render(&view),
+                )
+            })
+            .await
         }
         "/api/status" => {
-            let view = blocking(move || gather(&ctx)).await;
-            let json = serde_json::to_string_pretty(&StatusJson::from(&view)).unwrap_or_default();
-            reply(StatusCode::OK, "application/json", json)
+            blocking(move || {
+                let view = gather(&ctx);
+                let json =
+                    serde_json::to_string_pretty(&StatusJson::from(&view)).unwrap_or_default();
+                reply(StatusCode::OK, "application/json", json)
+            })
+            .await
         }
         "/metrics" => {
-            let text = blocking(move || metrics(&ctx)).await;
-            reply(
-                StatusCode::OK,
-                "text/plain; version=0.0.4; charset=utf-8",
-                text,
-            )
+            blocking(move || {
+                reply(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    metrics(&ctx),
+                )
+            })
+            .await
         }
         "/healthz" => reply(StatusCode::OK, "text/plain", "ok\n"),
         "/api/peer/ping" => reply(
@@ -396,16 +457,14 @@ async fn route(ctx: &Arc<Ctx>, req: Request<Incoming>, peer: Option<&str>) -> Re
             "text/plain",
             format!("pong from {}\n", ctx.node.name),
         ),
-        crate::peer::VIP_PATH => {
-            match crate::peer::own_vip(&ctx.run_dir.join(api::vip::RUN_SUBDIR)) {
-                Ok(status) => reply(StatusCode::OK, "application/json", status.to_json()),
-                Err(e) => reply(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    format!("{e}\n"),
-                ),
-            }
-        }
+        peer::VIP_PATH => match peer::own_vip(&ctx.run_dir.join(api::vip::RUN_SUBDIR)) {
+            Ok(status) => reply(StatusCode::OK, "application/json", status.to_json()),
+            Err(e) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("{e}\n"),
+            ),
+        },
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
     }
 }
@@ -429,8 +488,8 @@ fn peer_signal(ctx: &Ctx, query: &str, peer: &str) -> Resp {
         );
     };
     tracing::warn!(%service, %signal, %peer, "signal requested by a peer");
-    match control::request(
-        &ctx.target,
+    match ctl::request(
+        &ctx.socket,
         &ctl::Request::Signal {
             service: service.clone(),
             signal: signal.clone(),
@@ -445,14 +504,21 @@ fn peer_signal(ctx: &Ctx, query: &str, peer: &str) -> Resp {
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f)
-        .await
-        .expect("admin worker does not panic")
+/// Runs `f` off the runtime's thread (it waits on sockets and files). A panic in it is a bug;
+/// the request then gets a 500 and the server goes on.
+async fn blocking(f: impl FnOnce() -> Resp + Send + 'static) -> Resp {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        tracing::error!("admin worker failed: {e}");
+        reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "text/plain",
+            "internal error\n",
+        )
+    })
 }
 
 fn services(ctx: &Ctx) -> Result<Vec<ServiceStatus>, String> {
-    match control::request(&ctx.target, &ctl::Request::Status) {
+    match ctl::request(&ctx.socket, &ctl::Request::Status) {
         Ok(ctl::Response::Status { services }) => Ok(services),
         Ok(ctl::Response::Error { message }) => Err(message),
         Ok(other) => Err(format!("unexpected answer {other:?}")),
@@ -461,8 +527,8 @@ fn services(ctx: &Ctx) -> Result<Vec<ServiceStatus>, String> {
 }
 
 fn gather(ctx: &Ctx) -> StatusView {
-    let own = crate::peer::own_vip(&ctx.run_dir.join(api::vip::RUN_SUBDIR));
-    let views = crate::peer::vip_views(&ctx.cluster, &ctx.node, own, ctx.peers.as_ref());
+    let own = peer::own_vip(&ctx.run_dir.join(api::vip::RUN_SUBDIR));
+    let views = peer::vip_views(&ctx.cluster, &ctx.node, own, ctx.peers.as_ref());
     let nodes = ctx
         .cluster
         .nodes
@@ -483,16 +549,15 @@ fn gather(ctx: &Ctx) -> StatusView {
         .collect();
     let mut facts = vec![(
         "floating IP".to_string(),
-        crate::peer::holder_line(&ctx.cluster.floating_ip.to_string(), &views),
+        peer::holder_line(&ctx.cluster.floating_ip.to_string(), &views),
     )];
     facts.extend(db_facts(&ctx.run_dir.join(api::db::STATUS_FILE)));
     for endpoint in &ctx.scrape {
-        if let Ok(text) = scrape(endpoint) {
+        if let Ok(text) = scrape(&ctx.scraper, endpoint) {
             facts.extend(backend_facts(&text));
         }
     }
-    let alerts = match logmon::alerts::recent(&logmon::alerts::db_path(&ctx.state_dir), PAGE_ALERTS)
-    {
+    let alerts = match (ctx.alerts)(PAGE_ALERTS) {
         Ok(alerts) => alerts.into_iter().map(alert_row).collect(),
         Err(e) => {
             tracing::debug!("reading alerts: {e}");
@@ -511,11 +576,11 @@ fn gather(ctx: &Ctx) -> StatusView {
     }
 }
 
-fn alert_row(a: logmon::engine::Alert) -> AlertRow {
+fn alert_row(a: Alert) -> AlertRow {
     AlertRow {
         rule: a.rule,
         subject: a.subject,
-        state: a.state.as_str().to_string(),
+        state: a.state,
         since: utc_time(a.resolved_ms.unwrap_or(a.fired_ms)),
         message: a.message,
     }
@@ -533,7 +598,7 @@ fn utc_time(ms: i64) -> String {
 }
 
 /// The balancer's view of each backend, from its `tandem_balancer_backend_up` series (pure).
-pub fn backend_facts(metrics: &str) -> Vec<(String, String)> {
+fn backend_facts(metrics: &str) -> Vec<(String, String)> {
     metrics
         .lines()
         .filter_map(|line| {
@@ -559,7 +624,10 @@ fn db_facts(status_file: &Path) -> Vec<(String, String)> {
         Err(e) => return vec![("database".into(), format!("no status from the agent ({e})"))],
     };
     let mut facts = vec![
-        ("database role".to_string(), status.role.as_str().to_string()),
+        (
+            "database role".to_string(),
+            status.role.as_str().to_string(),
+        ),
         (
             "database primary".to_string(),
             format!("{} ({})", status.primary.name, status.primary.address),
@@ -613,7 +681,7 @@ fn metrics(ctx: &Ctx) -> String {
     let mut out = supervisor_metrics(&ctx.node.name, services(ctx).as_deref().ok());
     let mut up = String::from("# HELP tandem_scrape_up Whether a local metrics endpoint answered.\n# TYPE tandem_scrape_up gauge\n");
     for endpoint in &ctx.scrape {
-        match scrape(endpoint) {
+        match scrape(&ctx.scraper, endpoint) {
             Ok(text) => {
                 up.push_str(&format!("tandem_scrape_up{{endpoint=\"{endpoint}\"}} 1\n"));
                 out.push_str(&text);
@@ -632,7 +700,7 @@ fn metrics(ctx: &Ctx) -> String {
 }
 
 /// Prometheus text for the supervised services (pure).
-pub fn supervisor_metrics(node: &str, services: Option<&[ServiceStatus]>) -> String {
+fn supervisor_metrics(node: &str, services: Option<&[ServiceStatus]>) -> String {
     let mut s = String::new();
     s.push_str(
         "# HELP tandem_supervisor_up Whether the supervisor answered on its control socket.\n",
@@ -669,64 +737,48 @@ pub fn supervisor_metrics(node: &str, services: Option<&[ServiceStatus]>) -> Str
     s
 }
 
-/// A minimal HTTP/1.0 GET of `/metrics` on a loopback endpoint.
-fn scrape(endpoint: &str) -> anyhow::Result<String> {
+/// The client of the local metrics endpoints: plain HTTP on loopback (or the node's own
+/// address), never through a proxy, each GET bounded by [`SCRAPE_TIMEOUT`].
+fn scraper() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(SCRAPE_TIMEOUT))
+        .http_status_as_error(false)
+        .proxy(None)
+        .build()
+        .new_agent()
+}
+
+/// `GET http://ENDPOINT/metrics`: the body of a 200, at most [`MAX_SCRAPE_BYTES`].
+fn scrape(agent: &ureq::Agent, endpoint: &str) -> Result<String, FetchError> {
     let addr: SocketAddr = endpoint
         .parse()
-        .with_context(|| format!("`{endpoint}` is not host:port"))?;
-    let mut conn = TcpStream::connect_timeout(&addr, SCRAPE_TIMEOUT)?;
-    conn.set_read_timeout(Some(SCRAPE_TIMEOUT))?;
-    conn.set_write_timeout(Some(SCRAPE_TIMEOUT))?;
-    conn.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {endpoint}\r\n\r\n").as_bytes())?;
-    let mut raw = Vec::new();
-    conn.take(MAX_SCRAPE_BYTES).read_to_end(&mut raw)?;
-    let text = String::from_utf8(raw).context("metrics are not UTF-8")?;
-    let (head, body) = text.split_once("\r\n\r\n").context("no HTTP header end")?;
-    anyhow::ensure!(
-        head.starts_with("HTTP/1.") && head.split(' ').nth(1) == Some("200"),
-        "answered {}",
-        head.lines().next().unwrap_or("")
-    );
-    Ok(body.to_string())
+        .map_err(|_| FetchError::Endpoint(endpoint.to_string()))?;
+    let url = format!("http://{addr}/metrics");
+    let request = |source| FetchError::Request {
+        url: url.clone(),
+        source,
+    };
+    let mut resp = agent.get(&url).call().map_err(request)?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .body_mut()
+        .with_config()
+        .limit(MAX_SCRAPE_BYTES)
+        .read_to_string()
+        .map_err(request)?;
+    match status {
+        200 => Ok(body),
+        _ => Err(FetchError::Status {
+            url,
+            status,
+            body: body.trim().chars().take(200).collect(),
+        }),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_seed_tls_is_copied_for_the_admin_user_with_final_modes() {
-        use std::os::unix::fs::MetadataExt as _;
-        // SAFETY: plain geteuid(2).
-        assert!(
-            unsafe { libc::geteuid() } == 0,
-            "this test needs root (it chowns)"
-        );
-        let tmp = tempfile::tempdir().unwrap();
-        let seed = tmp.path().join("seed-tls");
-        std::fs::create_dir(&seed).unwrap();
-        for name in [CA_CERT, NODE_CERT, NODE_KEY] {
-            std::fs::write(seed.join(name), format!("{name}\n")).unwrap();
-        }
-        let dir = tmp.path().join("admin-tls");
-        provide_tls(&seed, &dir, Some("nobody")).unwrap();
-        // Again (the next boot): replaced, not refused.
-        provide_tls(&seed, &dir, Some("nobody")).unwrap();
-        let meta = |p: &Path| std::fs::metadata(p).unwrap();
-        assert_eq!(
-            (meta(&dir).uid(), meta(&dir).mode() & 0o777),
-            (65534, 0o700)
-        );
-        for (name, mode) in [(CA_CERT, 0o644), (NODE_CERT, 0o644), (NODE_KEY, 0o600)] {
-            let p = dir.join(name);
-            assert_eq!(
-                (meta(&p).uid(), meta(&p).mode() & 0o777),
-                (65534, mode),
-                "{name}"
-            );
-            assert_eq!(std::fs::read_to_string(&p).unwrap(), format!("{name}\n"));
-        }
-    }
 
     #[test]
     fn backend_health_comes_from_the_balancer_metrics() {
@@ -762,5 +814,77 @@ mod tests {
             .contains("tandem_supervisor_service_running{node=\"server1\",service=\"nginx\"} 1\n"));
         assert!(supervisor_metrics("server1", None)
             .contains("tandem_supervisor_up{node=\"server1\"} 0"));
+    }
+
+    /// A local HTTP server answering `/metrics` with `status` and `body` (404 elsewhere).
+    fn metrics_endpoint(status: u16, body: Vec<u8>) -> SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        listener.set_nonblocking(true).unwrap();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+                loop {
+                    let (tcp, _) = listener.accept().await.unwrap();
+                    let body = body.clone();
+                    tokio::spawn(async move {
+                        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                            let (status, body) = match req.uri().path() {
+                                "/metrics" => (status, body.clone()),
+                                _ => (404, b"not found\n".to_vec()),
+                            };
+                            async move {
+                                let mut resp = Response::new(Full::new(Bytes::from(body)));
+                                *resp.status_mut() = StatusCode::from_u16(status).unwrap();
+                                Ok::<_, Infallible>(resp)
+                            }
+                        });
+                        let io = hyper_util::rt::TokioIo::new(tcp);
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(io, service)
+                            .await;
+                    });
+                }
+            });
+        });
+        addr
+    }
+
+    #[test]
+    fn a_scrape_takes_the_body_of_a_200_and_names_what_failed() {
+        let agent = scraper();
+        let text = "# TYPE tandem_x gauge\ntandem_x 1\n";
+        let ok = metrics_endpoint(200, text.as_bytes().to_vec());
+        assert_eq!(scrape(&agent, &ok.to_string()).unwrap(), text);
+
+        let failing = metrics_endpoint(503, b"draining\n".to_vec());
+        let e = scrape(&agent, &failing.to_string()).unwrap_err();
+        assert!(
+            matches!(&e, FetchError::Status { status: 503, body, .. } if body == "draining"),
+            "{e}"
+        );
+        assert!(
+            e.to_string().contains(&format!("http://{failing}/metrics")),
+            "{e}"
+        );
+
+        let huge = metrics_endpoint(200, vec![b'#'; MAX_SCRAPE_BYTES as usize + 1]);
+        let e = scrape(&agent, &huge.to_string()).unwrap_err();
+        assert!(matches!(e, FetchError::Request { .. }), "{e}");
+
+        // Nothing listens there any more once the listener is dropped.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let e = scrape(&agent, &closed.to_string()).unwrap_err();
+        assert!(matches!(e, FetchError::Request { .. }), "{e}");
+
+        let e = scrape(&agent, "localhost").unwrap_err();
+        assert_eq!(e.to_string(), "`localhost` is not host:port");
     }
 }

@@ -1,55 +1,57 @@
 //! Calls to the other nodes' peer API (their admin port, mutual TLS with the cluster CA): the
-//! node presents the certificate from its seed and trusts only the cluster CA.
+//! node presents the certificate from its TLS directory (the seed's on an image) and trusts
+//! only the cluster CA. Every node's view of the floating IP, and the holder line of
+//! `appliance status` and of the status page.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use anyhow::Context as _;
+use api::files::{FileName, CA_CERT, NODE_CERT, NODE_KEY};
 use api::vip::VipStatus;
 use cluster_config::{Cluster, Node};
 
+use crate::{Error, FetchError};
+
 /// A peer that does not answer this fast is reported as unreachable.
-pub const PEER_TIMEOUT: Duration = Duration::from_millis(800);
+const PEER_TIMEOUT: Duration = Duration::from_millis(800);
 /// Largest answer read from a peer.
 const MAX_ANSWER_BYTES: u64 = 1 << 20;
 /// The peer API's floating-IP view.
-pub const VIP_PATH: &str = "/api/peer/vip";
+pub(crate) const VIP_PATH: &str = "/api/peer/vip";
 
-/// The files of a node's TLS directory: its certificate (client and server), its key, and the
-/// cluster CA's certificate.
-pub const NODE_CERT: &str = "node.crt";
-pub const NODE_KEY: &str = "node.key";
-pub const CA_CERT: &str = "ca.crt";
-
-/// The seed's TLS directory on an image (`node.crt`, `node.key`, `ca.crt`).
-pub fn seed_tls_dir() -> PathBuf {
-    Path::new(api::files::SEED_MOUNT).join(api::files::SEED_TLS_DIR)
-}
-
-/// An HTTPS client that authenticates as this node, or `None` without the seed's certificates
-/// (a developer machine: no peer API there).
-pub struct PeerClient {
+/// An HTTPS client that authenticates as this node.
+pub(crate) struct PeerClient {
     agent: ureq::Agent,
 }
 
 impl PeerClient {
-    pub fn from_dir(dir: &Path) -> anyhow::Result<Option<PeerClient>> {
-        let read = |name: &str| {
-            let path = dir.join(name);
-            std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
-        };
+    /// The client of the node whose TLS directory is `dir`, or `None` when it holds no node
+    /// certificate (a developer machine: no peer API there).
+    pub(crate) fn from_dir(dir: &Path) -> Result<Option<PeerClient>, Error> {
         if !dir.join(NODE_CERT).exists() {
             return Ok(None);
         }
-        let ca = ureq::tls::Certificate::from_pem(&read(CA_CERT)?).context("the cluster CA")?;
+        let read = |name: FileName| {
+            let path = dir.join(name);
+            std::fs::read(&path).map_err(Error::io("reading", &path))
+        };
+        let invalid = |name: FileName, detail: String| Error::Invalid {
+            path: dir.join(name),
+            detail,
+        };
+        let ca = ureq::tls::Certificate::from_pem(&read(CA_CERT)?)
+            .map_err(|e| invalid(CA_CERT, format!("the cluster CA: {e}")))?;
         let chain = ureq::tls::parse_pem(&read(NODE_CERT)?)
             .filter_map(|item| match item {
                 Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
                 _ => None,
             })
             .collect::<Vec<_>>();
-        anyhow::ensure!(!chain.is_empty(), "no certificate in node.crt");
-        let key = ureq::tls::PrivateKey::from_pem(&read(NODE_KEY)?).context(NODE_KEY)?;
+        if chain.is_empty() {
+            return Err(invalid(NODE_CERT, "no certificate in it".into()));
+        }
+        let key = ureq::tls::PrivateKey::from_pem(&read(NODE_KEY)?)
+            .map_err(|e| invalid(NODE_KEY, format!("no private key: {e}")))?;
         let tls = ureq::tls::TlsConfig::builder()
             .root_certs(ureq::tls::RootCerts::new_with_certs(&[ca]))
             .client_cert(Some(ureq::tls::ClientCert::new_with_certs(&chain, key)))
@@ -58,6 +60,8 @@ impl PeerClient {
             .tls_config(tls)
             .timeout_global(Some(PEER_TIMEOUT))
             .http_status_as_error(false)
+            // The peers are on the cluster's own network.
+            .proxy(None)
             .build()
             .new_agent();
         Ok(Some(PeerClient { agent }))
@@ -68,34 +72,43 @@ impl PeerClient {
     }
 
     /// GET `path` on `peer`; the body of a 200.
-    pub fn get(&self, cluster: &Cluster, peer: &Node, path: &str) -> anyhow::Result<String> {
+    fn get(&self, cluster: &Cluster, peer: &Node, path: &str) -> Result<String, FetchError> {
         let url = Self::url(cluster, peer, path);
-        let mut resp = self
-            .agent
-            .get(&url)
-            .call()
-            .with_context(|| format!("GET {url}"))?;
+        let request = |source| FetchError::Request {
+            url: url.clone(),
+            source,
+        };
+        let mut resp = self.agent.get(&url).call().map_err(request)?;
         let status = resp.status().as_u16();
         let body = resp
             .body_mut()
             .with_config()
             .limit(MAX_ANSWER_BYTES)
             .read_to_string()
-            .with_context(|| format!("reading the answer of {url}"))?;
-        anyhow::ensure!(status == 200, "GET {url}: {status} {}", body.trim());
-        Ok(body)
+            .map_err(request)?;
+        match status {
+            200 => Ok(body),
+            _ => Err(FetchError::Status {
+                url,
+                status,
+                body: body.trim().to_string(),
+            }),
+        }
     }
 
     /// The peer's own view of the floating IP.
-    pub fn vip(&self, cluster: &Cluster, peer: &Node) -> anyhow::Result<VipStatus> {
+    fn vip(&self, cluster: &Cluster, peer: &Node) -> Result<VipStatus, FetchError> {
         let body = self.get(cluster, peer, VIP_PATH)?;
-        VipStatus::from_json(&body).map_err(|e| anyhow::anyhow!("{}: {e}", peer.name))
+        VipStatus::from_json(&body).map_err(|detail| FetchError::Format {
+            from: peer.name.clone(),
+            detail,
+        })
     }
 }
 
 /// Every node's view of the floating IP: this node's from its file, the others' over the peer
 /// API (in parallel, each bounded by [`PEER_TIMEOUT`]). `Err` says why a node has none.
-pub fn vip_views(
+pub(crate) fn vip_views(
     cluster: &Cluster,
     me: &Node,
     own: Result<VipStatus, String>,
@@ -114,7 +127,7 @@ pub fn vip_views(
                             own
                         } else {
                             match client {
-                                Some(c) => c.vip(cluster, n).map_err(|e| format!("{e:#}")),
+                                Some(c) => c.vip(cluster, n).map_err(|e| e.to_string()),
                                 None => Err("no peer API on this machine".into()),
                             }
                         }
@@ -135,7 +148,7 @@ pub fn vip_views(
 }
 
 /// This node's view of the floating IP, from the balancer's status file in `vip_dir`.
-pub fn own_vip(vip_dir: &Path) -> Result<VipStatus, String> {
+pub(crate) fn own_vip(vip_dir: &Path) -> Result<VipStatus, String> {
     let path = vip_dir.join(api::vip::STATUS_FILE);
     let text = std::fs::read_to_string(&path)
         .map_err(|e| format!("no floating IP status yet ({}: {e})", path.display()))?;
@@ -143,7 +156,7 @@ pub fn own_vip(vip_dir: &Path) -> Result<VipStatus, String> {
 }
 
 /// One line on who holds the floating IP, from every node's view (pure).
-pub fn holder_line(address: &str, views: &[(String, Result<VipStatus, String>)]) -> String {
+pub(crate) fn holder_line(address: &str, views: &[(String, Result<VipStatus, String>)]) -> String {
     let ok: Vec<(String, Option<VipStatus>)> = views
         .iter()
         .map(|(n, v)| (n.clone(), v.as_ref().ok().cloned()))
@@ -168,22 +181,20 @@ pub fn holder_line(address: &str, views: &[(String, Result<VipStatus, String>)])
     line
 }
 
-/// The floating-IP line of `appliance status`: every node's view when this machine has the
-/// seed's certificates (an image), else this node's own; `None` when no balancer ever wrote
-/// a status (a supervisor without the node's stack).
-pub fn status_line(state_dir: Option<&Path>) -> Option<String> {
-    let layout = match state_dir {
-        Some(dir) => crate::layout::Layout::dev(dir),
-        None => crate::layout::Layout::image(),
-    };
-    let own = own_vip(&layout.vip_dir()).ok()?;
-    let on_image = state_dir.is_none();
-    let node_args = crate::args::NodeArgs {
-        config: None,
-        node: None,
-    };
-    let identity = on_image.then(|| node_args.load().ok()).flatten();
-    let client = PeerClient::from_dir(&seed_tls_dir()).ok().flatten();
+/// The floating-IP line of `appliance status`, from this node's view in `vip_dir`: every
+/// node's view when `identity` (this cluster and node) is known and `tls_dir` holds the node's
+/// certificates (an image), else this node's own; `None` when no balancer ever wrote a status
+/// (a supervisor without the node's stack).
+pub fn status_line(
+    vip_dir: &Path,
+    identity: Option<(Cluster, Node)>,
+    tls_dir: &Path,
+) -> Option<String> {
+    let own = own_vip(vip_dir).ok()?;
+    let client = identity
+        .is_some()
+        .then(|| PeerClient::from_dir(tls_dir).ok().flatten())
+        .flatten();
     match (identity, client) {
         (Some((cluster, me)), Some(client)) => {
             let views = vip_views(&cluster, &me, Ok(own.clone()), Some(&client));
@@ -285,5 +296,23 @@ mod tests {
             vec![view("server1", None), view("server2", Some(Backup))],
             "floating IP 10.88.0.10: no node holds it",
         );
+    }
+
+    #[test]
+    fn the_status_line_reads_this_node_s_view_from_its_run_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let vip_dir = dir.path().join(api::vip::RUN_SUBDIR);
+        let no_tls = dir.path().join("no-tls");
+        // No balancer ever wrote a status: no line at all.
+        assert_eq!(status_line(&vip_dir, None, &no_tls), None);
+        std::fs::create_dir_all(&vip_dir).unwrap();
+        let own = view("server1", Some(VrrpState::Master)).1.unwrap();
+        std::fs::write(vip_dir.join(api::vip::STATUS_FILE), own.to_json()).unwrap();
+        let want = Some("floating IP 10.88.0.10: held by this node (server1)".to_string());
+        assert_eq!(status_line(&vip_dir, None, &no_tls), want);
+        // A known node without its certificates (no peer API here) says only its own view.
+        let cluster = Cluster::default_cluster();
+        let me = cluster.node("server1").unwrap().clone();
+        assert_eq!(status_line(&vip_dir, Some((cluster, me)), &no_tls), want);
     }
 }
