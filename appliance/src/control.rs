@@ -18,23 +18,19 @@ use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use api::control::{Request, Response, ServiceStatus, DEFAULT_SOCKET, SOCKET_FILE};
+use api::control::{ClientError, Request, Response, ServiceStatus, DEFAULT_SOCKET, SOCKET_FILE};
 use serde::Serialize;
 
 /// Longest request line accepted.
 const MAX_REQUEST_BYTES: u64 = 64 * 1024;
 /// A connection idle this long is closed; so is a client that does not read its response.
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long the CLI waits for a response.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// The socket's mode: its owner only, or owner and group.
 const PRIVATE_MODE: u32 = 0o600;
 const SHARED_MODE: u32 = 0o660;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("no supervisor listening on {}: is `appliance run` running?", .path.display())]
-    NotListening { path: PathBuf },
     #[error("another supervisor is already listening on {}", .path.display())]
     InUse { path: PathBuf },
     #[error("control socket {}: {context}: {source}", .path.display())]
@@ -44,10 +40,6 @@ pub enum ControlError {
         #[source]
         source: std::io::Error,
     },
-    #[error("control socket {}: bad response: {detail}", .path.display())]
-    Protocol { path: PathBuf, detail: String },
-    #[error("supervisor: {0}")]
-    Remote(String),
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -280,38 +272,12 @@ impl Target {
 }
 
 /// Sends one request and returns the response (a `Response::Error` becomes `Remote`).
-pub fn request(target: &Target, request: &Request) -> Result<Response, ControlError> {
-    let path = target.socket_path();
-    let io = |context, source| ControlError::Io {
-        path: path.clone(),
-        context,
-        source,
-    };
-    let mut conn = UnixStream::connect(&path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => {
-            ControlError::NotListening { path: path.clone() }
-        }
-        _ => io("connecting", e),
-    })?;
-    conn.set_read_timeout(Some(CLIENT_TIMEOUT))
-        .map_err(|e| io("setting a timeout", e))?;
-    write_json(&mut conn, request).map_err(|e| io("sending", e))?;
-    let mut line = String::new();
-    BufReader::new(conn)
-        .read_line(&mut line)
-        .map_err(|e| io("receiving", e))?;
-    let response: Response = serde_json::from_str(&line).map_err(|e| ControlError::Protocol {
-        path: path.clone(),
-        detail: format!("{e}: {line:?}"),
-    })?;
-    match response {
-        Response::Error { message } => Err(ControlError::Remote(message)),
-        other => Ok(other),
-    }
+pub fn request(target: &Target, request: &Request) -> Result<Response, ClientError> {
+    api::control::request(&target.socket_path(), request)
 }
 
-fn unexpected(target: &Target, response: &Response) -> ControlError {
-    ControlError::Protocol {
+fn unexpected(target: &Target, response: &Response) -> ClientError {
+    ClientError::Protocol {
         path: target.socket_path(),
         detail: format!("unexpected {response:?}"),
     }
