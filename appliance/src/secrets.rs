@@ -138,7 +138,8 @@ pub fn issue_dev_tls(
 
 fn load_or_create_dev_ca(path: &Path, name: &str) -> anyhow::Result<pki::Ca> {
     let load = |pem: &str| {
-        pki::Ca::from_key_pem(pem, name).with_context(|| format!("{}: not a CA key", path.display()))
+        pki::Ca::from_key_pem(pem, name)
+            .with_context(|| format!("{}: not a CA key", path.display()))
     };
     match fs::read_to_string(path) {
         Ok(pem) => return load(&pem),

@@ -163,8 +163,9 @@ impl Drop for Supervisor {
 }
 
 fn signal(pid: i32, sig: libc::c_int) {
-    // SAFETY: plain kill(2).
-    assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill({pid}, {sig})");
+    let signal = nix::sys::signal::Signal::try_from(sig).unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal)
+        .unwrap_or_else(|e| panic!("kill({pid}, {sig}): {e}"));
 }
 
 fn daemon(name: &str, argv: &[&str]) -> Value {
@@ -491,8 +492,7 @@ fn a_bad_spec_is_refused_with_the_reason() {
 
 #[test]
 fn runs_as_the_given_user_when_root() {
-    // SAFETY: plain getuid(2).
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = nix::unistd::geteuid().is_root();
     let sup = Supervisor::start(json!([
         { "name": "who", "user": "nobody", "argv": ["sh", "-c", "id -u; id -G; exec sleep 1000"] },
     ]));
@@ -511,7 +511,7 @@ fn runs_as_the_given_user_when_root() {
     let expected_uid = if root {
         "65534".to_string()
     } else {
-        unsafe { libc::geteuid() }.to_string()
+        nix::unistd::geteuid().to_string()
     };
     assert_eq!(lines[0].line, expected_uid);
     if root {
@@ -525,9 +525,8 @@ fn runs_as_the_given_user_when_root() {
 
 #[test]
 fn an_unprivileged_service_may_keep_only_the_right_to_bind_low_ports() {
-    // SAFETY: plain geteuid(2).
     assert!(
-        unsafe { libc::geteuid() } == 0,
+        nix::unistd::geteuid().is_root(),
         "this test needs root (it switches users)"
     );
     let bind = "import socket, sys\n\
@@ -579,9 +578,8 @@ fn privileges(pid: i32) -> BTreeMap<String, String> {
 
 #[test]
 fn every_service_has_no_new_privs_and_only_the_capabilities_of_its_spec() {
-    // SAFETY: plain geteuid(2).
     assert!(
-        unsafe { libc::geteuid() } == 0,
+        nix::unistd::geteuid().is_root(),
         "this test needs root (it bounds capabilities and switches users)"
     );
     let sup = Supervisor::start(json!([

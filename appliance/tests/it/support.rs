@@ -4,11 +4,11 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 /// How long a stopped `appliance run` may take to exit before it is killed.
-pub const STOP_GRACE: Duration = Duration::from_secs(15);
+pub(crate) const STOP_GRACE: Duration = Duration::from_secs(15);
 
 /// SIGTERM, then wait up to [`STOP_GRACE`] for the exit, then SIGKILL: the teardown of a test's
 /// supervisor, so a failing test leaves no processes behind.
-pub fn stop(child: &mut Child) {
+pub(crate) fn stop(child: &mut Child) {
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id() as i32),
         nix::sys::signal::Signal::SIGTERM,

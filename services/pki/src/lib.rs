@@ -119,7 +119,10 @@ pub fn node_params(cluster: &Cluster, node: &Node) -> Result<CertificateParams, 
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
     let of = format!("node {}", node.name);
-    let mut names = vec![node.name.clone(), format!("{}.{}", node.name, cluster.domain)];
+    let mut names = vec![
+        node.name.clone(),
+        format!("{}.{}", node.name, cluster.domain),
+    ];
     names.dedup();
     for name in names {
         p.subject_alt_names.push(dns_name(&name, &of)?);

@@ -239,7 +239,10 @@ mod tests {
         assert!(conf.contains("server 127.0.0.1:8000;"));
         assert!(conf.contains("try_files $uri @app;"));
         // Idle upstream connections end on nginx's side first (below the app's 75 s).
-        assert!(conf.contains("        keepalive_timeout 60s;\n    }"), "{conf}");
+        assert!(
+            conf.contains("        keepalive_timeout 60s;\n    }"),
+            "{conf}"
+        );
         assert_eq!(conf.matches('{').count(), conf.matches('}').count());
     }
 

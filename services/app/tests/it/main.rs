@@ -2,6 +2,9 @@
 //! notes written and read over pooled connections, keep-alive and HEAD, writes that follow the
 //! primary the agent's status file names, and certificates checked.
 
+// Test code: a failed unwrap is a failed test, with the panic naming the value.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::path::Path;

@@ -9,21 +9,21 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-pub const INSTALL_DB: &str = "/usr/bin/mariadb-install-db";
-pub const MARIADBD: &str = "/usr/sbin/mariadbd";
-pub const CLIENT: &str = "/usr/bin/mariadb";
-pub const APP_USER: &str = "tandem_app";
-pub const APP_PASSWORD: &str = "app-password";
+pub(crate) const INSTALL_DB: &str = "/usr/bin/mariadb-install-db";
+pub(crate) const MARIADBD: &str = "/usr/sbin/mariadbd";
+pub(crate) const CLIENT: &str = "/usr/bin/mariadb";
+pub(crate) const APP_USER: &str = "tandem_app";
+pub(crate) const APP_PASSWORD: &str = "app-password";
 
 /// A certificate authority and a server certificate for 127.0.0.1 signed by it (PEM).
-pub struct Pki {
+pub(crate) struct Pki {
     pub ca: String,
     pub cert: String,
     pub key: String,
 }
 
 impl Pki {
-    pub fn new() -> Pki {
+    pub(crate) fn new() -> Pki {
         use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
         let ca_key = KeyPair::generate().unwrap();
         let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -54,7 +54,7 @@ fn free_port() -> u16 {
 }
 
 /// One mariadbd on 127.0.0.1, killed when dropped.
-pub struct MariaDb {
+pub(crate) struct MariaDb {
     pub dir: PathBuf,
     pub port: u16,
     child: Child,
@@ -63,7 +63,7 @@ pub struct MariaDb {
 impl MariaDb {
     /// Installs a datadir under `dir` and starts the server with `pki`'s certificate; the
     /// application's account and database exist once this returns.
-    pub fn start(dir: &Path, pki: &Pki) -> MariaDb {
+    pub(crate) fn start(dir: &Path, pki: &Pki) -> MariaDb {
         for program in [INSTALL_DB, MARIADBD, CLIENT] {
             assert!(
                 Path::new(program).exists(),
@@ -135,7 +135,7 @@ impl MariaDb {
         db
     }
 
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.dir.join("mariadbd.log")).unwrap_or_default()
     }
 
@@ -153,13 +153,13 @@ impl MariaDb {
     }
 
     /// Runs `sql` as root over the socket; its output (no column names).
-    pub fn root(&self, sql: &str) -> String {
+    pub(crate) fn root(&self, sql: &str) -> String {
         self.try_root(sql)
             .unwrap_or_else(|e| panic!("{sql}: {e}\n{}", self.log()))
     }
 
     /// The application account's connections to this server.
-    pub fn app_connections(&self) -> usize {
+    pub(crate) fn app_connections(&self) -> usize {
         self.root(&format!(
             "SELECT COUNT(*) FROM information_schema.processlist WHERE user = '{APP_USER}'"
         ))
@@ -168,7 +168,7 @@ impl MariaDb {
     }
 
     /// The notes' bodies stored here (none when the table does not exist).
-    pub fn bodies(&self) -> Vec<String> {
+    pub(crate) fn bodies(&self) -> Vec<String> {
         match self.try_root("SELECT body FROM app.notes ORDER BY id") {
             Ok(out) => out.lines().map(str::to_string).collect(),
             Err(e) if e.contains("1146") => Vec::new(),
@@ -185,7 +185,7 @@ impl Drop for MariaDb {
 }
 
 /// The agent's status naming `port` on 127.0.0.1 as the primary.
-pub fn agent_status(role: &str, port: u16) -> String {
+pub(crate) fn agent_status(role: &str, port: u16) -> String {
     serde_json::json!({
         "node": "server1",
         "role": role,
@@ -205,14 +205,14 @@ pub fn agent_status(role: &str, port: u16) -> String {
 }
 
 /// The application, served in-process on 127.0.0.1 until dropped.
-pub struct App {
+pub(crate) struct App {
     pub addr: SocketAddr,
     _runtime: tokio::runtime::Runtime,
 }
 
 impl App {
     /// The application reading from `local_host:local_port`, the primary from `status_file`.
-    pub fn start(
+    pub(crate) fn start(
         dir: &Path,
         local_host: &str,
         local_port: u16,
@@ -258,33 +258,33 @@ impl App {
 
 /// An answer: status, lower-case headers, body.
 #[derive(Debug)]
-pub struct Answer {
+pub(crate) struct Answer {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: String,
 }
 
 impl Answer {
-    pub fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()
             .find(|(n, _)| n == name)
             .map(|(_, v)| v.as_str())
     }
 
-    pub fn json(&self) -> serde_json::Value {
+    pub(crate) fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
     }
 }
 
 /// One client connection, kept open across requests.
-pub struct Client {
+pub(crate) struct Client {
     stream: TcpStream,
     buf: Vec<u8>,
 }
 
 impl Client {
-    pub fn connect(addr: SocketAddr) -> Client {
+    pub(crate) fn connect(addr: SocketAddr) -> Client {
         let stream = TcpStream::connect(addr).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_secs(30)))
@@ -297,7 +297,13 @@ impl Client {
 
     /// Sends one request (with `Content-Length` when there is a body) and reads its answer
     /// (without a body for HEAD).
-    pub fn request(&mut self, method: &str, target: &str, headers: &[&str], body: &str) -> Answer {
+    pub(crate) fn request(
+        &mut self,
+        method: &str,
+        target: &str,
+        headers: &[&str],
+        body: &str,
+    ) -> Answer {
         let mut raw = format!("{method} {target} HTTP/1.1\r\nHost: app\r\n");
         for h in headers {
             raw.push_str(h);
@@ -359,7 +365,7 @@ impl Client {
 }
 
 /// One request on a connection of its own.
-pub fn request(
+pub(crate) fn request(
     addr: SocketAddr,
     method: &str,
     target: &str,
@@ -371,7 +377,7 @@ pub fn request(
 
 /// A JSON note posted on a connection of its own, from a client address of its own (so that
 /// no rate limit applies).
-pub fn post_json(addr: SocketAddr, body: &str) -> Answer {
+pub(crate) fn post_json(addr: SocketAddr, body: &str) -> Answer {
     static CLIENTS: AtomicU32 = AtomicU32::new(1);
     let client = std::net::Ipv4Addr::from(0x0a00_0000 + CLIENTS.fetch_add(1, Ordering::SeqCst));
     let payload = serde_json::json!({ "body": body }).to_string();
@@ -388,7 +394,7 @@ pub fn post_json(addr: SocketAddr, body: &str) -> Answer {
 }
 
 /// Waits up to `timeout` for `ok`.
-pub fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+pub(crate) fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !ok() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
