@@ -230,16 +230,7 @@ impl StateDb {
             )
             .map_err(|e| self.err(e))?;
         let rows = stmt
-            .query_map(params![service, limit], |r| {
-                Ok(EventRecord {
-                    id: r.get(0)?,
-                    ts_ms: r.get(1)?,
-                    service: r.get(2)?,
-                    kind: r.get(3)?,
-                    pid: r.get(4)?,
-                    detail: r.get(5)?,
-                })
-            })
+            .query_map(params![service, limit], EventRecord::from_row)
             .map_err(|e| self.err(e))?;
         let mut events = rows
             .collect::<Result<Vec<_>, _>>()
@@ -262,16 +253,7 @@ impl StateDb {
                 "SELECT id, ts_ms, service, kind, pid, detail FROM events WHERE service = ?1
                  ORDER BY id DESC LIMIT 1",
                 params![service],
-                |r| {
-                    Ok(EventRecord {
-                        id: r.get(0)?,
-                        ts_ms: r.get(1)?,
-                        service: r.get(2)?,
-                        kind: r.get(3)?,
-                        pid: r.get(4)?,
-                        detail: r.get(5)?,
-                    })
-                },
+                EventRecord::from_row,
             )
             .optional()
             .map_err(|e| self.err(e))

@@ -753,7 +753,13 @@ fn scrape(agent: &ureq::Agent, endpoint: &str) -> Result<String, FetchError> {
     let addr: SocketAddr = endpoint
         .parse()
         .map_err(|_| FetchError::Endpoint(endpoint.to_string()))?;
-    let url = format!("http://{addr}/metrics");
+    get_text(agent, format!("http://{addr}/metrics"), MAX_SCRAPE_BYTES)
+}
+
+/// `GET url` with `agent` (its `http_status_as_error` off): the body of a 200, at most `limit`
+/// bytes; another status is an error carrying the start of its body. The one HTTP GET of the
+/// admin crate: the metrics scrape and the peer client both use it.
+fn get_text(agent: &ureq::Agent, url: String, limit: u64) -> Result<String, FetchError> {
     let request = |source| FetchError::Request {
         url: url.clone(),
         source,
@@ -763,7 +769,7 @@ fn scrape(agent: &ureq::Agent, endpoint: &str) -> Result<String, FetchError> {
     let body = resp
         .body_mut()
         .with_config()
-        .limit(MAX_SCRAPE_BYTES)
+        .limit(limit)
         .read_to_string()
         .map_err(request)?;
     match status {

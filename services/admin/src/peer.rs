@@ -73,27 +73,7 @@ impl PeerClient {
 
     /// GET `path` on `peer`; the body of a 200.
     fn get(&self, cluster: &Cluster, peer: &Node, path: &str) -> Result<String, FetchError> {
-        let url = Self::url(cluster, peer, path);
-        let request = |source| FetchError::Request {
-            url: url.clone(),
-            source,
-        };
-        let mut resp = self.agent.get(&url).call().map_err(request)?;
-        let status = resp.status().as_u16();
-        let body = resp
-            .body_mut()
-            .with_config()
-            .limit(MAX_ANSWER_BYTES)
-            .read_to_string()
-            .map_err(request)?;
-        match status {
-            200 => Ok(body),
-            _ => Err(FetchError::Status {
-                url,
-                status,
-                body: body.trim().to_string(),
-            }),
-        }
+        crate::get_text(&self.agent, Self::url(cluster, peer, path), MAX_ANSWER_BYTES)
     }
 
     /// The peer's own view of the floating IP.

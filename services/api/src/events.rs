@@ -91,6 +91,20 @@ pub struct EventRecord {
     pub detail: String,
 }
 
+impl EventRecord {
+    /// A row selected as `id, ts_ms, service, kind, pid, detail` (every reader's order).
+    pub fn from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<EventRecord> {
+        Ok(EventRecord {
+            id: r.get(0)?,
+            ts_ms: r.get(1)?,
+            service: r.get(2)?,
+            kind: r.get(3)?,
+            pid: r.get(4)?,
+            detail: r.get(5)?,
+        })
+    }
+}
+
 /// A read of the events table failed.
 #[derive(Debug)]
 pub struct ReadError {
@@ -156,16 +170,7 @@ impl EventReader {
             let mut stmt = conn.prepare_cached(
                 "SELECT id, ts_ms, service, kind, pid, detail FROM events WHERE id > ?1 ORDER BY id LIMIT ?2",
             )?;
-            let rows = stmt.query_map(params![after_id, BATCH], |r| {
-                Ok(EventRecord {
-                    id: r.get(0)?,
-                    ts_ms: r.get(1)?,
-                    service: r.get(2)?,
-                    kind: r.get(3)?,
-                    pid: r.get(4)?,
-                    detail: r.get(5)?,
-                })
-            })?;
+            let rows = stmt.query_map(params![after_id, BATCH], EventRecord::from_row)?;
             rows.collect::<Result<Vec<_>, _>>()
         })();
         rows.map_err(|e| self.err(e))
