@@ -118,6 +118,10 @@ pub fn render_conf(p: &Params) -> String {
         "pid-file = {}",
         p.paths.run_dir.join("mysqld.pid").display()
     );
+    // Its own temporary directory: a server deletes every `#sql*` file in its tmpdir when it
+    // starts, so servers set up side by side in a shared /tmp (a local cluster, the tests)
+    // would break each other's bootstrap (seen as "mysql.proxies_priv missing").
+    let _ = writeln!(s, "tmpdir = {}", p.paths.run_dir.display());
     let _ = writeln!(s, "bind-address = {}", p.listen);
     let _ = writeln!(s, "port = {}", p.port);
     let _ = writeln!(s, "server_id = {}", p.server_id);
@@ -204,6 +208,8 @@ mod tests {
         assert!(replica.contains("read_only = ON"), "{replica}");
         assert!(replica.contains("server_id = 1"));
         assert!(replica.contains("bind-address = 10.88.0.11"));
+        // Its own tmpdir, never a shared /tmp.
+        assert!(replica.contains("tmpdir = /run/tandem/mysqld\n"), "{replica}");
         let primary = render_conf(&params("server2"));
         assert!(primary.contains("read_only = OFF"));
         assert!(primary.contains("server_id = 2"));
