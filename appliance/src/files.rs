@@ -1,21 +1,17 @@
-//! Writing files that matter: atomically (temporary file, fsync, rename), with their final mode
-//! and owner from the first byte; directories with a mode; the boot counter. A leaf: it
-//! imports nothing else of this crate.
+//! Writing files that matter (through [`api::fsio`]: atomically, with their final mode and owner
+//! from the first byte, errors naming the file); directories with a mode; the boot counter. A
+//! leaf: it imports nothing else of this crate.
 
 use std::fs;
-use std::io::Write as _;
-use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 
 use anyhow::Context as _;
 use nix::unistd::{Gid, Uid, User};
 
-/// Atomic replace: temp file in the same directory, fsync, rename, fsync the directory.
-///
-/// The temporary file is created anew with its final mode (`create_new`: one a crash left
-/// behind, or a link planted there, is removed, never written through): a secret is never
-/// readable by others, not even before the rename, and is never chmodded. The umask may narrow
-/// a public mode; such a file gets its bits back before its first byte.
+/// Atomic replace with the file's final mode from its first byte ([`api::fsio::write_atomic`]:
+/// a temporary file created anew beside `path`, never written through; synced, renamed, the
+/// directory synced).
 pub fn write_file(path: &Path, contents: &str, mode: u32) -> anyhow::Result<()> {
     write_file_owned(path, contents.as_bytes(), mode, None)
 }
@@ -27,52 +23,14 @@ pub fn write_file_owned(
     mode: u32,
     owner: Option<(Uid, Gid)>,
 ) -> anyhow::Result<()> {
-    let dir = path.parent().context("file path without a directory")?;
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
-    ));
-    match fs::remove_file(&tmp) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing {}", tmp.display())),
-    }
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("creating {}", tmp.display()))?;
-    if mode & 0o077 != 0 {
-        f.set_permissions(fs::Permissions::from_mode(mode))?;
-    }
-    if let Some((uid, gid)) = owner {
-        nix::unistd::fchown(&f, Some(uid), Some(gid))
-            .with_context(|| format!("chown {uid}:{gid} {}", tmp.display()))?;
-    }
-    f.write_all(contents)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.sync_all()
-        .with_context(|| format!("syncing {}", tmp.display()))?;
-    fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("syncing {}", dir.display()))?;
-    Ok(())
+    let owner = owner.map(|(uid, gid)| (uid.as_raw(), gid.as_raw()));
+    api::fsio::write_atomic(path, contents, mode, owner)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// A new file holding a secret, mode 0600 from its creation, synced; fails (`AlreadyExists`)
 /// if `path` exists.
-pub fn create_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(contents)?;
-    f.sync_all()
-}
+pub use api::fsio::create_private;
 
 /// Creates `path` (and its parents) and sets its mode.
 pub fn make_dir(path: &Path, mode: u32) -> anyhow::Result<()> {
@@ -138,42 +96,20 @@ mod tests {
     }
 
     #[test]
-    fn secrets_are_written_into_new_files_of_their_final_mode() {
-        let dir = tempfile::tempdir().unwrap();
-        let key = dir.path().join("admin.key");
-        let tmp = dir.path().join(".admin.key.tmp");
-        // A temporary left by a crash, held open by someone who could read it then.
-        fs::write(&tmp, "").unwrap();
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644)).unwrap();
-        let mut held = fs::File::open(&tmp).unwrap();
-        write_file(&key, "secret", 0o600).unwrap();
-        let mut seen = String::new();
-        std::io::Read::read_to_string(&mut held, &mut seen).unwrap();
-        assert_eq!(seen, "", "the secret went into a file others could read");
-        assert_eq!(fs::metadata(&key).unwrap().mode() & 0o7777, 0o600);
-        // A link planted as the temporary: replaced, not written through.
-        let outside = dir.path().join("outside");
-        fs::write(&outside, "").unwrap();
-        std::os::unix::fs::symlink(&outside, &tmp).unwrap();
-        write_file(&key, "secret 2", 0o600).unwrap();
-        assert_eq!(fs::read_to_string(&outside).unwrap(), "");
-        assert_eq!(fs::read_to_string(&key).unwrap(), "secret 2");
-        assert!(fs::symlink_metadata(&key).unwrap().is_file());
-    }
-
-    #[test]
-    fn an_owned_file_belongs_to_its_owner_and_a_private_one_is_new() {
+    fn files_get_their_owner_and_errors_name_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let me = (nix::unistd::getuid(), nix::unistd::getgid());
         let path = dir.path().join("key");
         write_file_owned(&path, b"k", 0o600, Some(me)).unwrap();
         let meta = fs::metadata(&path).unwrap();
         assert_eq!((meta.uid(), meta.gid()), (me.0.as_raw(), me.1.as_raw()));
-        let private = dir.path().join("private");
-        create_private(&private, b"s").unwrap();
-        assert_eq!(fs::metadata(&private).unwrap().mode() & 0o777, 0o600);
-        let again = create_private(&private, b"t").unwrap_err();
-        assert_eq!(again.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(meta.mode() & 0o7777, 0o600);
+        let missing = dir.path().join("no-such-dir").join("f");
+        let e = format!("{:#}", write_file(&missing, "x", 0o644).unwrap_err());
+        assert!(
+            e.starts_with(&format!("writing {}", missing.display())),
+            "{e}"
+        );
         assert!(
             format!("{:#}", user_ids("no-such-user-here").unwrap_err()).contains("does not exist")
         );

@@ -115,11 +115,8 @@ impl StateDb {
             let path = state_dir.join(STATE_DB_FILE);
             let aside = state_dir.join(format!("{STATE_DB_FILE}.corrupt-{now_ms}"));
             let moved = std::fs::rename(&path, &aside).map(|()| {
-                // The WAL and shared-memory files belong to the corrupt database.
-                for suffix in ["-wal", "-shm"] {
-                    let from = state_dir.join(format!("{STATE_DB_FILE}{suffix}"));
-                    let _ = std::fs::rename(&from, format!("{}{suffix}", aside.display()));
-                }
+                // Best effort: the new database is wanted even if they stay.
+                let _ = api::sqlite::move_wal_files(&path, &aside);
             });
             if moved.is_ok() {
                 if let Ok(db) = StateDb::open(state_dir) {

@@ -2,8 +2,7 @@
 //! private directory) and the files the seeds get from it. The certificates themselves are
 //! made by the `pki` crate, the same way `appliance run` makes a development cluster's.
 
-use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use api::files::CA_CERT;
@@ -131,34 +130,13 @@ pub fn load_or_create_secret(dir: &Path) -> Result<String, Error> {
     }
 }
 
-/// Writes a new file, created with its final mode (`create_new`: whatever was at `path`, a
-/// file or a link, is replaced, never written through): a key is never readable by anyone
-/// else, not even for a moment, and is never chmodded.
-///
-/// The umask may narrow a public mode (a certificate must stay readable in the seed): such a
-/// file gets its bits back on the open descriptor, before its first byte.
+/// Writes a file whole, created with its final mode ([`api::fsio::write_atomic`]: whatever was
+/// at `path`, a file or a link, is replaced, never written through; a key is never readable by
+/// anyone else, not even for a moment; a certificate keeps its public mode whatever the umask).
 pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), Error> {
-    let io = |e| Error::io(STEP, path, e);
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io(e)),
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(io)?;
-    if mode & PUBLIC_BITS != 0 {
-        f.set_permissions(std::fs::Permissions::from_mode(mode))
-            .map_err(io)?;
-    }
-    f.write_all(data).map_err(io)
+    api::fsio::write_atomic(path, data, mode, None).map_err(|e| Error::io(STEP, path, e))
 }
 
-/// Mode bits that let others than the owner read or write a file.
-const PUBLIC_BITS: u32 = 0o077;
 /// The CA's directory: its key is the cluster's.
 const CA_DIR_MODE: u32 = 0o700;
 
@@ -180,32 +158,6 @@ mod tests {
         let e = load_or_create_secret(dir.path()).unwrap_err().to_string();
         assert!(e.contains("cluster.secret: expected 64 hex digits"), "{e}");
         assert!(e.contains("delete it"), "{e}");
-    }
-
-    #[test]
-    fn files_replace_what_was_there_and_keys_get_their_mode_at_creation() {
-        use std::os::unix::fs::MetadataExt;
-        let dir = tempfile::tempdir().unwrap();
-        // A link where the key goes: replaced, not written through.
-        let outside = dir.path().join("outside");
-        std::fs::write(&outside, "").unwrap();
-        let key = dir.path().join(api::files::NODE_KEY);
-        std::os::unix::fs::symlink(&outside, &key).unwrap();
-        write_file(&key, b"secret", 0o600).unwrap();
-        assert_eq!(std::fs::read(&outside).unwrap(), b"");
-        let md = std::fs::symlink_metadata(&key).unwrap();
-        assert!(md.is_file());
-        assert_eq!(md.mode() & 0o7777, 0o600);
-        // A reader holding the previous file open never sees the new content.
-        let cert = dir.path().join(api::files::NODE_CERT);
-        std::fs::write(&cert, "old").unwrap();
-        let mut held = std::fs::File::open(&cert).unwrap();
-        write_file(&cert, b"new", 0o644).unwrap();
-        let mut seen = String::new();
-        std::io::Read::read_to_string(&mut held, &mut seen).unwrap();
-        assert_eq!(seen, "old");
-        assert_eq!(std::fs::metadata(&cert).unwrap().mode() & 0o7777, 0o644);
-        assert_eq!(std::fs::read(&cert).unwrap(), b"new");
     }
 
     #[test]

@@ -176,13 +176,8 @@ fn move_old_alerts_db(state: &Path) -> anyhow::Result<()> {
         return Ok(());
     }
     crate::files::make_dir(&logmon_state, 0o755)?;
-    for suffix in ["", "-wal", "-shm"] {
-        let from = state.join(format!("{file}{suffix}"));
-        if from.exists() {
-            std::fs::rename(&from, logmon_state.join(format!("{file}{suffix}"))).with_context(
-                || format!("moving {} into {}", from.display(), logmon_state.display()),
-            )?;
-        }
-    }
-    Ok(())
+    let (from, to) = (state.join(file), logmon_state.join(file));
+    let moving = || format!("moving {} into {}", from.display(), logmon_state.display());
+    std::fs::rename(&from, &to).with_context(moving)?;
+    api::sqlite::move_wal_files(&from, &to).with_context(moving)
 }

@@ -14,7 +14,6 @@ mod page;
 pub mod peer;
 
 use std::convert::Infallible;
-use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -230,30 +229,6 @@ fn server_config(config: &Config) -> Result<Arc<rustls::ServerConfig>, Error> {
     Ok(Arc::new(tls))
 }
 
-/// Writes `bytes` to `path` whole: a temporary file beside it, created with its final mode
-/// before a byte is written, synced, then renamed over `path`.
-fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    match std::fs::remove_file(&tmp) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(Error::io("removing", &tmp)(e))
-        }
-        _ => {}
-    }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(Error::io("creating", &tmp))?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .map_err(Error::io("writing", &tmp))?;
-    std::fs::rename(&tmp, path).map_err(Error::io("renaming a new version into", path))
-}
-
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
     let invalid = |detail: String| Error::Invalid {
         path: path.to_path_buf(),
@@ -289,8 +264,15 @@ fn self_signed(dir: &Path, cluster: &Cluster, node: &Node) -> Result<(PathBuf, P
         format!("{}.{}", node.name, cluster.domain),
     ];
     let generated = rcgen::generate_simple_self_signed(names)?;
-    write_new(&key, generated.key_pair.serialize_pem().as_bytes(), 0o600)?;
-    write_new(&cert, generated.cert.pem().as_bytes(), 0o644)?;
+    api::fsio::write_atomic(
+        &key,
+        generated.key_pair.serialize_pem().as_bytes(),
+        0o600,
+        None,
+    )
+    .map_err(Error::io("writing", &key))?;
+    api::fsio::write_atomic(&cert, generated.cert.pem().as_bytes(), 0o644, None)
+        .map_err(Error::io("writing", &cert))?;
     Ok((cert, key))
 }
 

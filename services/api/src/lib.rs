@@ -7,6 +7,7 @@ pub mod control;
 pub mod db;
 pub mod events;
 pub mod files;
+pub mod fsio;
 pub mod ports;
 pub mod prometheus;
 pub mod secret;

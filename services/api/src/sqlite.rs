@@ -4,6 +4,11 @@
 //! The schema version is `PRAGMA user_version`; migration `i` takes the schema from version
 //! `i` to `i + 1`, in its own transaction with the version bump, so a crash leaves the file at
 //! one version or the next. A file from a newer binary (after a rollback) is refused untouched.
+//!
+//! A database file moved (aside when corrupt, into a new directory) takes its WAL along
+//! ([`move_wal_files`]).
+
+use std::path::{Path, PathBuf};
 
 use rusqlite::Connection;
 
@@ -71,6 +76,34 @@ pub fn migrate(conn: &mut Connection, migrations: &[&str]) -> Result<i64, Migrat
     Ok(found)
 }
 
+/// Moves the `-wal` and `-shm` files of the database `from` to the names they take beside `to`,
+/// once the caller has moved `from` to `to` itself: they belong to that database (a WAL left
+/// behind would be read as the next database's at that name). One that does not exist is
+/// skipped; every one is tried, and the first failure returned (naming the file).
+pub fn move_wal_files(from: &Path, to: &Path) -> std::io::Result<()> {
+    let mut first = Ok(());
+    for suffix in ["-wal", "-shm"] {
+        let (src, dst) = (with_suffix(from, suffix), with_suffix(to, suffix));
+        match std::fs::rename(&src, &dst) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound && first.is_ok() => {
+                first = Err(std::io::Error::new(
+                    e.kind(),
+                    format!("moving {} to {}: {e}", src.display(), dst.display()),
+                ));
+            }
+            _ => {}
+        }
+    }
+    first
+}
+
+/// `path` with `suffix` appended to its file name (`state.db` → `state.db-wal`).
+fn with_suffix(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    PathBuf::from(s)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,5 +152,40 @@ mod tests {
         assert_eq!(version(&conn), 1);
         // The failed transaction added no column.
         assert!(conn.query_row("SELECT y FROM a", [], |_| Ok(())).is_err());
+    }
+
+    #[test]
+    fn a_database_moved_takes_its_wal_and_shm_files_along() {
+        let dir = tempfile::tempdir().unwrap();
+        let (from, to) = (dir.path().join("a.db"), dir.path().join("sub/a.db.old"));
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        std::fs::write(&from, "db").unwrap();
+        std::fs::write(dir.path().join("a.db-wal"), "wal").unwrap();
+        std::fs::rename(&from, &to).unwrap();
+        // No -shm: skipped.
+        move_wal_files(&from, &to).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("sub/a.db.old-wal")).unwrap(),
+            "wal"
+        );
+        assert!(!dir.path().join("a.db-wal").exists());
+        assert!(!dir.path().join("sub/a.db.old-shm").exists());
+        // A -wal that cannot move (a directory holds its new name) is reported; the -shm still
+        // goes.
+        std::fs::write(dir.path().join("a.db-wal"), "wal 2").unwrap();
+        std::fs::write(dir.path().join("a.db-shm"), "shm").unwrap();
+        std::fs::remove_file(dir.path().join("sub/a.db.old-wal")).unwrap();
+        std::fs::create_dir(dir.path().join("sub/a.db.old-wal")).unwrap();
+        std::fs::write(dir.path().join("sub/a.db.old-wal/x"), "").unwrap();
+        let e = move_wal_files(&from, &to).unwrap_err();
+        assert!(e.to_string().contains("a.db-wal"), "{e}");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("sub/a.db.old-shm")).unwrap(),
+            "shm"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("a.db-wal")).unwrap(),
+            "wal 2"
+        );
     }
 }

@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -164,39 +163,12 @@ pub(crate) fn ensure_self_signed(
     let certified = rcgen::generate_simple_self_signed(names.to_vec()).map_err(|e| {
         BalancerError::TlsSetup(format!("cannot generate a self-signed certificate: {e}"))
     })?;
-    write_atomically(
-        &key_path,
-        certified.key_pair.serialize_pem().as_bytes(),
-        0o600,
-    )
-    .map_err(io(&key_path))?;
-    write_atomically(&cert_path, certified.cert.pem().as_bytes(), 0o644).map_err(io(&cert_path))?;
+    let key_pem = certified.key_pair.serialize_pem();
+    api::fsio::write_atomic(&key_path, key_pem.as_bytes(), 0o600, None).map_err(io(&key_path))?;
+    api::fsio::write_atomic(&cert_path, certified.cert.pem().as_bytes(), 0o644, None)
+        .map_err(io(&cert_path))?;
     tracing::info!(path = %cert_path.display(), names = ?names, "generated a self-signed certificate");
     Ok((cert_path, key_path))
-}
-
-/// Writes `path` through a new temporary file created with its final `mode` (`create_new`: a
-/// leftover or planted temporary, or a link, is removed, never written through; the key is
-/// never readable by anyone else, not even for a moment), synced, then renamed into place.
-fn write_atomically(path: &Path, data: &[u8], mode: u32) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
-    match fs::remove_file(&tmp) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-        _ => {}
-    }
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)?;
-    f.write_all(data)?;
-    f.sync_all()?;
-    fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
 }
 
 pub(crate) fn server_config(resolver: Arc<SniResolver>) -> Result<ServerConfig, BalancerError> {
@@ -217,22 +189,6 @@ mod tests {
     use super::*;
 
     use std::os::unix::fs::PermissionsExt;
-
-    #[test]
-    fn a_planted_temporary_is_replaced_never_written_through() {
-        let dir = tempfile::tempdir().unwrap();
-        let victim = dir.path().join("victim");
-        fs::write(&victim, "untouched").unwrap();
-        std::os::unix::fs::symlink(&victim, dir.path().join("k.tmp")).unwrap();
-        let key = dir.path().join("k.key");
-        write_atomically(&key, b"secret", 0o600).unwrap();
-        assert_eq!(fs::read_to_string(&victim).unwrap(), "untouched");
-        assert_eq!(fs::read_to_string(&key).unwrap(), "secret");
-        assert_eq!(
-            fs::metadata(&key).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
-    }
 
     #[test]
     fn self_signed_is_generated_once_with_a_private_key() {

@@ -10,7 +10,6 @@
 //!   taking the address it re-checks every backend at once, so a peer that died holding the
 //!   address stops getting requests before the first client finds out.
 
-use std::io::Write as _;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
@@ -99,7 +98,7 @@ impl VipState {
     /// Writes the status file (temporary file + rename: readers never see half of it).
     pub fn save(&self) {
         let json = self.status().to_json();
-        if let Err(e) = write_atomic(&self.file, json.as_bytes()) {
+        if let Err(e) = api::fsio::write_atomic(&self.file, json.as_bytes(), 0o644, None) {
             tracing::warn!(file = %self.file.display(), "writing the floating IP status: {e}");
         }
     }
@@ -271,16 +270,6 @@ pub(crate) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
-fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("file");
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(contents)?;
-    drop(f);
-    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]
