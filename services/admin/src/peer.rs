@@ -73,7 +73,11 @@ impl PeerClient {
 
     /// GET `path` on `peer`; the body of a 200.
     fn get(&self, cluster: &Cluster, peer: &Node, path: &str) -> Result<String, FetchError> {
-        crate::get_text(&self.agent, Self::url(cluster, peer, path), MAX_ANSWER_BYTES)
+        crate::get_text(
+            &self.agent,
+            Self::url(cluster, peer, path),
+            MAX_ANSWER_BYTES,
+        )
     }
 
     /// The peer's own view of the floating IP.
