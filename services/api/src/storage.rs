@@ -57,10 +57,8 @@ impl Degraded {
         let mut all = Degraded::read_all(run_dir);
         all.push(self.clone());
         let path = run_dir.join(DEGRADED_FILE);
-        let tmp = run_dir.join(format!(".{DEGRADED_FILE}.tmp"));
         let text = serde_json::to_string_pretty(&all).map_err(std::io::Error::other)?;
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, &path)
+        crate::fsio::write_atomic(&path, text.as_bytes(), 0o644, None)
     }
 }
 

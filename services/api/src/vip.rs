@@ -39,10 +39,7 @@ pub fn track_value(ok: bool) -> &'static str {
 /// Writes a track file: a temporary file renamed into place, so keepalived (which re-reads it
 /// on a rename) never sees half a value. The supervisor and the balancer both write them.
 pub fn write_track(path: &std::path::Path, ok: bool) -> std::io::Result<()> {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("track");
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    std::fs::write(&tmp, track_value(ok))?;
-    std::fs::rename(&tmp, path)
+    crate::fsio::write_atomic(path, track_value(ok).as_bytes(), 0o644, None)
 }
 
 /// A VRRP instance's state as keepalived names it.

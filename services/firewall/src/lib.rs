@@ -147,9 +147,7 @@ pub fn save(rules: &str, path: &Path) -> Result<(), FirewallError> {
         path: path.to_path_buf(),
         source,
     };
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, rules).map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    api::fsio::write_atomic(path, rules.as_bytes(), 0o644, None).map_err(err)
 }
 
 fn nft_stdin(args: &[&str], input: &str) -> Result<(), FirewallError> {
