@@ -209,7 +209,10 @@ mod tests {
         assert!(replica.contains("server_id = 1"));
         assert!(replica.contains("bind-address = 10.88.0.11"));
         // Its own tmpdir, never a shared /tmp.
-        assert!(replica.contains("tmpdir = /run/tandem/mysqld\n"), "{replica}");
+        assert!(
+            replica.contains("tmpdir = /run/tandem/mysqld\n"),
+            "{replica}"
+        );
         let primary = render_conf(&params("server2"));
         assert!(primary.contains("read_only = OFF"));
         assert!(primary.contains("server_id = 2"));
