@@ -34,6 +34,9 @@ pub const TICK: Duration = Duration::from_secs(1);
 const REVIVE_INTERVAL: Duration = Duration::from_secs(5);
 /// How soon an agent tries again to acknowledge its primary after a failure.
 const ACK_RETRY: Duration = Duration::from_millis(500);
+/// Longest a poll waits for the local replica to apply what it fetched before acting on a
+/// switchover recorded in the bookkeeping table ([`Agent::caught_up`]).
+const CATCH_UP_WAIT: Duration = Duration::from_secs(1);
 /// The agent's option file (admin account) in its private directory: acknowledgements go to
 /// the primary over TCP.
 const AGENT_ADMIN_OPTION_FILE: &str = "agent-admin.cnf";
@@ -85,12 +88,15 @@ impl AgentConfig {
     }
 }
 
-/// Server state plus `SHOW SLAVE STATUS` of one server.
+/// Server state plus `SHOW SLAVE STATUS` of one server. The slave status is read first, so the
+/// applied position read after it is compared with a fetched position no newer than itself
+/// ([`repl::caught_up`]).
 pub(crate) fn snapshot(
     conn: &Conn,
     name: &str,
     address: std::net::Ipv4Addr,
 ) -> Result<Snapshot, String> {
+    let slave = SlaveStatus::from_rows(&conn.rows("SHOW SLAVE STATUS").map_err(|e| e.to_string())?);
     let rows = conn.rows(repl::STATE_SQL).map_err(|e| e.to_string())?;
     let row = rows
         .first()
@@ -99,7 +105,6 @@ pub(crate) fn snapshot(
         GtidPos::parse(row.get(k).map_or("", String::as_str))
             .map_err(|e| format!("{name}: {k}: {e}"))
     };
-    let slave = SlaveStatus::from_rows(&conn.rows("SHOW SLAVE STATUS").map_err(|e| e.to_string())?);
     Ok(Snapshot {
         name: name.to_string(),
         address,
@@ -129,6 +134,8 @@ fn spawn_acknowledger(
         .spawn(move || {
             let mut acked: Option<PrimaryRef> = None;
             let mut want: Option<PrimaryRef> = None;
+            // The current remote primary's connection, kept while it stays the primary.
+            let mut remote: Option<(PrimaryRef, Conn)> = None;
             loop {
                 let next = match want != acked {
                     true => rx.recv_timeout(ACK_RETRY),
@@ -143,14 +150,25 @@ fn spawn_acknowledger(
                     continue;
                 };
                 let conn = match primary.name == node {
-                    true => local.clone(),
-                    false => Conn::remote(
-                        &admin_file,
-                        &primary.name,
-                        primary.address,
-                        primary.port,
-                        &ssl_ca,
-                    ),
+                    true => &local,
+                    false => {
+                        if remote.as_ref().is_none_or(|(p, _)| p != primary) {
+                            remote = Some((
+                                primary.clone(),
+                                Conn::remote(
+                                    &admin_file,
+                                    &primary.name,
+                                    primary.address,
+                                    primary.port,
+                                    &ssl_ca,
+                                ),
+                            ));
+                        }
+                        match &remote {
+                            Some((_, c)) => c,
+                            None => continue,
+                        }
+                    }
                 };
                 match conn.run(&repl::record_follow_sql(&node, &primary.name)) {
                     Ok(_) => {
@@ -252,6 +270,27 @@ impl Agent {
         }
     }
 
+    /// Whether the local server has applied everything its IO thread had fetched when `snap`
+    /// was taken: at once when `snap` says so, else once the SQL thread gets there within
+    /// [`CATCH_UP_WAIT`] (`MASTER_GTID_WAIT`). Under a stream of writes the fetched position
+    /// is usually ahead of the applied one by a few transactions at any instant, so comparing
+    /// the two alone could defer noticing a switchover for many polls.
+    fn caught_up(&self, snap: &Snapshot) -> bool {
+        if repl::caught_up(&snap.slave_pos, snap.slave.as_ref()) {
+            return true;
+        }
+        let Some(fetched) = snap
+            .slave
+            .as_ref()
+            .and_then(|s| GtidPos::parse(&s.gtid_io_pos).ok())
+        else {
+            return false;
+        };
+        self.local
+            .value(&repl::wait_for_gtid_sql(&fetched, CATCH_UP_WAIT))
+            .is_ok_and(|v| v.as_deref() == Some("0"))
+    }
+
     fn observe_and_converge(&mut self) -> Result<(Snapshot, Health), String> {
         let me = self
             .cfg
@@ -264,10 +303,10 @@ impl Agent {
             .value(&repl::recorded_primary_sql())
             .ok()
             .flatten();
-        let caught_up = repl::caught_up(&snap.slave_pos, snap.slave.as_ref());
         let mut repoint = false;
-        if let Some(recorded) =
-            recorded.filter(|r| caught_up && *r != self.primary && self.cfg.address_of(r).is_some())
+        if let Some(recorded) = recorded
+            .filter(|r| *r != self.primary && self.cfg.address_of(r).is_some())
+            .filter(|_| self.caught_up(&snap))
         {
             tracing::info!(target: "db", node = %self.cfg.node, from = %self.primary, to = %recorded, "primary changed by a switchover");
             write_file(&self.cfg.primary_file, &format!("{recorded}\n"), 0o644)
