@@ -42,7 +42,7 @@ pub fn run(
     }
     .load()?;
     let node = &node;
-    crate::preflight::require_programs(&[db::MARIADBD, db::INSTALL_DB, db::CLIENT, web::NGINX])?;
+    crate::preflight::require_programs(&[db::MARIADBD, db::INSTALL_DB, web::NGINX])?;
     if !node.address.is_loopback() {
         crate::preflight::require_programs(&[vip::KEEPALIVED])?;
     }

@@ -29,9 +29,6 @@ pub const INNODB_BUFFER_POOL: &str = "128M";
 pub const MARIADBD: &str = "/usr/sbin/mariadbd";
 /// The one-shot initialiser of an empty datadir.
 pub const INSTALL_DB: &str = "/usr/bin/mariadb-install-db";
-/// The command-line client, for an operator at the console. Nothing here runs it: the agent and
-/// the `db` commands talk SQL through the driver ([`client`]).
-pub const CLIENT: &str = "/usr/bin/mariadb";
 /// Connection attempts of a replica's IO thread before it gives up (1 s apart: ~11 days).
 pub const MASTER_RETRY_COUNT: u64 = 1_000_000;
 /// TLS versions the server accepts (TCP connections; the local socket needs none).
