@@ -378,14 +378,12 @@ impl Agent {
 
 /// Publishes `status` whole (temporary file, then rename): readers never see half of one.
 fn write_status(path: &Path, status: &AgentStatus) -> Result<(), Error> {
-    let tmp = path.with_extension("json.tmp");
     let mut text = serde_json::to_string_pretty(status).map_err(|e| Error::Invalid {
         path: path.to_path_buf(),
         detail: format!("encoding the status: {e}"),
     })?;
     text.push('\n');
-    fs::write(&tmp, text).map_err(Error::io("writing", &tmp))?;
-    fs::rename(&tmp, path).map_err(Error::io(format!("renaming {} to", tmp.display()), path))
+    api::fsio::write_atomic(path, text.as_bytes(), 0o644, None).map_err(Error::io("writing", path))
 }
 
 #[cfg(test)]
