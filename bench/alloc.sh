@@ -18,27 +18,13 @@ CONNECTIONS=${CONNECTIONS:-8}
 WEB=127.0.0.31:18091 HTTP=127.0.0.1:18180 HTTPS=127.0.0.1:18543
 
 here=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=bench/lib.sh
+. "$here/bench/lib.sh"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$here/target}
 
-need() { command -v "$1" >/dev/null 2>&1; }
-missing=()
-need valgrind || missing+=(valgrind)
-need h2load || missing+=(nghttp2-client)
-need nginx || missing+=(nginx-light)
-need openssl || missing+=(openssl)
-if ((${#missing[@]})); then
-    echo "installing ${missing[*]}" >&2
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+need_tools valgrind:valgrind h2load:nghttp2-client nginx:nginx-light openssl:openssl
 
-work=$(mktemp -d /tmp/tandem-alloc.XXXXXX)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+bench_workdir tandem-alloc
 
 echo "building bench_balancer (release, mimalloc and glibc)..." >&2
 (cd "$here" && cargo build -q --release -p balancer --example bench_balancer)

@@ -33,33 +33,17 @@ T_HTTP=127.0.0.1:18080 T_HTTPS=127.0.0.1:18443
 H_HTTP=127.0.0.1:28080 H_HTTPS=127.0.0.1:28443
 
 here=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=bench/lib.sh
+. "$here/bench/lib.sh"
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$here/target}
 
-need() { command -v "$1" >/dev/null 2>&1; }
-missing=()
-need haproxy || missing+=(haproxy)
-need wrk || missing+=(wrk)
-need h2load || missing+=(nghttp2-client)
-need nginx || missing+=(nginx-light)
-need openssl || missing+=(openssl)
-need taskset || missing+=(util-linux)
-if ((${#missing[@]})); then
-    echo "installing ${missing[*]}" >&2
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+need_tools haproxy:haproxy wrk:wrk h2load:nghttp2-client nginx:nginx-light openssl:openssl taskset:util-linux
 
 echo "building bench_balancer (release)..." >&2
 (cd "$here" && cargo build -q --release -p balancer --example bench_balancer)
 tandem_bin=$CARGO_TARGET_DIR/release/examples/bench_balancer
 
-work=$(mktemp -d /tmp/tandem-bench.XXXXXX)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+bench_workdir tandem-bench
 
 # One certificate for both proxies.
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \

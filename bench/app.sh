@@ -2,8 +2,8 @@
 # The demo application alone, against a real MariaDB: one revision's app against the work tree's,
 # same run, same server, same load.
 #
-#   services/app/bench/app.sh              # the work tree against OLD_REV (default 07d7f69)
-#   OLD_REV=main ROUNDS=5 DURATION=10 services/app/bench/app.sh
+#   bench/app.sh                           # the work tree against OLD_REV (default 07d7f69)
+#   OLD_REV=main ROUNDS=5 DURATION=10 bench/app.sh
 #
 # Each side is the `app` crate of its revision (with `api`, which it may use) built in release
 # mode into a small runner that does what `appliance app` does: `app::run(Config::from_env())`
@@ -30,27 +30,14 @@ WRK_THREADS=${WRK_THREADS:-1}
 DB_PORT=${DB_PORT:-13306}
 APP_PORT=${APP_PORT:-18000}
 
-here=$(cd "$(dirname "$0")/../../.." && pwd)
+here=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=bench/lib.sh
+. "$here/bench/lib.sh"
 cache=${BENCH_CACHE:-/tmp/tandem-app-bench}
 
-need() { command -v "$1" >/dev/null 2>&1; }
-missing=()
-need wrk || missing+=(wrk)
-need openssl || missing+=(openssl)
-need mariadbd || [ -x /usr/sbin/mariadbd ] || missing+=(mariadb-server)
-if ((${#missing[@]})); then
-    echo "installing ${missing[*]}" >&2
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+need_tools wrk:wrk openssl:openssl mariadbd:mariadb-server
 
-work=$(mktemp -d /tmp/tandem-app-bench.XXXXXX)
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+bench_workdir tandem-app-bench
 
 # --- the two sides ----------------------------------------------------------------------------
 
