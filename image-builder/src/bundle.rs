@@ -168,6 +168,44 @@ pub fn write(
     result
 }
 
+/// What [`verify`] checked.
+#[derive(Debug)]
+pub struct Verified {
+    pub manifest: update::Manifest,
+    /// Uncompressed payload bytes read and checked.
+    pub bytes: u64,
+}
+
+/// Reads the bundle `path` as an installer would (signature against the keyring file
+/// `keyring`, product, compatible string, newer than `running` unless `force`, every chunk),
+/// discarding the payloads.
+pub fn verify(
+    path: &Path,
+    keyring: &Path,
+    running: Option<&str>,
+    force: bool,
+) -> Result<Verified, Error> {
+    let trusted = update::keys::read_keyring(keyring)?;
+    let running = running.map(update::Version::parse).transpose()?;
+    let policy = update::Policy {
+        trusted: &trusted,
+        product: update::PRODUCT,
+        compatible: update::COMPATIBLE,
+        running: running.as_ref(),
+        force,
+    };
+    let file = File::open(path).map_err(|e| Error::io("verify", path, e))?;
+    let mut source = update::Source::new(BufReader::with_capacity(1 << 20, file));
+    let mut bundle = update::Bundle::open(&mut source, &policy)?;
+    let mut bytes = 0;
+    while let Some(mut p) = bundle.next_payload()? {
+        bytes += std::io::copy(&mut p, &mut std::io::sink())
+            .map_err(|e| update::Error::from_io("reading the bundle", e))?;
+    }
+    let manifest = bundle.finish()?;
+    Ok(Verified { manifest, bytes })
+}
+
 fn payload<'a>(name: update::PayloadName, r: &'a mut dyn Read) -> update::PayloadInput<'a> {
     update::PayloadInput {
         name,
@@ -282,6 +320,14 @@ mod tests {
         }
         let manifest = bundle.finish().unwrap();
         assert_eq!(manifest, written);
+        let v = verify(&out, &public, Some("1.3.9"), false).unwrap();
+        assert_eq!(v.bytes, 3_000_000 + 300_000 + 6);
+        let e = verify(&out, &public, Some("1.4.0"), false).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "version 1.4.0 is not newer than the running 1.4.0 (use --force)"
+        );
+        verify(&out, &public, Some("1.4.0"), true).unwrap();
         assert_eq!(got.len(), 3);
         assert!(got[0].1 == root);
         assert_eq!(got[1].1, vec![7u8; 300_000]);

@@ -82,7 +82,7 @@ pub enum Error {
         partition: String,
         capacity: u64,
     },
-    #[error("{0}")]
+    #[error(transparent)]
     Bundle(#[from] update::Error),
     #[error("disk image: the layout has no partition labelled {label:?} (it has esp, root-a, root-b, seed, data)")]
     NoPartition { label: String },

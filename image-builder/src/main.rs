@@ -65,6 +65,21 @@ enum Command {
         #[arg(long = "version", value_name = "V")]
         bundle_version: Option<String>,
     },
+    /// Check a bundle as an installer would (signature, product, version, every chunk),
+    /// writing nothing.
+    VerifyBundle {
+        /// Trusted public keys, one per line (as `keygen` writes them).
+        #[arg(long, value_name = "FILE")]
+        keyring: PathBuf,
+        /// Refuse a bundle not newer than this version (as the running system would).
+        #[arg(long, value_name = "V")]
+        running: Option<String>,
+        /// Accept an older or equal version.
+        #[arg(long)]
+        force: bool,
+        /// The bundle.
+        bundle: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<ExitCode> {
@@ -145,6 +160,26 @@ fn main() -> anyhow::Result<ExitCode> {
                 manifest.compatible,
                 image_builder::human(size),
                 manifest.payloads.len(),
+                start.elapsed().as_secs_f64()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::VerifyBundle {
+            keyring,
+            running,
+            force,
+            bundle,
+        } => {
+            let start = std::time::Instant::now();
+            let v = image_builder::bundle::verify(&bundle, &keyring, running.as_deref(), force)
+                .with_context(|| format!("bundle {}", bundle.display()))?;
+            eprintln!(
+                "{}: good: {} {} for {}, {} payload bytes verified in {:.1} s",
+                bundle.display(),
+                v.manifest.product,
+                v.manifest.version,
+                v.manifest.compatible,
+                image_builder::human(v.bytes),
                 start.elapsed().as_secs_f64()
             );
             Ok(ExitCode::SUCCESS)
