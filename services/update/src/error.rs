@@ -57,16 +57,15 @@ impl Error {
     /// The bundle error inside an `io::Error` that a [`crate::Payload`] reader returned (or a
     /// copy loop passed on); any other I/O error becomes [`Error::Io`] with `what`.
     pub fn from_io(what: &str, e: io::Error) -> Error {
-        if e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
-            if let Some(inner) = e.into_inner() {
-                if let Ok(err) = inner.downcast::<Error>() {
-                    return *err;
-                }
-                // Unreachable: `is::<Error>()` held just above.
-                return Error::io(what, io::Error::other("unrecognised payload error"));
-            }
-            return Error::io(what, io::Error::other("payload error without details"));
+        if !e.get_ref().is_some_and(|inner| inner.is::<Error>()) {
+            return Error::io(what, e);
         }
-        Error::io(what, e)
+        let kind = e.kind();
+        match e.into_inner().map(|inner| inner.downcast::<Error>()) {
+            Some(Ok(err)) => *err,
+            // Not reached: the check above saw an `Error` inside.
+            Some(Err(other)) => Error::io(what, io::Error::new(kind, other)),
+            None => Error::io(what, io::Error::from(kind)),
+        }
     }
 }

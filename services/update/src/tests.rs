@@ -530,3 +530,80 @@ fn a_payload_must_be_read_to_its_end_before_the_next() {
         "{e}"
     );
 }
+
+mod damage {
+    use super::*;
+    use proptest::prelude::*;
+    use std::sync::OnceLock;
+
+    /// A small bundle (three payloads, one spanning two chunks) and its payloads.
+    fn small() -> &'static (Vec<u8>, Vec<Vec<u8>>) {
+        static SMALL: OnceLock<(Vec<u8>, Vec<Vec<u8>>)> = OnceLock::new();
+        SMALL.get_or_init(|| {
+            let spec = Spec {
+                version: "2.0.0",
+                payloads: vec![
+                    (PayloadName::Rootfs, Compression::Zstd, data(MIB + 5000, 3)),
+                    (PayloadName::Kernel, Compression::None, data(3000, 4)),
+                    (PayloadName::Initrd, Compression::Zstd, data(2000, 5)),
+                ],
+            };
+            let bytes = build(&spec, &key(1));
+            (bytes, spec.payloads.into_iter().map(|p| p.2).collect())
+        })
+    }
+
+    /// Whatever came out is a true prefix of the payloads; if the read succeeded, all of them.
+    fn check_outcome(result: Result<(Manifest, Payloads), (Error, Payloads)>, what: &str) {
+        let originals = &small().1;
+        match result {
+            Ok((_, got)) => {
+                assert_eq!(
+                    got.len(),
+                    originals.len(),
+                    "{what}: accepted with payloads missing"
+                );
+                for (g, o) in got.iter().zip(originals) {
+                    assert!(g.1 == *o, "{what}: accepted with payload {} changed", g.0);
+                }
+            }
+            Err((_, got)) => {
+                for (g, o) in got.iter().zip(originals) {
+                    assert!(
+                        o.starts_with(&g.1),
+                        "{what}: bytes of payload {} handed out that are not the original's",
+                        g.0
+                    );
+                }
+            }
+        }
+    }
+
+    proptest! {
+
+        #[test]
+        fn any_flipped_byte_is_refused_or_harmless(at in 0usize..usize::MAX, bit in 0u8..8) {
+            let (good, _) = small();
+            let k = key(1);
+            let t = trusted(&k);
+            let at = at % good.len();
+            let mut bytes = good.clone();
+            bytes[at] ^= 1 << bit;
+            check_outcome(read(&bytes, &policy(&t, None, false)), &format!("flip at {at}"));
+        }
+
+        #[test]
+        fn any_truncation_is_refused_or_harmless(cut in 0usize..usize::MAX) {
+            let (good, _) = small();
+            let k = key(1);
+            let t = trusted(&k);
+            let cut = cut % good.len();
+            check_outcome(read(&good[..cut], &policy(&t, None, false)), &format!("cut at {cut}"));
+        }
+
+        #[test]
+        fn manifest_parser_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let _ = Manifest::parse(&bytes);
+        }
+    }
+}
