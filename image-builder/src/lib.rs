@@ -6,6 +6,7 @@
 //! cache keys, sfdisk script) live in their own modules and are tested without any of them.
 
 pub mod base;
+pub mod bundle;
 pub mod cmd;
 pub mod disk;
 pub mod esp;
@@ -81,6 +82,8 @@ pub enum Error {
         partition: String,
         capacity: u64,
     },
+    #[error(transparent)]
+    Bundle(#[from] update::Error),
     #[error("disk image: the layout has no partition labelled {label:?} (it has esp, root-a, root-b, seed, data)")]
     NoPartition { label: String },
 }

@@ -36,6 +36,50 @@ enum Command {
         #[arg(long, value_name = "DIR", hide = true)]
         rootfs_dir: Option<PathBuf>,
     },
+    /// Make an ed25519 key pair for signing update bundles: DIR/bundle-signing.key (0600, 64 hex
+    /// digits) and DIR/bundle-signing.pub (one line of 64 hex digits, a keyring of one).
+    Keygen {
+        /// Directory for the key pair (created if missing; an existing key is never replaced).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Pack the root filesystem image, kernel and initrd of an earlier `build` into one signed
+    /// update bundle (nothing is rebuilt).
+    Bundle {
+        /// The private key file from `keygen`.
+        #[arg(long, value_name = "KEY")]
+        key: PathBuf,
+        /// The cluster description the images were built from; checked against the build.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The build's output directory (with its manifest.json).
+        #[arg(long, value_name = "DIR", default_value = "target/images")]
+        images: PathBuf,
+        /// The cache the build used (default: as for `build`).
+        #[arg(long, value_name = "DIR")]
+        cache_dir: Option<PathBuf>,
+        /// The bundle file to write.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// The version the bundle installs (dotted numbers; default: this builder's version).
+        #[arg(long = "version", value_name = "V")]
+        bundle_version: Option<String>,
+    },
+    /// Check a bundle as an installer would (signature, product, version, every chunk),
+    /// writing nothing.
+    VerifyBundle {
+        /// Trusted public keys, one per line (as `keygen` writes them).
+        #[arg(long, value_name = "FILE")]
+        keyring: PathBuf,
+        /// Refuse a bundle not newer than this version (as the running system would).
+        #[arg(long, value_name = "V")]
+        running: Option<String>,
+        /// Accept an older or equal version.
+        #[arg(long)]
+        force: bool,
+        /// The bundle.
+        bundle: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<ExitCode> {
@@ -66,6 +110,78 @@ fn main() -> anyhow::Result<ExitCode> {
             let report = image_builder::build(&opts)
                 .with_context(|| format!("building images into {}", opts.out_dir.display()))?;
             eprint!("\n{}", image_builder::summary_table(&report));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Keygen { out } => {
+            let (private, public) = image_builder::bundle::keygen(&out)
+                .with_context(|| format!("making a key pair in {}", out.display()))?;
+            eprintln!(
+                "private key {} (keep it off the appliances), public key {}",
+                private.display(),
+                public.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bundle {
+            key,
+            config,
+            images,
+            cache_dir,
+            out,
+            bundle_version,
+        } => {
+            let cache_dir = cache_dir.unwrap_or_else(image_builder::default_cache_dir);
+            let inputs = image_builder::bundle::locate(&images, &cache_dir)
+                .with_context(|| format!("finding the build in {}", images.display()))?;
+            if let Some(path) = config {
+                let text = std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                let cluster =
+                    cluster_config::Cluster::from_toml(&text, &path.display().to_string())?;
+                anyhow::ensure!(
+                    cluster.name == inputs.cluster,
+                    "{} describes cluster {:?}, but the images in {} were built for {:?}",
+                    path.display(),
+                    cluster.name,
+                    images.display(),
+                    inputs.cluster
+                );
+            }
+            let version = bundle_version.unwrap_or_else(|| image_builder::VERSION.to_string());
+            let start = std::time::Instant::now();
+            let manifest = image_builder::bundle::write(&inputs, &key, &version, &out)
+                .with_context(|| format!("writing the bundle {}", out.display()))?;
+            let size = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+            eprintln!(
+                "{}: {} {} for {}, {} ({} payloads) in {:.1} s",
+                out.display(),
+                manifest.product,
+                manifest.version,
+                manifest.compatible,
+                image_builder::human(size),
+                manifest.payloads.len(),
+                start.elapsed().as_secs_f64()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::VerifyBundle {
+            keyring,
+            running,
+            force,
+            bundle,
+        } => {
+            let start = std::time::Instant::now();
+            let v = image_builder::bundle::verify(&bundle, &keyring, running.as_deref(), force)
+                .with_context(|| format!("bundle {}", bundle.display()))?;
+            eprintln!(
+                "{}: good: {} {} for {}, {} payload bytes verified in {:.1} s",
+                bundle.display(),
+                v.manifest.product,
+                v.manifest.version,
+                v.manifest.compatible,
+                image_builder::human(v.bytes),
+                start.elapsed().as_secs_f64()
+            );
             Ok(ExitCode::SUCCESS)
         }
     }
