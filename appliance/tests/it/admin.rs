@@ -107,12 +107,7 @@ fn chromium(args: &[&str], url: &str, profile: &Path) -> std::process::Output {
 fn status_page_shows_a_killed_service_and_metrics_parse() {
     require("chromium", "chromium");
     require("promtool", "prometheus");
-    let tmp = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(
-        tmp.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    let tmp = crate::support::tmp_root();
     let config = tmp.path().join("cluster.toml");
     std::fs::write(&config, CONFIG).unwrap();
     let state = tmp.path().join("solo");

@@ -404,17 +404,6 @@ fn signal(pid: i32, sig: nix::sys::signal::Signal) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
 }
 
-fn tmp_root() -> tempfile::TempDir {
-    let tmp = tempfile::tempdir().unwrap();
-    // mysql and www-data must reach their directories below the temporary root.
-    std::fs::set_permissions(
-        tmp.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    tmp
-}
-
 /// Every expected body exactly once, nothing else.
 fn assert_exactly(node: &Node, expected: &[String]) {
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
@@ -433,7 +422,7 @@ fn assert_exactly(node: &Node, expected: &[String]) {
 
 #[test]
 fn replication_through_the_app_survives_restarts_kills_and_switchovers() {
-    let tmp = tmp_root();
+    let tmp = crate::support::tmp_root();
     let config = cluster_config(tmp.path(), 21, 22);
     let mut s1 = Node::new("server1", "127.0.0.21", tmp.path(), &config, None);
     s1.wait_ready("mariadb", Duration::from_secs(120));
@@ -740,7 +729,7 @@ fn replication_through_the_app_survives_restarts_kills_and_switchovers() {
 
 #[test]
 fn wrong_credentials_fail_the_health_check_without_crashing() {
-    let tmp = tmp_root();
+    let tmp = crate::support::tmp_root();
     let config = cluster_config(tmp.path(), 31, 32);
     let s2 = Node::new("server2", "127.0.0.32", tmp.path(), &config, None);
     // server1 holds another cluster's secret: its replication password is wrong.
@@ -792,7 +781,7 @@ fn wrong_credentials_fail_the_health_check_without_crashing() {
 #[test]
 fn the_note_list_is_paged_and_writes_are_capped_and_rate_limited() {
     use app::{limit, store};
-    let tmp = tmp_root();
+    let tmp = crate::support::tmp_root();
     let config = cluster_config(tmp.path(), 41, 42);
     let s2 = Node::new("server2", "127.0.0.42", tmp.path(), &config, None);
     s2.wait_ready("nginx", Duration::from_secs(120));
@@ -918,7 +907,7 @@ fn the_note_list_is_paged_and_writes_are_capped_and_rate_limited() {
 fn a_switchover_loses_no_write_and_returns_once_every_application_follows() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
-    let tmp = tmp_root();
+    let tmp = crate::support::tmp_root();
     let config = cluster_config(tmp.path(), 51, 52);
     let s2 = Node::new("server2", "127.0.0.52", tmp.path(), &config, None);
     let s1 = Node::new("server1", "127.0.0.51", tmp.path(), &config, None);

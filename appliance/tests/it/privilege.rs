@@ -215,13 +215,7 @@ fn root_run_dir() -> tempfile::TempDir {
         nix::unistd::geteuid().is_root(),
         "this test needs root (the node switches users)"
     );
-    let tmp = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(
-        tmp.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
-    tmp
+    crate::support::tmp_root()
 }
 
 /// A self-signed key pair in the balancer's files, as an earlier version (running the balancer

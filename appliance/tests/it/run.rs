@@ -179,13 +179,7 @@ fn kill9(pid: i32) {
 
 #[test]
 fn local_cluster_runs_real_nginx_and_mariadb_and_recovers_from_kill9() {
-    let tmp = tempfile::tempdir().unwrap();
-    // mysql and www-data must reach their directories below the temporary root.
-    std::fs::set_permissions(
-        tmp.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )
-    .unwrap();
+    let tmp = crate::support::tmp_root();
     let server1 = Node::start("server1", tmp.path());
     let server2 = Node::start("server2", tmp.path());
 

@@ -20,3 +20,15 @@ pub(crate) fn stop(child: &mut Child) {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A temporary root for a node's state: 0755, so that the services' users (mysql, www-data,
+/// Tandem's own) reach their directories below it.
+pub(crate) fn tmp_root() -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    tmp
+}
