@@ -5,7 +5,6 @@
 
 use std::fmt;
 use std::fs;
-use std::io::Read as _;
 use std::path::Path;
 use std::time::Duration;
 
@@ -31,10 +30,7 @@ pub fn load_or_create_secret(path: &Path) -> anyhow::Result<[u8; SECRET_LEN]> {
             return Err(e).with_context(|| format!("reading the cluster secret {}", path.display()))
         }
     }
-    let mut bytes = [0u8; SECRET_LEN];
-    fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .context("reading /dev/urandom")?;
+    let bytes = api::secret::generate().context("reading /dev/urandom")?;
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }

@@ -6,7 +6,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use api::files::CA_CERT;
-use api::secret::{format_secret, parse_secret, SECRET_FILE, SECRET_LEN};
+use api::secret::{format_secret, parse_secret, SECRET_FILE};
 pub use pki::Issued;
 
 use crate::Error;
@@ -118,9 +118,7 @@ pub fn load_or_create_secret(dir: &Path) -> Result<String, Error> {
             Ok(format_secret(&secret))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut secret = [0u8; SECRET_LEN];
-            std::fs::File::open("/dev/urandom")
-                .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut secret))
+            let secret = api::secret::generate()
                 .map_err(|e| Error::io(STEP, Path::new("/dev/urandom"), e))?;
             let text = format_secret(&secret);
             write_file(&path, text.as_bytes(), 0o600)?;

@@ -31,6 +31,13 @@ pub fn parse_secret(text: &str) -> Result<[u8; SECRET_LEN], String> {
     Ok(out)
 }
 
+/// A new secret from the kernel's random source (`/dev/urandom`).
+pub fn generate() -> std::io::Result<[u8; SECRET_LEN]> {
+    let mut secret = [0u8; SECRET_LEN];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut secret)?;
+    Ok(secret)
+}
+
 /// The secret file's text for `secret`.
 pub fn format_secret(secret: &[u8; SECRET_LEN]) -> String {
     format!("{}\n", hex::encode(secret))
@@ -69,6 +76,8 @@ mod tests {
     fn secrets_parse_and_bad_ones_are_named() {
         let secret = [0xabu8; SECRET_LEN];
         assert_eq!(parse_secret(&format_secret(&secret)).unwrap(), secret);
+        // Two fresh secrets differ.
+        assert_ne!(generate().unwrap(), generate().unwrap());
         assert_eq!(
             parse_secret("abc").unwrap_err(),
             "expected 64 hex digits, found 3 characters"
