@@ -126,6 +126,15 @@ pub const IMAGE_STATE_DIR: &str = "/data/tandem";
 /// plan); the db commands and the admin server default to it.
 pub const IMAGE_RUN_DIR: &str = "/run/tandem";
 
+/// The image's release (one line: a version such as `0.2.0`, then a newline): written into
+/// the root filesystem by the image-builder (`build --version`), read by `appliance --version`,
+/// the status JSON, `/metrics` and the update installer (the running version a bundle must be
+/// newer than).
+pub const IMAGE_VERSION_FILE: &str = "/usr/lib/tandem/version";
+/// The trusted update-signing keys (a keyring: one public key per line, 64 hex digits, `#`
+/// comments): written into the root filesystem by the image-builder, read by the update
+/// installer. More than one key, so a key can be rotated.
+pub const IMAGE_UPDATE_KEYRING: &str = "/usr/lib/tandem/update-keys.pub";
 /// The balancer's self-signed certificate and key below its state directory (what the balancer
 /// writes and the log monitor watches).
 pub fn balancer_self_signed(balancer_state_dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
@@ -171,7 +180,13 @@ mod tests {
         for label in [PARTITION_ESP, PARTITION_SEED, PARTITION_DATA] {
             assert!(label.bytes().all(|b| b.is_ascii_lowercase()), "{label}");
         }
-        for dir in [SEED_MOUNT, IMAGE_STATE_DIR, IMAGE_RUN_DIR] {
+        for dir in [
+            SEED_MOUNT,
+            IMAGE_STATE_DIR,
+            IMAGE_RUN_DIR,
+            IMAGE_VERSION_FILE,
+            IMAGE_UPDATE_KEYRING,
+        ] {
             assert!(Path::new(dir).is_absolute(), "{dir}");
         }
         assert_eq!(
