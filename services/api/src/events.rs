@@ -17,7 +17,8 @@ pub const BATCH: i64 = 1000;
 
 /// Forward migrations of `state.db` (applied by [`crate::sqlite::migrate`]); migration `i`
 /// takes the schema from version `i` to `i + 1`. Never edit one that has shipped: append.
-pub const MIGRATIONS: &[&str] = &["CREATE TABLE events (
+pub const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE events (
         id INTEGER PRIMARY KEY,
         ts_ms INTEGER NOT NULL,
         service TEXT NOT NULL,
@@ -25,7 +26,17 @@ pub const MIGRATIONS: &[&str] = &["CREATE TABLE events (
         pid INTEGER NULL,
         detail TEXT NOT NULL
     );
-    CREATE INDEX events_by_service ON events (service, id);"];
+    CREATE INDEX events_by_service ON events (service, id);",
+    // 2: the update service's record of every version a slot was given, and how it went
+    // (`installed`, `good` once blessed, `bad` after a failed trial).
+    "CREATE TABLE update_versions (
+        version TEXT PRIMARY KEY,
+        state TEXT NOT NULL CHECK (state IN ('installed', 'good', 'bad')),
+        slot TEXT NOT NULL,
+        ts_ms INTEGER NOT NULL,
+        detail TEXT NOT NULL
+    );",
+];
 
 /// The schema version this binary writes.
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

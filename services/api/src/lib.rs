@@ -14,4 +14,5 @@ pub mod secret;
 pub mod sqlite;
 pub mod storage;
 pub mod text;
+pub mod update;
 pub mod vip;
