@@ -19,7 +19,7 @@ use nix::sys::reboot::{reboot, set_cad_enabled, RebootMode};
 use nix::sys::signal::{kill, sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 use nix::unistd::{sync, Pid};
 
-use api::files::{PARTITION_DATA, PARTITION_ESP, PARTITION_SEED, SEED_MOUNT};
+use api::files::{PARTITION_DATA, PARTITION_SEED, SEED_MOUNT};
 use api::storage::Degraded;
 
 use crate::layout::{Layout, DATA_MOUNT};
@@ -77,8 +77,9 @@ fn boot_and_supervise() -> anyhow::Result<Halt> {
     make_signals_deliverable()?;
     raise_open_files_limit();
     load_device_modules();
+    mount_efivars();
 
-    let seed_dev = find_partition(PARTITION_SEED)?;
+    let seed_dev = crate::disk::find_partition(PARTITION_SEED)?;
     mount_fs(&seed_dev, SEED_MOUNT, "ext4", MsFlags::MS_RDONLY)?;
     let node_name = fs::read_to_string(Path::new(SEED_MOUNT).join(api::files::SEED_NODE_NAME))
         .context("reading the seed's node name")?;
@@ -90,7 +91,7 @@ fn boot_and_supervise() -> anyhow::Result<Halt> {
         .with_context(|| format!("seed names node `{node_name}`, absent from its cluster.toml"))?;
     tracing::info!(node = %node.name, address = %node.address, "seed read");
 
-    let data_dev = find_partition(PARTITION_DATA)?;
+    let data_dev = crate::disk::find_partition(PARTITION_DATA)?;
     if let Err(e) = grow_partition(&data_dev) {
         // Not fatal: the node works on the image's initial size.
         tracing::warn!("could not grow the data partition: {e:#}");
@@ -121,10 +122,9 @@ fn boot_and_supervise() -> anyhow::Result<Halt> {
         .thread_block()
         .context("blocking signals")?;
     spawn_power_button_watch();
-    if healthy {
-        spawn_boot_blessing(layout.socket.clone());
-    } else {
-        // A degraded boot is not a healthy one: the entry stays unblessed.
+    if !healthy {
+        // A degraded boot is not a healthy one: the update service (which blesses the boot
+        // entry) is not among the services kept.
         tracing::warn!("degraded boot: the boot entry is not blessed");
     }
     tracing::info!(
@@ -540,6 +540,25 @@ fn degraded_services(
     (kept, vec![damage])
 }
 
+/// The UEFI variables (systemd-boot's `LoaderEntryOneShot`, `LoaderEntryDefault`, …) for the
+/// update service. Not fatal: a machine booted without UEFI has none, and updates then say so.
+fn mount_efivars() {
+    const EFIVARS: &str = "/sys/firmware/efi/efivars";
+    if !Path::new("/sys/firmware/efi").exists() {
+        tracing::warn!("not booted through UEFI: no boot loader variables");
+        return;
+    }
+    if let Err(e) = mount(
+        Some("efivarfs"),
+        EFIVARS,
+        Some("efivarfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    ) {
+        tracing::warn!("mounting {EFIVARS}: {e}");
+    }
+}
+
 /// After switch_root nothing loads modules for devices any more: load the driver of every
 /// device the kernel has found (coldplug), plus evdev for the ACPI power button.
 fn load_device_modules() {
@@ -548,7 +567,10 @@ fn load_device_modules() {
     aliases.sort();
     aliases.dedup();
     // The power button's input device, and FAT for blessing the boot entry on the ESP.
-    aliases.extend(["evdev", "vfat", "nls_cp437", "nls_ascii", "nls_utf8"].map(String::from));
+    // efivarfs for the boot loader's variables (the update service's one-shot and default).
+    aliases.extend(
+        ["evdev", "vfat", "nls_cp437", "nls_ascii", "nls_utf8", "efivarfs"].map(String::from),
+    );
     for chunk in aliases.chunks(200) {
         if let Err(e) = run(Command::new("modprobe")
             .args(["-a", "-q", "-b"])
@@ -584,72 +606,6 @@ fn collect_modaliases(dir: &Path, out: &mut Vec<String>, depth: usize) {
             }
         }
     }
-}
-
-/// `/dev/<name>` of the GPT partition labelled `label` on the disk the node booted from (no
-/// udev here: read sysfs). Other disks are never looked at: a USB stick with a partition called
-/// `data` must not be taken for ours (and formatted).
-pub fn find_partition(label: &str) -> anyhow::Result<PathBuf> {
-    let disk = boot_disk()?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let found = partitions_labelled(&disk, label)?;
-        match found.as_slice() {
-            [one] => return Ok(Path::new("/dev").join(one)),
-            [] if Instant::now() > deadline => {
-                bail!(
-                    "no partition labelled `{label}` on the boot disk {}",
-                    disk.display()
-                )
-            }
-            [] => std::thread::sleep(Duration::from_millis(100)),
-            _ => bail!(
-                "{} partitions labelled `{label}` on the boot disk {}",
-                found.len(),
-                disk.display()
-            ),
-        }
-    }
-}
-
-/// The partitions of `disk` (its sysfs directory) named `label`, as device names.
-fn partitions_labelled(disk: &Path, label: &str) -> anyhow::Result<Vec<std::ffi::OsString>> {
-    let mut found = Vec::new();
-    for entry in fs::read_dir(disk)
-        .with_context(|| format!("listing {}", disk.display()))?
-        .flatten()
-    {
-        let uevent = fs::read_to_string(entry.path().join("uevent")).unwrap_or_default();
-        if partition_name(&uevent) == Some(label) {
-            found.push(entry.file_name());
-        }
-    }
-    Ok(found)
-}
-
-/// `PARTNAME` of a block device's `uevent`, if it is a partition with a name.
-fn partition_name(uevent: &str) -> Option<&str> {
-    uevent.lines().find_map(|l| l.strip_prefix("PARTNAME="))
-}
-
-/// The sysfs directory of the disk holding the root filesystem we run from: the device of `/`
-/// (`st_dev`) is a partition of it.
-fn boot_disk() -> anyhow::Result<PathBuf> {
-    use std::os::unix::fs::MetadataExt as _;
-    let dev = fs::metadata("/").context("stat /")?.dev();
-    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
-    let sys = Path::new("/sys/dev/block").join(format!("{major}:{minor}"));
-    let part = fs::canonicalize(&sys).with_context(|| format!("resolving {}", sys.display()))?;
-    if !part.join("partition").exists() {
-        bail!(
-            "the root filesystem ({major}:{minor}, {}) is not on a partition of a disk",
-            part.display()
-        );
-    }
-    Ok(part
-        .parent()
-        .context("a partition without a disk in sysfs")?
-        .to_path_buf())
 }
 
 fn sysfs_u64(path: &Path) -> anyhow::Result<u64> {
@@ -779,84 +735,6 @@ fn spawn_power_button_watch() {
             });
         tracing::info!(device = %name, "watching the power button");
     }
-}
-
-/// How long a boot may take to bring every service up before it stays unblessed (and
-/// systemd-boot counts it as a failed try).
-const BLESS_DEADLINE: Duration = Duration::from_secs(600);
-pub const ESP_MOUNT: &str = "/run/tandem/esp";
-
-/// systemd-boot's boot counting: the entry `appliance-a+N-M.conf` loses a try at every boot
-/// until it is renamed to `appliance-a.conf` ("blessed"). We bless only once every service is
-/// ready, so a slot that cannot bring the node up runs out of tries and the boot menu falls back.
-fn spawn_boot_blessing(socket: PathBuf) {
-    let slot = kernel_param("tandem.slot").unwrap_or_else(|| "a".into());
-    let _ = std::thread::Builder::new().name("bless-boot".into()).spawn(move || {
-        let target = crate::control::Target { socket: Some(socket), state_dir: None };
-        let deadline = Instant::now() + BLESS_DEADLINE;
-        loop {
-            if let Ok(api::control::Response::Status { services }) =
-                crate::control::request(&target, &api::control::Request::Status)
-            {
-                if !services.is_empty() && services.iter().all(|s| s.ready) {
-                    break;
-                }
-            }
-            if Instant::now() > deadline {
-                tracing::warn!(%slot, "services not all ready after {}s: boot entry left unblessed", BLESS_DEADLINE.as_secs());
-                return;
-            }
-            std::thread::sleep(Duration::from_secs(1));
-        }
-        match bless(&slot) {
-            Ok(Some(entry)) => tracing::info!(%slot, %entry, "boot entry blessed"),
-            Ok(None) => tracing::info!(%slot, "boot entry already blessed"),
-            Err(e) => tracing::warn!(%slot, "blessing the boot entry: {e:#}"),
-        }
-    });
-}
-
-/// Renames `loader/entries/appliance-<slot>+…conf` to `appliance-<slot>.conf` on the ESP.
-fn bless(slot: &str) -> anyhow::Result<Option<String>> {
-    let esp = find_partition(PARTITION_ESP)?;
-    fs::create_dir_all(ESP_MOUNT)?;
-    mount(
-        Some(&esp),
-        ESP_MOUNT,
-        Some("vfat"),
-        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        None::<&str>,
-    )
-    .with_context(|| format!("mounting the ESP {}", esp.display()))?;
-    let result = (|| {
-        let entries = Path::new(ESP_MOUNT).join("loader/entries");
-        let prefix = format!("appliance-{slot}+");
-        for entry in fs::read_dir(&entries)
-            .with_context(|| format!("listing {}", entries.display()))?
-            .flatten()
-        {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name.starts_with(&prefix) && name.ends_with(".conf") {
-                fs::rename(entry.path(), entries.join(format!("appliance-{slot}.conf")))
-                    .with_context(|| format!("renaming {name}"))?;
-                return Ok(Some(name));
-            }
-        }
-        Ok(None)
-    })();
-    sync();
-    if let Err(e) = umount2(ESP_MOUNT, MntFlags::empty()) {
-        tracing::warn!("unmounting the ESP: {e}");
-    }
-    result
-}
-
-/// `name=value` from the kernel command line.
-fn kernel_param(name: &str) -> Option<String> {
-    let cmdline = fs::read_to_string("/proc/cmdline").ok()?;
-    cmdline
-        .split_whitespace()
-        .find_map(|p| p.strip_prefix(name)?.strip_prefix('=').map(str::to_string))
 }
 
 /// Runs a helper program to completion. Only used before the supervisor starts (and after it
@@ -1078,39 +956,6 @@ mod tests {
         assert_eq!(uuid(), before, "the data partition was formatted");
     }
 
-    #[test]
-    fn partitions_are_taken_from_the_boot_disk_only() {
-        // A fake sysfs: the boot disk vda and a USB stick sda, both with a `data` partition.
-        let sys = tempfile::tempdir().unwrap();
-        let part = |disk: &str, name: &str, label: &str| {
-            let dir = sys.path().join(disk).join(name);
-            fs::create_dir_all(&dir).unwrap();
-            fs::write(
-                dir.join("uevent"),
-                format!("MAJOR=254\nMINOR=1\nDEVNAME={name}\nDEVTYPE=partition\nPARTN=1\nPARTNAME={label}\n"),
-            )
-            .unwrap();
-        };
-        part("vda", "vda2", "root-a");
-        part("vda", "vda5", "data");
-        part("sda", "sda1", "data");
-        fs::create_dir_all(sys.path().join("vda/queue")).unwrap();
-        let vda = sys.path().join("vda");
-        assert_eq!(partitions_labelled(&vda, "data").unwrap(), ["vda5"]);
-        assert!(partitions_labelled(&vda, "seed").unwrap().is_empty());
-        assert_eq!(
-            partitions_labelled(&sys.path().join("sda"), "data").unwrap(),
-            ["sda1"]
-        );
-    }
 
-    #[test]
-    fn the_boot_disk_is_the_disk_of_the_root_filesystem() {
-        // Wherever the tests run, `/` is either on a partition (its disk is found) or not
-        // (overlay, tmpfs: a clear error); never a panic, never another disk.
-        match boot_disk() {
-            Ok(disk) => assert!(disk.starts_with("/sys/devices"), "{}", disk.display()),
-            Err(e) => assert!(e.to_string().contains("not on a partition"), "{e:#}"),
-        }
-    }
 }
+

@@ -83,6 +83,14 @@ enum Command {
         service: String,
         signal: String,
     },
+    /// Signed update bundles: install into the inactive slot, show the slots, boot one once.
+    Update {
+        #[command(subcommand)]
+        command: appliance::update_cmd::UpdateCommand,
+    },
+    /// The update service (a supervised service on an image: installs, blessing, rollback).
+    #[command(hide = true)]
+    Updater(appliance::updater::UpdaterArgs),
     /// Run services described in a JSON file under the supervisor (for tests and debugging).
     #[command(hide = true)]
     Supervise {
@@ -123,7 +131,7 @@ fn main() -> anyhow::Result<ExitCode> {
         appliance::logging::init_daemon(appliance::logging::CONSOLE_FILTER);
         return appliance::init::main();
     }
-    let cli = Cli::parse();
+    let cli = parse_cli();
     // The supervisor's processes must never block on a console nobody reads.
     let daemon = matches!(cli.command, Command::Run { .. } | Command::Supervise { .. });
     if daemon {
@@ -134,6 +142,21 @@ fn main() -> anyhow::Result<ExitCode> {
     let result = run_command(cli.command);
     appliance::logging::flush_console();
     result
+}
+
+/// The command line, with `--version` naming the image's version when this binary runs on one
+/// (the image-builder stamps it; a developer build says only the crate's).
+fn parse_cli() -> Cli {
+    use clap::{CommandFactory as _, FromArgMatches as _};
+    let version = match appliance::updater::image_version() {
+        Some(image) => format!("{} (image {image})", env!("CARGO_PKG_VERSION")),
+        None => env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let matches = Cli::command().version(version).get_matches();
+    match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    }
 }
 
 fn run_command(command: Command) -> anyhow::Result<ExitCode> {
@@ -182,6 +205,8 @@ fn run_command(command: Command) -> anyhow::Result<ExitCode> {
             service,
             signal,
         } => appliance::control::signal(&target, &service, &signal),
+        Command::Update { command } => appliance::update_cmd::main(command),
+        Command::Updater(args) => appliance::updater::main(args),
         Command::Supervise { spec, state_dir } => {
             appliance::logmon_cmd::supervise(&spec, &state_dir)
         }

@@ -409,4 +409,37 @@ mod tests {
         let err = StateDb::open(dir.path()).err().unwrap().to_string();
         assert!(err.contains("newer than this binary"), "{err}");
     }
+
+    #[test]
+    fn a_state_db_of_the_previous_release_is_migrated_forward_with_its_events() {
+        // Schema 1 (events only), as the release before update records wrote it.
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join(STATE_DB_FILE)).unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.execute(
+            "INSERT INTO events (ts_ms, service, kind, pid, detail) VALUES (5, 'nginx', 'ready', 9, '')",
+            [],
+        )
+        .unwrap();
+        drop(conn);
+
+        let db = StateDb::open(dir.path()).unwrap();
+        assert_eq!(db.schema_version().unwrap(), 2);
+        assert_eq!(db.last_event("nginx").unwrap().unwrap().pid, Some(9));
+        drop(db);
+        // The new table takes the update service's records and checks their state.
+        let conn = Connection::open(dir.path().join(STATE_DB_FILE)).unwrap();
+        conn.execute(
+            "INSERT INTO update_versions (version, state, slot, ts_ms, detail) VALUES ('0.2.0', 'bad', 'b', 1, 'trial failed')",
+            [],
+        )
+        .unwrap();
+        assert!(conn
+            .execute(
+                "INSERT INTO update_versions (version, state, slot, ts_ms, detail) VALUES ('0.3.0', 'maybe', 'b', 1, '')",
+                [],
+            )
+            .is_err());
+    }
 }

@@ -14,3 +14,4 @@ mod disk_faults;
 mod floating_ip;
 mod node_lifecycle;
 mod services;
+mod updates;

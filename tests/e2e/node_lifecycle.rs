@@ -42,11 +42,14 @@ fn two_nodes_boot_serve_reboot_and_survive_a_power_cut() {
             &cluster,
             &format!("{node} blesses its boot entry once every service is ready"),
             || {
-                cluster.vm(node)?.wait_serial_line(
-                    Mark::default(),
-                    "a `boot entry blessed` line",
+                // The update service blesses the first boot's counted entry (`appliance-a+3`).
+                crate::updates::wait_update(
+                    &cluster,
+                    &config,
+                    node,
+                    "slot a blessed",
                     SERIAL_TIMEOUT,
-                    |l| l.contains("boot entry blessed") && l.contains("appliance-a+"),
+                    |v| crate::updates::running(v, "0.1.0", "a"),
                 )
             },
         );

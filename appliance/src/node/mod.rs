@@ -84,6 +84,7 @@ pub fn services(
     if inputs.root {
         move_old_alerts_db(&layout.state)?;
     }
+    inputs.updates = inputs.root && crate::disk::kernel_param(api::update::SLOT_PARAM).is_some();
     apply(&plan(cluster, node, &layout, &inputs)?)
 }
 
@@ -143,6 +144,7 @@ pub fn inputs(
         interface: None,
         exe,
         config,
+        updates: false,
     })
 }
 

@@ -51,6 +51,8 @@ pub struct Inputs {
     pub exe: PathBuf,
     /// The cluster.toml the helpers read, absolute; `None` on an image (they read the seed).
     pub config: Option<PathBuf>,
+    /// The machine booted from one of an image's A/B root slots: run the update service.
+    pub updates: bool,
 }
 
 /// A node's directories, files and services, in the order they are made and started.
@@ -587,7 +589,44 @@ impl<'a> Planner<'a> {
             addr: (node.address, cluster.ports.admin).into(),
         };
         self.plan.services.push(admin);
+        self.updater();
         Ok(())
+    }
+
+    /// The update service, on a machine booted from an image's A/B slots: installs bundles
+    /// into the inactive slot, blesses a new slot once the node is healthy, rolls back.
+    fn updater(&mut self) {
+        if !self.inputs.updates {
+            return;
+        }
+        let layout = self.layout;
+        let mut argv = vec![
+            self.inputs.exe.display().to_string(),
+            "updater".into(),
+            "--run-dir".into(),
+            layout.run.display().to_string(),
+            "--state-dir".into(),
+            layout.state.display().to_string(),
+            "--control-socket".into(),
+            layout.socket.display().to_string(),
+        ];
+        if self.inputs.root {
+            // The admin server (uploads, peers' bundles) is in the control group.
+            argv.extend(["--socket-group".into(), users::CONTROL_GROUP.into()]);
+        }
+        let mut spec = ServiceSpec::daemon("updater", argv);
+        spec.readiness = Readiness::UnixSocket {
+            path: layout.run.join(api::update::SOCKET_FILE),
+        };
+        // Root, for the inactive slot's block device and the state DB; beyond that: mounting
+        // the ESP (SYS_ADMIN), clearing efivarfs' immutable flag (LINUX_IMMUTABLE) and giving
+        // its socket to the control group (CHOWN).
+        spec.capabilities = vec![
+            Capability::CHOWN,
+            Capability::LINUX_IMMUTABLE,
+            Capability::SYS_ADMIN,
+        ];
+        self.plan.services.push(spec);
     }
 
     /// keepalived for the floating IP, on nodes with real addresses (on loopback the nodes
@@ -654,6 +693,7 @@ mod tests {
             interface: Some("eth0".into()),
             exe: "/usr/bin/appliance".into(),
             config: None,
+            updates: false,
         }
     }
 

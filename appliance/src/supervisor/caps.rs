@@ -62,9 +62,11 @@ impl Capability {
     pub const DAC_OVERRIDE: Capability = Capability(1);
     pub const SETGID: Capability = Capability(6);
     pub const SETUID: Capability = Capability(7);
+    pub const LINUX_IMMUTABLE: Capability = Capability(9);
     pub const NET_BIND_SERVICE: Capability = Capability(10);
     pub const NET_ADMIN: Capability = Capability(12);
     pub const NET_RAW: Capability = Capability(13);
+    pub const SYS_ADMIN: Capability = Capability(21);
     pub const SYS_NICE: Capability = Capability(23);
 
     /// The kernel's number (`CAP_NET_BIND_SERVICE` is 10).
