@@ -528,10 +528,12 @@ impl EfiVars {
         }
         let bytes = encode_string(value);
         let what = || format!("writing EFI variable {}", path.display());
+        // No O_TRUNC (as systemd does it): efivarfs replaces the variable with each write and
+        // takes a zero size for a deleted one.
         let mut f = OpenOptions::new()
             .write(true)
             .create(true)
-            .truncate(true)
+            .truncate(false)
             .mode(0o644)
             .open(&path)
             .map_err(|e| Error::io(what(), e))?;
@@ -544,6 +546,12 @@ impl EfiVars {
                     format!("wrote {n} of {} bytes", bytes.len()),
                 ),
             ));
+        }
+        // On efivarfs the size is now the variable's; only a plain file (tests) can hold the
+        // tail of a longer old value.
+        let len = f.metadata().map_err(|e| Error::io(what(), e))?.len();
+        if len > n as u64 {
+            f.set_len(n as u64).map_err(|e| Error::io(what(), e))?;
         }
         tracing::info!(variable = name, value, "set the EFI variable");
         Ok(())

@@ -534,3 +534,20 @@ fn extra_options_that_would_break_the_entry_are_refused_before_anything_is_touch
     assert!(e.to_string().starts_with("extra kernel options"), "{e}");
     assert_untouched(&node, "extra options");
 }
+
+#[test]
+fn a_bundle_without_a_kernel_is_refused_before_anything_is_touched() {
+    let k = key(1);
+    let t = trusted(&k);
+    let mut partial = spec();
+    partial.payloads.retain(|p| p.0 != PayloadName::Kernel);
+    let bytes = build(&partial, &k);
+    let node = node();
+    let (result, seen) = run(&node, &bytes, &policy(&t, None, false));
+    assert_eq!(
+        result.unwrap_err().to_string(),
+        "manifest: no kernel payload: an install needs rootfs, kernel and initrd"
+    );
+    assert!(seen.is_empty());
+    assert_untouched(&node, "no kernel");
+}
