@@ -14,6 +14,10 @@ pub enum Error {
     Incompatible { found: String, expected: String },
     #[error("version {bundle} is not newer than the running {running} (use --force)")]
     NotNewer { bundle: String, running: String },
+    #[error(
+        "version {version} failed on this node before (it did not become healthy): use --force to install it again"
+    )]
+    KnownBad { version: String },
     #[error("unsupported bundle format version {found} (this build reads version {supported})")]
     UnsupportedFormat { found: u64, supported: u32 },
     #[error("manifest: {0}")]
@@ -44,6 +48,20 @@ pub enum Error {
     Io { what: String, source: io::Error },
     #[error("{0}")]
     Key(String),
+    #[error("unknown slot {0:?} (expected a or b)")]
+    UnknownSlot(String),
+    #[error("{0}")]
+    Boot(String),
+    #[error("payload rootfs is {needed} bytes, more than the {size} bytes of {device}")]
+    DeviceTooSmall {
+        device: String,
+        size: u64,
+        needed: u64,
+    },
+    #[error(
+        "slot {slot} holds the default boot entry (the fallback): installing over it would leave no known-good entry; boot and bless the other slot first"
+    )]
+    TargetIsDefault { slot: crate::boot::Slot },
 }
 
 impl Error {

@@ -1,5 +1,7 @@
-//! Signed update bundles: one tar stream holding `manifest.json`, `manifest.sig` (ed25519 over
-//! the manifest's exact bytes), then the payloads (root filesystem, kernel, initrd) in manifest
+//! Signed update bundles and their install into the inactive A/B slot.
+//!
+//! A bundle is one tar stream holding `manifest.json`, `manifest.sig` (ed25519 over the
+//! manifest's exact bytes), then the payloads (root filesystem, kernel, initrd) in manifest
 //! order, each zstd-compressed or stored.
 //!
 //! The manifest carries, per payload, the sha256 of every uncompressed chunk (1 MiB) besides the
@@ -7,9 +9,15 @@
 //! against the running system before it reads a payload byte, then hands a payload out only one
 //! checked chunk at a time, so an installer never writes a byte that is not signed.
 //!
-//! [`pack`] writes bundles (`image-builder bundle`); [`keys`] reads and writes key files.
+//! [`install()`] writes a verified bundle into a slot (root filesystem into its partition,
+//! kernel and initrd onto the ESP, a boot entry with boot counting, the one-shot boot);
+//! [`boot`] is systemd-boot's side of the scheme (slots, loader entries, `loader.conf`,
+//! blessing, EFI variables). [`pack`] writes bundles (`image-builder bundle`); [`keys`] reads
+//! and writes key files.
 
+pub mod boot;
 mod error;
+mod install;
 pub mod keys;
 mod manifest;
 mod pack;
@@ -18,7 +26,9 @@ mod verify;
 #[cfg(test)]
 mod tests;
 
+pub use boot::{EfiVars, Esp, Slot};
 pub use error::Error;
+pub use install::{install, Installed, Phase, Progress, Target, MAX_BOOT_FILES_BYTES};
 pub use manifest::{Compression, Manifest, PayloadInfo, PayloadName, Version};
 pub use pack::{pack, PackMeta, PayloadInput};
 pub use verify::{Bundle, Payload, Policy, Source};

@@ -6,14 +6,14 @@ use ed25519_dalek::{Signer as _, SigningKey, VerifyingKey};
 
 use crate::*;
 
-const MIB: usize = 1 << 20;
+pub(crate) const MIB: usize = 1 << 20;
 
-fn key(seed: u8) -> SigningKey {
+pub(crate) fn key(seed: u8) -> SigningKey {
     SigningKey::from_bytes(&[seed; 32])
 }
 
 /// Compressible but not trivial: text-like lines with a counter.
-fn data(len: usize, salt: u8) -> Vec<u8> {
+pub(crate) fn data(len: usize, salt: u8) -> Vec<u8> {
     let mut out = Vec::with_capacity(len + 64);
     let mut i = 0u64;
     while out.len() < len {
@@ -26,9 +26,9 @@ fn data(len: usize, salt: u8) -> Vec<u8> {
     out
 }
 
-struct Spec {
-    version: &'static str,
-    payloads: Vec<(PayloadName, Compression, Vec<u8>)>,
+pub(crate) struct Spec {
+    pub(crate) version: &'static str,
+    pub(crate) payloads: Vec<(PayloadName, Compression, Vec<u8>)>,
 }
 
 fn standard() -> Spec {
@@ -45,7 +45,7 @@ fn standard() -> Spec {
     }
 }
 
-fn build(spec: &Spec, key: &SigningKey) -> Vec<u8> {
+pub(crate) fn build(spec: &Spec, key: &SigningKey) -> Vec<u8> {
     let mut readers: Vec<&[u8]> = spec.payloads.iter().map(|p| &p.2[..]).collect();
     let inputs = spec
         .payloads
@@ -77,7 +77,7 @@ fn build(spec: &Spec, key: &SigningKey) -> Vec<u8> {
     out
 }
 
-fn policy<'k>(
+pub(crate) fn policy<'k>(
     trusted: &'k [VerifyingKey],
     running: Option<&'k Version>,
     force: bool,
@@ -87,6 +87,7 @@ fn policy<'k>(
         product: PRODUCT,
         compatible: COMPATIBLE,
         running,
+        known_bad: &[],
         force,
     }
 }
@@ -127,12 +128,12 @@ fn read(bytes: &[u8], policy: &Policy<'_>) -> Result<(Manifest, Payloads), (Erro
     }
 }
 
-fn trusted(k: &SigningKey) -> Vec<VerifyingKey> {
+pub(crate) fn trusted(k: &SigningKey) -> Vec<VerifyingKey> {
     vec![k.verifying_key()]
 }
 
 /// (data offset, size) of each tar member, in order.
-fn members(bytes: &[u8]) -> Vec<(String, u64, u64)> {
+pub(crate) fn members(bytes: &[u8]) -> Vec<(String, u64, u64)> {
     let mut archive = tar::Archive::new(bytes);
     archive
         .entries()
@@ -148,7 +149,7 @@ fn members(bytes: &[u8]) -> Vec<(String, u64, u64)> {
         .collect()
 }
 
-fn member(bytes: &[u8], name: &str) -> (usize, usize) {
+pub(crate) fn member(bytes: &[u8], name: &str) -> (usize, usize) {
     let m = members(bytes);
     let (_, off, size) = m.iter().find(|m| m.0 == name).unwrap();
     (*off as usize, *size as usize)

@@ -25,12 +25,16 @@ pub struct Policy<'k> {
     pub compatible: &'k str,
     /// The version running now; `None` when there is none to compare with.
     pub running: Option<&'k Version>,
-    /// Accept a version older than or equal to the running one.
+    /// Versions that failed on this node before (installed, booted, never became healthy),
+    /// as recorded on the data partition; compared numerically (`1.2` is `1.2.0`).
+    pub known_bad: &'k [String],
+    /// Accept a version older than or equal to the running one, or a known-bad one.
     pub force: bool,
 }
 
 impl Policy<'_> {
-    /// Checks a signed manifest's claims: product, compatible string, version.
+    /// Checks a signed manifest's claims: product, compatible string, version (not known to be
+    /// bad, newer than the running one).
     pub fn check(&self, manifest: &Manifest) -> Result<(), Error> {
         if manifest.product != self.product {
             return Err(Error::WrongProduct {
@@ -45,6 +49,15 @@ impl Policy<'_> {
             });
         }
         let version = Version::parse(&manifest.version)?;
+        if !self.force
+            && self.known_bad.iter().any(|bad| {
+                *bad == manifest.version || Version::parse(bad).is_ok_and(|b| b == version)
+            })
+        {
+            return Err(Error::KnownBad {
+                version: manifest.version.clone(),
+            });
+        }
         if let Some(running) = self.running {
             if !self.force && version <= *running {
                 return Err(Error::NotNewer {
