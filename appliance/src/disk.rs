@@ -85,7 +85,6 @@ fn boot_disk() -> anyhow::Result<PathBuf> {
         .to_path_buf())
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,7 +93,10 @@ mod tests {
     fn kernel_parameters_are_found_by_exact_name() {
         let line = "root=PARTLABEL=root-b ro tandem.slot=b tandem.trial_timeout=120 quiet";
         assert_eq!(param_of(line, "tandem.slot").as_deref(), Some("b"));
-        assert_eq!(param_of(line, "tandem.trial_timeout").as_deref(), Some("120"));
+        assert_eq!(
+            param_of(line, "tandem.trial_timeout").as_deref(),
+            Some("120")
+        );
         assert_eq!(param_of(line, "tandem.trial"), None);
         assert_eq!(param_of(line, "quiet"), None);
     }

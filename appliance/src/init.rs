@@ -569,7 +569,15 @@ fn load_device_modules() {
     // The power button's input device, and FAT for blessing the boot entry on the ESP.
     // efivarfs for the boot loader's variables (the update service's one-shot and default).
     aliases.extend(
-        ["evdev", "vfat", "nls_cp437", "nls_ascii", "nls_utf8", "efivarfs"].map(String::from),
+        [
+            "evdev",
+            "vfat",
+            "nls_cp437",
+            "nls_ascii",
+            "nls_utf8",
+            "efivarfs",
+        ]
+        .map(String::from),
     );
     for chunk in aliases.chunks(200) {
         if let Err(e) = run(Command::new("modprobe")
@@ -955,7 +963,4 @@ mod tests {
         // Preening may have fixed what is safe to fix; the filesystem is the same one.
         assert_eq!(uuid(), before, "the data partition was formatted");
     }
-
-
 }
-

@@ -152,6 +152,8 @@ fn parse_cli() -> Cli {
         Some(image) => format!("{} (image {image})", env!("CARGO_PKG_VERSION")),
         None => env!("CARGO_PKG_VERSION").to_string(),
     };
+    // Once per process: clap keeps a `&'static str`.
+    let version: &'static str = Box::leak(version.into_boxed_str());
     let matches = Cli::command().version(version).get_matches();
     match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,

@@ -111,8 +111,8 @@ fn open(origin: &Origin) -> anyhow::Result<(Box<dyn Read + Send>, Option<u64>, S
     Ok(match origin {
         Origin::Stdin => (Box::new(std::io::stdin()), None, "stdin".into()),
         Origin::File(path) => {
-            let file = std::fs::File::open(path)
-                .with_context(|| format!("opening {}", path.display()))?;
+            let file =
+                std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
             let size = file.metadata().ok().map(|m| m.len());
             (Box::new(file), size, path.display().to_string())
         }

@@ -192,6 +192,7 @@ pub fn verify(
         product: update::PRODUCT,
         compatible: update::COMPATIBLE,
         running: running.as_ref(),
+        known_bad: &[],
         force,
     };
     let file = File::open(path).map_err(|e| Error::io("verify", path, e))?;
@@ -308,6 +309,7 @@ mod tests {
             product: update::PRODUCT,
             compatible: update::COMPATIBLE,
             running: Some(&running),
+            known_bad: &[],
             force: false,
         };
         let mut source = update::Source::new(BufReader::new(File::open(&out).unwrap()));

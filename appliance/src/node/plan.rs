@@ -1084,4 +1084,42 @@ mod tests {
         let e = plan(&cluster, server1, &relative, &inputs(true)).unwrap_err();
         assert!(e.to_string().starts_with("state directory state:"), "{e}");
     }
+
+    #[test]
+    fn a_node_booted_from_a_slot_runs_the_update_service_as_root_with_three_capabilities() {
+        let cluster = Cluster::default_cluster();
+        let server1 = cluster.node("server1").unwrap();
+        let layout = Layout::image();
+        let without = plan(&cluster, server1, &layout, &inputs(true)).unwrap();
+        assert!(without.services.iter().all(|s| s.name != "updater"));
+
+        let mut slots = inputs(true);
+        slots.updates = true;
+        let plan = plan(&cluster, server1, &layout, &slots).unwrap();
+        let updater = service(&plan, "updater");
+        let socket = layout.socket.display().to_string();
+        assert_eq!(
+            updater.argv[1..],
+            [
+                "updater",
+                "--run-dir",
+                "/run/tandem",
+                "--state-dir",
+                "/data/tandem",
+                "--control-socket",
+                socket.as_str(),
+                "--socket-group",
+                "tandem-control"
+            ]
+        );
+        assert_eq!(updater.user, None);
+        let caps: Vec<&str> = updater.capabilities.iter().map(|c| c.name()).collect();
+        assert_eq!(caps, ["CHOWN", "LINUX_IMMUTABLE", "SYS_ADMIN"]);
+        assert_eq!(
+            updater.readiness,
+            Readiness::UnixSocket {
+                path: "/run/tandem/update.sock".into()
+            }
+        );
+    }
 }

@@ -66,10 +66,7 @@ pub fn assess(booted: Slot, entries: &[EntryFile], records: &[Record]) -> Assess
         Some(e) if e.counter.is_some() => SlotState::Pending,
         Some(_) => SlotState::Previous,
         None => {
-            let last = records
-                .iter()
-                .rev()
-                .find(|r| r.slot == other.to_string());
+            let last = records.iter().rev().find(|r| r.slot == other.to_string());
             match last {
                 Some(r) if r.state == "bad" => SlotState::Failed,
                 _ => SlotState::Empty,

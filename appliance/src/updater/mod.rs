@@ -22,8 +22,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context as _};
 use api::update::{
-    Boot, Event, InstallStatus, Request, UpdateStatus, DEFAULT_TRIAL_TIMEOUT_SECS,
-    SETTLE_SECS, SLOT_PARAM, STATUS_FILE, TRIAL_TIMEOUT_PARAM,
+    Boot, Event, InstallStatus, Request, UpdateStatus, DEFAULT_TRIAL_TIMEOUT_SECS, SETTLE_SECS,
+    SLOT_PARAM, STATUS_FILE, TRIAL_TIMEOUT_PARAM,
 };
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use rusqlite::{params, Connection};
@@ -93,10 +93,9 @@ pub fn main(args: UpdaterArgs) -> anyhow::Result<std::process::ExitCode> {
         .parse()
         .map_err(|e| anyhow::anyhow!("tandem.slot: {e}"))?;
     let version = image_version().context("the image has no version file")?;
-    let efivars = {
-        let vars = EfiVars::default();
-        vars.dir().is_dir().then_some(vars)
-    };
+    let efivars = Path::new(update::boot::EFIVARS_DIR)
+        .is_dir()
+        .then(|| EfiVars::new(update::boot::EFIVARS_DIR));
     if efivars.is_none() {
         tracing::warn!("no UEFI variables: installs cannot ask for a one-shot boot");
     }
@@ -175,10 +174,7 @@ fn serve(
         None => None,
     };
     nix::unistd::chown(&path, None, gid).with_context(|| format!("chown {}", path.display()))?;
-    std::fs::set_permissions(
-        &path,
-        std::os::unix::fs::PermissionsExt::from_mode(0o660),
-    )?;
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o660))?;
     tracing::info!(socket = %path.display(), "update service listening");
     for conn in listener.incoming() {
         let conn = match conn {
@@ -276,8 +272,8 @@ impl Updater {
 
     fn records(&self) -> anyhow::Result<Vec<Record>> {
         let conn = self.db()?;
-        let mut stmt =
-            conn.prepare("SELECT version, state, slot FROM update_versions ORDER BY ts_ms, version")?;
+        let mut stmt = conn
+            .prepare("SELECT version, state, slot FROM update_versions ORDER BY ts_ms, version")?;
         let rows = stmt
             .query_map([], |r| {
                 Ok(Record {
@@ -351,8 +347,7 @@ impl Updater {
         let mut ready_since: Option<Instant> = None;
         let mut not_ready = String::new();
         loop {
-            let all_ready = match crate::control::request(&target, &api::control::Request::Status)
-            {
+            let all_ready = match crate::control::request(&target, &api::control::Request::Status) {
                 Ok(api::control::Response::Status { services }) => {
                     let waiting: Vec<&str> = services
                         .iter()
@@ -389,7 +384,12 @@ impl Updater {
             Ok(entry) => {
                 tracing::info!(slot = %self.booted, version = %self.version, %entry, "boot entry blessed");
                 if trial {
-                    self.record(&self.version, "good", self.booted, "blessed after its trial");
+                    self.record(
+                        &self.version,
+                        "good",
+                        self.booted,
+                        "blessed after its trial",
+                    );
                 }
             }
             Err(e) => tracing::error!(slot = %self.booted, "blessing the boot entry: {e:#}"),
@@ -401,9 +401,10 @@ impl Updater {
         let esp = MountedEsp::mount()?;
         let renamed = esp.esp.bless(self.booted)?;
         if let Some(vars) = &self.efivars {
-            // The variable overrides loader.conf: it must name the blessed slot too.
-            if let Err(e) = vars.set_default(&format!("appliance-{}*", self.booted)) {
-                tracing::warn!("setting LoaderEntryDefault: {e}");
+            // The variable would override loader.conf (someone pressed `d` in the boot menu):
+            // loader.conf, just rewritten, is the one default.
+            if let Err(e) = vars.remove(update::boot::LOADER_ENTRY_DEFAULT) {
+                tracing::warn!("removing LoaderEntryDefault: {e}");
             }
         }
         let entries = esp.esp.entries()?;
@@ -462,13 +463,26 @@ impl Updater {
                     });
                     return Ok(());
                 };
-                self.install(&mut reader, force, reboot, trial_timeout_secs, &origin, &mut send)
+                self.install(
+                    &mut reader,
+                    force,
+                    reboot,
+                    trial_timeout_secs,
+                    &origin,
+                    &mut send,
+                )
             }
             Request::BootOnce { slot, reboot } => self.boot_once(&slot, reboot),
         };
         match result {
             Ok(done) => {
-                let rebooting = matches!(done, Event::Done { rebooting: true, .. });
+                let rebooting = matches!(
+                    done,
+                    Event::Done {
+                        rebooting: true,
+                        ..
+                    }
+                );
                 let _ = send(&done);
                 if rebooting {
                     // Let the answer reach the client first.
@@ -541,7 +555,10 @@ impl Updater {
         let mut progress = |p: &update::Progress| {
             let phase = p.phase.to_string();
             let phase_changed = last_sent.as_ref().is_none_or(|(_, ph)| *ph != phase);
-            if phase_changed || last_sent.as_ref().is_some_and(|(t, _)| t.elapsed() >= PROGRESS_EVERY)
+            if phase_changed
+                || last_sent
+                    .as_ref()
+                    .is_some_and(|(t, _)| t.elapsed() >= PROGRESS_EVERY)
             {
                 let _ = send(&Event::Progress {
                     phase: phase.clone(),
@@ -616,7 +633,9 @@ impl Updater {
             .parse()
             .map_err(|e| anyhow::anyhow!("slot {slot:?}: {e}"))?;
         let Some(vars) = &self.efivars else {
-            bail!("no UEFI variables on this machine: cannot ask the boot loader for a one-shot boot");
+            bail!(
+                "no UEFI variables on this machine: cannot ask the boot loader for a one-shot boot"
+            );
         };
         let _esp_guard = self.lock_esp();
         let esp = MountedEsp::mount()?;
@@ -624,7 +643,7 @@ impl Updater {
             .esp
             .entry(slot)?
             .with_context(|| format!("slot {slot} has no boot entry"))?;
-        vars.set_oneshot(&format!("appliance-{slot}*"))?;
+        vars.set_oneshot(&update::boot::entry_pattern(slot))?;
         tracing::info!(%slot, entry = %entry.file_name, reboot, "slot {slot} boots once at the next boot");
         Ok(Event::Done {
             version: entry.version.clone().unwrap_or_default(),
@@ -641,7 +660,10 @@ impl Updater {
 /// keepalived first, so the floating IP moves before the balancer goes).
 fn reboot_node() {
     tracing::info!("rebooting the node");
-    if let Err(e) = nix::sys::signal::kill(nix::unistd::Pid::from_raw(1), nix::sys::signal::Signal::SIGINT) {
+    if let Err(e) = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(1),
+        nix::sys::signal::Signal::SIGINT,
+    ) {
         tracing::error!("asking PID 1 to reboot: {e}");
     }
 }
