@@ -488,7 +488,7 @@ fn build_node_disks(
         std::fs::create_dir_all(&node_work).map_err(|e| Error::io("output", &node_work, e))?;
 
         p.step(format!("{name}: certificate, seed and data partitions"));
-        let cert = pki::node_cert(&ca, &cluster, node)?;
+        let cert = pki::node_cert(&ca, cluster, node)?;
         let seed_dir = node_work.join("seed");
         let tls = seed_dir.join(SEED_TLS_DIR);
         std::fs::create_dir_all(&tls).map_err(|e| Error::io("seed", &tls, e))?;
@@ -511,7 +511,7 @@ fn build_node_disks(
         pki::write_file(&tls.join(NODE_CERT), cert.cert_pem.as_bytes(), 0o644)?;
         pki::write_file(&tls.join(NODE_KEY), cert.key_pem.as_bytes(), 0o600)?;
         // MariaDB's own: its key is copied for `mysql`, and is no peer identity.
-        let db_cert = pki::db_cert(&ca, &cluster, node)?;
+        let db_cert = pki::db_cert(&ca, cluster, node)?;
         pki::write_file(&tls.join(DB_CERT), db_cert.cert_pem.as_bytes(), 0o644)?;
         pki::write_file(&tls.join(DB_KEY), db_cert.key_pem.as_bytes(), 0o600)?;
         let seed_img = node_work.join("seed.ext4");

@@ -130,7 +130,7 @@ mod tests {
         let ring2 = dir.path().join("ring2.pub");
         std::fs::write(&ring2, &b).unwrap();
         let text = keyring_text(&own, &[ring1.clone(), ring2]).unwrap();
-        let mut expected = vec![own.clone(), a, b];
+        let mut expected = [own.clone(), a, b];
         expected.sort();
         assert_eq!(text, expected.concat());
         assert_eq!(
