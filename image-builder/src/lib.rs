@@ -662,10 +662,18 @@ pub fn summary_table(report: &BuildReport) -> String {
         report.manifest.base_cache_key,
         report.manifest.kernel_version
     ));
-    s.push_str(
-        "node disks (.img, .qcow2) hold the node's private key and the cluster secret: \
-         mode 0600, in a directory of mode 0700\n",
-    );
+    s.push_str(&format!(
+        "image version {}, trusting the update keys in {} ({})\n",
+        report.manifest.version,
+        IMAGE_UPDATE_KEYRING,
+        report.manifest.update_key_dir.display()
+    ));
+    if !report.manifest.root_only {
+        s.push_str(
+            "node disks (.img, .qcow2) hold the node's private key and the cluster secret: \
+             mode 0600, in a directory of mode 0700\n",
+        );
+    }
     s
 }
 
