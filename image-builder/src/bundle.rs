@@ -20,6 +20,11 @@ const BUILD_MANIFEST: &str = "manifest.json";
 #[derive(Debug, Deserialize)]
 struct BuildManifest {
     cluster: String,
+    /// Absent in manifests written before images carried a version.
+    #[serde(default)]
+    version: Option<String>,
+    #[serde(default)]
+    update_key_dir: Option<PathBuf>,
     source_date_epoch: u64,
     base_cache_key: String,
     kernel_version: String,
@@ -44,6 +49,11 @@ pub struct BundleInputs {
     pub initrd: PathBuf,
     /// The build's SOURCE_DATE_EPOCH.
     pub build_time: u64,
+    /// The image's version (what `bundle` installs it as unless told otherwise), if recorded.
+    pub version: Option<String>,
+    /// The key pair the build's images trust, if recorded (`bundle --key` defaults to its
+    /// private key).
+    pub update_key_dir: Option<PathBuf>,
 }
 
 /// Finds the root filesystem image, kernel and initrd of the build in `images_dir` (the base
@@ -79,6 +89,8 @@ pub fn locate(images_dir: &Path, cache_dir: &Path) -> Result<BundleInputs, Error
         kernel: base.kernel(),
         initrd: base.initrd(),
         build_time: m.source_date_epoch,
+        version: m.version,
+        update_key_dir: m.update_key_dir,
     };
     for file in [&inputs.rootfs, &inputs.kernel, &inputs.initrd] {
         std::fs::metadata(file).map_err(|e| Error::io(STEP, file, e))?;
@@ -354,6 +366,27 @@ mod tests {
         assert!(e.to_string().contains("changed since it was built"), "{e}");
         assert!(!out.exists());
         assert!(!dir.path().join(".b.bundle.partial").exists());
+    }
+
+    #[test]
+    fn the_builds_version_and_key_dir_are_read_when_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (images, cache) = fake_build(dir.path(), b"root");
+        // Manifests from before images carried a version still work.
+        let old = locate(&images, &cache).unwrap();
+        assert_eq!((old.version, old.update_key_dir), (None, None));
+        let path = images.join(BUILD_MANIFEST);
+        let mut m: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        m["version"] = "0.2.0".into();
+        m["update_key_dir"] = "/k/tandem-update-key".into();
+        std::fs::write(&path, m.to_string()).unwrap();
+        let new = locate(&images, &cache).unwrap();
+        assert_eq!(new.version.as_deref(), Some("0.2.0"));
+        assert_eq!(
+            new.update_key_dir.as_deref(),
+            Some(Path::new("/k/tandem-update-key"))
+        );
     }
 
     #[test]

@@ -107,6 +107,69 @@ fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
+/// Where a partition lies in a disk image file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    /// Bytes from the start of the disk.
+    pub offset: u64,
+    /// Bytes.
+    pub size: u64,
+}
+
+/// The partition named `name` (its GPT partition name, e.g. `root-b`) in the raw disk image
+/// `image` (a node's `.img`), as `sfdisk --json` reads the table.
+pub fn partition_extent(image: &Path, name: &str) -> Result<Extent, Error> {
+    const STEP: &str = "partition table";
+    let json = Cmd::new(STEP, "sfdisk").arg("--json").arg(image).output()?;
+    parse_sfdisk_json(&json, name).map_err(|message| Error::Input {
+        path: image.to_path_buf(),
+        line: 0,
+        message,
+    })
+}
+
+/// [`partition_extent`]'s pure part: `sfdisk --json` output in, the named partition out.
+fn parse_sfdisk_json(json: &str, name: &str) -> Result<Extent, String> {
+    #[derive(serde::Deserialize)]
+    struct Dump {
+        partitiontable: Table,
+    }
+    #[derive(serde::Deserialize)]
+    struct Table {
+        label: String,
+        sectorsize: Option<u64>,
+        #[serde(default)]
+        partitions: Vec<Part>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Part {
+        start: u64,
+        size: u64,
+        name: Option<String>,
+    }
+    let dump: Dump = serde_json::from_str(json)
+        .map_err(|e| format!("unexpected `sfdisk --json` output: {e}"))?;
+    let table = dump.partitiontable;
+    if table.label != "gpt" {
+        return Err(format!("a {} partition table, not GPT", table.label));
+    }
+    let sector = table.sectorsize.unwrap_or(crate::layout::SECTOR);
+    let names: Vec<&str> = table
+        .partitions
+        .iter()
+        .filter_map(|p| p.name.as_deref())
+        .collect();
+    table
+        .partitions
+        .iter()
+        .find(|p| p.name.as_deref() == Some(name))
+        .map(|p| Extent {
+            offset: p.start * sector,
+            size: p.size * sector,
+        })
+        .ok_or_else(|| format!("no partition named {name:?} (it has {})", names.join(", ")))
+}
+
 pub fn to_qcow2(raw: &Path, qcow2: &Path) -> Result<(), Error> {
     // qemu-img writes into an existing file without changing its mode.
     create_private(qcow2).map_err(|e| Error::io("qcow2", qcow2, e))?;
@@ -133,6 +196,35 @@ mod tests {
             "{e}"
         );
         assert!(!out.exists());
+    }
+
+    #[test]
+    fn partition_extents_come_from_the_real_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("disk.img");
+        let layout = DiskLayout::new("tandem", "server1", crate::layout::GIB);
+        assemble(&out, &layout, &[]).unwrap();
+        for p in &layout.partitions {
+            assert_eq!(
+                partition_extent(&out, p.label).unwrap(),
+                Extent {
+                    offset: p.offset,
+                    size: p.size
+                },
+                "{}",
+                p.label
+            );
+        }
+        let e = partition_extent(&out, "swap").unwrap_err().to_string();
+        assert!(
+            e.ends_with(
+                "disk.img:0: no partition named \"swap\" (it has esp, root-a, root-b, seed, data)"
+            ),
+            "{e}"
+        );
+        let e = parse_sfdisk_json(r#"{"partitiontable":{"label":"dos","partitions":[]}}"#, "x")
+            .unwrap_err();
+        assert_eq!(e, "a dos partition table, not GPT");
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod host;
 pub mod layout;
 pub mod pki;
 pub mod rootimg;
+pub mod signing;
 pub mod users;
 
 use std::io::Read;
@@ -22,8 +23,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use api::files::{
-    CA_CERT, DB_CERT, DB_KEY, NODE_CERT, NODE_KEY, SEED_CLUSTER_CONFIG, SEED_NODE_NAME,
-    SEED_TLS_DIR,
+    CA_CERT, DB_CERT, DB_KEY, IMAGE_UPDATE_KEYRING, IMAGE_VERSION_FILE, NODE_CERT, NODE_KEY,
+    SEED_CLUSTER_CONFIG, SEED_NODE_NAME, SEED_TLS_DIR,
 };
 use cluster_config::Cluster;
 use serde::Serialize;
@@ -34,6 +35,7 @@ use sha2::{Digest, Sha256};
 pub const DEFAULT_SOURCE_DATE_EPOCH: u64 = 1_704_067_200;
 /// `rootfs/` of this checkout (package list, strip rules, hooks, overlay).
 pub const DEFAULT_ROOTFS_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../rootfs");
+/// The builder's own version: the default image version (`build --version`).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +109,17 @@ pub struct BuildOptions {
     pub cache_dir: PathBuf,
     pub rootfs_dir: PathBuf,
     pub source_date_epoch: u64,
+    /// The image's release, written to `IMAGE_VERSION_FILE` (dotted numbers, checked with
+    /// `update::Version::parse`).
+    pub version: String,
+    /// The update signing key pair's directory (made if it holds none; see [`signing`]).
+    pub update_key_dir: PathBuf,
+    /// Keyring files whose keys the image trusts besides the signing key's (rotation).
+    pub trust_keys: Vec<PathBuf>,
+    /// Trees copied over the root filesystem after the overlay, in order.
+    pub extra_trees: Vec<PathBuf>,
+    /// Only `root.ext4` and `manifest.json`: no CA, seeds or node disks (for bundles).
+    pub root_only: bool,
 }
 
 /// `--cache-dir`, else `$TANDEM_CACHE`, else `$XDG_CACHE_HOME/tandem`, else `~/.cache/tandem`.
@@ -206,6 +219,8 @@ pub struct Artifact {
 #[derive(Debug, Clone, Serialize)]
 pub struct Manifest {
     pub builder_version: &'static str,
+    /// The image's release (its `IMAGE_VERSION_FILE`); `bundle` installs it as this version.
+    pub version: String,
     pub cluster: String,
     pub nodes: Vec<String>,
     pub source_date_epoch: u64,
@@ -215,7 +230,15 @@ pub struct Manifest {
     pub root_slot_size: u64,
     /// The cluster CA (and secret) the seeds were made from: peers' client certificates and
     /// the operator's tools are signed by it.
-    pub ca_dir: PathBuf,
+    /// `None` for a `--root-only` build, which makes no seeds.
+    pub ca_dir: Option<PathBuf>,
+    /// The update signing key pair the image trusts (`bundle --key` defaults to its private
+    /// key).
+    pub update_key_dir: PathBuf,
+    /// sha256 of the image's `IMAGE_UPDATE_KEYRING`.
+    pub update_keyring_sha256: String,
+    /// Whether only the root filesystem image was built (`--root-only`).
+    pub root_only: bool,
     pub artifacts: Vec<Artifact>,
 }
 
@@ -227,6 +250,16 @@ pub struct BuildReport {
 
 /// Builds every artifact into `opts.out_dir`.
 pub fn build(opts: &BuildOptions) -> Result<BuildReport, Error> {
+    update::Version::parse(&opts.version)?;
+    for tree in &opts.extra_trees {
+        if !tree.is_dir() {
+            return Err(Error::io(
+                "extra tree",
+                tree,
+                std::io::Error::other("not a directory"),
+            ));
+        }
+    }
     let (config_text, cluster, ca_dir) = match &opts.config {
         Some(path) => {
             let text = std::fs::read_to_string(path)
@@ -272,7 +305,12 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, Error> {
     std::fs::create_dir_all(&work).map_err(|e| Error::io("output", &work, e))?;
     let epoch = opts.source_date_epoch;
 
-    let mut p = Progress::new(6 + 4 * cluster.nodes.len());
+    let steps = if opts.root_only {
+        6
+    } else {
+        7 + 4 * cluster.nodes.len()
+    };
+    let mut p = Progress::new(steps);
     p.step("host tools");
     for pkg in host::ensure_tools(|l| p.note(l))? {
         p.note(&format!("installed {pkg}"));
@@ -299,12 +337,41 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, Error> {
         base.kernel_version
     ));
 
+    p.step(format!(
+        "update signing key ({})",
+        opts.update_key_dir.display()
+    ));
+    let (own_key, created) = signing::load_or_create_key(&opts.update_key_dir)?;
+    if created {
+        tracing::info!(dir = %opts.update_key_dir.display(), "made a new update signing key");
+        p.note(&format!(
+            "made a new update signing key pair in {} (images built from now on trust it; \
+             keep the directory: bundles for these images must be signed with it)",
+            opts.update_key_dir.display()
+        ));
+    } else {
+        p.note("reusing the existing key pair");
+    }
+    let keyring = signing::keyring_text(&own_key, &opts.trust_keys)?;
+    p.note(&format!(
+        "the image trusts {} key(s)",
+        keyring.lines().count()
+    ));
+    let version_line = format!("{}\n", opts.version);
+
     p.step("staging the root tree");
     let staging = work.join("root");
     rootimg::stage(
-        &base.root,
-        &opts.rootfs_dir.join("overlay"),
-        &opts.appliance_bin,
+        &rootimg::RootInputs {
+            base_root: &base.root,
+            overlay: &opts.rootfs_dir.join("overlay"),
+            appliance: &opts.appliance_bin,
+            extra_trees: &opts.extra_trees,
+            files: &[
+                (IMAGE_VERSION_FILE, version_line.as_bytes()),
+                (IMAGE_UPDATE_KEYRING, keyring.as_bytes()),
+            ],
+        },
         &staging,
     )?;
     let accounts = users::load(&opts.rootfs_dir)?;
@@ -325,24 +392,103 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, Error> {
         human(root_slot)
     ));
 
+    let mut artifacts_to_hash: Vec<(PathBuf, &'static str, Option<String>)> =
+        vec![(root_img.clone(), "root-ext4", None)];
+    if !opts.root_only {
+        build_node_disks(
+            opts,
+            &mut p,
+            &NodeInputs {
+                cluster: &cluster,
+                config_text: &config_text,
+                ca_dir: &ca_dir,
+                base: &base,
+                root_img: &root_img,
+                root_slot,
+                work: &work,
+            },
+            &mut artifacts_to_hash,
+        )?;
+    }
+    let _ = std::fs::remove_dir_all(&work);
+
+    p.step("sha256 of every artifact, manifest.json");
+    let artifacts = hash_artifacts(&artifacts_to_hash)?;
+    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let manifest = Manifest {
+        builder_version: VERSION,
+        version: opts.version.clone(),
+        cluster: cluster.name.clone(),
+        nodes: cluster.nodes.iter().map(|n| n.name.clone()).collect(),
+        source_date_epoch: epoch,
+        base_cache_key: base.key.clone(),
+        kernel_version: base.kernel_version.clone(),
+        root_fs_size,
+        root_slot_size: root_slot,
+        ca_dir: (!opts.root_only).then(|| absolute(&ca_dir)),
+        update_key_dir: absolute(&opts.update_key_dir),
+        update_keyring_sha256: hex::encode(Sha256::digest(keyring.as_bytes())),
+        root_only: opts.root_only,
+        artifacts,
+    };
+    let manifest_path = out.join("manifest.json");
+    let json = serde_json::to_string_pretty(&manifest)
+        .map_err(|e| Error::io("manifest", &manifest_path, e.into()))?;
+    std::fs::write(&manifest_path, json + "\n")
+        .map_err(|e| Error::io("manifest", &manifest_path, e))?;
+    p.finish();
+    Ok(BuildReport {
+        manifest,
+        base_built: base.built,
+        seconds: p.elapsed(),
+    })
+}
+
+/// What every node's disk is made from, besides the build options.
+struct NodeInputs<'a> {
+    cluster: &'a Cluster,
+    config_text: &'a str,
+    ca_dir: &'a Path,
+    base: &'a base::Base,
+    root_img: &'a Path,
+    root_slot: u64,
+    work: &'a Path,
+}
+
+/// The cluster CA, then each node's seed, ESP, raw disk and qcow2 (added to `artifacts`).
+fn build_node_disks(
+    opts: &BuildOptions,
+    p: &mut Progress,
+    inputs: &NodeInputs<'_>,
+    artifacts_to_hash: &mut Vec<(PathBuf, &'static str, Option<String>)>,
+) -> Result<(), Error> {
+    let NodeInputs {
+        cluster,
+        config_text,
+        ca_dir,
+        base,
+        root_img,
+        root_slot,
+        work,
+    } = *inputs;
+    let out = &opts.out_dir;
+    let epoch = opts.source_date_epoch;
     p.step(format!("cluster CA ({})", ca_dir.display()));
-    let (ca, created) = pki::load_or_create_ca(&ca_dir, &cluster.name)?;
+    let (ca, created) = pki::load_or_create_ca(ca_dir, &cluster.name)?;
     p.note(if created {
         "created a new CA"
     } else {
         "reusing the existing CA"
     });
-    let secret = pki::load_or_create_secret(&ca_dir)?;
+    let secret = pki::load_or_create_secret(ca_dir)?;
 
-    let mut artifacts_to_hash: Vec<(PathBuf, &'static str, Option<String>)> =
-        vec![(root_img.clone(), "root-ext4", None)];
     for node in &cluster.nodes {
         let name = &node.name;
         let node_work = work.join(name);
         std::fs::create_dir_all(&node_work).map_err(|e| Error::io("output", &node_work, e))?;
 
         p.step(format!("{name}: certificate, seed and data partitions"));
-        let cert = pki::node_cert(&ca, &cluster, node)?;
+        let cert = pki::node_cert(&ca, cluster, node)?;
         let seed_dir = node_work.join("seed");
         let tls = seed_dir.join(SEED_TLS_DIR);
         std::fs::create_dir_all(&tls).map_err(|e| Error::io("seed", &tls, e))?;
@@ -365,7 +511,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, Error> {
         pki::write_file(&tls.join(NODE_CERT), cert.cert_pem.as_bytes(), 0o644)?;
         pki::write_file(&tls.join(NODE_KEY), cert.key_pem.as_bytes(), 0o600)?;
         // MariaDB's own: its key is copied for `mysql`, and is no peer identity.
-        let db_cert = pki::db_cert(&ca, &cluster, node)?;
+        let db_cert = pki::db_cert(&ca, cluster, node)?;
         pki::write_file(&tls.join(DB_CERT), db_cert.cert_pem.as_bytes(), 0o644)?;
         pki::write_file(&tls.join(DB_KEY), db_cert.key_pem.as_bytes(), 0o600)?;
         let seed_img = node_work.join("seed.ext4");
@@ -393,7 +539,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, Error> {
             &base.kernel(),
             &base.initrd(),
             &esp::volume_id(&cluster.name, name),
-            VERSION,
+            &opts.version,
         )?;
 
         p.step(format!("{name}: {name}.img (GPT + partitions)"));
@@ -404,7 +550,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, Error> {
             &disk_layout,
             &[
                 (layout::LABEL_ESP, &esp_img),
-                (layout::LABEL_ROOT_A, &root_img),
+                (layout::LABEL_ROOT_A, root_img),
                 (layout::LABEL_SEED, &seed_img),
                 (layout::LABEL_DATA, &data_img),
             ],
@@ -417,33 +563,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, Error> {
         artifacts_to_hash.push((raw, "disk-raw", Some(name.clone())));
         artifacts_to_hash.push((qcow2, "disk-qcow2", Some(name.clone())));
     }
-    let _ = std::fs::remove_dir_all(&work);
-
-    p.step("sha256 of every artifact, manifest.json");
-    let artifacts = hash_artifacts(&artifacts_to_hash)?;
-    let manifest = Manifest {
-        builder_version: VERSION,
-        cluster: cluster.name.clone(),
-        nodes: cluster.nodes.iter().map(|n| n.name.clone()).collect(),
-        source_date_epoch: epoch,
-        base_cache_key: base.key.clone(),
-        kernel_version: base.kernel_version.clone(),
-        root_fs_size,
-        root_slot_size: root_slot,
-        ca_dir: std::path::absolute(&ca_dir).unwrap_or_else(|_| ca_dir.clone()),
-        artifacts,
-    };
-    let manifest_path = out.join("manifest.json");
-    let json = serde_json::to_string_pretty(&manifest)
-        .map_err(|e| Error::io("manifest", &manifest_path, e.into()))?;
-    std::fs::write(&manifest_path, json + "\n")
-        .map_err(|e| Error::io("manifest", &manifest_path, e))?;
-    p.finish();
-    Ok(BuildReport {
-        manifest,
-        base_built: base.built,
-        seconds: p.elapsed(),
-    })
+    Ok(())
 }
 
 fn hash_artifacts(
@@ -542,10 +662,18 @@ pub fn summary_table(report: &BuildReport) -> String {
         report.manifest.base_cache_key,
         report.manifest.kernel_version
     ));
-    s.push_str(
-        "node disks (.img, .qcow2) hold the node's private key and the cluster secret: \
-         mode 0600, in a directory of mode 0700\n",
-    );
+    s.push_str(&format!(
+        "image version {}, trusting the update keys in {} ({})\n",
+        report.manifest.version,
+        IMAGE_UPDATE_KEYRING,
+        report.manifest.update_key_dir.display()
+    ));
+    if !report.manifest.root_only {
+        s.push_str(
+            "node disks (.img, .qcow2) hold the node's private key and the cluster secret: \
+             mode 0600, in a directory of mode 0700\n",
+        );
+    }
     s
 }
 

@@ -35,6 +35,26 @@ enum Command {
         /// Package list, strip rules, hooks and overlay (default: this checkout's rootfs/).
         #[arg(long, value_name = "DIR", hide = true)]
         rootfs_dir: Option<PathBuf>,
+        /// The image's release, written to /usr/lib/tandem/version and recorded in
+        /// manifest.json (dotted numbers; default: this builder's version).
+        #[arg(long = "version", value_name = "V")]
+        image_version: Option<String>,
+        /// The update signing key pair the image trusts, made there on the first build
+        /// (default: CACHE/tandem-update-key).
+        #[arg(long, value_name = "DIR")]
+        update_key_dir: Option<PathBuf>,
+        /// Also trust the public keys in this keyring file (one per line; for key rotation).
+        /// Repeatable.
+        #[arg(long = "trust-key", value_name = "FILE")]
+        trust_keys: Vec<PathBuf>,
+        /// Copy this directory's contents over the root filesystem after the overlay (modes
+        /// kept, owned by root). Repeatable; applied in order.
+        #[arg(long = "extra-tree", value_name = "DIR")]
+        extra_trees: Vec<PathBuf>,
+        /// Build only root.ext4 and manifest.json (no CA, seeds or node disks): enough for
+        /// `bundle`.
+        #[arg(long)]
+        root_only: bool,
     },
     /// Make an ed25519 key pair for signing update bundles: DIR/bundle-signing.key (0600, 64 hex
     /// digits) and DIR/bundle-signing.pub (one line of 64 hex digits, a keyring of one).
@@ -46,9 +66,10 @@ enum Command {
     /// Pack the root filesystem image, kernel and initrd of an earlier `build` into one signed
     /// update bundle (nothing is rebuilt).
     Bundle {
-        /// The private key file from `keygen`.
+        /// The private key file (default: the one of the key pair the build's images trust,
+        /// recorded in its manifest.json).
         #[arg(long, value_name = "KEY")]
-        key: PathBuf,
+        key: Option<PathBuf>,
         /// The cluster description the images were built from; checked against the build.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
@@ -61,7 +82,7 @@ enum Command {
         /// The bundle file to write.
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
-        /// The version the bundle installs (dotted numbers; default: this builder's version).
+        /// The version the bundle installs (dotted numbers; default: the build's version).
         #[arg(long = "version", value_name = "V")]
         bundle_version: Option<String>,
     },
@@ -97,15 +118,27 @@ fn main() -> anyhow::Result<ExitCode> {
             appliance_bin,
             cache_dir,
             rootfs_dir,
+            image_version,
+            update_key_dir,
+            trust_keys,
+            extra_trees,
+            root_only,
         } => {
+            let cache_dir = cache_dir.unwrap_or_else(image_builder::default_cache_dir);
             let opts = image_builder::BuildOptions {
                 config,
                 out_dir: out,
                 appliance_bin: appliance_bin.unwrap_or_else(image_builder::default_appliance_bin),
-                cache_dir: cache_dir.unwrap_or_else(image_builder::default_cache_dir),
+                update_key_dir: update_key_dir
+                    .unwrap_or_else(|| image_builder::signing::default_key_dir(&cache_dir)),
+                cache_dir,
                 rootfs_dir: rootfs_dir
                     .unwrap_or_else(|| PathBuf::from(image_builder::DEFAULT_ROOTFS_DIR)),
                 source_date_epoch: image_builder::source_date_epoch(),
+                version: image_version.unwrap_or_else(|| image_builder::VERSION.to_string()),
+                trust_keys,
+                extra_trees,
+                root_only,
             };
             let report = image_builder::build(&opts)
                 .with_context(|| format!("building images into {}", opts.out_dir.display()))?;
@@ -147,7 +180,17 @@ fn main() -> anyhow::Result<ExitCode> {
                     inputs.cluster
                 );
             }
-            let version = bundle_version.unwrap_or_else(|| image_builder::VERSION.to_string());
+            let version = bundle_version
+                .or_else(|| inputs.version.clone())
+                .unwrap_or_else(|| image_builder::VERSION.to_string());
+            let key = key.unwrap_or_else(|| {
+                image_builder::signing::private_key_path(
+                    &inputs
+                        .update_key_dir
+                        .clone()
+                        .unwrap_or_else(|| image_builder::signing::default_key_dir(&cache_dir)),
+                )
+            });
             let start = std::time::Instant::now();
             let manifest = image_builder::bundle::write(&inputs, &key, &version, &out)
                 .with_context(|| format!("writing the bundle {}", out.display()))?;

@@ -7,7 +7,7 @@
 //! staging tree's ctime, which no tool can set). No mounts, no loop devices.
 
 use std::fmt::Write as _;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::cmd::Cmd;
@@ -31,13 +31,30 @@ pub const MOUNT_POINTS: &[(&str, u32)] = &[
     ("dev", 0o755),
 ];
 
+/// What goes into the root image besides the base.
+pub struct RootInputs<'a> {
+    /// The cached base root filesystem.
+    pub base_root: &'a Path,
+    /// `rootfs/overlay`, copied over the base (if it exists).
+    pub overlay: &'a Path,
+    /// Installed as [`APPLIANCE_PATH`], with [`INIT_PATH`] linking to it.
+    pub appliance: &'a Path,
+    /// Copied over everything above, in order (`--extra-tree`; see [`copy_tree`]).
+    pub extra_trees: &'a [PathBuf],
+    /// Files the builder writes last (absolute path in the image, contents), mode 0644: the
+    /// version file and the update keyring.
+    pub files: &'a [(&'a str, &'a [u8])],
+}
+
 /// Builds the staging tree for the root image at `staging` (replacing it).
-pub fn stage(
-    base_root: &Path,
-    overlay: &Path,
-    appliance: &Path,
-    staging: &Path,
-) -> Result<(), Error> {
+pub fn stage(inputs: &RootInputs<'_>, staging: &Path) -> Result<(), Error> {
+    let RootInputs {
+        base_root,
+        overlay,
+        appliance,
+        extra_trees,
+        files,
+    } = *inputs;
     if staging.exists() {
         std::fs::remove_dir_all(staging).map_err(|e| Error::io(STEP, staging, e))?;
     }
@@ -77,8 +94,166 @@ pub fn stage(
     let init = staging.join(INIT_PATH);
     let _ = std::fs::remove_file(&init);
     std::os::unix::fs::symlink(INIT_TARGET, &init).map_err(|e| Error::io(STEP, &init, e))?;
+    for tree in extra_trees {
+        copy_tree(tree, staging)?;
+    }
+    for (path, data) in files {
+        write_image_file(staging, path, data)?;
+    }
     clear_setid_bits(staging)?;
     Ok(())
+}
+
+/// Longest chain of symbolic links [`resolve_in_root`] follows.
+const MAX_LINKS: usize = 40;
+
+/// `rel` (a path in the image) resolved inside `root` as if `root` were `/`: symbolic links in
+/// it are followed (absolute ones from `root`, `..` never above it), so that a link in the
+/// image such as `/sbin -> usr/sbin` leads to the image's directory, never the build host's.
+/// Components past the first missing one are appended as they are.
+pub fn resolve_in_root(root: &Path, rel: &Path) -> Result<PathBuf, Error> {
+    use std::path::Component;
+    let mut todo: Vec<std::ffi::OsString> = rel
+        .components()
+        .rev()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_owned()),
+            Component::ParentDir => Some("..".into()),
+            _ => None,
+        })
+        .collect();
+    let mut done = PathBuf::new();
+    let mut links = 0;
+    while let Some(name) = todo.pop() {
+        if name == ".." {
+            done.pop();
+            continue;
+        }
+        let candidate = done.join(&name);
+        let full = root.join(&candidate);
+        match std::fs::symlink_metadata(&full) {
+            Ok(md) if md.file_type().is_symlink() => {
+                links += 1;
+                if links > MAX_LINKS {
+                    return Err(Error::Base(format!(
+                        "{}: more than {MAX_LINKS} symbolic links",
+                        rel.display()
+                    )));
+                }
+                let target = std::fs::read_link(&full).map_err(|e| Error::io(STEP, &full, e))?;
+                if target.is_absolute() {
+                    done.clear();
+                }
+                for c in target.components().rev() {
+                    match c {
+                        Component::Normal(n) => todo.push(n.to_owned()),
+                        Component::ParentDir => todo.push("..".into()),
+                        _ => {}
+                    }
+                }
+            }
+            _ => done = candidate,
+        }
+    }
+    Ok(root.join(done))
+}
+
+/// Copies the tree `src` over the image tree `root` (like mkosi's ExtraTrees=): directories
+/// are merged, files and links replace what was there (a link in the way is replaced, never
+/// written through; links in the directories above are followed inside `root`). Files keep
+/// their permission bits and belong to the builder (root); timestamps are set later like every
+/// other file's. Only directories, regular files and symbolic links are copied.
+pub fn copy_tree(src: &Path, root: &Path) -> Result<(), Error> {
+    const STEP: &str = "extra tree";
+    let md = std::fs::metadata(src).map_err(|e| Error::io(STEP, src, e))?;
+    if !md.is_dir() {
+        return Err(Error::io(
+            STEP,
+            src,
+            std::io::Error::other("not a directory"),
+        ));
+    }
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = src.join(&rel);
+        let mut names: Vec<_> = std::fs::read_dir(&dir)
+            .map_err(|e| Error::io(STEP, &dir, e))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()
+            .map_err(|e| Error::io(STEP, &dir, e))?;
+        names.sort();
+        for name in names {
+            let from = dir.join(&name);
+            let md = std::fs::symlink_metadata(&from).map_err(|e| Error::io(STEP, &from, e))?;
+            let parent = resolve_in_root(root, &rel)?;
+            let to = parent.join(&name);
+            let existing = std::fs::symlink_metadata(&to).ok();
+            let mode = md.permissions().mode() & 0o7777;
+            if md.is_dir() {
+                // A link to a directory in the image (merged /usr) is followed, inside the image.
+                let target = resolve_in_root(root, &rel.join(&name))?;
+                match std::fs::symlink_metadata(&target) {
+                    Ok(t) if t.is_dir() => {}
+                    Ok(_) => {
+                        std::fs::remove_file(&target).map_err(|e| Error::io(STEP, &target, e))?;
+                        std::fs::create_dir(&target).map_err(|e| Error::io(STEP, &target, e))?;
+                    }
+                    Err(_) => {
+                        std::fs::create_dir_all(&target)
+                            .map_err(|e| Error::io(STEP, &target, e))?;
+                    }
+                }
+                std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode))
+                    .map_err(|e| Error::io(STEP, &target, e))?;
+                stack.push(rel.join(&name));
+                continue;
+            }
+            if let Some(e) = existing {
+                if e.is_dir() {
+                    std::fs::remove_dir_all(&to).map_err(|e| Error::io(STEP, &to, e))?;
+                } else {
+                    std::fs::remove_file(&to).map_err(|e| Error::io(STEP, &to, e))?;
+                }
+            }
+            if md.file_type().is_symlink() {
+                let target = std::fs::read_link(&from).map_err(|e| Error::io(STEP, &from, e))?;
+                std::os::unix::fs::symlink(&target, &to).map_err(|e| Error::io(STEP, &to, e))?;
+            } else if md.is_file() {
+                std::fs::copy(&from, &to).map_err(|e| Error::io(STEP, &from, e))?;
+                std::fs::set_permissions(&to, std::fs::Permissions::from_mode(mode))
+                    .map_err(|e| Error::io(STEP, &to, e))?;
+            } else {
+                return Err(Error::io(
+                    STEP,
+                    &from,
+                    std::io::Error::other(
+                        "neither a directory, a regular file nor a symbolic link",
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes `data` as the image's file `path` (absolute in the image), mode 0644, making missing
+/// directories (0755) on the way.
+pub fn write_image_file(root: &Path, path: &str, data: &[u8]) -> Result<(), Error> {
+    let rel = Path::new(path.trim_start_matches('/'));
+    let (Some(dir), Some(name)) = (rel.parent(), rel.file_name()) else {
+        return Err(Error::io(
+            STEP,
+            rel,
+            std::io::Error::other("not a file's path"),
+        ));
+    };
+    let dir = resolve_in_root(root, dir)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o755)
+        .create(&dir)
+        .map_err(|e| Error::io(STEP, &dir, e))?;
+    crate::pki::write_file(&dir.join(name), data, 0o644)
 }
 
 /// The setuid and setgid bits.
@@ -338,6 +513,108 @@ mod tests {
             clear_setid_bits(root).unwrap().is_empty(),
             "a second pass finds nothing"
         );
+    }
+
+    #[test]
+    fn extra_trees_merge_over_the_image_and_never_reach_outside_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (root, tree, host) = (
+            dir.path().join("root"),
+            dir.path().join("tree"),
+            dir.path().join("host"),
+        );
+        for d in [&root, &tree, &host] {
+            std::fs::create_dir(d).unwrap();
+        }
+        let write = |p: PathBuf, text: &str, mode: u32| {
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, text).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        };
+        // The image: merged /usr, a file, and links that point out of the image if followed on
+        // the build host.
+        write(root.join("usr/sbin/nginx"), "ELF", 0o755);
+        write(root.join("etc/keep"), "kept", 0o644);
+        std::os::unix::fs::symlink("usr/sbin", root.join("sbin")).unwrap();
+        std::os::unix::fs::symlink(host.join("victim"), root.join("etc/motd")).unwrap();
+        write(host.join("victim"), "host file", 0o644);
+        std::os::unix::fs::symlink("/etc", root.join("etc/abs")).unwrap();
+        // The tree: nginx replaced (mode kept), a file through /sbin, one through the absolute
+        // link, one over the link to the host, a new directory with its mode.
+        write(
+            tree.join("usr/sbin/nginx"),
+            "#!/bin/sh\nsleep infinity\n",
+            0o750,
+        );
+        write(tree.join("sbin/extra"), "x", 0o700);
+        write(tree.join("etc/abs/via-link"), "y", 0o640);
+        write(tree.join("etc/motd"), "hello", 0o644);
+        write(tree.join("opt/new/file"), "z", 0o600);
+        std::fs::set_permissions(tree.join("opt/new"), std::fs::Permissions::from_mode(0o750))
+            .unwrap();
+        std::os::unix::fs::symlink("file", tree.join("opt/new/link")).unwrap();
+        copy_tree(&tree, &root).unwrap();
+
+        let mode = |p: &Path| std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777;
+        let nginx = root.join("usr/sbin/nginx");
+        assert_eq!(
+            std::fs::read_to_string(&nginx).unwrap(),
+            "#!/bin/sh\nsleep infinity\n"
+        );
+        assert_eq!(mode(&nginx), 0o750);
+        assert_eq!(std::fs::symlink_metadata(&nginx).unwrap().uid(), 0);
+        assert!(std::fs::symlink_metadata(root.join("sbin"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(mode(&root.join("usr/sbin/extra")), 0o700);
+        assert_eq!(
+            std::fs::read_to_string(root.join("etc/via-link")).unwrap(),
+            "y"
+        );
+        assert_eq!(
+            std::fs::read_to_string(host.join("victim")).unwrap(),
+            "host file"
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.join("etc/motd")).unwrap(),
+            "hello"
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.join("etc/keep")).unwrap(),
+            "kept"
+        );
+        assert_eq!(mode(&root.join("opt/new")), 0o750);
+        assert_eq!(mode(&root.join("opt/new/file")), 0o600);
+        assert_eq!(
+            std::fs::read_link(root.join("opt/new/link")).unwrap(),
+            Path::new("file")
+        );
+        // `..` and absolute links stay inside the image.
+        assert_eq!(
+            resolve_in_root(&root, Path::new("../../etc/abs/../sbin/x")).unwrap(),
+            root.join("usr/sbin/x")
+        );
+
+        // A tree that is not a directory is named.
+        let e = copy_tree(&root.join("etc/keep"), &root).unwrap_err();
+        assert!(e.to_string().contains("etc/keep: not a directory"), "{e}");
+    }
+
+    #[test]
+    fn builder_files_are_written_with_their_directories() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir(root.join("usr")).unwrap();
+        std::os::unix::fs::symlink("usr/lib", root.join("lib")).unwrap();
+        write_image_file(root, api::files::IMAGE_VERSION_FILE, b"0.2.0\n").unwrap();
+        write_image_file(root, "/lib/x/y", b"y").unwrap();
+        let version = root.join(api::files::IMAGE_VERSION_FILE.trim_start_matches('/'));
+        assert_eq!(std::fs::read(&version).unwrap(), b"0.2.0\n");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode(&version), 0o644);
+        assert_eq!(mode(version.parent().unwrap()), 0o755);
+        assert_eq!(std::fs::read(root.join("usr/lib/x/y")).unwrap(), b"y");
     }
 
     #[test]

@@ -548,6 +548,19 @@ impl Vm {
         &self.machine.disk
     }
 
+    /// `len` bytes at `offset` of the VM's disk (its overlay over the node image), read from
+    /// the host, also while QEMU runs: what the guest wrote and flushed (see [`read_image`]).
+    /// Offsets are the raw image's: a partition's come from
+    /// `image_builder::disk::partition_extent` on the node's `.img`.
+    ///
+    /// [`read_image`]: crate::read_image
+    pub fn read_disk(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+        crate::disk::read_image(&self.machine.disk, offset, len).map_err(|e| Error::Vm {
+            node: self.name.clone(),
+            what: format!("reading {len} bytes of its disk at offset {offset}: {e}"),
+        })
+    }
+
     /// The full QEMU command line (for logs and humans).
     pub fn command_line(&self) -> String {
         let mut s = self.qemu.display().to_string();

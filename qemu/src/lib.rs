@@ -6,6 +6,7 @@
 //!   QEMU per node (TCG, or KVM when a probe guest boots) with its serial console in a file.
 //! - [`Vm`] powers off (ACPI), reboots (Ctrl-Alt-Del), kills, pauses and unplugs a node.
 //! - [`Cluster::http_get`], [`Cluster::run`], [`Netns::connect`]: a client inside the namespace.
+//! - [`Vm::read_disk`], [`read_image`]: a disk's bytes, read from the host while QEMU runs.
 //! - [`Vm::wait_serial`], [`Cluster::tails`]: serial logs for waits and failure messages.
 //! - [`Cluster::start_probe`]: availability as a client sees it (one HTTPS GET every 20 ms);
 //!   [`Cluster::vip_holders`]: who answers ARP for the floating IP.
@@ -16,6 +17,7 @@
 mod accel;
 pub mod bench;
 mod cluster;
+mod disk;
 mod error;
 mod forward;
 mod machine;
@@ -31,6 +33,7 @@ pub use cluster::{
     unique_id, Cluster, ClusterSpec, HttpResponse, NodeSpec, Vm, DEFAULT_CLIENT,
     DEFAULT_MEMORY_MIB, DEFAULT_PREFIX, KEEP_ENV, NODE_PAGE,
 };
+pub use disk::{read_image, MAX_READ};
 pub use error::{Error, Result};
 pub use forward::{Forward, Forwarder};
 pub use machine::{format_mac, mac_for, qemu_args, Accel, MachineConfig};

@@ -13,6 +13,8 @@ pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
 /// Programs the harness runs, and their Debian packages.
 pub(crate) const QEMU: (&str, &str) = ("qemu-system-x86_64", "qemu-system-x86");
 pub(crate) const QEMU_IMG: (&str, &str) = ("qemu-img", "qemu-utils");
+/// Reads a running VM's disk (`Vm::read_disk`).
+pub(crate) const QEMU_IO: (&str, &str) = ("qemu-io", "qemu-utils");
 pub(crate) const IP: (&str, &str) = ("ip", "iproute2");
 pub(crate) const CURL: (&str, &str) = ("curl", "curl");
 /// Who answers ARP for the floating IP.
@@ -43,7 +45,7 @@ pub fn check_host() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         return Err(Error::NotRoot);
     }
-    for tool in [QEMU, QEMU_IMG, IP, CURL, ARPING] {
+    for tool in [QEMU, QEMU_IMG, QEMU_IO, IP, CURL, ARPING] {
         find(tool)?;
     }
     for file in [OVMF_CODE, OVMF_VARS] {

@@ -32,11 +32,17 @@ fn run(cmd: &mut Command) -> String {
 }
 
 fn build(out: &Path, appliance: &Path) -> serde_json::Value {
+    build_with(out, appliance, &[]).0
+}
+
+/// `image-builder build` with extra arguments: the manifest and the build's stderr.
+fn build_with(out: &Path, appliance: &Path, args: &[&str]) -> (serde_json::Value, String) {
     let result = Command::new(BUILDER)
         .args(["build", "--out"])
         .arg(out)
         .arg("--appliance-bin")
         .arg(appliance)
+        .args(args)
         .output()
         .expect("run image-builder");
     let stderr = String::from_utf8_lossy(&result.stderr);
@@ -50,7 +56,45 @@ fn build(out: &Path, appliance: &Path) -> serde_json::Value {
         "no summary table on stderr:\n{stderr}"
     );
     let text = std::fs::read_to_string(out.join("manifest.json")).expect("manifest.json");
-    serde_json::from_str(&text).expect("manifest.json is JSON")
+    (
+        serde_json::from_str(&text).expect("manifest.json is JSON"),
+        stderr.into_owned(),
+    )
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// The image's version file and keyring, checked against the manifest; returns the keyring.
+fn check_version_and_keyring(root: &Path, manifest: &serde_json::Value, version: &str) -> String {
+    let version_file = api::files::IMAGE_VERSION_FILE;
+    assert_eq!(
+        debugfs(root, 0, &format!("cat {version_file}")),
+        format!("{version}\n")
+    );
+    assert_eq!(manifest["version"], version);
+    let keyring = debugfs(
+        root,
+        0,
+        &format!("cat {}", api::files::IMAGE_UPDATE_KEYRING),
+    );
+    for file in [version_file, api::files::IMAGE_UPDATE_KEYRING] {
+        let stat = debugfs(root, 0, &format!("stat {file}"));
+        assert!(stat.contains("Mode:  0644"), "{file}: {stat}");
+        assert!(
+            stat.contains("User:     0   Group:     0"),
+            "{file}: {stat}"
+        );
+    }
+    assert_eq!(
+        manifest["update_keyring_sha256"].as_str(),
+        Some(sha256_hex(keyring.as_bytes()).as_str())
+    );
+    let keys = update::keys::parse_keyring(&keyring).unwrap();
+    assert!(!keys.is_empty(), "{keyring}");
+    keyring
 }
 
 fn artifact<'a>(manifest: &'a serde_json::Value, file: &str) -> &'a serde_json::Value {
@@ -236,8 +280,21 @@ fn builds_bootable_reproducible_images_for_the_default_cluster() {
         );
     }
 
-    // Root filesystem: init is the appliance.
+    // Root filesystem: the builder's version by default, the cache's update key trusted.
     let root = out1.join("root.ext4");
+    let keyring = check_version_and_keyring(&root, &manifest, image_builder::VERSION);
+    let key_dir = Path::new(manifest["update_key_dir"].as_str().unwrap());
+    assert_eq!(
+        key_dir,
+        image_builder::signing::default_key_dir(&image_builder::default_cache_dir())
+    );
+    assert_eq!(
+        keyring,
+        std::fs::read_to_string(key_dir.join(update::keys::PUBLIC_KEY_FILE)).unwrap()
+    );
+    assert_eq!(manifest["root_only"], false);
+    assert!(manifest["ca_dir"].is_string(), "{manifest:#}");
+    // Root filesystem: init is the appliance.
     let init = debugfs(&root, 0, "stat /sbin/init");
     assert!(
         init.contains("Type: symlink") && init.contains("Fast link dest: \"/usr/sbin/appliance\""),
@@ -334,4 +391,120 @@ fn builds_bootable_reproducible_images_for_the_default_cluster() {
         ),
         b.as_str()
     );
+}
+
+#[test]
+fn root_only_builds_carry_version_keyring_and_extra_trees_and_make_bundles() {
+    let tmp = tempfile::tempdir().unwrap();
+    let appliance: PathBuf = tmp.path().join("appliance");
+    std::fs::copy("/bin/true", &appliance).unwrap();
+    let keys = tmp.path().join("keys");
+    // A rotation keyring: a new key, and the builder's own once it exists (no duplicate).
+    let next = update::keys::generate().unwrap();
+    let next_line = update::keys::public_key_text(&next.verifying_key());
+    let ring = tmp.path().join("rotation.pub");
+    std::fs::write(&ring, format!("# the next key\n{next_line}")).unwrap();
+    let tree = tmp.path().join("tree");
+    std::fs::create_dir_all(tree.join("usr/sbin")).unwrap();
+    let nginx = tree.join("usr/sbin/nginx");
+    std::fs::write(&nginx, "#!/bin/sh\nexec sleep infinity\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&nginx, std::fs::Permissions::from_mode(0o750)).unwrap();
+    }
+    let args = |version: &'static str| {
+        vec![
+            "--root-only",
+            "--version",
+            version,
+            "--update-key-dir",
+            keys.to_str().unwrap(),
+            "--trust-key",
+            ring.to_str().unwrap(),
+            "--extra-tree",
+            tree.to_str().unwrap(),
+        ]
+    };
+
+    // A version that is not dotted numbers is refused before anything is built.
+    let out = Command::new(BUILDER)
+        .args(["build", "--root-only", "--version", "2.x", "--out"])
+        .arg(tmp.path().join("bad"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("version \"2.x\": expected dotted decimal numbers"),
+        "{stderr}"
+    );
+    assert!(!keys.exists(), "no key is made for a refused build");
+
+    let out1 = tmp.path().join("v2");
+    let (manifest, stderr) = build_with(&out1, &appliance, &args("0.2.0"));
+    assert!(
+        stderr.contains("made a new update signing key pair in"),
+        "{stderr}"
+    );
+    let mut files: Vec<String> = std::fs::read_dir(&out1)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    files.sort();
+    assert_eq!(files, ["manifest.json", "root.ext4"]);
+    assert_eq!(manifest["root_only"], true);
+    assert!(manifest["ca_dir"].is_null(), "{manifest:#}");
+    assert_eq!(manifest["update_key_dir"].as_str(), keys.to_str());
+    let kinds: Vec<&str> = manifest["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["root-ext4"]);
+    let root = out1.join("root.ext4");
+    let keyring = check_version_and_keyring(&root, &manifest, "0.2.0");
+    let own = std::fs::read_to_string(keys.join(update::keys::PUBLIC_KEY_FILE)).unwrap();
+    let mut expected = [own.clone(), next_line.clone()];
+    expected.sort();
+    assert_eq!(keyring, expected.concat());
+    // The extra tree replaced nginx, keeping its mode, owned by root.
+    assert_eq!(
+        debugfs(&root, 0, "cat /usr/sbin/nginx"),
+        "#!/bin/sh\nexec sleep infinity\n"
+    );
+    let stat = debugfs(&root, 0, "stat /usr/sbin/nginx");
+    assert!(stat.contains("Mode:  0750"), "{stat}");
+    assert!(stat.contains("User:     0   Group:     0"), "{stat}");
+
+    // Again, with the builder's own key in the rotation keyring too: the key is reused, the
+    // keyring has no duplicate, and the root image is the same, byte for byte.
+    std::fs::write(&ring, format!("{own}{next_line}")).unwrap();
+    let out2 = tmp.path().join("v2-again");
+    let (manifest2, stderr) = build_with(&out2, &appliance, &args("0.2.0"));
+    assert!(stderr.contains("reusing the existing key pair"), "{stderr}");
+    assert_eq!(
+        manifest2["artifacts"][0]["sha256"],
+        manifest["artifacts"][0]["sha256"]
+    );
+
+    // `bundle` takes the build's version and key pair unless told otherwise; the image's own
+    // keyring verifies it.
+    let bundle = tmp.path().join("v2.bundle");
+    run(Command::new(BUILDER)
+        .args(["bundle", "--images"])
+        .arg(&out1)
+        .arg("--out")
+        .arg(&bundle));
+    let keyring_file = tmp.path().join("image-keyring.pub");
+    std::fs::write(&keyring_file, &keyring).unwrap();
+    let verify = Command::new(BUILDER)
+        .args(["verify-bundle", "--running", "0.1.0", "--keyring"])
+        .arg(&keyring_file)
+        .arg(&bundle)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&verify.stderr);
+    assert!(verify.status.success(), "{stderr}");
+    assert!(stderr.contains("good: tandem 0.2.0"), "{stderr}");
 }
