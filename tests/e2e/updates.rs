@@ -48,12 +48,17 @@ fn admin(config: &cluster_config::Cluster, node: &str, path: &str) -> String {
 }
 
 /// The node's `update` status from `/api/status`.
-fn update_status(cluster: &Cluster, config: &cluster_config::Cluster, node: &str) -> qemu::Result<Value> {
+fn update_status(
+    cluster: &Cluster,
+    config: &cluster_config::Cluster,
+    node: &str,
+) -> qemu::Result<Value> {
     let r = cluster.http_get(&admin(config, node, "/api/status"), Duration::from_secs(10))?;
     if r.status != 200 {
         return Err(err(format!("{node} /api/status: {} {}", r.status, r.body)));
     }
-    let v: Value = serde_json::from_str(&r.body).map_err(|e| err(format!("{node} /api/status: {e}")))?;
+    let v: Value =
+        serde_json::from_str(&r.body).map_err(|e| err(format!("{node} /api/status: {e}")))?;
     Ok(v["update"].clone())
 }
 
@@ -67,15 +72,16 @@ pub(crate) fn wait_update(
     ok: impl Fn(&Value) -> bool,
 ) -> qemu::Result<Value> {
     let deadline = Instant::now() + timeout;
-    let mut last = String::from("no answer");
     loop {
-        match update_status(cluster, config, node) {
+        let last = match update_status(cluster, config, node) {
             Ok(v) if ok(&v) => return Ok(v),
-            Ok(v) => last = v.to_string(),
-            Err(e) => last = e.to_string(),
-        }
+            Ok(v) => v.to_string(),
+            Err(e) => e.to_string(),
+        };
         if Instant::now() > deadline {
-            return Err(err(format!("{node}: {what} not within {timeout:?}; last: {last}")));
+            return Err(err(format!(
+                "{node}: {what} not within {timeout:?}; last: {last}"
+            )));
         }
         std::thread::sleep(Duration::from_secs(2));
     }
@@ -86,7 +92,12 @@ pub(crate) fn running(v: &Value, version: &str, slot: &str) -> bool {
 }
 
 /// `curl -T FILE -X POST` to the admin port from the client: (HTTP status, body).
-fn upload_argv(config: &cluster_config::Cluster, node: &str, file: &Path, query: &str) -> Vec<String> {
+fn upload_argv(
+    config: &cluster_config::Cluster,
+    node: &str,
+    file: &Path,
+    query: &str,
+) -> Vec<String> {
     [
         "curl",
         "-sSk",
@@ -198,7 +209,11 @@ fn trusted_key() -> ed25519_dalek::SigningKey {
     let m: Value =
         serde_json::from_str(&std::fs::read_to_string(images.join("manifest.json")).unwrap())
             .unwrap();
-    let dir = PathBuf::from(m["update_key_dir"].as_str().expect("update_key_dir in manifest.json"));
+    let dir = PathBuf::from(
+        m["update_key_dir"]
+            .as_str()
+            .expect("update_key_dir in manifest.json"),
+    );
     update::keys::read_private(&dir.join("bundle-signing.key")).unwrap()
 }
 
@@ -212,12 +227,21 @@ fn signed_updates_refuse_survive_power_cuts_roll_out_and_roll_back() {
     let work = cluster.work_dir().to_path_buf();
 
     for node in ["server1", "server2"] {
-        step(&cluster, &format!("{node} serves and runs 0.1.0 from slot a, blessed"), || {
-            wait_page(&cluster, &config, node, None, BOOT_TIMEOUT)?;
-            wait_update(&cluster, &config, node, "0.1.0 blessed on slot a", SERIAL_TIMEOUT, |v| {
-                running(v, "0.1.0", "a")
-            })
-        });
+        step(
+            &cluster,
+            &format!("{node} serves and runs 0.1.0 from slot a, blessed"),
+            || {
+                wait_page(&cluster, &config, node, None, BOOT_TIMEOUT)?;
+                wait_update(
+                    &cluster,
+                    &config,
+                    node,
+                    "0.1.0 blessed on slot a",
+                    SERIAL_TIMEOUT,
+                    |v| running(v, "0.1.0", "a"),
+                )
+            },
+        );
     }
     let empty_b = step(&cluster, "read server1's empty slot b", || {
         slot_head(&cluster, "server1", "root-b")
@@ -241,30 +265,52 @@ fn signed_updates_refuse_survive_power_cuts_roll_out_and_roll_back() {
         let downgrade = work.join("downgrade.bundle");
         fake_bundle(&downgrade, &trusted_key(), update::PRODUCT, "0.0.9");
         vec![
-            ("a flipped byte in a payload", flip_payload, "payload rootfs"),
-            ("a flipped byte in the manifest", flip_manifest, "signature does not verify"),
-            ("a bundle signed by an unknown key", unknown, "signature does not verify"),
+            (
+                "a flipped byte in a payload",
+                flip_payload,
+                "payload rootfs",
+            ),
+            (
+                "a flipped byte in the manifest",
+                flip_manifest,
+                "signature does not verify",
+            ),
+            (
+                "a bundle signed by an unknown key",
+                unknown,
+                "signature does not verify",
+            ),
             ("a truncated bundle", truncated, "truncated"),
-            ("a bundle for another product", other_product, "product toaster"),
+            (
+                "a bundle for another product",
+                other_product,
+                "product toaster",
+            ),
             ("a downgrade", downgrade, "not newer than the running 0.1.0"),
         ]
     };
     for (what, file, message) in &refused {
-        step(&cluster, &format!("server1 refuses {what}, slot b untouched"), || {
-            let (code, body) = upload(&cluster, &config, "server1", file, "")?;
-            if code != 422 || !body.contains(message) {
-                return Err(err(format!("answered {code} {body:?}, expected 422 naming {message:?}")));
-            }
-            eprintln!("    422 {}", body.trim());
-            if slot_head(&cluster, "server1", "root-b")? != empty_b {
-                return Err(err("slot b's first MiB changed"));
-            }
-            let v = update_status(&cluster, &config, "server1")?;
-            if !running(&v, "0.1.0", "a") || v["slots"][1]["state"] != "empty" {
-                return Err(err(format!("status after the refusal: {v}")));
-            }
-            Ok(())
-        });
+        step(
+            &cluster,
+            &format!("server1 refuses {what}, slot b untouched"),
+            || {
+                let (code, body) = upload(&cluster, &config, "server1", file, "")?;
+                if code != 422 || !body.contains(message) {
+                    return Err(err(format!(
+                        "answered {code} {body:?}, expected 422 naming {message:?}"
+                    )));
+                }
+                eprintln!("    422 {}", body.trim());
+                if slot_head(&cluster, "server1", "root-b")? != empty_b {
+                    return Err(err("slot b's first MiB changed"));
+                }
+                let v = update_status(&cluster, &config, "server1")?;
+                if !running(&v, "0.1.0", "a") || v["slots"][1]["state"] != "empty" {
+                    return Err(err(format!("status after the refusal: {v}")));
+                }
+                Ok(())
+            },
+        );
     }
 
     // --- Power cut while the payload is written, at three moments.
@@ -272,28 +318,51 @@ fn signed_updates_refuse_survive_power_cuts_roll_out_and_roll_back() {
     for fraction in [0.15, 0.5, 0.9] {
         step(
             &cluster,
-            &format!("server1 killed at {:.0}% of writing a bundle boots 0.1.0 again", fraction * 100.0),
+            &format!(
+                "server1 killed at {:.0}% of writing a bundle boots 0.1.0 again",
+                fraction * 100.0
+            ),
             || {
                 let mut curl = upload_in_background(&cluster, &config, "server1", &v2)?;
-                let seen = wait_update(&cluster, &config, "server1", "the install under way", INSTALL_TIMEOUT, |v| {
-                    let i = &v["install"];
-                    let (done, total) = (i["done"].as_f64().unwrap_or(0.0), i["total"].as_f64().unwrap_or(0.0));
-                    i["phase"] == "writing" && total > 0.0 && done / total >= fraction
-                })?;
-                eprintln!("    killing at {}/{} bytes", seen["install"]["done"], seen["install"]["total"]);
+                let seen = wait_update(
+                    &cluster,
+                    &config,
+                    "server1",
+                    "the install under way",
+                    INSTALL_TIMEOUT,
+                    |v| {
+                        let i = &v["install"];
+                        let (done, total) = (
+                            i["done"].as_f64().unwrap_or(0.0),
+                            i["total"].as_f64().unwrap_or(0.0),
+                        );
+                        i["phase"] == "rootfs" && total > 0.0 && done / total >= fraction
+                    },
+                )?;
+                eprintln!(
+                    "    killing at {}/{} bytes",
+                    seen["install"]["done"], seen["install"]["total"]
+                );
                 vm1.kill()?;
                 let _ = curl.kill();
                 let _ = curl.wait();
                 vm1.start()?;
                 wait_page(&cluster, &config, "server1", None, BOOT_TIMEOUT)?;
-                let v = wait_update(&cluster, &config, "server1", "0.1.0 on slot a", SERIAL_TIMEOUT, |v| {
-                    running(v, "0.1.0", "a")
-                })?;
+                let v = wait_update(
+                    &cluster,
+                    &config,
+                    "server1",
+                    "0.1.0 on slot a",
+                    SERIAL_TIMEOUT,
+                    |v| running(v, "0.1.0", "a"),
+                )?;
                 if v["slots"][1]["state"] != "empty" {
                     return Err(err(format!("slot b after the cut: {v}")));
                 }
                 if slot_head(&cluster, "server1", "root-b")? != empty_b {
-                    return Err(err("slot b's first MiB was written before the bundle was whole"));
+                    return Err(err(
+                        "slot b's first MiB was written before the bundle was whole",
+                    ));
                 }
                 Ok(())
             },
@@ -305,30 +374,50 @@ fn signed_updates_refuse_survive_power_cuts_roll_out_and_roll_back() {
     step(&cluster, "a note is written before the upgrade", || {
         crate::services::post_note(&cluster, &config, "server2", &note)
     });
-    let vip_url = format!("https://{}:{}/node.html", config.floating_ip, config.ports.https);
+    let vip_url = format!(
+        "https://{}:{}/node.html",
+        config.floating_ip, config.ports.https
+    );
     let probe = step(&cluster, "a client loop on the floating IP starts", || {
         cluster.start_probe(ProbeOptions::new(vip_url.clone(), UPGRADE_TIMEOUT * 2))
     });
     let started = Instant::now();
-    step(&cluster, "server2 takes the bundle for a cluster upgrade (202)", || {
-        let argv = upload_argv(&config, "server2", &v2, "");
-        let mut argv: Vec<String> = argv;
-        let last = argv.len() - 1;
-        argv[last] = admin(&config, "server2", &format!("/api/cluster/upgrade?trial_timeout={TRIAL_SECS}"));
-        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
-        let out = cluster.run(&argv)?;
-        let text = String::from_utf8_lossy(&out.stdout).to_string();
-        if !text.trim_end().ends_with("202") {
-            return Err(err(format!("cluster upgrade answered {text:?}")));
-        }
-        Ok(())
-    });
+    step(
+        &cluster,
+        "server2 takes the bundle for a cluster upgrade (202)",
+        || {
+            let argv = upload_argv(&config, "server2", &v2, "");
+            let mut argv: Vec<String> = argv;
+            let last = argv.len() - 1;
+            argv[last] = admin(
+                &config,
+                "server2",
+                &format!("/api/cluster/upgrade?trial_timeout={TRIAL_SECS}"),
+            );
+            let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+            let out = cluster.run(&argv)?;
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            if !text.trim_end().ends_with("202") {
+                return Err(err(format!("cluster upgrade answered {text:?}")));
+            }
+            Ok(())
+        },
+    );
     for node in ["server1", "server2"] {
-        step(&cluster, &format!("{node} runs 0.2.0 from slot b, blessed"), || {
-            wait_update(&cluster, &config, node, "0.2.0 blessed on slot b", UPGRADE_TIMEOUT, |v| {
-                running(v, "0.2.0", "b")
-            })
-        });
+        step(
+            &cluster,
+            &format!("{node} runs 0.2.0 from slot b, blessed"),
+            || {
+                wait_update(
+                    &cluster,
+                    &config,
+                    node,
+                    "0.2.0 blessed on slot b",
+                    UPGRADE_TIMEOUT,
+                    |v| running(v, "0.2.0", "b"),
+                )
+            },
+        );
     }
     let upgrade_time = started.elapsed();
     let report = probe.stop();
@@ -337,68 +426,127 @@ fn signed_updates_refuse_survive_power_cuts_roll_out_and_roll_back() {
         upgrade_time.as_secs_f64(),
         report.summary()
     );
-    step(&cluster, "the client loop saw no failed GET during the upgrade", || {
-        if report.failed > 0 || report.ok == 0 {
-            return Err(err(format!("probe: {}", report.summary())));
-        }
-        Ok(())
-    });
-    step(&cluster, "the note and the state DB survived the upgrade on both nodes", || {
-        for node in ["server1", "server2"] {
-            crate::services::wait_note(&cluster, &config, node, &note, crate::services::DB_TIMEOUT)?;
-        }
-        Ok(())
-    });
+    step(
+        &cluster,
+        "the client loop saw no failed GET during the upgrade",
+        || {
+            if report.failed > 0 || report.ok == 0 {
+                return Err(err(format!("probe: {}", report.summary())));
+            }
+            Ok(())
+        },
+    );
+    step(
+        &cluster,
+        "the note and the state DB survived the upgrade on both nodes",
+        || {
+            for node in ["server1", "server2"] {
+                crate::services::wait_note(
+                    &cluster,
+                    &config,
+                    node,
+                    &note,
+                    crate::services::DB_TIMEOUT,
+                )?;
+            }
+            Ok(())
+        },
+    );
 
     // --- The old slot still boots when chosen by hand, once.
-    step(&cluster, "server1 boots slot a (0.1.0) once by hand, then 0.2.0 again", || {
-        let r = cluster.run(&[
-            "curl",
-            "-sSk",
-            "--max-time",
-            "60",
-            "-X",
-            "POST",
-            "-w",
-            "\n%{http_code}",
-            &admin(&config, "server1", "/api/update/boot-once?slot=a&reboot=1"),
-        ])?;
-        let text = String::from_utf8_lossy(&r.stdout).to_string();
-        if !text.trim_end().ends_with("200") {
-            return Err(err(format!("boot-once answered {text:?}")));
-        }
-        wait_update(&cluster, &config, "server1", "0.1.0 on slot a", BOOT_TIMEOUT, |v| running(v, "0.1.0", "a"))?;
-        vm1.reboot_ctrl_alt_del()?;
-        wait_update(&cluster, &config, "server1", "0.2.0 on slot b", BOOT_TIMEOUT, |v| running(v, "0.2.0", "b"))?;
-        Ok(())
-    });
+    step(
+        &cluster,
+        "server1 boots slot a (0.1.0) once by hand, then 0.2.0 again",
+        || {
+            let r = cluster.run(&[
+                "curl",
+                "-sSk",
+                "--max-time",
+                "60",
+                "-X",
+                "POST",
+                "-w",
+                "\n%{http_code}",
+                &admin(&config, "server1", "/api/update/boot-once?slot=a&reboot=1"),
+            ])?;
+            let text = String::from_utf8_lossy(&r.stdout).to_string();
+            if !text.trim_end().ends_with("200") {
+                return Err(err(format!("boot-once answered {text:?}")));
+            }
+            wait_update(
+                &cluster,
+                &config,
+                "server1",
+                "0.1.0 on slot a",
+                BOOT_TIMEOUT,
+                |v| running(v, "0.1.0", "a"),
+            )?;
+            vm1.reboot_ctrl_alt_del()?;
+            wait_update(
+                &cluster,
+                &config,
+                "server1",
+                "0.2.0 on slot b",
+                BOOT_TIMEOUT,
+                |v| running(v, "0.2.0", "b"),
+            )?;
+            Ok(())
+        },
+    );
 
     // --- A version that boots but never becomes healthy.
-    step(&cluster, "server1 installs 0.3.0 (nginx never ready) and reboots into it", || {
-        let (code, body) = upload(&cluster, &config, "server1", &v3_bad, &format!("reboot=1&trial_timeout={TRIAL_SECS}"))?;
-        if code != 200 {
-            return Err(err(format!("install answered {code} {body}")));
-        }
-        Ok(())
-    });
-    step(&cluster, "server1 rolls back to 0.2.0 by itself and marks 0.3.0 bad", || {
-        // Its trial fails (reboot), then it boots slot b again and records the failure.
-        let v = wait_update(&cluster, &config, "server1", "0.2.0 with 0.3.0 marked bad", UPGRADE_TIMEOUT, |v| {
-            running(v, "0.2.0", "b")
-                && v["bad_versions"].as_array().is_some_and(|b| b.iter().any(|x| x == "0.3.0"))
-        })?;
-        if v["slots"][1]["state"] != "failed" {
-            return Err(err(format!("slot a after the rollback: {v}")));
-        }
-        Ok(())
-    });
-    step(&cluster, "a second install of 0.3.0 is refused without force", || {
-        let (code, body) = upload(&cluster, &config, "server1", &v3_bad, "")?;
-        if code != 422 || !body.contains("failed on this node before") {
-            return Err(err(format!("answered {code} {body:?}")));
-        }
-        Ok(())
-    });
+    step(
+        &cluster,
+        "server1 installs 0.3.0 (nginx never ready) and reboots into it",
+        || {
+            let (code, body) = upload(
+                &cluster,
+                &config,
+                "server1",
+                &v3_bad,
+                &format!("reboot=1&trial_timeout={TRIAL_SECS}"),
+            )?;
+            if code != 200 {
+                return Err(err(format!("install answered {code} {body}")));
+            }
+            Ok(())
+        },
+    );
+    step(
+        &cluster,
+        "server1 rolls back to 0.2.0 by itself and marks 0.3.0 bad",
+        || {
+            // Its trial fails (reboot), then it boots slot b again and records the failure.
+            let v = wait_update(
+                &cluster,
+                &config,
+                "server1",
+                "0.2.0 with 0.3.0 marked bad",
+                UPGRADE_TIMEOUT,
+                |v| {
+                    running(v, "0.2.0", "b")
+                        && v["bad_versions"]
+                            .as_array()
+                            .is_some_and(|b| b.iter().any(|x| x == "0.3.0"))
+                },
+            )?;
+            if v["slots"][1]["state"] != "failed" {
+                return Err(err(format!("slot a after the rollback: {v}")));
+            }
+            Ok(())
+        },
+    );
+    step(
+        &cluster,
+        "a second install of 0.3.0 is refused without force",
+        || {
+            let (code, body) = upload(&cluster, &config, "server1", &v3_bad, "")?;
+            if code != 422 || !body.contains("failed on this node before") {
+                return Err(err(format!("answered {code} {body:?}")));
+            }
+            Ok(())
+        },
+    );
     eprintln!(
         "==> bundle sizes: v2 {:.1} MiB, v3-bad {:.1} MiB; rolling upgrade of two nodes {:.0}s",
         v2_len as f64 / 1048576.0,
