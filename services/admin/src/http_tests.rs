@@ -550,7 +550,7 @@ fn the_cluster_upgrade_spools_only_a_verified_bundle() {
     let stranger = generate();
     let srv = server(&trusted, 64 * MIB as u64);
     let upgrade = srv.url("/api/cluster/upgrade?trial_timeout=60");
-    let spool_dir = srv.state_dir().join(upgrade::STATE_SUBDIR);
+    let spool_dir = upgrade::upgrade_dir(&srv.state_dir());
     let payload = bytes(3 * MIB, 3);
 
     // Signed by a key the image does not trust: refused before anything is written.

@@ -653,7 +653,7 @@ async fn spool_and_start(
     let trial = query
         .trial_timeout_secs
         .unwrap_or(api::update::DEFAULT_TRIAL_TIMEOUT_SECS);
-    let dir = ctx.state_dir.join(upgrade::STATE_SUBDIR);
+    let dir = upgrade::upgrade_dir(&ctx.state_dir);
     if let Err(e) = private_dir(&dir) {
         return Answer::error(StatusCode::INTERNAL_SERVER_ERROR, e);
     }

@@ -22,8 +22,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::peer::PeerClient;
 
-/// The upgrade's directory below the node's state directory (0700): the spooled bundle and
-/// the state file.
+/// The upgrade's directory below the admin server's own state directory
+/// ([`api::files::ADMIN_STATE_DIR`], which the admin server's user owns), 0700: the spooled
+/// bundle and the record.
 pub const STATE_SUBDIR: &str = "update";
 /// The upgrade's record ([`UpgradeState`]) in [`STATE_SUBDIR`].
 pub const STATE_FILE: &str = "cluster-upgrade.json";
@@ -136,9 +137,16 @@ pub struct UpgradeOptions {
     pub state_file: Option<PathBuf>,
 }
 
-/// The record's path below a node's state directory.
+/// The upgrade's directory for a node's state directory: `STATE_DIR/admin/update`.
+pub fn upgrade_dir(state_dir: &Path) -> PathBuf {
+    state_dir
+        .join(api::files::ADMIN_STATE_DIR)
+        .join(STATE_SUBDIR)
+}
+
+/// The record's path for a node's state directory (in [`upgrade_dir`]).
 pub fn state_file(state_dir: &Path) -> PathBuf {
-    state_dir.join(STATE_SUBDIR).join(STATE_FILE)
+    upgrade_dir(state_dir).join(STATE_FILE)
 }
 
 /// Upgrades the cluster with the bundle at `bundle`: every other node over the peer API
