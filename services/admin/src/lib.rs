@@ -149,6 +149,20 @@ pub enum FetchError {
         status: u16,
         body: String,
     },
+    /// A POST (a bundle to a peer) got no answer.
+    #[error("POST {url}: {source}")]
+    Post {
+        url: String,
+        #[source]
+        source: ureq::Error,
+    },
+    /// A POST was answered with another status than 200: `message` is the peer's reason.
+    #[error("POST {url}: {status} {message}")]
+    Refused {
+        url: String,
+        status: u16,
+        message: String,
+    },
     /// A 200 whose body is not what the path serves.
     #[error("{from}: {detail}")]
     Format { from: String, detail: String },

@@ -149,7 +149,7 @@ impl PeerClient {
     }
 
     /// Sends the bundle at `bundle` to `peer` (streamed from the file) and has it installed
-    /// there; returns the peer's `done` event. A refusal is [`FetchError::Status`] with the
+    /// there; returns the peer's `done` event. A refusal is [`FetchError::Refused`] with the
     /// peer's message. Waits as long as the install takes (up to an hour).
     pub fn post_bundle(
         &self,
@@ -173,7 +173,7 @@ impl PeerClient {
             from: bundle.display().to_string(),
             detail: format!("opening: {e}"),
         })?;
-        let request = |source| FetchError::Request {
+        let request = |source| FetchError::Post {
             url: url.clone(),
             source,
         };
@@ -198,10 +198,10 @@ impl PeerClient {
                 .ok()
                 .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
                 .unwrap_or_else(|| body.trim().chars().take(200).collect());
-            return Err(FetchError::Status {
+            return Err(FetchError::Refused {
                 url,
                 status,
-                body: message,
+                message,
             });
         }
         match serde_json::from_str::<Event>(&body) {

@@ -199,6 +199,11 @@ pub(crate) fn run_recorded(
     state_file: Option<&Path>,
     progress: &mut dyn FnMut(&UpgradeState),
 ) -> UpgradeState {
+    if let Some(dir) = state_file.and_then(Path::parent) {
+        if let Err(e) = crate::private_dir(dir) {
+            tracing::warn!("the cluster upgrade's record: {e}");
+        }
+    }
     drive(
         fleet,
         cluster,
