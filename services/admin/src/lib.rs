@@ -10,17 +10,23 @@
 //! address). Any other certificate the CA signed (an operator's tool, or one made for another
 //! purpose) is no peer. It runs as its own supervised child, so a bug here never touches PID 1.
 
+#[cfg(test)]
+mod http_tests;
+mod install;
 mod page;
 pub mod peer;
+pub mod upgrade;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use api::control::{self as ctl, ServiceStatus};
 use api::files::{ADMIN_STATE_DIR, CA_CERT, NODE_CERT, NODE_KEY};
+use api::update::UpdateStatus;
 use bytes::Bytes;
 use cluster_config::{Cluster, Node};
 use http_body_util::Full;
@@ -62,6 +68,9 @@ pub struct Config {
     pub scrape: Vec<String>,
     /// The newest alerts, for the page.
     pub alerts: AlertSource,
+    /// The trusted update-signing keyring a cluster upgrade's bundle is verified against
+    /// ([`api::files::IMAGE_UPDATE_KEYRING`] on an image).
+    pub update_keyring: PathBuf,
 }
 
 /// Reads the newest `limit` alerts, newest first (the log monitor's history, which the caller
@@ -140,6 +149,20 @@ pub enum FetchError {
         status: u16,
         body: String,
     },
+    /// A POST (a bundle to a peer) got no answer.
+    #[error("POST {url}: {source}")]
+    Post {
+        url: String,
+        #[source]
+        source: ureq::Error,
+    },
+    /// A POST was answered with another status than 200: `message` is the peer's reason.
+    #[error("POST {url}: {status} {message}")]
+    Refused {
+        url: String,
+        status: u16,
+        message: String,
+    },
     /// A 200 whose body is not what the path serves.
     #[error("{from}: {detail}")]
     Format { from: String, detail: String },
@@ -156,6 +179,57 @@ struct Ctx {
     alerts: AlertSource,
     /// Asks the other nodes (their floating-IP view); `None` without the seed's certificates.
     peers: Option<peer::PeerClient>,
+    state_dir: PathBuf,
+    update_keyring: PathBuf,
+    /// A cluster upgrade is being spooled or runs.
+    upgrading: AtomicBool,
+    /// An upload's idle timeout and size cap.
+    limits: install::Limits,
+}
+
+impl Ctx {
+    fn update_socket(&self) -> PathBuf {
+        self.run_dir.join(api::update::SOCKET_FILE)
+    }
+
+    fn update_status(&self) -> Result<UpdateStatus, String> {
+        UpdateStatus::read(&self.run_dir.join(api::update::STATUS_FILE))
+    }
+
+    /// The cluster upgrade's record, finished first if this node came back from its reboot.
+    fn cluster_upgrade(&self) -> Option<upgrade::UpgradeState> {
+        let path = upgrade::state_file(&self.state_dir);
+        let state = match upgrade::UpgradeState::read(&path) {
+            Ok(state) => state?,
+            Err(e) => {
+                tracing::warn!("{e}");
+                return None;
+            }
+        };
+        if self.upgrading.load(Ordering::SeqCst) {
+            return Some(state);
+        }
+        let Ok(own) = self.update_status() else {
+            return Some(state);
+        };
+        match upgrade::reconcile(&state, &self.node.name, &own, unix_ms()) {
+            Some(next) => {
+                if let Err(e) = next.write(&path) {
+                    tracing::warn!("writing the cluster upgrade's record: {e}");
+                }
+                tracing::info!("cluster upgrade: {}", next.message);
+                Some(next)
+            }
+            None => Some(state),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// The node's local metrics endpoints: the balancer's and the log monitor's.
@@ -163,6 +237,24 @@ pub fn default_scrape(node_address: std::net::Ipv4Addr) -> Vec<String> {
     [api::ports::BALANCER_METRICS, api::ports::LOGMON_METRICS]
         .map(|port| api::ports::local_addr(node_address, port).to_string())
         .to_vec()
+}
+
+/// The server's shared state from its configuration.
+fn context(config: Config, peers: Option<peer::PeerClient>) -> Arc<Ctx> {
+    Arc::new(Ctx {
+        cluster: config.cluster,
+        node: config.node,
+        socket: config.socket,
+        scrape: config.scrape,
+        scraper: scraper(),
+        run_dir: config.run_dir,
+        alerts: config.alerts,
+        peers,
+        state_dir: config.state_dir,
+        update_keyring: config.update_keyring,
+        upgrading: AtomicBool::new(false),
+        limits: install::Limits::default(),
+    })
 }
 
 /// Serves the admin port until SIGTERM.
@@ -173,16 +265,7 @@ pub fn run(config: Config) -> Result<(), Error> {
         None => None,
     };
     let listen = config.listen;
-    let ctx = Arc::new(Ctx {
-        cluster: config.cluster,
-        node: config.node,
-        socket: config.socket,
-        scrape: config.scrape,
-        scraper: scraper(),
-        run_dir: config.run_dir,
-        alerts: config.alerts,
-        peers,
-    });
+    let ctx = context(config, peers);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -190,7 +273,16 @@ pub fn run(config: Config) -> Result<(), Error> {
             what: "starting the admin server's runtime".into(),
             source,
         })?;
-    runtime.block_on(serve(listen, tls, ctx))
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|source| Error::Server {
+                what: format!("binding {listen}"),
+                source,
+            })?;
+        tracing::info!(%listen, "admin server listening");
+        serve(listener, tls, ctx).await
+    })
 }
 
 /// TLS for the admin port: the node certificate from the seed with optional client
@@ -277,17 +369,10 @@ fn self_signed(dir: &Path, cluster: &Cluster, node: &Node) -> Result<(PathBuf, P
 }
 
 async fn serve(
-    listen: SocketAddr,
+    listener: tokio::net::TcpListener,
     tls: Arc<rustls::ServerConfig>,
     ctx: Arc<Ctx>,
 ) -> Result<(), Error> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|source| Error::Server {
-            what: format!("binding {listen}"),
-            source,
-        })?;
-    tracing::info!(%listen, "admin server listening");
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|source| Error::Server {
@@ -332,7 +417,7 @@ async fn serve(
             let service = hyper::service::service_fn(move |req| {
                 let ctx = ctx.clone();
                 let peer_name = peer_name.clone();
-                async move { Ok::<_, Infallible>(route(&ctx, req, peer_name.as_deref()).await) }
+                async move { Ok::<_, Infallible>(route(&ctx, req, peer, peer_name.as_deref()).await) }
             });
             let io = hyper_util::rt::TokioIo::new(tls);
             let conn = hyper::server::conn::http1::Builder::new()
@@ -380,7 +465,12 @@ fn peer_node<'c>(cluster: &'c Cluster, leaf: &CertificateDer<'_>) -> Option<&'c 
     })
 }
 
-async fn route(ctx: &Arc<Ctx>, req: Request<Incoming>, peer: Option<&str>) -> Resp {
+async fn route(
+    ctx: &Arc<Ctx>,
+    req: Request<Incoming>,
+    client: SocketAddr,
+    peer: Option<&str>,
+) -> Resp {
     let path = req.uri().path();
     if path.starts_with("/api/peer/") && peer.is_none() {
         return reply(
@@ -397,6 +487,33 @@ async fn route(ctx: &Arc<Ctx>, req: Request<Incoming>, peer: Option<&str>) -> Re
         let ctx = ctx.clone();
         let peer = peer.unwrap_or_default().to_string();
         return blocking(move || peer_signal(&ctx, &query, &peer)).await;
+    }
+    if let INSTALL_PATH | peer::UPDATE_PATH | CLUSTER_UPGRADE_PATH = path {
+        if req.method() != Method::POST {
+            return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only POST\n");
+        }
+        let path = path.to_string();
+        let (head, mut body) = req.into_parts();
+        let answer = match path.as_str() {
+            CLUSTER_UPGRADE_PATH => start_cluster_upgrade(ctx, &head, &mut body).await,
+            INSTALL_PATH => upload(ctx, &head, &mut body, format!("upload from {client}")).await,
+            _ => {
+                let origin = format!("peer {}", peer.unwrap_or_default());
+                upload(ctx, &head, &mut body, origin).await
+            }
+        };
+        if !matches!(
+            answer.status,
+            StatusCode::OK
+                | StatusCode::ACCEPTED
+                | StatusCode::PAYLOAD_TOO_LARGE
+                | StatusCode::REQUEST_TIMEOUT
+        ) {
+            // Refused while the client may still be sending: read the rest (within the
+            // limits), since a client reads no answer before it has sent its body.
+            install::drain(&mut body, ctx.limits).await;
+        }
+        return reply(answer.status, "application/json", answer.json);
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n");
@@ -439,6 +556,29 @@ async fn route(ctx: &Arc<Ctx>, req: Request<Incoming>, peer: Option<&str>) -> Re
             "text/plain",
             format!("pong from {}\n", ctx.node.name),
         ),
+        peer::UPDATE_STATUS_PATH => match ctx.update_status() {
+            Ok(status) => reply(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_string(&status).unwrap_or_default(),
+            ),
+            Err(e) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("{e}\n"),
+            ),
+        },
+        peer::HEALTH_PATH => {
+            blocking(move || {
+                let health = node_health(&ctx);
+                reply(
+                    StatusCode::OK,
+                    "application/json",
+                    serde_json::to_string(&health).unwrap_or_default(),
+                )
+            })
+            .await
+        }
         peer::VIP_PATH => match peer::own_vip(&ctx.run_dir.join(api::vip::RUN_SUBDIR)) {
             Ok(status) => reply(StatusCode::OK, "application/json", status.to_json()),
             Err(e) => reply(
@@ -448,6 +588,202 @@ async fn route(ctx: &Arc<Ctx>, req: Request<Incoming>, peer: Option<&str>) -> Re
             ),
         },
         _ => reply(StatusCode::NOT_FOUND, "text/plain", "not found\n"),
+    }
+}
+
+/// `POST /api/update/install?force=0|1&reboot=0|1&trial_timeout=SECS`: the request body is a
+/// bundle, streamed into this node's update service as it arrives.
+const INSTALL_PATH: &str = "/api/update/install";
+/// `POST /api/cluster/upgrade?trial_timeout=SECS`: the request body is a bundle, spooled
+/// (verified as it streams) and rolled out to the cluster in the background.
+const CLUSTER_UPGRADE_PATH: &str = "/api/cluster/upgrade";
+
+/// An install of the request's body through the update socket; `origin` names the client.
+async fn upload(
+    ctx: &Ctx,
+    head: &hyper::http::request::Parts,
+    body: &mut Incoming,
+    origin: String,
+) -> install::Answer {
+    let query = match install::parse_query(head.uri.query().unwrap_or("")) {
+        Ok(q) => q,
+        Err(e) => return install::Answer::error(StatusCode::BAD_REQUEST, e),
+    };
+    let size = match install::declared_size(&head.headers, ctx.limits) {
+        Ok(size) => size,
+        Err(answer) => return answer,
+    };
+    tracing::info!(%origin, ?size, force = query.force, reboot = query.reboot, "bundle upload");
+    let request = api::update::Request::Install {
+        force: query.force,
+        reboot: query.reboot,
+        trial_timeout_secs: query.trial_timeout_secs,
+        size,
+        origin: origin.clone(),
+    };
+    let answer = install::stream_install(&ctx.update_socket(), &request, body, ctx.limits).await;
+    tracing::info!(%origin, status = %answer.status, "bundle upload: {}", answer.json);
+    answer
+}
+
+/// Spools the request's bundle and starts the cluster upgrade on a thread (one at a time).
+async fn start_cluster_upgrade(
+    ctx: &Arc<Ctx>,
+    head: &hyper::http::request::Parts,
+    body: &mut Incoming,
+) -> install::Answer {
+    if ctx.upgrading.swap(true, Ordering::SeqCst) {
+        return install::Answer::error(
+            StatusCode::CONFLICT,
+            "a cluster upgrade is already running",
+        );
+    }
+    let answer = spool_and_start(ctx, head, body).await;
+    if answer.status != StatusCode::ACCEPTED {
+        ctx.upgrading.store(false, Ordering::SeqCst);
+    }
+    answer
+}
+
+async fn spool_and_start(
+    ctx: &Arc<Ctx>,
+    head: &hyper::http::request::Parts,
+    body: &mut Incoming,
+) -> install::Answer {
+    use install::Answer;
+    let query = match install::parse_query(head.uri.query().unwrap_or("")) {
+        Ok(q) if !q.force && !q.reboot => q,
+        Ok(_) => {
+            return Answer::error(
+                StatusCode::BAD_REQUEST,
+                "a cluster upgrade takes only trial_timeout (every node reboots; no force)",
+            )
+        }
+        Err(e) => return Answer::error(StatusCode::BAD_REQUEST, e),
+    };
+    if let Err(answer) = install::declared_size(&head.headers, ctx.limits) {
+        return answer;
+    }
+    let trial = query
+        .trial_timeout_secs
+        .unwrap_or(api::update::DEFAULT_TRIAL_TIMEOUT_SECS);
+    let dir = upgrade::upgrade_dir(&ctx.state_dir);
+    if let Err(e) = private_dir(&dir) {
+        return Answer::error(StatusCode::INTERNAL_SERVER_ERROR, e);
+    }
+    let keys = match update::keys::read_keyring(&ctx.update_keyring) {
+        Ok(keys) => keys,
+        Err(e) => return Answer::error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    };
+    let running = ctx.update_status().ok().map(|s| s.version);
+    let dest = dir.join(upgrade::SPOOL_FILE);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
+    let spool_dest = dest.clone();
+    let verifier = tokio::task::spawn_blocking(move || {
+        let running = match running.as_deref().map(update::Version::parse) {
+            Some(Ok(v)) => Some(v),
+            _ => None,
+        };
+        let policy = update::Policy {
+            trusted: &keys,
+            product: update::PRODUCT,
+            compatible: update::COMPATIBLE,
+            running: running.as_ref(),
+            force: false,
+        };
+        install::spool_verified(install::ChannelReader::new(rx), &spool_dest, &policy)
+    });
+    let mut sent = 0u64;
+    let cut = loop {
+        match install::next_chunk(body, ctx.limits, &mut sent).await {
+            Ok(Some(data)) => {
+                if tx.send(data).await.is_err() {
+                    // The verifier stopped reading: it refused the bundle.
+                    break None;
+                }
+            }
+            Ok(None) => break None,
+            Err(end) => break Some(end),
+        }
+    };
+    drop(tx);
+    let verified = verifier.await;
+    if let Some(end) = cut {
+        // The verifier saw a truncated bundle and removed its temporary file.
+        return install::body_end_answer(end, ctx.limits);
+    }
+    let version = match verified {
+        Ok(Ok(version)) => version,
+        Ok(Err(e)) => return Answer::error(StatusCode::UNPROCESSABLE_ENTITY, e.to_string()),
+        Err(e) => return Answer::error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    };
+    tracing::info!(%version, bytes = sent, "cluster upgrade: bundle spooled and verified");
+    let state_file = upgrade::state_file(&ctx.state_dir);
+    let thread_ctx = ctx.clone();
+    let thread_version = version.clone();
+    let started = std::thread::Builder::new()
+        .name("cluster-upgrade".into())
+        .spawn(move || {
+            let ctx = thread_ctx;
+            let socket = ctx.update_socket();
+            let mut fleet = upgrade::Live {
+                cluster: &ctx.cluster,
+                peers: ctx.peers.as_ref(),
+                bundle: &dest,
+                update_socket: &socket,
+                trial_timeout_secs: trial,
+            };
+            let end = upgrade::run_recorded(
+                &mut fleet,
+                &ctx.cluster,
+                &ctx.node,
+                &thread_version,
+                trial,
+                Some(&state_file),
+                &mut |state| tracing::info!("cluster upgrade: {}", state.message),
+            );
+            tracing::info!("cluster upgrade ended: {}", end.message);
+            ctx.upgrading.store(false, Ordering::SeqCst);
+        });
+    match started {
+        Ok(_) => Answer {
+            status: StatusCode::ACCEPTED,
+            json: serde_json::json!({
+                "version": version,
+                "bytes": sent,
+                "message": format!("upgrading the cluster to {version}; progress in /api/status"),
+            })
+            .to_string(),
+        },
+        Err(e) => Answer::error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+/// Makes `dir` (and its parents) and narrows it to 0700.
+fn private_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)))
+        .map_err(|e| format!("making {}: {e}", dir.display()))
+}
+
+/// This node's health for the peer API: every supervised service ready.
+fn node_health(ctx: &Ctx) -> peer::NodeHealth {
+    match services(ctx) {
+        Ok(services) => peer::NodeHealth {
+            node: ctx.node.name.clone(),
+            not_ready: services
+                .into_iter()
+                .filter(|s| !s.ready)
+                .map(|s| s.name)
+                .collect(),
+            error: None,
+        },
+        Err(e) => peer::NodeHealth {
+            node: ctx.node.name.clone(),
+            not_ready: Vec::new(),
+            error: Some(e),
+        },
     }
 }
 
@@ -555,6 +891,9 @@ fn gather(ctx: &Ctx) -> StatusView {
         alerts,
         facts,
         degraded: api::storage::Degraded::read_all(&ctx.run_dir),
+        update: ctx.update_status(),
+        cluster_upgrade: ctx.cluster_upgrade(),
+        now_unix_ms: unix_ms(),
     }
 }
 
@@ -642,6 +981,17 @@ struct StatusJson<'a> {
     vip: &'a [(String, Option<api::vip::VipStatus>)],
     /// Why the node runs degraded; empty when it does not.
     degraded: &'a [api::storage::Degraded],
+    /// The update service's status, or why it could not be read.
+    update: UpdateJson<'a>,
+    /// The last cluster upgrade's record (`null`: none ever ran here).
+    cluster_upgrade: Option<&'a upgrade::UpgradeState>,
+}
+
+#[derive(Serialize)]
+#[serde(untagged)]
+enum UpdateJson<'a> {
+    Status(&'a UpdateStatus),
+    Error(&'a str),
 }
 
 impl<'a> From<&'a StatusView> for StatusJson<'a> {
@@ -651,6 +1001,11 @@ impl<'a> From<&'a StatusView> for StatusJson<'a> {
             node: &v.node,
             vip: &v.vip,
             degraded: &v.degraded,
+            update: match &v.update {
+                Ok(status) => UpdateJson::Status(status),
+                Err(e) => UpdateJson::Error(e),
+            },
+            cluster_upgrade: v.cluster_upgrade.as_ref(),
             services: v.services.as_ref().ok().map(Vec::as_slice),
             error: v.services.as_ref().err().map(String::as_str),
         }
@@ -678,7 +1033,43 @@ fn metrics(ctx: &Ctx) -> String {
         }
     }
     out.push_str(&up);
+    out.push_str(&update_metrics(&ctx.update_status()));
     out
+}
+
+/// Prometheus text for the update state (pure); nothing when there is no status.
+fn update_metrics(status: &Result<UpdateStatus, String>) -> String {
+    let Ok(status) = status else {
+        return String::new();
+    };
+    let label = |v: &str| {
+        v.replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+    };
+    let (done, total) = status
+        .install
+        .as_ref()
+        .map_or((0, 0), |i| (i.done, i.total));
+    format!(
+        "# HELP tandem_version_info The running image's version and booted slot.\n\
+         # TYPE tandem_version_info gauge\n\
+         tandem_version_info{{version=\"{}\",slot=\"{}\"}} 1\n\
+         # HELP tandem_update_boot_blessed Whether the booted slot is blessed (not on trial).\n\
+         # TYPE tandem_update_boot_blessed gauge\n\
+         tandem_update_boot_blessed {}\n\
+         # HELP tandem_update_install_bytes The current or last install's verified bytes.\n\
+         # TYPE tandem_update_install_bytes gauge\n\
+         tandem_update_install_bytes{{kind=\"done\"}} {done}\n\
+         tandem_update_install_bytes{{kind=\"total\"}} {total}\n\
+         # HELP tandem_update_bad_versions Versions that failed their trial on this node.\n\
+         # TYPE tandem_update_bad_versions gauge\n\
+         tandem_update_bad_versions {}\n",
+        label(&status.version),
+        label(&status.booted_slot),
+        u8::from(status.boot == api::update::Boot::Blessed),
+        status.bad_versions.len()
+    )
 }
 
 /// Prometheus text for the supervised services (pure).

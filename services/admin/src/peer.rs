@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use api::files::{FileName, CA_CERT, NODE_CERT, NODE_KEY};
+use api::update::{Event, UpdateStatus};
 use api::vip::VipStatus;
 use cluster_config::{Cluster, Node};
 
@@ -19,15 +20,51 @@ const MAX_ANSWER_BYTES: u64 = 1 << 20;
 /// The peer API's floating-IP view.
 pub(crate) const VIP_PATH: &str = "/api/peer/vip";
 
+/// The peer API's view of a node's health (every service ready).
+pub(crate) const HEALTH_PATH: &str = "/api/peer/health";
+/// The peer API's update status ([`api::update::UpdateStatus`]).
+pub(crate) const UPDATE_STATUS_PATH: &str = "/api/peer/update-status";
+/// The peer API's install: the bundle as the request body.
+pub(crate) const UPDATE_PATH: &str = "/api/peer/update";
+/// An install over the peer API takes minutes under emulation (the answer comes once it is
+/// done).
+const INSTALL_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// A node's health as the peer API reports it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct NodeHealth {
+    pub(crate) node: String,
+    /// Services that are not ready.
+    pub(crate) not_ready: Vec<String>,
+    /// Why the supervisor could not be asked.
+    pub(crate) error: Option<String>,
+}
+
+impl NodeHealth {
+    /// Healthy: the supervisor answered and every service is ready.
+    pub(crate) fn healthy(&self) -> bool {
+        self.error.is_none() && self.not_ready.is_empty()
+    }
+
+    /// Why it is not healthy, in a few words.
+    pub(crate) fn describe(&self) -> String {
+        match &self.error {
+            Some(e) => format!("supervisor unreachable ({e})"),
+            None if self.not_ready.is_empty() => "healthy".into(),
+            None => format!("{} not ready", self.not_ready.join(", ")),
+        }
+    }
+}
+
 /// An HTTPS client that authenticates as this node.
-pub(crate) struct PeerClient {
+pub struct PeerClient {
     agent: ureq::Agent,
 }
 
 impl PeerClient {
     /// The client of the node whose TLS directory is `dir`, or `None` when it holds no node
     /// certificate (a developer machine: no peer API there).
-    pub(crate) fn from_dir(dir: &Path) -> Result<Option<PeerClient>, Error> {
+    pub fn from_dir(dir: &Path) -> Result<Option<PeerClient>, Error> {
         if !dir.join(NODE_CERT).exists() {
             return Ok(None);
         }
@@ -87,6 +124,97 @@ impl PeerClient {
             from: peer.name.clone(),
             detail,
         })
+    }
+
+    /// The peer's health: whether every service there is ready.
+    pub(crate) fn health(&self, cluster: &Cluster, peer: &Node) -> Result<NodeHealth, FetchError> {
+        let body = self.get(cluster, peer, HEALTH_PATH)?;
+        serde_json::from_str(&body).map_err(|e| FetchError::Format {
+            from: peer.name.clone(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// The peer's update status (its running version, boot state, slots, bad versions).
+    pub fn update_status(
+        &self,
+        cluster: &Cluster,
+        peer: &Node,
+    ) -> Result<UpdateStatus, FetchError> {
+        let body = self.get(cluster, peer, UPDATE_STATUS_PATH)?;
+        serde_json::from_str(&body).map_err(|e| FetchError::Format {
+            from: peer.name.clone(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// Sends the bundle at `bundle` to `peer` (streamed from the file) and has it installed
+    /// there; returns the peer's `done` event. A refusal is [`FetchError::Refused`] with the
+    /// peer's message. Waits as long as the install takes (up to an hour).
+    pub fn post_bundle(
+        &self,
+        cluster: &Cluster,
+        peer: &Node,
+        bundle: &Path,
+        force: bool,
+        reboot: bool,
+        trial_timeout_secs: Option<u64>,
+    ) -> Result<Event, FetchError> {
+        let mut url = format!(
+            "{}?force={}&reboot={}",
+            Self::url(cluster, peer, UPDATE_PATH),
+            u8::from(force),
+            u8::from(reboot)
+        );
+        if let Some(secs) = trial_timeout_secs {
+            url.push_str(&format!("&trial_timeout={secs}"));
+        }
+        let file = std::fs::File::open(bundle).map_err(|e| FetchError::Format {
+            from: bundle.display().to_string(),
+            detail: format!("opening: {e}"),
+        })?;
+        let request = |source| FetchError::Post {
+            url: url.clone(),
+            source,
+        };
+        let mut resp = self
+            .agent
+            .post(&url)
+            .header("content-type", "application/octet-stream")
+            .config()
+            .timeout_global(Some(INSTALL_TIMEOUT))
+            .build()
+            .send(file)
+            .map_err(request)?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .body_mut()
+            .with_config()
+            .limit(MAX_ANSWER_BYTES)
+            .read_to_string()
+            .map_err(request)?;
+        if status != 200 {
+            let message = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+                .unwrap_or_else(|| body.trim().chars().take(200).collect());
+            return Err(FetchError::Refused {
+                url,
+                status,
+                message,
+            });
+        }
+        match serde_json::from_str::<Event>(&body) {
+            Ok(done @ Event::Done { .. }) => Ok(done),
+            Ok(other) => Err(FetchError::Format {
+                from: peer.name.clone(),
+                detail: format!("unexpected answer {other:?}"),
+            }),
+            Err(e) => Err(FetchError::Format {
+                from: peer.name.clone(),
+                detail: e.to_string(),
+            }),
+        }
     }
 }
 
