@@ -88,6 +88,7 @@ pub fn main(args: AdminArgs) -> anyhow::Result<ExitCode> {
         tls_dir,
         scrape,
         alerts,
+        update_keyring: api::files::IMAGE_UPDATE_KEYRING.into(),
     })?;
     Ok(ExitCode::SUCCESS)
 }

@@ -88,6 +88,11 @@ enum Command {
         #[command(subcommand)]
         command: appliance::update_cmd::UpdateCommand,
     },
+    /// The whole cluster: a rolling upgrade to a signed bundle.
+    Cluster {
+        #[command(subcommand)]
+        command: appliance::update_cmd::ClusterCommand,
+    },
     /// The update service (a supervised service on an image: installs, blessing, rollback).
     #[command(hide = true)]
     Updater(appliance::updater::UpdaterArgs),
@@ -209,6 +214,7 @@ fn run_command(command: Command) -> anyhow::Result<ExitCode> {
         } => appliance::control::signal(&target, &service, &signal),
         Command::Update { command } => appliance::update_cmd::main(command),
         Command::Updater(args) => appliance::updater::main(args),
+        Command::Cluster { command } => appliance::update_cmd::cluster_main(command),
         Command::Supervise { spec, state_dir } => {
             appliance::logmon_cmd::supervise(&spec, &state_dir)
         }

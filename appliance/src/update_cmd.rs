@@ -52,6 +52,56 @@ pub enum UpdateCommand {
     },
 }
 
+/// `appliance cluster …`.
+#[derive(Debug, clap::Subcommand)]
+pub enum ClusterCommand {
+    /// Upgrade every node to a signed bundle, one node at a time: the other nodes first (each
+    /// only while the rest are healthy, sent the bundle over the peer API, rebooted, waited for
+    /// until blessed), this node last. Stops at the first node that fails.
+    Upgrade {
+        /// The bundle file.
+        bundle: PathBuf,
+        /// Seconds each new slot has, after it boots, to bring every service up and keep it up.
+        #[arg(long, value_name = "SECS")]
+        trial_timeout: Option<u64>,
+        #[command(flatten)]
+        node: crate::args::NodeArgs,
+    },
+}
+
+/// Runs an `appliance cluster` subcommand (on an image: the seed names the node and holds
+/// its peer certificate).
+pub fn cluster_main(command: ClusterCommand) -> anyhow::Result<ExitCode> {
+    let ClusterCommand::Upgrade {
+        bundle,
+        trial_timeout,
+        node,
+    } = command;
+    let (cluster, me) = node.load()?;
+    let layout = crate::layout::Layout::image();
+    let peers = admin::peer::PeerClient::from_dir(&layout.tls)?
+        .context("no node certificate in the seed: the peer API needs one")?;
+    let options = admin::upgrade::UpgradeOptions {
+        trial_timeout_secs: trial_timeout.unwrap_or(api::update::DEFAULT_TRIAL_TIMEOUT_SECS),
+        keyring: api::files::IMAGE_UPDATE_KEYRING.into(),
+        state_file: Some(admin::upgrade::state_file(&layout.state)),
+    };
+    let end = admin::upgrade::cluster_upgrade(
+        &bundle,
+        &cluster,
+        &me,
+        &peers,
+        &layout.run.join(api::update::SOCKET_FILE),
+        &options,
+        &mut |state| eprintln!("{}", state.message),
+    )?;
+    println!("{}", end.message);
+    Ok(match end.outcome {
+        admin::upgrade::Outcome::Failed => ExitCode::FAILURE,
+        admin::upgrade::Outcome::Done | admin::upgrade::Outcome::Running => ExitCode::SUCCESS,
+    })
+}
+
 /// Where the update service's socket and status are.
 #[derive(Debug, clap::Args)]
 pub struct RunDir {

@@ -459,7 +459,7 @@ impl Updater {
             } => {
                 let Ok(_one) = self.install_lock.try_lock() else {
                     let _ = send(&Event::Failed {
-                        message: "an install is already running on this node".into(),
+                        message: api::update::INSTALL_BUSY.into(),
                     });
                     return Ok(());
                 };

@@ -20,7 +20,7 @@ pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest bundle accepted.
 pub(crate) const MAX_BUNDLE_BYTES: u64 = 2 << 30;
 /// The update service's answer to a second install runs while one is: its message says so.
-const BUSY_WORDS: &str = "install is running";
+const BUSY_WORDS: &str = api::update::INSTALL_BUSY;
 
 /// How to install, from the query string `force=0|1&reboot=0|1&trial_timeout=SECS`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -351,6 +351,50 @@ pub(crate) fn install_file(
     Err("the update service closed without an answer".into())
 }
 
+/// `slot=a|b&reboot=0|1` of a boot-once request.
+pub(crate) fn parse_boot_once(query: &str) -> Result<UpdateRequest, String> {
+    let mut slot = None;
+    let mut reboot = false;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("slot", v @ ("a" | "b"))) => slot = Some(v.to_string()),
+            Some(("slot", v)) => return Err(format!("slot={v}: expected a or b")),
+            Some(("reboot", "1")) => reboot = true,
+            Some(("reboot", "0")) => reboot = false,
+            _ => return Err(format!("unexpected query parameter {pair:?}")),
+        }
+    }
+    let slot = slot.ok_or("slot=a|b is required")?;
+    Ok(UpdateRequest::BootOnce { slot, reboot })
+}
+
+/// Sends one request without a body to the update service at `socket` and returns its last
+/// event.
+pub(crate) fn request_once(socket: &Path, request: &UpdateRequest) -> Result<Event, String> {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).map_err(|e| {
+        format!(
+            "the update service is not running (no answer on {}: {e})",
+            socket.display()
+        )
+    })?;
+    let mut line = serde_json::to_string(request).map_err(|e| e.to_string())?;
+    line.push('\n');
+    stream
+        .write_all(line.as_bytes())
+        .and_then(|()| stream.shutdown(std::net::Shutdown::Write))
+        .map_err(|e| format!("asking the update service: {e}"))?;
+    let reader = std::io::BufReader::new(&stream);
+    for line in reader.lines() {
+        let line = line.map_err(|e| format!("reading the update service's answer: {e}"))?;
+        match serde_json::from_str::<Event>(&line) {
+            Ok(Event::Progress { .. }) => continue,
+            Ok(last) => return Ok(last),
+            Err(e) => return Err(format!("unreadable answer {line:?}: {e}")),
+        }
+    }
+    Err("the update service closed without an answer".into())
+}
+
 /// Writes what a [`Spool`] reader passes through: held in memory until the bundle's signature
 /// is verified, then into the temporary file (made only then).
 struct SpoolFile {
@@ -514,6 +558,20 @@ const MAX_TAIL_BYTES: u64 = 64 * 1024;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn boot_once_queries_name_a_slot() {
+        assert_eq!(
+            parse_boot_once("slot=a&reboot=1").unwrap(),
+            UpdateRequest::BootOnce {
+                slot: "a".into(),
+                reboot: true
+            }
+        );
+        assert!(parse_boot_once("reboot=1").unwrap_err().contains("slot"));
+        assert!(parse_boot_once("slot=c").unwrap_err().contains("a or b"));
+        assert!(parse_boot_once("slot=a&x=1").is_err());
+    }
 
     #[test]
     fn query_values_are_checked() {

@@ -488,6 +488,25 @@ async fn route(
         let peer = peer.unwrap_or_default().to_string();
         return blocking(move || peer_signal(&ctx, &query, &peer)).await;
     }
+    if path == BOOT_ONCE_PATH {
+        if req.method() != Method::POST {
+            return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only POST\n");
+        }
+        let query = req.uri().query().unwrap_or("").to_string();
+        let socket = ctx.update_socket();
+        tracing::info!(%client, %query, "boot-once request");
+        return blocking(move || {
+            let answer = match install::parse_boot_once(&query) {
+                Ok(request) => match install::request_once(&socket, &request) {
+                    Ok(event) => install::answer_for(&event),
+                    Err(e) => install::Answer::error(StatusCode::SERVICE_UNAVAILABLE, e),
+                },
+                Err(e) => install::Answer::error(StatusCode::BAD_REQUEST, e),
+            };
+            reply(answer.status, "application/json", answer.json)
+        })
+        .await;
+    }
     if let INSTALL_PATH | peer::UPDATE_PATH | CLUSTER_UPGRADE_PATH = path {
         if req.method() != Method::POST {
             return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only POST\n");
@@ -594,6 +613,9 @@ async fn route(
 /// `POST /api/update/install?force=0|1&reboot=0|1&trial_timeout=SECS`: the request body is a
 /// bundle, streamed into this node's update service as it arrives.
 const INSTALL_PATH: &str = "/api/update/install";
+/// `POST /api/update/boot-once?slot=a|b&reboot=0|1`: boot the slot once at the next boot (to
+/// try the other slot by hand); the default stays.
+const BOOT_ONCE_PATH: &str = "/api/update/boot-once";
 /// `POST /api/cluster/upgrade?trial_timeout=SECS`: the request body is a bundle, spooled
 /// (verified as it streams) and rolled out to the cluster in the background.
 const CLUSTER_UPGRADE_PATH: &str = "/api/cluster/upgrade";
@@ -690,6 +712,7 @@ async fn spool_and_start(
             compatible: update::COMPATIBLE,
             running: running.as_ref(),
             force: false,
+            known_bad: &[],
         };
         install::spool_verified(install::ChannelReader::new(rx), &spool_dest, &policy)
     });

@@ -234,6 +234,7 @@ pub(crate) fn bundle_version(bundle: &Path, keyring: &Path) -> Result<String, up
         compatible: update::COMPATIBLE,
         running: None,
         force: true,
+        known_bad: &[],
     };
     let opened = update::Bundle::open(&mut source, &policy)?;
     Ok(opened.manifest().version.clone())

@@ -28,6 +28,10 @@ pub const TRIAL_TIMEOUT_PARAM: &str = "tandem.trial_timeout";
 /// Kernel command-line parameter naming the booted slot (`a` or `b`).
 pub const SLOT_PARAM: &str = "tandem.slot";
 
+/// What the service's `failed` event says when another install holds the node (clients answer
+/// "busy" on it, not "refused").
+pub const INSTALL_BUSY: &str = "an install is running on this node";
+
 /// The first line a client sends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "snake_case", deny_unknown_fields)]
