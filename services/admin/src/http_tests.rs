@@ -128,7 +128,7 @@ fn fake_update_service(socket: &Path) -> Arc<Fake> {
                         message: "bundle signature: no trusted key verifies it".into(),
                     },
                     Mode::Busy => Event::Failed {
-                        message: "refused: an install is running (upload from 10.0.0.9)".into(),
+                        message: api::update::INSTALL_BUSY.into(),
                     },
                     Mode::Accept => {
                         let mut total = 0u64;

@@ -615,7 +615,7 @@ mod tests {
             StatusCode::UNPROCESSABLE_ENTITY
         );
         assert_eq!(
-            failed("refused: an install is running (from upload)").status,
+            failed(api::update::INSTALL_BUSY).status,
             StatusCode::CONFLICT
         );
         assert_eq!(failed("x").json, r#"{"error":"x"}"#);
