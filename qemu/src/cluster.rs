@@ -58,6 +58,10 @@ pub struct ClusterSpec {
     /// The client's address on the cluster LAN, and the LAN's prefix length.
     pub client: Ipv4Addr,
     pub prefix: u8,
+    /// Make each VM's disk this much larger than its image (a real server's disk is larger
+    /// than the image written to it; the node grows its data partition into the rest on the
+    /// first boot). 0: the image's size.
+    pub extra_disk_bytes: u64,
 }
 
 impl ClusterSpec {
@@ -70,6 +74,7 @@ impl ClusterSpec {
             work_dir: work_dir.into(),
             client: DEFAULT_CLIENT,
             prefix: DEFAULT_PREFIX,
+            extra_disk_bytes: 0,
         }
     }
 
@@ -229,7 +234,7 @@ impl Cluster {
                     machine.qmp_socket.display()
                 )));
             }
-            make_overlay(&node.image, &machine.disk)?;
+            make_overlay(&node.image, &machine.disk, spec.extra_disk_bytes)?;
             std::fs::copy(tools::OVMF_VARS, &machine.vars)
                 .map_err(|e| Error::io("copying the UEFI variable store", &machine.vars, e))?;
             // A fresh log per cluster; restarts of a VM append to it.
@@ -804,8 +809,9 @@ impl Drop for Vm {
     }
 }
 
-/// `qemu-img create` an overlay at `overlay` backed by `image` (absolute path, format by extension).
-fn make_overlay(image: &Path, overlay: &Path) -> Result<()> {
+/// `qemu-img create` an overlay at `overlay` backed by `image` (absolute path, format by
+/// extension), `extra` bytes larger than the image.
+fn make_overlay(image: &Path, overlay: &Path, extra: u64) -> Result<()> {
     let image = std::fs::canonicalize(image)
         .map_err(|e| Error::io("resolving the node image", image, e))?;
     let _ = std::fs::remove_file(overlay);
@@ -822,9 +828,31 @@ fn make_overlay(image: &Path, overlay: &Path) -> Result<()> {
                 "-b",
             ])
             .arg(&image)
-            .arg(overlay),
+            .arg(overlay)
+            .args(match extra {
+                0 => None,
+                extra => Some((virtual_size(&image)? + extra).to_string()),
+            }),
     )
     .map(|_| ())
+}
+
+/// The virtual size of a disk image in bytes (`qemu-img info`).
+fn virtual_size(image: &Path) -> Result<u64> {
+    let qemu_img = tools::find(tools::QEMU_IMG)?;
+    let out = run_checked(
+        Command::new(qemu_img)
+            .args(["info", "-U", "--output=json"])
+            .arg(image),
+    )?;
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .map_err(|e| Error::Spec(format!("qemu-img info {}: {e}", image.display())))?;
+    info["virtual-size"].as_u64().ok_or_else(|| {
+        Error::Spec(format!(
+            "qemu-img info {}: no virtual-size",
+            image.display()
+        ))
+    })
 }
 
 /// curl's stdout with `-w '\n%{http_code}'`: the body, a newline, the status.
@@ -853,6 +881,25 @@ mod tests {
         ClusterSpec::new("/tmp/w")
             .node("server1", Ipv4Addr::new(10, 88, 0, 11), "/i/server1.qcow2")
             .node("server2", Ipv4Addr::new(10, 88, 0, 12), "/i/server2.qcow2")
+    }
+
+    #[test]
+    fn an_overlay_can_be_larger_than_its_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("node.qcow2");
+        let status = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&image)
+            .arg("64M")
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let same = dir.path().join("same.qcow2");
+        make_overlay(&image, &same, 0).unwrap();
+        assert_eq!(virtual_size(&same).unwrap(), 64 << 20);
+        let larger = dir.path().join("larger.qcow2");
+        make_overlay(&image, &larger, 1 << 30).unwrap();
+        assert_eq!(virtual_size(&larger).unwrap(), (64 << 20) + (1 << 30));
     }
 
     #[test]

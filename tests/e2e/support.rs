@@ -57,6 +57,12 @@ pub(crate) fn images(config: &cluster_config::Cluster) -> PathBuf {
 
 /// Boot every node of the default cluster from the images, each VM on a fresh overlay.
 pub(crate) fn boot_cluster() -> Cluster {
+    boot_cluster_with(0)
+}
+
+/// [`boot_cluster`] with each VM's disk `extra_disk_bytes` larger than its image (the data
+/// partition grows into it on the first boot).
+pub(crate) fn boot_cluster_with(extra_disk_bytes: u64) -> Cluster {
     let config = cluster_config();
     let images = images(&config);
     let id = qemu::unique_id();
@@ -64,6 +70,7 @@ pub(crate) fn boot_cluster() -> Cluster {
     spec.id = id;
     spec.client = std::net::Ipv4Addr::from(u32::from(config.subnet.addr) + 1);
     spec.prefix = config.subnet.prefix;
+    spec.extra_disk_bytes = extra_disk_bytes;
     for n in &config.nodes {
         spec = spec.node(&n.name, n.address, images.join(format!("{}.qcow2", n.name)));
     }

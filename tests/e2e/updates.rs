@@ -223,7 +223,8 @@ fn signed_updates_refuse_survive_power_cuts_roll_out_and_roll_back() {
     let bundles = bundles();
     let v2 = bundles.join("v2.bundle");
     let v3_bad = bundles.join("v3-bad.bundle");
-    let cluster = boot_cluster();
+    // A cluster upgrade keeps the bundle on the data partition: give it a real disk's room.
+    let cluster = boot_cluster_with(1 << 30);
     let work = cluster.work_dir().to_path_buf();
 
     for node in ["server1", "server2"] {

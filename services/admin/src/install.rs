@@ -402,10 +402,22 @@ struct SpoolFile {
     held: Vec<u8>,
     file: Option<std::fs::File>,
     verified: bool,
+    /// The first failed write (a full disk): the reason the spool failed, whatever the bundle
+    /// reader makes of the error it passes on.
+    write_error: Option<(std::io::ErrorKind, String)>,
 }
 
 impl SpoolFile {
     fn take(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        let result = self.write(bytes);
+        if let Err(e) = &result {
+            self.write_error
+                .get_or_insert_with(|| (e.kind(), e.to_string()));
+        }
+        result
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         if !self.verified {
             self.held.extend_from_slice(bytes);
             return Ok(());
@@ -489,8 +501,17 @@ pub(crate) fn spool_verified(
         held: Vec::new(),
         file: None,
         verified: false,
+        write_error: None,
     }));
     let result = verify_into(reader, &spool, policy);
+    // A failed write is the cause, not the "corrupt data" the bundle reader saw in its wake.
+    let result = match (result, spool.borrow_mut().write_error.take()) {
+        (Err(_), Some((kind, message))) => Err(update::Error::from_io(
+            &format!("writing the spool file {}", tmp.display()),
+            std::io::Error::new(kind, message),
+        )),
+        (result, _) => result,
+    };
     let result = result.and_then(|version| {
         let mut s = spool.borrow_mut();
         s.take(&[])
