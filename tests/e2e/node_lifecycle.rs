@@ -86,18 +86,7 @@ fn two_nodes_boot_serve_reboot_and_survive_a_power_cut() {
     step(
         &cluster,
         "the note survived the reboot, the power cut and the split on both nodes",
-        || {
-            for node in ["server2", "server1"] {
-                crate::services::wait_note(
-                    &cluster,
-                    &config,
-                    node,
-                    &note,
-                    crate::services::DB_TIMEOUT,
-                )?;
-            }
-            Ok(())
-        },
+        || crate::services::wait_note_everywhere(&cluster, &config, &note),
     );
 
     // Last, as it leaves server2 degraded.

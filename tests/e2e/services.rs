@@ -73,6 +73,18 @@ pub(crate) fn wait_note(
     })
 }
 
+/// [`wait_note`] on every node of the cluster, in turn.
+pub(crate) fn wait_note_everywhere(
+    cluster: &Cluster,
+    config: &cluster_config::Cluster,
+    text: &str,
+) -> qemu::Result<()> {
+    for node in &config.nodes {
+        wait_note(cluster, config, &node.name, text, DB_TIMEOUT)?;
+    }
+    Ok(())
+}
+
 /// `curl` exit code for a plain TCP connection attempt from the client: 0 connected (or
 /// answered), 7 refused, 28 timed out (dropped by a firewall).
 pub(crate) fn tcp_probe(cluster: &Cluster, addr: &str, port: u16) -> qemu::Result<i32> {

@@ -71,6 +71,27 @@ pub(crate) fn wait_update(
     timeout: Duration,
     ok: impl Fn(&Value) -> bool,
 ) -> qemu::Result<Value> {
+    wait_update_every(
+        cluster,
+        config,
+        node,
+        what,
+        timeout,
+        Duration::from_secs(2),
+        ok,
+    )
+}
+
+/// [`wait_update`], asking every `interval`.
+fn wait_update_every(
+    cluster: &Cluster,
+    config: &cluster_config::Cluster,
+    node: &str,
+    what: &str,
+    timeout: Duration,
+    interval: Duration,
+    ok: impl Fn(&Value) -> bool,
+) -> qemu::Result<Value> {
     let deadline = Instant::now() + timeout;
     loop {
         let last = match update_status(cluster, config, node) {
@@ -83,7 +104,29 @@ pub(crate) fn wait_update(
                 "{node}: {what} not within {timeout:?}; last: {last}"
             )));
         }
-        std::thread::sleep(Duration::from_secs(2));
+        std::thread::sleep(interval);
+    }
+}
+
+/// Where in an install the power is cut: fractions (below 1) of the root filesystem written,
+/// from `TANDEM_POWER_CUTS` (comma-separated) or three by default.
+fn power_cuts() -> Vec<f64> {
+    match std::env::var("TANDEM_POWER_CUTS") {
+        Ok(list) => list
+            .split(',')
+            .map(|f| {
+                let f: f64 = f
+                    .trim()
+                    .parse()
+                    .expect("TANDEM_POWER_CUTS: numbers such as 0.1,0.5");
+                assert!(
+                    (0.0..1.0).contains(&f),
+                    "TANDEM_POWER_CUTS: {f} is not below 1"
+                );
+                f
+            })
+            .collect(),
+        Err(_) => vec![0.15, 0.5, 0.9],
     }
 }
 
@@ -314,9 +357,10 @@ fn signed_updates_refuse_survive_power_cuts_roll_out_and_roll_back() {
         );
     }
 
-    // --- Power cut while the payload is written, at three moments.
+    // --- Power cut while the root filesystem is written, at three moments (more with
+    // `TANDEM_POWER_CUTS`: `bench/update-power-cuts.sh`).
     let vm1 = cluster.vm("server1").unwrap();
-    for fraction in [0.15, 0.5, 0.9] {
+    for fraction in power_cuts() {
         step(
             &cluster,
             &format!(
@@ -325,12 +369,13 @@ fn signed_updates_refuse_survive_power_cuts_roll_out_and_roll_back() {
             ),
             || {
                 let mut curl = upload_in_background(&cluster, &config, "server1", &v2)?;
-                let seen = wait_update(
+                let seen = wait_update_every(
                     &cluster,
                     &config,
                     "server1",
                     "the install under way",
                     INSTALL_TIMEOUT,
+                    Duration::from_millis(200),
                     |v| {
                         let i = &v["install"];
                         let (done, total) = (
@@ -341,8 +386,8 @@ fn signed_updates_refuse_survive_power_cuts_roll_out_and_roll_back() {
                     },
                 )?;
                 eprintln!(
-                    "    killing at {}/{} bytes",
-                    seen["install"]["done"], seen["install"]["total"]
+                    "    killing in phase {} at {}/{} bytes",
+                    seen["install"]["phase"], seen["install"]["done"], seen["install"]["total"]
                 );
                 vm1.kill()?;
                 let _ = curl.kill();
@@ -440,18 +485,7 @@ fn signed_updates_refuse_survive_power_cuts_roll_out_and_roll_back() {
     step(
         &cluster,
         "the note and the state DB survived the upgrade on both nodes",
-        || {
-            for node in ["server1", "server2"] {
-                crate::services::wait_note(
-                    &cluster,
-                    &config,
-                    node,
-                    &note,
-                    crate::services::DB_TIMEOUT,
-                )?;
-            }
-            Ok(())
-        },
+        || crate::services::wait_note_everywhere(&cluster, &config, &note),
     );
 
     // --- The old slot still boots when chosen by hand, once.

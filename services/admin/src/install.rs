@@ -339,7 +339,12 @@ pub(crate) fn install_file(
         // A refusal closes the socket early: the answer still says why.
         tracing::debug!("sending the bundle: {e}");
     }
-    let reader = std::io::BufReader::new(&stream);
+    last_event(&stream)
+}
+
+/// The update service's last event on `stream` (progress skipped).
+fn last_event(stream: &std::os::unix::net::UnixStream) -> Result<Event, String> {
+    let reader = std::io::BufReader::new(stream);
     for line in reader.lines() {
         let line = line.map_err(|e| format!("reading the update service's answer: {e}"))?;
         match serde_json::from_str::<Event>(&line) {
@@ -383,16 +388,7 @@ pub(crate) fn request_once(socket: &Path, request: &UpdateRequest) -> Result<Eve
         .write_all(line.as_bytes())
         .and_then(|()| stream.shutdown(std::net::Shutdown::Write))
         .map_err(|e| format!("asking the update service: {e}"))?;
-    let reader = std::io::BufReader::new(&stream);
-    for line in reader.lines() {
-        let line = line.map_err(|e| format!("reading the update service's answer: {e}"))?;
-        match serde_json::from_str::<Event>(&line) {
-            Ok(Event::Progress { .. }) => continue,
-            Ok(last) => return Ok(last),
-            Err(e) => return Err(format!("unreadable answer {line:?}: {e}")),
-        }
-    }
-    Err("the update service closed without an answer".into())
+    last_event(&stream)
 }
 
 /// Writes what a [`Spool`] reader passes through: held in memory until the bundle's signature
