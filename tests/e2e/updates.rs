@@ -425,7 +425,12 @@ fn signed_updates_refuse_survive_power_cuts_roll_out_and_roll_back() {
         config.floating_ip, config.ports.https
     );
     let probe = step(&cluster, "a client loop on the floating IP starts", || {
-        cluster.start_probe(ProbeOptions::new(vip_url.clone(), UPGRADE_TIMEOUT * 2))
+        // A patient client, as a browser is: a GET on a new connection every 100 ms, each
+        // given 5 s (the failover tests' 1 s would count the emulator's stalls as failures).
+        let mut options = ProbeOptions::new(vip_url.clone(), UPGRADE_TIMEOUT * 2);
+        options.interval = Duration::from_millis(100);
+        options.timeout = Duration::from_secs(5);
+        cluster.start_probe(options)
     });
     let started = Instant::now();
     step(
@@ -472,11 +477,21 @@ fn signed_updates_refuse_survive_power_cuts_roll_out_and_roll_back() {
         upgrade_time.as_secs_f64(),
         report.summary()
     );
+    let long: Vec<_> = report
+        .gaps
+        .iter()
+        .filter(|g| g.1 > Duration::from_secs(1))
+        .collect();
+    eprintln!("    gaps over 1 s (offset, length): {long:?}");
     step(
         &cluster,
-        "the client loop saw no failed GET during the upgrade",
+        "the client loop saw no failed GET but at the address's moves",
         || {
-            if report.failed > 0 || report.ok == 0 {
+            // A request in flight on the old holder when the address moves is reset (no
+            // connection state moves with it): at most one per move, and the holder moves once
+            // or twice in a two-node upgrade. Anything else (a timeout, a 5xx) fails.
+            let resets = report.errors.get("reset").copied().unwrap_or(0);
+            if report.ok == 0 || report.failed > resets || resets > 2 {
                 return Err(err(format!("probe: {}", report.summary())));
             }
             Ok(())

@@ -457,6 +457,8 @@ impl Updater {
                 size: _,
                 origin,
             } => {
+                // This thread is the install's: it yields the CPU to the node's services.
+                update::lower_thread_priority();
                 let Ok(_one) = self.install_lock.try_lock() else {
                     let _ = send(&Event::Failed {
                         message: api::update::INSTALL_BUSY.into(),

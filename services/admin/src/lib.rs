@@ -701,21 +701,37 @@ async fn spool_and_start(
     let dest = dir.join(upgrade::SPOOL_FILE);
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(8);
     let spool_dest = dest.clone();
-    let verifier = tokio::task::spawn_blocking(move || {
-        let running = match running.as_deref().map(update::Version::parse) {
-            Some(Ok(v)) => Some(v),
-            _ => None,
-        };
-        let policy = update::Policy {
-            trusted: &keys,
-            product: update::PRODUCT,
-            compatible: update::COMPATIBLE,
-            running: running.as_ref(),
-            force: false,
-            known_bad: &[],
-        };
-        install::spool_verified(install::ChannelReader::new(rx), &spool_dest, &policy)
-    });
+    // A thread of its own, at a low priority: the verification must not starve the node's
+    // services (nor this server's runtime).
+    let (done_tx, verifier) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("spool".into())
+        .spawn(move || {
+            update::lower_thread_priority();
+            let running = match running.as_deref().map(update::Version::parse) {
+                Some(Ok(v)) => Some(v),
+                _ => None,
+            };
+            let policy = update::Policy {
+                trusted: &keys,
+                product: update::PRODUCT,
+                compatible: update::COMPATIBLE,
+                running: running.as_ref(),
+                force: false,
+                known_bad: &[],
+            };
+            let _ = done_tx.send(install::spool_verified(
+                install::ChannelReader::new(rx),
+                &spool_dest,
+                &policy,
+            ));
+        });
+    if let Err(e) = spawned {
+        return Answer::error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("starting the spool thread: {e}"),
+        );
+    }
     let mut sent = 0u64;
     let cut = loop {
         match install::next_chunk(body, ctx.limits, &mut sent).await {

@@ -48,3 +48,22 @@ pub const SIGNATURE_MEMBER: &str = "manifest.sig";
 /// A manifest larger than this is refused before it is read whole (a 4 GiB root filesystem
 /// needs about 280 KB).
 pub const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+
+/// The nice value of a thread doing bulk update work ([`lower_thread_priority`]).
+pub const BACKGROUND_NICE: i32 = 10;
+
+/// Lowers the calling thread's CPU priority to [`BACKGROUND_NICE`], for good: verifying and
+/// writing a bundle (hundreds of MiB through zstd and SHA-256) is bulk work that must not take
+/// the CPU from the services the node serves with. Call it on a thread of its own (an
+/// unprivileged thread cannot raise its priority again). A failure is only logged.
+pub fn lower_thread_priority() {
+    // SAFETY: setpriority(2) takes plain integers and touches no memory of ours; on Linux,
+    // PRIO_PROCESS with who = 0 is the calling thread.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, BACKGROUND_NICE) };
+    if rc != 0 {
+        tracing::warn!(
+            "lowering the update thread's priority: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
