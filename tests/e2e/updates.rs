@@ -559,6 +559,7 @@ fn signed_updates_refuse_survive_power_cuts_roll_out_and_roll_back() {
             if code != 200 {
                 return Err(err(format!("install answered {code} {body}")));
             }
+            eprintln!("    installed: {}", body.trim());
             Ok(())
         },
     );
