@@ -420,6 +420,16 @@ fn signed_updates_refuse_survive_power_cuts_roll_out_and_roll_back() {
     step(&cluster, "a note is written before the upgrade", || {
         crate::services::post_note(&cluster, &config, "server2", &note)
     });
+    let boots_before: Vec<u64> = ["server1", "server2"]
+        .iter()
+        .map(|node| {
+            step(
+                &cluster,
+                &format!("{node}'s boot count before the upgrade"),
+                || wait_page(&cluster, &config, node, None, BOOT_TIMEOUT),
+            )
+        })
+        .collect();
     let vip_url = format!(
         "https://{}:{}/node.html",
         config.floating_ip, config.ports.https
@@ -499,9 +509,24 @@ fn signed_updates_refuse_survive_power_cuts_roll_out_and_roll_back() {
     );
     step(
         &cluster,
-        "the note and the state DB survived the upgrade on both nodes",
+        "the note (MariaDB) survived the upgrade on both nodes",
         || crate::services::wait_note_everywhere(&cluster, &config, &note),
     );
+    for (node, before) in ["server1", "server2"].iter().zip(&boots_before) {
+        step(
+            &cluster,
+            &format!("{node}'s data partition carried over: its boot count went on from {before}"),
+            || {
+                let now = wait_page(&cluster, &config, node, None, BOOT_TIMEOUT)?;
+                if now <= *before {
+                    return Err(err(format!(
+                        "boot count {now} after the upgrade, {before} before"
+                    )));
+                }
+                Ok(())
+            },
+        );
+    }
 
     // --- The old slot still boots when chosen by hand, once.
     step(
