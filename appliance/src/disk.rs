@@ -1,5 +1,6 @@
-//! The disk the node booted from: its partitions, found by GPT name through sysfs (no udev on
-//! an image). Used by `init` (seed, data) and the update service (ESP, the inactive root slot).
+//! This boot as the kernel tells it: its command line, its uptime, and the disk the node booted
+//! from, whose partitions are found by GPT name through sysfs (no udev on an image). Used by
+//! `init` (seed, data) and the update service (ESP, the inactive root slot).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -11,6 +12,13 @@ use anyhow::{bail, Context as _};
 pub fn kernel_param(name: &str) -> Option<String> {
     let cmdline = fs::read_to_string("/proc/cmdline").ok()?;
     param_of(&cmdline, name)
+}
+
+/// Time since the machine booted (`/proc/uptime`).
+pub fn uptime() -> Option<Duration> {
+    let text = fs::read_to_string("/proc/uptime").ok()?;
+    let secs: f64 = text.split_whitespace().next()?.parse().ok()?;
+    Some(Duration::from_secs_f64(secs))
 }
 
 fn param_of(cmdline: &str, name: &str) -> Option<String> {

@@ -122,6 +122,7 @@ fn boot_and_supervise() -> anyhow::Result<Halt> {
         .thread_block()
         .context("blocking signals")?;
     spawn_power_button_watch();
+    spawn_trial_watchdog(layout.run.clone());
     if !healthy {
         // A degraded boot is not a healthy one: the update service (which blesses the boot
         // entry) is not among the services kept.
@@ -703,6 +704,59 @@ fn wait_for_ethernet() -> anyhow::Result<String> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Beyond a trial's own deadline, how long PID 1 waits for the update service to bless (or give
+/// up on) a new slot before it reboots into the old one itself.
+const TRIAL_WATCHDOG_GRACE: Duration = Duration::from_secs(120);
+
+/// PID 1's guard over a trial boot (a counted entry written by the installer, with
+/// `tandem.trial_timeout=`): the update service blesses the slot or reboots into the old one,
+/// but a new slot whose update service cannot run at all must not stay up unblessed. Past the
+/// trial timeout plus [`TRIAL_WATCHDOG_GRACE`] since boot, without a blessed status, PID 1
+/// reboots (the one-shot is spent: the old slot boots).
+fn spawn_trial_watchdog(run_dir: PathBuf) {
+    let Some(timeout) = crate::disk::kernel_param(api::update::TRIAL_TIMEOUT_PARAM)
+        .and_then(|t| t.parse::<u64>().ok())
+    else {
+        return;
+    };
+    let counted = update::EfiVars::new(update::boot::EFIVARS_DIR)
+        .selected()
+        .ok()
+        .flatten()
+        .and_then(|id| update::boot::parse_entry_name(&id))
+        .is_some_and(|(_, counter)| counter.is_some());
+    if !counted {
+        return;
+    }
+    let deadline = Duration::from_secs(timeout) + TRIAL_WATCHDOG_GRACE;
+    let _ = std::thread::Builder::new()
+        .name("trial-watchdog".into())
+        .spawn(move || {
+            let status = run_dir.join(api::update::STATUS_FILE);
+            loop {
+                std::thread::sleep(Duration::from_secs(5));
+                match api::update::UpdateStatus::read(&status) {
+                    Ok(s) if s.boot == api::update::Boot::Blessed => return,
+                    // The update service is rolling back itself.
+                    Ok(s) if matches!(s.boot, api::update::Boot::RollingBack { .. }) => return,
+                    _ => {}
+                }
+                if crate::disk::uptime().is_some_and(|up| up > deadline) {
+                    tracing::error!(
+                        "trial boot not blessed {}s after boot (the update service did not decide): rebooting into the previous slot",
+                        deadline.as_secs()
+                    );
+                    let _ = kill(Pid::this(), Signal::SIGINT);
+                    return;
+                }
+            }
+        });
+    tracing::info!(
+        timeout_s = timeout,
+        "trial boot: PID 1 reboots if it is not blessed in time"
+    );
 }
 
 /// The ACPI power button (QEMU `system_powerdown`) arrives as KEY_POWER on an input device;

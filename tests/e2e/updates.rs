@@ -19,8 +19,11 @@ use crate::support::*;
 
 /// One install under TCG: a 620 MiB root filesystem decompressed, hashed and written.
 const INSTALL_TIMEOUT: Duration = Duration::from_secs(600);
-/// The trial a new slot gets in these tests (the default is 300 s).
-const TRIAL_SECS: u64 = 120;
+/// The trial a healthy new slot gets in these tests, counted from its boot (the default is
+/// 300 s): room for a boot under TCG on a loaded CI machine.
+const TRIAL_SECS: u64 = 240;
+/// The trial of the version that never becomes healthy: it runs out.
+const BAD_TRIAL_SECS: u64 = 120;
 /// From the upload of a bundle with `reboot=1` to the node blessed on the new slot.
 const UPGRADE_TIMEOUT: Duration = Duration::from_secs(900);
 /// The bundle's `format` the fakes claim (the real one, so only what each fake breaks counts).
@@ -579,7 +582,7 @@ fn signed_updates_refuse_survive_power_cuts_roll_out_and_roll_back() {
                 &config,
                 "server1",
                 &v3_bad,
-                &format!("reboot=1&trial_timeout={TRIAL_SECS}"),
+                &format!("reboot=1&trial_timeout={BAD_TRIAL_SECS}"),
             )?;
             if code != 200 {
                 return Err(err(format!("install answered {code} {body}")));

@@ -134,7 +134,10 @@ pub fn main(args: UpdaterArgs) -> anyhow::Result<std::process::ExitCode> {
             let timeout = crate::disk::kernel_param(TRIAL_TIMEOUT_PARAM)
                 .and_then(|t| t.parse().ok())
                 .unwrap_or(DEFAULT_TRIAL_TIMEOUT_SECS);
-            let deadline = Duration::from_secs(timeout);
+            // Counted from the boot, not from this start: a service that crashes and restarts
+            // must not postpone the rollback.
+            let since_boot = crate::disk::uptime().unwrap_or_default();
+            let deadline = Duration::from_secs(timeout).saturating_sub(since_boot);
             updater.set_boot(Boot::Trial {
                 deadline_unix_ms: now_ms() + deadline.as_millis() as u64,
             });
