@@ -350,7 +350,14 @@ pub fn render_status(s: &UpdateStatus) -> String {
     let boot = match &s.boot {
         api::update::Boot::Blessed => "blessed".to_string(),
         api::update::Boot::Trial { deadline_unix_ms } => {
-            format!("on trial until unix ms {deadline_unix_ms} (blessed once every service stays ready)")
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            format!(
+                "on trial, {}s left: blessed once every service stays ready, else back to the previous slot",
+                deadline_unix_ms.saturating_sub(now_ms) / 1000
+            )
         }
         api::update::Boot::RollingBack { reason } => format!("rolling back: {reason}"),
         api::update::Boot::Unknown { reason } => format!("unknown: {reason}"),
