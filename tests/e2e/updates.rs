@@ -111,8 +111,9 @@ fn wait_update_every(
     }
 }
 
-/// Where in an install the power is cut: fractions (below 1) of the root filesystem written,
-/// from `TANDEM_POWER_CUTS` (comma-separated) or three by default.
+/// Where in an install the power is cut: fractions (below 1) of the bundle's payload bytes
+/// verified (the root filesystem is the first ~92 %, then kernel and initrd), from
+/// `TANDEM_POWER_CUTS` (comma-separated) or three by default.
 fn power_cuts() -> Vec<f64> {
     match std::env::var("TANDEM_POWER_CUTS") {
         Ok(list) => list
@@ -360,7 +361,7 @@ fn signed_updates_refuse_survive_power_cuts_roll_out_and_roll_back() {
         );
     }
 
-    // --- Power cut while the root filesystem is written, at three moments (more with
+    // --- Power cut while the payloads are written, at three moments (more with
     // `TANDEM_POWER_CUTS`: `bench/update-power-cuts.sh`).
     let vm1 = cluster.vm("server1").unwrap();
     for fraction in power_cuts() {
@@ -385,7 +386,10 @@ fn signed_updates_refuse_survive_power_cuts_roll_out_and_roll_back() {
                             i["done"].as_f64().unwrap_or(0.0),
                             i["total"].as_f64().unwrap_or(0.0),
                         );
-                        i["phase"] == "rootfs" && total > 0.0 && done / total >= fraction
+                        // Before the commit: the root filesystem, then kernel and initrd (held).
+                        matches!(i["phase"].as_str(), Some("rootfs" | "kernel" | "initrd"))
+                            && total > 0.0
+                            && done / total >= fraction
                     },
                 )?;
                 eprintln!(
