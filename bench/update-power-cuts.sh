@@ -2,7 +2,7 @@
 # Power cuts at many moments of an install: runs the end-to-end update scenario
 # (tests/e2e/updates.rs) with the VM hard-killed at each fraction of the payload bytes
 # verified and written (default: 2 % to 98 %, 11 moments; the root filesystem is the first
-# ~92 %, kernel and initrd the rest), each followed by a boot that must come up on the old slot
+# ~97 %, kernel and initrd the rest), each followed by a boot that must come up on the old slot
 # with the new one empty. CI runs the same scenario with three moments.
 #   CUTS=0.05,0.5,0.95 bench/update-power-cuts.sh
 set -euo pipefail

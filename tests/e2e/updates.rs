@@ -112,7 +112,7 @@ fn wait_update_every(
 }
 
 /// Where in an install the power is cut: fractions (below 1) of the bundle's payload bytes
-/// verified (the root filesystem is the first ~92 %, then kernel and initrd), from
+/// verified (the root filesystem is the first ~97 %, then kernel and initrd), from
 /// `TANDEM_POWER_CUTS` (comma-separated) or three by default.
 fn power_cuts() -> Vec<f64> {
     match std::env::var("TANDEM_POWER_CUTS") {
