@@ -3,7 +3,7 @@
 //! checks it and writes the inactive slot; this side reads the file, stdin or URL and shows
 //! progress.
 
-use std::io::{BufRead as _, BufReader, IsTerminal as _, Read, Write as _};
+use std::io::{IsTerminal as _, Read};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -130,30 +130,17 @@ pub fn main(command: UpdateCommand) -> anyhow::Result<ExitCode> {
         } => install(&dir.path(), &bundle, force, reboot, trial_timeout),
         UpdateCommand::Status { json, dir } => status(&dir.path(), json),
         UpdateCommand::BootOnce { slot, reboot, dir } => {
-            let request = Request::BootOnce { slot, reboot };
-            let mut conn = connect(&dir.path())?;
-            send_request(&mut conn, &request)?;
+            let conn = connect(&dir.path(), &Request::BootOnce { slot, reboot })?;
             conn.shutdown(std::net::Shutdown::Write)?;
-            finish(BufReader::new(conn), &mut Progress::new())
+            finish(conn, &mut Progress::new())
         }
     }
 }
 
-fn connect(run_dir: &Path) -> anyhow::Result<UnixStream> {
-    let path = run_dir.join(api::update::SOCKET_FILE);
-    UnixStream::connect(&path).with_context(|| {
-        format!(
-            "no update service at {} (updates install on a Tandem image, by root)",
-            path.display()
-        )
-    })
-}
-
-fn send_request(conn: &mut UnixStream, request: &Request) -> anyhow::Result<()> {
-    let mut line = serde_json::to_string(request)?;
-    line.push('\n');
-    conn.write_all(line.as_bytes())
-        .context("sending the request to the update service")
+/// Sends `request` to the update service of the node whose run directory is `run_dir`.
+fn connect(run_dir: &Path, request: &Request) -> anyhow::Result<UnixStream> {
+    api::update::send(&run_dir.join(api::update::SOCKET_FILE), request)
+        .map_err(|e| anyhow::anyhow!("{e} (updates install on a Tandem image, by root)"))
 }
 
 /// Opens what the user named; the size when known.
@@ -195,9 +182,8 @@ fn install(
 ) -> anyhow::Result<ExitCode> {
     let origin = Origin::parse(bundle).map_err(anyhow::Error::msg)?;
     let (mut source, size, shown) = open(&origin)?;
-    let mut conn = connect(run_dir)?;
-    send_request(
-        &mut conn,
+    let conn = connect(
+        run_dir,
         &Request::Install {
             force,
             reboot,
@@ -215,7 +201,7 @@ fn install(
         let _ = writer.shutdown(std::net::Shutdown::Write);
         copied
     });
-    let code = finish(BufReader::new(conn), &mut Progress::new());
+    let code = finish(conn, &mut Progress::new());
     match sender.join() {
         // A refusal closes the socket under the sender: its error says nothing new.
         Ok(Err(e)) if matches!(code, Ok(ExitCode::SUCCESS)) => {
@@ -228,44 +214,42 @@ fn install(
 }
 
 /// Reads the service's events to the end: progress drawn, the result printed.
-fn finish(reader: impl Read, progress: &mut Progress) -> anyhow::Result<ExitCode> {
-    for line in BufReader::new(reader).lines() {
-        let line = line.context("reading from the update service")?;
-        let event: Event = serde_json::from_str(&line)
-            .with_context(|| format!("the update service said {line:?}"))?;
-        match event {
-            Event::Progress { phase, done, total } => progress.show(&phase, done, total),
-            Event::Done {
-                version,
-                slot,
-                entry,
-                bytes,
-                elapsed_ms,
-                rebooting,
-            } => {
-                progress.end();
-                if bytes > 0 {
-                    println!(
-                        "installed {version} into slot {slot} ({} in {:.1}s); it boots once at the next boot ({entry}) and stays only if the node is healthy",
-                        human(bytes),
-                        elapsed_ms as f64 / 1000.0
-                    );
-                } else {
-                    println!("slot {slot} ({version}, {entry}) boots once at the next boot");
-                }
-                if rebooting {
-                    println!("rebooting");
-                }
-                return Ok(ExitCode::SUCCESS);
-            }
-            Event::Failed { message } => {
-                progress.end();
-                eprintln!("error: {message}");
-                return Ok(ExitCode::FAILURE);
-            }
+fn finish(answer: impl Read, progress: &mut Progress) -> anyhow::Result<ExitCode> {
+    let last = api::update::read_answer(answer, &mut |event| {
+        if let Event::Progress { phase, done, total } = event {
+            progress.show(phase, *done, *total);
         }
+    });
+    progress.end();
+    match last.map_err(anyhow::Error::msg)? {
+        Event::Done {
+            version,
+            slot,
+            entry,
+            bytes,
+            elapsed_ms,
+            rebooting,
+        } => {
+            if bytes > 0 {
+                println!(
+                    "installed {version} into slot {slot} ({} in {:.1}s); it boots once at the next boot ({entry}) and stays only if the node is healthy",
+                    human(bytes),
+                    elapsed_ms as f64 / 1000.0
+                );
+            } else {
+                println!("slot {slot} ({version}, {entry}) boots once at the next boot");
+            }
+            if rebooting {
+                println!("rebooting");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Event::Failed { message } => {
+            eprintln!("error: {message}");
+            Ok(ExitCode::FAILURE)
+        }
+        Event::Progress { .. } => bail!("the update service ended on a progress event"),
     }
-    bail!("the update service closed the connection without a result")
 }
 
 /// Progress on stderr: a redrawn line on a terminal, a line per tenth otherwise.

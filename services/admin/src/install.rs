@@ -3,7 +3,7 @@
 //! and a bundle file sent to the local update socket (this node's turn in a cluster upgrade).
 
 use std::cell::RefCell;
-use std::io::{BufRead as _, Read, Write as _};
+use std::io::{Read, Write as _};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::Duration;
@@ -237,10 +237,7 @@ where
         Err(e) => {
             return Answer::error(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "the update service is not running (no answer on {}: {e})",
-                    socket.display()
-                ),
+                api::update::unreachable(socket, &e),
             )
         }
     };
@@ -316,12 +313,6 @@ pub(crate) fn install_file(
     let mut file =
         std::fs::File::open(bundle).map_err(|e| format!("opening {}: {e}", bundle.display()))?;
     let size = file.metadata().ok().map(|m| m.len());
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).map_err(|e| {
-        format!(
-            "the update service is not running (no answer on {}: {e})",
-            socket.display()
-        )
-    })?;
     let request = UpdateRequest::Install {
         force,
         reboot,
@@ -329,31 +320,14 @@ pub(crate) fn install_file(
         size,
         origin,
     };
-    let mut line = serde_json::to_string(&request).map_err(|e| e.to_string())?;
-    line.push('\n');
-    let sent = stream
-        .write_all(line.as_bytes())
-        .and_then(|()| std::io::copy(&mut file, &mut stream).map(drop))
-        .and_then(|()| stream.shutdown(std::net::Shutdown::Write));
+    let mut stream = api::update::send(socket, &request)?;
+    let sent = std::io::copy(&mut file, &mut stream)
+        .and_then(|_| stream.shutdown(std::net::Shutdown::Write));
     if let Err(e) = sent {
         // A refusal closes the socket early: the answer still says why.
         tracing::debug!("sending the bundle: {e}");
     }
-    last_event(&stream)
-}
-
-/// The update service's last event on `stream` (progress skipped).
-fn last_event(stream: &std::os::unix::net::UnixStream) -> Result<Event, String> {
-    let reader = std::io::BufReader::new(stream);
-    for line in reader.lines() {
-        let line = line.map_err(|e| format!("reading the update service's answer: {e}"))?;
-        match serde_json::from_str::<Event>(&line) {
-            Ok(Event::Progress { .. }) => continue,
-            Ok(last) => return Ok(last),
-            Err(e) => return Err(format!("unreadable answer {line:?}: {e}")),
-        }
-    }
-    Err("the update service closed without an answer".into())
+    api::update::read_answer(&stream, &mut |_| {})
 }
 
 /// `slot=a|b&reboot=0|1` of a boot-once request.
@@ -376,19 +350,11 @@ pub(crate) fn parse_boot_once(query: &str) -> Result<UpdateRequest, String> {
 /// Sends one request without a body to the update service at `socket` and returns its last
 /// event.
 pub(crate) fn request_once(socket: &Path, request: &UpdateRequest) -> Result<Event, String> {
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).map_err(|e| {
-        format!(
-            "the update service is not running (no answer on {}: {e})",
-            socket.display()
-        )
-    })?;
-    let mut line = serde_json::to_string(request).map_err(|e| e.to_string())?;
-    line.push('\n');
+    let stream = api::update::send(socket, request)?;
     stream
-        .write_all(line.as_bytes())
-        .and_then(|()| stream.shutdown(std::net::Shutdown::Write))
+        .shutdown(std::net::Shutdown::Write)
         .map_err(|e| format!("asking the update service: {e}"))?;
-    last_event(&stream)
+    api::update::read_answer(&stream, &mut |_| {})
 }
 
 /// Writes what a [`Spool`] reader passes through: held in memory until the bundle's signature

@@ -96,6 +96,50 @@ impl Event {
     }
 }
 
+/// Why the update service's socket at `socket` gave no answer.
+pub fn unreachable(socket: &std::path::Path, e: &std::io::Error) -> String {
+    format!(
+        "the update service is not running (no answer on {}: {e})",
+        socket.display()
+    )
+}
+
+/// The one client side of the socket: connects to `socket` and sends `request`. For an
+/// install, the bundle's bytes follow on the returned stream; shut its writing side down at
+/// the end, then [`read_answer`].
+pub fn send(
+    socket: &std::path::Path,
+    request: &Request,
+) -> Result<std::os::unix::net::UnixStream, String> {
+    use std::io::Write as _;
+    let mut stream =
+        std::os::unix::net::UnixStream::connect(socket).map_err(|e| unreachable(socket, &e))?;
+    let mut line = serde_json::to_string(request).map_err(|e| e.to_string())?;
+    line.push('\n');
+    stream
+        .write_all(line.as_bytes())
+        .map_err(|e| format!("asking the update service: {e}"))?;
+    Ok(stream)
+}
+
+/// Reads the service's events to the last one (`done` or `failed`), handing each progress
+/// event to `progress`.
+pub fn read_answer(
+    answer: impl std::io::Read,
+    progress: &mut dyn FnMut(&Event),
+) -> Result<Event, String> {
+    use std::io::BufRead as _;
+    for line in std::io::BufReader::new(answer).lines() {
+        let line = line.map_err(|e| format!("reading the update service's answer: {e}"))?;
+        match serde_json::from_str::<Event>(&line) {
+            Ok(event @ Event::Progress { .. }) => progress(&event),
+            Ok(last) => return Ok(last),
+            Err(e) => return Err(format!("unreadable answer {line:?}: {e}")),
+        }
+    }
+    Err("the update service closed without an answer".into())
+}
+
 /// What a slot holds, as the update service sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -248,6 +292,40 @@ mod tests {
         assert_eq!(
             e.to_line(),
             "{\"event\":\"progress\",\"phase\":\"writing\",\"done\":1,\"total\":2}\n"
+        );
+    }
+
+    #[test]
+    fn an_answer_is_its_last_event_and_progress_is_passed_on() {
+        let lines = "{\"event\":\"progress\",\"phase\":\"rootfs\",\"done\":1,\"total\":2}\n\
+                     {\"event\":\"failed\",\"message\":\"no\"}\n";
+        let mut seen = 0;
+        let last = read_answer(lines.as_bytes(), &mut |_| seen += 1).unwrap();
+        assert_eq!(
+            last,
+            Event::Failed {
+                message: "no".into()
+            }
+        );
+        assert_eq!(seen, 1);
+        assert!(read_answer("".as_bytes(), &mut |_| {})
+            .unwrap_err()
+            .contains("closed"));
+        assert!(read_answer("x\n".as_bytes(), &mut |_| {})
+            .unwrap_err()
+            .contains("unreadable"));
+        let missing = std::path::Path::new("/nonexistent/update.sock");
+        let err = send(
+            missing,
+            &Request::BootOnce {
+                slot: "a".into(),
+                reboot: false,
+            },
+        )
+        .unwrap_err();
+        assert!(
+            err.starts_with("the update service is not running"),
+            "{err}"
         );
     }
 
