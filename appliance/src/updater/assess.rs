@@ -55,32 +55,22 @@ pub fn assess(booted: Slot, entries: &[EntryFile], records: &[Record]) -> Assess
         Some(_) => BootKind::FirstBoot,
     };
 
+    // The newest record of the other slot: what it held when its entry is gone.
+    let other_record = records.iter().rev().find(|r| r.slot == other.to_string());
     let mut failed_trial = None;
-    let other_state = match other_entry {
+    let (other_state, other_version) = match other_entry {
         // Booted before (a try was counted) and never blessed: its trial failed — unless this
         // boot is itself unblessed, in which case neither has proven anything yet.
         Some(e) if e.counter.is_some_and(|c| c.done > 0) && boot == BootKind::Blessed => {
             failed_trial = Some((other, e.version.clone().unwrap_or_default()));
-            SlotState::Failed
+            (SlotState::Failed, e.version.clone())
         }
-        Some(e) if e.counter.is_some() => SlotState::Pending,
-        Some(_) => SlotState::Previous,
-        None => {
-            let last = records.iter().rev().find(|r| r.slot == other.to_string());
-            match last {
-                Some(r) if r.state == "bad" => SlotState::Failed,
-                _ => SlotState::Empty,
-            }
-        }
-    };
-    let other_version = match other_entry {
-        Some(e) => e.version.clone(),
-        None if other_state == SlotState::Failed => records
-            .iter()
-            .rev()
-            .find(|r| r.slot == other.to_string())
-            .map(|r| r.version.clone()),
-        None => None,
+        Some(e) if e.counter.is_some() => (SlotState::Pending, e.version.clone()),
+        Some(e) => (SlotState::Previous, e.version.clone()),
+        None => match other_record {
+            Some(r) if r.state == "bad" => (SlotState::Failed, Some(r.version.clone())),
+            _ => (SlotState::Empty, None),
+        },
     };
     let slots = vec![
         SlotStatus {
