@@ -17,6 +17,11 @@ use std::path::Path;
 pub struct FileName(&'static str);
 
 impl FileName {
+    /// A name of this crate's formats (a single path component).
+    pub(crate) const fn new(name: &'static str) -> FileName {
+        FileName(name)
+    }
+
     /// The name as text.
     pub const fn as_str(self) -> &'static str {
         self.0

@@ -11,6 +11,7 @@ pub mod fsio;
 pub mod ports;
 pub mod prometheus;
 pub mod secret;
+pub mod settings;
 pub mod sqlite;
 pub mod storage;
 pub mod text;

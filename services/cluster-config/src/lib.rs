@@ -4,6 +4,7 @@
 //! Parsing never panics on input; every error names the file, the line and the key.
 
 mod model;
+pub mod settings;
 mod validate;
 mod wire;
 
