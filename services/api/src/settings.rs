@@ -276,6 +276,9 @@ pub enum Response {
 pub struct Status {
     /// Setup is done: the wizard is gone, the admin port needs a login.
     pub configured: bool,
+    /// How many setups and changes the store holds (0: nothing stored yet). A refused answer
+    /// never changes it.
+    pub revision: u64,
     /// The cluster's name.
     pub cluster: String,
     /// This node, once known.
