@@ -324,12 +324,12 @@ pub fn setup(
         (None, Some(answer)) => {
             let text = answer.expose().trim();
             if text.eq_ignore_ascii_case(api::settings::GENERATE) {
-                let secret = Secret::new(api::secret::format_secret(&fresh.cluster_secret));
+                let secret = Secret::new(api::secret::format_secret(&fresh.cluster_secret).trim());
                 generated = Some(secret.clone());
                 Some(secret)
             } else {
                 match api::secret::parse_secret(text) {
-                    Ok(bytes) => Some(Secret::new(api::secret::format_secret(&bytes))),
+                    Ok(bytes) => Some(Secret::new(api::secret::format_secret(&bytes).trim())),
                     Err(m) => {
                         err(
                             Field::ClusterSecret,
