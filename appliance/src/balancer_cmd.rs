@@ -26,10 +26,36 @@ pub struct BalancerArgs {
     /// The VIP run directory: keepalived's notify FIFO, the status and track files.
     #[arg(long)]
     pub vip_dir: Option<PathBuf>,
+    /// The node's uploaded certificate (from its settings), served when cluster.toml names
+    /// none; re-read on SIGHUP, so a replaced certificate is served without a restart.
+    #[arg(long)]
+    pub served_tls: Option<PathBuf>,
+}
+
+/// cluster.toml's certificate, else the settings' uploaded one in `served_tls` when it holds
+/// one (else the balancer makes its own).
+fn with_served_tls(
+    mut cluster: cluster_config::Cluster,
+    served_tls: Option<&std::path::Path>,
+) -> cluster_config::Cluster {
+    if cluster.tls.certificate.is_none() {
+        if let Some(dir) = served_tls {
+            let (cert, key) = (
+                dir.join(crate::layout::SERVED_CERT),
+                dir.join(crate::layout::SERVED_KEY),
+            );
+            if cert.exists() && key.exists() {
+                cluster.tls.certificate = Some(cert);
+                cluster.tls.key = Some(key);
+            }
+        }
+    }
+    cluster
 }
 
 pub fn main(args: BalancerArgs) -> anyhow::Result<ExitCode> {
     let (cluster, node) = args.node.load()?;
+    let cluster = with_served_tls(cluster, args.served_tls.as_deref());
     let mut opts = balancer::Options::new(&args.state_dir);
     opts.metrics = Some(
         args.metrics
@@ -39,10 +65,11 @@ pub fn main(args: BalancerArgs) -> anyhow::Result<ExitCode> {
     opts.limits.shutdown_grace = SHUTDOWN_GRACE;
     opts.vip_dir = args.vip_dir.clone();
     let reload_args = args.node.clone();
+    let served_tls = args.served_tls.clone();
     opts.reload = Some(Arc::new(move || {
         reload_args
             .load()
-            .map(|(cluster, _)| cluster)
+            .map(|(cluster, _)| with_served_tls(cluster, served_tls.as_deref()))
             .map_err(|e| format!("{e:#}"))
     }));
     balancer::run_blocking(cluster, &node.name, opts)?;

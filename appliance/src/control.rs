@@ -189,8 +189,8 @@ impl Drop for ControlServer {
 /// (pure). Everyone who can connect may ask anything but `stop`, which powers a node off.
 pub fn permitted(request: &Request, peer_uid: u32, own_uid: u32) -> Result<(), String> {
     match request {
-        Request::Stop if peer_uid != own_uid && peer_uid != 0 => {
-            Err("only root may stop the supervisor".into())
+        Request::Stop | Request::Reconfigure if peer_uid != own_uid && peer_uid != 0 => {
+            Err("only root may stop or reconfigure the supervisor".into())
         }
         _ => Ok(()),
     }
@@ -485,7 +485,7 @@ migrations  done     -    0         code 0              -
         );
         assert_eq!(
             permitted(&Request::Stop, 963, 0).unwrap_err(),
-            "only root may stop the supervisor"
+            "only root may stop or reconfigure the supervisor"
         );
     }
 

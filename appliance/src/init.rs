@@ -81,15 +81,11 @@ fn boot_and_supervise() -> anyhow::Result<Halt> {
 
     let seed_dev = crate::disk::find_partition(PARTITION_SEED)?;
     mount_fs(&seed_dev, SEED_MOUNT, "ext4", MsFlags::MS_RDONLY)?;
-    let node_name = fs::read_to_string(Path::new(SEED_MOUNT).join(api::files::SEED_NODE_NAME))
-        .context("reading the seed's node name")?;
-    let node_name = node_name.trim();
-    let cluster = Cluster::load(&Path::new(SEED_MOUNT).join(api::files::SEED_CLUSTER_CONFIG))
+    let seed_dir = Path::new(SEED_MOUNT);
+    let cluster = Cluster::load(&seed_dir.join(api::files::SEED_CLUSTER_CONFIG))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let node = cluster
-        .node(node_name)
-        .with_context(|| format!("seed names node `{node_name}`, absent from its cluster.toml"))?;
-    tracing::info!(node = %node.name, address = %node.address, "seed read");
+    let seed = crate::settings::read_seed(seed_dir, &cluster)?;
+    tracing::info!(cluster = %cluster.name, node = ?seed.node, "seed read");
 
     let data_dev = crate::disk::find_partition(PARTITION_DATA)?;
     if let Err(e) = grow_partition(&data_dev) {
@@ -104,41 +100,150 @@ fn boot_and_supervise() -> anyhow::Result<Halt> {
         }
     };
 
-    nix::unistd::sethostname(&node.name).context("setting the hostname")?;
-    configure_network(&cluster, node)?;
-    // Fail closed: no service listens before the default-deny ruleset is in place.
-    firewall::apply(&firewall::ruleset(&cluster, node)).context("applying the firewall")?;
-    tracing::info!("firewall applied");
-
-    let mut layout = Layout::image();
-    let healthy = degraded.is_none();
-    let (specs, faults) = match degraded {
-        None => (node::services(&cluster, node, &layout, None)?, Vec::new()),
-        Some(damage) => degraded_services(&cluster, node, &mut layout, damage),
-    };
     // The supervisor blocks its signals in the calling thread and waits for them; a thread
     // started before that must not have them unblocked, or it would swallow them.
     crate::supervisor::handled_signals()
         .thread_block()
         .context("blocking signals")?;
     spawn_power_button_watch();
+    let mut layout = Layout::image();
     spawn_trial_watchdog(layout.run.clone());
-    if !healthy {
+    if degraded.is_some() {
         // A degraded boot is not a healthy one: the update service (which blesses the boot
         // entry) is not among the services kept.
         tracing::warn!("degraded boot: the boot entry is not blessed");
+        layout.state = PathBuf::from(DEGRADED_STATE);
     }
-    tracing::info!(
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "system up; starting services"
-    );
 
-    let reason = node::supervise(specs, &layout, faults)?;
-    tracing::info!(?reason, "services stopped");
-    Ok(match reason {
-        StopReason::Interrupt => Halt::Reboot,
-        StopReason::Terminate | StopReason::Hangup | StopReason::Requested => Halt::PowerOff,
-    })
+    // Plan, supervise, and plan again after the first-boot wizard stored the settings.
+    loop {
+        let settings = boot_settings(&layout, &cluster, &seed)?;
+        let reason = match settings {
+            Some(settings) => {
+                let node = cluster.node(&settings.node).with_context(|| {
+                    format!(
+                        "the settings name node `{}`, absent from the seed's cluster.toml",
+                        settings.node
+                    )
+                })?;
+                nix::unistd::sethostname(&node.name).context("setting the hostname")?;
+                configure_network(&cluster, node.address)?;
+                // Fail closed: no service listens before the default-deny ruleset is in place.
+                firewall::apply(&firewall::ruleset(&cluster, node))
+                    .context("applying the firewall")?;
+                tracing::info!("firewall applied");
+                let (specs, faults) = match &degraded {
+                    None => (
+                        node::services(&cluster, node, &layout, None, &settings, Some(seed_dir))?,
+                        Vec::new(),
+                    ),
+                    Some(damage) => {
+                        degraded_services(&cluster, node, &layout, damage.clone(), &settings)
+                    }
+                };
+                tracing::info!(
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "system up; starting services"
+                );
+                node::supervise(specs, &layout, faults)?
+            }
+            None => wizard(&cluster, &seed, &layout, seed_dir)?,
+        };
+        tracing::info!(?reason, "services stopped");
+        match reason {
+            StopReason::Reconfigure => continue,
+            StopReason::Interrupt => return Ok(Halt::Reboot),
+            StopReason::Terminate | StopReason::Hangup | StopReason::Requested => {
+                return Ok(Halt::PowerOff)
+            }
+        }
+    }
+}
+
+/// The settings this boot runs with (see `settings::resolve`); `None`: the wizard must ask.
+/// A store that cannot be read is no reason to ask again: the seed's settings (when complete)
+/// run the node for this boot and the error is shown; else the boot fails with it.
+fn boot_settings(
+    layout: &Layout,
+    cluster: &Cluster,
+    seed: &cluster_config::settings::SeedSettings,
+) -> anyhow::Result<Option<cluster_config::settings::Settings>> {
+    crate::files::make_dir(&layout.state, 0o755)?;
+    let opened = crate::settings::Store::open(&layout.state);
+    let resolved = opened
+        .map_err(anyhow::Error::from)
+        .and_then(|mut store| crate::settings::resolve(&mut store, cluster, seed));
+    match resolved {
+        Ok(settings) => Ok(settings.map(|(_, s)| s)),
+        Err(e) if cluster_config::settings::seed_is_complete(seed) => {
+            tracing::error!("the settings store: {e:#}; running on the seed's settings");
+            let fresh = crate::settings::fresh()?;
+            let (settings, _) = cluster_config::settings::setup(
+                cluster,
+                seed,
+                &api::settings::Answers::default(),
+                crate::settings::now_unix(),
+                &fresh,
+            )
+            .map_err(|errors| anyhow::anyhow!("the seed's settings: {errors:?}"))?;
+            Ok(Some(settings))
+        }
+        Err(e) => Err(e.context("the settings store (a node in its first-boot setup needs it)")),
+    }
+}
+
+/// The first-boot wizard: the node's address (or a generic image's setup address), a firewall
+/// with only the admin port open, a fresh self-signed certificate and setup code printed on
+/// the serial console, and the wizard's services until the settings are stored.
+fn wizard(
+    cluster: &Cluster,
+    seed: &cluster_config::settings::SeedSettings,
+    layout: &Layout,
+    seed_dir: &Path,
+) -> anyhow::Result<StopReason> {
+    let address = seed
+        .node
+        .as_deref()
+        .and_then(|n| cluster.node(n))
+        .map(|n| n.address)
+        .or(seed.setup_address)
+        .context("the seed names neither this node nor a setup address: the first-boot wizard has no address to listen on")?;
+    configure_network(cluster, address)?;
+    firewall::apply(&firewall::setup_ruleset(cluster)).context("applying the firewall")?;
+    let (cert, fingerprint) =
+        pki::wizard_cert(address).context("making the wizard's certificate")?;
+    let code = setup_code()?;
+    let listen = std::net::SocketAddr::from((address, cluster.ports.admin));
+    let inputs = node::WizardInputs {
+        root: true,
+        exe: std::env::current_exe().context("locating the appliance binary")?,
+        config: None,
+        seed_dir: Some(seed_dir.to_path_buf()),
+        listen,
+        certificate: (cert.cert_pem, cert.key_pem),
+        setup_code: code.clone(),
+        console: Some(PathBuf::from(WIZARD_CONSOLE)),
+    };
+    let specs = node::apply(&node::plan_wizard(cluster, layout, &inputs)?)?;
+    tracing::warn!(
+        "first-boot setup: open https://{listen}/setup ; certificate SHA-256 {fingerprint} ; setup code {code}"
+    );
+    node::supervise(specs, layout, Vec::new())
+}
+
+/// The serial console the text wizard runs on (the image's kernel console).
+const WIZARD_CONSOLE: &str = "/dev/ttyS0";
+
+/// A one-time setup code: twelve random digits as `dddd-dddd-dddd`.
+fn setup_code() -> anyhow::Result<String> {
+    let mut bytes = [0u8; 12];
+    getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("random: {e}"))?;
+    let digits: Vec<char> = bytes.iter().map(|b| char::from(b'0' + b % 10)).collect();
+    Ok(digits
+        .chunks(4)
+        .map(|c| c.iter().collect::<String>())
+        .collect::<Vec<_>>()
+        .join("-"))
 }
 
 /// Stops whatever is left, syncs, unmounts and halts. Never returns.
@@ -317,7 +422,11 @@ const DATA_SUBJECT: &str = "data-partition";
 const DEGRADED_STATE: &str = "/run/tandem-degraded";
 /// What a degraded node still runs: the admin server (its page says why) and the log monitor
 /// (alerts). Everything else needs the data partition.
-const DEGRADED_KEEP: [&str; 2] = ["admin", logmon::monitor::SERVICE_NAME];
+const DEGRADED_KEEP: [&str; 3] = [
+    "admin",
+    logmon::monitor::SERVICE_NAME,
+    node::SETTINGS_SERVICE,
+];
 /// Space on the data partition only root (PID 1: state DB, boot counter, log store) may use,
 /// so that MariaDB filling the disk leaves the node able to boot and say so.
 const DATA_RESERVED_PERCENT: &str = "5";
@@ -518,11 +627,12 @@ fn has_ext4_magic(dev: &Path) -> anyhow::Result<bool> {
 fn degraded_services(
     cluster: &Cluster,
     node: &cluster_config::Node,
-    layout: &mut Layout,
+    layout: &Layout,
     mut damage: Degraded,
+    settings: &cluster_config::settings::Settings,
 ) -> (Vec<crate::supervisor::ServiceSpec>, Vec<Degraded>) {
-    layout.state = PathBuf::from(DEGRADED_STATE);
-    let all = match node::services(cluster, node, layout, None) {
+    let seed = Some(Path::new(SEED_MOUNT));
+    let all = match node::services(cluster, node, layout, None, settings, seed) {
         Ok(all) => all,
         Err(e) => {
             tracing::error!("planning the degraded node's services: {e:#}");
@@ -672,11 +782,14 @@ fn grow_partition(dev: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Loopback up, the node's static address on the first ethernet interface, default route.
-fn configure_network(cluster: &Cluster, node: &cluster_config::Node) -> anyhow::Result<()> {
+/// Loopback up, `address` (the node's, or the wizard's) as the only address on the first
+/// ethernet interface, default route.
+fn configure_network(cluster: &Cluster, address: std::net::Ipv4Addr) -> anyhow::Result<()> {
     run(Command::new("ip").args(["link", "set", "lo", "up"]))?;
     let iface = wait_for_ethernet()?;
-    let cidr = format!("{}/{}", node.address, cluster.subnet.prefix);
+    let cidr = format!("{address}/{}", cluster.subnet.prefix);
+    // After the wizard the setup address goes: the node keeps only its own.
+    run(Command::new("ip").args(["-4", "addr", "flush", "dev", &iface, "scope", "global"]))?;
     run(Command::new("ip").args(["addr", "replace", &cidr, "dev", &iface]))?;
     run(Command::new("ip").args(["link", "set", &iface, "up"]))?;
     if let Some(gw) = cluster.gateway {

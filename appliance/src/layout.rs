@@ -16,6 +16,28 @@ const DEV_SOCKET: &str = api::control::SOCKET_FILE;
 /// The node's TLS files in a developer machine's state directory (issued at every start).
 const DEV_TLS_DIR: &str = "tls";
 
+/// The directory of the uploaded certificate the balancer serves (derived from the settings,
+/// in the run directory: the settings store keeps the only persistent copy).
+pub fn served_tls_dir(run: &Path) -> PathBuf {
+    run.join("served-tls")
+}
+
+/// The uploaded chain's file name in [`served_tls_dir`].
+pub const SERVED_CERT: &str = "certificate.pem";
+/// The uploaded key's file name in [`served_tls_dir`].
+pub const SERVED_KEY: &str = "key.pem";
+
+/// The uploaded chain and key in [`served_tls_dir`].
+pub fn served_tls_files(run: &Path) -> (PathBuf, PathBuf) {
+    let dir = served_tls_dir(run);
+    (dir.join(SERVED_CERT), dir.join(SERVED_KEY))
+}
+
+/// The alert webhook from the settings (one line; absent: none), for the log monitor.
+pub fn webhook_file(run: &Path) -> PathBuf {
+    run.join("webhook")
+}
+
 /// Where a node keeps things.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Layout {
@@ -56,10 +78,20 @@ impl Layout {
             state: PathBuf::from(files::IMAGE_STATE_DIR),
             run: PathBuf::from(files::IMAGE_RUN_DIR),
             socket: PathBuf::from(api::control::DEFAULT_SOCKET),
-            // The image-builder puts the cluster's shared secret in every node's seed.
-            secret: seed.join(api::secret::SECRET_FILE),
+            // The secret lives in the settings store; the node plan puts this copy (root's,
+            // 0600, tmpfs) where the db-agent reads it.
+            secret: PathBuf::from(files::IMAGE_RUN_DIR).join(api::secret::SECRET_FILE),
             tls: seed.join(files::SEED_TLS_DIR),
             dev_ca: None,
+        }
+    }
+
+    /// The seed's TLS directory for `node`: a generic image's seed has one per node.
+    pub fn seed_tls_for(&self, node: &str) -> PathBuf {
+        let per_node = self.tls.join(node);
+        match per_node.join(files::NODE_CERT).exists() {
+            true => per_node,
+            false => self.tls.clone(),
         }
     }
 
@@ -104,7 +136,7 @@ mod tests {
         let image = Layout::image();
         assert!(image.state.starts_with(DATA_MOUNT), "{image:?}");
         assert_eq!(image.tls, Path::new("/seed/tls"));
-        assert_eq!(image.secret, Path::new("/seed/cluster.secret"));
+        assert_eq!(image.secret, Path::new("/run/tandem/cluster.secret"));
         assert_eq!(image.vip_dir(), Path::new("/run/tandem/vip"));
         assert_eq!(image.absolute().unwrap(), image);
 

@@ -49,6 +49,14 @@ pub struct Args {
     /// BALANCER_STATE_DIR/tls/self-signed.crt.
     #[arg(long)]
     pub cert: Vec<PathBuf>,
+    /// The node's uploaded certificate (from its settings): watched instead of the
+    /// self-signed one when it holds one and cluster.toml names none.
+    #[arg(long)]
+    pub served_tls: Option<PathBuf>,
+    /// The alert webhook from the node's settings (one line; no file: no webhook). Replaces
+    /// cluster.toml's `alerts.webhook`.
+    #[arg(long)]
+    pub webhook_file: Option<PathBuf>,
     /// Tuning: how often logs and events are read.
     #[arg(long, value_name = "MS")]
     pub poll_ms: Option<u64>,
@@ -82,8 +90,24 @@ pub fn main(args: Args) -> anyhow::Result<ExitCode> {
         config.cert_files =
             logmon::cert::served_by_balancer(cluster.tls.certificate.as_deref(), dir);
     }
+    if let Some(dir) = &args.served_tls {
+        let cert = dir.join(crate::layout::SERVED_CERT);
+        if cluster.tls.certificate.is_none() && cert.exists() {
+            config.cert_files = vec![cert];
+        }
+    }
     if !args.cert.is_empty() {
         config.cert_files = args.cert;
+    }
+    if let Some(file) = &args.webhook_file {
+        config.webhook = match std::fs::read_to_string(file) {
+            Ok(url) => Some(
+                cluster_config::WebhookUrl::parse(url.trim())
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?,
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(anyhow::anyhow!("reading {}: {e}", file.display())),
+        };
     }
     if let Some(ms) = args.poll_ms {
         config.poll = Duration::from_millis(ms.max(10));

@@ -96,6 +96,9 @@ enum Command {
     /// The update service (a supervised service on an image: installs, blessing, rollback).
     #[command(hide = true)]
     Updater(appliance::updater::UpdaterArgs),
+    /// The settings service (a supervised service: the first-boot setup, logins, changes).
+    #[command(hide = true)]
+    Settings(appliance::settings::SettingsArgs),
     /// Run services described in a JSON file under the supervisor (for tests and debugging).
     #[command(hide = true)]
     Supervise {
@@ -214,6 +217,7 @@ fn run_command(command: Command) -> anyhow::Result<ExitCode> {
         } => appliance::control::signal(&target, &service, &signal),
         Command::Update { command } => appliance::update_cmd::main(command),
         Command::Updater(args) => appliance::updater::main(args),
+        Command::Settings(args) => appliance::settings::main(args),
         Command::Cluster { command } => appliance::update_cmd::cluster_main(command),
         Command::Supervise { spec, state_dir } => {
             appliance::logmon_cmd::supervise(&spec, &state_dir)

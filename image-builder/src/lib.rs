@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use api::files::{
     CA_CERT, DB_CERT, DB_KEY, IMAGE_UPDATE_KEYRING, IMAGE_VERSION_FILE, NODE_CERT, NODE_KEY,
-    SEED_CLUSTER_CONFIG, SEED_NODE_NAME, SEED_TLS_DIR,
+    SEED_CLUSTER_CONFIG, SEED_TLS_DIR,
 };
 use cluster_config::Cluster;
 use serde::Serialize;
@@ -498,7 +498,7 @@ fn build_node_disks(
             0o644,
         )?;
         pki::write_file(
-            &seed_dir.join(SEED_NODE_NAME),
+            &seed_dir.join("node"),
             format!("{name}\n").as_bytes(),
             0o644,
         )?;

@@ -27,8 +27,21 @@ pub fn apply(plan: &NodePlan) -> anyhow::Result<Vec<ServiceSpec>> {
             Some(Owner::Group(user)) => chgrp_to(&dir.path, user)?,
         }
     }
-    for file in &plan.files {
+    write_files(&plan.files)?;
+    Ok(plan.services.clone())
+}
+
+/// Writes (or for [`Contents::Absent`] removes) `files`, each atomically with its final mode
+/// and owner. Their directories exist.
+pub fn write_files(files: &[super::plan::File]) -> anyhow::Result<()> {
+    for file in files {
         match &file.contents {
+            Contents::Absent => match fs::remove_file(&file.path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(e).with_context(|| format!("removing {}", file.path.display()))
+                }
+                _ => {}
+            },
             Contents::Text(text) => {
                 let owner = file.owner.map(ids).transpose()?;
                 write_file_owned(&file.path, text.as_bytes(), file.mode, owner)?;
@@ -50,7 +63,7 @@ pub fn apply(plan: &NodePlan) -> anyhow::Result<Vec<ServiceSpec>> {
             }
         }
     }
-    Ok(plan.services.clone())
+    Ok(())
 }
 
 /// The uid and gid a file of the plan gets.

@@ -13,6 +13,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
+use cluster_config::settings::Settings;
 use cluster_config::{Cluster, Node};
 
 use crate::args::NodeArgs;
@@ -20,10 +21,10 @@ use crate::layout::Layout;
 use crate::secrets::{self, NodeTls};
 use crate::supervisor::{self, ServiceSpec, SupervisorOptions};
 
-pub use apply::apply;
+pub use apply::{apply, write_files};
 pub use plan::{
-    plan, plan_stack, Contents, Dir, File, Inputs, NodePlan, Owner, PlanError, MARIADB_USER,
-    NGINX_USER,
+    plan, plan_stack, plan_wizard, settings_files, Contents, Dir, File, Inputs, NodePlan, Owner,
+    PlanError, WizardInputs, MARIADB_USER, NGINX_USER, SETTINGS_SERVICE,
 };
 
 /// `appliance run`: this node's stack on a developer machine, until SIGTERM/SIGINT.
@@ -57,27 +58,39 @@ pub fn run(
         layout.dev_ca = Some(dir.join(format!("{}-ca.secret", cluster.name)));
     }
     let layout = layout.absolute().context("resolving the state directory")?;
-    let specs = services(&cluster, node, &layout, config)?;
+    // A developer machine has no wizard: its settings are made from what it was started with
+    // (and a login kept in the state directory), stored like an image's.
+    crate::files::make_dir(&layout.state, 0o755)?;
+    let secret = secrets::load_or_create_secret(&layout.secret)?;
+    let mut store = crate::settings::Store::open(&layout.state)?;
+    let seed = crate::settings::dev_seed(&cluster, &node.name, &layout.state, &secret)?;
+    let (_, settings) = crate::settings::resolve(&mut store, &cluster, &seed)?
+        .context("a developer machine's settings are always complete")?;
+    drop(store);
+    let specs = services(&cluster, node, &layout, config, &settings, None)?;
     crate::preflight::require_reachable_state_dir(&layout.state, &specs)?;
     let reason = supervise(specs, &layout, Vec::new())?;
     tracing::info!(?reason, "supervisor stopped");
     Ok(ExitCode::SUCCESS)
 }
 
-/// Every service of the node, its directories and files made: its own stack ([`prepare`])
-/// plus the appliance's helpers (log monitor, balancer, keepalived, admin server), which are
-/// `appliance` subcommands run as children. `config` is the cluster.toml they read; `None` on
-/// an image, where they read the seed.
+/// Every service of the node, its directories and files made: its own stack plus the
+/// appliance's helpers (settings service, log monitor, balancer, keepalived, admin server),
+/// which are `appliance` subcommands run as children. `config` is the cluster.toml they read;
+/// `None` on an image, where they read the seed (`seed_dir`).
 pub fn services(
     cluster: &Cluster,
     node: &Node,
     layout: &Layout,
     config: Option<&Path>,
+    settings: &Settings,
+    seed_dir: Option<&Path>,
 ) -> anyhow::Result<Vec<ServiceSpec>> {
     let layout = layout
         .absolute()
         .context("resolving the node's directories")?;
-    let mut inputs = inputs(cluster, node, &layout, config)?;
+    let mut inputs = inputs(cluster, node, &layout, config, settings)?;
+    inputs.seed_dir = seed_dir.map(Path::to_path_buf);
     if !node.address.is_loopback() {
         inputs.interface = Some(crate::netif::interface_with(node.address)?);
     }
@@ -88,28 +101,16 @@ pub fn services(
     apply(&plan(cluster, node, &layout, &inputs)?)
 }
 
-/// The node's own stack (mariadb-init, mariadb, db-agent, app, nginx), its directories and
-/// files made. Runs before any service starts.
-pub fn prepare(
-    cluster: &Cluster,
-    node: &Node,
-    layout: &Layout,
-) -> anyhow::Result<Vec<ServiceSpec>> {
-    let layout = layout
-        .absolute()
-        .context("resolving the node's directories")?;
-    let inputs = inputs(cluster, node, &layout, None)?;
-    apply(&plan_stack(cluster, node, &layout, &inputs)?)
-}
-
 /// Reads (and where absent creates) what the plan needs: checks the service users when root,
-/// counts the boot, loads the cluster secret, issues a developer machine's TLS files and reads
-/// them, and looks at MariaDB's datadir and the persisted primary. `interface` is left unset.
+/// counts the boot, takes the cluster secret from the settings, issues a developer machine's
+/// TLS files and reads them, and looks at MariaDB's datadir and the persisted primary.
+/// `interface` and `seed_dir` are left unset.
 pub fn inputs(
     cluster: &Cluster,
     node: &Node,
     layout: &Layout,
     config: Option<&Path>,
+    settings: &Settings,
 ) -> anyhow::Result<Inputs> {
     let root = nix::unistd::geteuid().is_root();
     if root {
@@ -123,10 +124,16 @@ pub fn inputs(
         0
     });
     tracing::info!(node = %node.name, boot, state = %layout.state.display(), "preparing node");
-    let secret = secrets::load_or_create_secret(&layout.secret)?;
-    if let Some(ca) = &layout.dev_ca {
-        secrets::issue_dev_tls(ca, cluster, node, &layout.tls)?;
-    }
+    let secret = settings
+        .secret()
+        .map_err(|e| anyhow::anyhow!("the settings' cluster secret: {e}"))?;
+    let tls_dir = match &layout.dev_ca {
+        Some(ca) => {
+            secrets::issue_dev_tls(ca, cluster, node, &layout.tls)?;
+            layout.tls.clone()
+        }
+        None => layout.seed_tls_for(&node.name),
+    };
     let exe = std::env::current_exe().context("locating the appliance binary")?;
     let config = match config {
         Some(c) => {
@@ -138,13 +145,15 @@ pub fn inputs(
         root,
         boot,
         secret,
-        tls: NodeTls::read(&layout.tls)?,
+        tls: NodeTls::read(&tls_dir)?,
         persisted_primary: std::fs::read_to_string(layout.state.join(api::files::DB_PRIMARY)).ok(),
         db_initialised: db::is_initialised(&layout.db_paths().datadir),
         interface: None,
         exe,
         config,
         updates: false,
+        settings: settings.clone(),
+        seed_dir: None,
     })
 }
 

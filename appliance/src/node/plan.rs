@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use api::files::{ADMIN_STATE_DIR, BALANCER_STATE_DIR, CA_CERT, NODE_CERT, NODE_KEY, NODE_PAGE};
 use api::secret::SECRET_LEN;
+use cluster_config::settings::Settings;
 use cluster_config::{Cluster, DbRole, Node};
 
-use crate::layout::Layout;
+use crate::layout::{self as layout_files, Layout};
 use crate::secrets::NodeTls;
 use crate::supervisor::{Capability, Readiness, ServiceSpec};
 use crate::users;
@@ -53,6 +54,33 @@ pub struct Inputs {
     pub config: Option<PathBuf>,
     /// The machine booted from one of an image's A/B root slots: run the update service.
     pub updates: bool,
+    /// The node's settings (from the store): the served certificate and the webhook become
+    /// files of the plan ([`settings_files`]).
+    pub settings: Settings,
+    /// The seed directory the settings service reads (an image's); `None` on a developer
+    /// machine, whose settings are stored before anything starts.
+    pub seed_dir: Option<PathBuf>,
+}
+
+/// What the first-boot wizard's plan needs ([`plan_wizard`]), read or made beforehand.
+#[derive(Clone)]
+pub struct WizardInputs {
+    /// The supervisor runs as root.
+    pub root: bool,
+    /// The appliance binary, absolute.
+    pub exe: PathBuf,
+    /// The cluster.toml the children read; `None` on an image (the seed's).
+    pub config: Option<PathBuf>,
+    /// The seed whose settings.toml says what is already known; `None`: everything is asked.
+    pub seed_dir: Option<PathBuf>,
+    /// Where the web wizard listens (the node's address, or a generic image's setup address).
+    pub listen: std::net::SocketAddr,
+    /// The wizard's self-signed certificate and key (PEM), made for this boot.
+    pub certificate: (String, String),
+    /// This boot's one-time setup code.
+    pub setup_code: String,
+    /// The serial console the text wizard runs on; `None`: no console wizard.
+    pub console: Option<PathBuf>,
 }
 
 /// A node's directories, files and services, in the order they are made and started.
@@ -93,6 +121,8 @@ pub enum Contents {
     Text(String),
     /// A named pipe (keepalived's notify FIFO).
     Fifo,
+    /// No file: removed if there is one (a setting switched off).
+    Absent,
 }
 
 /// Who a directory or file is given to (only when the supervisor is root).
@@ -130,6 +160,7 @@ impl fmt::Debug for File {
             .field("owner", &self.owner);
         match &self.contents {
             Contents::Fifo => d.field("contents", &"FIFO"),
+            Contents::Absent => d.field("contents", &"absent"),
             Contents::Text(text) if self.mode & 0o004 != 0 => d.field("contents", text),
             Contents::Text(text) => d.field("contents", &format_args!("<{} bytes>", text.len())),
         };
@@ -156,6 +187,211 @@ pub fn plan(
     p.stack(cluster, node)?;
     p.helpers(cluster, node)?;
     Ok(p.plan)
+}
+
+/// The first-boot wizard (a node whose settings are incomplete): only what setup needs. The
+/// settings service (root), the admin server in setup mode on `listen` with this boot's
+/// self-signed certificate, and the text wizard on the serial console. The setup code is a
+/// root-only file the settings service checks.
+pub fn plan_wizard(
+    cluster: &Cluster,
+    layout: &Layout,
+    inputs: &WizardInputs,
+) -> Result<NodePlan, PlanError> {
+    absolute("state directory", &layout.state)?;
+    absolute("run directory", &layout.run)?;
+    absolute("appliance binary", &inputs.exe)?;
+    let mut plan = NodePlan {
+        dirs: Vec::new(),
+        files: Vec::new(),
+        services: Vec::new(),
+    };
+    let own = |owner| inputs.root.then_some(owner);
+    let dir = |path: PathBuf, mode, owner, fresh| Dir {
+        path,
+        mode,
+        owner,
+        fresh,
+    };
+    plan.dirs
+        .push(dir(layout.state.clone(), 0o755, None, false));
+    plan.dirs.push(dir(layout.run.clone(), 0o755, None, true));
+    let text = |path: PathBuf, mode, owner, text: &str| File {
+        path,
+        mode,
+        owner,
+        contents: Contents::Text(text.to_string()),
+    };
+    plan.files.push(text(
+        layout.run.join(api::settings::SETUP_CODE_FILE),
+        0o600,
+        None,
+        &format!("{}\n", inputs.setup_code),
+    ));
+    let exe = inputs.exe.display().to_string();
+    let config: Vec<String> = match &inputs.config {
+        Some(c) => vec!["--config".into(), c.display().to_string()],
+        None => Vec::new(),
+    };
+    plan.services.push(settings_service(
+        cluster,
+        layout,
+        &inputs.exe,
+        &inputs.config,
+        &inputs.seed_dir,
+        inputs.root,
+    ));
+    let socket = layout
+        .run
+        .join(api::settings::SOCKET_FILE)
+        .display()
+        .to_string();
+
+    let admin_tls = layout.run.join(ADMIN_TLS_DIR);
+    let admin_owner = own(Owner::User(users::ADMIN));
+    plan.dirs
+        .push(dir(admin_tls.clone(), 0o700, admin_owner, false));
+    plan.files.push(text(
+        admin_tls.join(NODE_CERT),
+        0o644,
+        admin_owner,
+        &inputs.certificate.0,
+    ));
+    plan.files.push(text(
+        admin_tls.join(NODE_KEY),
+        0o600,
+        admin_owner,
+        &inputs.certificate.1,
+    ));
+    let mut argv = vec![exe.clone(), "admin".into(), "--setup".into()];
+    argv.extend(config.iter().cloned());
+    argv.extend([
+        "--state-dir".into(),
+        layout.state.display().to_string(),
+        "--run-dir".into(),
+        layout.run.display().to_string(),
+        "--socket".into(),
+        layout.socket.display().to_string(),
+        "--listen".into(),
+        inputs.listen.to_string(),
+        "--tls-dir".into(),
+        admin_tls.display().to_string(),
+        "--settings-socket".into(),
+        socket.clone(),
+    ]);
+    let mut admin = ServiceSpec::daemon("admin", argv);
+    admin.user = inputs.root.then(|| users::ADMIN.to_string());
+    if inputs.listen.port() < LOW_PORTS_END {
+        admin.capabilities = vec![Capability::NET_BIND_SERVICE];
+    }
+    admin.deps = vec![SETTINGS_SERVICE.into()];
+    admin.readiness = Readiness::Tcp {
+        addr: inputs.listen,
+    };
+    plan.services.push(admin);
+
+    if let Some(tty) = &inputs.console {
+        let argv = vec![
+            exe,
+            "setup-console".into(),
+            "--settings-socket".into(),
+            socket,
+            "--setup-code-file".into(),
+            layout
+                .run
+                .join(api::settings::SETUP_CODE_FILE)
+                .display()
+                .to_string(),
+            "--tty".into(),
+            tty.display().to_string(),
+        ];
+        let mut console = ServiceSpec::daemon("setup-console", argv);
+        console.deps = vec![SETTINGS_SERVICE.into()];
+        plan.services.push(console);
+    }
+    Ok(plan)
+}
+
+/// The settings service's name under the supervisor.
+pub const SETTINGS_SERVICE: &str = "settings";
+
+/// `appliance settings`: root (the store holds the cluster secret); CHOWN to give its socket
+/// and the served key to their groups.
+fn settings_service(
+    _cluster: &Cluster,
+    layout: &Layout,
+    exe: &Path,
+    config: &Option<PathBuf>,
+    seed_dir: &Option<PathBuf>,
+    root: bool,
+) -> ServiceSpec {
+    let mut argv = vec![exe.display().to_string(), "settings".into()];
+    if let Some(c) = config {
+        argv.extend(["--config".into(), c.display().to_string()]);
+    }
+    argv.extend([
+        "--state-dir".into(),
+        layout.state.display().to_string(),
+        "--run-dir".into(),
+        layout.run.display().to_string(),
+        "--control-socket".into(),
+        layout.socket.display().to_string(),
+    ]);
+    if let Some(seed) = seed_dir {
+        argv.extend(["--seed-dir".into(), seed.display().to_string()]);
+    }
+    if root {
+        argv.extend(["--socket-group".into(), users::CONTROL_GROUP.into()]);
+    }
+    let mut spec = ServiceSpec::daemon(SETTINGS_SERVICE, argv);
+    spec.readiness = Readiness::UnixSocket {
+        path: layout.run.join(api::settings::SOCKET_FILE),
+    };
+    if root {
+        spec.capabilities = vec![Capability::CHOWN];
+    }
+    spec
+}
+
+/// The files a node's settings imply, in its run directory (pure): the uploaded certificate
+/// the balancer serves (the chain 0644; the key 0640, group of the balancer; both absent while
+/// self-signed) and the log monitor's webhook (0640, its group; absent: none). The node plan
+/// writes them at every start; the settings service rewrites them on a change.
+pub fn settings_files(settings: &Settings, run: &Path, root: bool) -> Vec<File> {
+    let (cert, key) = layout_files::served_tls_files(run);
+    let own = |user| root.then_some(Owner::Group(user));
+    let file = |path, mode, owner, contents| File {
+        path,
+        mode,
+        owner,
+        contents,
+    };
+    let mut files = Vec::new();
+    match settings.uploaded_tls() {
+        Some((chain, private)) => {
+            files.push(file(cert, 0o644, None, Contents::Text(chain.to_string())));
+            files.push(file(
+                key,
+                0o640,
+                own(users::BALANCER),
+                Contents::Text(private.to_string()),
+            ));
+        }
+        None => {
+            files.push(file(key, 0o640, None, Contents::Absent));
+            files.push(file(cert, 0o644, None, Contents::Absent));
+        }
+    }
+    files.push(file(
+        layout_files::webhook_file(run),
+        0o640,
+        own(users::LOGMON),
+        match &settings.webhook {
+            Some(url) => Contents::Text(format!("{url}\n")),
+            None => Contents::Absent,
+        },
+    ));
+    files
 }
 
 /// The node's own stack: MariaDB (with `mariadb-init` on a fresh datadir), the db-agent, the
@@ -236,17 +472,14 @@ impl<'a> Planner<'a> {
         });
     }
 
-    /// `[appliance, sub, --config C --node N]`: a child that finds its node like its parent.
+    /// `[appliance, sub, --config C --node N]`: a child that finds its node like its parent
+    /// (on an image the cluster is the seed's, and the node the settings').
     fn appliance_argv(&self, sub: &str, node: &Node) -> Vec<String> {
         let mut argv = vec![self.inputs.exe.display().to_string(), sub.to_string()];
         if let Some(config) = &self.inputs.config {
-            argv.extend([
-                "--config".into(),
-                config.display().to_string(),
-                "--node".into(),
-                node.name.clone(),
-            ]);
+            argv.extend(["--config".into(), config.display().to_string()]);
         }
+        argv.extend(["--node".into(), node.name.clone()]);
         argv
     }
 
@@ -263,6 +496,24 @@ impl<'a> Planner<'a> {
         let etc = layout.run.join("etc");
         self.dir(etc.clone(), 0o755, None);
         self.vip_dir();
+        self.file(
+            layout.run.join(api::files::RUN_NODE_NAME),
+            0o644,
+            None,
+            format!("{}\n", node.name),
+        );
+        if inputs.config.is_none() {
+            // An image: the secret lives in the settings store; the db-agent reads this copy.
+            self.file(
+                layout.secret.clone(),
+                0o600,
+                None,
+                api::secret::format_secret(&inputs.secret),
+            );
+        }
+        self.dir(layout_files::served_tls_dir(&layout.run), 0o755, None);
+        let settings_files = settings_files(&inputs.settings, &layout.run, inputs.root);
+        self.plan.files.extend(settings_files);
 
         // MariaDB.
         let db_paths = layout.db_paths();
@@ -510,7 +761,18 @@ impl<'a> Planner<'a> {
         let logmon_state = layout.state.join(logmon::alerts::ALERTS_SUBDIR);
         self.dir(logmon_state, 0o755, self.own(Owner::Tree(users::LOGMON)));
         let mut argv = self.appliance_argv("logmon", node);
-        argv.extend(["--state-dir".into(), state.clone()]);
+        argv.extend([
+            "--state-dir".into(),
+            state.clone(),
+            "--served-tls".into(),
+            layout_files::served_tls_dir(&layout.run)
+                .display()
+                .to_string(),
+            "--webhook-file".into(),
+            layout_files::webhook_file(&layout.run)
+                .display()
+                .to_string(),
+        ]);
         let mut logmon = ServiceSpec::daemon(logmon::monitor::SERVICE_NAME, argv);
         logmon.user = self.user(users::LOGMON);
         self.plan.services.push(logmon);
@@ -534,6 +796,10 @@ impl<'a> Planner<'a> {
             balancer_state.display().to_string(),
             "--vip-dir".into(),
             vip_dir.display().to_string(),
+            "--served-tls".into(),
+            layout_files::served_tls_dir(&layout.run)
+                .display()
+                .to_string(),
         ]);
         let mut balancer = ServiceSpec::daemon("balancer", argv);
         balancer.track_file = Some(vip_dir.join(api::vip::TRACK_BALANCER));
@@ -546,6 +812,16 @@ impl<'a> Planner<'a> {
         };
         self.plan.services.push(balancer);
         self.keepalived(cluster, node)?;
+
+        // The settings service: the store's only writer, the admin server's login check.
+        self.plan.services.push(settings_service(
+            cluster,
+            layout,
+            &self.inputs.exe,
+            &self.inputs.config,
+            &self.inputs.seed_dir,
+            self.inputs.root,
+        ));
 
         // The admin server runs as its own user: it reaches the supervisor through the control
         // socket's group, and the node's TLS files (root's alone) through a copy made its own.
@@ -579,8 +855,18 @@ impl<'a> Planner<'a> {
         ] {
             self.file(admin_tls.join(name), mode, admin, text.as_str());
         }
-        argv.extend(["--tls-dir".into(), admin_tls.display().to_string()]);
+        argv.extend([
+            "--tls-dir".into(),
+            admin_tls.display().to_string(),
+            "--settings-socket".into(),
+            layout
+                .run
+                .join(api::settings::SOCKET_FILE)
+                .display()
+                .to_string(),
+        ]);
         let mut admin = ServiceSpec::daemon("admin", argv);
+        admin.deps = vec![SETTINGS_SERVICE.into()];
         admin.user = self.user(users::ADMIN);
         if cluster.ports.admin < LOW_PORTS_END {
             admin.capabilities = vec![Capability::NET_BIND_SERVICE];
@@ -694,6 +980,16 @@ mod tests {
             exe: "/usr/bin/appliance".into(),
             config: None,
             updates: false,
+            settings: Settings {
+                version: cluster_config::settings::SETTINGS_VERSION,
+                node: "server1".into(),
+                admin_password_hash: "$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA".into(),
+                metrics_token: api::settings::Secret::new("cd".repeat(32)),
+                cluster_secret: api::settings::Secret::new("07".repeat(32)),
+                tls: api::settings::TlsChoice::SelfSigned,
+                webhook: None,
+            },
+            seed_dir: Some("/seed".into()),
         }
     }
 
@@ -781,6 +1077,7 @@ mod tests {
                     Some(Group("tandem-balancer")),
                     false
                 ),
+                ("/run/tandem/served-tls", 0o755, None, false),
                 ("/data/tandem/mysql", 0o750, mysql, false),
                 ("/run/tandem/mysqld", 0o755, mysql, false),
                 ("/run/tandem/db-agent", 0o700, None, false),
@@ -833,6 +1130,11 @@ mod tests {
                     0o644,
                     Some(User("tandem-balancer"))
                 ),
+                ("/run/tandem/node", 0o644, None),
+                ("/run/tandem/cluster.secret", 0o600, None),
+                ("/run/tandem/served-tls/key.pem", 0o640, None),
+                ("/run/tandem/served-tls/certificate.pem", 0o644, None),
+                ("/run/tandem/webhook", 0o640, Some(Group("tandem-logmon"))),
                 ("/run/tandem/mysqld/tls-ca.pem", 0o644, None),
                 ("/run/tandem/mysqld/tls-cert.pem", 0o644, None),
                 ("/run/tandem/mysqld/tls-key.pem", 0o600, mysql),
@@ -890,10 +1192,11 @@ mod tests {
                     None,
                     vec![C::NET_ADMIN, C::NET_RAW]
                 ),
+                ("settings", None, vec![], None, vec![C::CHOWN]),
                 (
                     "admin",
                     Some("tandem-admin"),
-                    vec![],
+                    vec!["settings"],
                     addr(&format!("{node}:9443")),
                     vec![]
                 ),
@@ -904,19 +1207,43 @@ mod tests {
             service(&plan, "balancer").track_file.as_deref(),
             Some(Path::new("/run/tandem/vip/balancer-down"))
         );
-        // On an image the helpers find the node on the seed: no --config, no --node.
+        // On an image the helpers read the seed's cluster.toml and are told the node (a
+        // generic image's comes from its settings).
         assert_eq!(
             service(&plan, "logmon").argv,
             [
                 "/usr/bin/appliance",
                 "logmon",
+                "--node",
+                "server1",
                 "--state-dir",
-                "/data/tandem"
+                "/data/tandem",
+                "--served-tls",
+                "/run/tandem/served-tls",
+                "--webhook-file",
+                "/run/tandem/webhook",
+            ]
+        );
+        assert_eq!(
+            service(&plan, "settings").argv[2..],
+            [
+                "--state-dir",
+                "/data/tandem",
+                "--run-dir",
+                "/run/tandem",
+                "--control-socket",
+                api::control::DEFAULT_SOCKET,
+                "--seed-dir",
+                "/seed",
+                "--socket-group",
+                "tandem-control",
             ]
         );
         assert_eq!(
             service(&plan, "admin").argv[2..],
             [
+                "--node",
+                "server1",
                 "--state-dir",
                 "/data/tandem",
                 "--socket",
@@ -929,6 +1256,8 @@ mod tests {
                 "127.0.0.1:9100",
                 "--tls-dir",
                 "/run/tandem/admin-tls",
+                "--settings-socket",
+                "/run/tandem/settings.sock",
             ]
         );
 
@@ -954,9 +1283,95 @@ mod tests {
             env["TANDEM_APP_TRUSTED_PROXIES"],
             "10.88.0.11,10.88.0.12,10.88.0.10"
         );
+        assert_eq!(text(&plan, "/run/tandem/node"), "server1\n");
+        assert_eq!(
+            text(&plan, "/run/tandem/cluster.secret").trim(),
+            "07".repeat(32)
+        );
         // Keys and passwords never show in a plan's Debug (it may end up in a log).
         let shown = format!("{plan:?}");
         assert!(!shown.contains(KEY) && !shown.contains(&env["TANDEM_DB_PASSWORD"]));
+        assert!(!shown.contains(&"07".repeat(32)), "{shown}");
+    }
+
+    /// An uploaded certificate and a webhook become files of the plan: the key readable by
+    /// the balancer's group only, the webhook by the log monitor's.
+    #[test]
+    fn settings_become_files_the_balancer_and_log_monitor_read() {
+        use Owner::Group;
+        let mut settings = inputs(true).settings;
+        settings.tls = api::settings::TlsChoice::Upload {
+            certificate: "CHAIN".into(),
+            key: api::settings::Secret::new(KEY),
+        };
+        settings.webhook = Some("https://hooks.example/x".into());
+        let files = settings_files(&settings, Path::new("/run/tandem"), true);
+        let rows: Vec<(&str, u32, Option<Owner>, &str)> = files
+            .iter()
+            .map(|f| {
+                let contents = match &f.contents {
+                    Contents::Text(t) => t.as_str(),
+                    Contents::Fifo => "FIFO",
+                    Contents::Absent => "ABSENT",
+                };
+                (f.path.to_str().unwrap(), f.mode, f.owner, contents)
+            })
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                (
+                    "/run/tandem/served-tls/certificate.pem",
+                    0o644,
+                    None,
+                    "CHAIN"
+                ),
+                (
+                    "/run/tandem/served-tls/key.pem",
+                    0o640,
+                    Some(Group("tandem-balancer")),
+                    KEY
+                ),
+                (
+                    "/run/tandem/webhook",
+                    0o640,
+                    Some(Group("tandem-logmon")),
+                    "https://hooks.example/x\n"
+                ),
+            ]
+        );
+        assert!(!format!("{files:?}").contains(KEY));
+    }
+
+    #[test]
+    fn the_wizard_runs_only_what_setup_needs() {
+        let cluster = Cluster::default_cluster();
+        let wizard = WizardInputs {
+            root: true,
+            exe: "/usr/bin/appliance".into(),
+            config: None,
+            seed_dir: Some("/seed".into()),
+            listen: "10.88.0.254:9443".parse().unwrap(),
+            certificate: ("CERT".into(), KEY.into()),
+            setup_code: "1234-5678-9012".into(),
+            console: Some("/dev/ttyS0".into()),
+        };
+        let plan = plan_wizard(&cluster, &Layout::image(), &wizard).unwrap();
+        let names: Vec<&str> = plan.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["settings", "admin", "setup-console"]);
+        assert_eq!(text(&plan, "/run/tandem/setup-code"), "1234-5678-9012\n");
+        assert_eq!(
+            plan.file(Path::new("/run/tandem/setup-code")).unwrap().mode,
+            0o600
+        );
+        let admin = service(&plan, "admin");
+        assert_eq!(admin.user.as_deref(), Some("tandem-admin"));
+        assert!(admin.argv.contains(&"--setup".to_string()));
+        assert!(admin.argv.contains(&"10.88.0.254:9443".to_string()));
+        assert_eq!(text(&plan, "/run/tandem/admin-tls/node.key"), KEY);
+        // Nothing of the node's stack: no database, no balancer, no secret.
+        assert!(plan.file(Path::new("/run/tandem/cluster.secret")).is_none());
+        assert!(!format!("{plan:?}").contains("1234-5678-9012"));
     }
 
     #[test]
@@ -983,6 +1398,7 @@ mod tests {
                 "nginx",
                 "logmon",
                 "balancer",
+                "settings",
                 "admin"
             ]
         );
@@ -1015,6 +1431,8 @@ mod tests {
                 "/s/balancer",
                 "--vip-dir",
                 "/s/run/vip",
+                "--served-tls",
+                "/s/run/served-tls",
             ]
         );
         let admin = &service(&plan, "admin").argv;

@@ -143,6 +143,8 @@ pub enum StopReason {
     Hangup,
     /// A `stop` request on the control socket.
     Requested,
+    /// A `reconfigure` request: PID 1 plans the node again and supervises the new plan.
+    Reconfigure,
 }
 
 #[derive(Debug, thiserror::Error)]

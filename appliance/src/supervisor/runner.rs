@@ -375,6 +375,13 @@ impl Runner {
                 self.begin_shutdown(StopReason::Requested, now);
                 Response::Ok
             }
+            Request::Reconfigure => {
+                tracing::info!(
+                    "reconfigure requested: stopping every service to plan the node again"
+                );
+                self.begin_shutdown(StopReason::Reconfigure, now);
+                Response::Ok
+            }
             Request::Signal { service, signal } => self.signal_request(&service, &signal),
             Request::Restart { service } => {
                 match self.services.iter().position(|s| s.spec.name == service) {

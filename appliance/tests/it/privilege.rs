@@ -383,7 +383,7 @@ fn every_service_runs_with_no_new_privs_and_only_its_capabilities() {
     let stopped = control_as("tandem-admin", &socket, r#"{"request":"stop"}"#);
     assert_eq!(
         stopped,
-        r#"{"response":"error","message":"only root may stop the supervisor"}"#
+        r#"{"response":"error","message":"only root may stop or reconfigure the supervisor"}"#
     );
     // Its copy of the node's TLS files: the key is its own, and no one else's.
     let key = run.state.join("run/admin-tls/node.key");

@@ -32,6 +32,9 @@ pub enum Request {
     },
     /// Stop all services and the supervisor.
     Stop,
+    /// Stop all services, then plan the node again and start what the new plan says (the
+    /// settings service asks for it once first-boot setup is stored). Root only.
+    Reconfigure,
     /// Stop a service and start it again (also revives a failed one).
     Restart { service: String },
     /// Send a signal to a service's process group (`HUP`, `TERM`, `KILL`, `USR1`, `USR2`,

@@ -60,12 +60,10 @@ pub const SEED_MOUNT: &str = "/seed";
 /// The cluster's `cluster.toml` in the seed: written by the image-builder, read by every
 /// `appliance` command that runs on an image without `--config`.
 pub const SEED_CLUSTER_CONFIG: FileName = FileName("cluster.toml");
-/// The node's name (one line) in the seed: written by the image-builder, read by
-/// `appliance init` and by `appliance` commands without `--node`.
-pub const SEED_NODE_NAME: FileName = FileName("node");
 /// The node's TLS directory in the seed (files: [`CA_CERT`], [`NODE_CERT`], [`NODE_KEY`],
 /// [`DB_CERT`], [`DB_KEY`]): written by the image-builder, read by the node plan (MariaDB's
-/// and the admin server's copies) and the peer client.
+/// and the admin server's copies) and the peer client. A generic image's seed has one such
+/// directory per node below it, named after the node.
 pub const SEED_TLS_DIR: FileName = FileName("tls");
 
 // A node's TLS directory: the seed's on an image (the image-builder's `pki`), issued at every
@@ -98,6 +96,10 @@ pub const BALANCER_STATE_DIR: FileName = FileName("balancer");
 /// The admin server's directory: made (0700, the admin server's) by the node plan; the admin
 /// server keeps its self-signed certificate there on a machine without a seed.
 pub const ADMIN_STATE_DIR: FileName = FileName("admin");
+/// The running node's name (one line) in its run directory: written by the node plan (on a
+/// generic image the name comes from the first-boot wizard), read by `appliance` commands
+/// without `--node`.
+pub const RUN_NODE_NAME: FileName = FileName("node");
 /// The runtime directory inside a developer machine's state directory (`appliance run`):
 /// made afresh by the node plan at every start; the db-agent's status, the VIP files and the
 /// rendered configs are below it. The log monitor, the db commands and the admin server look
@@ -158,7 +160,7 @@ mod tests {
     fn names_are_single_path_components() {
         let names = [
             SEED_CLUSTER_CONFIG,
-            SEED_NODE_NAME,
+            RUN_NODE_NAME,
             SEED_TLS_DIR,
             CA_CERT,
             NODE_CERT,

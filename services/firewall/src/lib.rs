@@ -40,44 +40,17 @@ pub enum FirewallError {
 pub fn ruleset(cluster: &Cluster, node: &Node) -> String {
     let ports = cluster.ports;
     let peers: Vec<Ipv4Addr> = cluster.peers(&node.name).map(|p| p.address).collect();
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        "# Tandem firewall for node {} of cluster {}; generated, do not edit.",
-        node.name, cluster.name
+    let mut s = head(
+        &format!("node {} of cluster {}", node.name, cluster.name),
+        cluster,
     );
-    // Create-then-delete makes the delete valid on a first load; all of it is one transaction.
-    let _ = writeln!(s, "table inet {TABLE}\ndelete table inet {TABLE}\n");
-    let _ = writeln!(s, "table inet {TABLE} {{");
-    s.push_str("    set admin_nets {\n        type ipv4_addr\n        flags interval\n");
-    let admin: Vec<String> = cluster
-        .firewall
-        .admin_cidrs
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-    let _ = writeln!(s, "        elements = {{ {} }}\n    }}\n", admin.join(", "));
     s.push_str("    set peers {\n        type ipv4_addr\n");
     if !peers.is_empty() {
         let peers: Vec<String> = peers.iter().map(ToString::to_string).collect();
         let _ = writeln!(s, "        elements = {{ {} }}", peers.join(", "));
     }
     s.push_str("    }\n\n");
-
-    s.push_str("    chain input {\n        type filter hook input priority filter; policy drop;\n");
-    s.push_str("        ct state established,related accept\n");
-    s.push_str("        ct state invalid counter drop comment \"invalid\"\n");
-    s.push_str("        iif \"lo\" accept\n");
-    let _ = writeln!(
-        s,
-        "        icmp type echo-request limit rate {ICMP_ECHO_RATE} accept"
-    );
-    s.push_str("        icmp type echo-request counter drop comment \"icmp flood\"\n");
-    s.push_str(
-        "        icmp type { destination-unreachable, time-exceeded, parameter-problem } accept\n",
-    );
-    // IPv6 neighbour discovery keeps link-local IPv6 working; nothing else is served on v6.
-    s.push_str("        icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert, echo-request } limit rate 10/second accept\n");
+    input_head(&mut s);
     let _ = writeln!(
         s,
         "        ip daddr {{ {}, {} }} tcp dport {{ {}, {} }} accept",
@@ -99,13 +72,68 @@ pub fn ruleset(cluster: &Cluster, node: &Node) -> String {
         s,
         "        ip saddr @peers ip protocol {IPPROTO_VRRP} accept"
     );
+    tail(&mut s);
+    s
+}
+
+/// The first-boot wizard's ruleset (a node whose settings are incomplete): only the admin
+/// port, from the admin networks, where the wizard is served; nothing else is open.
+pub fn setup_ruleset(cluster: &Cluster) -> String {
+    let mut s = head(
+        &format!("the first-boot wizard of cluster {}", cluster.name),
+        cluster,
+    );
+    input_head(&mut s);
+    let _ = writeln!(
+        s,
+        "        ip saddr @admin_nets tcp dport {} accept",
+        cluster.ports.admin
+    );
+    tail(&mut s);
+    s
+}
+
+fn head(what: &str, cluster: &Cluster) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# Tandem firewall for {what}; generated, do not edit.");
+    // Create-then-delete makes the delete valid on a first load; all of it is one transaction.
+    let _ = writeln!(s, "table inet {TABLE}\ndelete table inet {TABLE}\n");
+    let _ = writeln!(s, "table inet {TABLE} {{");
+    s.push_str("    set admin_nets {\n        type ipv4_addr\n        flags interval\n");
+    let admin: Vec<String> = cluster
+        .firewall
+        .admin_cidrs
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let _ = writeln!(s, "        elements = {{ {} }}\n    }}\n", admin.join(", "));
+    s
+}
+
+fn input_head(s: &mut String) {
+    s.push_str("    chain input {\n        type filter hook input priority filter; policy drop;\n");
+    s.push_str("        ct state established,related accept\n");
+    s.push_str("        ct state invalid counter drop comment \"invalid\"\n");
+    s.push_str("        iif \"lo\" accept\n");
+    let _ = writeln!(
+        s,
+        "        icmp type echo-request limit rate {ICMP_ECHO_RATE} accept"
+    );
+    s.push_str("        icmp type echo-request counter drop comment \"icmp flood\"\n");
+    s.push_str(
+        "        icmp type { destination-unreachable, time-exceeded, parameter-problem } accept\n",
+    );
+    // IPv6 neighbour discovery keeps link-local IPv6 working; nothing else is served on v6.
+    s.push_str("        icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-advert, echo-request } limit rate 10/second accept\n");
+}
+
+fn tail(s: &mut String) {
     s.push_str("        counter drop comment \"default drop\"\n    }\n\n");
     s.push_str(
         "    chain forward {\n        type filter hook forward priority filter; policy drop;\n",
     );
     s.push_str("        counter drop comment \"no routing\"\n    }\n\n");
     s.push_str("    chain output {\n        type filter hook output priority filter; policy accept;\n    }\n}\n");
-    s
 }
 
 /// Loads `rules` as one transaction. On rejection nothing changes and the error carries nft's

@@ -206,6 +206,32 @@ impl Ca {
     }
 }
 
+/// The first-boot wizard's certificate: self-signed, server authentication for `address`
+/// (the wizard's only name), made at every boot the wizard runs (its SHA-256 fingerprint is
+/// printed on the serial console, which is how a user can trust it), and its SHA-256
+/// fingerprint as browsers show it (colon-separated upper-case hex).
+pub fn wizard_cert(address: std::net::Ipv4Addr) -> Result<(Issued, String), Error> {
+    let what = "the first-boot wizard";
+    let mut p = leaf_params("Tandem first-boot setup");
+    p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    p.subject_alt_names
+        .push(SanType::IpAddress(std::net::IpAddr::V4(address)));
+    let key = KeyPair::generate().map_err(rcgen_error(format!("key of {what}")))?;
+    let cert = p
+        .self_signed(&key)
+        .map_err(rcgen_error(format!("certificate of {what}")))?;
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(cert.der().as_ref());
+    let fingerprint = cluster_config::settings::fingerprint(&digest);
+    Ok((
+        Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        },
+        fingerprint,
+    ))
+}
+
 /// The public key (SubjectPublicKeyInfo, DER) held by the first certificate of a PEM text.
 pub fn certificate_public_key(pem: &str) -> Result<Vec<u8>, String> {
     let der = CertificateDer::from_pem_slice(pem.as_bytes())

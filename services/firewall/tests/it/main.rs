@@ -46,10 +46,14 @@ fn cluster() -> Cluster {
 #[test]
 fn ruleset_matches_snapshot() {
     let cluster = Cluster::default_cluster();
-    for node in &cluster.nodes {
-        let actual = firewall::ruleset(&cluster, node);
-        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join(format!("tests/snapshots/{}.nft", node.name));
+    let rulesets = cluster
+        .nodes
+        .iter()
+        .map(|node| (node.name.clone(), firewall::ruleset(&cluster, node)))
+        .chain([("setup".to_string(), firewall::setup_ruleset(&cluster))]);
+    for (name, actual) in rulesets {
+        let path =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/snapshots/{name}.nft"));
         if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
             std::fs::write(&path, &actual).unwrap();
         }
@@ -61,9 +65,9 @@ fn ruleset_matches_snapshot() {
         });
         assert_eq!(
             actual, expected,
-            "ruleset for {} changed; review and rerun with UPDATE_SNAPSHOTS=1",
-            node.name
+            "ruleset for {name} changed; review and rerun with UPDATE_SNAPSHOTS=1"
         );
+        firewall::check(&actual).unwrap();
     }
 }
 
