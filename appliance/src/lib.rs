@@ -16,6 +16,7 @@ pub mod netif;
 pub mod node;
 pub mod preflight;
 pub mod secrets;
+pub mod setup_console;
 pub mod state;
 pub mod supervisor;
 pub mod update_cmd;

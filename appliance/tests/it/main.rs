@@ -9,5 +9,6 @@ mod db;
 mod logmon;
 mod privilege;
 mod run;
+mod setup_console;
 mod supervisor;
 mod support;
