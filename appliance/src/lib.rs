@@ -17,6 +17,7 @@ pub mod node;
 pub mod preflight;
 pub mod secrets;
 pub mod settings;
+pub mod setup_console;
 pub mod state;
 pub mod supervisor;
 pub mod update_cmd;

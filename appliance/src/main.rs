@@ -63,6 +63,8 @@ enum Command {
     Balancer(appliance::balancer_cmd::BalancerArgs),
     /// The HTTPS admin port: status page, status JSON, metrics, peer API.
     Admin(appliance::admin_cmd::AdminArgs),
+    /// The first-boot wizard on the serial console (started by init while setup is pending).
+    SetupConsole(appliance::setup_console::Args),
     /// The node's nftables firewall.
     Firewall {
         #[command(subcommand)]
@@ -200,6 +202,7 @@ fn run_command(command: Command) -> anyhow::Result<ExitCode> {
         Command::Logmon(args) => appliance::logmon_cmd::main(args),
         Command::Admin(args) => appliance::admin_cmd::main(args),
         Command::Balancer(args) => appliance::balancer_cmd::main(args),
+        Command::SetupConsole(args) => appliance::setup_console::main(args),
         Command::Firewall { action } => appliance::firewall_cmd::main(action),
         Command::Status { target, json } => {
             let code = appliance::control::status(&target, json)?;

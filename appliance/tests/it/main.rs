@@ -10,5 +10,6 @@ mod logmon;
 mod privilege;
 mod run;
 mod settings;
+mod setup_console;
 mod supervisor;
 mod support;
