@@ -1,5 +1,6 @@
 //! `image-builder build`: a validated `cluster.toml` in, one bootable UEFI disk image per node
-//! out (raw + qcow2), plus the shared root filesystem image and a manifest.
+//! out (raw + qcow2), optionally a generic image that becomes any node at first boot, plus the
+//! shared root filesystem image and a manifest.
 //!
 //! Everything is made from files by host tools (mmdebstrap, mkfs.ext4 -d, mkfs.vfat + mtools,
 //! sfdisk, qemu-img): no mounts, no loop devices. The pure parts (layout, loader entries,
@@ -14,18 +15,18 @@ pub mod host;
 pub mod layout;
 pub mod pki;
 pub mod rootimg;
+pub mod seed;
 pub mod signing;
 pub mod users;
 
 use std::io::Read;
+use std::net::Ipv4Addr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use api::files::{
-    CA_CERT, DB_CERT, DB_KEY, IMAGE_UPDATE_KEYRING, IMAGE_VERSION_FILE, NODE_CERT, NODE_KEY,
-    SEED_CLUSTER_CONFIG, SEED_TLS_DIR,
-};
+use api::files::{IMAGE_UPDATE_KEYRING, IMAGE_VERSION_FILE};
+use api::settings::TlsChoice;
 use cluster_config::Cluster;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -88,6 +89,10 @@ pub enum Error {
     Bundle(#[from] update::Error),
     #[error("disk image: the layout has no partition labelled {label:?} (it has esp, root-a, root-b, seed, data)")]
     NoPartition { label: String },
+    /// A seed's settings (`settings.toml`), the served certificate or the generic image's
+    /// setup address; the message names which.
+    #[error("{0}")]
+    Settings(String),
 }
 
 impl Error {
@@ -120,6 +125,26 @@ pub struct BuildOptions {
     pub extra_trees: Vec<PathBuf>,
     /// Only `root.ext4` and `manifest.json`: no CA, seeds or node disks (for bundles).
     pub root_only: bool,
+    /// The certificate the nodes serve (`--tls-cert`, `--tls-key`); `None`: self-signed.
+    pub tls: Option<TlsFiles>,
+    /// Also build `generic.img` and `generic.qcow2` (`--generic`).
+    pub generic: Option<GenericImage>,
+}
+
+/// A certificate chain and its key, PEM files.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub certificate: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The generic image: the node images' disk with a seed that leaves the node and its
+/// settings to the first-boot wizard.
+#[derive(Debug, Clone, Default)]
+pub struct GenericImage {
+    /// Where the wizard listens (`--setup-address`); `None`:
+    /// [`seed::default_setup_address`].
+    pub setup_address: Option<Ipv4Addr>,
 }
 
 /// `--cache-dir`, else `$TANDEM_CACHE`, else `$XDG_CACHE_HOME/tandem`, else `~/.cache/tandem`.
@@ -239,6 +264,9 @@ pub struct Manifest {
     pub update_keyring_sha256: String,
     /// Whether only the root filesystem image was built (`--root-only`).
     pub root_only: bool,
+    /// Where the generic image's setup wizard listens; absent without `--generic`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub setup_address: Option<Ipv4Addr>,
     pub artifacts: Vec<Artifact>,
 }
 
@@ -246,6 +274,8 @@ pub struct BuildReport {
     pub manifest: Manifest,
     pub base_built: bool,
     pub seconds: f64,
+    /// The cluster's admin port (where a generic image's wizard listens).
+    pub admin_port: u16,
 }
 
 /// Builds every artifact into `opts.out_dir`.
@@ -282,6 +312,16 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, Error> {
             )
         }
     };
+    // Everything the seeds take from the options is checked before anything is built.
+    let now = now_unix();
+    let tls = match &opts.tls {
+        Some(files) => seed::load_tls(&files.certificate, &files.key, now)?,
+        None => TlsChoice::SelfSigned,
+    };
+    let generic = match &opts.generic {
+        Some(generic) => Some(generic_seed(&cluster, generic)?),
+        None => None,
+    };
     if !host::is_root() {
         return Err(Error::NotRoot);
     }
@@ -305,11 +345,8 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, Error> {
     std::fs::create_dir_all(&work).map_err(|e| Error::io("output", &work, e))?;
     let epoch = opts.source_date_epoch;
 
-    let steps = if opts.root_only {
-        6
-    } else {
-        7 + 4 * cluster.nodes.len()
-    };
+    let disks = cluster.nodes.len() + usize::from(generic.is_some());
+    let steps = if opts.root_only { 6 } else { 7 + 4 * disks };
     let mut p = Progress::new(steps);
     p.step("host tools");
     for pkg in host::ensure_tools(|l| p.note(l))? {
@@ -406,6 +443,9 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, Error> {
                 root_img: &root_img,
                 root_slot,
                 work: &work,
+                tls: &tls,
+                generic: generic.as_ref().map(|(_, text)| text.as_str()),
+                now,
             },
             &mut artifacts_to_hash,
         )?;
@@ -429,6 +469,10 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, Error> {
         update_key_dir: absolute(&opts.update_key_dir),
         update_keyring_sha256: hex::encode(Sha256::digest(keyring.as_bytes())),
         root_only: opts.root_only,
+        setup_address: generic
+            .as_ref()
+            .filter(|_| !opts.root_only)
+            .and_then(|(settings, _)| settings.setup_address),
         artifacts,
     };
     let manifest_path = out.join("manifest.json");
@@ -441,7 +485,33 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, Error> {
         manifest,
         base_built: base.built,
         seconds: p.elapsed(),
+        admin_port: cluster.ports.admin,
     })
+}
+
+/// The generic image's settings and their `settings.toml`, checked (before any build step).
+fn generic_seed(
+    cluster: &Cluster,
+    generic: &GenericImage,
+) -> Result<(cluster_config::settings::SeedSettings, String), Error> {
+    if let Some(node) = cluster.node(seed::GENERIC) {
+        return Err(Error::Settings(format!(
+            "--generic: the cluster has a node named {:?}, whose image would be {}.img too",
+            node.name,
+            seed::GENERIC
+        )));
+    }
+    let settings = seed::generic_settings(cluster, generic.setup_address)?;
+    let text = seed::settings_toml(cluster, &settings, seed::GENERIC_ORIGIN, 0)?;
+    Ok((settings, text))
+}
+
+/// Seconds since the Unix epoch (an uploaded certificate is checked against it).
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
 }
 
 /// What every node's disk is made from, besides the build options.
@@ -453,9 +523,15 @@ struct NodeInputs<'a> {
     root_img: &'a Path,
     root_slot: u64,
     work: &'a Path,
+    /// The certificate every node serves.
+    tls: &'a TlsChoice,
+    /// The generic image's `settings.toml`, when one is built.
+    generic: Option<&'a str>,
+    now: i64,
 }
 
-/// The cluster CA, then each node's seed, ESP, raw disk and qcow2 (added to `artifacts`).
+/// The cluster CA and credentials, then each node's seed, ESP, raw disk and qcow2, then the
+/// generic image's (added to `artifacts`).
 fn build_node_disks(
     opts: &BuildOptions,
     p: &mut Progress,
@@ -466,14 +542,13 @@ fn build_node_disks(
         cluster,
         config_text,
         ca_dir,
-        base,
-        root_img,
-        root_slot,
         work,
+        tls,
+        generic,
+        now,
+        ..
     } = *inputs;
-    let out = &opts.out_dir;
-    let epoch = opts.source_date_epoch;
-    p.step(format!("cluster CA ({})", ca_dir.display()));
+    p.step(format!("cluster CA and credentials ({})", ca_dir.display()));
     let (ca, created) = pki::load_or_create_ca(ca_dir, &cluster.name)?;
     p.note(if created {
         "created a new CA"
@@ -481,89 +556,124 @@ fn build_node_disks(
         "reusing the existing CA"
     });
     let secret = pki::load_or_create_secret(ca_dir)?;
+    let (credentials, created) = pki::Credentials::load_or_create(ca_dir, cluster)?;
+    let password_file = pki::Credentials::admin_password_path(ca_dir);
+    p.note(&format!(
+        "{} admin password in {}",
+        if created { "made a new" } else { "reusing the" },
+        password_file.display()
+    ));
 
     for node in &cluster.nodes {
         let name = &node.name;
         let node_work = work.join(name);
-        std::fs::create_dir_all(&node_work).map_err(|e| Error::io("output", &node_work, e))?;
-
         p.step(format!("{name}: certificate, seed and data partitions"));
-        let cert = pki::node_cert(&ca, cluster, node)?;
+        let salt = pki::random_bytes::<16>()
+            .map_err(|e| Error::io("seed", Path::new("/dev/urandom"), e))?;
+        let settings = seed::node_settings(cluster, name, &secret, &credentials, tls, &salt)?;
+        let origin = format!("{} of {name}", api::settings::SEED_SETTINGS);
+        let text = seed::settings_toml(cluster, &settings, &origin, now)?;
         let seed_dir = node_work.join("seed");
-        let tls = seed_dir.join(SEED_TLS_DIR);
-        std::fs::create_dir_all(&tls).map_err(|e| Error::io("seed", &tls, e))?;
-        pki::write_file(
-            &seed_dir.join(SEED_CLUSTER_CONFIG),
-            config_text.as_bytes(),
-            0o644,
-        )?;
-        pki::write_file(
-            &seed_dir.join("node"),
-            format!("{name}\n").as_bytes(),
-            0o644,
-        )?;
-        pki::write_file(
-            &seed_dir.join(api::secret::SECRET_FILE),
-            secret.as_bytes(),
-            0o600,
-        )?;
-        pki::write_file(&tls.join(CA_CERT), ca.cert_pem.as_bytes(), 0o644)?;
-        pki::write_file(&tls.join(NODE_CERT), cert.cert_pem.as_bytes(), 0o644)?;
-        pki::write_file(&tls.join(NODE_KEY), cert.key_pem.as_bytes(), 0o600)?;
-        // MariaDB's own: its key is copied for `mysql`, and is no peer identity.
-        let db_cert = pki::db_cert(&ca, cluster, node)?;
-        pki::write_file(&tls.join(DB_CERT), db_cert.cert_pem.as_bytes(), 0o644)?;
-        pki::write_file(&tls.join(DB_KEY), db_cert.key_pem.as_bytes(), 0o600)?;
-        let seed_img = node_work.join("seed.ext4");
-        let uuid_base = format!("{}/{}", cluster.name, name);
-        let seed_uuid = format!("{uuid_base}/seed");
-        let seed_fs = rootimg::Ext4 {
-            step: "seed",
-            label: "seed",
-            uuid_name: &seed_uuid,
-            size: layout::SEED_SIZE,
-            journal: false,
-            epoch,
-        };
-        seed_fs.make(Some(&seed_dir), &seed_img)?;
-        // No filesystem on the data partition, only the marker that says none was ever made:
-        // the node creates it on first boot, at the disk's final size, and formats nothing that
-        // lacks the marker (a damaged filesystem is not an empty one).
-        let data_img = node_work.join("data.marker");
-        pki::write_file(&data_img, api::storage::UNINITIALISED_MARKER, 0o600)?;
-
-        p.step(format!("{name}: ESP (systemd-boot, kernel, initrd)"));
-        let esp_img = node_work.join("esp.vfat");
-        esp::build(
-            &esp_img,
-            &base.kernel(),
-            &base.initrd(),
-            &esp::volume_id(&cluster.name, name),
-            &opts.version,
-        )?;
-
-        p.step(format!("{name}: {name}.img (GPT + partitions)"));
-        let disk_layout = layout::DiskLayout::new(&cluster.name, name, root_slot);
-        let raw = out.join(format!("{name}.img"));
-        disk::assemble(
-            &raw,
-            &disk_layout,
-            &[
-                (layout::LABEL_ESP, &esp_img),
-                (layout::LABEL_ROOT_A, root_img),
-                (layout::LABEL_SEED, &seed_img),
-                (layout::LABEL_DATA, &data_img),
-            ],
-        )?;
-        std::fs::remove_dir_all(&node_work).map_err(|e| Error::io("output", &node_work, e))?;
-
-        p.step(format!("{name}: {name}.qcow2"));
-        let qcow2 = out.join(format!("{name}.qcow2"));
-        disk::to_qcow2(&raw, &qcow2)?;
-        artifacts_to_hash.push((raw, "disk-raw", Some(name.clone())));
-        artifacts_to_hash.push((qcow2, "disk-qcow2", Some(name.clone())));
+        seed::write_node(&seed_dir, config_text, &text, &ca, cluster, node)?;
+        build_disk(opts, p, inputs, name, &seed_dir)?;
+        artifacts_to_hash.push((
+            opts.out_dir.join(format!("{name}.img")),
+            "disk-raw",
+            Some(name.clone()),
+        ));
+        artifacts_to_hash.push((
+            opts.out_dir.join(format!("{name}.qcow2")),
+            "disk-qcow2",
+            Some(name.clone()),
+        ));
+    }
+    if let Some(text) = generic {
+        let name = seed::GENERIC;
+        p.step(format!(
+            "{name}: every node's certificates, seed and data partitions"
+        ));
+        let seed_dir = work.join(name).join("seed");
+        seed::write_generic(&seed_dir, config_text, text, &ca, cluster)?;
+        build_disk(opts, p, inputs, name, &seed_dir)?;
+        artifacts_to_hash.push((
+            opts.out_dir.join(format!("{name}.img")),
+            "generic-raw",
+            None,
+        ));
+        artifacts_to_hash.push((
+            opts.out_dir.join(format!("{name}.qcow2")),
+            "generic-qcow2",
+            None,
+        ));
     }
     Ok(())
+}
+
+/// `name`'s disk from its seed tree (in `work/name/seed`, a progress step already begun): the
+/// seed and data partitions, the ESP, `name.img` and `name.qcow2`; the work directory is
+/// removed.
+fn build_disk(
+    opts: &BuildOptions,
+    p: &mut Progress,
+    inputs: &NodeInputs<'_>,
+    name: &str,
+    seed_dir: &Path,
+) -> Result<(), Error> {
+    let NodeInputs {
+        cluster,
+        base,
+        root_img,
+        root_slot,
+        work,
+        ..
+    } = *inputs;
+    let out = &opts.out_dir;
+    let node_work = work.join(name);
+    let seed_img = node_work.join("seed.ext4");
+    let uuid_base = format!("{}/{}", cluster.name, name);
+    let seed_uuid = format!("{uuid_base}/seed");
+    let seed_fs = rootimg::Ext4 {
+        step: "seed",
+        label: "seed",
+        uuid_name: &seed_uuid,
+        size: layout::SEED_SIZE,
+        journal: false,
+        epoch: opts.source_date_epoch,
+    };
+    seed_fs.make(Some(seed_dir), &seed_img)?;
+    // No filesystem on the data partition, only the marker that says none was ever made:
+    // the node creates it on first boot, at the disk's final size, and formats nothing that
+    // lacks the marker (a damaged filesystem is not an empty one).
+    let data_img = node_work.join("data.marker");
+    pki::write_file(&data_img, api::storage::UNINITIALISED_MARKER, 0o600)?;
+
+    p.step(format!("{name}: ESP (systemd-boot, kernel, initrd)"));
+    let esp_img = node_work.join("esp.vfat");
+    esp::build(
+        &esp_img,
+        &base.kernel(),
+        &base.initrd(),
+        &esp::volume_id(&cluster.name, name),
+        &opts.version,
+    )?;
+
+    p.step(format!("{name}: {name}.img (GPT + partitions)"));
+    let disk_layout = layout::DiskLayout::new(&cluster.name, name, root_slot);
+    let raw = out.join(format!("{name}.img"));
+    disk::assemble(
+        &raw,
+        &disk_layout,
+        &[
+            (layout::LABEL_ESP, &esp_img),
+            (layout::LABEL_ROOT_A, root_img),
+            (layout::LABEL_SEED, &seed_img),
+            (layout::LABEL_DATA, &data_img),
+        ],
+    )?;
+    std::fs::remove_dir_all(&node_work).map_err(|e| Error::io("output", &node_work, e))?;
+
+    p.step(format!("{name}: {name}.qcow2"));
+    disk::to_qcow2(&raw, &out.join(format!("{name}.qcow2")))
 }
 
 fn hash_artifacts(
@@ -674,6 +784,20 @@ pub fn summary_table(report: &BuildReport) -> String {
              mode 0600, in a directory of mode 0700\n",
         );
     }
+    if let Some(address) = report.manifest.setup_address {
+        s.push_str(&format!(
+            "{generic}.img and {generic}.qcow2 hold every node's private key; on first boot \
+             their setup wizard is at https://{address}:{port}/setup and on the serial console\n",
+            generic = seed::GENERIC,
+            port = report.admin_port,
+        ));
+    }
+    if let Some(ca_dir) = &report.manifest.ca_dir {
+        s.push_str(&format!(
+            "the admin password of the node images is in {} (the metrics token beside it)\n",
+            pki::Credentials::admin_password_path(ca_dir).display()
+        ));
+    }
     s
 }
 
@@ -689,6 +813,23 @@ mod tests {
         check(1024, "1.0 KiB");
         check(512 * 1024 * 1024, "512.0 MiB");
         check(2578 * 1024 * 1024, "2.5 GiB");
+    }
+
+    #[test]
+    fn a_generic_image_is_refused_for_a_cluster_with_a_node_of_its_name() {
+        let text = cluster_config::DEFAULT_CLUSTER_TOML.replace("\"server1\"", "\"generic\"");
+        let cluster = Cluster::from_toml(&text, "c.toml").unwrap();
+        let e = generic_seed(&cluster, &GenericImage::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--generic: the cluster has a node named \"generic\""),
+            "{e}"
+        );
+        let (settings, text) =
+            generic_seed(&Cluster::default_cluster(), &GenericImage::default()).unwrap();
+        assert_eq!(settings.setup_address, Some(Ipv4Addr::new(10, 88, 0, 254)));
+        assert_eq!(text, settings.to_toml());
     }
 
     #[test]

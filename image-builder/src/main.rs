@@ -16,7 +16,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Build DIR/<node>.img and DIR/<node>.qcow2 for every node, DIR/root.ext4 and
-    /// DIR/manifest.json.
+    /// DIR/manifest.json (and DIR/generic.img, DIR/generic.qcow2 with --generic). The node
+    /// images boot straight into service: their admin password is kept beside the cluster CA.
     Build {
         /// The cluster description (default: the built-in two-node cluster).
         #[arg(long, value_name = "FILE")]
@@ -53,8 +54,24 @@ enum Command {
         extra_trees: Vec<PathBuf>,
         /// Build only root.ext4 and manifest.json (no CA, seeds or node disks): enough for
         /// `bundle`.
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["generic", "tls_cert"])]
         root_only: bool,
+        /// The certificate chain (PEM) the nodes serve, with --tls-key (default: each node
+        /// makes a self-signed one).
+        #[arg(long, value_name = "FILE", requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The private key (PEM) of --tls-cert.
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// Also build DIR/generic.img and DIR/generic.qcow2: one image for every node, whose
+        /// first boot asks which node it is, the admin password, the cluster secret, the
+        /// certificate and the webhook (on the serial console and on the web).
+        #[arg(long)]
+        generic: bool,
+        /// Where the generic image's setup wizard listens: an unused address of the cluster's
+        /// subnet (default: its last host address, 10.88.0.254 for the default cluster).
+        #[arg(long, value_name = "ADDR", requires = "generic")]
+        setup_address: Option<std::net::Ipv4Addr>,
     },
     /// Make an ed25519 key pair for signing update bundles: DIR/bundle-signing.key (0600, 64 hex
     /// digits) and DIR/bundle-signing.pub (one line of 64 hex digits, a keyring of one).
@@ -123,6 +140,10 @@ fn main() -> anyhow::Result<ExitCode> {
             trust_keys,
             extra_trees,
             root_only,
+            tls_cert,
+            tls_key,
+            generic,
+            setup_address,
         } => {
             let cache_dir = cache_dir.unwrap_or_else(image_builder::default_cache_dir);
             let opts = image_builder::BuildOptions {
@@ -139,6 +160,10 @@ fn main() -> anyhow::Result<ExitCode> {
                 trust_keys,
                 extra_trees,
                 root_only,
+                tls: tls_cert
+                    .zip(tls_key)
+                    .map(|(certificate, key)| image_builder::TlsFiles { certificate, key }),
+                generic: generic.then_some(image_builder::GenericImage { setup_address }),
             };
             let report = image_builder::build(&opts)
                 .with_context(|| format!("building images into {}", opts.out_dir.display()))?;

@@ -1,12 +1,14 @@
-//! The cluster CA kept on the build machine (`ca.crt`, `ca.key` and the cluster secret in one
-//! private directory) and the files the seeds get from it. The certificates themselves are
-//! made by the `pki` crate, the same way `appliance run` makes a development cluster's.
+//! The cluster CA kept on the build machine (`ca.crt`, `ca.key`, the cluster secret and the
+//! cluster's [`Credentials`] in one private directory) and the files the seeds get from it. The
+//! certificates themselves are made by the `pki` crate, the same way `appliance run` makes a
+//! development cluster's.
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use api::files::CA_CERT;
 use api::secret::{format_secret, parse_secret, SECRET_FILE};
+use api::settings::Secret;
 pub use pki::Issued;
 
 use crate::Error;
@@ -84,11 +86,7 @@ pub fn load_or_create_ca(dir: &Path, cluster: &str) -> Result<(Ca, bool), Error>
             false,
         ));
     }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(CA_DIR_MODE)
-        .create(dir)
-        .map_err(|e| Error::io(STEP, dir, e))?;
+    private_dir(dir)?;
     let issuer = pki::Ca::generate(&name).map_err(pki_error)?;
     let cert_pem = issuer.cert_pem.clone();
     write_file(&key_path, issuer.key_pem().as_bytes(), 0o600)?;
@@ -128,6 +126,175 @@ pub fn load_or_create_secret(dir: &Path) -> Result<String, Error> {
     }
 }
 
+/// The admin password's file in the CA directory: one line, 0600.
+pub const ADMIN_PASSWORD_FILE: &str = "admin-password";
+/// The metrics bearer token's file in the CA directory: 64 hex digits, 0600.
+pub const METRICS_TOKEN_FILE: &str = "metrics-token";
+/// Length of a generated admin password: a passphrase by `check_password_strength`'s rules.
+const PASSWORD_LEN: usize = cluster_config::settings::PASSPHRASE_LEN;
+/// What a generated admin password is made of: no 0/O/o, 1/l/I, so it can be read aloud and
+/// typed from a printout.
+const PASSWORD_ALPHABET: &[u8] = b"23456789abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ";
+/// Bytes of a metrics token.
+const TOKEN_LEN: usize = 32;
+
+/// The cluster's admin password and metrics token, kept on the build machine beside its CA
+/// (made once, like the CA and the secret) and put in every node image's seed (the password as
+/// its argon2id hash). The e2e tests read them with [`Credentials::load`] to log in and scrape.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    /// What the admin page's login takes.
+    pub admin_password: Secret,
+    /// What `/metrics` takes as `Authorization: Bearer`: 64 hex digits.
+    pub metrics_token: Secret,
+}
+
+impl Credentials {
+    /// Reads the credentials kept in the CA directory `ca_dir` (a build's `manifest.json` names
+    /// it as `ca_dir`). Makes nothing.
+    pub fn load(ca_dir: &Path) -> Result<Credentials, Error> {
+        let read = |name: &str| {
+            let path = ca_dir.join(name);
+            std::fs::read_to_string(&path)
+                .map(|text| (text, path.clone()))
+                .map_err(|e| Error::io(STEP, &path, e))
+        };
+        let (password, password_path) = read(ADMIN_PASSWORD_FILE)?;
+        let (token, token_path) = read(METRICS_TOKEN_FILE)?;
+        Ok(Credentials {
+            admin_password: parse_password(&password_path, &password)?,
+            metrics_token: parse_token(&token_path, &token)?,
+        })
+    }
+
+    /// Loads the credentials from `ca_dir`, making each file that is missing (0600, in a 0700
+    /// directory). A password is refused when `cluster_config::settings::check_password_strength`
+    /// refuses it (an operator may have written their own). Returns them and whether the
+    /// admin password was made by this call.
+    pub fn load_or_create(
+        ca_dir: &Path,
+        cluster: &cluster_config::Cluster,
+    ) -> Result<(Credentials, bool), Error> {
+        private_dir(ca_dir)?;
+        let password_path = ca_dir.join(ADMIN_PASSWORD_FILE);
+        let (text, created) = read_or_create_private(&password_path, || {
+            Ok(format!("{}\n", generate_password(cluster)?))
+        })?;
+        let admin_password = parse_password(&password_path, &text)?;
+        cluster_config::settings::check_password_strength(cluster, admin_password.expose())
+            .map_err(|m| {
+                Error::Pki(format!(
+                    "{}: {m} (delete it to have a new one made; every node must then be rebuilt)",
+                    password_path.display()
+                ))
+            })?;
+        let token_path = ca_dir.join(METRICS_TOKEN_FILE);
+        let (text, _) = read_or_create_private(&token_path, || {
+            Ok(format!("{}\n", hex::encode(random_bytes::<TOKEN_LEN>()?)))
+        })?;
+        Ok((
+            Credentials {
+                admin_password,
+                metrics_token: parse_token(&token_path, &text)?,
+            },
+            created,
+        ))
+    }
+
+    /// Where the admin password is kept in `ca_dir` (shown after a build, never the password).
+    pub fn admin_password_path(ca_dir: &Path) -> PathBuf {
+        ca_dir.join(ADMIN_PASSWORD_FILE)
+    }
+}
+
+/// `path`'s text, or, if there is no such file, `make`'s, written there (0600). Of two builds
+/// making it at once, both use the one that was written first. Returns whether this call made it.
+fn read_or_create_private(
+    path: &Path,
+    make: impl FnOnce() -> std::io::Result<String>,
+) -> Result<(String, bool), Error> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => return Ok((text, false)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io(STEP, path, e)),
+    }
+    let text = make().map_err(|e| Error::io(STEP, Path::new(RANDOM), e))?;
+    match api::fsio::create_private(path, text.as_bytes()) {
+        Ok(()) => Ok((text, true)),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => std::fs::read_to_string(path)
+            .map(|text| (text, false))
+            .map_err(|e| Error::io(STEP, path, e)),
+        Err(e) => Err(Error::io(STEP, path, e)),
+    }
+}
+
+/// The password file's one line (an editor's final newline is not part of it).
+fn parse_password(path: &Path, text: &str) -> Result<Secret, Error> {
+    let password = text.strip_suffix('\n').unwrap_or(text);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    if password.is_empty() || password.contains(['\n', '\r']) {
+        return Err(Error::Pki(format!(
+            "{}: expected the admin password on one line",
+            path.display()
+        )));
+    }
+    Ok(Secret::new(password))
+}
+
+fn parse_token(path: &Path, text: &str) -> Result<Secret, Error> {
+    let token = text.trim();
+    if token.len() != TOKEN_LEN * 2 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(Error::Pki(format!(
+            "{}: expected {} hex digits (delete it to have a new one made)",
+            path.display(),
+            TOKEN_LEN * 2
+        )));
+    }
+    Ok(Secret::new(token.to_ascii_lowercase()))
+}
+
+/// A new password of [`PASSWORD_LEN`] characters of [`PASSWORD_ALPHABET`], one that
+/// `check_password_strength` takes (a random one fails only by a freak of repeats).
+fn generate_password(cluster: &cluster_config::Cluster) -> std::io::Result<String> {
+    // Bytes at or above the largest multiple of the alphabet's size are dropped, so every
+    // character is equally likely.
+    let limit = 256 - 256 % PASSWORD_ALPHABET.len();
+    loop {
+        let mut password = String::with_capacity(PASSWORD_LEN);
+        while password.len() < PASSWORD_LEN {
+            for b in random_bytes::<64>()? {
+                if usize::from(b) < limit && password.len() < PASSWORD_LEN {
+                    password.push(char::from(
+                        PASSWORD_ALPHABET[usize::from(b) % PASSWORD_ALPHABET.len()],
+                    ));
+                }
+            }
+        }
+        if cluster_config::settings::check_password_strength(cluster, &password).is_ok() {
+            return Ok(password);
+        }
+    }
+}
+
+/// The kernel's random source (as `api::secret::generate` reads it).
+const RANDOM: &str = "/dev/urandom";
+
+/// `N` bytes from [`RANDOM`].
+pub(crate) fn random_bytes<const N: usize>() -> std::io::Result<[u8; N]> {
+    let mut bytes = [0u8; N];
+    std::io::Read::read_exact(&mut std::fs::File::open(RANDOM)?, &mut bytes)?;
+    Ok(bytes)
+}
+
+/// Makes the CA's directory (and its parents) if missing, private.
+fn private_dir(dir: &Path) -> Result<(), Error> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(CA_DIR_MODE)
+        .create(dir)
+        .map_err(|e| Error::io(STEP, dir, e))
+}
+
 /// Writes a file whole, created with its final mode ([`api::fsio::write_atomic`]: whatever was
 /// at `path`, a file or a link, is replaced, never written through; a key is never readable by
 /// anyone else, not even for a moment; a certificate keeps its public mode whatever the umask).
@@ -156,6 +323,86 @@ mod tests {
         let e = load_or_create_secret(dir.path()).unwrap_err().to_string();
         assert!(e.contains("cluster.secret: expected 64 hex digits"), "{e}");
         assert!(e.contains("delete it"), "{e}");
+    }
+
+    #[test]
+    fn credentials_are_made_once_private_and_read_back_by_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_dir = dir.path().join("tandem-ca");
+        let cluster = cluster_config::Cluster::default_cluster();
+        assert!(Credentials::load(&ca_dir).is_err(), "load makes nothing");
+        let (made, created) = Credentials::load_or_create(&ca_dir, &cluster).unwrap();
+        assert!(created);
+        let password = made.admin_password.expose();
+        assert_eq!(password.len(), PASSWORD_LEN);
+        assert!(
+            password.bytes().all(|b| PASSWORD_ALPHABET.contains(&b)),
+            "{password}"
+        );
+        cluster_config::settings::check_password_strength(&cluster, password).unwrap();
+        let token = made.metrics_token.expose();
+        assert_eq!(token.len(), 64);
+        assert!(token.bytes().all(|b| b.is_ascii_hexdigit()), "{token}");
+        use std::os::unix::fs::MetadataExt;
+        for file in [ADMIN_PASSWORD_FILE, METRICS_TOKEN_FILE] {
+            let md = std::fs::metadata(ca_dir.join(file)).unwrap();
+            assert_eq!(md.mode() & 0o777, 0o600, "{file}");
+        }
+        assert_eq!(std::fs::metadata(&ca_dir).unwrap().mode() & 0o777, 0o700);
+        assert_eq!(
+            std::fs::read_to_string(Credentials::admin_password_path(&ca_dir)).unwrap(),
+            format!("{password}\n")
+        );
+        // Made once: the next build and the tests read the same.
+        let (again, created) = Credentials::load_or_create(&ca_dir, &cluster).unwrap();
+        assert!(!created);
+        let loaded = Credentials::load(&ca_dir).unwrap();
+        for c in [&again, &loaded] {
+            assert_eq!(c.admin_password, made.admin_password);
+            assert_eq!(c.metrics_token, made.metrics_token);
+        }
+        // Never in Debug output.
+        let debug = format!("{loaded:?}");
+        assert!(
+            !debug.contains(password) && !debug.contains(token),
+            "{debug}"
+        );
+        // Two passwords are not the same.
+        let other = dir.path().join("other-ca");
+        let (second, _) = Credentials::load_or_create(&other, &cluster).unwrap();
+        assert_ne!(second.admin_password, made.admin_password);
+        assert_ne!(second.metrics_token, made.metrics_token);
+    }
+
+    #[test]
+    fn credentials_of_the_wrong_shape_are_refused_with_their_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = cluster_config::Cluster::default_cluster();
+        Credentials::load_or_create(dir.path(), &cluster).unwrap();
+        let check = |file: &str, text: &str, expected: &str| {
+            let path = dir.path().join(file);
+            let saved = std::fs::read_to_string(&path).unwrap();
+            std::fs::write(&path, text).unwrap();
+            let e = Credentials::load_or_create(dir.path(), &cluster)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&path.display().to_string()), "{e}");
+            assert!(e.contains(expected), "{text:?}: {e}");
+            assert!(!e.contains(text.trim()) || text.trim().is_empty(), "{e}");
+            std::fs::write(&path, saved).unwrap();
+        };
+        check(METRICS_TOKEN_FILE, "not-hex\n", "expected 64 hex digits");
+        check(ADMIN_PASSWORD_FILE, "", "on one line");
+        check(ADMIN_PASSWORD_FILE, "two\nlines\n", "on one line");
+        check(ADMIN_PASSWORD_FILE, "short1\n", "too short");
+        check(ADMIN_PASSWORD_FILE, "tandem-Cluster1\n", "too weak");
+        // An operator's own strong password is taken as it is (an editor's newline is not
+        // part of it).
+        let path = dir.path().join(ADMIN_PASSWORD_FILE);
+        std::fs::write(&path, "correct horse battery staple\r\n").unwrap();
+        let (c, created) = Credentials::load_or_create(dir.path(), &cluster).unwrap();
+        assert!(!created);
+        assert_eq!(c.admin_password.expose(), "correct horse battery staple");
     }
 
     #[test]

@@ -12,8 +12,11 @@ use std::process::Command;
 
 use api::files::{
     CA_CERT, DB_CERT, DB_KEY, NODE_CERT, NODE_KEY, PARTITION_SEED, SEED_CLUSTER_CONFIG,
-    SEED_NODE_NAME, SEED_TLS_DIR,
+    SEED_TLS_DIR,
 };
+use api::settings::{Secret, TlsChoice, SEED_SETTINGS};
+use cluster_config::settings::SeedSettings;
+use image_builder::pki::Credentials;
 
 const BUILDER: &str = env!("CARGO_BIN_EXE_image-builder");
 
@@ -106,9 +109,11 @@ fn artifact<'a>(manifest: &'a serde_json::Value, file: &str) -> &'a serde_json::
         .unwrap_or_else(|| panic!("{file} missing from the manifest: {manifest:#}"))
 }
 
+#[derive(Debug, PartialEq)]
 struct Partition {
     name: String,
     offset: u64,
+    size: u64,
 }
 
 fn partitions(img: &Path) -> Vec<Partition> {
@@ -124,6 +129,7 @@ fn partitions(img: &Path) -> Vec<Partition> {
         .map(|p| Partition {
             name: p["name"].as_str().unwrap().to_string(),
             offset: p["start"].as_u64().unwrap() * sector,
+            size: p["size"].as_u64().unwrap() * sector,
         })
         .collect()
 }
@@ -134,6 +140,37 @@ fn debugfs(img: &Path, offset: u64, request: &str) -> String {
         .arg("-R")
         .arg(request)
         .arg(format!("{}?offset={offset}", img.display())))
+}
+
+/// The seed partition's offset in `img`.
+fn seed_offset(img: &Path) -> u64 {
+    partitions(img)
+        .into_iter()
+        .find(|p| p.name == PARTITION_SEED)
+        .unwrap()
+        .offset
+}
+
+/// The names in directory `dir` of the ext4 filesystem at `offset` of `img`, without `.` and
+/// `..`, sorted.
+fn ls(img: &Path, offset: u64, dir: &str) -> Vec<String> {
+    // `ls -p`: one `/inode/mode/uid/gid/name/size/` line per entry.
+    let mut names: Vec<String> = debugfs(img, offset, &format!("ls -p {dir}"))
+        .lines()
+        .filter_map(|l| l.split('/').nth(5).map(str::to_string))
+        .filter(|n| !n.is_empty() && n != "." && n != ".." && n != "lost+found")
+        .collect();
+    names.sort();
+    names
+}
+
+/// The seed's `settings.toml` of `img`, parsed; it must be 0600.
+fn seed_settings(img: &Path) -> SeedSettings {
+    let seed = seed_offset(img);
+    let stat = debugfs(img, seed, &format!("stat /{SEED_SETTINGS}"));
+    assert!(stat.contains("Mode:  0600"), "{SEED_SETTINGS}: {stat}");
+    let text = debugfs(img, seed, &format!("cat /{SEED_SETTINGS}"));
+    SeedSettings::from_toml(&text, &format!("{}: {SEED_SETTINGS}", img.display())).unwrap()
 }
 
 #[test]
@@ -214,18 +251,40 @@ fn builds_bootable_reproducible_images_for_the_default_cluster() {
         assert!(boot.contains(f), "{f} missing from the ESP: {boot}");
     }
 
-    // Seed: node name, the exact config, a certificate from the cluster CA, a private key.
+    // Seed: complete settings (node, the kept secret, password hash and metrics token), the
+    // exact config, a certificate from the cluster CA, a private key.
+    let ca_dir = PathBuf::from(manifest["ca_dir"].as_str().unwrap());
+    let credentials = Credentials::load(&ca_dir).unwrap();
+    let secret = std::fs::read_to_string(ca_dir.join(api::secret::SECRET_FILE)).unwrap();
     for node in ["server1", "server2"] {
         let img = out1.join(format!("{node}.img"));
-        let seed = partitions(&img)
-            .into_iter()
-            .find(|p| p.name == PARTITION_SEED)
-            .unwrap()
-            .offset;
+        let seed = seed_offset(&img);
         assert_eq!(
-            debugfs(&img, seed, &format!("cat /{SEED_NODE_NAME}")),
-            format!("{node}\n")
+            ls(&img, seed, "/"),
+            [
+                SEED_CLUSTER_CONFIG.as_str(),
+                SEED_SETTINGS.as_str(),
+                SEED_TLS_DIR.as_str()
+            ]
         );
+        let settings = seed_settings(&img);
+        assert!(
+            cluster_config::settings::seed_is_complete(&settings),
+            "{settings:?}"
+        );
+        assert_eq!(settings.node.as_deref(), Some(node));
+        assert_eq!(settings.cluster_secret, Some(Secret::new(secret.trim())));
+        assert!(cluster_config::settings::verify_password(
+            settings.admin_password_hash.as_deref().unwrap(),
+            credentials.admin_password.expose()
+        ));
+        assert_eq!(
+            settings.metrics_token,
+            Some(credentials.metrics_token.clone())
+        );
+        assert_eq!(settings.tls, Some(TlsChoice::SelfSigned));
+        assert_eq!(settings.webhook.as_deref(), Some(""));
+        assert_eq!(settings.setup_address, None);
         assert_eq!(
             debugfs(&img, seed, &format!("cat /{SEED_CLUSTER_CONFIG}")),
             cluster_config::DEFAULT_CLUSTER_TOML
@@ -372,9 +431,10 @@ fn builds_bootable_reproducible_images_for_the_default_cluster() {
         Some(std::fs::metadata(&img).unwrap().len())
     );
 
-    // Same inputs, same root image: byte for byte.
+    // Same inputs, same root image: byte for byte. This time with the generic image too.
     let out2 = tmp.path().join("out2");
-    let manifest2 = build(&out2, &appliance);
+    let (manifest2, stderr) = build_with(&out2, &appliance, &["--generic"]);
+    check_generic_image(&out2, &manifest2, &stderr, &credentials);
     let (a, b) = (
         &artifact(&manifest, "root.ext4")["sha256"],
         &artifact(&manifest2, "root.ext4")["sha256"],
@@ -507,4 +567,152 @@ fn root_only_builds_carry_version_keyring_and_extra_trees_and_make_bundles() {
     let stderr = String::from_utf8_lossy(&verify.stderr);
     assert!(verify.status.success(), "{stderr}");
     assert!(stderr.contains("good: tandem 0.2.0"), "{stderr}");
+}
+
+/// `generic.img`: the node images' disk layout, with a seed that holds the config, every node's
+/// TLS files in `tls/<node>/` and settings that leave everything to the wizard but its address.
+fn check_generic_image(
+    out: &Path,
+    manifest: &serde_json::Value,
+    stderr: &str,
+    credentials: &Credentials,
+) {
+    for (file, kind) in [
+        ("generic.img", "generic-raw"),
+        ("generic.qcow2", "generic-qcow2"),
+    ] {
+        let a = artifact(manifest, file);
+        assert_eq!(a["kind"], kind);
+        assert!(a["node"].is_null(), "{a}");
+        let md = std::fs::metadata(out.join(file)).unwrap();
+        assert_eq!(a["size"].as_u64(), Some(md.len()), "{file}");
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&md.permissions()) & 0o777,
+            0o600,
+            "{file} holds every node's key"
+        );
+    }
+    assert_eq!(manifest["setup_address"], "10.88.0.254");
+    let img = out.join("generic.img");
+    // Same partitions, sizes and places as a node's disk.
+    let node_parts = partitions(&out.join("server1.img"));
+    assert_eq!(partitions(&img), node_parts);
+    assert_eq!(
+        std::fs::metadata(&img).unwrap().len(),
+        std::fs::metadata(out.join("server1.img")).unwrap().len()
+    );
+
+    let settings = seed_settings(&img);
+    assert_eq!(
+        settings,
+        SeedSettings {
+            setup_address: Some(std::net::Ipv4Addr::new(10, 88, 0, 254)),
+            ..SeedSettings::default()
+        }
+    );
+    let seed = seed_offset(&img);
+    assert_eq!(
+        ls(&img, seed, "/"),
+        [
+            SEED_CLUSTER_CONFIG.as_str(),
+            SEED_SETTINGS.as_str(),
+            SEED_TLS_DIR.as_str()
+        ]
+    );
+    assert_eq!(
+        debugfs(&img, seed, &format!("cat /{SEED_CLUSTER_CONFIG}")),
+        cluster_config::DEFAULT_CLUSTER_TOML
+    );
+    assert_eq!(
+        ls(&img, seed, &format!("/{SEED_TLS_DIR}")),
+        ["server1", "server2"]
+    );
+    for node in ["server1", "server2"] {
+        let dir = format!("/{SEED_TLS_DIR}/{node}");
+        let mut expected = [CA_CERT, DB_CERT, DB_KEY, NODE_CERT, NODE_KEY].map(|f| f.as_str());
+        expected.sort();
+        assert_eq!(ls(&img, seed, &dir), expected);
+        for key in [NODE_KEY, DB_KEY] {
+            let stat = debugfs(&img, seed, &format!("stat {dir}/{key}"));
+            assert!(stat.contains("Mode:  0600"), "{dir}/{key}: {stat}");
+        }
+        let pem = debugfs(&img, seed, &format!("cat {dir}/{NODE_CERT}"));
+        let info = cluster_config::settings::certificate_info(&pem).unwrap();
+        assert!(info.names.contains(&node.to_string()), "{:?}", info.names);
+    }
+    // The build says where the password is, never the password.
+    assert!(stderr.contains("generic: ESP"), "{stderr}");
+    assert!(
+        stderr.contains("setup wizard is at https://10.88.0.254:9443/setup"),
+        "{stderr}"
+    );
+    let password_file =
+        Credentials::admin_password_path(Path::new(manifest["ca_dir"].as_str().unwrap()));
+    assert!(
+        stderr.contains(&format!(
+            "admin password of the node images is in {}",
+            password_file.display()
+        )),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(credentials.admin_password.expose()),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains(credentials.metrics_token.expose()),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn wrong_seed_options_are_refused_before_anything_is_built() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let refused = |args: &[&str]| {
+        let result = Command::new(BUILDER)
+            .args(["build", "--out"])
+            .arg(&out)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!result.status.success(), "{args:?} was taken");
+        assert!(!out.exists(), "{args:?}: the output directory was made");
+        String::from_utf8_lossy(&result.stderr).into_owned()
+    };
+    for (address, why) in [
+        ("10.88.0.11", "is node server1's address"),
+        ("10.88.0.10", "is the floating IP"),
+        ("10.88.0.255", "is the broadcast address of 10.88.0.0/24"),
+        (
+            "10.99.0.254",
+            "is outside the cluster's subnet 10.88.0.0/24",
+        ),
+    ] {
+        let stderr = refused(&["--generic", "--setup-address", address]);
+        assert!(
+            stderr.contains(&format!("generic image: setup_address: {address} {why}")),
+            "{address}: {stderr}"
+        );
+    }
+    let stderr = refused(&["--setup-address", "10.88.0.254"]);
+    assert!(stderr.contains("--generic"), "{stderr}");
+    let stderr = refused(&["--generic", "--setup-address", "10.88.0"]);
+    assert!(stderr.contains("invalid value '10.88.0'"), "{stderr}");
+    let stderr = refused(&["--tls-cert", "/etc/hostname"]);
+    assert!(stderr.contains("--tls-key"), "{stderr}");
+    let stderr = refused(&["--root-only", "--generic"]);
+    assert!(stderr.contains("cannot be used with"), "{stderr}");
+    let not_pem = tmp.path().join("not.pem");
+    std::fs::write(&not_pem, "hello\n").unwrap();
+    let stderr = refused(&[
+        "--tls-cert",
+        not_pem.to_str().unwrap(),
+        "--tls-key",
+        not_pem.to_str().unwrap(),
+    ]);
+    assert!(
+        stderr.contains(&format!("{}: not PEM", not_pem.display())),
+        "{stderr}"
+    );
 }
