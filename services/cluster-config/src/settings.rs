@@ -184,11 +184,10 @@ impl SeedSettings {
                 bad(Field::AdminPassword, m);
             }
         }
-        if let Some(token) = &self.metrics_token {
-            if let Err(m) = check_token(token.expose()) {
-                bad(Field::AdminPassword, m);
-            }
-        }
+        let token_error = self
+            .metrics_token
+            .as_ref()
+            .and_then(|token| check_token(token.expose()).err());
         if let Some(TlsChoice::Upload { certificate, key }) = &self.tls {
             for e in check_tls(certificate, key.expose(), now_unix)
                 .err()
@@ -213,6 +212,10 @@ impl SeedSettings {
                 Some(format!("{address} is node {}'s address", node.name))
             } else if address == cluster.floating_ip {
                 Some(format!("{address} is the floating IP"))
+            } else if Some(address) == cluster.gateway {
+                Some(format!("{address} is the gateway"))
+            } else if address == cluster.subnet.network() || address == cluster.subnet.broadcast() {
+                Some(format!("{address} is the subnet's network or broadcast address"))
             } else {
                 None
             };
@@ -225,6 +228,15 @@ impl SeedSettings {
                     message,
                 });
             }
+        }
+        if let Some(message) = token_error {
+            errors.push(ConfigError {
+                origin: origin.to_string(),
+                line: None,
+                column: None,
+                key: "metrics_token".into(),
+                message,
+            });
         }
         match errors.is_empty() {
             true => Ok(()),
@@ -484,7 +496,7 @@ fn check_node(cluster: &Cluster, node: &str) -> Result<(), String> {
 fn check_token(token: &str) -> Result<(), String> {
     match token.len() == 64 && token.bytes().all(|b| b.is_ascii_hexdigit()) {
         true => Ok(()),
-        false => Err("metrics_token: expected 64 hex digits".into()),
+        false => Err("expected 64 hex digits".into()),
     }
 }
 
