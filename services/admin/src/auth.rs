@@ -344,13 +344,20 @@ mod tests {
         let t0 = Instant::now();
         let mut s = Sessions::default();
         for i in 0..MAX_SESSIONS {
-            s.open(format!("s{i}"), String::new(), t0 + Duration::from_secs(i as u64));
+            s.open(
+                format!("s{i}"),
+                String::new(),
+                t0 + Duration::from_secs(i as u64),
+            );
         }
         let later = t0 + Duration::from_secs(MAX_SESSIONS as u64);
         assert!(s.touch("s0", later).is_some());
         s.open("new".into(), String::new(), later);
         assert_eq!(s.len(), MAX_SESSIONS);
-        assert!(s.touch("s1", later).is_none(), "s1 was the least recently used");
+        assert!(
+            s.touch("s1", later).is_none(),
+            "s1 was the least recently used"
+        );
         assert!(s.touch("s0", later).is_some() && s.touch("new", later).is_some());
     }
 
@@ -386,14 +393,26 @@ mod tests {
     fn cookies_are_found_by_name() {
         let cases: [(&[&str], &str, Option<&str>); 6] = [
             (&["tandem_session=abc"], SESSION_COOKIE, Some("abc")),
-            (&["a=1; tandem_session=abc; b=2"], SESSION_COOKIE, Some("abc")),
-            (&["a=1", "tandem_session=\"abc\""], SESSION_COOKIE, Some("abc")),
+            (
+                &["a=1; tandem_session=abc; b=2"],
+                SESSION_COOKIE,
+                Some("abc"),
+            ),
+            (
+                &["a=1", "tandem_session=\"abc\""],
+                SESSION_COOKIE,
+                Some("abc"),
+            ),
             (&["xtandem_session=abc"], SESSION_COOKIE, None),
             (&["tandem_session"], SESSION_COOKIE, None),
             (&[], SESSION_COOKIE, None),
         ];
         for (headers, name, expected) in cases {
-            assert_eq!(cookie(headers.iter().copied(), name), expected, "{headers:?}");
+            assert_eq!(
+                cookie(headers.iter().copied(), name),
+                expected,
+                "{headers:?}"
+            );
         }
         assert_eq!(
             set_cookie(SESSION_COOKIE, "abc", "/", SESSION_MAX),
@@ -421,7 +440,10 @@ mod tests {
         for (header, ok) in cases {
             assert_eq!(bearer_ok(header, "s3cret"), ok, "{header:?}");
         }
-        assert!(!bearer_ok(Some("Bearer "), ""), "an empty token opens nothing");
+        assert!(
+            !bearer_ok(Some("Bearer "), ""),
+            "an empty token opens nothing"
+        );
         assert_eq!(Csrf::check(None, Some("t")), Csrf::Absent);
         assert_eq!(Csrf::check(Some("t"), Some("t")), Csrf::Matches);
         assert_eq!(Csrf::check(Some("u"), Some("t")), Csrf::Wrong);

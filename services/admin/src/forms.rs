@@ -116,7 +116,8 @@ pub(crate) fn settings_change(form: &Form, webhook: Option<&str>) -> Option<Chan
             .map(|w| w.trim().to_string())
             .filter(|w| w != webhook.unwrap_or("")),
     };
-    let nothing = change.admin_password.is_none() && change.tls.is_none() && change.webhook.is_none();
+    let nothing =
+        change.admin_password.is_none() && change.tls.is_none() && change.webhook.is_none();
     (!nothing).then_some(change)
 }
 
@@ -187,7 +188,11 @@ fn field_html(
     tls: TlsOptions,
 ) {
     let key = field.key();
-    let value = if field.is_secret() { "" } else { value.unwrap_or("") };
+    let value = if field.is_secret() {
+        ""
+    } else {
+        value.unwrap_or("")
+    };
     let _ = write!(s, "<div class=\"field\" id=\"field-{key}\">");
     if field != Field::Tls {
         let _ = write!(s, "<label for=\"{key}\">{}</label>", esc(field.label()));
@@ -200,11 +205,7 @@ fn field_html(
             );
             for node in nodes {
                 let selected = if node == value { " selected" } else { "" };
-                let _ = write!(
-                    s,
-                    "<option value=\"{0}\"{selected}>{0}</option>",
-                    esc(node)
-                );
+                let _ = write!(s, "<option value=\"{0}\"{selected}>{0}</option>", esc(node));
             }
             // What the browser sent is shown back as it was, even when it names no node.
             if !value.is_empty() && !nodes.iter().any(|n| n == value) {
@@ -287,7 +288,11 @@ fn field_html(
         let _ = write!(s, "<small>{}</small>", esc(field.help()));
     }
     if let Some(error) = error {
-        let _ = write!(s, "<p class=\"error\" id=\"error-{key}\">{}</p>", esc(error));
+        let _ = write!(
+            s,
+            "<p class=\"error\" id=\"error-{key}\">{}</p>",
+            esc(error)
+        );
     }
     s.push_str("</div>\n");
 }
@@ -655,8 +660,14 @@ mod tests {
     fn the_settings_form_becomes_a_change_of_what_differs() {
         let hook = Some("https://hooks.example.test/a");
         let cases: [(&[u8], Option<Change>); 6] = [
-            (b"csrf=x&tls=keep&webhook=https%3A%2F%2Fhooks.example.test%2Fa", None),
-            (b"csrf=x&current_password=old&tls=keep&webhook=https://hooks.example.test/a", None),
+            (
+                b"csrf=x&tls=keep&webhook=https%3A%2F%2Fhooks.example.test%2Fa",
+                None,
+            ),
+            (
+                b"csrf=x&current_password=old&tls=keep&webhook=https://hooks.example.test/a",
+                None,
+            ),
             (
                 b"current_password=old&admin_password=new&admin_password_confirm=&tls=keep",
                 Some(Change {
@@ -702,8 +713,7 @@ mod tests {
         // No webhook now: an empty field changes nothing, a URL sets it.
         assert_eq!(settings_change(&Form::parse(b"webhook="), None), None);
         assert_eq!(
-            settings_change(&Form::parse(b"webhook=https://h.test/"), None)
-                .and_then(|c| c.webhook),
+            settings_change(&Form::parse(b"webhook=https://h.test/"), None).and_then(|c| c.webhook),
             Some("https://h.test/".into())
         );
     }
@@ -775,7 +785,10 @@ mod tests {
         assert!(html.contains("id=\"error-node\">unknown node `&lt;evil&gt;`</p>"));
         assert!(html.contains("id=\"error-tls_key\">does not match; and more</p>"));
         assert!(html.contains("value=\"upload\" checked"));
-        assert!(html.contains("&lt;x&gt;</textarea>"), "the certificate is kept");
+        assert!(
+            html.contains("&lt;x&gt;</textarea>"),
+            "the certificate is kept"
+        );
         assert!(html.contains("value=\"https://h.test/&quot;x\""));
         for secret in ["1111-2222", "hunter2", "deadbeef", "PRIVATE KEY"] {
             assert!(!html.contains(secret), "{secret} echoed: {html}");
@@ -805,8 +818,14 @@ mod tests {
             }],
             general: None,
         });
-        assert!(html.contains("id=\"error-node\">This machine is node: m</p>"), "{html}");
-        assert!(!html.contains("<script>"), "no file pickers without certificate fields");
+        assert!(
+            html.contains("id=\"error-node\">This machine is node: m</p>"),
+            "{html}"
+        );
+        assert!(
+            !html.contains("<script>"),
+            "no file pickers without certificate fields"
+        );
     }
 
     #[test]
@@ -819,7 +838,10 @@ mod tests {
             already: false,
         });
         assert!(html.contains("id=\"setup-done\""));
-        assert!(html.contains(&format!("<pre id=\"generated-secret\">{}</pre>", "ab".repeat(32))));
+        assert!(html.contains(&format!(
+            "<pre id=\"generated-secret\">{}</pre>",
+            "ab".repeat(32)
+        )));
         assert!(html.contains("<b id=\"node\">server1</b>"));
         assert!(html.contains("href=\"https://10.88.0.11:9443/login\""));
         let html = render_done(&DoneView {
@@ -886,9 +908,15 @@ mod tests {
         }
         assert_eq!(html.matches("name=\"csrf\" value=\"tok\"").count(), 2);
         assert!(html.contains("www.example.test (expires in 9 days); SHA-256 AA:BB"));
-        assert!(html.contains("value=\"https://h.test/x\""), "the webhook is prefilled");
+        assert!(
+            html.contains("value=\"https://h.test/x\""),
+            "the webhook is prefilled"
+        );
         assert!(html.contains("value=\"keep\" checked"));
-        assert!(!html.contains("t0ken"), "the metrics token stays off the page");
+        assert!(
+            !html.contains("t0ken"),
+            "the metrics token stays off the page"
+        );
         // Re-shown after a refused change: the form's values, the errors, no secrets.
         let form = form_of(&[
             ("current_password", "old-secret-pw"),
@@ -917,7 +945,9 @@ mod tests {
             }
         });
         assert!(html.contains("id=\"error-admin_password\">too short</p>"));
-        assert!(html.contains("value=\"ftp://x\"") && html.contains("value=\"self-signed\" checked"));
+        assert!(
+            html.contains("value=\"ftp://x\"") && html.contains("value=\"self-signed\" checked")
+        );
         assert!(!html.contains("old-secret-pw") && !html.contains("weak\""));
     }
 }

@@ -21,6 +21,8 @@ mod forms;
 #[cfg(test)]
 mod http_tests;
 mod install;
+#[cfg(test)]
+mod login_tests;
 mod page;
 pub mod peer;
 pub mod upgrade;
@@ -55,6 +57,9 @@ const SCRAPE_TIMEOUT: Duration = Duration::from_millis(800);
 const MAX_SCRAPE_BYTES: u64 = 4 << 20;
 /// Alerts shown on the page.
 const PAGE_ALERTS: usize = 15;
+/// How long requests in flight may finish after SIGTERM (within the supervisor's stop
+/// timeout).
+const STOP_GRACE: Duration = Duration::from_secs(3);
 
 /// What the admin server runs with; the caller resolved every default.
 pub struct Config {
@@ -283,7 +288,9 @@ fn context(config: Config, peers: Option<peer::PeerClient>) -> Arc<Ctx> {
 /// A lock that a panicked holder did not leave unusable (the tables stay consistent between
 /// statements).
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Serves the admin port until SIGTERM.
@@ -323,7 +330,8 @@ async fn serve_full(
     ctx: Arc<Ctx>,
 ) -> Result<(), Error> {
     let cluster = ctx.cluster.clone();
-    let identify = move |leaf: &CertificateDer<'_>| peer_node(&cluster, leaf).map(|n| n.name.clone());
+    let identify =
+        move |leaf: &CertificateDer<'_>| peer_node(&cluster, leaf).map(|n| n.name.clone());
     let handler = move |req, client, peer: Option<String>| {
         let ctx = ctx.clone();
         async move { route(&ctx, req, client, peer.as_deref()).await }
@@ -448,7 +456,12 @@ where
             what: "watching SIGTERM".into(),
             source,
         })?;
+    // On SIGTERM the connections finish the request they serve (the wizard's last answer is
+    // the done page, and PID 1 stops the wizard as soon as the settings are stored).
+    let (stopping, stop) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
@@ -458,14 +471,12 @@ where
                     continue;
                 }
             },
-            _ = term.recv() => {
-                tracing::info!("admin server stopping");
-                return Ok(());
-            }
+            _ = term.recv() => break,
         };
         let acceptor = acceptor.clone();
         let (identify, route) = (identify.clone(), route.clone());
-        tokio::spawn(async move {
+        let mut stop = stop.clone();
+        connections.spawn(async move {
             let tls =
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => tls,
@@ -491,11 +502,32 @@ where
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(io, service);
-            if let Err(e) = conn.await {
+            tokio::pin!(conn);
+            let served = tokio::select! {
+                served = conn.as_mut() => served,
+                () = async { drop(stop.wait_for(|stopping| *stopping).await) } => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = served {
                 tracing::debug!(%peer, "admin connection: {e}");
             }
         });
     }
+    tracing::info!("admin server stopping");
+    let _ = stopping.send(true);
+    let drained = tokio::time::timeout(STOP_GRACE, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::info!(
+            open = connections.len(),
+            "connections still open at the end of the grace period: closed"
+        );
+    }
+    Ok(())
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -606,7 +638,9 @@ async fn route(
         }
     };
     match (req.method(), path) {
-        (&Method::GET, "/login") => return account::login_page(ctx, req.headers(), session.is_some()),
+        (&Method::GET, "/login") => {
+            return account::login_page(ctx, req.headers(), session.is_some())
+        }
         (&Method::POST, "/login") => return account::login(ctx, req, client).await,
         (&Method::POST, "/logout") => return account::logout(ctx, req, session, form_csrf).await,
         (&Method::GET, "/settings") => return account::settings_page(ctx, session).await,
@@ -618,7 +652,7 @@ async fn route(
         (&Method::GET, "/api/setup/status") => {
             return account::setup_status(&ctx.settings_socket).await
         }
-        (&Method::GET, "/metrics") => {
+        (_, "/metrics") => {
             if let Err(refused) = account::metrics_allowed(ctx, req.headers()).await {
                 return refused;
             }

@@ -463,7 +463,9 @@ mod tests {
         assert!(!html.contains("Cluster upgrade"));
         // The navigation, and the token the upload script sends.
         assert!(html.contains("<meta name=\"csrf-token\" content=\"tok\">"));
-        assert!(html.contains("'X-CSRF-Token':document.querySelector('meta[name=csrf-token]').content"));
+        assert!(
+            html.contains("'X-CSRF-Token':document.querySelector('meta[name=csrf-token]').content")
+        );
         assert!(html.contains("<nav id=\"nav\">") && html.contains("action=\"/logout\""));
         let down = render(
             &StatusView {
@@ -473,17 +475,19 @@ mod tests {
             "tok",
         );
         assert!(down.contains("supervisor unreachable: no socket"));
-        let degraded = render(&StatusView {
-            degraded: vec![api::storage::Degraded {
-                subject: "data-partition".into(),
-                reason: "data partition /dev/vda5: no <readable> filesystem".into(),
-                hint: "e2fsck -b 32768".into(),
-                stopped: vec!["mariadb".into(), "nginx".into()],
-                since_ms: 0,
-            }],
-            ..view
-        },
-        "tok");
+        let degraded = render(
+            &StatusView {
+                degraded: vec![api::storage::Degraded {
+                    subject: "data-partition".into(),
+                    reason: "data partition /dev/vda5: no <readable> filesystem".into(),
+                    hint: "e2fsck -b 32768".into(),
+                    stopped: vec!["mariadb".into(), "nginx".into()],
+                    since_ms: 0,
+                }],
+                ..view
+            },
+            "tok",
+        );
         assert!(degraded.contains("This node is degraded"), "{degraded}");
         assert!(degraded.contains("no &lt;readable&gt; filesystem"));
         assert!(degraded.contains("stopped: mariadb, nginx"));
