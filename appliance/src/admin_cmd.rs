@@ -1,11 +1,14 @@
 //! `appliance admin`: the `admin` crate's server as a supervised child, with the node found
 //! like every other child finds it, and the log monitor's alert history read here (the binary
-//! links both; services never depend on each other). Also the floating-IP line of
-//! `appliance status`.
+//! links both; services never depend on each other). `appliance admin --setup` is the
+//! first-boot wizard instead, which needs only the cluster (a generic image does not know its
+//! node yet). Also the floating-IP line of `appliance status`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+
+use anyhow::Context as _;
 
 use crate::args::NodeArgs;
 use crate::layout::Layout;
@@ -14,18 +17,19 @@ use crate::layout::Layout;
 pub struct AdminArgs {
     #[command(flatten)]
     pub node: NodeArgs,
-    /// The node's state directory (the supervisor's socket and state DB are there).
-    #[arg(long)]
-    pub state_dir: PathBuf,
+    /// The node's state directory (the supervisor's socket and state DB are there); not used
+    /// by `--setup`.
+    #[arg(long, required_unless_present = "setup")]
+    pub state_dir: Option<PathBuf>,
     /// The supervisor's control socket [default: STATE_DIR/control.sock].
     #[arg(long)]
     pub socket: Option<PathBuf>,
     /// Directory with `node.crt`, `node.key` and `ca.crt` (the seed's on an image); without
     /// it a self-signed certificate is made once in STATE_DIR/admin/tls and peers cannot call
-    /// in.
+    /// in. With `--setup` (required): `node.crt` and `node.key`, the wizard's certificate.
     #[arg(long)]
     pub tls_dir: Option<PathBuf>,
-    /// Listen here instead of the node's address and admin port.
+    /// Listen here instead of the node's address and admin port (required with `--setup`).
     #[arg(long)]
     pub listen: Option<SocketAddr>,
     /// The node's runtime directory (the database agent's status file is there)
@@ -36,25 +40,41 @@ pub struct AdminArgs {
     /// [default: the balancer's and the log monitor's].
     #[arg(long = "scrape")]
     pub scrape: Vec<String>,
+    /// The settings service's socket [default: RUN_DIR/settings.sock].
+    #[arg(long)]
+    pub settings_socket: Option<PathBuf>,
+    /// Serve only the first-boot wizard (the node's settings are incomplete): needs the
+    /// cluster (`--config` or the seed's), `--listen` and `--tls-dir`, not the node.
+    #[arg(long, requires_all = ["listen", "tls_dir"])]
+    pub setup: bool,
 }
 
 /// `appliance admin`: serves until SIGTERM.
 pub fn main(args: AdminArgs) -> anyhow::Result<ExitCode> {
+    if args.setup {
+        return setup(args);
+    }
     let (cluster, node) = args.node.load()?;
     let image = Layout::image();
+    let state_dir = args
+        .state_dir
+        .context("--state-dir is required (unless --setup)")?;
     let listen = args
         .listen
         .unwrap_or(SocketAddr::from((node.address, cluster.ports.admin)));
     let socket = args
         .socket
-        .unwrap_or_else(|| args.state_dir.join(api::control::SOCKET_FILE));
+        .unwrap_or_else(|| state_dir.join(api::control::SOCKET_FILE));
     let run_dir = args.run_dir.unwrap_or_else(|| {
-        if args.state_dir == image.state {
+        if state_dir == image.state {
             image.run.clone()
         } else {
-            Layout::dev(&args.state_dir).run
+            Layout::dev(&state_dir).run
         }
     });
+    let settings_socket = args
+        .settings_socket
+        .unwrap_or_else(|| run_dir.join(api::settings::SOCKET_FILE));
     // `--tls-dir`, else the seed's when it has a node certificate.
     let tls_dir = args
         .tls_dir
@@ -63,7 +83,7 @@ pub fn main(args: AdminArgs) -> anyhow::Result<ExitCode> {
         true => admin::default_scrape(node.address),
         false => args.scrape,
     };
-    let alerts_db = logmon::alerts::db_path(&args.state_dir);
+    let alerts_db = logmon::alerts::db_path(&state_dir);
     let alerts: admin::AlertSource = Box::new(move |limit| {
         let alerts = logmon::alerts::recent(&alerts_db, limit).map_err(|e| e.to_string())?;
         Ok(alerts
@@ -82,13 +102,44 @@ pub fn main(args: AdminArgs) -> anyhow::Result<ExitCode> {
         cluster,
         node,
         listen,
-        state_dir: args.state_dir,
+        state_dir,
         socket,
         run_dir,
         tls_dir,
         scrape,
         alerts,
         update_keyring: api::files::IMAGE_UPDATE_KEYRING.into(),
+        settings_socket,
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `appliance admin --setup`: the first-boot wizard, until SIGTERM.
+fn setup(args: AdminArgs) -> anyhow::Result<ExitCode> {
+    // The cluster only: `--config`, else the seed's, else the built-in default (what
+    // `NodeArgs::load` reads, without the node).
+    let config = args.node.config.clone().or_else(|| {
+        Some(Path::new(api::files::SEED_MOUNT).join(api::files::SEED_CLUSTER_CONFIG))
+            .filter(|p| p.exists())
+    });
+    let cluster = match &config {
+        Some(path) => cluster_config::Cluster::load(path).map_err(|e| anyhow::anyhow!("{e}"))?,
+        None => cluster_config::Cluster::default_cluster(),
+    };
+    let listen = args.listen.context("--setup needs --listen")?;
+    let tls_dir = args.tls_dir.context("--setup needs --tls-dir")?;
+    let run_dir = args.run_dir.unwrap_or_else(|| match &args.state_dir {
+        Some(state) if *state != Layout::image().state => Layout::dev(state).run,
+        _ => Layout::image().run,
+    });
+    let settings_socket = args
+        .settings_socket
+        .unwrap_or_else(|| run_dir.join(api::settings::SOCKET_FILE));
+    admin::run_setup(admin::SetupConfig {
+        cluster,
+        listen,
+        tls_dir,
+        settings_socket,
     })?;
     Ok(ExitCode::SUCCESS)
 }

@@ -1,6 +1,9 @@
 //! The admin port's update endpoints against a fake update service (a Unix socket server
 //! speaking [`api::update`]'s protocol): the upload streamed through and its answers, the peer
 //! API closed to non-peers, the cluster upgrade's spool refusing bad bundles before writing.
+//! A fake settings service (speaking [`api::settings`] with the real validation of
+//! `cluster_config::settings`) answers the logins; the tests of the login and the wizard
+//! themselves are in `login_tests`.
 
 use std::io::{BufRead as _, Read, Write as _};
 use std::os::unix::net::UnixListener;
@@ -9,7 +12,9 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use api::settings::{Request as SettingsRequest, Response as SettingsResponse};
 use api::update::{Event, Request as UpdateRequest};
+use cluster_config::settings::{Fresh, SeedSettings, Settings};
 
 use super::*;
 
@@ -53,9 +58,16 @@ impl rustls::client::danger::ServerCertVerifier for AcceptAny {
     }
 }
 
-/// Sends a POST of `path` declaring `content_length` but only `body`, then waits for the
-/// answer without sending more; returns its status line.
-fn post_partial(addr: SocketAddr, path: &str, content_length: u64, body: &[u8]) -> String {
+/// Sends a POST of `path` declaring `content_length` but only `body` (with the session's
+/// cookie and CSRF header), then waits for the answer without sending more; returns its
+/// status line.
+fn post_partial(
+    addr: SocketAddr,
+    auth: &Auth,
+    path: &str,
+    content_length: u64,
+    body: &[u8],
+) -> String {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -70,7 +82,9 @@ fn post_partial(addr: SocketAddr, path: &str, content_length: u64, body: &[u8]) 
     let mut tls = rustls::StreamOwned::new(conn, tcp);
     write!(
         tls,
-        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {content_length}\r\n\r\n"
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {content_length}\r\n\
+         Cookie: {}\r\nX-CSRF-Token: {}\r\n\r\n",
+        auth.cookie, auth.csrf
     )
     .unwrap();
     tls.write_all(body).unwrap();
@@ -175,10 +189,223 @@ fn fake_update_service(socket: &Path) -> Arc<Fake> {
     fake
 }
 
-struct Server {
-    addr: SocketAddr,
+/// The admin password of the fake settings service's node.
+pub(crate) const PASSWORD: &str = "correct-Horse-7-battery";
+/// The wizard's setup code the fake settings service takes.
+pub(crate) const SETUP_CODE: &str = "1234-5678-9012";
+
+/// The random bytes the fake settings service uses.
+fn fresh() -> Fresh {
+    Fresh {
+        salt: [7; 16],
+        cluster_secret: [0xab; 32],
+        metrics_token: [0xcd; 32],
+    }
+}
+
+/// `/metrics`'s bearer token once the fake service is set up.
+pub(crate) fn metrics_token() -> String {
+    "cd".repeat(32)
+}
+
+fn now_unix() -> i64 {
+    (unix_ms() / 1000) as i64
+}
+
+/// A configured node's settings: [`PASSWORD`], self-signed, no webhook (hashed once: argon2 is
+/// slow in a debug build).
+pub(crate) fn configured() -> Settings {
+    static SETTINGS: std::sync::OnceLock<Settings> = std::sync::OnceLock::new();
+    SETTINGS
+        .get_or_init(|| {
+            let answers = api::settings::Answers {
+                node: Some("server1".into()),
+                admin_password: Some(api::settings::Secret::new(PASSWORD)),
+                admin_password_confirm: Some(api::settings::Secret::new(PASSWORD)),
+                cluster_secret: Some(api::settings::Secret::new("generate")),
+                tls: Some(api::settings::TlsChoice::SelfSigned),
+                webhook: Some(String::new()),
+            };
+            let cluster = Cluster::default_cluster();
+            let seed = SeedSettings::default();
+            cluster_config::settings::setup(&cluster, &seed, &answers, now_unix(), &fresh())
+                .unwrap()
+                .0
+        })
+        .clone()
+}
+
+/// A settings service in a thread: the real validation over settings in memory, the setup
+/// code [`SETUP_CODE`].
+pub(crate) struct FakeSettings {
+    cluster: Cluster,
+    seed: SeedSettings,
+    state: Mutex<FakeState>,
+}
+
+struct FakeState {
+    settings: Option<Settings>,
+    revision: u64,
+    /// Password checks asked for.
+    logins: u32,
+}
+
+impl FakeSettings {
+    pub(crate) fn revision(&self) -> u64 {
+        self.state.lock().unwrap().revision
+    }
+    pub(crate) fn logins(&self) -> u32 {
+        self.state.lock().unwrap().logins
+    }
+    pub(crate) fn settings(&self) -> Option<Settings> {
+        self.state.lock().unwrap().settings.clone()
+    }
+
+    fn answer(&self, request: SettingsRequest) -> SettingsResponse {
+        let mut state = self.state.lock().unwrap();
+        match request {
+            SettingsRequest::Status => {
+                let s = state.settings.as_ref();
+                SettingsResponse::Status(api::settings::Status {
+                    configured: s.is_some(),
+                    revision: state.revision,
+                    cluster: self.cluster.name.clone(),
+                    node: s.map(|s| s.node.clone()).or(self.seed.node.clone()),
+                    nodes: self.cluster.nodes.iter().map(|n| n.name.clone()).collect(),
+                    asked: match s {
+                        Some(_) => Vec::new(),
+                        None => cluster_config::settings::asked(&self.seed),
+                    },
+                    certificate: s
+                        .and_then(|s| s.uploaded_tls())
+                        .and_then(|(c, _)| cluster_config::settings::certificate_info(c)),
+                    webhook: s.and_then(|s| s.webhook.clone()),
+                    metrics_token: s.map(|s| s.metrics_token.clone()),
+                })
+            }
+            SettingsRequest::Setup {
+                setup_code,
+                answers,
+            } => {
+                if state.settings.is_some() {
+                    return SettingsResponse::Error {
+                        message: "this node is configured already".into(),
+                    };
+                }
+                if setup_code.expose() != SETUP_CODE {
+                    return SettingsResponse::Invalid {
+                        errors: vec![api::settings::FieldError {
+                            field: api::settings::Field::SetupCode,
+                            message: "wrong setup code".into(),
+                        }],
+                    };
+                }
+                match cluster_config::settings::setup(
+                    &self.cluster,
+                    &self.seed,
+                    &answers,
+                    now_unix(),
+                    &fresh(),
+                ) {
+                    Ok((settings, cluster_secret)) => {
+                        state.settings = Some(settings);
+                        state.revision += 1;
+                        SettingsResponse::Applied { cluster_secret }
+                    }
+                    Err(errors) => SettingsResponse::Invalid { errors },
+                }
+            }
+            SettingsRequest::Change { change } => {
+                let Some(current) = &state.settings else {
+                    return SettingsResponse::Error {
+                        message: "not configured".into(),
+                    };
+                };
+                match cluster_config::settings::change(
+                    &self.cluster,
+                    current,
+                    &change,
+                    now_unix(),
+                    &fresh(),
+                ) {
+                    Ok(next) => {
+                        state.settings = Some(next);
+                        state.revision += 1;
+                        SettingsResponse::Applied {
+                            cluster_secret: None,
+                        }
+                    }
+                    Err(errors) => SettingsResponse::Invalid { errors },
+                }
+            }
+            SettingsRequest::Login { password } => {
+                state.logins += 1;
+                let hash = state
+                    .settings
+                    .as_ref()
+                    .map(|s| s.admin_password_hash.clone());
+                drop(state);
+                match hash {
+                    Some(hash)
+                        if cluster_config::settings::verify_password(&hash, password.expose()) =>
+                    {
+                        SettingsResponse::Ok
+                    }
+                    _ => SettingsResponse::Denied,
+                }
+            }
+        }
+    }
+}
+
+/// Serves [`FakeSettings`] on `socket`: `settings` stored already (configured), or none (the
+/// wizard's node, asking what `seed` lacks).
+pub(crate) fn fake_settings(
+    socket: &Path,
+    seed: SeedSettings,
+    settings: Option<Settings>,
+) -> Arc<FakeSettings> {
+    let listener = UnixListener::bind(socket).unwrap();
+    let fake = Arc::new(FakeSettings {
+        cluster: Cluster::default_cluster(),
+        seed,
+        state: Mutex::new(FakeState {
+            revision: u64::from(settings.is_some()),
+            settings,
+            logins: 0,
+        }),
+    });
+    let shared = fake.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let fake = shared.clone();
+            let mut conn = conn.unwrap();
+            std::thread::spawn(move || {
+                let mut line = String::new();
+                std::io::BufReader::new(conn.try_clone().unwrap())
+                    .read_line(&mut line)
+                    .unwrap();
+                let request: SettingsRequest = serde_json::from_str(&line).unwrap();
+                let mut answer = serde_json::to_string(&fake.answer(request)).unwrap();
+                answer.push('\n');
+                let _ = conn.write_all(answer.as_bytes());
+            });
+        }
+    });
+    fake
+}
+
+/// A logged-in session: the `Cookie` header and its CSRF token.
+pub(crate) struct Auth {
+    pub(crate) cookie: String,
+    pub(crate) csrf: String,
+}
+
+pub(crate) struct Server {
+    pub(crate) addr: SocketAddr,
     root: tempfile::TempDir,
     ctx: Arc<Ctx>,
+    pub(crate) settings: Option<Arc<FakeSettings>>,
 }
 
 impl Server {
@@ -188,14 +415,159 @@ impl Server {
     fn state_dir(&self) -> PathBuf {
         self.root.path().join("state")
     }
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("https://{}{path}", self.addr)
+    }
+
+    /// Logs in with [`PASSWORD`] as a browser does.
+    pub(crate) fn login(&self) -> Auth {
+        let mut browser = Browser::new(self);
+        let answer = browser.login(PASSWORD);
+        assert_eq!(answer.status, 303, "{}", answer.body);
+        let session = browser.get("/api/session");
+        assert_eq!(session.status, 200, "{}", session.body);
+        let json: serde_json::Value = serde_json::from_str(&session.body).unwrap();
+        Auth {
+            cookie: browser.cookie_header(),
+            csrf: json["csrf"].as_str().unwrap().to_string(),
+        }
+    }
+
+    /// A POST with a session: `(status, body)`.
+    fn post(&self, auth: &Auth, url: &str, body: &[u8]) -> (u16, String) {
+        let mut resp = client()
+            .post(url)
+            .header("Cookie", &auth.cookie)
+            .header("X-CSRF-Token", &auth.csrf)
+            .send(body)
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.body_mut().read_to_string().unwrap())
     }
 }
 
+/// What a request got back.
+#[derive(Debug)]
+pub(crate) struct Answer {
+    pub(crate) status: u16,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) body: String,
+}
+
+impl Answer {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub(crate) fn from_response(mut resp: ureq::http::Response<ureq::Body>) -> Answer {
+        let headers = resp
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect();
+        Answer {
+            status: resp.status().as_u16(),
+            headers,
+            body: resp.body_mut().read_to_string().unwrap(),
+        }
+    }
+}
+
+/// A browser's part that matters here: cookies kept between requests, forms posted.
+pub(crate) struct Browser {
+    base: String,
+    cookies: Vec<(String, String)>,
+}
+
+impl Browser {
+    pub(crate) fn new(srv: &Server) -> Browser {
+        Browser::at(srv.addr)
+    }
+
+    pub(crate) fn at(addr: SocketAddr) -> Browser {
+        Browser {
+            base: format!("https://{addr}"),
+            cookies: Vec::new(),
+        }
+    }
+
+    pub(crate) fn cookie_header(&self) -> String {
+        self.cookies
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+
+    pub(crate) fn cookie(&self, name: &str) -> Option<&str> {
+        self.cookies
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn keep(&mut self, answer: &Answer) {
+        for (k, v) in &answer.headers {
+            if !k.eq_ignore_ascii_case("set-cookie") {
+                continue;
+            }
+            let (pair, attributes) = v.split_once(';').unwrap_or((v, ""));
+            let (name, value) = pair.split_once('=').unwrap();
+            self.cookies.retain(|(k, _)| k != name);
+            if !attributes.contains("Max-Age=0") {
+                self.cookies.push((name.to_string(), value.to_string()));
+            }
+        }
+    }
+
+    pub(crate) fn get(&mut self, path: &str) -> Answer {
+        let mut req = client().get(&format!("{}{path}", self.base));
+        if !self.cookies.is_empty() {
+            req = req.header("Cookie", &self.cookie_header());
+        }
+        let answer = Answer::from_response(req.call().unwrap());
+        self.keep(&answer);
+        answer
+    }
+
+    pub(crate) fn post_form(&mut self, path: &str, fields: &[(&str, &str)]) -> Answer {
+        let mut req = client().post(&format!("{}{path}", self.base));
+        if !self.cookies.is_empty() {
+            req = req.header("Cookie", &self.cookie_header());
+        }
+        let answer = Answer::from_response(req.send_form(fields.iter().copied()).unwrap());
+        self.keep(&answer);
+        answer
+    }
+
+    /// The login page's form, then the password.
+    pub(crate) fn login(&mut self, password: &str) -> Answer {
+        let page = self.get("/login");
+        assert_eq!(page.status, 200, "{}", page.body);
+        let token = hidden_csrf(&page.body);
+        self.post_form("/login", &[("csrf", &token), ("password", password)])
+    }
+}
+
+/// The value of the form's hidden `csrf` field.
+pub(crate) fn hidden_csrf(html: &str) -> String {
+    let (_, rest) = html.split_once("name=\"csrf\" value=\"").unwrap();
+    rest.split_once('"').unwrap().0.to_string()
+}
+
 /// An admin server on 127.0.0.1 with a self-signed certificate (no peer can call in), its
-/// update keyring holding `trusted`, uploads capped at `max_bytes`.
+/// update keyring holding `trusted`, uploads capped at `max_bytes`, its node configured with
+/// [`PASSWORD`] (a fake settings service).
 fn server(trusted: &Key, max_bytes: u64) -> Server {
+    full_server(trusted, max_bytes, Some(configured()))
+}
+
+/// An admin server as [`server`]; with `settings`, a fake settings service holding them,
+/// without, no settings service at all.
+pub(crate) fn full_server(trusted: &Key, max_bytes: u64, settings: Option<Settings>) -> Server {
     let root = tempfile::tempdir().unwrap();
     let (run_dir, state_dir) = (root.path().join("run"), root.path().join("state"));
     std::fs::create_dir_all(&run_dir).unwrap();
@@ -215,7 +587,15 @@ fn server(trusted: &Key, max_bytes: u64) -> Server {
         scrape: Vec::new(),
         alerts: Box::new(|_| Ok(Vec::new())),
         update_keyring: keyring,
+        settings_socket: root.path().join("run").join(api::settings::SOCKET_FILE),
     };
+    let fake = settings.map(|settings| {
+        fake_settings(
+            &config.settings_socket,
+            SeedSettings::default(),
+            Some(settings),
+        )
+    });
     let tls = server_config(&config).unwrap();
     let ctx = context(config, None);
     // Only the tests' own limits differ from the server's.
@@ -237,14 +617,19 @@ fn server(trusted: &Key, max_bytes: u64) -> Server {
             .unwrap();
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            let _ = serve(listener, tls, served).await;
+            let _ = serve_full(listener, tls, served).await;
         });
     });
-    Server { addr, root, ctx }
+    Server {
+        addr,
+        root,
+        ctx,
+        settings: fake,
+    }
 }
 
-/// A client that takes the server's self-signed certificate.
-fn client() -> ureq::Agent {
+/// A client that takes the server's self-signed certificate and follows no redirect.
+pub(crate) fn client() -> ureq::Agent {
     let tls = ureq::tls::TlsConfig::builder()
         .disable_verification(true)
         .build();
@@ -252,6 +637,7 @@ fn client() -> ureq::Agent {
         .tls_config(tls)
         .timeout_global(Some(Duration::from_secs(60)))
         .http_status_as_error(false)
+        .max_redirects(0)
         .proxy(None)
         .build()
         .new_agent()
@@ -277,12 +663,12 @@ fn bytes(n: usize, seed: u32) -> Vec<u8> {
 }
 
 /// A signing key by its texts (the key type is the update crate's own).
-struct Key {
+pub(crate) struct Key {
     private: String,
     public: String,
 }
 
-fn generate() -> Key {
+pub(crate) fn generate() -> Key {
     let key = update::keys::generate().unwrap();
     Key {
         private: update::keys::private_key_text(&key),
@@ -343,7 +729,9 @@ impl Read for Gated {
 fn an_upload_streams_into_the_update_service_and_its_answer_decides_the_status() {
     let key = generate();
     let srv = server(&key, 8 * MIB as u64);
+    let auth = srv.login();
     let install = srv.url("/api/update/install?force=1&reboot=0&trial_timeout=120");
+    let post = |url: &str, body: &[u8]| srv.post(&auth, url, body);
 
     // No update service: said so.
     let (status, body) = post(&install, b"bundle");
@@ -363,6 +751,8 @@ fn an_upload_streams_into_the_update_service_and_its_answer_decides_the_status()
     };
     let mut resp = client()
         .post(&install)
+        .header("Cookie", &auth.cookie)
+        .header("X-CSRF-Token", &auth.csrf)
         .send(ureq::SendBody::from_owned_reader(gated))
         .unwrap();
     let status = resp.status().as_u16();
@@ -424,12 +814,14 @@ fn an_upload_streams_into_the_update_service_and_its_answer_decides_the_status()
 
     // Too large: refused up front by its Content-Length, before it is sent…
     let path = "/api/update/install?reboot=1";
-    let line = post_partial(srv.addr, path, 8 * MIB as u64 + 1, b"");
+    let line = post_partial(srv.addr, &auth, path, 8 * MIB as u64 + 1, b"");
     assert!(line.starts_with("HTTP/1.1 413"), "{line}");
     // …or cut off when it has none.
     let big = bytes(8 * MIB + 1, 2);
     let mut resp = client()
         .post(&install)
+        .header("Cookie", &auth.cookie)
+        .header("X-CSRF-Token", &auth.csrf)
         .send(ureq::SendBody::from_owned_reader(std::io::Cursor::new(big)))
         .unwrap();
     assert_eq!(resp.status().as_u16(), 413);
@@ -438,7 +830,7 @@ fn an_upload_streams_into_the_update_service_and_its_answer_decides_the_status()
 
     // A client that stops sending is cut off; the service sees the bundle end early.
     let started = std::time::Instant::now();
-    let line = post_partial(srv.addr, path, 1000, &[7u8; 10]);
+    let line = post_partial(srv.addr, &auth, path, 1000, &[7u8; 10]);
     assert!(line.starts_with("HTTP/1.1 408"), "{line}");
     assert!(started.elapsed() >= IDLE, "{:?}", started.elapsed());
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -455,7 +847,11 @@ fn an_upload_streams_into_the_update_service_and_its_answer_decides_the_status()
     }
 
     // Only POST.
-    let resp = client().get(&install).call().unwrap();
+    let resp = client()
+        .get(&install)
+        .header("Cookie", &auth.cookie)
+        .call()
+        .unwrap();
     assert_eq!(resp.status().as_u16(), 405);
 }
 
@@ -466,9 +862,18 @@ fn the_peer_update_api_refuses_clients_that_are_not_peers() {
     let fake = fake_update_service(&srv.run_dir().join(api::update::SOCKET_FILE));
     let (status, body) = post(&srv.url("/api/peer/update?reboot=1"), b"bundle");
     assert_eq!(status, 403, "{body}");
+    // A logged-in admin is no peer either.
+    let auth = srv.login();
+    let (status, body) = srv.post(&auth, &srv.url("/api/peer/update?reboot=1"), b"bundle");
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("client certificate"), "{body}");
     assert!(fake.seen.lock().unwrap().is_empty());
     for path in ["/api/peer/update-status", "/api/peer/health"] {
-        let resp = client().get(&srv.url(path)).call().unwrap();
+        let resp = client()
+            .get(&srv.url(path))
+            .header("Cookie", &auth.cookie)
+            .call()
+            .unwrap();
         assert_eq!(resp.status().as_u16(), 403, "{path}");
     }
 }
@@ -477,9 +882,12 @@ fn the_peer_update_api_refuses_clients_that_are_not_peers() {
 fn the_status_json_and_metrics_carry_the_update_state() {
     let key = generate();
     let srv = server(&key, 8 * MIB as u64);
+    let auth = srv.login();
     let get = |path: &str| {
         client()
             .get(&srv.url(path))
+            .header("Cookie", &auth.cookie)
+            .header("Authorization", &format!("Bearer {}", metrics_token()))
             .call()
             .unwrap()
             .body_mut()
@@ -549,6 +957,8 @@ fn the_cluster_upgrade_spools_only_a_verified_bundle() {
     let trusted = generate();
     let stranger = generate();
     let srv = server(&trusted, 64 * MIB as u64);
+    let auth = srv.login();
+    let post = |url: &str, body: &[u8]| srv.post(&auth, url, body);
     let upgrade = srv.url("/api/cluster/upgrade?trial_timeout=60");
     let spool_dir = upgrade::upgrade_dir(&srv.state_dir());
     let payload = bytes(3 * MIB, 3);

@@ -5,23 +5,35 @@
 //! What it shows comes from the supervisor's control socket ([`api::control`]), files in the
 //! run directory, the local metrics endpoints and the alert reader its caller passes in.
 //!
+//! After setup the port needs a login ([`auth`], [`account`]): the password is checked by the
+//! settings service ([`api::settings`]), sessions live in this server's memory, every
+//! state-changing request carries its session's CSRF token, and `/metrics` takes the settings'
+//! bearer token. Before setup, [`run_setup`] serves only the first-boot wizard ([`wizard`]).
+//!
 //! The peer API is for other nodes only: mutual TLS with a client certificate signed by the
 //! cluster CA whose subject alternative names name a node of the cluster (its name or its
 //! address). Any other certificate the CA signed (an operator's tool, or one made for another
 //! purpose) is no peer. It runs as its own supervised child, so a bug here never touches PID 1.
 
+mod account;
+mod auth;
+mod forms;
 #[cfg(test)]
 mod http_tests;
 mod install;
+#[cfg(test)]
+mod login_tests;
 mod page;
 pub mod peer;
 pub mod upgrade;
+mod wizard;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use api::control::{self as ctl, ServiceStatus};
@@ -37,6 +49,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Serialize;
 
 use page::{AlertRow, NodeRow, StatusView};
+pub use wizard::{run_setup, SetupConfig};
 
 /// A scrape that takes longer is skipped (and counted as down) for this request.
 const SCRAPE_TIMEOUT: Duration = Duration::from_millis(800);
@@ -44,6 +57,9 @@ const SCRAPE_TIMEOUT: Duration = Duration::from_millis(800);
 const MAX_SCRAPE_BYTES: u64 = 4 << 20;
 /// Alerts shown on the page.
 const PAGE_ALERTS: usize = 15;
+/// How long requests in flight may finish after SIGTERM (within the supervisor's stop
+/// timeout).
+const STOP_GRACE: Duration = Duration::from_secs(3);
 
 /// What the admin server runs with; the caller resolved every default.
 pub struct Config {
@@ -71,6 +87,9 @@ pub struct Config {
     /// The trusted update-signing keyring a cluster upgrade's bundle is verified against
     /// ([`api::files::IMAGE_UPDATE_KEYRING`] on an image).
     pub update_keyring: PathBuf,
+    /// The settings service's socket ([`api::settings::SOCKET_FILE`] in the run directory):
+    /// logins, the settings page and the metrics token.
+    pub settings_socket: PathBuf,
 }
 
 /// Reads the newest `limit` alerts, newest first (the log monitor's history, which the caller
@@ -185,6 +204,12 @@ struct Ctx {
     upgrading: AtomicBool,
     /// An upload's idle timeout and size cap.
     limits: install::Limits,
+    settings_socket: PathBuf,
+    /// Open sessions and failed logins, in memory.
+    auth: Mutex<account::AuthState>,
+    /// `/metrics`'s bearer token as the settings service last said (`None`: not known yet;
+    /// `/metrics` then stays closed).
+    metrics_token: Mutex<Option<api::settings::Secret>>,
 }
 
 impl Ctx {
@@ -254,7 +279,18 @@ fn context(config: Config, peers: Option<peer::PeerClient>) -> Arc<Ctx> {
         update_keyring: config.update_keyring,
         upgrading: AtomicBool::new(false),
         limits: install::Limits::default(),
+        settings_socket: config.settings_socket,
+        auth: Mutex::new(account::AuthState::default()),
+        metrics_token: Mutex::new(None),
     })
+}
+
+/// A lock that a panicked holder did not leave unusable (the tables stay consistent between
+/// statements).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Serves the admin port until SIGTERM.
@@ -281,8 +317,26 @@ pub fn run(config: Config) -> Result<(), Error> {
                 source,
             })?;
         tracing::info!(%listen, "admin server listening");
-        serve(listener, tls, ctx).await
+        // Known before the first scrape when the settings service is up already.
+        tokio::spawn(account::refresh_metrics_token(ctx.clone()));
+        serve_full(listener, tls, ctx).await
     })
+}
+
+/// Serves the full admin port (after setup) on `listener`.
+async fn serve_full(
+    listener: tokio::net::TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    ctx: Arc<Ctx>,
+) -> Result<(), Error> {
+    let cluster = ctx.cluster.clone();
+    let identify =
+        move |leaf: &CertificateDer<'_>| peer_node(&cluster, leaf).map(|n| n.name.clone());
+    let handler = move |req, client, peer: Option<String>| {
+        let ctx = ctx.clone();
+        async move { route(&ctx, req, client, peer.as_deref()).await }
+    };
+    serve(listener, tls, identify, handler).await
 }
 
 /// TLS for the admin port: the node certificate from the seed with optional client
@@ -291,7 +345,7 @@ fn server_config(config: &Config) -> Result<Arc<rustls::ServerConfig>, Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
-    let mut tls = match &config.tls_dir {
+    let tls = match &config.tls_dir {
         Some(dir) => {
             let certs = load_certs(&dir.join(NODE_CERT))?;
             let key = load_key(&dir.join(NODE_KEY))?;
@@ -317,8 +371,22 @@ fn server_config(config: &Config) -> Result<Arc<rustls::ServerConfig>, Error> {
                 .with_single_cert(load_certs(&cert)?, load_key(&key)?)?
         }
     };
+    Ok(http1_only(tls))
+}
+
+/// TLS with a certificate and key and no client certificates (the wizard's port).
+fn plain_server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(load_certs(cert)?, load_key(key)?)?;
+    Ok(http1_only(tls))
+}
+
+fn http1_only(mut tls: rustls::ServerConfig) -> Arc<rustls::ServerConfig> {
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(Arc::new(tls))
+    Arc::new(tls)
 }
 
 fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, Error> {
@@ -368,18 +436,32 @@ fn self_signed(dir: &Path, cluster: &Cluster, node: &Node) -> Result<(PathBuf, P
     Ok((cert, key))
 }
 
-async fn serve(
+/// Accepts TLS connections until SIGTERM and hands each request to `route` with the client's
+/// address and the peer node its certificate names (`identify`).
+async fn serve<I, R, F>(
     listener: tokio::net::TcpListener,
     tls: Arc<rustls::ServerConfig>,
-    ctx: Arc<Ctx>,
-) -> Result<(), Error> {
+    identify: I,
+    route: R,
+) -> Result<(), Error>
+where
+    I: Fn(&CertificateDer<'_>) -> Option<String> + Send + Sync + 'static,
+    R: Fn(Request<Incoming>, SocketAddr, Option<String>) -> F + Send + Sync + 'static,
+    F: Future<Output = Resp> + Send + 'static,
+{
+    let (identify, route) = (Arc::new(identify), Arc::new(route));
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|source| Error::Server {
             what: "watching SIGTERM".into(),
             source,
         })?;
+    // On SIGTERM the connections finish the request they serve (the wizard's last answer is
+    // the done page, and PID 1 stops the wizard as soon as the settings are stored).
+    let (stopping, stop) = tokio::sync::watch::channel(false);
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
@@ -389,14 +471,12 @@ async fn serve(
                     continue;
                 }
             },
-            _ = term.recv() => {
-                tracing::info!("admin server stopping");
-                return Ok(());
-            }
+            _ = term.recv() => break,
         };
         let acceptor = acceptor.clone();
-        let ctx = ctx.clone();
-        tokio::spawn(async move {
+        let (identify, route) = (identify.clone(), route.clone());
+        let mut stop = stop.clone();
+        connections.spawn(async move {
             let tls =
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => tls,
@@ -412,23 +492,42 @@ async fn serve(
                 .1
                 .peer_certificates()
                 .and_then(|chain| chain.first())
-                .and_then(|leaf| peer_node(&ctx.cluster, leaf))
-                .map(|n| n.name.clone());
+                .and_then(|leaf| identify(leaf));
             let service = hyper::service::service_fn(move |req| {
-                let ctx = ctx.clone();
-                let peer_name = peer_name.clone();
-                async move { Ok::<_, Infallible>(route(&ctx, req, peer, peer_name.as_deref()).await) }
+                let answer = route(req, peer, peer_name.clone());
+                async move { Ok::<_, Infallible>(answer.await) }
             });
             let io = hyper_util::rt::TokioIo::new(tls);
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
                 .serve_connection(io, service);
-            if let Err(e) = conn.await {
+            tokio::pin!(conn);
+            let served = tokio::select! {
+                served = conn.as_mut() => served,
+                () = async { drop(stop.wait_for(|stopping| *stopping).await) } => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            };
+            if let Err(e) = served {
                 tracing::debug!(%peer, "admin connection: {e}");
             }
         });
     }
+    tracing::info!("admin server stopping");
+    let _ = stopping.send(true);
+    let drained = tokio::time::timeout(STOP_GRACE, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::info!(
+            open = connections.len(),
+            "connections still open at the end of the grace period: closed"
+        );
+    }
+    Ok(())
 }
 
 type Resp = Response<Full<Bytes>>;
@@ -442,8 +541,42 @@ fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>)
         (hyper::header::CACHE_CONTROL, "no-store"),
         (hyper::header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         (hyper::header::STRICT_TRANSPORT_SECURITY, "max-age=31536000"),
+        // No page of this port is ever framed (clickjacking of the forms) or leaks its URL.
+        (hyper::header::X_FRAME_OPTIONS, "DENY"),
+        (hyper::header::REFERRER_POLICY, "no-referrer"),
     ] {
         headers.insert(name, hyper::header::HeaderValue::from_static(value));
+    }
+    resp
+}
+
+/// A page.
+fn html(status: StatusCode, body: String) -> Resp {
+    reply(status, "text/html; charset=utf-8", body)
+}
+
+/// `303 See Other` to `location` (a path of this port).
+fn see_other(location: &'static str) -> Resp {
+    let mut resp = reply(
+        StatusCode::SEE_OTHER,
+        "text/plain",
+        format!("see {location}\n"),
+    );
+    resp.headers_mut().insert(
+        hyper::header::LOCATION,
+        hyper::header::HeaderValue::from_static(location),
+    );
+    resp
+}
+
+/// Adds a header whose value this server made (a cookie, a number); one that is not a valid
+/// header value is left out rather than sent broken.
+fn with_header(mut resp: Resp, name: hyper::header::HeaderName, value: &str) -> Resp {
+    match hyper::header::HeaderValue::from_str(value) {
+        Ok(value) => {
+            resp.headers_mut().append(name, value);
+        }
+        Err(_) => tracing::warn!(%name, "not a header value; left out"),
     }
     resp
 }
@@ -471,13 +604,60 @@ async fn route(
     client: SocketAddr,
     peer: Option<&str>,
 ) -> Resp {
-    let path = req.uri().path();
-    if path.starts_with("/api/peer/") && peer.is_none() {
+    let path = req.uri().path().to_string();
+    let path = path.as_str();
+    let access = auth::access(req.method(), path);
+    if access == auth::Access::Peer && peer.is_none() {
         return reply(
             StatusCode::FORBIDDEN,
             "text/plain",
             "peer API: a client certificate from the cluster CA naming a node of the cluster is required\n",
         );
+    }
+    let session = account::session_of(ctx, req.headers());
+    let csrf = auth::Csrf::check(
+        req.headers()
+            .get(auth::CSRF_HEADER)
+            .and_then(|v| v.to_str().ok()),
+        session.as_ref().map(|s| s.csrf.as_str()),
+    );
+    let form_csrf = match auth::gate(access, session.is_some(), csrf) {
+        auth::Gate::Serve => false,
+        auth::Gate::ServeIfFormCsrf => true,
+        auth::Gate::Login => return see_other("/login"),
+        auth::Gate::Unauthorized => {
+            return reply(StatusCode::UNAUTHORIZED, "text/plain", "log in first\n")
+        }
+        auth::Gate::Forbidden => {
+            tracing::info!(%client, method = %req.method(), path, "refused: no session or no CSRF token");
+            return reply(
+                StatusCode::FORBIDDEN,
+                "text/plain",
+                "refused: this needs a logged-in session and its CSRF token (X-CSRF-Token)\n",
+            );
+        }
+    };
+    match (req.method(), path) {
+        (&Method::GET, "/login") => {
+            return account::login_page(ctx, req.headers(), session.is_some())
+        }
+        (&Method::POST, "/login") => return account::login(ctx, req, client).await,
+        (&Method::POST, "/logout") => return account::logout(ctx, req, session, form_csrf).await,
+        (&Method::GET, "/settings") => return account::settings_page(ctx, session).await,
+        (&Method::POST, "/settings") => {
+            return account::settings_post(ctx, req, session, form_csrf).await
+        }
+        (&Method::GET, "/api/session") => return account::session_json(session.as_ref()),
+        (&Method::GET, "/setup") => return see_other("/login"),
+        (&Method::GET, "/api/setup/status") => {
+            return account::setup_status(&ctx.settings_socket).await
+        }
+        (_, "/metrics") => {
+            if let Err(refused) = account::metrics_allowed(ctx, req.headers()).await {
+                return refused;
+            }
+        }
+        _ => {}
     }
     if path == SIGNAL_PATH {
         if req.method() != Method::POST {
@@ -538,15 +718,12 @@ async fn route(
         return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n");
     }
     let ctx = ctx.clone();
+    let csrf = session.map(|s| s.csrf).unwrap_or_default();
     match req.uri().path() {
         "/" => {
             blocking(move || {
                 let view = gather(&ctx);
-                reply(
-                    StatusCode::OK,
-                    "text/html; charset=utf-8",
-                    page::render(&view),
-                )
+                html(StatusCode::OK, page::render(&view, &csrf))
             })
             .await
         }

@@ -80,16 +80,20 @@ fn css_class(s: &ServiceStatus) -> &'static str {
     }
 }
 
-pub(crate) fn render(v: &StatusView) -> String {
+/// The page for a logged-in browser whose session carries `csrf` (the upload script sends it).
+pub(crate) fn render(v: &StatusView, csrf: &str) -> String {
     let mut s = String::new();
     let _ = write!(
         s,
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
          <noscript><meta http-equiv=\"refresh\" content=\"{REFRESH_S}\"></noscript>\
-         <title>{} — {} — Tandem</title>\n<style>{STYLE}</style></head>\n<body>\n",
+         <meta name=\"csrf-token\" content=\"{}\">\
+         <title>{} — {} — Tandem</title>\n<style>{STYLE}{NAV_STYLE}</style></head>\n<body>\n",
+        esc(csrf),
         esc(&v.node),
         esc(&v.cluster)
     );
+    s.push_str(&crate::forms::nav(csrf));
     let _ = writeln!(
         s,
         "<h1>Tandem · cluster <b>{}</b> · node <b>{}</b></h1>",
@@ -187,7 +191,10 @@ pub(crate) fn render(v: &StatusView) -> String {
         }
         s.push_str("</table>\n");
     }
-    s.push_str("<p class=\"foot\"><a href=\"/metrics\">metrics</a> · <a href=\"/api/status\">status JSON</a></p>\n");
+    s.push_str(
+        "<p class=\"foot\"><a href=\"/api/status\">status JSON</a> · <code>/metrics</code> \
+         takes the metrics token (<code>Authorization: Bearer …</code>)</p>\n",
+    );
     let _ = writeln!(
         s,
         "<script>{}</script>",
@@ -356,7 +363,8 @@ fn esc(s: &str) -> String {
     api::text::html_escape(s)
 }
 
-/// Sends the chosen file as the raw request body (no multipart), shows the answer, and shows
+/// Sends the chosen file as the raw request body (no multipart) with the session's CSRF token
+/// in the `X-CSRF-Token` header, shows the answer, and shows
 /// the install's progress from `/api/status` meanwhile; reloads the page every few seconds
 /// unless an upload runs.
 const SCRIPT: &str = r#"
@@ -367,17 +375,18 @@ var c=document.getElementById('cluster').checked,q=c?'':('force='+(document.getE
 busy=true;out.textContent='uploading '+file.name+'…';
 var t=setInterval(function(){fetch('/api/status').then(function(r){return r.json();}).then(function(s){var i=s.update&&s.update.install;
 if(i&&i.total)out.textContent=i.phase+': '+Math.floor(i.done*100/i.total)+'% of '+(i.total/1048576).toFixed(1)+' MiB';}).catch(function(){});},2000);
-fetch((c?'/api/cluster/upgrade?':'/api/update/install?')+q,{method:'POST',body:file,headers:{'Content-Type':'application/octet-stream'}})
+fetch((c?'/api/cluster/upgrade?':'/api/update/install?')+q,{method:'POST',body:file,headers:{'Content-Type':'application/octet-stream','X-CSRF-Token':document.querySelector('meta[name=csrf-token]').content}})
 .then(function(r){return r.text().then(function(b){out.textContent=r.status+' '+b;});})
 .catch(function(err){out.textContent='upload failed: '+err;})
 .finally(function(){clearInterval(t);busy=false;});};
 "#;
 
-const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2em;color:#222}\
+pub(crate) const STYLE: &str = "body{font-family:system-ui,sans-serif;margin:2em;color:#222}\
 h1{font-size:1.4em}h2{font-size:1.1em;margin-top:1.5em}\
 table{border-collapse:collapse;min-width:40em}td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}\
 th{background:#f3f3f3}#services tr.ok td:nth-child(2){color:#176b1d}#services tr.warn td:nth-child(2){color:#9a6700;font-weight:bold}\
 tr.bad td{color:#b00020;font-weight:bold}tr.warn td{color:#9a6700}p.bad{color:#b00020}.foot{margin-top:2em;font-size:.9em}";
+const NAV_STYLE: &str = "nav{margin-bottom:1em}form.inline{display:inline}";
 
 #[cfg(test)]
 mod tests {
@@ -439,7 +448,7 @@ mod tests {
             cluster_upgrade: None,
             now_unix_ms: 0,
         };
-        let html = render(&view);
+        let html = render(&view, "tok");
         assert!(!html.contains("degraded"));
         assert!(html.contains("c&lt;1&gt;"));
         assert!(html.contains("server1 (this node)"));
@@ -452,21 +461,33 @@ mod tests {
         assert!(html.contains("no update status: reading /run/tandem/update-status.json"));
         assert!(html.contains("<input type=\"file\""));
         assert!(!html.contains("Cluster upgrade"));
-        let down = render(&StatusView {
-            services: Err("no socket".into()),
-            ..view.clone()
-        });
+        // The navigation, and the token the upload script sends.
+        assert!(html.contains("<meta name=\"csrf-token\" content=\"tok\">"));
+        assert!(
+            html.contains("'X-CSRF-Token':document.querySelector('meta[name=csrf-token]').content")
+        );
+        assert!(html.contains("<nav id=\"nav\">") && html.contains("action=\"/logout\""));
+        let down = render(
+            &StatusView {
+                services: Err("no socket".into()),
+                ..view.clone()
+            },
+            "tok",
+        );
         assert!(down.contains("supervisor unreachable: no socket"));
-        let degraded = render(&StatusView {
-            degraded: vec![api::storage::Degraded {
-                subject: "data-partition".into(),
-                reason: "data partition /dev/vda5: no <readable> filesystem".into(),
-                hint: "e2fsck -b 32768".into(),
-                stopped: vec!["mariadb".into(), "nginx".into()],
-                since_ms: 0,
-            }],
-            ..view
-        });
+        let degraded = render(
+            &StatusView {
+                degraded: vec![api::storage::Degraded {
+                    subject: "data-partition".into(),
+                    reason: "data partition /dev/vda5: no <readable> filesystem".into(),
+                    hint: "e2fsck -b 32768".into(),
+                    stopped: vec!["mariadb".into(), "nginx".into()],
+                    since_ms: 0,
+                }],
+                ..view
+            },
+            "tok",
+        );
         assert!(degraded.contains("This node is degraded"), "{degraded}");
         assert!(degraded.contains("no &lt;readable&gt; filesystem"));
         assert!(degraded.contains("stopped: mariadb, nginx"));
@@ -541,7 +562,7 @@ mod tests {
             }),
             now_unix_ms: 3_600_000,
         };
-        let html = render(&view);
+        let html = render(&view, "tok");
         assert!(html.contains("<td class=\"version\">2.0.0</td>"), "{html}");
         assert!(html.contains("<tr><th>booted slot</th><td>b</td></tr>"));
         assert!(
@@ -570,12 +591,12 @@ mod tests {
                 reason: "nginx never ready".into(),
             };
         }
-        assert!(render(&rolling).contains("ROLLING BACK: nginx never ready"));
+        assert!(render(&rolling, "tok").contains("ROLLING BACK: nginx never ready"));
         let mut blessed = view;
         if let Ok(u) = &mut blessed.update {
             u.boot = Boot::Blessed;
         }
-        assert!(render(&blessed).contains("<td class=\"boot\">blessed</td>"));
+        assert!(render(&blessed, "tok").contains("<td class=\"boot\">blessed</td>"));
     }
 
     #[test]
