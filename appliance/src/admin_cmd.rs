@@ -116,16 +116,8 @@ pub fn main(args: AdminArgs) -> anyhow::Result<ExitCode> {
 
 /// `appliance admin --setup`: the first-boot wizard, until SIGTERM.
 fn setup(args: AdminArgs) -> anyhow::Result<ExitCode> {
-    // The cluster only: `--config`, else the seed's, else the built-in default (what
-    // `NodeArgs::load` reads, without the node).
-    let config = args.node.config.clone().or_else(|| {
-        Some(Path::new(api::files::SEED_MOUNT).join(api::files::SEED_CLUSTER_CONFIG))
-            .filter(|p| p.exists())
-    });
-    let cluster = match &config {
-        Some(path) => cluster_config::Cluster::load(path).map_err(|e| anyhow::anyhow!("{e}"))?,
-        None => cluster_config::Cluster::default_cluster(),
-    };
+    // The cluster only (what `NodeArgs::load` reads, without the node).
+    let cluster = crate::args::load_cluster_or_seed(args.node.config.as_deref())?;
     let listen = args.listen.context("--setup needs --listen")?;
     let tls_dir = args.tls_dir.context("--setup needs --tls-dir")?;
     let run_dir = args.run_dir.unwrap_or_else(|| match &args.state_dir {
