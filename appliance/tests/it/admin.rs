@@ -145,7 +145,41 @@ fn status_page_shows_a_killed_service_and_metrics_parse() {
     )
     .unwrap();
 
-    let url = format!("https://{ADDR}:19443/");
+    // The page needs a login: a session made the way a browser makes one, then the page
+    // fetched with it is what Chromium renders (a driven browser logs in itself in the QEMU
+    // wizard test).
+    let base = format!("https://{ADDR}:19443");
+    let (cookie, _) = crate::support::admin_login(&base, &state);
+    let anonymous = Command::new("curl")
+        .args([
+            "-sk",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{redirect_url}",
+        ])
+        .arg(format!("{base}/"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&anonymous.stdout),
+        format!("303 {base}/login"),
+        "the status page without a session"
+    );
+    let page = Command::new("curl")
+        .args(["-sfk", "-H", &format!("Cookie: {cookie}")])
+        .arg(format!("{base}/"))
+        .output()
+        .unwrap();
+    assert!(
+        page.status.success(),
+        "the status page with a session
+{}",
+        run.log()
+    );
+    let saved = tmp.path().join("status.html");
+    std::fs::write(&saved, &page.stdout).unwrap();
+    let url = format!("file://{}", saved.display());
     let profile = tmp.path().join("chromium");
     let dom = chromium(&["--dump-dom"], &url, &profile);
     let html = String::from_utf8_lossy(&dom.stdout);
@@ -199,6 +233,13 @@ fn status_page_shows_a_killed_service_and_metrics_parse() {
     let text = loop {
         let metrics = Command::new("curl")
             .args(["-sfk", &format!("https://{ADDR}:19443/metrics")])
+            .args([
+                "-H",
+                &format!(
+                    "Authorization: Bearer {}",
+                    crate::support::metrics_token(&state)
+                ),
+            ])
             .output()
             .unwrap();
         assert!(

@@ -308,6 +308,7 @@ fn every_service_runs_with_no_new_privs_and_only_its_capabilities() {
         ("nginx", "root", "00000000000000c0"),
         ("logmon", "tandem-logmon", "0000000000000000"),
         ("balancer", "tandem-balancer", "0000000000000400"),
+        ("settings", "root", "0000000000000001"),
         ("admin", "tandem-admin", "0000000000000000"),
     ];
     let names: Vec<&str> = pids.iter().map(|(n, _)| n.as_str()).collect();
@@ -336,13 +337,17 @@ fn every_service_runs_with_no_new_privs_and_only_its_capabilities() {
         .gid
         .as_raw();
     assert_eq!((meta.mode() & 0o777, meta.gid()), (0o660, control_gid));
+    let base = "https://127.0.0.73:27943";
+    let (cookie, _) = crate::support::admin_login(base, &run.state);
     let status = Command::new("curl")
         .args([
             "-sfk",
             "--max-time",
             "10",
-            "https://127.0.0.73:27943/api/status",
+            "-H",
+            &format!("Cookie: {cookie}"),
         ])
+        .arg(format!("{base}/api/status"))
         .output()
         .unwrap();
     let status: Value = serde_json::from_slice(&status.stdout).unwrap_or_else(|e| {
@@ -373,6 +378,17 @@ fn every_service_runs_with_no_new_privs_and_only_its_capabilities() {
         served.display()
     );
     assert!(!readable_as("tandem-logmon", &balancer_key));
+    // The settings store (admin password hash, cluster secret, served key) is root's alone:
+    // not even the admin server, which asks the settings service to check a login, reads it.
+    let store = run.state.join("settings/settings.db");
+    assert!(store.exists(), "{}", store.display());
+    for user in ["tandem-admin", "tandem-logmon", "tandem-balancer"] {
+        assert!(
+            !readable_as(user, &store),
+            "{user} reads {}",
+            store.display()
+        );
+    }
     // Nor write anywhere in the state directory but its own.
     assert!(!writable_dir_as("tandem-logmon", &run.state));
     assert!(writable_dir_as("tandem-logmon", &run.state.join("logmon")));
