@@ -215,7 +215,9 @@ impl SeedSettings {
             } else if Some(address) == cluster.gateway {
                 Some(format!("{address} is the gateway"))
             } else if address == cluster.subnet.network() || address == cluster.subnet.broadcast() {
-                Some(format!("{address} is the subnet's network or broadcast address"))
+                Some(format!(
+                    "{address} is the subnet's network or broadcast address"
+                ))
             } else {
                 None
             };
