@@ -745,6 +745,11 @@ impl Vm {
         serial::read_since(&self.machine.serial_log, Mark(0))
     }
 
+    /// What the serial console printed after `since`.
+    pub fn serial_since(&self, since: Mark) -> String {
+        serial::read_since(&self.machine.serial_log, since)
+    }
+
     /// The current end of the serial log: pass it to [`Vm::wait_serial_since`] to look only at
     /// what comes next (e.g. after a reboot).
     pub fn serial_mark(&self) -> Mark {
