@@ -857,7 +857,8 @@ impl Vm {
 
     /// Answer a console prompt: wait for `<key>> ` after `since`, then type `answer` and Enter
     /// (`\r`). Returns the mark just past the prompt (what the guest prints next comes after
-    /// it: pass it to the next call). `answer` is never logged (it may be a password).
+    /// it: pass it to the next call). `answer` is one line (a line end in it would be a second
+    /// answer: an error) and is never logged (it may be a password).
     pub fn answer_prompt(
         &self,
         since: Mark,
@@ -865,6 +866,11 @@ impl Vm {
         answer: &str,
         timeout: Duration,
     ) -> Result<Mark> {
+        if answer.contains(['\r', '\n']) {
+            return Err(self.err(format!(
+                "the answer to {key}> has a line end in it (trim it; type several lines with serial_write)"
+            )));
+        }
         let after = self.wait_serial_text(since, &format!("{key}> "), timeout)?;
         let mut line = answer.as_bytes().to_vec();
         line.push(b'\r');

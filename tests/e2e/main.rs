@@ -5,7 +5,8 @@
 //! `scripts/build-images`). Missing images fail the tests; they are never skipped.
 //! The wizard test boots `generic.qcow2` (`image-builder build --generic`) from the same
 //! directory and drives headless Chromium (Debian's `chromium` and `chromium-driver`); its
-//! screenshots go to `target/e2e/<id>/screenshots/`.
+//! screenshots go to `target/e2e/<id>/screenshots/`. `TANDEM_SETUP_CUT_MS` delays its power
+//! cut after the last serial answer (default: at once).
 //! `TANDEM_KEEP=1` keeps each cluster's work dir (overlays, logs) under `target/e2e/`.
 //!
 //! The admin port wants a login: the tests log in with the build machine's admin password and

@@ -194,30 +194,26 @@ pub(crate) fn ca_dir(config: &cluster_config::Cluster) -> qemu::Result<PathBuf> 
     )?))
 }
 
-/// The build machine's admin password and metrics token (what the images' seeds hold the hash
-/// and the value of), in the CA directory.
-const ADMIN_PASSWORD_FILE: &str = "admin-password";
-const METRICS_TOKEN_FILE: &str = "metrics-token";
-
-fn build_secret(config: &cluster_config::Cluster, file: &str) -> qemu::Result<String> {
-    let path = ca_dir(config)?.join(file);
-    let text = std::fs::read_to_string(&path).map_err(|e| {
+/// The cluster's admin password and metrics token, as the build machine keeps them next to
+/// its CA (the node images' seeds hold the password's hash and the token).
+fn credentials(config: &cluster_config::Cluster) -> qemu::Result<image_builder::pki::Credentials> {
+    let dir = ca_dir(config)?;
+    image_builder::pki::Credentials::load(&dir).map_err(|e| {
         qemu::Error::Http(format!(
-            "{}: {e} (the image build keeps it next to the cluster CA)",
-            path.display()
+            "the admin password and metrics token in {}: {e} (an image build makes them)",
+            dir.display()
         ))
-    })?;
-    Ok(text.trim().to_string())
+    })
 }
 
 /// The cluster's admin password, as the build machine keeps it.
 pub(crate) fn admin_password(config: &cluster_config::Cluster) -> qemu::Result<String> {
-    build_secret(config, ADMIN_PASSWORD_FILE)
+    Ok(credentials(config)?.admin_password.expose().to_string())
 }
 
 /// The bearer token `/metrics` takes, as the build machine keeps it.
 pub(crate) fn metrics_token(config: &cluster_config::Cluster) -> qemu::Result<String> {
-    build_secret(config, METRICS_TOKEN_FILE)
+    Ok(credentials(config)?.metrics_token.expose().to_string())
 }
 
 /// An HTTP answer with its headers, as the client in the namespace got it.

@@ -36,6 +36,20 @@ const SUBMIT_TIMEOUT: Duration = Duration::from_secs(120);
 /// The login attempts of the rate-limit check, and the latest one that must be refused.
 const WRONG_LOGINS: usize = 10;
 const LIMITED_BY: usize = 6;
+/// How long after the last answer the power is cut: `TANDEM_SETUP_CUT_MS` (default 0: at once,
+/// while the settings service checks the answers). A later cut lands in or after the store's
+/// transaction; every moment must end in the wizard or fully configured.
+fn cut_delay() -> Duration {
+    let ms = std::env::var("TANDEM_SETUP_CUT_MS")
+        .map(|v| {
+            v.trim()
+                .parse::<u64>()
+                .expect("TANDEM_SETUP_CUT_MS: milliseconds")
+        })
+        .unwrap_or(0);
+    Duration::from_millis(ms)
+}
+
 /// A second client address on the LAN: the wrong passwords come from it, so the browser's
 /// address (the bridge's) is not the one rate-limited.
 const ATTACKER: Ipv4Addr = Ipv4Addr::new(10, 88, 0, 2);
@@ -467,7 +481,11 @@ fn a_generic_image_is_set_up_over_serial_and_in_a_browser_then_wants_a_login() {
     let cluster = boot_generic_cluster();
     let admin_port = config.ports.admin;
     let ca_dir = ca_dir(&config).unwrap();
-    let cluster_secret = image_builder::pki::load_or_create_secret(&ca_dir).unwrap();
+    // The file's one line, without its end (typed as an answer, a line end is Enter).
+    let cluster_secret = image_builder::pki::load_or_create_secret(&ca_dir)
+        .unwrap()
+        .trim()
+        .to_string();
     let ca_pem = std::fs::read_to_string(ca_dir.join("ca.crt")).unwrap();
     let serial_password = "Heron-73-quiet-field".to_string();
     let browser_password = "Kestrel-42-orbit-lane".to_string();
@@ -538,12 +556,20 @@ fn a_generic_image_is_set_up_over_serial_and_in_a_browser_then_wants_a_login() {
         || {
             vm2.wait_serial_text(Mark::default(), CONSOLE_BANNER, BOOT_TIMEOUT)?;
             let after = drive_console(vm2, Mark::default(), &answers, Some(last), BOOT_TIMEOUT)?;
-            // The answer's line end echoed: the guest has it, and applies it now.
+            // The answer's line end echoed (then `[setup] checking the answers`): the guest has
+            // it and sends the setup now.
             let t0 = Instant::now();
             while vm2.serial_mark() <= after && t0.elapsed() < Duration::from_secs(2) {
                 std::thread::sleep(Duration::from_millis(5));
             }
-            vm2.kill()
+            std::thread::sleep(cut_delay());
+            vm2.kill()?;
+            eprintln!(
+                "    power cut {} ms after the answer; the console had printed {:?}",
+                t0.elapsed().as_millis(),
+                qemu::strip_ansi(&vm2.serial_since(after)).trim()
+            );
+            Ok(())
         },
     );
     let mark = step(&cluster, "server2 boots again after the power cut", || {
