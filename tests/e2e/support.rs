@@ -82,7 +82,7 @@ pub(crate) fn generic_image(config: &cluster_config::Cluster) -> PathBuf {
     assert!(
         image.is_file(),
         "the wizard test needs {}: build it next to the node images with \
-         `image-builder build --generic` (scripts/build-images)",
+         `scripts/build-images --generic`",
         image.display()
     );
     image
