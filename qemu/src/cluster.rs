@@ -16,7 +16,7 @@ use crate::machine::{self, Accel, MachineConfig};
 use crate::netns::{run_checked, Netns};
 use crate::probe::{Probe, ProbeOptions};
 use crate::qmp::{self, Qmp};
-use crate::serial::{self, Mark};
+use crate::serial::{self, Mark, SerialInput};
 use crate::session::Cancel;
 use crate::{tools, vip};
 
@@ -226,13 +226,16 @@ impl Cluster {
                 tap,
                 mac: machine::mac_for(node.address),
                 serial_log: file("serial.log"),
+                serial_socket: file("serial"),
                 qmp_socket: file("qmp"),
             };
-            if machine.qmp_socket.as_os_str().len() > MAX_SOCKET_PATH {
-                return Err(Error::Spec(format!(
-                    "QMP socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter work dir",
-                    machine.qmp_socket.display()
-                )));
+            for socket in [&machine.qmp_socket, &machine.serial_socket] {
+                if socket.as_os_str().len() > MAX_SOCKET_PATH {
+                    return Err(Error::Spec(format!(
+                        "socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter work dir",
+                        socket.display()
+                    )));
+                }
             }
             make_overlay(&node.image, &machine.disk, spec.extra_disk_bytes)?;
             std::fs::copy(tools::OVMF_VARS, &machine.vars)
@@ -245,6 +248,7 @@ impl Cluster {
                 address: node.address,
                 qemu: qemu.clone(),
                 qemu_log: file("qemu.log"),
+                serial_input: Mutex::new(SerialInput::new(machine.serial_socket.clone())),
                 machine,
                 netns: netns.clone(),
                 child: Mutex::new(None),
@@ -509,7 +513,7 @@ impl Drop for Cluster {
         // Runtime bits go; the logs stay for whoever looks afterwards.
         for vm in &self.vms {
             let m = &vm.machine;
-            for p in [&m.disk, &m.vars, &m.qmp_socket] {
+            for p in [&m.disk, &m.vars, &m.qmp_socket, &m.serial_socket] {
                 let _ = std::fs::remove_file(p);
             }
         }
@@ -525,6 +529,7 @@ pub struct Vm {
     machine: MachineConfig,
     netns: Arc<Netns>,
     child: Mutex<Option<Child>>,
+    serial_input: Mutex<SerialInput>,
 }
 
 impl Vm {
@@ -542,6 +547,11 @@ impl Vm {
 
     pub fn serial_path(&self) -> &Path {
         &self.machine.serial_log
+    }
+
+    /// The serial console's input socket (see [`Vm::serial_write`]).
+    pub fn serial_socket(&self) -> &Path {
+        &self.machine.serial_socket
     }
 
     pub fn qmp_path(&self) -> &Path {
@@ -585,6 +595,8 @@ impl Vm {
             }
         }
         let _ = std::fs::remove_file(&self.machine.qmp_socket);
+        let _ = std::fs::remove_file(&self.machine.serial_socket);
+        self.input().disconnect();
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -669,6 +681,8 @@ impl Vm {
             }
             let _ = c.wait();
         }
+        drop(child);
+        self.input().disconnect();
         Ok(())
     }
 
@@ -731,6 +745,11 @@ impl Vm {
         serial::read_since(&self.machine.serial_log, Mark(0))
     }
 
+    /// What the serial console printed after `since`.
+    pub fn serial_since(&self, since: Mark) -> String {
+        serial::read_since(&self.machine.serial_log, since)
+    }
+
     /// The current end of the serial log: pass it to [`Vm::wait_serial_since`] to look only at
     /// what comes next (e.g. after a reboot).
     pub fn serial_mark(&self) -> Mark {
@@ -789,6 +808,78 @@ impl Vm {
             }
             std::thread::sleep(Duration::from_millis(250));
         }
+    }
+
+    /// Type `bytes` on the VM's serial console (its UART's input), as a terminal would send
+    /// them: a line ends with `\r`. Returns once QEMU's socket took them; the guest reads them
+    /// at its own pace (QEMU passes on what the UART can take).
+    pub fn serial_write(&self, bytes: &[u8]) -> Result<()> {
+        if !self.is_running() {
+            return Err(self.err("serial write: QEMU is not running"));
+        }
+        self.input().write(bytes).map_err(|e| {
+            Error::io(
+                "writing to the serial console",
+                &self.machine.serial_socket,
+                e,
+            )
+        })
+    }
+
+    /// Wait until the serial console prints `text` after `since` (anywhere, also without a
+    /// newline after it, as a prompt); returns the mark just past it. Fails early if QEMU
+    /// exits.
+    pub fn wait_serial_text(&self, since: Mark, text: &str, timeout: Duration) -> Result<Mark> {
+        let what = format!("{text:?} on {}'s serial console", self.name);
+        let t0 = Instant::now();
+        loop {
+            let bytes = serial::read_bytes_since(&self.machine.serial_log, since);
+            if let Some(end) = serial::find_end(&bytes, text.as_bytes()) {
+                return Ok(Mark(since.0 + end as u64));
+            }
+            if let Some(Ok(Some(status))) = self.lock().as_mut().map(|c| c.try_wait()) {
+                return Err(Error::VmExited {
+                    node: self.name.clone(),
+                    status: status.to_string(),
+                    what,
+                });
+            }
+            if t0.elapsed() >= timeout {
+                return Err(Error::Timeout {
+                    what,
+                    after: timeout,
+                    last: None,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Answer a console prompt: wait for `<key>> ` after `since`, then type `answer` and Enter
+    /// (`\r`). Returns the mark just past the prompt (what the guest prints next comes after
+    /// it: pass it to the next call). `answer` is one line (a line end in it would be a second
+    /// answer: an error) and is never logged (it may be a password).
+    pub fn answer_prompt(
+        &self,
+        since: Mark,
+        key: &str,
+        answer: &str,
+        timeout: Duration,
+    ) -> Result<Mark> {
+        if answer.contains(['\r', '\n']) {
+            return Err(self.err(format!(
+                "the answer to {key}> has a line end in it (trim it; type several lines with serial_write)"
+            )));
+        }
+        let after = self.wait_serial_text(since, &format!("{key}> "), timeout)?;
+        let mut line = answer.as_bytes().to_vec();
+        line.push(b'\r');
+        self.serial_write(&line)?;
+        Ok(after)
+    }
+
+    fn input(&self) -> std::sync::MutexGuard<'_, SerialInput> {
+        self.serial_input.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Option<Child>> {

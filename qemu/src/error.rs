@@ -83,6 +83,12 @@ pub enum Error {
     #[error("HTTP client: {0}")]
     Http(String),
 
+    #[error("TLS client: {0}")]
+    Tls(String),
+
+    #[error("browser: {0}")]
+    Browser(String),
+
     #[error("interrupted (Ctrl-C or SIGTERM)")]
     Cancelled,
 }

@@ -7,7 +7,10 @@
 //! - [`Vm`] powers off (ACPI), reboots (Ctrl-Alt-Del), kills, pauses and unplugs a node.
 //! - [`Cluster::http_get`], [`Cluster::run`], [`Netns::connect`]: a client inside the namespace.
 //! - [`Vm::read_disk`], [`read_image`]: a disk's bytes, read from the host while QEMU runs.
-//! - [`Vm::wait_serial`], [`Cluster::tails`]: serial logs for waits and failure messages.
+//! - [`Vm::wait_serial`], [`Cluster::tails`]: serial logs for waits and failure messages;
+//!   [`Vm::serial_write`], [`Vm::answer_prompt`]: typing on a serial console.
+//! - [`browser::Browser`]: headless Chromium inside the namespace (chromedriver, WebDriver);
+//!   [`tls`]: the certificate a server serves there, its fingerprint, checks against a CA.
 //! - [`Cluster::start_probe`]: availability as a client sees it (one HTTPS GET every 20 ms);
 //!   [`Cluster::vip_holders`]: who answers ARP for the floating IP.
 //! - [`bench`]: `tandem-qemu failover` and `soak`, the floating IP's failover as a client sees it.
@@ -16,6 +19,7 @@
 
 mod accel;
 pub mod bench;
+pub mod browser;
 mod cluster;
 mod disk;
 mod error;
@@ -26,9 +30,11 @@ pub mod probe;
 pub mod qmp;
 mod serial;
 mod session;
+pub mod tls;
 mod tools;
 pub mod vip;
 
+pub use browser::{Browser, BrowserOptions, Element};
 pub use cluster::{
     unique_id, Cluster, ClusterSpec, HttpResponse, NodeSpec, Vm, DEFAULT_CLIENT,
     DEFAULT_MEMORY_MIB, DEFAULT_PREFIX, KEEP_ENV, NODE_PAGE,

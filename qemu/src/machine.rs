@@ -37,7 +37,11 @@ pub struct MachineConfig {
     /// Tap device (already created in the cluster namespace) the NIC is attached to.
     pub tap: String,
     pub mac: [u8; 6],
+    /// Everything the guest prints on its serial console, from the first byte, appended across
+    /// restarts (QEMU writes it whether or not a client is connected to `serial_socket`).
     pub serial_log: PathBuf,
+    /// The serial console's input: a unix socket QEMU listens on (one client at a time).
+    pub serial_socket: PathBuf,
     pub qmp_socket: PathBuf,
 }
 
@@ -120,10 +124,16 @@ pub fn qemu_args(m: &MachineConfig) -> Vec<String> {
     ]);
     // Entropy for a guest that makes keys on first boot, which TCG otherwise starves.
     push(&["-device", "virtio-rng-pci"]);
-    // Appending keeps every boot of this VM in one log.
+    // The console is a socket (a test types into it) whose output QEMU also logs to a file;
+    // `wait=off`: the guest runs with no client, and the log still gets every byte. Appending
+    // keeps every boot of this VM in one log.
     push(&[
         "-chardev",
-        &format!("file,id=serial0,path={},append=on", opt_path(&m.serial_log)),
+        &format!(
+            "socket,id=serial0,path={},server=on,wait=off,logfile={},logappend=on",
+            opt_path(&m.serial_socket),
+            opt_path(&m.serial_log)
+        ),
     ]);
     push(&["-serial", "chardev:serial0"]);
     push(&[
@@ -147,6 +157,7 @@ mod tests {
             tap: "tap0".into(),
             mac: mac_for(Ipv4Addr::new(10, 88, 0, 11)),
             serial_log: "/w/a,b/server1.serial.log".into(),
+            serial_socket: "/w/server1.serial".into(),
             qmp_socket: "/w/server1.qmp".into(),
         }
     }
@@ -214,7 +225,7 @@ mod tests {
         // The comma in the directory name is doubled, as QEMU's option syntax requires.
         assert_eq!(
             values(&a, "-chardev"),
-            ["file,id=serial0,path=/w/a,,b/server1.serial.log,append=on"]
+            ["socket,id=serial0,path=/w/server1.serial,server=on,wait=off,logfile=/w/a,,b/server1.serial.log,logappend=on"]
         );
         assert_eq!(values(&a, "-serial"), ["chardev:serial0"]);
         assert_eq!(

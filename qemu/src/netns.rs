@@ -111,14 +111,21 @@ impl Netns {
 
     /// Open a TCP connection from inside the namespace (on a short-lived thread that joined it).
     pub fn connect(&self, addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+        self.run(|| TcpStream::connect_timeout(&addr, timeout))?
+    }
+
+    /// Run `f` on a short-lived thread inside the namespace and return what it returns: the
+    /// sockets it opens (an HTTP client's connections) are the namespace's, and stay usable from
+    /// any thread afterwards.
+    pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> io::Result<T> {
         let path = self.path();
         std::thread::scope(|s| {
             s.spawn(|| {
                 enter(&path)?;
-                TcpStream::connect_timeout(&addr, timeout)
+                Ok(f())
             })
             .join()
-            .unwrap_or_else(|_| Err(io::Error::other("connect thread panicked")))
+            .unwrap_or_else(|_| Err(io::Error::other("namespace thread panicked")))
         })
     }
 

@@ -1,8 +1,11 @@
-//! Serial console logs: reading, tailing and searching them. The text helpers are pure.
+//! Serial consoles: their logs (reading, tailing and searching them; the text helpers are pure)
+//! and their input (a unix socket QEMU serves, see [`SerialInput`]).
 
 use std::fmt::Display;
-use std::io::{Read, Seek, SeekFrom};
-use std::path::Path;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// A position in a serial log (a byte offset): "only what was printed after this".
@@ -18,6 +21,29 @@ pub(crate) fn read_since(path: &Path, since: Mark) -> String {
         }
     }
     String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// The log's bytes from `since` on (a missing file reads as empty).
+pub(crate) fn read_bytes_since(path: &Path, since: Mark) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        if f.seek(SeekFrom::Start(since.0)).is_ok() {
+            let _ = f.read_to_end(&mut bytes);
+        }
+    }
+    bytes
+}
+
+/// Where the first `needle` in `bytes` ends: a prompt has no newline, so it is searched as
+/// bytes, not as a line.
+pub(crate) fn find_end(bytes: &[u8], needle: &[u8]) -> Option<usize> {
+    if needle.is_empty() {
+        return Some(0);
+    }
+    bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .map(|i| i + needle.len())
 }
 
 /// The current end of the log.
@@ -116,6 +142,68 @@ pub fn wait_for<T, E: Display>(
     }
 }
 
+/// A client of one VM's serial socket: what a test types goes in; what the guest prints comes
+/// back and is drained and dropped (QEMU logs it to the serial log either way, and an unread
+/// socket would stall the guest's console once its buffer is full). Kept open while QEMU runs:
+/// a client that wrote and closed at once could hang up before QEMU read its input.
+pub(crate) struct SerialInput {
+    socket: PathBuf,
+    conn: Option<(UnixStream, JoinHandle<()>)>,
+}
+
+impl SerialInput {
+    pub(crate) fn new(socket: PathBuf) -> SerialInput {
+        SerialInput { socket, conn: None }
+    }
+
+    /// Write all of `bytes`, connecting first if needed. A connection to a QEMU that has since
+    /// been restarted fails on write; then one new connection is tried.
+    pub(crate) fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if self.conn.is_some() {
+            match self.stream()?.write_all(bytes) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::debug!(socket = %self.socket.display(), "serial write, reconnecting: {e}")
+                }
+            }
+            self.disconnect();
+        }
+        self.stream()?.write_all(bytes)
+    }
+
+    fn stream(&mut self) -> io::Result<&mut UnixStream> {
+        if self.conn.is_none() {
+            let stream = UnixStream::connect(&self.socket)?;
+            let mut reader = stream.try_clone()?;
+            let drain = std::thread::Builder::new()
+                .name("serial-drain".into())
+                .spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    while matches!(reader.read(&mut buf), Ok(n) if n > 0) {}
+                })?;
+            self.conn = Some((stream, drain));
+        }
+        match self.conn.as_mut() {
+            Some((stream, _)) => Ok(stream),
+            None => Err(io::Error::other("no serial connection")),
+        }
+    }
+
+    /// Close the connection (QEMU was stopped or is about to be restarted).
+    pub(crate) fn disconnect(&mut self) {
+        if let Some((stream, drain)) = self.conn.take() {
+            let _ = stream.shutdown(std::net::Shutdown::Both);
+            let _ = drain.join();
+        }
+    }
+}
+
+impl Drop for SerialInput {
+    fn drop(&mut self) {
+        self.disconnect();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,6 +251,55 @@ mod tests {
             tails.contains("----- server1: last 1 lines of") && tails.ends_with("boot 2\n"),
             "{tails}"
         );
+    }
+
+    #[test]
+    fn finds_where_a_prompt_ends() {
+        let check = |text: &str, needle: &str, expected: Option<usize>| {
+            assert_eq!(
+                find_end(text.as_bytes(), needle.as_bytes()),
+                expected,
+                "{text:?} {needle:?}"
+            )
+        };
+        check(
+            "[setup] Admin password\r\nadmin_password> ",
+            "admin_password> ",
+            Some(40),
+        );
+        check("node> server2\r\nnode> ", "node> ", Some(6));
+        check("node>", "node> ", None);
+        check("", "x", None);
+        check("abc", "", Some(0));
+    }
+
+    /// Bytes written through the socket reach the peer (QEMU's side, here a listener), and the
+    /// peer's output is drained; a peer that went away (QEMU restarted) is reconnected to.
+    #[test]
+    fn serial_input_writes_and_reconnects() {
+        use std::os::unix::net::UnixListener;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let mut input = SerialInput::new(path.clone());
+        assert!(input.write(b"x").is_err(), "nobody listens yet");
+        for round in 0..2 {
+            let _ = std::fs::remove_file(&path);
+            let listener = UnixListener::bind(&path).unwrap();
+            let peer = std::thread::spawn(move || {
+                let (mut conn, _) = listener.accept().unwrap();
+                // Much more than a socket buffer: the client's drain must keep up.
+                conn.write_all(&vec![b'.'; 1 << 20]).unwrap();
+                let mut got = [0u8; 6];
+                conn.read_exact(&mut got).unwrap();
+                got
+            });
+            // In the second round the first peer has hung up: the write fails and reconnects.
+            let line = format!("line{round}\r");
+            input.write(line.as_bytes()).unwrap();
+            let got = peer.join().unwrap();
+            assert_eq!(&got, line.as_bytes());
+        }
+        input.disconnect();
     }
 
     #[test]

@@ -100,25 +100,19 @@ pub(crate) fn zeroed_superblock_boots_degraded(
         cluster,
         "server2's status page says it is degraded, why, and what stays stopped",
         || {
-            cluster.wait_http(
-                &format!("https://{}:{}/", node.address, config.ports.admin),
-                BOOT_TIMEOUT,
-                |r| {
-                    r.status == 200
-                        && r.body.contains("This node is degraded")
-                        && r.body.contains("no readable filesystem")
-                        && r.body.contains("a backup superblock is intact")
-                        && r.body.contains("mariadb")
-                },
-            )?;
-            let status = cluster.http_get(
-                &format!("https://{}:{}/api/status", node.address, config.ports.admin),
-                Duration::from_secs(10),
-            )?;
+            let admin = Admin::of(cluster, config, &node.name)?;
+            admin.wait_get("/", BOOT_TIMEOUT, |r| {
+                r.status == 200
+                    && r.body.contains("This node is degraded")
+                    && r.body.contains("no readable filesystem")
+                    && r.body.contains("a backup superblock is intact")
+                    && r.body.contains("mariadb")
+            })?;
+            let status = admin.get("/api/status")?;
             if !status.body.contains("\"subject\": \"data-partition\"") {
                 return Err(err(format!(
-                    "/api/status lacks the degraded record: {}",
-                    status.body
+                    "/api/status lacks the degraded record: {} {}",
+                    status.status, status.body
                 )));
             }
             Ok(())

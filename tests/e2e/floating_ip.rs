@@ -121,29 +121,19 @@ fn page_names_holder(
 ) -> qemu::Result<()> {
     let want = format!("floating IP {}: held by {holder}", vip(config));
     for n in &config.nodes {
-        cluster.wait_http(
-            &format!("https://{}:{}/", n.address, config.ports.admin),
+        crate::support::Admin::of(cluster, config, &n.name)?.wait_get(
+            "/",
             Duration::from_secs(30),
             |r| r.status == 200 && r.body.contains(&want),
         )?;
     }
-    cluster.wait_http(
-        &format!(
-            "https://{}:{}/metrics",
-            config
-                .node(holder)
-                .map_or(Ipv4Addr::UNSPECIFIED, |n| n.address),
-            config.ports.admin
-        ),
-        Duration::from_secs(30),
-        |r| {
-            r.status == 200
-                && r.body.contains(&format!(
-                    "tandem_vip_holder{{node=\"{holder}\",address=\"{}\"}} 1",
-                    vip(config)
-                ))
-        },
-    )?;
+    let line = format!(
+        "tandem_vip_holder{{node=\"{holder}\",address=\"{}\"}} 1",
+        vip(config)
+    );
+    crate::support::wait_metrics(cluster, config, holder, Duration::from_secs(30), |m| {
+        m.contains(&line)
+    })?;
     Ok(())
 }
 
@@ -310,17 +300,10 @@ fn became_master(
     config: &cluster_config::Cluster,
     node: &str,
 ) -> qemu::Result<u64> {
-    let n = config
-        .node(node)
-        .ok_or_else(|| err(format!("no node {node}")))?;
-    let r = cluster.wait_http(
-        &format!("https://{}:{}/metrics", n.address, config.ports.admin),
-        Duration::from_secs(30),
-        |r| r.status == 200,
-    )?;
+    let body =
+        crate::support::wait_metrics(cluster, config, node, Duration::from_secs(30), |_| true)?;
     let prefix = format!("tandem_vip_became_master_total{{node=\"{node}\",");
-    r.body
-        .lines()
+    body.lines()
         .find(|l| l.starts_with(&prefix))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())

@@ -148,26 +148,44 @@ pub(crate) fn run(cluster: &Cluster, config: &cluster_config::Cluster) -> String
 
     crate::support::step(
         cluster,
-        "the admin port shows the status page and metrics",
+        "the admin port shows the status page after a login, and metrics to the bearer token",
         || {
-            let page = cluster.wait_http(
-                &format!("https://10.88.0.12:{}/", config.ports.admin),
-                Duration::from_secs(60),
-                |r| {
-                    r.status == 200
-                        && r.body.contains("data-service=\"mariadb\"")
-                        && r.body.contains("database role")
-                },
-            )?;
+            let admin = crate::support::Admin::of(cluster, config, "server2")?;
+            let page = admin.wait_get("/", Duration::from_secs(60), |r| {
+                r.status == 200
+                    && r.body.contains("data-service=\"mariadb\"")
+                    && r.body.contains("database role")
+            })?;
             if !page.body.contains("node <b>server2</b>") {
                 return Err(qemu::Error::Http(format!(
                     "status page of the wrong node: {}",
                     page.body
                 )));
             }
-            cluster.wait_http(&format!("https://10.88.0.12:{}/metrics", config.ports.admin), Duration::from_secs(30), |r| {
-            r.status == 200 && r.body.contains("tandem_supervisor_service_running{node=\"server2\",service=\"nginx\"} 1")
-        })
+            crate::support::wait_metrics(
+                cluster,
+                config,
+                "server2",
+                Duration::from_secs(30),
+                |m| {
+                    m.contains(
+                        "tandem_supervisor_service_running{node=\"server2\",service=\"nginx\"} 1",
+                    )
+                },
+            )?;
+            let anonymous = crate::support::metrics(
+                cluster,
+                std::net::Ipv4Addr::new(10, 88, 0, 12),
+                config.ports.admin,
+                None,
+            )?;
+            if anonymous.status != 401 {
+                return Err(qemu::Error::Http(format!(
+                    "/metrics without the token answered {}",
+                    anonymous.status
+                )));
+            }
+            Ok(())
         },
     );
     crate::support::step(
@@ -247,18 +265,6 @@ fn client_cert(
     Ok((crt, key))
 }
 
-/// The cluster CA's directory, as the image manifest names it.
-fn ca_dir(config: &cluster_config::Cluster) -> qemu::Result<PathBuf> {
-    let manifest = crate::support::images(config).join("manifest.json");
-    let manifest: serde_json::Value = std::fs::read_to_string(&manifest)
-        .ok()
-        .and_then(|t| serde_json::from_str(&t).ok())
-        .ok_or_else(|| qemu::Error::Http(format!("cannot read {}", manifest.display())))?;
-    Ok(PathBuf::from(manifest["ca_dir"].as_str().ok_or_else(
-        || qemu::Error::Http("manifest has no ca_dir".into()),
-    )?))
-}
-
 /// A client certificate `peer` from the cluster CA, in `subdir` of the cluster's work dir.
 pub(crate) fn peer_client_cert(
     cluster: &Cluster,
@@ -269,7 +275,12 @@ pub(crate) fn peer_client_cert(
     std::fs::create_dir_all(&dir).map_err(|e| qemu::Error::Http(e.to_string()))?;
     // The admin server takes a certificate as a peer's only if its SAN names a node: the test
     // acts as server2's tooling.
-    client_cert(&dir, &ca_dir(config)?, &config.name, "server2")
+    client_cert(
+        &dir,
+        &crate::support::ca_dir(config)?,
+        &config.name,
+        "server2",
+    )
 }
 
 fn peer_api_requires_cluster_certificate(
@@ -314,8 +325,12 @@ fn peer_api_requires_cluster_certificate(
         )));
     }
     // The cluster's CA, but a name that is no node's (issue 10 item 12).
-    let (outsider_crt, outsider_key) =
-        client_cert(&dir, &ca_dir(config)?, &config.name, "evil.example")?;
+    let (outsider_crt, outsider_key) = client_cert(
+        &dir,
+        &crate::support::ca_dir(config)?,
+        &config.name,
+        "evil.example",
+    )?;
     let (_, outsider) = curl(Some((&outsider_crt, &outsider_key)))?;
     if !outsider.ends_with(" 403") {
         return Err(qemu::Error::Http(format!(

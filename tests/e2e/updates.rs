@@ -50,18 +50,13 @@ fn admin(config: &cluster_config::Cluster, node: &str, path: &str) -> String {
     format!("https://{}:{}{path}", n.address, config.ports.admin)
 }
 
-/// The node's `update` status from `/api/status`.
+/// The node's `update` status from `/api/status` (logged in).
 fn update_status(
     cluster: &Cluster,
     config: &cluster_config::Cluster,
     node: &str,
 ) -> qemu::Result<Value> {
-    let r = cluster.http_get(&admin(config, node, "/api/status"), Duration::from_secs(10))?;
-    if r.status != 200 {
-        return Err(err(format!("{node} /api/status: {} {}", r.status, r.body)));
-    }
-    let v: Value =
-        serde_json::from_str(&r.body).map_err(|e| err(format!("{node} /api/status: {e}")))?;
+    let v = Admin::of(cluster, config, node)?.get_json("/api/status")?;
     Ok(v["update"].clone())
 }
 
@@ -138,12 +133,14 @@ pub(crate) fn running(v: &Value, version: &str, slot: &str) -> bool {
     v["version"] == version && v["booted_slot"] == slot && v["boot"]["state"] == "blessed"
 }
 
-/// `curl -T FILE -X POST` to the admin port from the client: (HTTP status, body).
+/// `curl -T FILE -X POST` to the admin port from the client, logged in (`auth`:
+/// [`Admin::curl_auth`]): (HTTP status, body).
 fn upload_argv(
     config: &cluster_config::Cluster,
     node: &str,
     file: &Path,
     query: &str,
+    auth: &[String],
 ) -> Vec<String> {
     [
         "curl",
@@ -160,6 +157,7 @@ fn upload_argv(
     ]
     .iter()
     .map(|s| s.to_string())
+    .chain(auth.iter().cloned())
     .chain([
         file.display().to_string(),
         "-w".into(),
@@ -176,7 +174,8 @@ fn upload(
     file: &Path,
     query: &str,
 ) -> qemu::Result<(u16, String)> {
-    let argv = upload_argv(config, node, file, query);
+    let auth = Admin::of(cluster, config, node)?.curl_auth()?;
+    let argv = upload_argv(config, node, file, query, &auth);
     let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
     let out = cluster.run(&argv)?;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
@@ -192,7 +191,8 @@ fn upload_in_background(
     node: &str,
     file: &Path,
 ) -> qemu::Result<Child> {
-    let argv = upload_argv(config, node, file, "");
+    let auth = Admin::of(cluster, config, node)?.curl_auth()?;
+    let argv = upload_argv(config, node, file, "", &auth);
     Command::new("ip")
         .args(["netns", "exec", cluster.netns().name()])
         .args(&argv)
@@ -454,8 +454,8 @@ fn signed_updates_refuse_survive_power_cuts_roll_out_and_roll_back() {
         &cluster,
         "server2 takes the bundle for a cluster upgrade (202)",
         || {
-            let argv = upload_argv(&config, "server2", &v2, "");
-            let mut argv: Vec<String> = argv;
+            let auth = Admin::of(&cluster, &config, "server2")?.curl_auth()?;
+            let mut argv = upload_argv(&config, "server2", &v2, "", &auth);
             let last = argv.len() - 1;
             argv[last] = admin(
                 &config,
@@ -540,20 +540,10 @@ fn signed_updates_refuse_survive_power_cuts_roll_out_and_roll_back() {
         &cluster,
         "server1 boots slot a (0.1.0) once by hand, then 0.2.0 again",
         || {
-            let r = cluster.run(&[
-                "curl",
-                "-sSk",
-                "--max-time",
-                "60",
-                "-X",
-                "POST",
-                "-w",
-                "\n%{http_code}",
-                &admin(&config, "server1", "/api/update/boot-once?slot=a&reboot=1"),
-            ])?;
-            let text = String::from_utf8_lossy(&r.stdout).to_string();
-            if !text.trim_end().ends_with("200") {
-                return Err(err(format!("boot-once answered {text:?}")));
+            let r = Admin::of(&cluster, &config, "server1")?
+                .post("/api/update/boot-once?slot=a&reboot=1", &[])?;
+            if r.status != 200 {
+                return Err(err(format!("boot-once answered {} {:?}", r.status, r.body)));
             }
             wait_update(
                 &cluster,
