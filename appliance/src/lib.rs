@@ -15,6 +15,7 @@ pub mod logmon_cmd;
 pub mod netif;
 pub mod node;
 pub mod preflight;
+pub mod run_cmd;
 pub mod secrets;
 pub mod settings;
 pub mod setup_console;

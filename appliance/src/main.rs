@@ -183,7 +183,7 @@ fn run_command(command: Command) -> anyhow::Result<ExitCode> {
             node,
             state_dir,
             secret_file,
-        } => appliance::node::run(config.as_deref(), &node, &state_dir, secret_file.as_deref()),
+        } => appliance::run_cmd::main(config.as_deref(), &node, &state_dir, secret_file.as_deref()),
         Command::Db {
             command: DbCommand::Status { state_dir, json },
         } => Ok(db::cli::status(&db_run_dir(state_dir.as_deref()), json)?),

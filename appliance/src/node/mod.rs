@@ -10,13 +10,11 @@ mod apply;
 mod plan;
 
 use std::path::Path;
-use std::process::ExitCode;
 
 use anyhow::Context as _;
 use cluster_config::settings::Settings;
 use cluster_config::{Cluster, Node};
 
-use crate::args::NodeArgs;
 use crate::layout::Layout;
 use crate::secrets::{self, NodeTls};
 use crate::supervisor::{self, ServiceSpec, SupervisorOptions};
@@ -26,53 +24,6 @@ pub use plan::{
     plan, plan_stack, plan_wizard, settings_files, Contents, Dir, File, Inputs, NodePlan, Owner,
     PlanError, WizardInputs, MARIADB_USER, NGINX_USER, SETTINGS_SERVICE,
 };
-
-/// `appliance run`: this node's stack on a developer machine, until SIGTERM/SIGINT.
-///
-/// The cluster secret is `secret_file`, else `<cluster.toml's directory>/<cluster name>.secret`
-/// (so the nodes of one config on one machine share it), else `<state_dir>/cluster.secret`.
-pub fn run(
-    config: Option<&Path>,
-    node: &str,
-    state_dir: &Path,
-    secret_file: Option<&Path>,
-) -> anyhow::Result<ExitCode> {
-    let (cluster, node) = NodeArgs {
-        config: config.map(Path::to_path_buf),
-        node: Some(node.to_string()),
-    }
-    .load()?;
-    let node = &node;
-    crate::preflight::require_programs(&[db::MARIADBD, db::INSTALL_DB, web::NGINX])?;
-    if !node.address.is_loopback() {
-        crate::preflight::require_programs(&[vip::KEEPALIVED])?;
-    }
-    let mut layout = Layout::dev(state_dir);
-    match (secret_file, config.and_then(Path::parent)) {
-        (Some(file), _) => layout.secret = file.to_path_buf(),
-        (None, Some(dir)) => layout.secret = dir.join(format!("{}.secret", cluster.name)),
-        (None, None) => {}
-    }
-    // Like the secret, whatever --secret-file says: the nodes of one config share a CA.
-    if let Some(dir) = config.and_then(Path::parent) {
-        layout.dev_ca = Some(dir.join(format!("{}-ca.secret", cluster.name)));
-    }
-    let layout = layout.absolute().context("resolving the state directory")?;
-    // A developer machine has no wizard: its settings are made from what it was started with
-    // (and a login kept in the state directory), stored like an image's.
-    crate::files::make_dir(&layout.state, 0o755)?;
-    let secret = secrets::load_or_create_secret(&layout.secret)?;
-    let mut store = crate::settings::Store::open(&layout.state)?;
-    let seed = crate::settings::dev_seed(&cluster, &node.name, &layout.state, &secret)?;
-    let (_, settings) = crate::settings::resolve(&mut store, &cluster, &seed)?
-        .context("a developer machine's settings are always complete")?;
-    drop(store);
-    let specs = services(&cluster, node, &layout, config, &settings, None)?;
-    crate::preflight::require_reachable_state_dir(&layout.state, &specs)?;
-    let reason = supervise(specs, &layout, Vec::new())?;
-    tracing::info!(?reason, "supervisor stopped");
-    Ok(ExitCode::SUCCESS)
-}
 
 /// Every service of the node, its directories and files made: its own stack plus the
 /// appliance's helpers (settings service, log monitor, balancer, keepalived, admin server),
