@@ -115,3 +115,42 @@ mod tests {
         );
     }
 }
+
+/// Binds a service's Unix socket at `path` (a stale one removed first), 0660, given to `group`
+/// when named (the clients' group), and calls `handle` on a thread of its own for each
+/// connection, for ever. `what` names the service in the log.
+pub fn serve_unix_socket(
+    path: &Path,
+    group: Option<&str>,
+    what: &'static str,
+    handle: impl Fn(std::os::unix::net::UnixStream) + Send + Sync + Clone + 'static,
+) -> anyhow::Result<()> {
+    let _ = fs::remove_file(path);
+    let listener = std::os::unix::net::UnixListener::bind(path)
+        .with_context(|| format!("binding {}", path.display()))?;
+    if let Some(name) = group {
+        let gid = nix::unistd::Group::from_name(name)?
+            .with_context(|| format!("no group {name}"))?
+            .gid;
+        nix::unistd::chown(path, None, Some(gid))
+            .with_context(|| format!("chown {}", path.display()))?;
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(0o660))
+        .with_context(|| format!("chmod {}", path.display()))?;
+    tracing::info!(socket = %path.display(), "{what} listening");
+    for conn in listener.incoming() {
+        let conn = match conn {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("{what}: accept: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                continue;
+            }
+        };
+        let handle = handle.clone();
+        let _ = std::thread::Builder::new()
+            .name(format!("{what} client"))
+            .spawn(move || handle(conn));
+    }
+    Ok(())
+}

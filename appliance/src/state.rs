@@ -72,22 +72,7 @@ impl StateDb {
             path: path.clone(),
             source,
         };
-        let conn = Connection::open(&path).map_err(err)?;
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(err)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(err)?;
-        // A torn or bit-flipped file often opens fine and fails later; look once, up front.
-        let check: String = conn
-            .pragma_query_value(None, "quick_check", |r| r.get(0))
-            .map_err(err)?;
-        if check != "ok" {
-            return Err(err(rusqlite::Error::SqliteFailure(
-                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
-                Some(format!("quick_check: {check}")),
-            )));
-        }
+        let conn = api::sqlite::open_checked(&path, "NORMAL", BUSY_TIMEOUT).map_err(err)?;
         Self::migrate(conn, path)
     }
 

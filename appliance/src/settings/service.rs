@@ -7,13 +7,12 @@
 //! connection dropped), a new webhook by a restart of the log monitor.
 
 use std::io::{BufRead as _, Read as _, Write as _};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context as _;
 use api::settings::{Field, FieldError, Request, Response, Secret, Status};
 use cluster_config::settings::{SeedSettings, Settings};
 use cluster_config::Cluster;
@@ -74,39 +73,19 @@ pub fn main(args: SettingsArgs) -> anyhow::Result<ExitCode> {
         control_socket: args.control_socket.clone(),
         root: nix::unistd::geteuid().is_root(),
     };
-    let path = args.run_dir.join(api::settings::SOCKET_FILE);
-    let _ = std::fs::remove_file(&path);
-    let listener =
-        UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
-    if let Some(name) = &args.socket_group {
-        let gid = nix::unistd::Group::from_name(name)?
-            .with_context(|| format!("no group {name}"))?
-            .gid;
-        nix::unistd::chown(&path, None, Some(gid))
-            .with_context(|| format!("chown {}", path.display()))?;
-    }
-    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o660))?;
     let configured = service.store.current()?.is_some();
-    tracing::info!(socket = %path.display(), configured, "settings service listening");
+    tracing::info!(configured, "settings service starting");
     let service = Arc::new(Mutex::new(service));
-    for conn in listener.incoming() {
-        let conn = match conn {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!("accept: {e}");
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
+    crate::files::serve_unix_socket(
+        &args.run_dir.join(api::settings::SOCKET_FILE),
+        args.socket_group.as_deref(),
+        "settings service",
+        move |conn| {
+            if let Err(e) = serve(&service, conn) {
+                tracing::warn!("settings client: {e:#}");
             }
-        };
-        let service = service.clone();
-        let _ = std::thread::Builder::new()
-            .name("settings-client".into())
-            .spawn(move || {
-                if let Err(e) = serve(&service, conn) {
-                    tracing::warn!("settings client: {e:#}");
-                }
-            });
-    }
+        },
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 

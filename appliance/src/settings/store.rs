@@ -90,23 +90,9 @@ impl Store {
             path: path.clone(),
             source,
         };
-        let mut conn = Connection::open(&path).map_err(err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))
+        // FULL: a committed setup survives a power cut that follows at once.
+        let mut conn = api::sqlite::open_checked(&path, "FULL", std::time::Duration::from_secs(5))
             .map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(err)?;
-        // A committed setup survives a power cut that follows at once.
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(err)?;
-        let check: String = conn
-            .pragma_query_value(None, "quick_check", |r| r.get(0))
-            .map_err(err)?;
-        if check != "ok" {
-            return Err(err(rusqlite::Error::SqliteFailure(
-                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
-                Some(format!("quick_check: {check}")),
-            )));
-        }
         api::sqlite::migrate(&mut conn, MIGRATIONS).map_err(|source| StoreError::Migrate {
             path: path.clone(),
             source,

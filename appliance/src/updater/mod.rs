@@ -15,7 +15,7 @@
 pub mod assess;
 
 use std::io::{BufRead as _, BufReader, Read, Write as _};
-use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -164,39 +164,17 @@ fn serve(
     run_dir: &Path,
     group: Option<&str>,
 ) -> anyhow::Result<std::process::ExitCode> {
-    let path = run_dir.join(api::update::SOCKET_FILE);
-    let _ = std::fs::remove_file(&path);
-    let listener =
-        UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
-    let gid = match group {
-        Some(name) => Some(
-            nix::unistd::Group::from_name(name)?
-                .with_context(|| format!("no group {name}"))?
-                .gid,
-        ),
-        None => None,
-    };
-    nix::unistd::chown(&path, None, gid).with_context(|| format!("chown {}", path.display()))?;
-    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o660))?;
-    tracing::info!(socket = %path.display(), "update service listening");
-    for conn in listener.incoming() {
-        let conn = match conn {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!("accept: {e}");
-                std::thread::sleep(Duration::from_millis(100));
-                continue;
+    let updater = updater.clone();
+    crate::files::serve_unix_socket(
+        &run_dir.join(api::update::SOCKET_FILE),
+        group,
+        "update service",
+        move |conn| {
+            if let Err(e) = updater.handle(conn) {
+                tracing::warn!("update client: {e:#}");
             }
-        };
-        let u = updater.clone();
-        let _ = std::thread::Builder::new()
-            .name("update-client".into())
-            .spawn(move || {
-                if let Err(e) = u.handle(conn) {
-                    tracing::warn!("update client: {e:#}");
-                }
-            });
-    }
+        },
+    )?;
     Ok(std::process::ExitCode::SUCCESS)
 }
 

@@ -272,6 +272,23 @@ fn form_csrf_ok(form: &Form, session: &SessionRef) -> bool {
     )
 }
 
+/// A form posted within a session: the session, then the form, then (when the CSRF token
+/// travels in the form rather than a header) the form's token; 403 without either.
+async fn session_form(
+    session: Option<SessionRef>,
+    req: Request<Incoming>,
+    form_csrf: bool,
+) -> Result<(SessionRef, Form), Resp> {
+    let Some(session) = session else {
+        return Err(forbidden());
+    };
+    let form = read_form(req.into_body()).await?;
+    if form_csrf && !form_csrf_ok(&form, &session) {
+        return Err(forbidden());
+    }
+    Ok((session, form))
+}
+
 fn forbidden() -> Resp {
     reply(
         StatusCode::FORBIDDEN,
@@ -287,16 +304,10 @@ pub(crate) async fn logout(
     session: Option<SessionRef>,
     form_csrf: bool,
 ) -> Resp {
-    let Some(session) = session else {
-        return forbidden();
-    };
-    let form = match read_form(req.into_body()).await {
-        Ok(form) => form,
+    let (session, _) = match session_form(session, req, form_csrf).await {
+        Ok(both) => both,
         Err(resp) => return resp,
     };
-    if form_csrf && !form_csrf_ok(&form, &session) {
-        return forbidden();
-    }
     lock(&ctx.auth).sessions.close(&session.id);
     with_header(
         see_other("/login"),
@@ -352,16 +363,10 @@ pub(crate) async fn settings_post(
     session: Option<SessionRef>,
     form_csrf: bool,
 ) -> Resp {
-    let Some(session) = session else {
-        return forbidden();
-    };
-    let form = match read_form(req.into_body()).await {
-        Ok(form) => form,
+    let (session, form) = match session_form(session, req, form_csrf).await {
+        Ok(both) => both,
         Err(resp) => return resp,
     };
-    if form_csrf && !form_csrf_ok(&form, &session) {
-        return forbidden();
-    }
     let before = match status(&ctx.settings_socket).await {
         Ok(status) => status,
         Err(e) => return settings_answer(ctx, &session, None, Some(&form), &[], None, Some(&e)),

@@ -302,11 +302,29 @@ pub fn run(config: Config) -> Result<(), Error> {
     };
     let listen = config.listen;
     let ctx = context(config, peers);
+    listen_and(listen, "admin server", move |listener| async move {
+        // Known before the first scrape when the settings service is up already.
+        tokio::spawn(account::refresh_metrics_token(ctx.clone()));
+        serve_full(listener, tls, ctx).await
+    })
+}
+
+/// Runs `serve` on a single-thread runtime with a listener bound to `listen`, until it
+/// returns. `what` names the server in errors and the log.
+pub(crate) fn listen_and<F, Fut>(
+    listen: std::net::SocketAddr,
+    what: &str,
+    serve: F,
+) -> Result<(), Error>
+where
+    F: FnOnce(tokio::net::TcpListener) -> Fut,
+    Fut: std::future::Future<Output = Result<(), Error>>,
+{
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|source| Error::Server {
-            what: "starting the admin server's runtime".into(),
+            what: format!("starting the {what}'s runtime"),
             source,
         })?;
     runtime.block_on(async move {
@@ -316,10 +334,8 @@ pub fn run(config: Config) -> Result<(), Error> {
                 what: format!("binding {listen}"),
                 source,
             })?;
-        tracing::info!(%listen, "admin server listening");
-        // Known before the first scrape when the settings service is up already.
-        tokio::spawn(account::refresh_metrics_token(ctx.clone()));
-        serve_full(listener, tls, ctx).await
+        tracing::info!(%listen, "{what} listening");
+        serve(listener).await
     })
 }
 

@@ -58,22 +58,8 @@ pub fn run_setup(config: SetupConfig) -> Result<(), Error> {
     )?;
     let listen = config.listen;
     let wizard = Wizard::new(config.cluster, config.settings_socket);
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|source| Error::Server {
-            what: "starting the wizard's runtime".into(),
-            source,
-        })?;
-    runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .map_err(|source| Error::Server {
-                what: format!("binding {listen}"),
-                source,
-            })?;
-        tracing::info!(%listen, "first-boot wizard listening");
-        serve_setup(listener, tls, wizard).await
+    crate::listen_and(listen, "first-boot wizard", move |listener| {
+        serve_setup(listener, tls, wizard)
     })
 }
 

@@ -50,6 +50,29 @@ impl From<rusqlite::Error> for MigrateError {
     }
 }
 
+/// Opens (creating when absent) a database file in WAL mode with `synchronous` (`NORMAL` or
+/// `FULL`) and a busy timeout of `busy`, and looks at it once with `quick_check`: a torn or
+/// bit-flipped file often opens fine and fails later, so a damaged one is an
+/// `SQLITE_CORRUPT` error here, up front.
+pub fn open_checked(
+    path: &Path,
+    synchronous: &str,
+    busy: std::time::Duration,
+) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(busy)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", synchronous)?;
+    let check: String = conn.pragma_query_value(None, "quick_check", |r| r.get(0))?;
+    if check != "ok" {
+        return Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CORRUPT),
+            Some(format!("quick_check: {check}")),
+        ));
+    }
+    Ok(conn)
+}
+
 /// The version a database is at after `migrations`.
 pub fn version_of(migrations: &[&str]) -> i64 {
     i64::try_from(migrations.len()).unwrap_or(i64::MAX)
