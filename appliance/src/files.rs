@@ -80,42 +80,6 @@ pub fn count_boot(state: &Path) -> anyhow::Result<u64> {
     Ok(boot)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::unix::fs::MetadataExt as _;
-
-    #[test]
-    fn boot_counter_counts_and_survives_restarts() {
-        let dir = tempfile::tempdir().unwrap();
-        assert_eq!(count_boot(dir.path()).unwrap(), 1);
-        assert_eq!(count_boot(dir.path()).unwrap(), 2);
-        fs::write(dir.path().join(api::files::BOOT_COUNT), "garbage").unwrap();
-        let err = count_boot(dir.path()).unwrap_err();
-        assert!(format!("{err:#}").contains("not a number"));
-    }
-
-    #[test]
-    fn files_get_their_owner_and_errors_name_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let me = (nix::unistd::getuid(), nix::unistd::getgid());
-        let path = dir.path().join("key");
-        write_file_owned(&path, b"k", 0o600, Some(me)).unwrap();
-        let meta = fs::metadata(&path).unwrap();
-        assert_eq!((meta.uid(), meta.gid()), (me.0.as_raw(), me.1.as_raw()));
-        assert_eq!(meta.mode() & 0o7777, 0o600);
-        let missing = dir.path().join("no-such-dir").join("f");
-        let e = format!("{:#}", write_file(&missing, "x", 0o644).unwrap_err());
-        assert!(
-            e.starts_with(&format!("writing {}", missing.display())),
-            "{e}"
-        );
-        assert!(
-            format!("{:#}", user_ids("no-such-user-here").unwrap_err()).contains("does not exist")
-        );
-    }
-}
-
 /// Binds a service's Unix socket at `path` (a stale one removed first), 0660, given to `group`
 /// when named (the clients' group), and calls `handle` on a thread of its own for each
 /// connection, for ever. `what` names the service in the log.
@@ -153,4 +117,40 @@ pub fn serve_unix_socket(
             .spawn(move || handle(conn));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt as _;
+
+    #[test]
+    fn boot_counter_counts_and_survives_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(count_boot(dir.path()).unwrap(), 1);
+        assert_eq!(count_boot(dir.path()).unwrap(), 2);
+        fs::write(dir.path().join(api::files::BOOT_COUNT), "garbage").unwrap();
+        let err = count_boot(dir.path()).unwrap_err();
+        assert!(format!("{err:#}").contains("not a number"));
+    }
+
+    #[test]
+    fn files_get_their_owner_and_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = (nix::unistd::getuid(), nix::unistd::getgid());
+        let path = dir.path().join("key");
+        write_file_owned(&path, b"k", 0o600, Some(me)).unwrap();
+        let meta = fs::metadata(&path).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), (me.0.as_raw(), me.1.as_raw()));
+        assert_eq!(meta.mode() & 0o7777, 0o600);
+        let missing = dir.path().join("no-such-dir").join("f");
+        let e = format!("{:#}", write_file(&missing, "x", 0o644).unwrap_err());
+        assert!(
+            e.starts_with(&format!("writing {}", missing.display())),
+            "{e}"
+        );
+        assert!(
+            format!("{:#}", user_ids("no-such-user-here").unwrap_err()).contains("does not exist")
+        );
+    }
 }
