@@ -383,3 +383,58 @@ fn a_kill_during_a_setup_leaves_nothing_or_everything() {
         "{outcomes:?}"
     );
 }
+
+/// A full disk during a setup: the service answers with the error, and once space is back the
+/// store still holds nothing (the wizard asks again); the next setup succeeds.
+#[test]
+fn a_full_disk_during_a_setup_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let supervisor = FakeSupervisor::start(dir.path());
+    let disk = dir.path().join("disk");
+    std::fs::create_dir_all(&disk).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tandem-test"])
+        .arg(&disk)
+        .status()
+        .unwrap();
+    assert!(
+        mounted.success(),
+        "mounting a small tmpfs (the test needs root)"
+    );
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(disk.clone());
+    let service = Service::start(&disk, &supervisor.socket);
+    // Fill what is left.
+    let filler = disk.join("filler");
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=4k"])
+        .arg(format!("of={}", filler.display()))
+        .stderr(std::process::Stdio::null())
+        .status();
+    match service.ask(&setup(CODE, good_answers())) {
+        Response::Error { message } => {
+            assert!(message.contains("full"), "{message}")
+        }
+        other => panic!("a setup on a full disk: {other:?}"),
+    }
+    std::fs::remove_file(&filler).unwrap();
+    assert_eq!(
+        service.revision(),
+        0,
+        "a failed setup left something stored"
+    );
+    assert!(
+        supervisor.seen.lock().unwrap().is_empty(),
+        "re-planned after a failed setup"
+    );
+    assert!(matches!(
+        service.ask(&setup(CODE, good_answers())),
+        Response::Applied { .. }
+    ));
+    assert_eq!(service.revision(), 1);
+}
