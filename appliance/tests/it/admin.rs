@@ -436,3 +436,161 @@ admin = {ADMIN_PORT}
         "a certificate of another CA was accepted"
     );
 }
+
+const CERT_ADDR: &str = "127.0.0.66";
+
+const CERT_CONFIG: &str = r#"
+[cluster]
+name = "certtest"
+domain = "cert.test"
+subnet = "127.0.0.0/8"
+floating_ip = "127.0.0.65"
+
+[[node]]
+name = "solo"
+address = "127.0.0.66"
+db_role = "primary"
+
+[ports]
+http = 18080
+https = 18443
+web = 18081
+app = 18000
+db = 13306
+admin = 19443
+
+[firewall]
+admin_cidrs = ["127.0.0.0/8"]
+"#;
+
+/// The SHA-256 fingerprint of the certificate a new TLS connection to `addr` is given.
+fn served_fingerprint(addr: &str) -> String {
+    let out = Command::new("sh")
+        .args([
+            "-c",
+            &format!(
+                "openssl s_client -connect {addr} -servername www.cert.test </dev/null 2>/dev/null \
+                 | openssl x509 -noout -fingerprint -sha256"
+            ),
+        ])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// A certificate uploaded on the settings page (logged in, with the form's CSRF token) goes
+/// through the settings service to the balancer, which serves it to new connections at once,
+/// while a keep-alive connection opened before goes on answering.
+#[test]
+fn a_certificate_uploaded_on_the_settings_page_is_served_without_dropping_a_connection() {
+    use std::io::{BufRead as _, BufReader, Write as _};
+    let tmp = crate::support::tmp_root();
+    let config = tmp.path().join("cluster.toml");
+    std::fs::write(&config, CERT_CONFIG).unwrap();
+    let state = tmp.path().join("solo");
+    let log = tmp.path().join("run.log");
+    let child = Command::new(APPLIANCE)
+        .args(["run", "--config"])
+        .arg(&config)
+        .args(["--node", "solo", "--state-dir"])
+        .arg(&state)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let run = Run(child, log);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !["balancer", "admin", "nginx"]
+        .iter()
+        .all(|s| service(&state, s).is_some_and(|v| v["ready"] == true))
+    {
+        assert!(Instant::now() < deadline, "not ready\n{}", run.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let https = format!("{CERT_ADDR}:18443");
+    let before = served_fingerprint(&https);
+    assert!(before.contains("Fingerprint"), "{before}\n{}", run.log());
+
+    // A keep-alive connection, opened (and used) before the change.
+    let mut conn = Command::new("openssl")
+        .args(["s_client", "-quiet", "-ign_eof", "-connect", &https])
+        .args(["-servername", "www.cert.test"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut to = conn.stdin.take().unwrap();
+    let mut from = BufReader::new(conn.stdout.take().unwrap());
+    let mut ask = |what: &str| {
+        to.write_all(b"GET /node.html HTTP/1.1\r\nHost: www.cert.test\r\n\r\n")
+            .unwrap();
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = from.read_line(&mut line).unwrap();
+            assert!(n > 0, "{what}: the connection closed\n{}", run.log());
+            if line.contains("node: solo") {
+                break;
+            }
+        }
+    };
+    ask("before the change");
+
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["www.cert.test".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let base = format!("https://{CERT_ADDR}:19443");
+    let (cookie, csrf) = crate::support::admin_login(&base, &state);
+    let posted = Command::new("curl")
+        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"])
+        .args(["-H", &format!("Cookie: {cookie}")])
+        .args(["--data-urlencode", &format!("csrf={csrf}")])
+        .args(["--data-urlencode", "tls=upload"])
+        .args([
+            "--data-urlencode",
+            &format!("tls_certificate={}", cert.pem()),
+        ])
+        .args([
+            "--data-urlencode",
+            &format!("tls_key={}", key.serialize_pem()),
+        ])
+        .arg(format!("{base}/settings"))
+        .output()
+        .unwrap();
+    let code = String::from_utf8_lossy(&posted.stdout).to_string();
+    assert!(
+        code == "200" || code == "303",
+        "POST /settings: {code}\n{}",
+        run.log()
+    );
+
+    let expected = cluster_config::settings::certificate_info(&cert.pem())
+        .unwrap()
+        .sha256;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = served_fingerprint(&https);
+        if now.ends_with(&expected) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the balancer still serves {now}, not {expected}\n{}",
+            run.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The connection from before the change still answers.
+    ask("after the change");
+    let _ = conn.kill();
+    let restarts = service(&state, "balancer").unwrap()["restarts"].as_u64();
+    assert_eq!(
+        restarts,
+        Some(0),
+        "the balancer was restarted, not reloaded"
+    );
+}
