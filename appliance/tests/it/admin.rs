@@ -587,6 +587,7 @@ fn a_certificate_uploaded_on_the_settings_page_is_served_without_dropping_a_conn
     // The connection from before the change still answers.
     ask("after the change");
     let _ = conn.kill();
+    let _ = conn.wait();
     let restarts = service(&state, "balancer").unwrap()["restarts"].as_u64();
     assert_eq!(
         restarts,
