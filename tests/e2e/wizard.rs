@@ -967,6 +967,34 @@ fn a_generic_image_is_set_up_over_serial_and_in_a_browser_then_wants_a_login() {
         }
         shot(&browser, "status page after login")
     });
+    step(
+        &cluster,
+        "server1 reboots (Ctrl-Alt-Del) and comes back configured: no wizard, the uploaded certificate, the same password",
+        || {
+            let before = wait_page(&cluster, &config, "server1", None, APPLY_TIMEOUT)?;
+            cluster.vm("server1")?.reboot_ctrl_alt_del()?;
+            wait_page(&cluster, &config, "server1", Some(before + 1), APPLY_TIMEOUT)?;
+            let uploaded = qemu::tls::fingerprint(&upload.der);
+            qemu::wait_for(APPLY_TIMEOUT, "the uploaded certificate after the reboot", || {
+                let chain = qemu::tls::served_chain(
+                    &netns,
+                    balancer,
+                    Some(&config.domain),
+                    Duration::from_secs(5),
+                )?;
+                match qemu::tls::fingerprint(&chain[0]) == uploaded {
+                    true => Ok(()),
+                    false => Err(err("another certificate is served")),
+                }
+            })?;
+            let setup = curl(&cluster, &[], &format!("{base1}/setup"), None)?;
+            if setup.status != 303 || !setup.redirects_to("/login") {
+                return Err(err(format!("/setup after the reboot: {}", setup.status)));
+            }
+            admin1.login()?;
+            Ok(())
+        },
+    );
 }
 
 #[test]
