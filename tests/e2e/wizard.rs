@@ -678,10 +678,33 @@ fn a_generic_image_is_set_up_over_serial_and_in_a_browser_then_wants_a_login() {
         let mut opts = BrowserOptions::new(cluster.work_dir());
         opts.trusted_spki = vec![spki.clone()];
         let b = Browser::start(&netns, opts)?;
-        b.goto(&wizard1.url)?;
-        b.wait_for("#setup-form", Duration::from_secs(60))?;
-        shot(&b, "wizard form")?;
-        Ok(b)
+        // Like a user, reload when the first try shows an error page (on a loaded host a
+        // navigation started while the bridge settles can fail); what it showed is kept.
+        let mut shown = Vec::new();
+        for attempt in 1..=4 {
+            b.goto(&wizard1.url)?;
+            match b.wait_for("#setup-form", Duration::from_secs(20)) {
+                Ok(_) => {
+                    if !shown.is_empty() {
+                        eprintln!("    loaded on attempt {attempt}; before: {shown:?}");
+                    }
+                    shot(&b, "wizard form")?;
+                    return Ok(b);
+                }
+                Err(_) => {
+                    let text = b
+                        .text_of("body")
+                        .ok()
+                        .flatten()
+                        .unwrap_or_default()
+                        .chars()
+                        .take(200)
+                        .collect::<String>();
+                    shown.push(format!("{:?}: {text:?}", b.title().unwrap_or_default()));
+                }
+            }
+        }
+        Err(err(format!("the wizard form never showed: {shown:?}")))
     });
     let asked1 = step(
         &cluster,
