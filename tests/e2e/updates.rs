@@ -153,12 +153,13 @@ fn upload_argv(
         "Expect:",
         "-H",
         "Content-Type: application/octet-stream",
-        "-T",
     ]
     .iter()
     .map(|s| s.to_string())
+    // The session and CSRF options go before `-T`, whose argument is the file.
     .chain(auth.iter().cloned())
     .chain([
+        "-T".into(),
         file.display().to_string(),
         "-w".into(),
         "\n%{http_code}".into(),
