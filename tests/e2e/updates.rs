@@ -267,6 +267,7 @@ fn trusted_key() -> ed25519_dalek::SigningKey {
 
 #[test]
 fn signed_updates_refuse_survive_power_cuts_roll_out_and_roll_back() {
+    let _heavy = crate::support::heavy_scenario();
     let config = cluster_config();
     let bundles = bundles();
     let v2 = bundles.join("v2.bundle");

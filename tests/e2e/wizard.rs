@@ -477,6 +477,7 @@ fn rate_limited(codes: &[u16], by: usize) -> Result<usize, String> {
 
 #[test]
 fn a_generic_image_is_set_up_over_serial_and_in_a_browser_then_wants_a_login() {
+    let _heavy = crate::support::heavy_scenario();
     let config = cluster_config();
     let cluster = boot_generic_cluster();
     let admin_port = config.ports.admin;
