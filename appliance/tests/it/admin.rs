@@ -48,6 +48,27 @@ fn require(tool: &str, package: &str) {
 
 struct Run(std::process::Child, std::path::PathBuf);
 
+/// `appliance run` of node `solo` of `config` in a fresh directory: the directory, the node's
+/// state directory and the running supervisor (stopped on drop).
+fn start_solo(config: &str) -> (tempfile::TempDir, std::path::PathBuf, Run) {
+    let tmp = crate::support::tmp_root();
+    let file = tmp.path().join("cluster.toml");
+    std::fs::write(&file, config).unwrap();
+    let state = tmp.path().join("solo");
+    let log = tmp.path().join("run.log");
+    let child = Command::new(APPLIANCE)
+        .args(["run", "--config"])
+        .arg(&file)
+        .args(["--node", "solo", "--state-dir"])
+        .arg(&state)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    (tmp, state, Run(child, log))
+}
+
 impl Drop for Run {
     fn drop(&mut self) {
         crate::support::stop(&mut self.0);
@@ -107,22 +128,7 @@ fn chromium(args: &[&str], url: &str, profile: &Path) -> std::process::Output {
 fn status_page_shows_a_killed_service_and_metrics_parse() {
     require("chromium", "chromium");
     require("promtool", "prometheus");
-    let tmp = crate::support::tmp_root();
-    let config = tmp.path().join("cluster.toml");
-    std::fs::write(&config, CONFIG).unwrap();
-    let state = tmp.path().join("solo");
-    let log = tmp.path().join("run.log");
-    let child = Command::new(APPLIANCE)
-        .args(["run", "--config"])
-        .arg(&config)
-        .args(["--node", "solo", "--state-dir"])
-        .arg(&state)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let run = Run(child, log);
+    let (tmp, state, run) = start_solo(CONFIG);
 
     let deadline = Instant::now() + Duration::from_secs(120);
     while !["nginx", "admin"]
@@ -484,22 +490,7 @@ fn served_fingerprint(addr: &str) -> String {
 #[test]
 fn a_certificate_uploaded_on_the_settings_page_is_served_without_dropping_a_connection() {
     use std::io::{BufRead as _, BufReader, Write as _};
-    let tmp = crate::support::tmp_root();
-    let config = tmp.path().join("cluster.toml");
-    std::fs::write(&config, CERT_CONFIG).unwrap();
-    let state = tmp.path().join("solo");
-    let log = tmp.path().join("run.log");
-    let child = Command::new(APPLIANCE)
-        .args(["run", "--config"])
-        .arg(&config)
-        .args(["--node", "solo", "--state-dir"])
-        .arg(&state)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let run = Run(child, log);
+    let (_tmp, state, run) = start_solo(CERT_CONFIG);
     let deadline = Instant::now() + Duration::from_secs(120);
     while !["balancer", "admin", "nginx"]
         .iter()
