@@ -130,11 +130,6 @@ pub fn load_or_create_secret(dir: &Path) -> Result<String, Error> {
 pub const ADMIN_PASSWORD_FILE: &str = "admin-password";
 /// The metrics bearer token's file in the CA directory: 64 hex digits, 0600.
 pub const METRICS_TOKEN_FILE: &str = "metrics-token";
-/// Length of a generated admin password: a passphrase by `check_password_strength`'s rules.
-const PASSWORD_LEN: usize = cluster_config::settings::PASSPHRASE_LEN;
-/// What a generated admin password is made of: no 0/O/o, 1/l/I, so it can be read aloud and
-/// typed from a printout.
-const PASSWORD_ALPHABET: &[u8] = b"23456789abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ";
 /// Bytes of a metrics token.
 const TOKEN_LEN: usize = 32;
 
@@ -178,7 +173,12 @@ impl Credentials {
         private_dir(ca_dir)?;
         let password_path = ca_dir.join(ADMIN_PASSWORD_FILE);
         let (text, created) = read_or_create_private(&password_path, || {
-            Ok(format!("{}\n", generate_password(cluster)?))
+            Ok(format!(
+                "{}\n",
+                cluster_config::settings::generate_password(cluster, |buf| {
+                    std::io::Read::read_exact(&mut std::fs::File::open(RANDOM)?, buf)
+                })?
+            ))
         })?;
         let admin_password = parse_password(&password_path, &text)?;
         cluster_config::settings::check_password_strength(cluster, admin_password.expose())
@@ -253,29 +253,6 @@ fn parse_token(path: &Path, text: &str) -> Result<Secret, Error> {
     Ok(Secret::new(token.to_ascii_lowercase()))
 }
 
-/// A new password of [`PASSWORD_LEN`] characters of [`PASSWORD_ALPHABET`], one that
-/// `check_password_strength` takes (a random one fails only by a freak of repeats).
-fn generate_password(cluster: &cluster_config::Cluster) -> std::io::Result<String> {
-    // Bytes at or above the largest multiple of the alphabet's size are dropped, so every
-    // character is equally likely.
-    let limit = 256 - 256 % PASSWORD_ALPHABET.len();
-    loop {
-        let mut password = String::with_capacity(PASSWORD_LEN);
-        while password.len() < PASSWORD_LEN {
-            for b in random_bytes::<64>()? {
-                if usize::from(b) < limit && password.len() < PASSWORD_LEN {
-                    password.push(char::from(
-                        PASSWORD_ALPHABET[usize::from(b) % PASSWORD_ALPHABET.len()],
-                    ));
-                }
-            }
-        }
-        if cluster_config::settings::check_password_strength(cluster, &password).is_ok() {
-            return Ok(password);
-        }
-    }
-}
-
 /// The kernel's random source (as `api::secret::generate` reads it).
 const RANDOM: &str = "/dev/urandom";
 
@@ -334,9 +311,14 @@ mod tests {
         let (made, created) = Credentials::load_or_create(&ca_dir, &cluster).unwrap();
         assert!(created);
         let password = made.admin_password.expose();
-        assert_eq!(password.len(), PASSWORD_LEN);
+        assert_eq!(
+            password.len(),
+            cluster_config::settings::GENERATED_PASSWORD_LEN
+        );
         assert!(
-            password.bytes().all(|b| PASSWORD_ALPHABET.contains(&b)),
+            password
+                .bytes()
+                .all(|b| cluster_config::settings::GENERATED_PASSWORD_ALPHABET.contains(&b)),
             "{password}"
         );
         cluster_config::settings::check_password_strength(&cluster, password).unwrap();

@@ -86,16 +86,9 @@ pub fn dev_seed(
     secret: &[u8; api::secret::SECRET_LEN],
 ) -> anyhow::Result<SeedSettings> {
     let password = read_or_make(&state_dir.join(DEV_ADMIN_PASSWORD), || {
-        let mut bytes = [0u8; 15];
-        getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("random: {e}"))?;
-        // 20 characters of base32-like text: letters and digits, never ambiguous.
-        const ALPHABET: &[u8] = b"abcdefghjkmnpqrstuvwxyzABCDEFGHJKMNPQRSTUVWXYZ23456789";
-        Ok(bytes
-            .iter()
-            .chain(bytes.iter().take(5))
-            .map(|b| ALPHABET[usize::from(*b) % ALPHABET.len()] as char)
-            .collect::<String>()
-            + "-7")
+        cluster_config::settings::generate_password(cluster, |buf| {
+            getrandom::fill(buf).map_err(|e| anyhow::anyhow!("random: {e}"))
+        })
     })?;
     let token = read_or_make(&state_dir.join(DEV_METRICS_TOKEN), || {
         let mut bytes = [0u8; 32];

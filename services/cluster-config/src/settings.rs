@@ -597,6 +597,41 @@ pub fn check_password_strength(cluster: &Cluster, password: &str) -> Result<(), 
     Ok(())
 }
 
+/// How long a generated admin password is (a passphrase length: any characters pass).
+pub const GENERATED_PASSWORD_LEN: usize = PASSPHRASE_LEN;
+/// What a generated admin password is made of: letters and digits without the ones easily
+/// misread (0/O/o, 1/l/I).
+pub const GENERATED_PASSWORD_ALPHABET: &[u8] =
+    b"23456789abcdefghijkmnpqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ";
+
+/// A new admin password of [`GENERATED_PASSWORD_LEN`] characters of
+/// [`GENERATED_PASSWORD_ALPHABET`], every character equally likely, one that
+/// [`check_password_strength`] takes (a random one fails only by a freak of repeats).
+/// `random` fills a buffer with random bytes (the caller's source).
+pub fn generate_password<E>(
+    cluster: &Cluster,
+    mut random: impl FnMut(&mut [u8]) -> Result<(), E>,
+) -> Result<String, E> {
+    let alphabet = GENERATED_PASSWORD_ALPHABET;
+    // Bytes at or above the largest multiple of the alphabet's size are dropped.
+    let limit = 256 - 256 % alphabet.len();
+    loop {
+        let mut password = String::with_capacity(GENERATED_PASSWORD_LEN);
+        while password.len() < GENERATED_PASSWORD_LEN {
+            let mut bytes = [0u8; 64];
+            random(&mut bytes)?;
+            for b in bytes.map(usize::from) {
+                if b < limit && password.len() < GENERATED_PASSWORD_LEN {
+                    password.push(char::from(alphabet[b % alphabet.len()]));
+                }
+            }
+        }
+        if check_password_strength(cluster, &password).is_ok() {
+            return Ok(password);
+        }
+    }
+}
+
 /// The argon2id hash (PHC string, the crate's default parameters: 19 MiB, 2 passes) of
 /// `password` with `salt`.
 pub fn hash_password(password: &str, salt: &[u8; 16]) -> Result<String, String> {
