@@ -370,6 +370,41 @@ impl Browser {
         self.click(&e)
     }
 
+    /// Click the element matching `css` and wait until the page it leads to has loaded: a new
+    /// document, not the one clicked on. Without this, waiting for an element right after a
+    /// form's submit can find it on the old page (the previous answer's errors), which then
+    /// goes stale under the reader.
+    pub fn click_and_load(&self, css: &str, timeout: Duration) -> Result<()> {
+        let e = self.find(css)?;
+        self.execute("window.__tandemLeft = true; return null;", vec![])?;
+        self.click(&e)?;
+        let t0 = Instant::now();
+        loop {
+            // While the next page loads a script may fail; that is "not yet".
+            let loaded = self
+                .execute(
+                    "return window.__tandemLeft !== true && document.readyState === 'complete';",
+                    vec![],
+                )
+                .map(|v| v.as_bool() == Some(true))
+                .unwrap_or(false);
+            if loaded {
+                return Ok(());
+            }
+            if t0.elapsed() >= timeout {
+                return Err(Error::Timeout {
+                    what: format!(
+                        "the page after clicking {css} (still {})",
+                        self.url().unwrap_or_default()
+                    ),
+                    after: timeout,
+                    last: None,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Run JavaScript in the page (`arguments[i]` are `args`); its return value.
     pub fn execute(&self, script: &str, args: Vec<Value>) -> Result<Value> {
         self.session_call(

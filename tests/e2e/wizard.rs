@@ -333,7 +333,7 @@ fn submit_form(b: &Browser, asked: &[Field], form: &Form<'_>) -> qemu::Result<()
             Field::Webhook => b.fill(&by_name(field), form.webhook)?,
         }
     }
-    b.click_on("#submit")
+    b.click_and_load("#submit", SUBMIT_TIMEOUT)
 }
 
 /// The errors the page shows, by field key (`<p class="error" id="error-KEY">`).
