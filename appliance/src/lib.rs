@@ -5,6 +5,7 @@ pub mod admin_cmd;
 pub mod args;
 pub mod balancer_cmd;
 pub mod control;
+pub mod db_init_cmd;
 pub mod disk;
 pub mod files;
 pub mod firewall_cmd;

@@ -52,6 +52,20 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// A fresh MariaDB datadir, whole or not at all (a supervised one-shot): from the image's
+    /// template, else `mariadb-install-db` (its command line after `--`).
+    #[command(hide = true)]
+    DbInit {
+        #[arg(long)]
+        datadir: PathBuf,
+        /// The files become this user's (and its group's).
+        #[arg(long)]
+        owner: Option<String>,
+        #[arg(long, conflicts_with = "install")]
+        template: Option<PathBuf>,
+        #[arg(last = true)]
+        install: Vec<String>,
+    },
     /// The built-in demo application (a supervised service; configured by TANDEM_* variables).
     #[command(hide = true)]
     App,
@@ -192,6 +206,15 @@ fn run_command(command: Command) -> anyhow::Result<ExitCode> {
         } => Ok(db::cli::switchover(&db_run_dir(state_dir.as_deref()), &to)?),
         Command::DbAgent { config } => {
             db::agent_run::run(&config)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::DbInit {
+            datadir,
+            owner,
+            template,
+            install,
+        } => {
+            appliance::db_init_cmd::main(&datadir, owner.as_deref(), template, install)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::App => {

@@ -16,6 +16,7 @@ pub const REQUIREMENTS: &[(&str, &str)] = &[
     ("mcopy", "mtools"),
     ("mmd", "mtools"),
     ("qemu-img", "qemu-utils"),
+    ("objcopy", "binutils"),
     (crate::esp::SYSTEMD_BOOT_EFI, "systemd-boot-efi"),
 ];
 

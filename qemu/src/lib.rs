@@ -19,6 +19,7 @@
 
 mod accel;
 pub mod bench;
+pub mod boottime;
 pub mod browser;
 mod cluster;
 mod disk;

@@ -4,6 +4,7 @@
 //!   tandem-qemu down                                 power the running cluster off
 //!   tandem-qemu failover --trials N                  kill the floating IP's holder N times
 //!   tandem-qemu soak --minutes M                     probe the floating IP, count holder changes
+//!   tandem-qemu boot-time --boots N                  QEMU start to serving, first and later boots
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -19,6 +20,7 @@ const DEFAULT_IMAGES: &str = "target/images";
 const DEFAULT_RUN_DIR: &str = "target/qemu-run";
 const FAILOVER_RUN_DIR: &str = "target/qemu-failover";
 const SOAK_RUN_DIR: &str = "target/qemu-soak";
+const BOOT_TIME_RUN_DIR: &str = "target/qemu-boot-time";
 /// `up`: how long the nodes get to serve, then how long one of them gets to take the floating IP.
 const UP_BOOT_TIMEOUT_S: u64 = 900;
 const UP_HOLD_TIMEOUT_S: u64 = 60;
@@ -89,6 +91,19 @@ enum Cmd {
         minutes: u64,
         /// Serial logs, disk overlays and the pid file (`down --run-dir` stops the bench).
         #[arg(long, default_value = SOAK_RUN_DIR)]
+        run_dir: PathBuf,
+    },
+    /// Boot bench: boot each node alone (`--node`, default the first), `--boots` times (the
+    /// first boot, then after clean power-offs); print when each stage was reached.
+    BootTime {
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        /// Nodes to boot, one after the other (each alone).
+        #[arg(long = "node")]
+        nodes: Vec<String>,
+        #[arg(long, default_value_t = 3)]
+        boots: u32,
+        #[arg(long, default_value = BOOT_TIME_RUN_DIR)]
         run_dir: PathBuf,
     },
     /// Kill one node's VM as a power cut would (QEMU quits at once), e.g. to watch the
@@ -227,6 +242,44 @@ fn main() -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::SUCCESS
             })
+        }
+        Cmd::BootTime {
+            cluster,
+            nodes,
+            boots,
+            run_dir,
+        } => {
+            let target = cluster.target(&run_dir)?;
+            let mut spec = target.spec.clone();
+            let wanted = if nodes.is_empty() {
+                spec.nodes.iter().take(1).map(|n| n.name.clone()).collect()
+            } else {
+                nodes
+            };
+            for n in &wanted {
+                if !spec.nodes.iter().any(|s| &s.name == n) {
+                    bail!("no node {n} in the cluster");
+                }
+            }
+            spec.nodes.retain(|n| wanted.contains(&n.name));
+            // A fresh disk per run: the first boot must be a first boot.
+            if run_dir.exists() {
+                std::fs::remove_dir_all(&run_dir)
+                    .with_context(|| format!("removing {}", run_dir.display()))?;
+            }
+            let opts = qemu::boottime::BootTimeOptions {
+                spec,
+                https_port: target.https_port,
+                boots,
+            };
+            let cancel = signals.watch();
+            let records =
+                match qemu::boottime::boot_time(&opts, &cancel, &mut |line| eprintln!("{line}")) {
+                    Err(qemu::Error::Cancelled) => return Ok(interrupted()),
+                    other => other?,
+                };
+            print!("\n{}", qemu::boottime::table(&records));
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Kill { node, run_dir } => {
             let socket = run_dir.join(format!("{node}.qmp"));

@@ -9,7 +9,7 @@
 mod apply;
 mod plan;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use cluster_config::settings::Settings;
@@ -99,6 +99,7 @@ pub fn inputs(
         tls: NodeTls::read(&tls_dir)?,
         persisted_primary: std::fs::read_to_string(layout.state.join(api::files::DB_PRIMARY)).ok(),
         db_initialised: db::is_initialised(&layout.db_paths().datadir),
+        db_template: Some(PathBuf::from(db::datadir::TEMPLATE)).filter(|t| t.is_file()),
         interface: None,
         exe,
         config,

@@ -48,6 +48,9 @@ pub struct Inputs {
     pub persisted_primary: Option<String>,
     /// MariaDB's datadir is initialised (no `mariadb-init` needed).
     pub db_initialised: bool,
+    /// The image's datadir template ([`db::datadir::TEMPLATE`]), when there is one: a fresh
+    /// datadir is unpacked from it instead of made by `mariadb-install-db`.
+    pub db_template: Option<PathBuf>,
     /// The network interface carrying the node's address (keepalived's); `None` on loopback.
     pub interface: Option<String>,
     /// The appliance binary, absolute: the node's helpers are `appliance <sub>` children.
@@ -626,10 +629,26 @@ impl<'a> Planner<'a> {
 
         // The services.
         if !inputs.db_initialised {
-            let mut init = ServiceSpec::oneshot("mariadb-init", db::install_argv(&db_params));
-            init.user = self.user(MARIADB_USER);
-            // Killing it half-way leaves a datadir MariaDB cannot start from: it gets as long
-            // as it takes (under emulation on a loaded host, well over the default).
+            // The datadir is made beside its place and renamed into it once complete, so a
+            // kill at any moment leaves none (made again next time) or a whole one.
+            let exe = inputs.exe.display().to_string();
+            let template = inputs.db_template.as_deref();
+            let owner = self.user(MARIADB_USER);
+            let mut init = ServiceSpec::oneshot(
+                "mariadb-init",
+                db::init_argv(&exe, &db_params, template, owner.as_deref()),
+            );
+            if inputs.root {
+                // Root, to rename in the state directory, with only what it needs to give
+                // the files to MariaDB's user (and, without a template, for
+                // `mariadb-install-db --user` to switch to it).
+                init.capabilities = vec![Capability::CHOWN];
+                if template.is_none() {
+                    init.capabilities
+                        .extend([Capability::SETUID, Capability::SETGID]);
+                }
+            }
+            // `mariadb-install-db` takes 17 s under emulation, more on a loaded host.
             init.ready_timeout = DB_INIT_TIMEOUT;
             self.plan.services.push(init);
         }
@@ -715,7 +734,8 @@ impl<'a> Planner<'a> {
         nginx.readiness = Readiness::Tcp {
             addr: (node.address, cluster.ports.web).into(),
         };
-        nginx.deps = vec!["app".into()];
+        // nginx serves the static files and the node page without the application (its
+        // `@app` answers 502 until the application listens): nothing waits for the database.
         // The master stays root only to switch its workers to their user (and to bind a low
         // port).
         nginx.capabilities = vec![Capability::SETUID, Capability::SETGID];
@@ -981,6 +1001,7 @@ mod tests {
             },
             persisted_primary: None,
             db_initialised: false,
+            db_template: None,
             interface: Some("eth0".into()),
             exe: "/usr/bin/appliance".into(),
             config: None,
@@ -1067,7 +1088,9 @@ mod tests {
         use Owner::{Group, Tree, User};
         let cluster = Cluster::default_cluster();
         let server1 = cluster.node("server1").unwrap();
-        let plan = plan(&cluster, server1, &Layout::image(), &inputs(true)).unwrap();
+        let mut image_inputs = inputs(true);
+        image_inputs.db_template = Some(db::datadir::TEMPLATE.into());
+        let plan = plan(&cluster, server1, &Layout::image(), &image_inputs).unwrap();
         let mysql = Some(User("mysql"));
         let www = Some(User("www-data"));
         assert_eq!(
@@ -1159,7 +1182,8 @@ mod tests {
         assert_eq!(
             services(&plan),
             [
-                ("mariadb-init", Some("mysql"), vec![], None, vec![]),
+                // Root, to rename the finished datadir into place; CHOWN to give it away.
+                ("mariadb-init", None, vec![], None, vec![C::CHOWN]),
                 (
                     "mariadb",
                     Some("mysql"),
@@ -1175,10 +1199,11 @@ mod tests {
                     addr("127.0.0.1:8000"),
                     vec![]
                 ),
+                // Static files and the node page need neither the app nor the database.
                 (
                     "nginx",
                     None,
-                    vec!["app"],
+                    vec![],
                     addr(&format!("{node}:8080")),
                     vec![C::SETUID, C::SETGID]
                 ),
@@ -1208,6 +1233,25 @@ mod tests {
             ]
         );
         assert_eq!(service(&plan, "mariadb-init").kind, Kind::Oneshot);
+        assert_eq!(
+            service(&plan, "mariadb-init").argv[1..],
+            [
+                "db-init",
+                "--datadir",
+                "/data/tandem/mysql",
+                "--owner",
+                "mysql",
+                "--template",
+                db::datadir::TEMPLATE
+            ]
+        );
+        // Without a template (a developer machine as root) `mariadb-install-db --user`
+        // switches to MariaDB's user itself.
+        let install = super::plan(&cluster, server1, &Layout::image(), &inputs(true)).unwrap();
+        assert_eq!(
+            service(&install, "mariadb-init").capabilities,
+            [C::CHOWN, C::SETUID, C::SETGID]
+        );
         assert_eq!(
             service(&plan, "balancer").track_file.as_deref(),
             Some(Path::new("/run/tandem/vip/balancer-down"))

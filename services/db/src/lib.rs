@@ -17,6 +17,7 @@ pub mod agent;
 pub mod agent_run;
 pub mod cli;
 pub mod client;
+pub mod datadir;
 mod error;
 mod files;
 pub mod repl;
@@ -151,18 +152,50 @@ pub fn render_conf(p: &Params) -> String {
     s
 }
 
-/// The one-shot command that creates the system tables in an empty datadir.
-/// Root can log in only through the Unix socket as the OS root user; no password exists.
+/// `mariadb-install-db`'s command line for a datadir made where there is no template
+/// ([`datadir::prepare`] adds `--datadir`, its staging directory). Root can log in only
+/// through the Unix socket as the OS root user; no password exists. The image's template is
+/// made with the same options (`rootfs/hooks/customize.sh`).
 pub fn install_argv(p: &Params) -> Vec<String> {
     let mut argv = vec![
         INSTALL_DB.to_string(),
         format!("--defaults-file={}", p.paths.config_file.display()),
         "--auth-root-authentication-method=socket".to_string(),
         "--skip-test-db".to_string(),
-        format!("--datadir={}", p.paths.datadir.display()),
     ];
     if let Some(user) = &p.user {
         argv.push(format!("--user={user}"));
+    }
+    argv
+}
+
+/// The one-shot `appliance db-init` that makes a fresh datadir ([`datadir::prepare`]): from
+/// `template` when the image has one, else with `mariadb-install-db`; the files become
+/// `owner`'s (run as root: MariaDB's user).
+pub fn init_argv(
+    exe: &str,
+    p: &Params,
+    template: Option<&Path>,
+    owner: Option<&str>,
+) -> Vec<String> {
+    let mut argv = vec![
+        exe.to_string(),
+        "db-init".to_string(),
+        "--datadir".to_string(),
+        p.paths.datadir.display().to_string(),
+    ];
+    if let Some(user) = owner {
+        argv.extend(["--owner".to_string(), user.to_string()]);
+    }
+    match template {
+        Some(t) => argv.extend(["--template".to_string(), t.display().to_string()]),
+        None => {
+            argv.push("--".to_string());
+            argv.extend(install_argv(p));
+            if let (Some(user), None) = (owner, &p.user) {
+                argv.push(format!("--user={user}"));
+            }
+        }
     }
     argv
 }
@@ -239,6 +272,27 @@ mod tests {
     fn defaults_file_comes_first() {
         let p = params("server1");
         assert_eq!(install_argv(&p)[1], "--defaults-file=/run/tandem/my.cnf");
+        assert_eq!(
+            init_argv(
+                "/usr/sbin/appliance",
+                &p,
+                Some(Path::new(datadir::TEMPLATE)),
+                Some("mysql")
+            ),
+            [
+                "/usr/sbin/appliance",
+                "db-init",
+                "--datadir",
+                "/data/mysql",
+                "--owner",
+                "mysql",
+                "--template",
+                datadir::TEMPLATE
+            ]
+        );
+        let install = init_argv("/usr/sbin/appliance", &p, None, Some("mysql"));
+        assert_eq!(install[6], "--");
+        assert_eq!(install[7..], install_argv(&p));
         assert_eq!(
             server_argv(&p),
             vec![
