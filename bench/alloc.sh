@@ -26,11 +26,11 @@ need_tools valgrind:valgrind h2load:nghttp2-client nginx:nginx-light openssl:ope
 
 bench_workdir tandem-alloc
 
-echo "building bench_balancer (release, mimalloc and glibc)..." >&2
-(cd "$here" && cargo build -q --release -p balancer --example bench_balancer)
-cp "$CARGO_TARGET_DIR/release/examples/bench_balancer" "$work/mimalloc"
-(cd "$here" && cargo build -q --release -p balancer --example bench_balancer --features system-alloc)
-cp "$CARGO_TARGET_DIR/release/examples/bench_balancer" "$work/glibc"
+echo "building bench_balancer (dist profile, mimalloc and glibc)..." >&2
+(cd "$here" && cargo build -q --profile dist -p balancer --example bench_balancer)
+cp "$CARGO_TARGET_DIR/dist/examples/bench_balancer" "$work/mimalloc"
+(cd "$here" && cargo build -q --profile dist -p balancer --example bench_balancer --features system-alloc)
+cp "$CARGO_TARGET_DIR/dist/examples/bench_balancer" "$work/glibc"
 
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \
     -subj /CN=bench.test -addext subjectAltName=DNS:bench.test \

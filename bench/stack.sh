@@ -112,6 +112,9 @@ worktree() {
 # build side source-dir target-dir: builds and copies the binary to $WORK/bin/<side>.
 build() {
     local side=$1 src=$2 target=$3
+    # Both revisions with the shipping settings (the `dist` profile's), whatever their own
+    # Cargo.toml says `release` is: older ones shipped from it, newer ones build it incremental.
+    export CARGO_PROFILE_RELEASE_INCREMENTAL=false CARGO_PROFILE_RELEASE_DEBUG=line-tables-only
     say "building $side: cargo build --release -p appliance in $src"
     (cd "$src" && CARGO_TARGET_DIR=$target cargo build -q --release -p appliance) ||
         die "the $side build failed in $src (mid-edit? retry later, or set AFTER=<rev>)"

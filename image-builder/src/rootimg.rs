@@ -402,8 +402,9 @@ impl Ext4<'_> {
     }
 }
 
-/// Builds `out` from `staging`; returns the filesystem size.
-pub fn build(staging: &Path, out: &Path, epoch: u64) -> Result<u64, Error> {
+/// Builds `out` from `staging`; returns the filesystem size and the tree's (what its files,
+/// directories and long links take in 4 KiB blocks).
+pub fn build(staging: &Path, out: &Path, epoch: u64) -> Result<(u64, u64), Error> {
     let stats = scan(staging)?;
     let size = fs_size(stats.bytes);
     let fs = Ext4 {
@@ -442,7 +443,7 @@ pub fn build(staging: &Path, out: &Path, epoch: u64) -> Result<u64, Error> {
         .args(["-f", "-n"])
         .arg(out)
         .run_quiet()?;
-    Ok(size)
+    Ok((size, stats.bytes))
 }
 
 #[cfg(test)]

@@ -267,6 +267,102 @@ pub struct BootTimeOptions {
     pub https_port: u16,
     /// Boots per node: the first, then `boots - 1` more after a clean power-off.
     pub boots: u32,
+    /// The admin port and the metrics token (a file): after each node's last boot its
+    /// `/metrics` gives the supervisor's and the services' resident memory.
+    pub admin_port: u16,
+    pub metrics_token: Option<std::path::PathBuf>,
+}
+
+/// How long a node runs after its last boot before its memory is read: settled, idle.
+pub const SETTLE_BEFORE_MEMORY: Duration = Duration::from_secs(10);
+
+/// Resident memory (bytes) from a node's `/metrics` text: the supervisor's
+/// (`tandem_supervisor_resident_bytes`) first, then each service's main process.
+pub fn memory_from_metrics(text: &str) -> Vec<(String, u64)> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let (name, value) = match line.rsplit_once(' ') {
+            Some(p) => p,
+            None => continue,
+        };
+        let Ok(bytes) = value.parse::<f64>() else {
+            continue;
+        };
+        if name.starts_with("tandem_supervisor_resident_bytes{") {
+            out.insert(0, ("supervisor".to_string(), bytes as u64));
+        } else if let Some(rest) = name.strip_prefix("tandem_supervisor_service_resident_bytes{") {
+            if let Some(service) = rest
+                .split(',')
+                .find_map(|kv| kv.strip_prefix("service=\""))
+                .map(|v| v.trim_end_matches('}').trim_end_matches('"'))
+            {
+                out.push((service.to_string(), bytes as u64));
+            }
+        }
+    }
+    out
+}
+
+/// One table row per process: MiB per node.
+pub fn memory_table(rows: &[(String, Vec<(String, u64)>)]) -> String {
+    let mut s =
+        String::from("resident memory after the last boot, idle (MiB; a service's main process)\n");
+    for (node, memory) in rows {
+        for (process, bytes) in memory {
+            let _ = writeln!(
+                s,
+                "  {node:<10} {process:<14} {:>7.1}",
+                *bytes as f64 / 1048576.0
+            );
+        }
+    }
+    s
+}
+
+fn read_memory(
+    cluster: &Cluster,
+    vm: &Vm,
+    port: u16,
+    token: &std::path::Path,
+) -> Result<Vec<(String, u64)>> {
+    let token = std::fs::read_to_string(token)
+        .map_err(|e| Error::io("reading the metrics token", token, e))?;
+    // The header from a file: the token never shows in a process list.
+    let header = cluster.work_dir().join("metrics-header");
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&header)
+            .map_err(|e| Error::io("writing", &header, e))?;
+        std::io::Write::write_all(
+            &mut f,
+            format!("Authorization: Bearer {}\n", token.trim()).as_bytes(),
+        )
+        .map_err(|e| Error::io("writing", &header, e))?;
+    }
+    let url = format!("https://{}:{port}/metrics", vm.address());
+    let header_arg = format!("@{}", header.display());
+    let out = cluster.run(&["curl", "-sSfk", "--max-time", "10", "-H", &header_arg, &url])?;
+    let _ = std::fs::remove_file(&header);
+    if !out.status.success() {
+        return Err(Error::Http(format!(
+            "GET {url}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(memory_from_metrics(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// What a boot-time run found.
+#[derive(Debug, Default)]
+pub struct BootTimeReport {
+    pub records: Vec<BootRecord>,
+    /// Per node (after its last boot): resident memory per process.
+    pub memory: Vec<(String, Vec<(String, u64)>)>,
 }
 
 /// Boot each node of `opts.spec` alone, `opts.boots` times; one record per boot.
@@ -274,7 +370,7 @@ pub fn boot_time(
     opts: &BootTimeOptions,
     cancel: &Cancel,
     progress: &mut dyn FnMut(&str),
-) -> Result<Vec<BootRecord>> {
+) -> Result<BootTimeReport> {
     let cluster = Cluster::create(opts.spec.clone())?;
     progress(&format!(
         "booting {} ({}), {} boot(s) each; work dir {}",
@@ -288,7 +384,7 @@ pub fn boot_time(
         opts.boots,
         cluster.work_dir().display()
     ));
-    let mut records = Vec::new();
+    let mut report = BootTimeReport::default();
     for vm in cluster.vms() {
         let url = Cluster::node_page_url(vm, opts.https_port);
         for boot in 1..=opts.boots {
@@ -306,7 +402,18 @@ pub fn boot_time(
                 secs(record.get("https 200")),
                 secs(record.get("system up"))
             ));
-            records.push(record);
+            report.records.push(record);
+            if boot == opts.boots {
+                if let Some(token) = &opts.metrics_token {
+                    if !cancel.sleep(SETTLE_BEFORE_MEMORY) {
+                        return Err(Error::Cancelled);
+                    }
+                    match read_memory(&cluster, vm, opts.admin_port, token) {
+                        Ok(m) => report.memory.push((vm.name().to_string(), m)),
+                        Err(e) => progress(&format!("{}: no memory figures: {e}", vm.name())),
+                    }
+                }
+            }
             vm.power_off()?;
             if vm.wait_exit(POWER_OFF_LIMIT).is_err() {
                 progress(&format!(
@@ -317,7 +424,7 @@ pub fn boot_time(
             }
         }
     }
-    Ok(records)
+    Ok(report)
 }
 
 #[cfg(test)]
@@ -357,6 +464,27 @@ mod tests {
         assert_eq!(r.get("mariadb"), None);
         // A service whose name another's starts with is not mistaken for it.
         assert!(!Milestone::ready("app").matches("supervisor::runner: ready  service=apparmor"));
+    }
+
+    #[test]
+    fn memory_is_read_from_the_metrics() {
+        let text = "# HELP x\n\
+            tandem_supervisor_up{node=\"server1\"} 1\n\
+            tandem_supervisor_resident_bytes{node=\"server1\"} 9437184\n\
+            tandem_supervisor_service_resident_bytes{node=\"server1\",service=\"balancer\"} 3145728\n\
+            tandem_supervisor_service_resident_bytes{node=\"server1\",service=\"mariadb\"} 1.048576e8\n";
+        let m = memory_from_metrics(text);
+        assert_eq!(
+            m,
+            [
+                ("supervisor".to_string(), 9437184),
+                ("balancer".to_string(), 3145728),
+                ("mariadb".to_string(), 104857600)
+            ]
+        );
+        let t = memory_table(&[("server1".into(), m)]);
+        assert!(t.contains("supervisor"), "{t}");
+        assert!(t.contains("9.0"), "{t}");
     }
 
     #[test]

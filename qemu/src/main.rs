@@ -105,6 +105,10 @@ enum Cmd {
         boots: u32,
         #[arg(long, default_value = BOOT_TIME_RUN_DIR)]
         run_dir: PathBuf,
+        /// The metrics token of the images (for the memory figures) [default: the build
+        /// machine's, ~/.cache/tandem/<cluster>-ca/metrics-token].
+        #[arg(long)]
+        metrics_token: Option<PathBuf>,
     },
     /// Kill one node's VM as a power cut would (QEMU quits at once), e.g. to watch the
     /// floating IP move; Ctrl-C and `up` again bring it back.
@@ -248,6 +252,7 @@ fn main() -> anyhow::Result<ExitCode> {
             nodes,
             boots,
             run_dir,
+            metrics_token,
         } => {
             let target = cluster.target(&run_dir)?;
             let mut spec = target.spec.clone();
@@ -267,18 +272,32 @@ fn main() -> anyhow::Result<ExitCode> {
                 std::fs::remove_dir_all(&run_dir)
                     .with_context(|| format!("removing {}", run_dir.display()))?;
             }
+            let config = load_cluster(cluster.config.as_deref())?;
+            let metrics_token = metrics_token.or_else(|| {
+                let home = std::env::var_os("HOME")?;
+                let p = PathBuf::from(home)
+                    .join(".cache/tandem")
+                    .join(format!("{}-ca", config.name))
+                    .join("metrics-token");
+                p.is_file().then_some(p)
+            });
             let opts = qemu::boottime::BootTimeOptions {
                 spec,
                 https_port: target.https_port,
                 boots,
+                admin_port: config.ports.admin,
+                metrics_token,
             };
             let cancel = signals.watch();
-            let records =
+            let report =
                 match qemu::boottime::boot_time(&opts, &cancel, &mut |line| eprintln!("{line}")) {
                     Err(qemu::Error::Cancelled) => return Ok(interrupted()),
                     other => other?,
                 };
-            print!("\n{}", qemu::boottime::table(&records));
+            print!("\n{}", qemu::boottime::table(&report.records));
+            if !report.memory.is_empty() {
+                print!("\n{}", qemu::boottime::memory_table(&report.memory));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Kill { node, run_dir } => {

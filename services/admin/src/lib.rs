@@ -1247,7 +1247,9 @@ impl<'a> From<&'a StatusView> for StatusJson<'a> {
 /// The supervisor's own metrics, then each local endpoint's text, with a `tandem_scrape_up`
 /// gauge per endpoint so a missing one is visible rather than silently absent.
 fn metrics(ctx: &Ctx) -> String {
-    let mut out = supervisor_metrics(&ctx.node.name, services(ctx).as_deref().ok());
+    let services = services(ctx).ok();
+    let memory = Memory::read(services.as_deref());
+    let mut out = supervisor_metrics(&ctx.node.name, services.as_deref(), &memory);
     let mut up = String::from("# HELP tandem_scrape_up Whether a local metrics endpoint answered.\n# TYPE tandem_scrape_up gauge\n");
     for endpoint in &ctx.scrape {
         match scrape(&ctx.scraper, endpoint) {
@@ -1304,8 +1306,45 @@ fn update_metrics(status: &Result<UpdateStatus, String>) -> String {
     )
 }
 
+/// Resident memory (bytes) of the supervisor and of each service's main process, from
+/// `/proc/<pid>/status` (world-readable; a process that ended in between is left out).
+#[derive(Debug, Default)]
+struct Memory {
+    supervisor: Option<u64>,
+    services: std::collections::BTreeMap<String, u64>,
+}
+
+impl Memory {
+    fn read(services: Option<&[ServiceStatus]>) -> Memory {
+        // The admin server is the supervisor's child (PID 1 on an image).
+        let supervisor = resident_bytes(nix::unistd::getppid().as_raw());
+        let services = services
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|s| Some((s.name.clone(), resident_bytes(s.pid?)?)))
+            .collect();
+        Memory {
+            supervisor,
+            services,
+        }
+    }
+}
+
+fn resident_bytes(pid: i32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_vm_rss(&text)
+}
+
+/// `VmRSS:     1234 kB` of a `/proc/<pid>/status` text, in bytes.
+fn parse_vm_rss(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let mut words = line.split_whitespace().skip(1);
+    let kib: u64 = words.next()?.parse().ok()?;
+    (words.next() == Some("kB")).then_some(kib * 1024)
+}
+
 /// Prometheus text for the supervised services (pure).
-fn supervisor_metrics(node: &str, services: Option<&[ServiceStatus]>) -> String {
+fn supervisor_metrics(node: &str, services: Option<&[ServiceStatus]>, memory: &Memory) -> String {
     let mut s = String::new();
     s.push_str(
         "# HELP tandem_supervisor_up Whether the supervisor answered on its control socket.\n",
@@ -1315,7 +1354,21 @@ fn supervisor_metrics(node: &str, services: Option<&[ServiceStatus]>) -> String 
         "tandem_supervisor_up{{node=\"{node}\"}} {}\n",
         u8::from(services.is_some())
     ));
+    if let Some(bytes) = memory.supervisor {
+        s.push_str("# HELP tandem_supervisor_resident_bytes The supervisor's resident memory.\n# TYPE tandem_supervisor_resident_bytes gauge\n");
+        s.push_str(&format!(
+            "tandem_supervisor_resident_bytes{{node=\"{node}\"}} {bytes}\n"
+        ));
+    }
     let Some(services) = services else { return s };
+    if !memory.services.is_empty() {
+        s.push_str("# HELP tandem_supervisor_service_resident_bytes Resident memory of the service's main process (its children, e.g. nginx's workers, not counted).\n# TYPE tandem_supervisor_service_resident_bytes gauge\n");
+        for (name, bytes) in &memory.services {
+            s.push_str(&format!(
+                "tandem_supervisor_service_resident_bytes{{node=\"{node}\",service=\"{name}\"}} {bytes}\n"
+            ));
+        }
+    }
     s.push_str("# HELP tandem_supervisor_service_running Whether the service has a running process.\n# TYPE tandem_supervisor_service_running gauge\n");
     for svc in services {
         s.push_str(&format!(
@@ -1417,14 +1470,29 @@ mod tests {
             uptime_s: Some(1),
             ready: true,
         }];
-        let text = supervisor_metrics("server1", Some(&services));
+        let memory = Memory {
+            supervisor: Some(9 << 20),
+            services: [("nginx".to_string(), 3 << 20)].into(),
+        };
+        let text = supervisor_metrics("server1", Some(&services), &memory);
         assert!(text.contains(
             "tandem_supervisor_service_restarts_total{node=\"server1\",service=\"nginx\"} 2\n"
         ));
         assert!(text
             .contains("tandem_supervisor_service_running{node=\"server1\",service=\"nginx\"} 1\n"));
-        assert!(supervisor_metrics("server1", None)
+        assert!(text.contains("tandem_supervisor_resident_bytes{node=\"server1\"} 9437184\n"));
+        assert!(text.contains(
+            "tandem_supervisor_service_resident_bytes{node=\"server1\",service=\"nginx\"} 3145728\n"
+        ));
+        assert!(supervisor_metrics("server1", None, &Memory::default())
             .contains("tandem_supervisor_up{node=\"server1\"} 0"));
+        // This process's own, as the admin server reads the supervisor's and the services'.
+        assert!(resident_bytes(std::process::id() as i32).is_some_and(|b| b > 1 << 20));
+        assert_eq!(
+            parse_vm_rss("Name:\tx\nVmRSS:\t    1234 kB\n"),
+            Some(1234 * 1024)
+        );
+        assert_eq!(parse_vm_rss("Name:\tkthreadd\n"), None);
     }
 
     /// A local HTTP server answering `/metrics` with `status` and `body` (404 elsewhere).
