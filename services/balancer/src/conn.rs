@@ -319,8 +319,11 @@ async fn serve(
     shutdown: watch::Receiver<bool>,
     slot: ConnSlot,
 ) {
+    // Each protocol's connection future is boxed on its own: the task then holds only the one
+    // in use (a task's future is as large as its largest state, which all its connections
+    // pay: 16.7 KiB per connection before, the HTTP/1-over-TLS one alone 7.6 KiB).
     let Some(acceptor) = what.tls else {
-        serve_h1(stream, peer, what.role, shared, shutdown, slot).await;
+        Box::pin(serve_h1(stream, peer, what.role, shared, shutdown, slot)).await;
         return;
     };
     let tls =
@@ -338,9 +341,9 @@ async fn serve(
         };
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     if h2 {
-        serve_h2(tls, peer, what.role, shared, shutdown, slot).await;
+        Box::pin(serve_h2(tls, peer, what.role, shared, shutdown, slot)).await;
     } else {
-        serve_h1(tls, peer, what.role, shared, shutdown, slot).await;
+        Box::pin(serve_h1(tls, peer, what.role, shared, shutdown, slot)).await;
     }
 }
 
@@ -424,19 +427,26 @@ async fn serve_h1<S>(
     if reply_408 {
         shared.global.request_timeout.fetch_add(1, Relaxed);
         if let Some(parts) = conn.into_parts() {
-            // The slot stays taken until the 408 is out and the socket closed.
-            let TrackedIo {
-                inner: mut io,
-                _slot,
-                ..
-            } = parts.io.into_inner();
-            let _ = tokio::time::timeout(Duration::from_secs(1), async {
-                io.write_all(REQUEST_TIMEOUT_RESPONSE).await?;
-                io.shutdown().await
-            })
-            .await;
+            // Boxed: a second copy of the connection's IO in this future would make every
+            // connection's task larger for a path few take.
+            Box::pin(reply_request_timeout(parts.io.into_inner())).await;
         }
     }
+}
+
+/// The 408 on a connection whose request head did not arrive in time, then a close. The slot
+/// stays taken until the 408 is out and the socket closed.
+async fn reply_request_timeout<S: AsyncWrite + Unpin>(io: TrackedIo<S>) {
+    let TrackedIo {
+        inner: mut io,
+        _slot,
+        ..
+    } = io;
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        io.write_all(REQUEST_TIMEOUT_RESPONSE).await?;
+        io.shutdown().await
+    })
+    .await;
 }
 
 async fn serve_h2<S>(
@@ -469,6 +479,8 @@ async fn serve_h2<S>(
     };
     let conn = http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
+        // Backend responses carry their Date; this saves a clock read per response.
+        .auto_date_header(false)
         .max_concurrent_streams(limits.max_h2_streams)
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .serve_connection(TokioIo::new(io), svc);

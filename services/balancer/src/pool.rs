@@ -88,7 +88,9 @@ impl Pool {
             let (mut c, pooled) = match self.take() {
                 Some(c) => (c, true),
                 None => {
-                    let c = connect(addr, connect_timeout).await?;
+                    // Boxed: inline, the connect and handshake futures would make every
+                    // request's future (moved into each HTTP/2 stream's task) larger.
+                    let c = Box::pin(connect(addr, connect_timeout)).await?;
                     opened.fetch_add(1, Relaxed);
                     (c, false)
                 }

@@ -430,6 +430,12 @@ async fn metrics_loop(
 /// `opts.reload`, the cluster description it returns (and the certificates); without, the
 /// certificates only. A failed reload is logged and the running configuration kept.
 pub fn run_blocking(cluster: Cluster, node: &str, opts: Options) -> Result<(), BalancerError> {
+    // mimalloc asks for transparent huge pages on its arena (madvise): every partly used 2 MiB
+    // page is then resident whole. Measured with 1,000 idle HTTPS connections: 54 MiB resident
+    // with huge pages, 38 MiB without (idle 15 MiB, 8 MiB). Faults from here on get 4 KiB pages.
+    if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
+        tracing::debug!(error = %e, "cannot disable transparent huge pages");
+    }
     let workers = opts
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
