@@ -5,7 +5,7 @@
 #   ROUNDS=5 DURATION=10 bench/balancer.sh
 #
 # Two real nginx backends on loopback (127.0.0.11/12), HAProxy (Debian package) and Tandem's
-# balancer (the `bench_balancer` example, release build, the code path and allocator of
+# balancer (the `bench_balancer` example, `dist` (shipping) build, the code path and allocator of
 # `appliance balancer`) configured alike: round robin over both, HTTP checks every 2 s,
 # keep-alive to the backends, X-Forwarded-For, HSTS on HTTPS, the same ECDSA P-256
 # certificate, TLS 1.2+1.3, ALPN h2/http1.1.
@@ -54,9 +54,9 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$here/target}
 need_tools haproxy:haproxy wrk:wrk h2load:nghttp2-client nginx:nginx-light openssl:openssl \
     taskset:util-linux python3:python3
 
-echo "building bench_balancer (release)..." >&2
-(cd "$here" && cargo build -q --release -p balancer --example bench_balancer)
-tandem_bin=$CARGO_TARGET_DIR/release/examples/bench_balancer
+echo "building bench_balancer (dist: the shipping profile)..." >&2
+(cd "$here" && cargo build -q --profile dist -p balancer --example bench_balancer)
+tandem_bin=$CARGO_TARGET_DIR/dist/examples/bench_balancer
 
 bench_workdir tandem-bench
 
