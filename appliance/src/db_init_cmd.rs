@@ -1,22 +1,12 @@
 //! `appliance db-init`: the wiring of [`db::datadir::prepare`] (a supervised one-shot).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
-use anyhow::{bail, Context};
-use db::datadir::{Outcome, Source};
+use anyhow::Context;
+use db::datadir::Outcome;
 
-pub fn main(
-    datadir: &Path,
-    owner: Option<&str>,
-    template: Option<PathBuf>,
-    install: Vec<String>,
-) -> anyhow::Result<()> {
-    let source = match template {
-        Some(t) => Source::Template(t),
-        None if !install.is_empty() => Source::Install(install),
-        None => bail!("db-init needs --template FILE or a mariadb-install-db command after --"),
-    };
+pub fn main(datadir: &Path, owner: Option<&str>, template: &Path) -> anyhow::Result<()> {
     let owner = match owner {
         None => None,
         Some(name) => {
@@ -27,7 +17,7 @@ pub fn main(
         }
     };
     let t0 = Instant::now();
-    match db::datadir::prepare(datadir, &source, owner)? {
+    match db::datadir::prepare(datadir, template, owner)? {
         Outcome::AlreadyInitialised => {
             tracing::info!(datadir = %datadir.display(), "datadir already initialised")
         }
@@ -36,7 +26,7 @@ pub fn main(
             moved_aside,
         } => tracing::info!(
             datadir = %datadir.display(),
-            from = match &source { Source::Template(t) => t.display().to_string(), Source::Install(a) => a[0].clone() },
+            template = %template.display(),
             written,
             moved_aside = ?moved_aside,
             elapsed_ms = t0.elapsed().as_millis() as u64,

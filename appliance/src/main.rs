@@ -52,8 +52,8 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
-    /// A fresh MariaDB datadir, whole or not at all (a supervised one-shot): from the image's
-    /// template, else `mariadb-install-db` (its command line after `--`).
+    /// A fresh MariaDB datadir from the image's template, whole or not at all (a supervised
+    /// one-shot).
     #[command(hide = true)]
     DbInit {
         #[arg(long)]
@@ -61,10 +61,8 @@ enum Command {
         /// The files become this user's (and its group's).
         #[arg(long)]
         owner: Option<String>,
-        #[arg(long, conflicts_with = "install")]
-        template: Option<PathBuf>,
-        #[arg(last = true)]
-        install: Vec<String>,
+        #[arg(long)]
+        template: PathBuf,
     },
     /// The built-in demo application (a supervised service; configured by TANDEM_* variables).
     #[command(hide = true)]
@@ -212,9 +210,8 @@ fn run_command(command: Command) -> anyhow::Result<ExitCode> {
             datadir,
             owner,
             template,
-            install,
         } => {
-            appliance::db_init_cmd::main(&datadir, owner.as_deref(), template, install)?;
+            appliance::db_init_cmd::main(&datadir, owner.as_deref(), &template)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::App => {

@@ -629,25 +629,31 @@ impl<'a> Planner<'a> {
 
         // The services.
         if !inputs.db_initialised {
-            // The datadir is made beside its place and renamed into it once complete, so a
-            // kill at any moment leaves none (made again next time) or a whole one.
-            let exe = inputs.exe.display().to_string();
-            let template = inputs.db_template.as_deref();
-            let owner = self.user(MARIADB_USER);
-            let mut init = ServiceSpec::oneshot(
-                "mariadb-init",
-                db::init_argv(&exe, &db_params, template, owner.as_deref()),
-            );
-            if inputs.root {
-                // Root, to rename in the state directory, with only what it needs to give
-                // the files to MariaDB's user (and, without a template, for
-                // `mariadb-install-db --user` to switch to it).
-                init.capabilities = vec![Capability::CHOWN];
-                if template.is_none() {
-                    init.capabilities
-                        .extend([Capability::SETUID, Capability::SETGID]);
+            let mut init = match inputs.db_template.as_deref() {
+                // An image: the template is unpacked beside the datadir and renamed into it
+                // once complete, so a kill at any moment leaves none (made again next time)
+                // or a whole one. Root, to rename in the state directory, with only what it
+                // needs to give the files to MariaDB's user.
+                Some(template) => {
+                    let exe = inputs.exe.display().to_string();
+                    let owner = self.user(MARIADB_USER);
+                    let mut init = ServiceSpec::oneshot(
+                        "mariadb-init",
+                        db::init_argv(&exe, &db_params, template, owner.as_deref()),
+                    );
+                    if inputs.root {
+                        init.capabilities = vec![Capability::CHOWN];
+                    }
+                    init
                 }
-            }
+                // A developer machine: `mariadb-install-db` in place, as MariaDB's user.
+                None => {
+                    let mut init =
+                        ServiceSpec::oneshot("mariadb-init", db::install_argv(&db_params));
+                    init.user = self.user(MARIADB_USER);
+                    init
+                }
+            };
             // `mariadb-install-db` takes 17 s under emulation, more on a loaded host.
             init.ready_timeout = DB_INIT_TIMEOUT;
             self.plan.services.push(init);
@@ -685,7 +691,12 @@ impl<'a> Planner<'a> {
         let mut app = ServiceSpec::daemon("app", argv);
         // The application needs no privilege: its database password is in its environment.
         app.user = self.user(users::APP);
-        app.deps = vec!["mariadb".into()];
+        // The built-in one starts without the database (its pools connect when a request
+        // needs them, and answer 503 until then), so nginx, which waits for it, serves the
+        // static files early. A user's application may need the database to start.
+        if cluster.app.command.is_some() {
+            app.deps = vec!["mariadb".into()];
+        }
         app.readiness = Readiness::Tcp {
             addr: (app_addr, cluster.ports.app).into(),
         };
@@ -734,8 +745,10 @@ impl<'a> Planner<'a> {
         nginx.readiness = Readiness::Tcp {
             addr: (node.address, cluster.ports.web).into(),
         };
-        // nginx serves the static files and the node page without the application (its
-        // `@app` answers 502 until the application listens): nothing waits for the database.
+        // nginx waits for the application, not for the database: the balancers' health
+        // check is nginx's, so a node whose nginx answers must also have its application
+        // listening, or the peers would send it requests that fail with 502.
+        nginx.deps = vec!["app".into()];
         // The master stays root only to switch its workers to their user (and to bind a low
         // port).
         nginx.capabilities = vec![Capability::SETUID, Capability::SETGID];
@@ -1192,18 +1205,18 @@ mod tests {
                     vec![]
                 ),
                 ("db-agent", None, vec!["mariadb"], None, vec![]),
+                // Neither the built-in application nor nginx waits for the database.
                 (
                     "app",
                     Some("tandem-app"),
-                    vec!["mariadb"],
+                    vec![],
                     addr("127.0.0.1:8000"),
                     vec![]
                 ),
-                // Static files and the node page need neither the app nor the database.
                 (
                     "nginx",
                     None,
-                    vec![],
+                    vec!["app"],
                     addr(&format!("{node}:8080")),
                     vec![C::SETUID, C::SETGID]
                 ),
@@ -1245,13 +1258,13 @@ mod tests {
                 db::datadir::TEMPLATE
             ]
         );
-        // Without a template (a developer machine as root) `mariadb-install-db --user`
-        // switches to MariaDB's user itself.
+        // Without a template (a developer machine) `mariadb-install-db` runs in place as
+        // MariaDB's user.
         let install = super::plan(&cluster, server1, &Layout::image(), &inputs(true)).unwrap();
-        assert_eq!(
-            service(&install, "mariadb-init").capabilities,
-            [C::CHOWN, C::SETUID, C::SETGID]
-        );
+        let init = service(&install, "mariadb-init");
+        assert_eq!(init.argv[0], db::INSTALL_DB);
+        assert_eq!(init.user.as_deref(), Some("mysql"));
+        assert!(init.capabilities.is_empty());
         assert_eq!(
             service(&plan, "balancer").track_file.as_deref(),
             Some(Path::new("/run/tandem/vip/balancer-down"))

@@ -1,12 +1,12 @@
-//! A fresh MariaDB datadir, made whole or not at all (`appliance db-init`).
+//! A fresh MariaDB datadir on an image, made whole or not at all (`appliance db-init`).
 //!
-//! On an image the datadir comes from a template the image build made once with
-//! `mariadb-install-db` (`rootfs/hooks/customize.sh`: the system tables, no test database,
-//! root by Unix socket only) and packed as a zstd tar: unpacking it takes a fraction of a
-//! second where `mariadb-install-db` took 17 s under emulation. Without a template (a
-//! developer machine) `mariadb-install-db` runs here instead.
+//! The datadir comes from a template the image build made once with `mariadb-install-db`
+//! (`rootfs/hooks/customize.sh`: the system tables, no test database, root by Unix socket
+//! only) and packed as a zstd tar: unpacking it takes a fraction of a second where
+//! `mariadb-install-db` took 17 s under emulation. (A developer machine, without a template,
+//! runs `mariadb-install-db` itself: [`crate::install_argv`].)
 //!
-//! Either way the datadir is made beside the real one (`.<name>.new`), flushed to disk, and
+//! The datadir is made beside the real one (`.<name>.new`), flushed to disk, and
 //! renamed over it in one step: a power cut at any moment leaves no datadir (the next boot
 //! starts again) or a complete one, never the half-made one a killed `mariadb-install-db`
 //! leaves, which MariaDB refuses to start from. A non-empty datadir without the system tables
@@ -16,19 +16,9 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
-use std::process::Command;
 
 /// Where the image keeps the datadir template (made by `rootfs/hooks/customize.sh`).
 pub const TEMPLATE: &str = "/usr/lib/tandem/mariadb-datadir.tar.zst";
-
-/// Where the datadir comes from.
-#[derive(Debug, Clone)]
-pub enum Source {
-    /// A zstd tar of an initialised datadir (its entries relative to the datadir).
-    Template(PathBuf),
-    /// `mariadb-install-db` and its arguments, without `--datadir` (added here).
-    Install(Vec<String>),
-}
 
 /// What [`prepare`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,8 +49,6 @@ pub enum DatadirError {
         entry: String,
         why: &'static str,
     },
-    #[error("{program} failed ({status}); the datadir was left as it was")]
-    Install { program: String, status: String },
     #[error("datadir {}: has no parent directory", .0.display())]
     NoParent(PathBuf),
 }
@@ -88,11 +76,12 @@ pub fn siblings(datadir: &Path) -> Result<(PathBuf, PathBuf), DatadirError> {
     ))
 }
 
-/// Make `datadir` an initialised datadir from `source` unless it already is one; files end up
-/// owned by `owner` (uid, gid) when given (the supervisor runs this as root with `CAP_CHOWN`).
+/// Make `datadir` an initialised datadir from `template` (a zstd tar of one, its entries
+/// relative to the datadir) unless it already is one; files end up owned by `owner` (uid, gid)
+/// when given (the supervisor runs this as root with `CAP_CHOWN` only).
 pub fn prepare(
     datadir: &Path,
-    source: &Source,
+    template: &Path,
     owner: Option<(u32, u32)>,
 ) -> Result<Outcome, DatadirError> {
     if crate::is_initialised(datadir) {
@@ -108,22 +97,11 @@ pub fn prepare(
         .mode(0o750)
         .create(&staging)
         .map_err(io_err("creating", &staging))?;
-    let written = match source {
-        Source::Template(template) => unpack(template, &staging)?,
-        Source::Install(argv) => {
-            if let Some((uid, gid)) = owner {
-                chown(&staging, uid, gid)?;
-            }
-            install(argv, &staging)?;
-            0
-        }
-    };
+    let written = unpack(template, &staging)?;
     // Everything made so far reaches the disk before the rename makes it the datadir.
     sync_fs(&parent)?;
-    if matches!(source, Source::Template(_)) {
-        if let Some((uid, gid)) = owner {
-            chown_tree(&staging, uid, gid)?;
-        }
+    if let Some((uid, gid)) = owner {
+        chown_tree(&staging, uid, gid)?;
     }
     let occupied = fs::read_dir(datadir).is_ok_and(|mut entries| entries.next().is_some());
     let moved_aside = match occupied {
@@ -174,25 +152,6 @@ fn chown_tree(dir: &Path, uid: u32, gid: u32) -> Result<(), DatadirError> {
         }
     }
     chown(dir, uid, gid)
-}
-
-fn install(argv: &[String], staging: &Path) -> Result<(), DatadirError> {
-    let (program, args) = argv.split_first().ok_or_else(|| DatadirError::Install {
-        program: String::new(),
-        status: "no program given".into(),
-    })?;
-    let status = Command::new(program)
-        .args(args)
-        .arg(format!("--datadir={}", staging.display()))
-        .status()
-        .map_err(io_err("running", Path::new(program)))?;
-    if !status.success() {
-        return Err(DatadirError::Install {
-            program: program.clone(),
-            status: status.to_string(),
-        });
-    }
-    Ok(())
 }
 
 /// A relative path of plain components, or why not.
@@ -339,7 +298,7 @@ mod tests {
         let t = template(tmp.path());
         let datadir = tmp.path().join("mysql");
         fs::create_dir(&datadir).unwrap(); // the node plan makes it, empty
-        let out = prepare(&datadir, &Source::Template(t.clone()), None).unwrap();
+        let out = prepare(&datadir, &t, None).unwrap();
         assert_eq!(
             out,
             Outcome::Made {
@@ -359,7 +318,7 @@ mod tests {
         // Once made, never touched again.
         fs::write(datadir.join("mine"), b"x").unwrap();
         assert_eq!(
-            prepare(&datadir, &Source::Template(t), None).unwrap(),
+            prepare(&datadir, &t, None).unwrap(),
             Outcome::AlreadyInitialised
         );
         assert!(datadir.join("mine").exists());
@@ -376,7 +335,7 @@ mod tests {
         fs::write(staging.join("ibdata1"), b"half").unwrap();
         fs::create_dir_all(&datadir).unwrap();
         fs::write(datadir.join("ibdata1"), b"half-made").unwrap();
-        let out = prepare(&datadir, &Source::Template(t), None).unwrap();
+        let out = prepare(&datadir, &t, None).unwrap();
         assert_eq!(
             out,
             Outcome::Made {
@@ -417,22 +376,12 @@ mod tests {
             fs::write(&path, zstd::encode_all(&raw[..], 3).unwrap()).unwrap();
             let datadir = tmp.path().join("data").join("mysql");
             fs::create_dir_all(&datadir).unwrap();
-            let e = prepare(&datadir, &Source::Template(path), None).unwrap_err();
+            let e = prepare(&datadir, &path, None).unwrap_err();
             assert!(matches!(e, DatadirError::BadEntry { .. }), "{name}: {e}");
             assert!(e.to_string().contains(name.trim_start_matches("./")), "{e}");
             assert!(!crate::is_initialised(&datadir));
             assert!(fs::read_dir(&datadir).unwrap().next().is_none());
             assert!(!tmp.path().join("evil").exists());
         }
-    }
-
-    #[test]
-    fn a_failed_install_leaves_the_datadir_as_it_was() {
-        let tmp = tempfile::tempdir().unwrap();
-        let datadir = tmp.path().join("mysql");
-        fs::create_dir(&datadir).unwrap();
-        let e = prepare(&datadir, &Source::Install(vec!["false".into()]), None).unwrap_err();
-        assert!(e.to_string().contains("false failed"), "{e}");
-        assert!(fs::read_dir(&datadir).unwrap().next().is_none());
     }
 }

@@ -152,16 +152,17 @@ pub fn render_conf(p: &Params) -> String {
     s
 }
 
-/// `mariadb-install-db`'s command line for a datadir made where there is no template
-/// ([`datadir::prepare`] adds `--datadir`, its staging directory). Root can log in only
-/// through the Unix socket as the OS root user; no password exists. The image's template is
-/// made with the same options (`rootfs/hooks/customize.sh`).
+/// The one-shot command that creates the system tables in an empty datadir, where there is no
+/// template (a developer machine; an image unpacks its template: [`init_argv`]). Root can log
+/// in only through the Unix socket as the OS root user; no password exists. The image's
+/// template is made with the same options (`rootfs/hooks/customize.sh`).
 pub fn install_argv(p: &Params) -> Vec<String> {
     let mut argv = vec![
         INSTALL_DB.to_string(),
         format!("--defaults-file={}", p.paths.config_file.display()),
         "--auth-root-authentication-method=socket".to_string(),
         "--skip-test-db".to_string(),
+        format!("--datadir={}", p.paths.datadir.display()),
     ];
     if let Some(user) = &p.user {
         argv.push(format!("--user={user}"));
@@ -169,15 +170,10 @@ pub fn install_argv(p: &Params) -> Vec<String> {
     argv
 }
 
-/// The one-shot `appliance db-init` that makes a fresh datadir ([`datadir::prepare`]): from
-/// `template` when the image has one, else with `mariadb-install-db`; the files become
-/// `owner`'s (run as root: MariaDB's user).
-pub fn init_argv(
-    exe: &str,
-    p: &Params,
-    template: Option<&Path>,
-    owner: Option<&str>,
-) -> Vec<String> {
+/// The one-shot `appliance db-init` that makes a fresh datadir from the image's `template`,
+/// whole or not at all ([`datadir::prepare`]); the files become `owner`'s (run as root:
+/// MariaDB's user).
+pub fn init_argv(exe: &str, p: &Params, template: &Path, owner: Option<&str>) -> Vec<String> {
     let mut argv = vec![
         exe.to_string(),
         "db-init".to_string(),
@@ -187,16 +183,7 @@ pub fn init_argv(
     if let Some(user) = owner {
         argv.extend(["--owner".to_string(), user.to_string()]);
     }
-    match template {
-        Some(t) => argv.extend(["--template".to_string(), t.display().to_string()]),
-        None => {
-            argv.push("--".to_string());
-            argv.extend(install_argv(p));
-            if let (Some(user), None) = (owner, &p.user) {
-                argv.push(format!("--user={user}"));
-            }
-        }
-    }
+    argv.extend(["--template".to_string(), template.display().to_string()]);
     argv
 }
 
@@ -276,7 +263,7 @@ mod tests {
             init_argv(
                 "/usr/sbin/appliance",
                 &p,
-                Some(Path::new(datadir::TEMPLATE)),
+                Path::new(datadir::TEMPLATE),
                 Some("mysql")
             ),
             [
@@ -290,9 +277,7 @@ mod tests {
                 datadir::TEMPLATE
             ]
         );
-        let install = init_argv("/usr/sbin/appliance", &p, None, Some("mysql"));
-        assert_eq!(install[6], "--");
-        assert_eq!(install[7..], install_argv(&p));
+        assert_eq!(install_argv(&p)[4], "--datadir=/data/mysql");
         assert_eq!(
             server_argv(&p),
             vec![
