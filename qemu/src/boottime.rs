@@ -276,43 +276,79 @@ pub struct BootTimeOptions {
 /// How long a node runs after its last boot before its memory is read: settled, idle.
 pub const SETTLE_BEFORE_MEMORY: Duration = Duration::from_secs(10);
 
-/// Resident memory (bytes) from a node's `/metrics` text: the supervisor's
-/// (`tandem_supervisor_resident_bytes`) first, then each service's main process.
-pub fn memory_from_metrics(text: &str) -> Vec<(String, u64)> {
-    let mut out = Vec::new();
+/// A process's resident memory in bytes: all of it, and its own anonymous pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Resident {
+    pub total: u64,
+    pub anon: u64,
+}
+
+/// Resident memory from a node's `/metrics` text: the supervisor's
+/// (`tandem_supervisor_{resident,anon}_bytes`) first, then each service's main process.
+pub fn memory_from_metrics(text: &str) -> Vec<(String, Resident)> {
+    let mut out: Vec<(String, Resident)> = Vec::new();
+    let mut set = |who: String, anon: bool, bytes: u64| {
+        let i = match out.iter().position(|(n, _)| *n == who) {
+            Some(i) => i,
+            None if who == "supervisor" => {
+                out.insert(0, (who, Resident::default()));
+                0
+            }
+            None => {
+                out.push((who, Resident::default()));
+                out.len() - 1
+            }
+        };
+        match anon {
+            true => out[i].1.anon = bytes,
+            false => out[i].1.total = bytes,
+        }
+    };
+    let service = |labels: &str| {
+        labels
+            .split(',')
+            .find_map(|kv| kv.strip_prefix("service=\""))
+            .map(|v| v.trim_end_matches('}').trim_end_matches('"').to_string())
+    };
     for line in text.lines() {
-        let (name, value) = match line.rsplit_once(' ') {
-            Some(p) => p,
-            None => continue,
+        let Some((name, value)) = line.rsplit_once(' ') else {
+            continue;
         };
         let Ok(bytes) = value.parse::<f64>() else {
             continue;
         };
+        let bytes = bytes as u64;
         if name.starts_with("tandem_supervisor_resident_bytes{") {
-            out.insert(0, ("supervisor".to_string(), bytes as u64));
+            set("supervisor".into(), false, bytes);
+        } else if name.starts_with("tandem_supervisor_anon_bytes{") {
+            set("supervisor".into(), true, bytes);
         } else if let Some(rest) = name.strip_prefix("tandem_supervisor_service_resident_bytes{") {
-            if let Some(service) = rest
-                .split(',')
-                .find_map(|kv| kv.strip_prefix("service=\""))
-                .map(|v| v.trim_end_matches('}').trim_end_matches('"'))
-            {
-                out.push((service.to_string(), bytes as u64));
+            if let Some(s) = service(rest) {
+                set(s, false, bytes);
+            }
+        } else if let Some(rest) = name.strip_prefix("tandem_supervisor_service_anon_bytes{") {
+            if let Some(s) = service(rest) {
+                set(s, true, bytes);
             }
         }
     }
     out
 }
 
-/// One table row per process: MiB per node.
-pub fn memory_table(rows: &[(String, Vec<(String, u64)>)]) -> String {
-    let mut s =
-        String::from("resident memory after the last boot, idle (MiB; a service's main process)\n");
+/// One row per process: MiB per node, resident and anonymous.
+pub fn memory_table(rows: &[(String, Vec<(String, Resident)>)]) -> String {
+    let mut s = String::from(
+        "resident memory after the last boot, idle (MiB; a service's main process)\n  \
+         node       process         resident  anonymous\n",
+    );
+    let mib = |b: u64| b as f64 / 1048576.0;
     for (node, memory) in rows {
-        for (process, bytes) in memory {
+        for (process, r) in memory {
             let _ = writeln!(
                 s,
-                "  {node:<10} {process:<14} {:>7.1}",
-                *bytes as f64 / 1048576.0
+                "  {node:<10} {process:<14} {:>9.1} {:>10.1}",
+                mib(r.total),
+                mib(r.anon)
             );
         }
     }
@@ -324,7 +360,7 @@ fn read_memory(
     vm: &Vm,
     port: u16,
     token: &std::path::Path,
-) -> Result<Vec<(String, u64)>> {
+) -> Result<Vec<(String, Resident)>> {
     let token = std::fs::read_to_string(token)
         .map_err(|e| Error::io("reading the metrics token", token, e))?;
     // The header from a file: the token never shows in a process list.
@@ -362,7 +398,7 @@ fn read_memory(
 pub struct BootTimeReport {
     pub records: Vec<BootRecord>,
     /// Per node (after its last boot): resident memory per process.
-    pub memory: Vec<(String, Vec<(String, u64)>)>,
+    pub memory: Vec<(String, Vec<(String, Resident)>)>,
 }
 
 /// Boot each node of `opts.spec` alone, `opts.boots` times; one record per boot.
@@ -470,21 +506,24 @@ mod tests {
     fn memory_is_read_from_the_metrics() {
         let text = "# HELP x\n\
             tandem_supervisor_up{node=\"server1\"} 1\n\
-            tandem_supervisor_resident_bytes{node=\"server1\"} 9437184\n\
             tandem_supervisor_service_resident_bytes{node=\"server1\",service=\"balancer\"} 3145728\n\
-            tandem_supervisor_service_resident_bytes{node=\"server1\",service=\"mariadb\"} 1.048576e8\n";
+            tandem_supervisor_service_resident_bytes{node=\"server1\",service=\"mariadb\"} 1.048576e8\n\
+            tandem_supervisor_resident_bytes{node=\"server1\"} 9437184\n\
+            tandem_supervisor_anon_bytes{node=\"server1\"} 4194304\n\
+            tandem_supervisor_service_anon_bytes{node=\"server1\",service=\"balancer\"} 1048576\n";
         let m = memory_from_metrics(text);
+        let r = |total, anon| Resident { total, anon };
         assert_eq!(
             m,
             [
-                ("supervisor".to_string(), 9437184),
-                ("balancer".to_string(), 3145728),
-                ("mariadb".to_string(), 104857600)
+                ("supervisor".to_string(), r(9437184, 4194304)),
+                ("balancer".to_string(), r(3145728, 1048576)),
+                ("mariadb".to_string(), r(104857600, 0))
             ]
         );
         let t = memory_table(&[("server1".into(), m)]);
         assert!(t.contains("supervisor"), "{t}");
-        assert!(t.contains("9.0"), "{t}");
+        assert!(t.contains("      9.0        4.0"), "{t}");
     }
 
     #[test]

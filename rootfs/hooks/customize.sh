@@ -53,7 +53,7 @@ for kver in $(ls "$root"/usr/lib/modules); do
 done
 
 # What the appliance never runs, removed last (the steps above still use some of it). Each
-# line names what it was for; rootfs/README-size.md lists what went and what it saved.
+# line names what it was for; rootfs/README.md lists what went and what it saved.
 # - MariaDB's client tools, storage-engine utilities and bootstrap helpers: Tandem talks SQL
 #   through its own driver, MariaDB runs as `mariadbd` under the supervisor, and the datadir
 #   comes from the template above (mariadb-server depends on mariadb-client: the package

@@ -1306,12 +1306,20 @@ fn update_metrics(status: &Result<UpdateStatus, String>) -> String {
     )
 }
 
-/// Resident memory (bytes) of the supervisor and of each service's main process, from
+/// Resident memory of the supervisor and of each service's main process, from
 /// `/proc/<pid>/status` (world-readable; a process that ended in between is left out).
 #[derive(Debug, Default)]
 struct Memory {
-    supervisor: Option<u64>,
-    services: std::collections::BTreeMap<String, u64>,
+    supervisor: Option<Resident>,
+    services: std::collections::BTreeMap<String, Resident>,
+}
+
+/// Bytes: all resident pages (`VmRSS`), and the process's own anonymous ones (`RssAnon`; the
+/// rest are mostly program pages shared with every process of the same binary).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Resident {
+    total: u64,
+    anon: u64,
 }
 
 impl Memory {
@@ -1330,14 +1338,17 @@ impl Memory {
     }
 }
 
-fn resident_bytes(pid: i32) -> Option<u64> {
+fn resident_bytes(pid: i32) -> Option<Resident> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    parse_vm_rss(&text)
+    Some(Resident {
+        total: status_bytes(&text, "VmRSS:")?,
+        anon: status_bytes(&text, "RssAnon:")?,
+    })
 }
 
-/// `VmRSS:     1234 kB` of a `/proc/<pid>/status` text, in bytes.
-fn parse_vm_rss(status: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+/// A `Key:     1234 kB` line of a `/proc/<pid>/status` text, in bytes.
+fn status_bytes(status: &str, key: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with(key))?;
     let mut words = line.split_whitespace().skip(1);
     let kib: u64 = words.next()?.parse().ok()?;
     (words.next() == Some("kB")).then_some(kib * 1024)
@@ -1354,18 +1365,32 @@ fn supervisor_metrics(node: &str, services: Option<&[ServiceStatus]>, memory: &M
         "tandem_supervisor_up{{node=\"{node}\"}} {}\n",
         u8::from(services.is_some())
     ));
-    if let Some(bytes) = memory.supervisor {
+    if let Some(r) = memory.supervisor {
         s.push_str("# HELP tandem_supervisor_resident_bytes The supervisor's resident memory.\n# TYPE tandem_supervisor_resident_bytes gauge\n");
         s.push_str(&format!(
-            "tandem_supervisor_resident_bytes{{node=\"{node}\"}} {bytes}\n"
+            "tandem_supervisor_resident_bytes{{node=\"{node}\"}} {}\n",
+            r.total
+        ));
+        s.push_str("# HELP tandem_supervisor_anon_bytes The supervisor's own resident memory (anonymous: not its program's pages).\n# TYPE tandem_supervisor_anon_bytes gauge\n");
+        s.push_str(&format!(
+            "tandem_supervisor_anon_bytes{{node=\"{node}\"}} {}\n",
+            r.anon
         ));
     }
     let Some(services) = services else { return s };
     if !memory.services.is_empty() {
         s.push_str("# HELP tandem_supervisor_service_resident_bytes Resident memory of the service's main process (its children, e.g. nginx's workers, not counted).\n# TYPE tandem_supervisor_service_resident_bytes gauge\n");
-        for (name, bytes) in &memory.services {
+        for (name, r) in &memory.services {
             s.push_str(&format!(
-                "tandem_supervisor_service_resident_bytes{{node=\"{node}\",service=\"{name}\"}} {bytes}\n"
+                "tandem_supervisor_service_resident_bytes{{node=\"{node}\",service=\"{name}\"}} {}\n",
+                r.total
+            ));
+        }
+        s.push_str("# HELP tandem_supervisor_service_anon_bytes Anonymous resident memory of the service's main process.\n# TYPE tandem_supervisor_service_anon_bytes gauge\n");
+        for (name, r) in &memory.services {
+            s.push_str(&format!(
+                "tandem_supervisor_service_anon_bytes{{node=\"{node}\",service=\"{name}\"}} {}\n",
+                r.anon
             ));
         }
     }
@@ -1471,8 +1496,18 @@ mod tests {
             ready: true,
         }];
         let memory = Memory {
-            supervisor: Some(9 << 20),
-            services: [("nginx".to_string(), 3 << 20)].into(),
+            supervisor: Some(Resident {
+                total: 9 << 20,
+                anon: 4 << 20,
+            }),
+            services: [(
+                "nginx".to_string(),
+                Resident {
+                    total: 3 << 20,
+                    anon: 1 << 20,
+                },
+            )]
+            .into(),
         };
         let text = supervisor_metrics("server1", Some(&services), &memory);
         assert!(text.contains(
@@ -1481,18 +1516,23 @@ mod tests {
         assert!(text
             .contains("tandem_supervisor_service_running{node=\"server1\",service=\"nginx\"} 1\n"));
         assert!(text.contains("tandem_supervisor_resident_bytes{node=\"server1\"} 9437184\n"));
+        assert!(text.contains("tandem_supervisor_anon_bytes{node=\"server1\"} 4194304\n"));
+        assert!(text.contains(
+            "tandem_supervisor_service_anon_bytes{node=\"server1\",service=\"nginx\"} 1048576\n"
+        ));
         assert!(text.contains(
             "tandem_supervisor_service_resident_bytes{node=\"server1\",service=\"nginx\"} 3145728\n"
         ));
         assert!(supervisor_metrics("server1", None, &Memory::default())
             .contains("tandem_supervisor_up{node=\"server1\"} 0"));
         // This process's own, as the admin server reads the supervisor's and the services'.
-        assert!(resident_bytes(std::process::id() as i32).is_some_and(|b| b > 1 << 20));
+        assert!(resident_bytes(std::process::id() as i32)
+            .is_some_and(|r| r.total > 1 << 20 && r.anon > 0 && r.anon < r.total));
         assert_eq!(
-            parse_vm_rss("Name:\tx\nVmRSS:\t    1234 kB\n"),
+            status_bytes("Name:\tx\nVmRSS:\t    1234 kB\n", "VmRSS:"),
             Some(1234 * 1024)
         );
-        assert_eq!(parse_vm_rss("Name:\tkthreadd\n"), None);
+        assert_eq!(status_bytes("Name:\tkthreadd\n", "VmRSS:"), None);
     }
 
     /// A local HTTP server answering `/metrics` with `status` and `body` (404 elsewhere).
