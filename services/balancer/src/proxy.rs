@@ -561,7 +561,7 @@ fn prepare_backend_headers(parts: &mut Parts, fwd: &Forwarding, upgrade: bool) -
     h.reserve(4);
     // One pass over the names to find what needs work; usually nothing but the additions.
     let (mut hop, mut only_connection) = (false, true);
-    let (mut xff, mut xfp, mut cookies, mut host) = (false, false, 0, false);
+    let (mut xff, mut xfp, mut cookie, mut host) = (false, false, false, false);
     for name in h.keys() {
         if is_hop_by_hop(name) {
             hop = true;
@@ -571,7 +571,7 @@ fn prepare_backend_headers(parts: &mut Parts, fwd: &Forwarding, upgrade: bool) -
         } else if name == X_FORWARDED_PROTO {
             xfp = true;
         } else if name == header::COOKIE {
-            cookies += 1;
+            cookie = true;
         } else if name == header::HOST {
             host = true;
         }
@@ -635,7 +635,7 @@ fn prepare_backend_headers(parts: &mut Parts, fwd: &Forwarding, upgrade: bool) -
     if xfp {
         h.remove(&X_FORWARDED_PROTO);
     }
-    if cookies > 0
+    if cookie
         && parts.version == Version::HTTP_2
         && h.get_all(header::COOKIE).iter().nth(1).is_some()
     {
