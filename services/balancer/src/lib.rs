@@ -56,7 +56,9 @@ pub struct Options {
     /// More certificates, chosen by SNI, beside the cluster's own (which is the default).
     pub certificates: Vec<CertificateFiles>,
     pub limits: Limits,
-    /// Tokio worker threads; `None` = the number of available cores.
+    /// Worker threads, each with a current-thread runtime and listeners of its own
+    /// (`SO_REUSEPORT`). [`run_blocking`]: `None` = the number of available cores.
+    /// [`Balancer::start`]: `None` = 1, the caller's runtime only.
     pub workers: Option<usize>,
     /// Called on SIGHUP by [`run_blocking`] to get the new cluster description.
     pub reload: Option<ReloadFn>,

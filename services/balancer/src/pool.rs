@@ -1,10 +1,15 @@
 //! Keep-alive connections to one backend: a stack of idle HTTP/1.1 connections, most recently
 //! used first. A connection goes back when the response body it carried has been read to the
 //! end; one that closed meanwhile is dropped on the way out.
+//!
+//! One stack per worker thread ([`set_worker`]): a backend connection's task runs on the
+//! worker that opened it, and only that worker's requests use it, so a request never wakes
+//! another thread (and the stacks' locks are never contended).
 
+use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -17,17 +22,48 @@ use tokio::net::TcpStream;
 use crate::body::ReqBody;
 use crate::clock::coarse_now;
 
-/// Idle connections kept per backend; more are closed when they come back.
+/// Idle connections kept per backend and worker; more are closed when they come back.
 const MAX_IDLE: usize = 1024;
 /// An idle connection older than this is closed instead of reused: well before nginx's own
 /// keep-alive timeout (75 s), so a request is rarely sent on a connection the backend is
 /// closing at that moment (a non-idempotent one could not be retried).
 pub(crate) const MAX_IDLE_AGE: Duration = Duration::from_secs(30);
 
-#[derive(Debug, Default)]
+/// Worker threads the process runs at most (see [`reserve_workers`]): pools made from now on
+/// get one stack each.
+static WORKERS: AtomicUsize = AtomicUsize::new(1);
+
+thread_local! {
+    /// This thread's worker number; 0 for any thread that is not a balancer worker.
+    static WORKER: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Pools made from now on keep one stack for each of `n` workers.
+pub(crate) fn reserve_workers(n: usize) {
+    WORKERS.fetch_max(n, Relaxed);
+}
+
+/// This thread is worker `i` (`0..n` of [`reserve_workers`]).
+pub(crate) fn set_worker(i: usize) {
+    WORKER.with(|w| w.set(i));
+}
+
+type Idle = Mutex<Vec<(SendRequest<ReqBody>, Instant)>>;
+
+#[derive(Debug)]
 pub struct Pool {
-    /// Most recently used last, with the time it came back.
-    idle: Mutex<Vec<(SendRequest<ReqBody>, Instant)>>,
+    /// Per worker: most recently used last, with the time it came back.
+    idle: Box<[Idle]>,
+}
+
+impl Default for Pool {
+    fn default() -> Pool {
+        Pool {
+            idle: (0..WORKERS.load(Relaxed).max(1))
+                .map(|_| Idle::default())
+                .collect(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -48,9 +84,15 @@ impl std::fmt::Display for SendError {
 }
 
 impl Pool {
+    /// This worker's stack (a pool made before more workers were reserved shares its stacks).
+    fn mine(&self) -> &Idle {
+        let i = WORKER.with(Cell::get);
+        &self.idle[i % self.idle.len()]
+    }
+
     fn take(&self) -> Option<SendRequest<ReqBody>> {
         let now = coarse_now();
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self.mine().lock().unwrap_or_else(|p| p.into_inner());
         while let Some((c, since)) = idle.pop() {
             if now.saturating_duration_since(since) >= MAX_IDLE_AGE {
                 // Everything below is older still.
@@ -69,7 +111,7 @@ impl Pool {
         if c.is_closed() {
             return;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self.mine().lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < MAX_IDLE {
             idle.push((c, coarse_now()));
         }

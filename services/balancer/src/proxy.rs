@@ -133,6 +133,9 @@ pub(crate) struct Forwarding {
     proto: HeaderValue,
     /// `Forwarded: for=<ip>;proto=<proto>`.
     forwarded: HeaderValue,
+    /// `Host` made of the first request's authority (HTTP/2: every stream of a connection
+    /// names the same one, usually), so that later requests share it instead of copying.
+    host: std::sync::OnceLock<HeaderValue>,
 }
 
 impl Forwarding {
@@ -154,7 +157,20 @@ impl Forwarding {
             xff: value(ip.to_string()),
             proto: HeaderValue::from_static(proto),
             forwarded: value(format!("for={node};proto={proto}")),
+            host: std::sync::OnceLock::new(),
         }
+    }
+
+    /// `authority` as a `Host` value.
+    fn host(&self, authority: &str) -> Option<HeaderValue> {
+        if let Some(v) = self.host.get() {
+            if v.as_bytes() == authority.as_bytes() {
+                return Some(v.clone());
+            }
+        }
+        let v = HeaderValue::from_str(authority).ok()?;
+        let _ = self.host.set(v.clone());
+        Some(v)
     }
 }
 
@@ -302,8 +318,12 @@ async fn forward(mut req: Request<Incoming>, ctx: &ConnCtx) -> Response<RespBody
     }
     let upgrade = ctx.h1 && is_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let replayable = body.is_end_stream();
+    let Some(needs_host) = prepare_backend_headers(&mut parts, &ctx.fwd, upgrade) else {
+        g.bad_request.fetch_add(1, Relaxed);
+        return local(StatusCode::BAD_REQUEST, "bad request\n", ctx.h1);
+    };
     let mut body = (!replayable).then(|| Limited::new(body, limits.max_body_bytes as usize));
     // Hold this table for the whole request: a reload does not disturb it.
     let routes = shared.routes.load_full();
@@ -331,7 +351,8 @@ async fn forward(mut req: Request<Incoming>, ctx: &ConnCtx) -> Response<RespBody
             Some(b) => ReqBody::stream(b, Inflight::conn(&ctx.conn)),
             None => ReqBody::Empty,
         };
-        let Some(out) = backend_request(&parts, backend, &ctx.fwd, upgrade, req_body) else {
+        let last = !retry::may_retry(replayable, attempts);
+        let Some(out) = backend_request(&mut parts, backend, needs_host, last, req_body) else {
             g.bad_request.fetch_add(1, Relaxed);
             return local(StatusCode::BAD_REQUEST, "bad request\n", ctx.h1);
         };
@@ -527,75 +548,124 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
-/// The request to send to `backend`: same method, path and headers, minus hop-by-hop headers,
-/// plus `X-Forwarded-For`, `X-Forwarded-Proto` and `Forwarded`. Always HTTP/1.1.
-fn backend_request(
-    parts: &Parts,
-    backend: &Backend,
-    fwd: &Forwarding,
-    upgrade: bool,
-    body: ReqBody,
-) -> Option<Request<ReqBody>> {
-    // Origin form (`/path?query`): the connection already goes to the backend.
-    let uri = match parts.uri.path_and_query() {
-        Some(_) if parts.uri.scheme().is_none() => parts.uri.clone(),
-        Some(pq) => Uri::from(pq.clone()),
-        None => Uri::from_static("/"),
-    };
-    let listed: Vec<&str> = parts
-        .headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
-        .collect();
-    let mut h = HeaderMap::with_capacity(parts.headers.len() + 4);
-    let mut xff: Option<Vec<u8>> = None;
-    let mut cookies: Vec<&[u8]> = Vec::new();
-    for (name, value) in &parts.headers {
-        if name == X_FORWARDED_FOR {
-            let x = xff.get_or_insert_with(Vec::new);
-            if !x.is_empty() {
-                x.extend_from_slice(b", ");
-            }
-            x.extend_from_slice(value.as_bytes());
-            continue;
+/// The request's parts made into what every backend gets, once per request and in place (no
+/// second header map): hop-by-hop headers and those `Connection` names removed (`Upgrade`
+/// kept for an upgrade), `X-Forwarded-For` extended with the client's address (several fields
+/// merged into one), `X-Forwarded-Proto` replaced, `Forwarded` appended, HTTP/2's split
+/// cookies joined (RFC 9113 §8.2.3), `Host` from the request's authority when it has none.
+/// `Some(true)`: the request has no `Host` and no authority (HTTP/1.0), the backend's address
+/// is its `Host`. `None`: a header that cannot be forwarded (400).
+fn prepare_backend_headers(parts: &mut Parts, fwd: &Forwarding, upgrade: bool) -> Option<bool> {
+    let h = &mut parts.headers;
+    // Room for the additions at once (growing the map rehashes it).
+    h.reserve(4);
+    // One pass over the names to find what needs work; usually nothing but the additions.
+    let (mut hop, mut only_connection) = (false, true);
+    let (mut xff, mut xfp, mut cookie, mut host) = (false, false, false, false);
+    for name in h.keys() {
+        if is_hop_by_hop(name) {
+            hop = true;
+            only_connection &= name == header::CONNECTION;
+        } else if name == X_FORWARDED_FOR {
+            xff = true;
+        } else if name == X_FORWARDED_PROTO {
+            xfp = true;
+        } else if name == header::COOKIE {
+            cookie = true;
+        } else if name == header::HOST {
+            host = true;
         }
-        let keep_upgrade = upgrade && name == header::UPGRADE;
-        if name == X_FORWARDED_PROTO
-            || (!keep_upgrade
-                && (is_hop_by_hop(name)
-                    || listed.iter().any(|l| l.eq_ignore_ascii_case(name.as_str()))))
-        {
-            continue;
-        }
-        if name == header::COOKIE && parts.version == Version::HTTP_2 {
-            // HTTP/2 may split cookies into several fields; HTTP/1.1 wants one (RFC 9113 §8.2.3).
-            cookies.push(value.as_bytes());
-            continue;
-        }
-        h.append(name.clone(), value.clone());
     }
-    if !cookies.is_empty() {
-        if let Ok(v) = HeaderValue::from_bytes(&cookies.join(&b"; "[..])) {
+    // Several client `X-Forwarded-For` fields are one list (RFC 9110 §5.3); taken out before
+    // the names `Connection` lists are removed, as it is always forwarded.
+    let prior_xff = if xff {
+        let mut joined = Vec::new();
+        if let header::Entry::Occupied(e) = h.entry(&X_FORWARDED_FOR) {
+            for v in e.remove_entry_mult().1 {
+                if !joined.is_empty() {
+                    joined.extend_from_slice(b", ");
+                }
+                joined.extend_from_slice(v.as_bytes());
+            }
+        }
+        Some(joined)
+    } else {
+        None
+    };
+    if hop {
+        // Remove what `Connection` names, looked up by name as written (no allocation for
+        // one `Connection` field).
+        if let header::Entry::Occupied(e) = h.entry(header::CONNECTION) {
+            let mut values = e.remove_entry_mult().1;
+            let first = values.next();
+            let rest: Vec<HeaderValue> = values.collect();
+            for v in first.iter().chain(&rest) {
+                let Ok(v) = v.to_str() else { continue };
+                for name in v.split(',').map(str::trim) {
+                    // With `Connection` the only hop-by-hop field, its usual `keep-alive`
+                    // names no field of this request.
+                    let absent = only_connection && name.eq_ignore_ascii_case("keep-alive");
+                    let kept = upgrade && name.eq_ignore_ascii_case("upgrade");
+                    if !(name.is_empty() || absent || kept) {
+                        h.remove(name);
+                    }
+                }
+            }
+        }
+        if !only_connection {
+            for name in [
+                header::TRANSFER_ENCODING,
+                header::TE,
+                header::TRAILER,
+                header::PROXY_AUTHENTICATE,
+            ] {
+                h.remove(name);
+            }
+            h.remove(&KEEP_ALIVE);
+            h.remove(&PROXY_CONNECTION);
+            if !upgrade {
+                h.remove(header::UPGRADE);
+            }
+        }
+        if host {
+            // `Connection` may have named it.
+            host = h.contains_key(header::HOST);
+        }
+    }
+    if xfp {
+        h.remove(&X_FORWARDED_PROTO);
+    }
+    if cookie
+        && parts.version == Version::HTTP_2
+        && h.get_all(header::COOKIE).iter().nth(1).is_some()
+    {
+        let joined: Vec<&[u8]> = h
+            .get_all(header::COOKIE)
+            .iter()
+            .map(HeaderValue::as_bytes)
+            .collect();
+        if let Ok(v) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
             h.insert(header::COOKIE, v);
         }
     }
     if upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    if !h.contains_key(header::HOST) {
-        let host = match parts.uri.authority() {
-            Some(a) => HeaderValue::from_str(a.as_str()).ok()?,
-            None => HeaderValue::from_str(backend.authority.as_str()).ok()?,
-        };
-        h.insert(header::HOST, host);
+    let mut needs_host = false;
+    if !host {
+        match parts.uri.authority() {
+            Some(a) => {
+                h.insert(header::HOST, fwd.host(a.as_str())?);
+            }
+            None => needs_host = true,
+        }
     }
-    let xff = match xff {
+    let xff = match prior_xff {
         None => fwd.xff.clone(),
         Some(mut prior) => {
-            prior.extend_from_slice(b", ");
+            if !prior.is_empty() {
+                prior.extend_from_slice(b", ");
+            }
             prior.extend_from_slice(fwd.ip.to_string().as_bytes());
             HeaderValue::from_bytes(&prior).ok()?
         }
@@ -603,18 +673,170 @@ fn backend_request(
     h.insert(X_FORWARDED_FOR.clone(), xff);
     h.insert(X_FORWARDED_PROTO.clone(), fwd.proto.clone());
     h.append(header::FORWARDED, fwd.forwarded.clone());
+    // Origin form (`/path?query`): the connection already goes to the backend.
+    parts.uri = match parts.uri.path_and_query() {
+        Some(_) if parts.uri.scheme().is_none() => return Some(needs_host),
+        Some(pq) => Uri::from(pq.clone()),
+        None => Uri::from_static("/"),
+    };
+    Some(needs_host)
+}
 
+/// The request to send to `backend`, of parts made by [`prepare_backend_headers`]: taken when
+/// this is the last attempt, else copied (a retry needs them again). Always HTTP/1.1.
+fn backend_request(
+    parts: &mut Parts,
+    backend: &Backend,
+    needs_host: bool,
+    last: bool,
+    body: ReqBody,
+) -> Option<Request<ReqBody>> {
+    let (uri, mut headers) = if last {
+        (
+            std::mem::take(&mut parts.uri),
+            std::mem::take(&mut parts.headers),
+        )
+    } else {
+        (parts.uri.clone(), parts.headers.clone())
+    };
+    if needs_host {
+        headers.insert(
+            header::HOST,
+            HeaderValue::from_str(backend.authority.as_str()).ok()?,
+        );
+    }
     let mut out = Request::new(body);
     *out.method_mut() = parts.method.clone();
     *out.uri_mut() = uri;
     *out.version_mut() = Version::HTTP_11;
-    *out.headers_mut() = h;
+    *out.headers_mut() = headers;
     Some(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parts(version: Version, uri: &str, headers: &[(&str, &str)]) -> Parts {
+        let mut b = Request::builder().version(version).uri(uri);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    fn values(p: &Parts, name: &str) -> Vec<String> {
+        p.headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect()
+    }
+
+    fn client() -> Forwarding {
+        Forwarding::new("192.0.2.7:5555".parse().unwrap(), true)
+    }
+
+    #[test]
+    fn backend_headers_drop_hop_by_hop_and_connection_names_and_add_forwarding() {
+        let mut p = parts(
+            Version::HTTP_11,
+            "/a?b",
+            &[
+                ("host", "example.com"),
+                ("connection", "keep-alive, X-Private, x-forwarded-for"),
+                ("x-private", "1"),
+                ("keep-alive", "timeout=5"),
+                ("te", "trailers"),
+                ("upgrade", "h2c"),
+                ("x-forwarded-for", "10.0.0.1"),
+                ("x-forwarded-for", "10.0.0.2, 10.0.0.3"),
+                ("x-forwarded-proto", "spoofed"),
+                ("forwarded", "for=10.0.0.1"),
+                ("accept", "*/*"),
+            ],
+        );
+        assert_eq!(
+            prepare_backend_headers(&mut p, &client(), false),
+            Some(false)
+        );
+        let mut names: Vec<&str> = p.headers.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(
+            names,
+            [
+                "accept",
+                "forwarded",
+                "host",
+                "x-forwarded-for",
+                "x-forwarded-proto"
+            ]
+        );
+        assert_eq!(
+            values(&p, "x-forwarded-for"),
+            ["10.0.0.1, 10.0.0.2, 10.0.0.3, 192.0.2.7"]
+        );
+        assert_eq!(values(&p, "x-forwarded-proto"), ["https"]);
+        assert_eq!(
+            values(&p, "forwarded"),
+            ["for=10.0.0.1", "for=192.0.2.7;proto=https"]
+        );
+        assert_eq!(values(&p, "host"), ["example.com"]);
+        assert_eq!(p.uri, "/a?b");
+    }
+
+    #[test]
+    fn backend_headers_of_http2_get_host_from_the_authority_and_one_cookie() {
+        let mut p = parts(
+            Version::HTTP_2,
+            "https://example.com/x",
+            &[("cookie", "a=1"), ("cookie", "b=2"), ("te", "trailers")],
+        );
+        assert_eq!(
+            prepare_backend_headers(&mut p, &client(), false),
+            Some(false)
+        );
+        assert_eq!(values(&p, "host"), ["example.com"]);
+        assert_eq!(values(&p, "cookie"), ["a=1; b=2"]);
+        assert!(!p.headers.contains_key("te"));
+        assert_eq!(values(&p, "x-forwarded-for"), ["192.0.2.7"]);
+        assert_eq!(p.uri, "/x");
+    }
+
+    #[test]
+    fn backend_headers_of_an_upgrade_keep_upgrade() {
+        let mut p = parts(
+            Version::HTTP_11,
+            "/ws",
+            &[
+                ("host", "example.com"),
+                ("connection", "Upgrade"),
+                ("upgrade", "websocket"),
+            ],
+        );
+        assert_eq!(
+            prepare_backend_headers(&mut p, &client(), true),
+            Some(false)
+        );
+        assert_eq!(values(&p, "upgrade"), ["websocket"]);
+        assert_eq!(values(&p, "connection"), ["upgrade"]);
+    }
+
+    #[test]
+    fn a_backend_request_is_a_copy_until_the_last_attempt() {
+        let backend = Backend::new("b", "127.0.0.1:8080".parse().unwrap(), Instant::now());
+        let mut p = parts(Version::HTTP_10, "/", &[]);
+        let needs_host = prepare_backend_headers(&mut p, &client(), false).unwrap();
+        assert!(needs_host, "HTTP/1.0 without Host");
+        let first = backend_request(&mut p, &backend, needs_host, false, ReqBody::Empty).unwrap();
+        assert_eq!(first.headers()["host"], "127.0.0.1:8080");
+        assert_eq!(first.version(), Version::HTTP_11);
+        assert_eq!(values(&p, "x-forwarded-for"), ["192.0.2.7"]);
+        let last = backend_request(&mut p, &backend, needs_host, true, ReqBody::Empty).unwrap();
+        assert_eq!(last.headers(), first.headers());
+        assert_eq!(last.uri(), "/");
+        assert!(p.headers.is_empty(), "the last attempt takes the headers");
+    }
 
     #[test]
     fn host_without_port_accepts_names_and_addresses_only() {

@@ -48,6 +48,10 @@ pub struct Handle {
     tasks_tx: mpsc::Sender<()>,
     tasks_rx: mpsc::Receiver<()>,
     runtime: tokio::runtime::Handle,
+    /// The worker threads beyond the caller's runtime ([`crate::Options::workers`]).
+    workers: Vec<std::thread::JoinHandle<()>>,
+    /// Tells the worker threads to drop what still runs after the shutdown grace.
+    abort_tx: watch::Sender<bool>,
 }
 
 /// One backend as the balancer sees it now.
@@ -62,7 +66,12 @@ pub struct BackendStatus {
 
 impl Balancer {
     /// Bind every listener, start health checks and serve until [`Handle::shutdown`]. Must be
-    /// called inside a tokio runtime (multi-threaded for real use).
+    /// called inside a tokio runtime, which serves the first worker's listeners and runs health
+    /// checks, the metrics endpoint and the floating IP's side. With
+    /// [`crate::Options::workers`] = n > 1, n − 1 more threads each run a current-thread
+    /// runtime of their own with listeners of their own on the same addresses (`SO_REUSEPORT`:
+    /// the kernel spreads connections among the workers); routes, certificates, health,
+    /// metrics and the connection caps are shared, backend keep-alive pools are per worker.
     pub async fn start(
         cluster: Cluster,
         node: &str,
@@ -91,17 +100,19 @@ impl Balancer {
             None => None,
         };
 
+        let workers = opts.workers.unwrap_or(1).max(1);
+        let reuse_port = workers > 1;
         let mut listeners = Vec::new();
         let mut bind_all =
             |addrs: &[SocketAddr], what: Listener| -> Result<Vec<SocketAddr>, BalancerError> {
                 let mut bound = Vec::new();
                 for &a in addrs {
-                    let l = conn::bind(a)?;
-                    bound.push(
-                        l.local_addr()
-                            .map_err(|source| BalancerError::Bind { addr: a, source })?,
-                    );
-                    listeners.push((l, what.clone()));
+                    let l = conn::bind_std(a, reuse_port)?;
+                    let local = l
+                        .local_addr()
+                        .map_err(|source| BalancerError::Bind { addr: a, source })?;
+                    bound.push(local);
+                    listeners.push((local, l, what.clone()));
                 }
                 Ok(bound)
             };
@@ -142,6 +153,17 @@ impl Balancer {
             .first()
             .or(plan.https_listen.first())
             .map_or(443, SocketAddr::port);
+        // Every worker's listeners, bound now so that a failure to bind is the caller's error.
+        // The other workers bind the addresses the first one got (port 0 picked a port).
+        let mut others = Vec::new();
+        for _ in 1..workers {
+            let mut mine = Vec::new();
+            for (local, _, what) in &listeners {
+                mine.push((conn::bind_std(*local, true)?, what.clone()));
+            }
+            others.push(mine);
+        }
+        crate::pool::reserve_workers(workers);
         let routes = Routes::new(&plan, None, Instant::now());
         let vip = opts
             .vip_dir
@@ -166,8 +188,24 @@ impl Balancer {
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let (tasks_tx, tasks_rx) = mpsc::channel(1);
+        let (abort_tx, abort_rx) = watch::channel(false);
         tokio::spawn(crate::clock::run(shutdown_rx.clone()));
-        for (l, what) in listeners {
+        let mut threads = Vec::new();
+        for (i, mine) in others.into_iter().enumerate() {
+            threads.push(spawn_worker(
+                i + 1,
+                mine,
+                shared.clone(),
+                shutdown_rx.clone(),
+                tasks_tx.clone(),
+                abort_rx.clone(),
+            )?);
+        }
+        for (local, l, what) in listeners {
+            let l = TcpListener::from_std(l).map_err(|source| BalancerError::Bind {
+                addr: local,
+                source,
+            })?;
             tokio::spawn(conn::accept_loop(
                 l,
                 what,
@@ -208,7 +246,7 @@ impl Balancer {
             ));
         }
         tracing::info!(
-            node, http = ?http, https = ?https, metrics = ?metrics,
+            node, http = ?http, https = ?https, metrics = ?metrics, workers,
             backends = ?plan.backends.iter().map(|b| b.addr).collect::<Vec<_>>(),
             algorithm = plan.algorithm.as_str(), mode = plan.mode.as_str(),
             "balancer started"
@@ -227,8 +265,63 @@ impl Balancer {
             tasks_tx,
             tasks_rx,
             runtime: tokio::runtime::Handle::current(),
+            workers: threads,
+            abort_tx,
         })
     }
+}
+
+/// Worker `index` (≥ 1): a thread with a current-thread runtime of its own that accepts on
+/// `listeners` and serves those connections until shutdown. It ends once its last connection
+/// did, or when told to abort (after the shutdown grace). Its backend connections and
+/// upgraded tunnels end with its runtime, as the caller's do when its runtime ends.
+fn spawn_worker(
+    index: usize,
+    listeners: Vec<(std::net::TcpListener, Listener)>,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+    tasks: mpsc::Sender<()>,
+    mut abort: watch::Receiver<bool>,
+) -> Result<std::thread::JoinHandle<()>, BalancerError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(BalancerError::Runtime)?;
+    std::thread::Builder::new()
+        .name(format!("balancer-{index}"))
+        .spawn(move || {
+            crate::pool::set_worker(index);
+            rt.block_on(async move {
+                // Every connection task of this worker holds `mine`: the runtime stays until
+                // the last one ended (its own tasks end with it).
+                let (mine, mut done) = mpsc::channel::<()>(1);
+                for (l, what) in listeners {
+                    match TcpListener::from_std(l) {
+                        Ok(l) => {
+                            tokio::spawn(conn::accept_loop(
+                                l,
+                                what,
+                                shared.clone(),
+                                shutdown.clone(),
+                                (tasks.clone(), mine.clone()),
+                            ));
+                        }
+                        Err(e) => tracing::error!(worker = index, error = %e, "cannot listen"),
+                    }
+                }
+                drop((mine, tasks));
+                tokio::select! {
+                    _ = done.recv() => {}
+                    r = abort.wait_for(|a| *a) => {
+                        if r.is_err() {
+                            // The handle is gone without a shutdown: serve what is open.
+                            let _ = done.recv().await;
+                        }
+                    }
+                }
+            });
+        })
+        .map_err(BalancerError::Runtime)
 }
 
 impl Handle {
@@ -356,6 +449,8 @@ impl Handle {
             tasks_tx,
             mut tasks_rx,
             shared,
+            workers,
+            abort_tx,
             ..
         } = self;
         let _ = shutdown_tx.send(true);
@@ -366,6 +461,15 @@ impl Handle {
                 grace_ms = grace.as_millis() as u64,
                 "requests still in flight after the grace period; closing"
             );
+        }
+        let _ = abort_tx.send(true);
+        if !workers.is_empty() {
+            let joined = tokio::task::spawn_blocking(move || {
+                for w in workers {
+                    let _ = w.join();
+                }
+            });
+            let _ = joined.await;
         }
         tracing::info!("balancer stopped");
     }
@@ -425,8 +529,8 @@ async fn metrics_loop(
     }
 }
 
-/// Run the balancer of `node` until SIGTERM or SIGINT, on a runtime of its own (one worker
-/// per available core unless `opts.workers` says otherwise). SIGHUP reloads: with
+/// Run the balancer of `node` until SIGTERM or SIGINT, on worker threads of its own (one per
+/// available core unless `opts.workers` says otherwise; see [`Balancer::start`]). SIGHUP reloads: with
 /// `opts.reload`, the cluster description it returns (and the certificates); without, the
 /// certificates only. A failed reload is logged and the running configuration kept.
 pub fn run_blocking(cluster: Cluster, node: &str, opts: Options) -> Result<(), BalancerError> {
@@ -436,24 +540,20 @@ pub fn run_blocking(cluster: Cluster, node: &str, opts: Options) -> Result<(), B
     if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
         tracing::debug!(error = %e, "cannot disable transparent huge pages");
     }
+    let mut opts = opts;
     let workers = opts
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
         .max(1);
-    // One worker: a current-thread runtime does the same work without the work-stealing
-    // scheduler's cross-thread bookkeeping (measurably cheaper per request).
-    let rt = if workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(workers)
-            .thread_name("balancer")
-            .enable_all()
-            .build()
-    }
-    .map_err(BalancerError::Runtime)?;
+    opts.workers = Some(workers);
+    // Thread per core, like HAProxy and nginx: this thread is the first worker (and runs the
+    // signals, health checks and metrics), [`Balancer::start`] starts the others. A
+    // current-thread runtime each: no work-stealing scheduler's cross-thread bookkeeping, and
+    // a connection, its HTTP/2 streams and its backend connections stay on one thread.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(BalancerError::Runtime)?;
     rt.block_on(async move {
         use tokio::signal::unix::{signal, SignalKind};
         let reload = opts.reload.clone();

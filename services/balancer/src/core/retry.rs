@@ -31,13 +31,19 @@ pub fn is_idempotent(method: &Method) -> bool {
     )
 }
 
+/// Whether any failure of this attempt could be retried (what [`should_retry`] says for the
+/// kindest failure): a request that cannot be retried needs no copy kept.
+pub fn may_retry(body_replayable: bool, attempts: u32) -> bool {
+    attempts < MAX_ATTEMPTS && body_replayable
+}
+
 pub fn should_retry(
     method: &Method,
     body_replayable: bool,
     failure: Failure,
     attempts: u32,
 ) -> bool {
-    if attempts >= MAX_ATTEMPTS || !body_replayable {
+    if !may_retry(body_replayable, attempts) {
         return false;
     }
     match failure {

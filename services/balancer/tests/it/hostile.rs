@@ -275,9 +275,20 @@ async fn admitted_again(from: IpAddr, to: SocketAddr) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_per_client_cap_get_503_and_are_counted() {
+    per_client_cap(None).await;
+}
+
+/// The caps are counted for the whole process, not per worker thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_per_client_cap_holds_across_worker_threads() {
+    per_client_cap(Some(3)).await;
+}
+
+async fn per_client_cap(workers: Option<usize>) {
     init_tracing();
     let s = Setup::new();
     let mut o = s.options();
+    o.workers = workers;
     o.limits = Limits {
         max_connections_per_client: 3,
         header_timeout: CAP_TESTS_HEADER_TIMEOUT,
@@ -344,9 +355,19 @@ async fn all_released(h: &balancer::Handle) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_global_cap_get_503_and_are_counted() {
+    global_cap(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_global_cap_holds_across_worker_threads() {
+    global_cap(Some(3)).await;
+}
+
+async fn global_cap(workers: Option<usize>) {
     init_tracing();
     let s = Setup::new();
     let mut o = s.options();
+    o.workers = workers;
     o.limits = Limits {
         max_connections: 3,
         header_timeout: CAP_TESTS_HEADER_TIMEOUT,

@@ -244,13 +244,25 @@ async fn plain_port_redirects_to_https_and_answers_the_health_path() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reload_changes_routing_without_failing_requests_in_flight() {
+    reload_changes_routing(None).await;
+}
+
+/// The routing table is shared: a reload reaches every worker thread at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_changes_routing_on_every_worker_thread() {
+    reload_changes_routing(Some(3)).await;
+}
+
+async fn reload_changes_routing(workers: Option<usize>) {
     init_tracing();
     let s = Setup::new();
-    let h = Arc::new(s.start().await);
+    let mut o = s.options();
+    o.workers = workers;
+    let h = Arc::new(s.start_with(o).await);
     let addr = h.http_proxy_addrs()[0];
     let stop_at = Instant::now() + Duration::from_millis(1500);
     let mut tasks = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..6 {
         tasks.push(tokio::spawn(async move {
             let c = client();
             let mut bad = Vec::new();
@@ -365,7 +377,9 @@ async fn upgrade_backend(addr: SocketAddr) {
 }
 
 /// The balancer in front of one [`upgrade_backend`].
-async fn start_with_scripted_backend() -> (balancer::Handle, tempfile::TempDir) {
+async fn start_with_scripted_backend(
+    workers: Option<usize>,
+) -> (balancer::Handle, tempfile::TempDir) {
     let net = subnet();
     let backend = SocketAddr::from((ip(net, 11), free_port(&[ip(net, 11)])));
     tokio::spawn(upgrade_backend(backend));
@@ -379,16 +393,30 @@ async fn start_with_scripted_backend() -> (balancer::Handle, tempfile::TempDir) 
         http_proxy: vec![SocketAddr::from((ip(net, 10), 0))],
         ..Default::default()
     });
+    o.workers = workers;
     let h = balancer::Balancer::start(c, "server1", o).await.unwrap();
     (h, state)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_finishes_requests_in_flight_and_stops_accepting() {
+    shutdown_finishes_requests_in_flight(None).await;
+}
+
+/// Slow requests on several connections (the kernel spreads them over the worker threads):
+/// every worker finishes its own before shutdown returns, and none accepts after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_requests_in_flight_on_every_worker_thread() {
+    shutdown_finishes_requests_in_flight(Some(3)).await;
+}
+
+async fn shutdown_finishes_requests_in_flight(workers: Option<usize>) {
     init_tracing();
-    let (h, _state) = start_with_scripted_backend().await;
+    let (h, _state) = start_with_scripted_backend(workers).await;
     let addr = h.http_proxy_addrs()[0];
-    let slow = tokio::spawn(async move { get(&client(), addr, "/slow").await });
+    let slow: Vec<_> = (0..6)
+        .map(|_| tokio::spawn(async move { get(&client(), addr, "/slow").await }))
+        .collect();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let t0 = Instant::now();
     h.shutdown().await;
@@ -397,7 +425,9 @@ async fn shutdown_finishes_requests_in_flight_and_stops_accepting() {
         waited >= Duration::from_millis(400),
         "shutdown did not wait: {waited:?}"
     );
-    assert_eq!(slow.await.unwrap().unwrap(), (200, "slow\n".to_string()));
+    for slow in slow {
+        assert_eq!(slow.await.unwrap().unwrap(), (200, "slow\n".to_string()));
+    }
     let refused = tokio::net::TcpStream::connect(addr).await.is_err();
     assert!(refused, "still accepting after shutdown");
 }
@@ -405,7 +435,7 @@ async fn shutdown_finishes_requests_in_flight_and_stops_accepting() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_upgrades_pass_through() {
     init_tracing();
-    let (h, _state) = start_with_scripted_backend().await;
+    let (h, _state) = start_with_scripted_backend(None).await;
     let mut s = tokio::net::TcpStream::connect(h.http_proxy_addrs()[0])
         .await
         .unwrap();
