@@ -3,8 +3,8 @@
 #
 #   bench/alloc.sh                  # REQUESTS=20000 by default
 #
-# Builds the `bench_balancer` example twice (release; the second with `--features
-# system-alloc`), runs each under callgrind in front of one nginx backend on loopback, and
+# Builds the `bench_balancer` example twice (dist profile: glibc malloc, what `appliance` ships
+# with, and `--features mimalloc`), runs each under callgrind in front of one nginx backend on loopback, and
 # drives REQUESTS keep-alive requests through it (plain HTTP, then HTTPS) with h2load --h1.
 # Instructions are counted by valgrind, so the figure does not depend on how busy the machine
 # is; a run with no requests is subtracted (start-up, certificate load, shutdown).
@@ -27,9 +27,9 @@ need_tools valgrind:valgrind h2load:nghttp2-client nginx:nginx-light openssl:ope
 bench_workdir tandem-alloc
 
 echo "building bench_balancer (dist profile, mimalloc and glibc)..." >&2
-(cd "$here" && cargo build -q --profile dist -p balancer --example bench_balancer)
+(cd "$here" && cargo build -q --profile dist -p balancer --example bench_balancer --features mimalloc)
 cp "$CARGO_TARGET_DIR/dist/examples/bench_balancer" "$work/mimalloc"
-(cd "$here" && cargo build -q --profile dist -p balancer --example bench_balancer --features system-alloc)
+(cd "$here" && cargo build -q --profile dist -p balancer --example bench_balancer)
 cp "$CARGO_TARGET_DIR/dist/examples/bench_balancer" "$work/glibc"
 
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 30 \

@@ -6,13 +6,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// mimalloc: the balancer allocates per request (headers, bodies, futures). bench/alloc.sh
-/// (callgrind, 5 000 keep-alive requests through one worker) measured 1.8 % fewer
-/// instructions per proxied request than glibc malloc, on plain HTTP (33 853 vs 34 478) and on
-/// HTTPS (42 484 vs 43 282). The other subcommands neither gain nor lose measurably.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(name = "appliance", version, about = "Tandem supervisor")]
 struct Cli {

@@ -13,9 +13,9 @@ use std::process::ExitCode;
 use balancer::{Listen, Options};
 use cluster_config::{Cluster, DbRole, Node};
 
-/// The allocator of the `appliance` binary, which runs the balancer in production
-/// (`--features system-alloc` keeps glibc's, for bench/alloc.sh).
-#[cfg(not(feature = "system-alloc"))]
+/// The `appliance` binary, which runs the balancer in production, uses glibc's allocator;
+/// `--features mimalloc` swaps in mimalloc, for bench/alloc.sh.
+#[cfg(feature = "mimalloc")]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
