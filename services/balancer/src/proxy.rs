@@ -530,6 +530,12 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
             return;
         }
     }
+    remove_fixed_hop_by_hop(h, keep_upgrade);
+}
+
+/// The hop-by-hop headers RFC 9110 §7.6.1 names, whatever `Connection` lists; `Upgrade` stays
+/// for a tunnel.
+fn remove_fixed_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
     for name in [
         header::TRANSFER_ENCODING,
         header::TE,
@@ -613,19 +619,7 @@ fn prepare_backend_headers(parts: &mut Parts, fwd: &Forwarding, upgrade: bool) -
             }
         }
         if !only_connection {
-            for name in [
-                header::TRANSFER_ENCODING,
-                header::TE,
-                header::TRAILER,
-                header::PROXY_AUTHENTICATE,
-            ] {
-                h.remove(name);
-            }
-            h.remove(&KEEP_ALIVE);
-            h.remove(&PROXY_CONNECTION);
-            if !upgrade {
-                h.remove(header::UPGRADE);
-            }
+            remove_fixed_hop_by_hop(h, upgrade);
         }
         if host {
             // `Connection` may have named it.
