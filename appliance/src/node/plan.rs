@@ -632,8 +632,7 @@ impl<'a> Planner<'a> {
             let mut init = match inputs.db_template.as_deref() {
                 // An image: the template is unpacked beside the datadir and renamed into it
                 // once complete, so a kill at any moment leaves none (made again next time)
-                // or a whole one. Root, to rename in the state directory, with only what it
-                // needs to give the files to MariaDB's user.
+                // or a whole one. Root, to rename in the state directory.
                 Some(template) => {
                     let exe = inputs.exe.display().to_string();
                     let owner = self.user(MARIADB_USER);
@@ -642,7 +641,10 @@ impl<'a> Planner<'a> {
                         db::init_argv(&exe, &db_params, template, owner.as_deref()),
                     );
                     if inputs.root {
-                        init.capabilities = vec![Capability::CHOWN];
+                        // To give the files to MariaDB's user, and to look inside its
+                        // (empty, or half-made) datadir: never mistaking a datadir it cannot
+                        // read for an empty one.
+                        init.capabilities = vec![Capability::CHOWN, Capability::DAC_READ_SEARCH];
                     }
                     init
                 }
@@ -1195,8 +1197,15 @@ mod tests {
         assert_eq!(
             services(&plan),
             [
-                // Root, to rename the finished datadir into place; CHOWN to give it away.
-                ("mariadb-init", None, vec![], None, vec![C::CHOWN]),
+                // Root, to rename the finished datadir into place; CHOWN to give it away,
+                // DAC_READ_SEARCH to look inside MariaDB's datadir.
+                (
+                    "mariadb-init",
+                    None,
+                    vec![],
+                    None,
+                    vec![C::CHOWN, C::DAC_READ_SEARCH]
+                ),
                 (
                     "mariadb",
                     Some("mysql"),

@@ -60,6 +60,7 @@ pub struct Capability(u8);
 impl Capability {
     pub const CHOWN: Capability = Capability(0);
     pub const DAC_OVERRIDE: Capability = Capability(1);
+    pub const DAC_READ_SEARCH: Capability = Capability(2);
     pub const SETGID: Capability = Capability(6);
     pub const SETUID: Capability = Capability(7);
     pub const LINUX_IMMUTABLE: Capability = Capability(9);

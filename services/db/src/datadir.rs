@@ -78,20 +78,22 @@ pub fn siblings(datadir: &Path) -> Result<(PathBuf, PathBuf), DatadirError> {
 
 /// Make `datadir` an initialised datadir from `template` (a zstd tar of one, its entries
 /// relative to the datadir) unless it already is one; files end up owned by `owner` (uid, gid)
-/// when given (the supervisor runs this as root with `CAP_CHOWN` only).
+/// when given. The supervisor runs this as root with `CAP_CHOWN` (to give the files away) and
+/// `CAP_DAC_READ_SEARCH` (to look inside MariaDB's datadir) only. A datadir it cannot look
+/// into is an error, never taken for an empty one: that would move a working one aside.
 pub fn prepare(
     datadir: &Path,
     template: &Path,
     owner: Option<(u32, u32)>,
 ) -> Result<Outcome, DatadirError> {
-    if crate::is_initialised(datadir) {
+    if initialised(datadir)? {
         return Ok(Outcome::AlreadyInitialised);
     }
     let (staging, aside) = siblings(datadir)?;
     let parent = staging.parent().unwrap_or(Path::new("/")).to_path_buf();
     if staging.symlink_metadata().is_ok() {
-        // A cut during an earlier attempt.
-        fs::remove_dir_all(&staging).map_err(io_err("removing the earlier attempt", &staging))?;
+        // An earlier attempt cut short, perhaps already given to `owner`.
+        remove_tree(&staging)?;
     }
     fs::DirBuilder::new()
         .mode(0o750)
@@ -103,11 +105,15 @@ pub fn prepare(
     if let Some((uid, gid)) = owner {
         chown_tree(&staging, uid, gid)?;
     }
-    let occupied = fs::read_dir(datadir).is_ok_and(|mut entries| entries.next().is_some());
+    let occupied = match fs::read_dir(datadir) {
+        Ok(mut entries) => entries.next().is_some(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => false,
+        Err(e) => return Err(io_err("reading", datadir)(e)),
+    };
     let moved_aside = match occupied {
         true => {
             if aside.symlink_metadata().is_ok() {
-                fs::remove_dir_all(&aside).map_err(io_err("removing", &aside))?;
+                remove_tree(&aside)?;
             }
             fs::rename(datadir, &aside).map_err(io_err("moving a half-made datadir", datadir))?;
             tracing::warn!(datadir = %datadir.display(), moved_to = %aside.display(), "a datadir without system tables was in the way; moved aside");
@@ -123,6 +129,45 @@ pub fn prepare(
         written,
         moved_aside,
     })
+}
+
+/// [`crate::is_initialised`], with a path that cannot be looked at an error rather than "no".
+fn initialised(datadir: &Path) -> Result<bool, DatadirError> {
+    for marker in crate::INITIALISED_MARKERS {
+        let path = datadir.join(marker);
+        if path.try_exists().map_err(io_err("looking at", &path))? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Remove a tree this process made, even once it was given to another user: each directory is
+/// taken back (`CAP_CHOWN`) before it is looked into, since root without `CAP_DAC_OVERRIDE`
+/// may neither list nor empty a directory of mode 0700 that is not its own.
+fn remove_tree(dir: &Path) -> Result<(), DatadirError> {
+    let me = (
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    );
+    take_back(dir, me)?;
+    fs::remove_dir_all(dir).map_err(io_err("removing", dir))
+}
+
+fn take_back(dir: &Path, (uid, gid): (u32, u32)) -> Result<(), DatadirError> {
+    chown(dir, uid, gid)?;
+    for entry in fs::read_dir(dir).map_err(io_err("reading", dir))? {
+        let entry = entry.map_err(io_err("reading", dir))?;
+        let path = entry.path();
+        if entry
+            .file_type()
+            .map_err(io_err("reading", &path))?
+            .is_dir()
+        {
+            take_back(&path, (uid, gid))?;
+        }
+    }
+    Ok(())
 }
 
 fn sync_fs(dir: &Path) -> Result<(), DatadirError> {
@@ -330,9 +375,16 @@ mod tests {
         let t = template(tmp.path());
         let datadir = tmp.path().join("mysql");
         let (staging, aside) = siblings(&datadir).unwrap();
-        // A cut while unpacking, and a killed mariadb-install-db's leftovers.
+        // A cut while unpacking (already given to MariaDB's user, mode 0700), and a killed
+        // mariadb-install-db's leftovers.
         fs::create_dir_all(staging.join("mysql")).unwrap();
         fs::write(staging.join("ibdata1"), b"half").unwrap();
+        for dir in [staging.join("mysql"), staging.clone()] {
+            fs::set_permissions(&dir, fs::Permissions::from_mode(0o700)).unwrap();
+            if nix::unistd::geteuid().is_root() {
+                std::os::unix::fs::lchown(&dir, Some(65534), Some(65534)).unwrap();
+            }
+        }
         fs::create_dir_all(&datadir).unwrap();
         fs::write(datadir.join("ibdata1"), b"half-made").unwrap();
         let out = prepare(&datadir, &t, None).unwrap();

@@ -195,10 +195,14 @@ pub fn server_argv(p: &Params) -> Vec<String> {
     ]
 }
 
+/// Files only an initialised datadir holds (the `mysql` system schema), relative to it.
+pub const INITIALISED_MARKERS: [&str; 2] = ["mysql/db.frm", "mysql/global_priv.MAI"];
+
 /// Whether the datadir already holds an initialised server (the `mysql` system schema).
 pub fn is_initialised(datadir: &Path) -> bool {
-    datadir.join("mysql").join("db.frm").exists()
-        || datadir.join("mysql").join("global_priv.MAI").exists()
+    INITIALISED_MARKERS
+        .iter()
+        .any(|marker| datadir.join(marker).exists())
 }
 
 #[cfg(test)]
