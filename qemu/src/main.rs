@@ -105,8 +105,8 @@ enum Cmd {
         boots: u32,
         #[arg(long, default_value = BOOT_TIME_RUN_DIR)]
         run_dir: PathBuf,
-        /// The metrics token of the images (for the memory figures) [default: the build
-        /// machine's, ~/.cache/tandem/<cluster>-ca/metrics-token].
+        /// The metrics token of the images (for the memory figures) [default: the one kept
+        /// beside the CA the images' manifest.json names].
         #[arg(long)]
         metrics_token: Option<PathBuf>,
     },
@@ -273,14 +273,7 @@ fn main() -> anyhow::Result<ExitCode> {
                     .with_context(|| format!("removing {}", run_dir.display()))?;
             }
             let config = load_cluster(cluster.config.as_deref())?;
-            let metrics_token = metrics_token.or_else(|| {
-                let home = std::env::var_os("HOME")?;
-                let p = PathBuf::from(home)
-                    .join(".cache/tandem")
-                    .join(format!("{}-ca", config.name))
-                    .join("metrics-token");
-                p.is_file().then_some(p)
-            });
+            let metrics_token = metrics_token.or_else(|| built_metrics_token(&cluster.images));
             let opts = qemu::boottime::BootTimeOptions {
                 spec,
                 https_port: target.https_port,
@@ -320,6 +313,16 @@ fn main() -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The metrics token the images in `images` were built with: the file `metrics-token`
+/// (image-builder's `pki::METRICS_TOKEN_FILE`) beside the CA their `manifest.json` names, as
+/// the end-to-end tests find it.
+fn built_metrics_token(images: &Path) -> Option<PathBuf> {
+    let manifest = std::fs::read_to_string(images.join("manifest.json")).ok()?;
+    let manifest: serde_json::Value = serde_json::from_str(&manifest).ok()?;
+    let token = PathBuf::from(manifest["ca_dir"].as_str()?).join("metrics-token");
+    token.is_file().then_some(token)
 }
 
 /// Stopped by Ctrl-C or `down`: the shell's convention for "killed by SIGINT".
