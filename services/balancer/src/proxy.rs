@@ -1,6 +1,7 @@
 //! One request: answered locally (health path, redirect, limits) or forwarded to a backend,
 //! with the forwarding headers added, retried once elsewhere when that is safe.
 
+use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -174,29 +175,252 @@ impl Forwarding {
     }
 }
 
-pub(crate) async fn handle(req: Request<Incoming>, ctx: &ConnCtx) -> Response<RespBody> {
+/// One request, answered: here (the health path, redirects, a refused head) or by a backend,
+/// with the forwarding headers added, retried once elsewhere when that is safe.
+///
+/// One `async fn` for all of it, on purpose: each level of `async fn` nesting is one more copy
+/// of the inner future per request (the whole future, about 1 KiB; measured with callgrind),
+/// and this future is what hyper stores per request. The backend exchange, the large part, is
+/// boxed below for the same reason.
+pub(crate) async fn handle(
+    req: Request<Incoming>,
+    ctx: Arc<ConnCtx>,
+) -> Result<Response<RespBody>, Infallible> {
+    let ctx = &*ctx;
     let guard = Inflight::conn(&ctx.conn);
-    let tls = ctx.role == (Role::Proxy { tls: true });
-    let mut resp = route(req, ctx).await;
-    if tls {
+    let mut resp = match to_forward(req, ctx) {
+        Err(resp) => resp,
+        Ok(Forward {
+            mut parts,
+            body,
+            client_upgrade,
+            replayable,
+            needs_host,
+        }) => 'forwarded: {
+            let shared = &ctx.shared;
+            let g = &shared.global;
+            let limits = &shared.limits;
+            let too_large = |g: &Global| {
+                g.too_large.fetch_add(1, Relaxed);
+                local(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request body too large\n",
+                    ctx.h1,
+                )
+            };
+            let mut body = body;
+            // Hold this table for the whole request: a reload does not disturb it.
+            let routes = shared.routes.load_full();
+            let mut failed = None;
+            let mut attempts = 0;
+            loop {
+                attempts += 1;
+                let picked = match failed {
+                    None => routes.pick(),
+                    Some(f) => routes.pick_retry(f),
+                };
+                let Some(i) = picked else {
+                    g.no_backend.fetch_add(1, Relaxed);
+                    break 'forwarded local(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "no backend available\n",
+                        false,
+                    );
+                };
+                let backend = &routes.entries[i].backend;
+                let req_body = match body.take() {
+                    // The request stays in flight on the client connection until its body was read to
+                    // the end (or dropped), not only until the response was sent: bytes hyper reads
+                    // meanwhile are body, not a head, and get no head deadline.
+                    Some(b) => ReqBody::stream(b, Inflight::conn(&ctx.conn)),
+                    None => ReqBody::Empty,
+                };
+                let last = !retry::may_retry(replayable, attempts);
+                let Some(out) = backend_request(&mut parts, backend, needs_host, last, req_body)
+                else {
+                    g.bad_request.fetch_add(1, Relaxed);
+                    break 'forwarded local(StatusCode::BAD_REQUEST, "bad request\n", ctx.h1);
+                };
+                backend.metrics.requests.fetch_add(1, Relaxed);
+                let active = Inflight::backend(backend);
+                let start = Instant::now();
+                let opened = &backend.metrics.connections;
+                // Boxed: made in place once. Inline, the exchange (1 KiB) would be copied into the
+                // timeout and again into this future, and would make this future (and so every
+                // request's) that much larger to copy.
+                let sent = Box::pin(backend.pool.send(
+                    backend.addr,
+                    out,
+                    limits.connect_timeout,
+                    opened,
+                ));
+                let result = tokio::time::timeout(limits.response_timeout, sent).await;
+                match result {
+                    Ok(Ok((mut resp, conn))) => {
+                        backend.metrics.latency.observe(start.elapsed());
+                        backend.metrics.response(resp.status().as_u16());
+                        shared.observe(backend, Observation::TrafficOk, "response");
+                        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+                            if let Some(client_upgrade) = client_upgrade {
+                                // Only now, with the backend's 101 in hand, is the connection a tunnel.
+                                ctx.conn.tunnel();
+                                let backend_upgrade = hyper::upgrade::on(&mut resp);
+                                tokio::spawn(async move {
+                                    let _active = active;
+                                    if let (Ok(c), Ok(b)) =
+                                        (client_upgrade.await, backend_upgrade.await)
+                                    {
+                                        let (mut c, mut b) = (TokioIo::new(c), TokioIo::new(b));
+                                        let _ = tokio::io::copy_bidirectional(&mut c, &mut b).await;
+                                    }
+                                });
+                                let (mut p, _) = resp.into_parts();
+                                strip_hop_by_hop(&mut p.headers, true);
+                                p.headers.insert(
+                                    header::CONNECTION,
+                                    HeaderValue::from_static("upgrade"),
+                                );
+                                break 'forwarded Response::from_parts(p, RespBody::empty());
+                            }
+                        }
+                        let (mut p, b) = resp.into_parts();
+                        strip_hop_by_hop(&mut p.headers, false);
+                        let body =
+                            RespBody::backend(b, backend.clone(), conn, [Some(active), None]);
+                        break 'forwarded Response::from_parts(p, body);
+                    }
+                    Ok(Err(e)) => {
+                        if let SendError::Http(h) = &e {
+                            // The client's own body failed (too large, framing broken, cut short): the
+                            // client's error. Not the backend's: no error, no health observation, no
+                            // 502 (which would feed the 5xx alert and blame a healthy backend).
+                            match client_body_error(h) {
+                                Some(ClientBodyError::TooLarge) => break 'forwarded too_large(g),
+                                Some(ClientBodyError::Broken(cause)) => {
+                                    tracing::debug!(error = %cause, "request body broken by the client");
+                                    g.bad_request.fetch_add(1, Relaxed);
+                                    break 'forwarded local(
+                                        StatusCode::BAD_REQUEST,
+                                        "malformed request body\n",
+                                        ctx.h1,
+                                    );
+                                }
+                                None => {}
+                            }
+                        }
+                        backend.metrics.errors.fetch_add(1, Relaxed);
+                        let failure = classify(&e);
+                        match failure {
+                            Failure::Connect => shared.observe(
+                                backend,
+                                Observation::ConnectFailed,
+                                failure_reason(failure),
+                            ),
+                            Failure::ClosedBeforeResponse => shared.observe(
+                                backend,
+                                Observation::TrafficFailed,
+                                failure_reason(failure),
+                            ),
+                            _ => {}
+                        }
+                        tracing::debug!(backend = %backend.addr, error = %e, ?failure, "backend request failed");
+                        if retry::should_retry(&parts.method, replayable, failure, attempts) {
+                            backend.metrics.retries.fetch_add(1, Relaxed);
+                            failed = Some(i);
+                            continue;
+                        }
+                        g.bad_gateway.fetch_add(1, Relaxed);
+                        break 'forwarded local(StatusCode::BAD_GATEWAY, "bad gateway\n", false);
+                    }
+                    Err(_elapsed) => {
+                        backend.metrics.errors.fetch_add(1, Relaxed);
+                        g.gateway_timeout.fetch_add(1, Relaxed);
+                        break 'forwarded local(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "gateway timeout\n",
+                            false,
+                        );
+                    }
+                }
+            }
+        }
+    };
+    if ctx.role == (Role::Proxy { tls: true }) {
         if let Some(v) = &ctx.shared.settings.load().hsts {
             resp.headers_mut()
                 .insert(header::STRICT_TRANSPORT_SECURITY, v.clone());
         }
     }
     resp.body_mut().add_guard(guard);
-    resp
+    Ok(resp)
 }
 
-async fn route(req: Request<Incoming>, ctx: &ConnCtx) -> Response<RespBody> {
+/// A request on its way to a backend, its headers made ready by [`prepare_backend_headers`].
+struct Forward {
+    parts: Parts,
+    /// The client's body, cut off at the limit; `None` when there is none (replayable).
+    body: Option<Limited<Incoming>>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    replayable: bool,
+    needs_host: bool,
+}
+
+/// What of `req` goes to a backend, or the answer made here. A plain function, so that the
+/// request, taken apart here, is not also held whole across the exchange in [`handle`]'s future.
+#[allow(
+    clippy::result_large_err,
+    reason = "the common case is the request to forward, not an error"
+)]
+fn to_forward(req: Request<Incoming>, ctx: &ConnCtx) -> Result<Forward, Response<RespBody>> {
+    if let Some(resp) = answer_here(&req, ctx) {
+        return Err(resp);
+    }
+    let g = &ctx.shared.global;
+    let limits = &ctx.shared.limits;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limits.max_body_bytes) {
+        g.too_large.fetch_add(1, Relaxed);
+        return Err(local(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body too large\n",
+            ctx.h1,
+        ));
+    }
+    let upgrade = ctx.h1 && is_upgrade(&req);
+    let (mut parts, body) = req.into_parts();
+    // What `hyper::upgrade::on` would take from the request.
+    let client_upgrade = upgrade
+        .then(|| parts.extensions.remove::<hyper::upgrade::OnUpgrade>())
+        .flatten();
+    let replayable = body.is_end_stream();
+    let Some(needs_host) = prepare_backend_headers(&mut parts, &ctx.fwd, upgrade) else {
+        g.bad_request.fetch_add(1, Relaxed);
+        return Err(local(StatusCode::BAD_REQUEST, "bad request\n", ctx.h1));
+    };
+    let body = (!replayable).then(|| Limited::new(body, limits.max_body_bytes as usize));
+    Ok(Forward {
+        parts,
+        body,
+        client_upgrade,
+        replayable,
+        needs_host,
+    })
+}
+
+/// The answer to `req` when the balancer makes it itself; `None` when it goes to a backend.
+fn answer_here(req: &Request<Incoming>, ctx: &ConnCtx) -> Option<Response<RespBody>> {
     let g = &ctx.shared.global;
     if ctx.h1 && ctx.conn.on_head().is_some_and(|v| v.conflicting_length) {
         g.bad_request.fetch_add(1, Relaxed);
-        return local(
+        return Some(local(
             StatusCode::BAD_REQUEST,
             "conflicting Content-Length and Transfer-Encoding\n",
             ctx.h1,
-        );
+        ));
     }
     match ctx.role {
         Role::Redirect => {
@@ -205,12 +429,12 @@ async fn route(req: Request<Incoming>, ctx: &ConnCtx) -> Response<RespBody> {
                 let routes = ctx.shared.routes.load();
                 let up = routes.entries.iter().filter(|e| e.backend.is_up()).count();
                 let body = format!("ok: {up}/{} backends up\n", routes.entries.len());
-                return text(StatusCode::OK, body);
+                return Some(text(StatusCode::OK, body));
             }
             g.redirects.fetch_add(1, Relaxed);
-            redirect(&req, &settings)
+            Some(redirect(req, &settings))
         }
-        Role::Proxy { .. } => forward(req, ctx).await,
+        Role::Proxy { .. } => None,
     }
 }
 
@@ -294,151 +518,6 @@ fn header_has_token(h: &HeaderMap, name: &HeaderName, token: &str) -> bool {
             .map(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
             .unwrap_or(false)
     })
-}
-
-async fn forward(mut req: Request<Incoming>, ctx: &ConnCtx) -> Response<RespBody> {
-    let shared = &ctx.shared;
-    let g = &shared.global;
-    let limits = &shared.limits;
-    let too_large = |g: &Global| {
-        g.too_large.fetch_add(1, Relaxed);
-        local(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "request body too large\n",
-            ctx.h1,
-        )
-    };
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limits.max_body_bytes) {
-        return too_large(g);
-    }
-    let upgrade = ctx.h1 && is_upgrade(&req);
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let (mut parts, body) = req.into_parts();
-    let replayable = body.is_end_stream();
-    let Some(needs_host) = prepare_backend_headers(&mut parts, &ctx.fwd, upgrade) else {
-        g.bad_request.fetch_add(1, Relaxed);
-        return local(StatusCode::BAD_REQUEST, "bad request\n", ctx.h1);
-    };
-    let mut body = (!replayable).then(|| Limited::new(body, limits.max_body_bytes as usize));
-    // Hold this table for the whole request: a reload does not disturb it.
-    let routes = shared.routes.load_full();
-    let mut failed = None;
-    let mut attempts = 0;
-    loop {
-        attempts += 1;
-        let picked = match failed {
-            None => routes.pick(),
-            Some(f) => routes.pick_retry(f),
-        };
-        let Some(i) = picked else {
-            g.no_backend.fetch_add(1, Relaxed);
-            return local(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no backend available\n",
-                false,
-            );
-        };
-        let backend = &routes.entries[i].backend;
-        let req_body = match body.take() {
-            // The request stays in flight on the client connection until its body was read to
-            // the end (or dropped), not only until the response was sent: bytes hyper reads
-            // meanwhile are body, not a head, and get no head deadline.
-            Some(b) => ReqBody::stream(b, Inflight::conn(&ctx.conn)),
-            None => ReqBody::Empty,
-        };
-        let last = !retry::may_retry(replayable, attempts);
-        let Some(out) = backend_request(&mut parts, backend, needs_host, last, req_body) else {
-            g.bad_request.fetch_add(1, Relaxed);
-            return local(StatusCode::BAD_REQUEST, "bad request\n", ctx.h1);
-        };
-        backend.metrics.requests.fetch_add(1, Relaxed);
-        let active = Inflight::backend(backend);
-        let start = Instant::now();
-        let opened = &backend.metrics.connections;
-        let sent = backend
-            .pool
-            .send(backend.addr, out, limits.connect_timeout, opened);
-        let result = tokio::time::timeout(limits.response_timeout, sent).await;
-        match result {
-            Ok(Ok((mut resp, conn))) => {
-                backend.metrics.latency.observe(start.elapsed());
-                backend.metrics.response(resp.status().as_u16());
-                shared.observe(backend, Observation::TrafficOk, "response");
-                if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-                    if let Some(client_upgrade) = client_upgrade {
-                        // Only now, with the backend's 101 in hand, is the connection a tunnel.
-                        ctx.conn.tunnel();
-                        let backend_upgrade = hyper::upgrade::on(&mut resp);
-                        tokio::spawn(async move {
-                            let _active = active;
-                            if let (Ok(c), Ok(b)) = (client_upgrade.await, backend_upgrade.await) {
-                                let (mut c, mut b) = (TokioIo::new(c), TokioIo::new(b));
-                                let _ = tokio::io::copy_bidirectional(&mut c, &mut b).await;
-                            }
-                        });
-                        let (mut p, _) = resp.into_parts();
-                        strip_hop_by_hop(&mut p.headers, true);
-                        p.headers
-                            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-                        return Response::from_parts(p, RespBody::empty());
-                    }
-                }
-                let (mut p, b) = resp.into_parts();
-                strip_hop_by_hop(&mut p.headers, false);
-                let body = RespBody::backend(b, backend.clone(), conn, [Some(active), None]);
-                return Response::from_parts(p, body);
-            }
-            Ok(Err(e)) => {
-                if let SendError::Http(h) = &e {
-                    // The client's own body failed (too large, framing broken, cut short): the
-                    // client's error. Not the backend's: no error, no health observation, no
-                    // 502 (which would feed the 5xx alert and blame a healthy backend).
-                    match client_body_error(h) {
-                        Some(ClientBodyError::TooLarge) => return too_large(g),
-                        Some(ClientBodyError::Broken(cause)) => {
-                            tracing::debug!(error = %cause, "request body broken by the client");
-                            g.bad_request.fetch_add(1, Relaxed);
-                            return local(
-                                StatusCode::BAD_REQUEST,
-                                "malformed request body\n",
-                                ctx.h1,
-                            );
-                        }
-                        None => {}
-                    }
-                }
-                backend.metrics.errors.fetch_add(1, Relaxed);
-                let failure = classify(&e);
-                match failure {
-                    Failure::Connect => {
-                        shared.observe(backend, Observation::ConnectFailed, failure_reason(failure))
-                    }
-                    Failure::ClosedBeforeResponse => {
-                        shared.observe(backend, Observation::TrafficFailed, failure_reason(failure))
-                    }
-                    _ => {}
-                }
-                tracing::debug!(backend = %backend.addr, error = %e, ?failure, "backend request failed");
-                if retry::should_retry(&parts.method, replayable, failure, attempts) {
-                    backend.metrics.retries.fetch_add(1, Relaxed);
-                    failed = Some(i);
-                    continue;
-                }
-                g.bad_gateway.fetch_add(1, Relaxed);
-                return local(StatusCode::BAD_GATEWAY, "bad gateway\n", false);
-            }
-            Err(_elapsed) => {
-                backend.metrics.errors.fetch_add(1, Relaxed);
-                g.gateway_timeout.fetch_add(1, Relaxed);
-                return local(StatusCode::GATEWAY_TIMEOUT, "gateway timeout\n", false);
-            }
-        }
-    }
 }
 
 fn failure_reason(f: Failure) -> &'static str {
