@@ -23,7 +23,7 @@
 # handshakes), HTTP/2 over TLS (h2load, $H2_CLIENTS connections x $H2_STREAMS streams; p99 from
 # h2load's per-request log), and the 2-thread HTTPS and HTTP/2 rows. Then resident memory
 # (VmRSS) of both 1-thread proxies idle and holding $HOLD_CONNECTIONS idle HTTPS keep-alive
-# connections (each has made one request).
+# connections (each has made one request), then idle 11 s and 41 s after the rounds.
 #
 # Sends traffic to 127.0.0.0/8 only. Not a test: it asserts nothing.
 set -euo pipefail
@@ -293,8 +293,15 @@ for r in $(seq "$ROUNDS"); do
     done
     echo "round $r/$ROUNDS done" >&2
 done
+# Idle again: once the balancer's housekeeping pass has run (every 10 s: memory back to the
+# system after connections closed), and once its idle backend connections are past their age
+# (30 s) and closed, as HAProxy's pool-purge-delay closes its own.
+sleep 11
 mem[tandem.after]=$(rss_kib "$tandem_pid")
 mem[haproxy.after]=$(rss_kib "$haproxy_pid")
+sleep 30
+mem[tandem.later]=$(rss_kib "$tandem_pid")
+mem[haproxy.later]=$(rss_kib "$haproxy_pid")
 
 median() { tr ' ' '\n' | awk 'NF' | sort -g | awk '{a[NR]=$1} END {if (NR==0) {print 0} else if (NR%2) {print a[(NR+1)/2]} else {print (a[NR/2]+a[NR/2+1])/2}}'; }
 spread() { tr ' ' '\n' | awk 'NF' | sort -g | awk 'NR==1 {lo=$1} {hi=$1} END {printf "%s-%s", lo, hi}'; }
@@ -342,6 +349,7 @@ printf "%-44s %10s %10s\n" "VmRSS MiB (the 1-thread proxies)" "Tandem" "HAProxy"
 printf "%-44s %10s %10s\n" "idle, at start" "$(mib "${mem[tandem.idle]}")" "$(mib "${mem[haproxy.idle]}")"
 printf "%-44s %10s %10s\n" "$HOLD_CONNECTIONS idle HTTPS keep-alive connections" \
     "$(mib "${mem[tandem.held]}")" "$(mib "${mem[haproxy.held]}")"
-printf "%-44s %10s %10s\n" "idle, after the rounds" "$(mib "${mem[tandem.after]}")" "$(mib "${mem[haproxy.after]}")"
+printf "%-44s %10s %10s\n" "idle, 11 s after the rounds" "$(mib "${mem[tandem.after]}")" "$(mib "${mem[haproxy.after]}")"
+printf "%-44s %10s %10s\n" "idle, 41 s after the rounds" "$(mib "${mem[tandem.later]}")" "$(mib "${mem[haproxy.later]}")"
 echo
 echo "raw: $(for k in "${!results[@]}"; do echo -n "$k=[${results[$k]% }] "; done)"

@@ -17,6 +17,7 @@ mod clock;
 mod conn;
 mod error;
 mod health_check;
+mod housekeeping;
 mod metrics;
 mod plan;
 mod pool;

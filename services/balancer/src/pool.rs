@@ -117,6 +117,21 @@ impl Pool {
         }
     }
 
+    /// Close the idle connections of every worker that are too old to be used
+    /// ([`MAX_IDLE_AGE`]) or closed by the backend; how many went.
+    pub(crate) fn purge(&self, now: Instant) -> usize {
+        let mut purged = 0;
+        for stack in &self.idle {
+            let mut idle = stack.lock().unwrap_or_else(|p| p.into_inner());
+            let before = idle.len();
+            idle.retain(|(c, since)| {
+                now.saturating_duration_since(*since) < MAX_IDLE_AGE && !c.is_closed()
+            });
+            purged += before - idle.len();
+        }
+        purged
+    }
+
     /// Send `req` on an idle connection, or a new one. A request that an idle connection
     /// could not take (the backend closed it meanwhile) goes on the next one, or a new one.
     pub async fn send(
@@ -170,4 +185,48 @@ async fn connect(addr: SocketAddr, timeout: Duration) -> Result<SendRequest<ReqB
         }
     });
     Ok(sender)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connection over an in-memory pipe; the other end plays the backend.
+    async fn conn() -> (SendRequest<ReqBody>, tokio::io::DuplexStream) {
+        let (ours, theirs) = tokio::io::duplex(1024);
+        let (sender, conn) = http1::handshake(TokioIo::new(ours)).await.unwrap();
+        tokio::spawn(conn);
+        (sender, theirs)
+    }
+
+    #[tokio::test]
+    async fn purge_closes_the_stale_and_the_closed_only() {
+        let pool = Pool::default();
+        let now = Instant::now();
+        let (fresh, _backend1) = conn().await;
+        let (stale, _backend2) = conn().await;
+        let (closed, backend3) = conn().await;
+        drop(backend3);
+        for _ in 0..200 {
+            if closed.is_closed() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(closed.is_closed(), "the backend's close was not seen");
+        let long_ago = now
+            .checked_sub(MAX_IDLE_AGE + Duration::from_secs(1))
+            .unwrap();
+        pool.mine()
+            .lock()
+            .unwrap()
+            .extend([(stale, long_ago), (closed, now), (fresh, now)]);
+        assert_eq!(pool.purge(now), 2);
+        assert_eq!(pool.mine().lock().unwrap().len(), 1);
+        assert!(
+            pool.take().is_some(),
+            "the fresh connection stays for the next request"
+        );
+        assert_eq!(pool.purge(now), 0);
+    }
 }

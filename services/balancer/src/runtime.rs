@@ -190,6 +190,10 @@ impl Balancer {
         let (tasks_tx, tasks_rx) = mpsc::channel(1);
         let (abort_tx, abort_rx) = watch::channel(false);
         tokio::spawn(crate::clock::run(shutdown_rx.clone()));
+        tokio::spawn(crate::housekeeping::run(
+            shared.clone(),
+            shutdown_rx.clone(),
+        ));
         let mut threads = Vec::new();
         for (i, mine) in others.into_iter().enumerate() {
             threads.push(spawn_worker(
