@@ -21,7 +21,8 @@
 #
 # Rows: plain HTTP and HTTPS keep-alive (wrk), TLS handshakes/s (openssl s_time -new, full
 # handshakes), HTTP/2 over TLS (h2load, $H2_CLIENTS connections x $H2_STREAMS streams; p99 from
-# h2load's per-request log), and the 2-thread HTTPS and HTTP/2 rows. Then resident memory
+# h2load's per-request log), and the 2-thread HTTPS and HTTP/2 rows; for each, the proxy's own
+# CPU time per request, user and system (/proc/<pid>/stat). Then resident memory
 # (VmRSS) of both 1-thread proxies idle and holding $HOLD_CONNECTIONS idle HTTPS keep-alive
 # connections (each has made one request), then idle 11 s and 41 s after the rounds.
 #
@@ -147,6 +148,7 @@ taskset -c "$PROXY_CPUS" haproxy -f "$work/haproxy.cfg" -db >"$work/haproxy.log"
 haproxy_pid=$!
 pids+=($!)
 taskset -c "$ALL_CPUS" haproxy -f "$work/haproxy2.cfg" -db >"$work/haproxy2.log" 2>&1 &
+haproxy2_pid=$!
 pids+=($!)
 
 RUST_LOG=warn taskset -c "$PROXY_CPUS" "$tandem_bin" \
@@ -159,6 +161,7 @@ RUST_LOG=warn taskset -c "$ALL_CPUS" "$tandem_bin" \
     --backend 127.0.0.11:$WEB_PORT --backend 127.0.0.12:$WEB_PORT \
     --https $T_HTTPS2 --cert "$work/cert.pem" --key "$work/key.pem" \
     --workers "$THREADS2" --state "$work/tandem-state2" >"$work/tandem2.log" 2>&1 &
+tandem2_pid=$!
 pids+=($!)
 
 for a in $T_HTTP $H_HTTP; do
@@ -269,13 +272,38 @@ record() { # who row "rps p99 errors"
     results[$1.$2.p99]+="$p99 "
     results[$1.$2.err]+="$errs "
 }
-measure() { # who http https https-2-threads
-    record "$1" http "$(run_wrk "$LOAD_CPUS" "$WRK_THREADS" "http://$2/")"
-    record "$1" https "$(run_wrk "$LOAD_CPUS" "$WRK_THREADS" "https://$3/")"
-    results[$1.hs.rps]+="$(run_handshakes "$3") "
-    record "$1" h2 "$(run_h2load "$LOAD_CPUS" 1 "$3")"
-    record "$1" https2t "$(run_wrk "$ALL_CPUS" "$THREADS2" "https://$4/")"
-    record "$1" h22t "$(run_h2load "$ALL_CPUS" "$THREADS2" "$4")"
+# The proxy's own CPU time per request, user and system (the kernel's TCP work on its
+# sockets), from /proc/<pid>/stat around a row's run: where a request's time goes.
+hz=$(getconf CLK_TCK)
+cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
+cpu_record() { # who row pid "utime stime" (before) -> results[who.row.usr/.sys] in µs per request
+    local u0 s0 u1 s1 rps
+    read -r u0 s0 <<<"$4"
+    read -r u1 s1 <<<"$(cpu_ticks "$3")"
+    rps=$(tr ' ' '\n' <<<"${results[$1.$2.rps]}" | awk 'NF' | tail -1)
+    per_req() { awk -v t="$1" -v r="$rps" -v d="$DURATION" -v hz="$hz" \
+        'BEGIN {printf "%.2f", (r > 0) ? t * 1e6 / hz / (r * d) : 0}'; }
+    results[$1.$2.usr]+="$(per_req $((u1 - u0))) "
+    results[$1.$2.sys]+="$(per_req $((s1 - s0))) "
+}
+measure() { # who pid pid-2-threads http https https-2-threads
+    local before
+    before=$(cpu_ticks "$2")
+    record "$1" http "$(run_wrk "$LOAD_CPUS" "$WRK_THREADS" "http://$4/")"
+    cpu_record "$1" http "$2" "$before"
+    before=$(cpu_ticks "$2")
+    record "$1" https "$(run_wrk "$LOAD_CPUS" "$WRK_THREADS" "https://$5/")"
+    cpu_record "$1" https "$2" "$before"
+    results[$1.hs.rps]+="$(run_handshakes "$5") "
+    before=$(cpu_ticks "$2")
+    record "$1" h2 "$(run_h2load "$LOAD_CPUS" 1 "$5")"
+    cpu_record "$1" h2 "$2" "$before"
+    before=$(cpu_ticks "$3")
+    record "$1" https2t "$(run_wrk "$ALL_CPUS" "$THREADS2" "https://$6/")"
+    cpu_record "$1" https2t "$3" "$before"
+    before=$(cpu_ticks "$3")
+    record "$1" h22t "$(run_h2load "$ALL_CPUS" "$THREADS2" "$6")"
+    cpu_record "$1" h22t "$3" "$before"
 }
 
 split1="1 thread: proxies on CPU $PROXY_CPUS; wrk -t$WRK_THREADS, h2load -t1, openssl and backends on CPU $LOAD_CPUS"
@@ -286,9 +314,9 @@ for r in $(seq "$ROUNDS"); do
     if ((r % 2)); then order="tandem haproxy"; else order="haproxy tandem"; fi
     for who in $order; do
         if [[ $who == tandem ]]; then
-            measure tandem $T_HTTP $T_HTTPS $T_HTTPS2
+            measure tandem "$tandem_pid" "$tandem2_pid" $T_HTTP $T_HTTPS $T_HTTPS2
         else
-            measure haproxy $H_HTTP $H_HTTPS $H_HTTPS2
+            measure haproxy "$haproxy_pid" "$haproxy2_pid" $H_HTTP $H_HTTPS $H_HTTPS2
         fi
     done
     echo "round $r/$ROUNDS done" >&2
@@ -319,7 +347,7 @@ echo "Tandem balancer vs HAProxy $(haproxy -v | awk 'NR==1 {print $3}') — medi
 echo "$split1"
 echo "$split2"
 echo "wrk -c$CONNECTIONS -d${DURATION}s; h2load -c$H2_CLIENTS -m$H2_STREAMS -D$DURATION (TLS, ALPN h2); openssl s_time -new -time $HANDSHAKE_SECONDS"
-fmt="%-26s %10s %10s %7s %11s %19s %19s\n"
+fmt="%-36s %10s %10s %7s %11s %19s %19s\n"
 # shellcheck disable=SC2059 # the format is ours
 printf "$fmt" "" "Tandem" "HAProxy" "ratio" "ratio range" "Tandem range" "HAProxy range"
 row() { # label key
@@ -339,7 +367,9 @@ for proto in http https h2 https2t h22t; do
     esac
     row "$label req/s" "$proto.rps"
     row "$label p99 ms" "$proto.p99"
-    printf "%-26s %10s %10s\n" "$label errors" "$(sum <<<"${results[tandem.$proto.err]}")" \
+    row "$label CPU µs/req user" "$proto.usr"
+    row "$label CPU µs/req sys" "$proto.sys"
+    printf "%-36s %10s %10s\n" "$label errors" "$(sum <<<"${results[tandem.$proto.err]}")" \
         "$(sum <<<"${results[haproxy.$proto.err]}")"
 done
 row "TLS handshakes/s" hs.rps
