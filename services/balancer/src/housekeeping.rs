@@ -67,8 +67,22 @@ pub(crate) async fn run(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>
         purged_before = purged;
         if should_trim(pass, closed_at_last_trim) {
             closed_at_last_trim = closed;
-            let released = trim();
-            tracing::debug!(purged, closed, released, "memory returned to the system");
+            // On a blocking thread: this task shares its thread with worker 0's connections,
+            // and a trim walks every arena's free memory.
+            let trimmed = tokio::task::spawn_blocking(|| {
+                let start = std::time::Instant::now();
+                (trim(), start.elapsed())
+            })
+            .await;
+            if let Ok((released, took)) = trimmed {
+                tracing::debug!(
+                    purged,
+                    closed,
+                    released,
+                    took_us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX),
+                    "memory returned to the system"
+                );
+            }
         }
     }
 }
