@@ -50,6 +50,11 @@ pub(crate) fn set_worker(i: usize) {
 
 type Idle = Mutex<Vec<(SendRequest<ReqBody>, Instant)>>;
 
+/// Whether a connection idle since `since` is too old to be used at `now`.
+fn expired(since: Instant, now: Instant) -> bool {
+    now.saturating_duration_since(since) >= MAX_IDLE_AGE
+}
+
 #[derive(Debug)]
 pub struct Pool {
     /// Per worker: most recently used last, with the time it came back.
@@ -94,7 +99,7 @@ impl Pool {
         let now = coarse_now();
         let mut idle = self.mine().lock().unwrap_or_else(|p| p.into_inner());
         while let Some((c, since)) = idle.pop() {
-            if now.saturating_duration_since(since) >= MAX_IDLE_AGE {
+            if expired(since, now) {
                 // Everything below is older still.
                 idle.clear();
                 return None;
@@ -124,9 +129,7 @@ impl Pool {
         for stack in &self.idle {
             let mut idle = stack.lock().unwrap_or_else(|p| p.into_inner());
             let before = idle.len();
-            idle.retain(|(c, since)| {
-                now.saturating_duration_since(*since) < MAX_IDLE_AGE && !c.is_closed()
-            });
+            idle.retain(|(c, since)| !expired(*since, now) && !c.is_closed());
             purged += before - idle.len();
         }
         purged

@@ -192,7 +192,7 @@ pub(crate) async fn handle(
         Err(resp) => resp,
         Ok(Forward {
             mut parts,
-            body,
+            mut body,
             client_upgrade,
             replayable,
             needs_host,
@@ -200,15 +200,6 @@ pub(crate) async fn handle(
             let shared = &ctx.shared;
             let g = &shared.global;
             let limits = &shared.limits;
-            let too_large = |g: &Global| {
-                g.too_large.fetch_add(1, Relaxed);
-                local(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "request body too large\n",
-                    ctx.h1,
-                )
-            };
-            let mut body = body;
             // Hold this table for the whole request: a reload does not disturb it.
             let routes = shared.routes.load_full();
             let mut failed = None;
@@ -295,7 +286,7 @@ pub(crate) async fn handle(
                             // client's error. Not the backend's: no error, no health observation, no
                             // 502 (which would feed the 5xx alert and blame a healthy backend).
                             match client_body_error(h) {
-                                Some(ClientBodyError::TooLarge) => break 'forwarded too_large(g),
+                                Some(ClientBodyError::TooLarge) => break 'forwarded too_large(ctx),
                                 Some(ClientBodyError::Broken(cause)) => {
                                     tracing::debug!(error = %cause, "request body broken by the client");
                                     g.bad_request.fetch_add(1, Relaxed);
@@ -383,12 +374,7 @@ fn to_forward(req: Request<Incoming>, ctx: &ConnCtx) -> Result<Forward, Response
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limits.max_body_bytes) {
-        g.too_large.fetch_add(1, Relaxed);
-        return Err(local(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "request body too large\n",
-            ctx.h1,
-        ));
+        return Err(too_large(ctx));
     }
     let upgrade = ctx.h1 && is_upgrade(&req);
     let (mut parts, body) = req.into_parts();
@@ -409,6 +395,16 @@ fn to_forward(req: Request<Incoming>, ctx: &ConnCtx) -> Result<Forward, Response
         replayable,
         needs_host,
     })
+}
+
+/// The 413 for a body over the limit, declared or found while forwarding it.
+fn too_large(ctx: &ConnCtx) -> Response<RespBody> {
+    ctx.shared.global.too_large.fetch_add(1, Relaxed);
+    local(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "request body too large\n",
+        ctx.h1,
+    )
 }
 
 /// The answer to `req` when the balancer makes it itself; `None` when it goes to a backend.
@@ -592,7 +588,17 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
         h.remove(header::CONNECTION);
         return;
     }
-    // Remove what `Connection` names, looked up by name as written (no allocation).
+    remove_connection_and_named(h, |name| {
+        keep_upgrade && name.eq_ignore_ascii_case("upgrade")
+    });
+    if h.keys().any(is_hop_by_hop) {
+        remove_fixed_hop_by_hop(h, keep_upgrade);
+    }
+}
+
+/// Remove `Connection` and the fields it names, but those `keep` keeps; names are looked up
+/// as written (no allocation for one `Connection` field).
+fn remove_connection_and_named(h: &mut HeaderMap, keep: impl Fn(&str) -> bool) {
     if let header::Entry::Occupied(e) = h.entry(header::CONNECTION) {
         let mut values = e.remove_entry_mult().1;
         let first = values.next();
@@ -600,16 +606,12 @@ fn strip_hop_by_hop(h: &mut HeaderMap, keep_upgrade: bool) {
         for v in first.iter().chain(&rest) {
             let Ok(v) = v.to_str() else { continue };
             for name in v.split(',').map(str::trim) {
-                if !(keep_upgrade && name.eq_ignore_ascii_case("upgrade")) {
+                if !(name.is_empty() || keep(name)) {
                     h.remove(name);
                 }
             }
         }
-        if !h.keys().any(is_hop_by_hop) {
-            return;
-        }
     }
-    remove_fixed_hop_by_hop(h, keep_upgrade);
 }
 
 /// The hop-by-hop headers RFC 9110 §7.6.1 names, whatever `Connection` lists; `Upgrade` stays
@@ -678,25 +680,12 @@ fn prepare_backend_headers(parts: &mut Parts, fwd: &Forwarding, upgrade: bool) -
         None
     };
     if hop {
-        // Remove what `Connection` names, looked up by name as written (no allocation for
-        // one `Connection` field).
-        if let header::Entry::Occupied(e) = h.entry(header::CONNECTION) {
-            let mut values = e.remove_entry_mult().1;
-            let first = values.next();
-            let rest: Vec<HeaderValue> = values.collect();
-            for v in first.iter().chain(&rest) {
-                let Ok(v) = v.to_str() else { continue };
-                for name in v.split(',').map(str::trim) {
-                    // With `Connection` the only hop-by-hop field, its usual `keep-alive`
-                    // names no field of this request.
-                    let absent = only_connection && name.eq_ignore_ascii_case("keep-alive");
-                    let kept = upgrade && name.eq_ignore_ascii_case("upgrade");
-                    if !(name.is_empty() || absent || kept) {
-                        h.remove(name);
-                    }
-                }
-            }
-        }
+        remove_connection_and_named(h, |name| {
+            // With `Connection` the only hop-by-hop field, its usual `keep-alive` names no
+            // field of this request (no lookup for it).
+            let absent = only_connection && name.eq_ignore_ascii_case("keep-alive");
+            absent || (upgrade && name.eq_ignore_ascii_case("upgrade"))
+        });
         if !only_connection {
             remove_fixed_hop_by_hop(h, upgrade);
         }
