@@ -24,7 +24,7 @@
 # h2load's per-request log), and the 2-thread HTTPS and HTTP/2 rows; for each, the proxy's own
 # CPU time per request, user and system (/proc/<pid>/stat). Then resident memory
 # (VmRSS) of both 1-thread proxies idle and holding $HOLD_CONNECTIONS idle HTTPS keep-alive
-# connections (each has made one request), then idle 11 s and 41 s after the rounds.
+# connections (each has made one request), then idle 21 s and 51 s after the rounds.
 #
 # Sends traffic to 127.0.0.0/8 only. Not a test: it asserts nothing.
 set -euo pipefail
@@ -321,10 +321,10 @@ for r in $(seq "$ROUNDS"); do
     done
     echo "round $r/$ROUNDS done" >&2
 done
-# Idle again: once the balancer's housekeeping pass has run (every 10 s: memory back to the
-# system after connections closed), and once its idle backend connections are past their age
-# (30 s) and closed, as HAProxy's pool-purge-delay closes its own.
-sleep 11
+# Idle again: once the balancer's housekeeping has seen a whole idle 10 s interval (it gives
+# memory back to the system only then), and once its idle backend connections are past their
+# age (30 s) and closed, as HAProxy's pool-purge-delay closes its own, and trimmed after.
+sleep 21
 mem[tandem.after]=$(rss_kib "$tandem_pid")
 mem[haproxy.after]=$(rss_kib "$haproxy_pid")
 sleep 30
@@ -379,7 +379,7 @@ printf "%-44s %10s %10s\n" "VmRSS MiB (the 1-thread proxies)" "Tandem" "HAProxy"
 printf "%-44s %10s %10s\n" "idle, at start" "$(mib "${mem[tandem.idle]}")" "$(mib "${mem[haproxy.idle]}")"
 printf "%-44s %10s %10s\n" "$HOLD_CONNECTIONS idle HTTPS keep-alive connections" \
     "$(mib "${mem[tandem.held]}")" "$(mib "${mem[haproxy.held]}")"
-printf "%-44s %10s %10s\n" "idle, 11 s after the rounds" "$(mib "${mem[tandem.after]}")" "$(mib "${mem[haproxy.after]}")"
-printf "%-44s %10s %10s\n" "idle, 41 s after the rounds" "$(mib "${mem[tandem.later]}")" "$(mib "${mem[haproxy.later]}")"
+printf "%-44s %10s %10s\n" "idle, 21 s after the rounds" "$(mib "${mem[tandem.after]}")" "$(mib "${mem[haproxy.after]}")"
+printf "%-44s %10s %10s\n" "idle, 51 s after the rounds" "$(mib "${mem[tandem.later]}")" "$(mib "${mem[haproxy.later]}")"
 echo
 echo "raw: $(for k in "${!results[@]}"; do echo -n "$k=[${results[$k]% }] "; done)"
