@@ -338,11 +338,16 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, Error> {
         std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| Error::io("output", out, e))?;
     }
+    // Everything is made in `.work` (left over only by a build that was killed) and moved into
+    // `out` once complete, so a failed or interrupted build leaves the last good one as it was;
+    // the work directory goes however the build ends, a full disk's partial images with it.
     let work = out.join(".work");
     if work.exists() {
         std::fs::remove_dir_all(&work).map_err(|e| Error::io("output", &work, e))?;
     }
-    std::fs::create_dir_all(&work).map_err(|e| Error::io("output", &work, e))?;
+    let staged = work.join("out");
+    std::fs::create_dir_all(&staged).map_err(|e| Error::io("output", &staged, e))?;
+    let _work_cleanup = RemoveOnDrop(&work);
     let epoch = opts.source_date_epoch;
 
     let disks = cluster.nodes.len() + usize::from(generic.is_some());
@@ -419,7 +424,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, Error> {
     )?;
 
     p.step("root.ext4 (mkfs.ext4 -d, timestamps normalised)");
-    let root_img = out.join("root.ext4");
+    let root_img = staged.join("root.ext4");
     let (root_fs_size, root_tree) = rootimg::build(&staging, &root_img, epoch)?;
     std::fs::remove_dir_all(&staging).map_err(|e| Error::io("output", &staging, e))?;
     let root_slot = layout::root_slot_size(root_fs_size);
@@ -444,6 +449,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, Error> {
                 root_img: &root_img,
                 root_slot,
                 work: &work,
+                staged: &staged,
                 tls: &tls,
                 generic: generic.as_ref().map(|(_, text)| text.as_str()),
                 now,
@@ -451,9 +457,8 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, Error> {
             &mut artifacts_to_hash,
         )?;
     }
-    let _ = std::fs::remove_dir_all(&work);
 
-    p.step("sha256 of every artifact, manifest.json");
+    p.step("sha256 of every artifact; into place with manifest.json");
     let artifacts = hash_artifacts(&artifacts_to_hash)?;
     let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
     let manifest = Manifest {
@@ -476,11 +481,7 @@ pub fn build(opts: &BuildOptions) -> Result<BuildReport, Error> {
             .and_then(|(settings, _)| settings.setup_address),
         artifacts,
     };
-    let manifest_path = out.join("manifest.json");
-    let json = serde_json::to_string_pretty(&manifest)
-        .map_err(|e| Error::io("manifest", &manifest_path, e.into()))?;
-    std::fs::write(&manifest_path, json + "\n")
-        .map_err(|e| Error::io("manifest", &manifest_path, e))?;
+    install(out, &staged, &manifest)?;
     p.finish();
     Ok(BuildReport {
         manifest,
@@ -524,6 +525,8 @@ struct NodeInputs<'a> {
     root_img: &'a Path,
     root_slot: u64,
     work: &'a Path,
+    /// Where the finished artifacts wait until the whole build is done.
+    staged: &'a Path,
     /// The certificate every node serves.
     tls: &'a TlsChoice,
     /// The generic image's `settings.toml`, when one is built.
@@ -578,12 +581,12 @@ fn build_node_disks(
         seed::write_node(&seed_dir, config_text, &text, &ca, cluster, node)?;
         build_disk(opts, p, inputs, name, &seed_dir)?;
         artifacts_to_hash.push((
-            opts.out_dir.join(format!("{name}.img")),
+            inputs.staged.join(format!("{name}.img")),
             "disk-raw",
             Some(name.clone()),
         ));
         artifacts_to_hash.push((
-            opts.out_dir.join(format!("{name}.qcow2")),
+            inputs.staged.join(format!("{name}.qcow2")),
             "disk-qcow2",
             Some(name.clone()),
         ));
@@ -597,12 +600,12 @@ fn build_node_disks(
         seed::write_generic(&seed_dir, config_text, text, &ca, cluster)?;
         build_disk(opts, p, inputs, name, &seed_dir)?;
         artifacts_to_hash.push((
-            opts.out_dir.join(format!("{name}.img")),
+            inputs.staged.join(format!("{name}.img")),
             "generic-raw",
             None,
         ));
         artifacts_to_hash.push((
-            opts.out_dir.join(format!("{name}.qcow2")),
+            inputs.staged.join(format!("{name}.qcow2")),
             "generic-qcow2",
             None,
         ));
@@ -626,9 +629,9 @@ fn build_disk(
         root_img,
         root_slot,
         work,
+        staged: out,
         ..
     } = *inputs;
-    let out = &opts.out_dir;
     let node_work = work.join(name);
     let seed_img = node_work.join("seed.ext4");
     let uuid_base = format!("{}/{}", cluster.name, name);
@@ -675,6 +678,82 @@ fn build_disk(
 
     p.step(format!("{name}: {name}.qcow2"));
     disk::to_qcow2(&raw, &out.join(format!("{name}.qcow2")))
+}
+
+/// The build's manifest, beside its artifacts.
+const MANIFEST_FILE: &str = "manifest.json";
+
+/// Removes a directory tree when dropped: the build's work directory, however the build ends.
+struct RemoveOnDrop<'a>(&'a Path);
+
+impl Drop for RemoveOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_dir_all(self.0) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %self.0.display(), error = %e, "could not remove the build's work directory");
+            }
+        }
+    }
+}
+
+/// Moves a finished build from `staged` into `out` (renames within one filesystem, no copies):
+/// the old manifest goes first, as a directory without one holds no complete build; then each
+/// artifact; then whatever the old manifest named that this build does not make (a generic
+/// image built last time, not now); the new manifest last, written beside and renamed.
+fn install(out: &Path, staged: &Path, manifest: &Manifest) -> Result<(), Error> {
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |e| Error::io("output", &path, e)
+    };
+    let manifest_path = out.join(MANIFEST_FILE);
+    let old = old_artifacts(&manifest_path);
+    match std::fs::remove_file(&manifest_path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&manifest_path)(e)),
+        _ => {}
+    }
+    for a in &manifest.artifacts {
+        let to = out.join(&a.file);
+        std::fs::rename(staged.join(&a.file), &to).map_err(io(&to))?;
+    }
+    for file in old {
+        if !manifest.artifacts.iter().any(|a| a.file == file) {
+            let path = out.join(&file);
+            match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&path)(e)),
+                _ => {}
+            }
+        }
+    }
+    let json = serde_json::to_string_pretty(manifest)
+        .map_err(|e| Error::io("manifest", &manifest_path, e.into()))?;
+    let partial = staged.join(MANIFEST_FILE);
+    std::fs::write(&partial, json + "\n").map_err(io(&partial))?;
+    std::fs::rename(&partial, &manifest_path).map_err(io(&manifest_path))
+}
+
+/// The artifact files an earlier build's manifest names: plain file names only, so a damaged
+/// or hand-edited manifest cannot point the clean-up anywhere else. None if it is missing or
+/// unreadable (then nothing is removed but what this build replaces).
+fn old_artifacts(manifest: &Path) -> Vec<String> {
+    let Ok(text) = std::fs::read_to_string(manifest) else {
+        return Vec::new();
+    };
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return Vec::new();
+    };
+    value["artifacts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a["file"].as_str())
+        .filter(|f| {
+            let p = Path::new(f);
+            *f != MANIFEST_FILE
+                && p.components().count() == 1
+                && matches!(p.components().next(), Some(std::path::Component::Normal(_)))
+        })
+        .map(str::to_owned)
+        .collect()
 }
 
 fn hash_artifacts(

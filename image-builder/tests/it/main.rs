@@ -718,3 +718,145 @@ fn wrong_seed_options_are_refused_before_anything_is_built() {
         "{stderr}"
     );
 }
+
+/// Free bytes on the filesystem holding `path`.
+fn free_bytes(path: &Path) -> u64 {
+    let st = nix::sys::statvfs::statvfs(path).unwrap();
+    st.blocks_available() as u64 * st.fragment_size() as u64
+}
+
+/// The build in `out` is exactly the one `manifest` describes: the same manifest.json, every
+/// artifact of its size and sha256, and nothing else beside it but `also`.
+fn assert_intact(out: &Path, manifest: &str, also: &[&str]) {
+    assert_eq!(
+        std::fs::read_to_string(out.join("manifest.json")).unwrap(),
+        manifest,
+        "manifest.json changed"
+    );
+    let m: serde_json::Value = serde_json::from_str(manifest).unwrap();
+    let mut names = vec!["manifest.json".to_string()];
+    for a in m["artifacts"].as_array().unwrap() {
+        let file = a["file"].as_str().unwrap();
+        let path = out.join(file);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            a["size"].as_u64().unwrap(),
+            "{file}"
+        );
+        assert_eq!(
+            image_builder::sha256_file(&path).unwrap(),
+            a["sha256"].as_str().unwrap(),
+            "{file} is not the file its manifest describes"
+        );
+        names.push(file.to_string());
+    }
+    names.extend(also.iter().map(|s| s.to_string()));
+    names.sort();
+    let mut found: Vec<String> = std::fs::read_dir(out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    found.sort();
+    assert_eq!(found, names);
+}
+
+/// Unmounts the test's small filesystem however the test ends.
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// A rebuild killed half way, and one that fills the disk, leave the last good build as it was
+/// (nothing half-written beside its manifest), and the full disk's partial images are gone; a
+/// later build replaces it whole, old artifacts it does not make included.
+#[test]
+fn a_killed_or_full_disk_rebuild_leaves_the_last_build_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let appliance: PathBuf = tmp.path().join("appliance");
+    std::fs::copy("/bin/true", &appliance).unwrap();
+    // A disk that holds one build and the work of the next, not two whole builds.
+    let disk = tmp.path().join("disk");
+    std::fs::create_dir(&disk).unwrap();
+    run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2000m", "tandem-test"])
+        .arg(&disk));
+    let _unmount = Unmount(disk.clone());
+    let out = disk.join("out");
+
+    build(&out, &appliance);
+    let manifest = std::fs::read_to_string(out.join("manifest.json")).unwrap();
+    let free_after_first = free_bytes(&disk);
+
+    // Killed once its new root.ext4 is made, while it makes the first node's disk.
+    let mut child = Command::new(BUILDER)
+        .args(["build", "--version", "0.9.0", "--out"])
+        .arg(&out)
+        .arg("--appliance-bin")
+        .arg(&appliance)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut seen = String::new();
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)) {
+        let line = line.unwrap();
+        seen.push_str(&line);
+        seen.push('\n');
+        if line.contains("server1: ESP") {
+            child.kill().unwrap();
+            break;
+        }
+    }
+    let status = child.wait().unwrap();
+    assert!(
+        !status.success(),
+        "the build ended before the kill:\n{seen}"
+    );
+    assert!(
+        seen.lines()
+            .any(|l| l.contains("] root.ext4 (") && l.contains(": done in")),
+        "the kill came before the new root.ext4 was made:\n{seen}"
+    );
+    assert_intact(&out, &manifest, &[".work"]);
+
+    // The next build clears the killed one's work, then runs out of space: it says so, naming
+    // the file, and takes its partial images with it.
+    let result = Command::new(BUILDER)
+        .args(["build", "--version", "0.9.0", "--out"])
+        .arg(&out)
+        .arg("--appliance-bin")
+        .arg(&appliance)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success(), "two builds fit:\n{stderr}");
+    assert!(
+        stderr.contains("No space left on device") && stderr.contains(&*disk.to_string_lossy()),
+        "{stderr}"
+    );
+    assert_intact(&out, &manifest, &[]);
+    assert!(
+        free_bytes(&disk) >= free_after_first - (1 << 20),
+        "the failed build left {} bytes behind",
+        free_after_first - free_bytes(&disk)
+    );
+
+    // A root-only build replaces the whole build: the node disks it does not make go too.
+    let (root_only, _) = build_with(&out, &appliance, &["--root-only", "--version", "0.9.0"]);
+    assert_eq!(root_only["root_only"], true);
+    assert_intact(
+        &out,
+        &std::fs::read_to_string(out.join("manifest.json")).unwrap(),
+        &[],
+    );
+    let kinds: Vec<&str> = root_only["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["root-ext4"]);
+}
