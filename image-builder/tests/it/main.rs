@@ -38,14 +38,28 @@ fn build(out: &Path, appliance: &Path) -> serde_json::Value {
     build_with(out, appliance, &[]).0
 }
 
-/// `image-builder build` with extra arguments: the manifest and the build's stderr.
-fn build_with(out: &Path, appliance: &Path, args: &[&str]) -> (serde_json::Value, String) {
-    let result = Command::new(BUILDER)
-        .args(["build", "--out"])
+/// Any executable stands in for the appliance here (in `dir`); the lead's test script uses the
+/// real one.
+fn stand_in_appliance(dir: &Path) -> PathBuf {
+    let appliance = dir.join("appliance");
+    std::fs::copy("/bin/true", &appliance).unwrap();
+    appliance
+}
+
+/// The `image-builder build` command into `out`, with extra arguments.
+fn build_command(out: &Path, appliance: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(BUILDER);
+    cmd.args(["build", "--out"])
         .arg(out)
         .arg("--appliance-bin")
         .arg(appliance)
-        .args(args)
+        .args(args);
+    cmd
+}
+
+/// `image-builder build` with extra arguments: the manifest and the build's stderr.
+fn build_with(out: &Path, appliance: &Path, args: &[&str]) -> (serde_json::Value, String) {
+    let result = build_command(out, appliance, args)
         .output()
         .expect("run image-builder");
     let stderr = String::from_utf8_lossy(&result.stderr);
@@ -98,6 +112,16 @@ fn check_version_and_keyring(root: &Path, manifest: &serde_json::Value, version:
     let keys = update::keys::parse_keyring(&keyring).unwrap();
     assert!(!keys.is_empty(), "{keyring}");
     keyring
+}
+
+/// The kinds of a manifest's artifacts, in its order.
+fn kinds(manifest: &serde_json::Value) -> Vec<&str> {
+    manifest["artifacts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["kind"].as_str().unwrap())
+        .collect()
 }
 
 fn artifact<'a>(manifest: &'a serde_json::Value, file: &str) -> &'a serde_json::Value {
@@ -176,9 +200,7 @@ fn seed_settings(img: &Path) -> SeedSettings {
 #[test]
 fn builds_bootable_reproducible_images_for_the_default_cluster() {
     let tmp = tempfile::tempdir().unwrap();
-    // Any executable stands in for the appliance here; the lead's test script uses the real one.
-    let appliance: PathBuf = tmp.path().join("appliance");
-    std::fs::copy("/bin/true", &appliance).unwrap();
+    let appliance = stand_in_appliance(tmp.path());
 
     let out1 = tmp.path().join("out1");
     let manifest = build(&out1, &appliance);
@@ -458,8 +480,7 @@ fn builds_bootable_reproducible_images_for_the_default_cluster() {
 #[test]
 fn root_only_builds_carry_version_keyring_and_extra_trees_and_make_bundles() {
     let tmp = tempfile::tempdir().unwrap();
-    let appliance: PathBuf = tmp.path().join("appliance");
-    std::fs::copy("/bin/true", &appliance).unwrap();
+    let appliance = stand_in_appliance(tmp.path());
     let keys = tmp.path().join("keys");
     // A rotation keyring: a new key, and the builder's own once it exists (no duplicate).
     let next = update::keys::generate().unwrap();
@@ -517,13 +538,7 @@ fn root_only_builds_carry_version_keyring_and_extra_trees_and_make_bundles() {
     assert_eq!(manifest["root_only"], true);
     assert!(manifest["ca_dir"].is_null(), "{manifest:#}");
     assert_eq!(manifest["update_key_dir"].as_str(), keys.to_str());
-    let kinds: Vec<&str> = manifest["artifacts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a["kind"].as_str().unwrap())
-        .collect();
-    assert_eq!(kinds, ["root-ext4"]);
+    assert_eq!(kinds(&manifest), ["root-ext4"]);
     let root = out1.join("root.ext4");
     let keyring = check_version_and_keyring(&root, &manifest, "0.2.0");
     let own = std::fs::read_to_string(keys.join(update::keys::PUBLIC_KEY_FILE)).unwrap();
@@ -775,8 +790,7 @@ impl Drop for Unmount {
 #[test]
 fn a_killed_or_full_disk_rebuild_leaves_the_last_build_whole() {
     let tmp = tempfile::tempdir().unwrap();
-    let appliance: PathBuf = tmp.path().join("appliance");
-    std::fs::copy("/bin/true", &appliance).unwrap();
+    let appliance = stand_in_appliance(tmp.path());
     // A disk that holds one build and the work of the next, not two whole builds.
     let disk = tmp.path().join("disk");
     std::fs::create_dir(&disk).unwrap();
@@ -791,11 +805,7 @@ fn a_killed_or_full_disk_rebuild_leaves_the_last_build_whole() {
     let free_after_first = free_bytes(&disk);
 
     // Killed once its new root.ext4 is made, while it makes the first node's disk.
-    let mut child = Command::new(BUILDER)
-        .args(["build", "--version", "0.9.0", "--out"])
-        .arg(&out)
-        .arg("--appliance-bin")
-        .arg(&appliance)
+    let mut child = build_command(&out, &appliance, &["--version", "0.9.0"])
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -824,11 +834,7 @@ fn a_killed_or_full_disk_rebuild_leaves_the_last_build_whole() {
 
     // The next build clears the killed one's work, then runs out of space: it says so, naming
     // the file, and takes its partial images with it.
-    let result = Command::new(BUILDER)
-        .args(["build", "--version", "0.9.0", "--out"])
-        .arg(&out)
-        .arg("--appliance-bin")
-        .arg(&appliance)
+    let result = build_command(&out, &appliance, &["--version", "0.9.0"])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&result.stderr);
@@ -852,11 +858,5 @@ fn a_killed_or_full_disk_rebuild_leaves_the_last_build_whole() {
         &std::fs::read_to_string(out.join("manifest.json")).unwrap(),
         &[],
     );
-    let kinds: Vec<&str> = root_only["artifacts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| a["kind"].as_str().unwrap())
-        .collect();
-    assert_eq!(kinds, ["root-ext4"]);
+    assert_eq!(kinds(&root_only), ["root-ext4"]);
 }
