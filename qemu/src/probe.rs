@@ -93,6 +93,8 @@ pub struct ProbeReport {
     pub by_node: BTreeMap<String, u64>,
     /// Failed requests by kind.
     pub errors: BTreeMap<String, u64>,
+    /// Each failed request: when it was sent (offset from the start) and its kind, in order.
+    pub failed_at: Vec<(Duration, String)>,
     /// How long the probe ran (to the last completion it waited for).
     pub elapsed: Duration,
 }
@@ -113,6 +115,16 @@ impl ProbeReport {
                 let _ = write!(s, "{sep}{} at {:.2} s", ms(*len), at.as_secs_f64());
             }
             if self.gaps.len() > 5 {
+                s.push_str(", …");
+            }
+        }
+        if !self.failed_at.is_empty() {
+            s.push_str("; failed requests sent at");
+            for (i, (at, kind)) in self.failed_at.iter().enumerate().take(5) {
+                let sep = if i == 0 { " " } else { ", " };
+                let _ = write!(s, "{sep}{:.2} s ({kind})", at.as_secs_f64());
+            }
+            if self.failed_at.len() > 5 {
                 s.push_str(", …");
             }
         }
@@ -155,9 +167,11 @@ pub fn summarize(records: &[Record], sent: u64, end: Duration, interval: Duratio
             Outcome::Failed(kind) => {
                 r.failed += 1;
                 *r.errors.entry(kind.clone()).or_default() += 1;
+                r.failed_at.push((rec.start, kind.clone()));
             }
         }
     }
+    r.failed_at.sort();
     let threshold = interval * GAP_FACTOR;
     for (at, len) in gaps(records, end) {
         r.longest_gap = r.longest_gap.max(len);
@@ -663,12 +677,14 @@ mod tests {
             gaps: vec![(d(3020), d(312))],
             by_node: [("server1".into(), 200), ("server2".into(), 190)].into(),
             errors: [("timeout".into(), 10)].into(),
+            failed_at: vec![(d(3010), "timeout".into())],
             elapsed: d(8000),
         };
         assert_eq!(
             r.summary(),
             "sent 400, ok 390, failed 10 (timeout 10); longest gap 312 ms; 1 long gap(s): \
-             312 ms at 3.02 s; served by server1 200, server2 190"
+             312 ms at 3.02 s; failed requests sent at 3.01 s (timeout); served by server1 200, \
+             server2 190"
         );
     }
 

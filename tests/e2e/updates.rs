@@ -506,11 +506,16 @@ fn signed_updates_refuse_survive_power_cuts_roll_out_and_roll_back() {
         &cluster,
         "the client loop saw no failed GET but at the address's moves",
         || {
-            // A request in flight on the old holder when the address moves is reset (no
-            // connection state moves with it): at most one per move, and the holder moves once
-            // or twice in a two-node upgrade. Anything else (a timeout, a 5xx) fails.
-            let resets = report.errors.get("reset").copied().unwrap_or(0);
-            if report.ok == 0 || report.failed > resets || resets > 2 {
+            // A request in flight on the old holder when the address moves is lost: no
+            // connection state moves with it. If the client still had something to send, the
+            // new holder answers it with a reset; if the old holder had taken the whole request
+            // but not yet answered, it can no longer send from an address it does not hold and
+            // the client waits out its timeout (seen in 1 of ~5 runs). At most two such, as the
+            // holder moves once or twice in a two-node upgrade; anything else (refused, a 5xx,
+            // more losses) fails.
+            let count = |kind: &str| report.errors.get(kind).copied().unwrap_or(0);
+            let lost = count("reset") + count("timeout");
+            if report.ok == 0 || report.failed > lost || lost > 2 {
                 return Err(err(format!("probe: {}", report.summary())));
             }
             Ok(())
