@@ -64,11 +64,7 @@ pub fn assemble(out: &Path, layout: &DiskLayout, images: &[(&str, &Path)]) -> Re
 /// cluster secret. Created with that mode (never chmodded after), replacing an older one.
 pub fn create_private(path: &Path) -> std::io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt as _;
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
+    api::fsio::remove_if_present(path)?;
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

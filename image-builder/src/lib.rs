@@ -699,7 +699,7 @@ impl Drop for RemoveOnDrop<'_> {
 /// Moves a finished build from `staged` into `out` (renames within one filesystem, no copies):
 /// the old manifest goes first, as a directory without one holds no complete build; then each
 /// artifact; then whatever the old manifest named that this build does not make (a generic
-/// image built last time, not now); the new manifest last, written beside and renamed.
+/// image built last time, not now); the new manifest last ([`api::fsio::write_atomic`]).
 fn install(out: &Path, staged: &Path, manifest: &Manifest) -> Result<(), Error> {
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -707,10 +707,7 @@ fn install(out: &Path, staged: &Path, manifest: &Manifest) -> Result<(), Error> 
     };
     let manifest_path = out.join(MANIFEST_FILE);
     let old = old_artifacts(&manifest_path);
-    match std::fs::remove_file(&manifest_path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&manifest_path)(e)),
-        _ => {}
-    }
+    api::fsio::remove_if_present(&manifest_path).map_err(io(&manifest_path))?;
     for a in &manifest.artifacts {
         let to = out.join(&a.file);
         std::fs::rename(staged.join(&a.file), &to).map_err(io(&to))?;
@@ -718,17 +715,13 @@ fn install(out: &Path, staged: &Path, manifest: &Manifest) -> Result<(), Error> 
     for file in old {
         if !manifest.artifacts.iter().any(|a| a.file == file) {
             let path = out.join(&file);
-            match std::fs::remove_file(&path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(&path)(e)),
-                _ => {}
-            }
+            api::fsio::remove_if_present(&path).map_err(io(&path))?;
         }
     }
     let json = serde_json::to_string_pretty(manifest)
         .map_err(|e| Error::io("manifest", &manifest_path, e.into()))?;
-    let partial = staged.join(MANIFEST_FILE);
-    std::fs::write(&partial, json + "\n").map_err(io(&partial))?;
-    std::fs::rename(&partial, &manifest_path).map_err(io(&manifest_path))
+    api::fsio::write_atomic(&manifest_path, (json + "\n").as_bytes(), 0o644, None)
+        .map_err(io(&manifest_path))
 }
 
 /// The artifact files an earlier build's manifest names: plain file names only, so a damaged

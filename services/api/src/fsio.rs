@@ -33,10 +33,7 @@ pub fn write_atomic(
     owner: Option<(u32, u32)>,
 ) -> io::Result<()> {
     let (dir, tmp) = temporary_beside(path)?;
-    match fs::remove_file(&tmp) {
-        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(at("removing", &tmp, e)),
-        _ => {}
-    }
+    remove_if_present(&tmp).map_err(|e| at("removing", &tmp, e))?;
     write_new(&tmp, bytes, mode, owner).map_err(|(step, e)| at(step, &tmp, e))?;
     if let Err(e) = fs::rename(&tmp, path) {
         let _ = fs::remove_file(&tmp);
@@ -53,6 +50,14 @@ pub fn write_atomic(
 /// is removed.
 pub fn create_private(path: &Path, bytes: &[u8]) -> io::Result<()> {
     write_new(path, bytes, 0o600, None).map_err(|(_, e)| e)
+}
+
+/// Removes the file at `path`; nothing there is no error.
+pub fn remove_if_present(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// `.<name>.tmp` beside `path`, and the directory both are in.
