@@ -6,10 +6,10 @@
 //! closed, the balancer stayed at their 28 MiB; `malloc_trim` brings it back to 8.7 MiB
 //! (measured with `bench/balancer.sh`'s hold). A trim holds each arena's lock while it walks
 //! its free memory and gives pages back, and those pages fault in again on the next
-//! allocations: 0.6–7 ms on this host, far more in a TCG guest, where a trim every 10 s under
-//! a client opening a connection per request made one request in 1,700 miss its 1 s deadline
-//! (the rolling-upgrade test). So a trim runs only after a whole interval without a new client
-//! connection or a forwarded request.
+//! allocations: 0.6–7 ms measured on this host, more in a TCG guest; a stall a client would
+//! see. So a trim runs only after a whole interval without a new client connection or a
+//! forwarded request. (A rolling-upgrade test failure was first blamed on trims under traffic;
+//! it recurred without them: requests in flight when the floating IP moves.)
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
