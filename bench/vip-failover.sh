@@ -30,10 +30,14 @@ if [[ ${BALANCER_ONLY:-0} == 1 ]]; then
     ca_dir=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["ca_dir"])' target/images/manifest.json)
     certs=target/qemu-failover-certs
     mkdir -p "$certs"
-    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=bench-peer \
+    # The peer API takes a certificate only if its SAN names a node: the bench acts as the
+    # first node's tooling.
+    peer=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["nodes"][0])' target/images/manifest.json)
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$peer" \
         -keyout "$certs/peer.key" -out "$certs/peer.csr" 2>/dev/null
     openssl x509 -req -in "$certs/peer.csr" -CA "$ca_dir/ca.crt" -CAkey "$ca_dir/ca.key" \
-        -CAcreateserial -days 2 -extfile <(printf 'extendedKeyUsage=clientAuth\n') \
+        -CAcreateserial -days 2 \
+        -extfile <(printf 'extendedKeyUsage=clientAuth\nsubjectAltName=DNS:%s\n' "$peer") \
         -out "$certs/peer.crt" 2>/dev/null
     mode=(--balancer-only --peer-cert "$certs/peer.crt" --peer-key "$certs/peer.key")
 fi
