@@ -777,7 +777,10 @@ fn a_quiet_hold_waits_for_other_threads_steps_and_nested_holds_share_the_outer_o
         let _inner = hold(&LOCK, false);
         tell.send("inner").unwrap();
         wait_go.recv().unwrap();
-        assert!(!QUIET.load(Ordering::SeqCst), "quiet ran inside another's step");
+        assert!(
+            !QUIET.load(Ordering::SeqCst),
+            "quiet ran inside another's step"
+        );
     });
     let second = Duration::from_secs(5);
     assert_eq!(heard.recv_timeout(second), Ok("outer"));
@@ -789,14 +792,20 @@ fn a_quiet_hold_waits_for_other_threads_steps_and_nested_holds_share_the_outer_o
         QUIET.store(false, Ordering::SeqCst);
     });
     std::thread::sleep(Duration::from_millis(100));
-    assert!(!quiet.is_finished(), "quiet ran while another step held the host");
+    assert!(
+        !quiet.is_finished(),
+        "quiet ran while another step held the host"
+    );
     go.send(()).unwrap();
     assert_eq!(
         heard.recv_timeout(second),
         Ok("inner"),
         "a nested hold waited behind the quiet one"
     );
-    assert!(!quiet.is_finished(), "quiet ran while another step held the host");
+    assert!(
+        !quiet.is_finished(),
+        "quiet ran while another step held the host"
+    );
     go.send(()).unwrap();
     other.join().unwrap();
     quiet.join().unwrap();
