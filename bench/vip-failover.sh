@@ -3,6 +3,7 @@
 #
 #   bench/vip-failover.sh                     # 5 trials, default cluster, the holder's VM killed
 #   BALANCER_ONLY=1 bench/vip-failover.sh     # only the holder's balancer killed (machine alive)
+#   REBOOT=1 bench/vip-failover.sh            # the holder rebooted on purpose (Ctrl-Alt-Del)
 #   TRIALS=10 bench/vip-failover.sh
 #   CONFIG=my-cluster.toml bench/vip-failover.sh --settle 60   # extra args go to the subcommand
 #
@@ -14,7 +15,9 @@
 # timeout), the holder's VM is killed (SIGKILL to QEMU: a power cut) after 3 s, probing goes on
 # 5 s, and the node is started again (does the address move back?). With BALANCER_ONLY=1 the
 # holder's balancer gets SIGKILL through the peer API instead (a client certificate from the
-# cluster CA is made here with openssl) and the supervisor restarts it. Prints each trial's
+# cluster CA is made here with openssl) and the supervisor restarts it. With REBOOT=1 the holder
+# gets Ctrl-Alt-Del: its supervisor stops every service in order and hands the address over
+# (each request is then given 5 s, so a SYN sent again is not a loss). Prints each trial's
 # longest gap between two answers, failures, holders before/after, then the median and max gap.
 #
 # Exits non-zero when a trial left no new holder. Needs root (namespaces, taps). Sends traffic
@@ -41,4 +44,5 @@ if [[ ${BALANCER_ONLY:-0} == 1 ]]; then
         -out "$certs/peer.crt" 2>/dev/null
     mode=(--balancer-only --peer-cert "$certs/peer.crt" --peer-key "$certs/peer.key")
 fi
+if [[ ${REBOOT:-0} == 1 ]]; then mode=(--reboot); fi
 exec target/release/tandem-qemu failover --trials "${TRIALS:-5}" "${mode[@]}" "${config[@]}" "$@"

@@ -813,8 +813,13 @@ fn grow_partition(dev: &Path) -> anyhow::Result<()> {
 }
 
 /// Loopback up, `address` (the node's, or the wizard's) as the only address on the first
-/// ethernet interface, default route.
+/// ethernet interface, default route; ARP answered and announced for the LAN interface's own
+/// addresses only ([`vip::ARP_SYSCTLS`]: a node handing the floating IP over keeps it on `lo`).
 fn configure_network(cluster: &Cluster, address: std::net::Ipv4Addr) -> anyhow::Result<()> {
+    for (key, value) in vip::ARP_SYSCTLS {
+        let path = Path::new("/proc/sys").join(key);
+        fs::write(&path, value).with_context(|| format!("writing {}", path.display()))?;
+    }
     run(Command::new("ip").args(["link", "set", "lo", "up"]))?;
     let iface = wait_for_ethernet()?;
     let cidr = format!("{address}/{}", cluster.subnet.prefix);

@@ -90,7 +90,29 @@ pub enum Kill {
         key: PathBuf,
         admin_port: u16,
     },
+    /// Not killed: rebooted on purpose (Ctrl-Alt-Del), so its supervisor stops every service in
+    /// order and hands the address over. Measured with a patient client (each request given
+    /// [`PATIENT_TIMEOUT`], as a browser would wait), so what counts is requests lost, not a
+    /// SYN sent again.
+    Reboot,
 }
+
+impl Kill {
+    /// What a trial did to the holder, for its line.
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Kill::Machine => "killed",
+            Kill::Balancer { .. } => "killed the balancer of",
+            Kill::Reboot => "rebooted",
+        }
+    }
+}
+
+/// A planned reboot's client gives each request this long.
+pub const PATIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A planned reboot's probe goes on this long after Ctrl-Alt-Del: the node's shutdown, under
+/// TCG, takes a few seconds.
+pub const AFTER_REBOOT: Duration = Duration::from_secs(8);
 
 /// One kill of the holder.
 #[derive(Debug, Clone)]
@@ -190,10 +212,19 @@ fn trial(
             STEADY_TIMEOUT.as_secs()
         ));
     }
-    let probe = cluster.start_probe(ProbeOptions::new(
+    let after_kill = if opts.kill == Kill::Reboot {
+        AFTER_REBOOT
+    } else {
+        AFTER_KILL
+    };
+    let mut probe_options = ProbeOptions::new(
         opts.target.vip_url(),
-        BEFORE_KILL + AFTER_KILL + Duration::from_secs(5),
-    ))?;
+        BEFORE_KILL + after_kill + Duration::from_secs(5),
+    );
+    if opts.kill == Kill::Reboot {
+        probe_options.timeout = PATIENT_TIMEOUT;
+    }
+    let probe = cluster.start_probe(probe_options)?;
     if !cancel.sleep(BEFORE_KILL) {
         return Err(Error::Cancelled);
     }
@@ -205,8 +236,9 @@ fn trial(
             key,
             admin_port,
         } => cluster.peer_signal(vm.address(), *admin_port, (cert, key), "balancer", "KILL")?,
+        Kill::Reboot => vm.reboot_ctrl_alt_del()?,
     }
-    if !cancel.sleep(AFTER_KILL) {
+    if !cancel.sleep(after_kill) {
         return Err(Error::Cancelled);
     }
     let report = probe.stop();
@@ -220,7 +252,7 @@ fn trial(
         report,
         moved_back: None,
     };
-    say(&trial_line(&t));
+    say(&trial_line(&t, opts.kill.verb()));
 
     // Power back on; the address should stay where it is (unless preemption is configured).
     if opts.kill == Kill::Machine {
@@ -275,9 +307,9 @@ pub fn wait_steady(
     Ok(false)
 }
 
-fn trial_line(t: &Trial) -> String {
+fn trial_line(t: &Trial, verb: &str) -> String {
     format!(
-        "trial {}: killed {} at {:.2} s; now held by {}; {}",
+        "trial {}: {verb} {} at {:.2} s; now held by {}; {}",
         t.number,
         t.killed,
         t.killed_at.as_secs_f64(),

@@ -81,6 +81,10 @@ enum Cmd {
         peer_cert: Option<PathBuf>,
         #[arg(long)]
         peer_key: Option<PathBuf>,
+        /// Reboot the holder on purpose (Ctrl-Alt-Del: its services stop in order and it hands
+        /// the address over) instead of cutting its power; each request is given 5 s.
+        #[arg(long, conflicts_with = "balancer_only")]
+        reboot: bool,
     },
     /// Soak bench: probe the floating IP every 20 ms for M minutes and count holder changes
     /// (looked at every 5 s); nothing is killed.
@@ -197,6 +201,7 @@ fn main() -> anyhow::Result<ExitCode> {
             balancer_only,
             peer_cert,
             peer_key,
+            reboot,
         } => {
             let kill = match (balancer_only, peer_cert, peer_key) {
                 (true, Some(cert), Some(key)) => bench::Kill::Balancer {
@@ -204,6 +209,7 @@ fn main() -> anyhow::Result<ExitCode> {
                     key: std::path::absolute(key)?,
                     admin_port: load_cluster(cluster.config.as_deref())?.ports.admin,
                 },
+                _ if reboot => bench::Kill::Reboot,
                 _ => bench::Kill::Machine,
             };
             let opts = FailoverOptions {

@@ -509,18 +509,14 @@ fn signed_updates_refuse_survive_power_cuts_roll_out_and_roll_back() {
     eprintln!("    gaps over 1 s (offset, length): {long:?}");
     step(
         &cluster,
-        "the client loop saw no failed GET but at the address's moves",
+        "the client loop saw no failed GET, the address's moves included",
         || {
-            // A request in flight on the old holder when the address moves is lost: no
-            // connection state moves with it. If the client still had something to send, the
-            // new holder answers it with a reset; if the old holder had taken the whole request
-            // but not yet answered, it can no longer send from an address it does not hold and
-            // the client waits out its timeout (3 of 9 runs over two sessions). At most two
-            // such, as the holder moves once or twice in a two-node upgrade; anything else
-            // (refused, a 5xx, more losses) fails.
-            let count = |kind: &str| report.errors.get(kind).copied().unwrap_or(0);
-            let lost = count("reset") + count("timeout");
-            if report.ok == 0 || report.failed > lost || lost > 2 {
+            // Each node reboots on purpose, so it hands the address over (vip::handover_argvs):
+            // the requests it has taken are answered from the address kept on `lo`, and a new
+            // connection's SYN is dropped until the client sends it again, to the new holder.
+            // Before the handover, a request in flight at a move was lost (a timeout or a
+            // reset in 3 of 9 runs); `bench/vip-failover.sh` with REBOOT=1 measures it.
+            if report.ok == 0 || report.failed > 0 {
                 return Err(err(format!("probe: {}", report.summary())));
             }
             Ok(())

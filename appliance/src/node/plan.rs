@@ -989,6 +989,12 @@ impl<'a> Planner<'a> {
         spec.deps = vec!["balancer".into()];
         // Root for its raw VRRP socket and the address it moves, and for nothing else.
         spec.capabilities = vec![Capability::NET_ADMIN, Capability::NET_RAW];
+        // At the node's shutdown the address is handed over, not dropped: new connections to
+        // it stop here and it stays local (on `lo`) while the balancer answers what it took.
+        // A single node has nobody to hand it to.
+        if cluster.peers(&node.name).next().is_some() {
+            spec.before_shutdown = vip::handover_argvs(cluster);
+        }
         self.plan.services.push(spec);
         Ok(())
     }
@@ -1278,6 +1284,27 @@ mod tests {
             service(&plan, "balancer").track_file.as_deref(),
             Some(Path::new("/run/tandem/vip/balancer-down"))
         );
+        // keepalived hands the address over at the node's shutdown; nothing else does anything
+        // before its stop.
+        assert_eq!(
+            service(&plan, "keepalived").before_shutdown,
+            [
+                vec![
+                    "/usr/sbin/nft",
+                    "add",
+                    "element",
+                    "inet",
+                    "tandem",
+                    "draining",
+                    "{ 10.88.0.10 }"
+                ],
+                vec!["ip", "addr", "replace", "10.88.0.10/32", "dev", "lo"],
+            ]
+        );
+        assert!(plan
+            .services
+            .iter()
+            .all(|s| s.name == "keepalived" || s.before_shutdown.is_empty()));
         // On an image the helpers read the seed's cluster.toml and are told the node (a
         // generic image's comes from its settings).
         assert_eq!(

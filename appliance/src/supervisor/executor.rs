@@ -139,6 +139,25 @@ impl Executor {
                 let answer = self.spawn(service);
                 self.dispatch(answer);
             }
+            Effect::BeforeShutdown(service) => {
+                let spec = self.runner.spec(service);
+                for argv in &spec.before_shutdown {
+                    let t0 = Instant::now();
+                    match process::run_to_end(argv, super::spec::BEFORE_SHUTDOWN_TIMEOUT) {
+                        Ok(()) => tracing::info!(
+                            service = %spec.name,
+                            command = %argv.join(" "),
+                            elapsed_ms = t0.elapsed().as_millis() as u64,
+                            "before shutdown: ran"
+                        ),
+                        Err(e) => tracing::warn!(
+                            service = %spec.name,
+                            command = %argv.join(" "),
+                            "before shutdown: {e}"
+                        ),
+                    }
+                }
+            }
             Effect::Signal { pgid, signal } => process::signal_group(pgid, signal),
             Effect::Probe {
                 service,

@@ -1,6 +1,7 @@
 //! Processes: spawning a service, the signal thread that reaps every child, and the final
 //! sweep of leftover descendants.
 
+use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::fmt;
 use std::os::unix::process::CommandExt;
@@ -22,6 +23,10 @@ use super::spec::ServiceSpec;
 /// a child whose `exec` failed and asserts that wait succeeds; the reaper must not take that
 /// child first.
 static SPAWN_LOCK: Mutex<()> = Mutex::new(());
+
+/// The commands [`run_to_end`] started and has not collected, by pid: the reaper files the
+/// exit of one of these here instead of reporting it. Changed only under [`SPAWN_LOCK`].
+static COMMANDS: Mutex<BTreeMap<i32, Option<ExitKind>>> = Mutex::new(BTreeMap::new());
 
 /// How a process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -297,6 +302,101 @@ pub(crate) fn spawn(spec: &ServiceSpec) -> Result<Spawned, String> {
     })
 }
 
+/// Runs `argv` to its end, or SIGKILLs it after `timeout`, from the executor's thread. The
+/// signal thread reaps every child; this one it files in [`COMMANDS`] instead of reporting it.
+/// A pidfd, opened before the reaper can take the child, says when it ended. `Err` says what
+/// went wrong, with the command's stderr.
+pub(crate) fn run_to_end(argv: &[String], timeout: std::time::Duration) -> Result<(), String> {
+    use std::io::Read as _;
+    use std::os::fd::{AsFd as _, FromRawFd as _, OwnedFd};
+
+    let program = argv.first().ok_or("no program")?;
+    let mut cmd = Command::new(program);
+    cmd.args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // SAFETY: only async-signal-safe calls between fork and exec: the child unblocks the
+    // signals the supervisor blocks in every thread.
+    unsafe {
+        cmd.pre_exec(|| {
+            let _ = signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);
+            Ok(())
+        });
+    }
+    let (mut child, pid, pidfd) = {
+        // The reaper takes this lock for its whole pass: the child is filed, and its pidfd
+        // open, before the reaper can see it.
+        let _guard = SPAWN_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("starting `{program}`: {e}"))?;
+        let pid = child.id() as i32;
+        commands().insert(pid, None);
+        // SAFETY: a plain system call; the result is checked before use.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            // Not reachable on the kernels the image ships (pidfd_open is Linux 5.3).
+            let e = std::io::Error::last_os_error();
+            let _ = signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+            return Err(format!("pidfd_open for `{program}`: {e}"));
+        }
+        // SAFETY: `fd` is a new descriptor that nothing else owns.
+        (child, pid, unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    };
+    let ended = |limit: std::time::Duration| -> bool {
+        let ms = u16::try_from(limit.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [nix::poll::PollFd::new(
+            pidfd.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        loop {
+            match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)) {
+                Ok(n) => return n > 0,
+                Err(Errno::EINTR) => continue,
+                Err(_) => return false,
+            }
+        }
+    };
+    let in_time = ended(timeout);
+    if !in_time {
+        let _ = signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        ended(std::time::Duration::from_secs(1));
+    }
+    let exit = {
+        let _guard = SPAWN_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
+        match commands().remove(&pid).flatten() {
+            Some(exit) => Some(exit),
+            // Not reaped yet: reap it here (the reaper waits on this lock, then no longer
+            // sees it).
+            None => match waitid(Id::PIDFd(pidfd.as_fd()), WaitPidFlag::WEXITED) {
+                Ok(WaitStatus::Exited(_, code)) => Some(ExitKind::Code(code)),
+                Ok(WaitStatus::Signaled(_, sig, _)) => Some(ExitKind::Signal(sig as i32)),
+                _ => None,
+            },
+        }
+    };
+    if !in_time {
+        return Err(format!(
+            "`{program}` killed after {} ms",
+            timeout.as_millis()
+        ));
+    }
+    let mut stderr = String::new();
+    if let Some(pipe) = child.stderr.as_mut() {
+        let _ = pipe.take(4096).read_to_string(&mut stderr);
+    }
+    match exit {
+        Some(exit) if exit.success() => Ok(()),
+        Some(exit) => Err(format!("`{program}` exited, {exit}: {}", stderr.trim())),
+        None => Err(format!("`{program}`: its end was not seen")),
+    }
+}
+
+fn commands() -> std::sync::MutexGuard<'static, BTreeMap<i32, Option<ExitKind>>> {
+    COMMANDS.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// Sends `sig` to the process group led by `pid`. A group that is already gone is fine.
 pub(crate) fn signal_group(pid: Pid, sig: Signal) {
     match signal::killpg(pid, sig) {
@@ -450,6 +550,11 @@ fn reap(on_event: &dyn Fn(SignalEvent)) {
                 return;
             }
         };
+        // A command of `run_to_end`'s: it collects the exit.
+        if let Some(slot) = commands().get_mut(&pid.as_raw()) {
+            *slot = Some(exit);
+            continue;
+        }
         on_event(SignalEvent::Exited { pid, exit });
     }
 }
@@ -489,5 +594,26 @@ mod tests {
         assert_eq!(ExitKind::Signal(15).to_string(), "signal 15 (SIGTERM)");
         assert!(ExitKind::Code(0).success());
         assert!(!ExitKind::Signal(15).success());
+    }
+
+    #[test]
+    fn commands_run_to_their_end_or_are_killed_at_the_timeout() {
+        let argv = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let second = std::time::Duration::from_secs(1);
+        assert_eq!(run_to_end(&argv(&["true"]), second), Ok(()));
+        let e =
+            run_to_end(&argv(&["sh", "-c", "echo no such set >&2; exit 3"]), second).unwrap_err();
+        assert_eq!(e, "`sh` exited, code 3: no such set");
+        let e = run_to_end(&argv(&["/nonexistent/ip"]), second).unwrap_err();
+        assert!(e.starts_with("starting `/nonexistent/ip`: "), "{e}");
+        let t0 = std::time::Instant::now();
+        let e = run_to_end(
+            &argv(&["sleep", "10"]),
+            std::time::Duration::from_millis(100),
+        )
+        .unwrap_err();
+        assert_eq!(e, "`sleep` killed after 100 ms");
+        assert!(t0.elapsed() < second, "took {:?}", t0.elapsed());
+        // Never waited on here: on an image the signal thread reaps them.
     }
 }

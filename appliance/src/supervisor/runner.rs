@@ -62,6 +62,9 @@ pub(crate) enum Effect {
     /// Remove the service's stale files and start its process; answer with
     /// [`Event::Spawned`] or [`Event::SpawnFailed`] before any other event.
     Spawn(usize),
+    /// Run the service's `before_shutdown` commands, in order, each to its end or its timeout,
+    /// before the effects that follow.
+    BeforeShutdown(usize),
     /// Send `signal` to the process group `pgid` (gone already is fine).
     Signal { pgid: Pid, signal: Signal },
     /// Check the service's readiness once, without blocking the loop; answer with
@@ -735,6 +738,9 @@ impl Runner {
         svc.ready = false;
         self.track(idx, false);
         let svc = &mut self.services[idx];
+        if cause == StopCause::Shutdown && !svc.spec.before_shutdown.is_empty() {
+            self.effects.push(Effect::BeforeShutdown(idx));
+        }
         self.effects.push(Effect::Signal {
             pgid: pid,
             signal: svc.spec.stop_signal.0,

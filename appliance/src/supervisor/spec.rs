@@ -15,6 +15,8 @@ use super::caps::Capability;
 
 /// After SIGTERM (or `stop_signal`), the process group gets SIGKILL after this long.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Each of a service's `before_shutdown` commands is killed after this long.
+pub const BEFORE_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(2);
 /// A service not ready this long after its start is killed and restarted per its policy.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest accepted service name; names appear in logs, the state DB and the control API.
@@ -77,6 +79,12 @@ pub struct ServiceSpec {
     /// pid in them exists (keepalived), which a killed process leaves behind.
     #[serde(default)]
     pub stale_files: Vec<PathBuf>,
+    /// Commands run, in order and as the supervisor's user, just before the stop signal when
+    /// the supervisor shuts down (not when the service restarts or is stopped alone), each
+    /// given [`BEFORE_SHUTDOWN_TIMEOUT`]; a failure is logged and the stop goes on. keepalived's
+    /// hand over the floating IP (`vip::handover_argvs`).
+    #[serde(default)]
+    pub before_shutdown: Vec<Vec<String>>,
 }
 
 impl ServiceSpec {
@@ -101,6 +109,7 @@ impl ServiceSpec {
             capabilities: Vec::new(),
             track_file: None,
             stale_files: Vec::new(),
+            before_shutdown: Vec::new(),
         }
     }
 
@@ -135,6 +144,14 @@ impl ServiceSpec {
         }
         if self.argv.iter().any(|a| a.contains('\0')) {
             return Err("argv must not contain NUL bytes".into());
+        }
+        for argv in &self.before_shutdown {
+            if argv.first().is_none_or(String::is_empty) {
+                return Err("every before_shutdown command must name a program".into());
+            }
+            if argv.iter().any(|a| a.contains('\0')) {
+                return Err("before_shutdown commands must not contain NUL bytes".into());
+            }
         }
         for (key, value) in &self.env {
             if key.is_empty() || key.contains('=') || key.contains('\0') || value.contains('\0') {
@@ -184,6 +201,7 @@ impl fmt::Debug for ServiceSpec {
             .field("capabilities", &self.capabilities)
             .field("track_file", &self.track_file)
             .field("stale_files", &self.stale_files)
+            .field("before_shutdown", &self.before_shutdown)
             .finish()
     }
 }

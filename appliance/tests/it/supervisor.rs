@@ -279,6 +279,65 @@ fn a_dependent_starts_once_its_dependency_answers_and_stop_ends_everything() {
     assert!(!sup.socket().exists(), "control socket left behind");
 }
 
+/// At shutdown a service's `before_shutdown` commands have run, in order, when it gets its stop
+/// signal; a command that fails or hangs does not hold the stop up past its timeout. A restart
+/// on request runs none of them.
+#[test]
+fn before_shutdown_commands_run_before_the_stop_signal() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let log_s = log.display().to_string();
+    // The service writes what the log held when its SIGTERM came.
+    let service = format!(
+        "trap 'cat {log_s} > {log_s}.at-term 2>/dev/null; echo none >> {log_s}.at-term; exit 0' TERM; \
+         while :; do sleep 0.05; done"
+    );
+    let mut sup = Supervisor::start(json!([{
+        "name": "vrrp", "argv": ["sh", "-c", service],
+        "before_shutdown": [
+            ["sh", "-c", format!("echo first >> {log_s}")],
+            ["sh", "-c", "echo failing >&2; exit 2"],
+            ["sleep", "30"],
+            ["sh", "-c", format!("echo last >> {log_s}")],
+        ],
+    }]));
+    let first = sup.wait_for("running", STARTUP, || sup.service("vrrp").pid);
+    assert_eq!(
+        control::request(
+            &sup.target(),
+            &Request::Restart {
+                service: "vrrp".into()
+            }
+        )
+        .unwrap(),
+        Response::Ok
+    );
+    sup.wait_for("restarted", STARTUP, || {
+        let s = sup.service("vrrp");
+        (s.pid.is_some() && s.pid != Some(first) && s.ready).then_some(())
+    });
+    assert!(!log.exists(), "a restart ran the shutdown commands");
+
+    let t0 = Instant::now();
+    assert_eq!(
+        control::request(&sup.target(), &Request::Stop).unwrap(),
+        Response::Ok
+    );
+    assert!(sup.wait_exit(Duration::from_secs(15)).success());
+    let took = t0.elapsed();
+    let at_term = fs::read_to_string(dir.path().join("log.at-term")).unwrap();
+    assert_eq!(at_term, "first\nlast\nnone\n", "the log when SIGTERM came");
+    // The hanging `sleep` is killed at the timeout (2 s), not waited out.
+    assert!(took < Duration::from_secs(6), "shutdown took {took:?}");
+    let stderr = sup.stderr();
+    for said in [
+        "before shutdown: `sh` exited, code 2: failing",
+        "before shutdown: `sleep` killed after 2000 ms",
+    ] {
+        assert!(stderr.contains(said), "no `{said}` in the log:\n{stderr}");
+    }
+}
+
 /// A real process killed from outside is reaped and started again; the other service is not
 /// touched.
 #[test]

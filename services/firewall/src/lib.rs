@@ -1,7 +1,9 @@
 //! The node's firewall. [`ruleset`] is a pure function of the cluster config: default-deny
 //! inbound, the balancer's ports (HTTP, HTTPS) open to everyone, the admin port to the admin
-//! networks, MariaDB, VRRP and nginx's backend port to cluster peers (and loopback) only. [`apply`] loads it with `nft -f` as one
-//! transaction, so a ruleset that `nft` rejects leaves the previous one in force.
+//! networks, MariaDB, VRRP and nginx's backend port to cluster peers (and loopback) only.
+//! [`apply`] loads it with `nft -f` as one transaction, so a ruleset that `nft` rejects leaves
+//! the previous one in force. At a node's shutdown [`drain_argv`] stops new connections to the
+//! floating IP while those established finish.
 //!
 //! Only the `inet tandem` table is ours: it is deleted and recreated inside the same
 //! transaction, and no other table is touched.
@@ -20,6 +22,19 @@ pub const NFT: &str = "/usr/sbin/nft";
 pub const ICMP_ECHO_RATE: &str = "10/second burst 20 packets";
 /// IP protocol number of VRRP (keepalived).
 pub const IPPROTO_VRRP: u8 = 112;
+/// The set of addresses this node is handing over: new connections to them are dropped (the
+/// client's SYN is sent again, by then to the new holder), while the connections already
+/// established finish. Empty until [`drain_argv`] adds the floating IP at a node's shutdown.
+pub const DRAINING_SET: &str = "draining";
+
+/// The command that puts `address` in [`DRAINING_SET`] of the live table.
+pub fn drain_argv(address: Ipv4Addr) -> Vec<String> {
+    [NFT, "add", "element", "inet", TABLE, DRAINING_SET]
+        .map(String::from)
+        .into_iter()
+        .chain([format!("{{ {address} }}")])
+        .collect()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum FirewallError {
@@ -50,7 +65,16 @@ pub fn ruleset(cluster: &Cluster, node: &Node) -> String {
         let _ = writeln!(s, "        elements = {{ {} }}", peers.join(", "));
     }
     s.push_str("    }\n\n");
+    let _ = writeln!(
+        s,
+        "    set {DRAINING_SET} {{\n        type ipv4_addr\n    }}\n"
+    );
     input_head(&mut s);
+    // After `established`: what is handed over finishes, only new connections are dropped.
+    let _ = writeln!(
+        s,
+        "        ip daddr @{DRAINING_SET} counter drop comment \"draining\""
+    );
     let _ = writeln!(
         s,
         "        ip daddr {{ {}, {} }} tcp dport {{ {}, {} }} accept",

@@ -2,7 +2,9 @@
 //! VRRPv3, unicast between the nodes only, every node starting as BACKUP, and the node giving
 //! the address away (FAULT) while either of its track files holds a non-zero value. The
 //! supervisor writes the file, creates the track files and runs [`argv`]; keepalived reports
-//! every state change, in order, as one line on its notify FIFO ([`parse_notify`]).
+//! every state change, in order, as one line on its notify FIFO ([`parse_notify`]). At a
+//! node's shutdown the supervisor runs [`handover_argvs`] before keepalived stops, so that the
+//! requests the node has taken are still answered once the address has moved.
 //!
 //! What keepalived 2.2.7 does that the supervisor has to know:
 //! - A missing or deleted track file reads as `0`, i.e. healthy. `init_file 1` makes keepalived
@@ -64,6 +66,50 @@ impl Paths {
     pub fn pid_files(&self) -> [PathBuf; 2] {
         [self.dir.join(PID_FILE), self.dir.join(VRRP_PID_FILE)]
     }
+}
+
+/// The ARP behaviour a node needs to hold the floating IP on `lo` while it hands the address
+/// over ([`handover_argvs`]), as `(path, value)` under `/proc/sys`: answer ARP only for
+/// addresses of the interface asked on (`arp_ignore` 1), and never name an address of another
+/// interface as the sender of its own ARP requests (`arp_announce` 2). Without them the old
+/// holder would answer, or announce, the address it no longer holds and pull clients back.
+/// The node's own address is on the LAN interface, where both settings change nothing. The
+/// `all` values apply to every interface (the kernel takes the larger of `all` and the
+/// interface's).
+pub const ARP_SYSCTLS: [(&str, &str); 2] = [
+    ("net/ipv4/conf/all/arp_ignore", "1"),
+    ("net/ipv4/conf/all/arp_announce", "2"),
+];
+
+/// What a node runs, in order, just before keepalived stops for good (the node shuts down):
+///
+/// 1. The floating IP goes into the firewall's draining set ([`firewall::drain_argv`]): new
+///    connections to it are dropped, so a client's SYN sent before the new holder's
+///    gratuitous ARPs arrive is sent again a second later, to the new holder, instead of
+///    being taken here and reset later.
+/// 2. The address is added to `lo` as a /32. keepalived then removes it from the LAN
+///    interface and gives it away (a priority-0 advert), but it stays a local address here:
+///    the balancer can still answer the requests it has taken (the kernel sends nothing from
+///    an address that is not local), and does so while it drains. With [`ARP_SYSCTLS`] the
+///    node never answers ARP for it there.
+///
+/// This is the LVS direct-routing trick (real servers hold the service address on `lo` with
+/// `arp_ignore`/`arp_announce`). A client's later packets on such a connection (its ACKs)
+/// go to the new holder, which resets them: the answer has arrived by then. A request not yet
+/// wholly received when the address moves is lost as before.
+pub fn handover_argvs(cluster: &Cluster) -> Vec<Vec<String>> {
+    vec![
+        firewall::drain_argv(cluster.floating_ip),
+        [
+            "ip".to_string(),
+            "addr".into(),
+            "replace".into(),
+            format!("{}/32", cluster.floating_ip),
+            "dev".into(),
+            "lo".into(),
+        ]
+        .to_vec(),
+    ]
 }
 
 /// Everything keepalived needs to know about this node.

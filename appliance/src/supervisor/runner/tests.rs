@@ -6,7 +6,7 @@
 //! `children PID...`, and the control requests `status`, `stop`, `restart SVC`,
 //! `send SVC SIGNAL`, `logs SVC LINES`.
 //!
-//! Effects: `spawn SVC`, `signal PGID SIGX`, `probe SVC #GENERATION`, `track SVC ready|down`,
+//! Effects: `spawn SVC`, `before shutdown SVC`, `signal PGID SIGX`, `probe SVC #GENERATION`, `track SVC ready|down`,
 //! `SVC:KIND [PID] [DETAIL]` (a recorded event), `ok`, `error: MESSAGE`, `status: SVC=STATE...`,
 //! `send N lines of SVC's output`, `list children`, `kill leftover PID`, `exit REASON`, and
 //! last `wake @MS` when the runner wants to be called again by then.
@@ -113,6 +113,7 @@ impl Sim {
     fn render(&self, effect: &Effect) -> String {
         match effect {
             Effect::Spawn(idx) => format!("spawn {}", self.name(*idx)),
+            Effect::BeforeShutdown(idx) => format!("before shutdown {}", self.name(*idx)),
             Effect::Signal { pgid, signal } => format!("signal {pgid} {}", signal.as_str()),
             Effect::Probe {
                 service,
@@ -734,6 +735,72 @@ fn requests_name_a_service_and_signals_are_forwarded_to_its_group() {
             ("@10 restart nope", &["error: no service `nope`"]),
             ("@10 logs nope 5", &["error: no service `nope`"]),
             ("@10 logs web 5", &["send 5 lines of web's output"]),
+        ],
+    );
+}
+
+#[test]
+fn before_shutdown_commands_run_before_the_stop_signal_at_shutdown_only() {
+    let specs = json!([
+        { "name": "balancer", "argv": ["balancer"] },
+        {
+            "name": "keepalived", "argv": ["keepalived"], "deps": ["balancer"],
+            "before_shutdown": [["nft", "add", "element"], ["ip", "addr", "replace"]],
+        },
+    ]);
+    check(
+        specs,
+        &[
+            ("@0 start", &["spawn balancer"]),
+            (
+                "@0 spawned balancer 11",
+                &[
+                    "balancer:started 11 balancer",
+                    "balancer:ready 11",
+                    "spawn keepalived",
+                ],
+            ),
+            (
+                "@0 spawned keepalived 12",
+                &["keepalived:started 12 keepalived", "keepalived:ready 12"],
+            ),
+            // A restart is not a shutdown: the address is not handed over.
+            (
+                "@100 restart keepalived",
+                &["signal 12 SIGTERM", "ok", "wake @5100"],
+            ),
+            (
+                "@150 exited 12 code 0",
+                &[
+                    "keepalived:exited 12 code 0",
+                    "keepalived:restarting in 0ms, restart 1",
+                    "spawn keepalived",
+                ],
+            ),
+            (
+                "@150 spawned keepalived 13",
+                &["keepalived:started 13 keepalived", "keepalived:ready 13"],
+            ),
+            // At shutdown the commands come first; the balancer is stopped only after
+            // keepalived has gone, so it answers what it took while the address moves.
+            (
+                "@300 stop",
+                &[
+                    "before shutdown keepalived",
+                    "signal 13 SIGTERM",
+                    "ok",
+                    "wake @5300",
+                ],
+            ),
+            (
+                "@350 exited 13 code 0",
+                &[
+                    "keepalived:exited 13 code 0",
+                    "keepalived:stopped",
+                    "signal 11 SIGTERM",
+                    "wake @5350",
+                ],
+            ),
         ],
     );
 }

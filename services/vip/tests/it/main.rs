@@ -24,7 +24,8 @@ const POLL: Duration = Duration::from_millis(10);
 /// Interface of every node inside its namespace.
 const IFACE: &str = "eth0";
 
-fn ip(args: &[&str]) {
+/// Runs `ip ARGS`; its stdout, or a failed test naming the command.
+fn ip(args: &[&str]) -> String {
     let out = Command::new("ip")
         .args(args)
         .output()
@@ -35,6 +36,7 @@ fn ip(args: &[&str]) {
         args.join(" "),
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Fails (never skips) when the test cannot run here.
@@ -656,4 +658,319 @@ preempt_delay_s = 5
             );
         }
     }
+}
+
+/// A web server on the HTTP port of a node's namespace: answers `GET /slow` after 1.5 s and
+/// anything else at once, with the node's name as the body, then closes.
+const SERVER: &str = r#"
+import socket, sys, threading, time
+name, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", port))
+s.listen(128)
+print("listening", flush=True)
+def serve(c):
+    try:
+        c.settimeout(10)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            d = c.recv(4096)
+            if not d:
+                return
+            data += d
+        if data.startswith(b"GET /slow"):
+            time.sleep(1.5)
+        body = name.encode()
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+    except OSError:
+        pass
+    finally:
+        c.close()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// A client on the floating IP: one `GET /slow` at 0.1 s (4 s to answer), and a `GET /` on a
+/// new connection every 50 ms for 4 s (5 s each), each read up to its Content-Length as a real
+/// client does. Prints `started`, then one JSON object per request.
+const CLIENT: &str = r#"
+import json, socket, sys, threading, time
+vip, port = sys.argv[1], int(sys.argv[2])
+t0 = time.monotonic()
+out, lock = [], threading.Lock()
+def get(path, timeout, sent):
+    kind, body = "ok", ""
+    try:
+        c = socket.create_connection((vip, port), timeout=timeout)
+        c.settimeout(max(0.1, timeout - (time.monotonic() - t0 - sent)))
+        c.sendall(("GET %s HTTP/1.1\r\nHost: vip\r\n\r\n" % path).encode())
+        data = b""
+        while True:
+            head, sep, rest = data.partition(b"\r\n\r\n")
+            if sep:
+                length = [int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:")]
+                if length and len(rest) >= length[0]:
+                    body = rest[:length[0]].decode()
+                    break
+            d = c.recv(4096)
+            if not d:
+                kind = "closed"
+                break
+            data += d
+        c.close()
+    except socket.timeout:
+        kind = "timeout"
+    except ConnectionResetError:
+        kind = "reset"
+    except ConnectionRefusedError:
+        kind = "refused"
+    except OSError as e:
+        kind = "error: %s" % e
+    with lock:
+        out.append({"path": path, "sent": round(sent, 3), "done": round(time.monotonic() - t0, 3), "kind": kind, "body": body})
+print("started", flush=True)
+threads = []
+def later(path, timeout, at):
+    time.sleep(max(0, at - (time.monotonic() - t0)))
+    get(path, timeout, time.monotonic() - t0)
+threads.append(threading.Thread(target=later, args=("/slow", 4.0, 0.1)))
+for i in range(80):
+    threads.append(threading.Thread(target=later, args=("/", 5.0, i * 0.05)))
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+for r in out:
+    print(json.dumps(r))
+"#;
+
+#[derive(Debug, serde::Deserialize)]
+struct Request {
+    path: String,
+    sent: f64,
+    done: f64,
+    kind: String,
+    body: String,
+}
+
+impl Lab {
+    /// A client namespace on the bridge, at `address`.
+    fn add_client(&mut self, address: &str) -> String {
+        let ns = format!("{}-c", self.prefix);
+        self.add_netns(&ns);
+        let lan = self.lan();
+        ip(&[
+            "-n", &lan, "link", "add", "vc", "type", "veth", "peer", "name", IFACE, "netns", &ns,
+        ]);
+        ip(&["-n", &lan, "link", "set", "vc", "master", "br0", "up"]);
+        ip(&["-n", &ns, "addr", "add", address, "dev", IFACE]);
+        ip(&["-n", &ns, "link", "set", IFACE, "up"]);
+        ip(&["-n", &ns, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Runs `argv` inside namespace `ns`; its stdout, or a failed test naming the command.
+    fn exec(&self, ns: &str, argv: &[String]) -> String {
+        let args: Vec<&str> = ["netns", "exec", ns]
+            .into_iter()
+            .chain(argv.iter().map(String::as_str))
+            .collect();
+        ip(&args)
+    }
+
+    fn mac(&self, ns: &str) -> String {
+        let out = self.exec(
+            ns,
+            &["cat".into(), format!("/sys/class/net/{IFACE}/address")],
+        );
+        out.trim().to_string()
+    }
+}
+
+/// A python3 process in `ns`, killed on drop.
+struct Python(Child);
+
+impl Python {
+    fn start(
+        ns: &str,
+        script: &str,
+        args: &[&str],
+    ) -> (Python, std::io::BufReader<std::process::ChildStdout>) {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", ns, "python3", "-c", script])
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("run python3");
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        assert!(
+            line.trim() == "listening" || line.trim() == "started",
+            "python3 in {ns} said {line:?}"
+        );
+        (Python(child), out)
+    }
+
+    /// The JSON lines printed until the script ends.
+    fn requests(mut self, mut out: std::io::BufReader<std::process::ChildStdout>) -> Vec<Request> {
+        let mut text = String::new();
+        out.read_to_string(&mut text).unwrap();
+        assert!(self.0.wait().unwrap().success(), "the client failed");
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+            .collect()
+    }
+}
+
+impl Drop for Python {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A node's shutdown hands the address over (`vip::handover_argvs`, with `ARP_SYSCTLS` and the
+/// firewall's draining set): a request the old holder took is still answered, no client
+/// connection is reset or times out, and the old holder neither answers ARP for the address
+/// nor announces it. Without the handover the same request is lost: the kernel sends nothing
+/// from an address that is not local any more.
+#[test]
+fn a_shutdown_hands_the_address_over_without_losing_a_taken_request() {
+    let cluster = Cluster::default_cluster();
+    let mut lab = Lab::new(&cluster);
+    for tool in [
+        "python3 --version",
+        "arping -V",
+        &format!("{} --version", firewall::NFT),
+    ] {
+        let ok = Command::new("sh").args(["-c", tool]).output();
+        assert!(
+            ok.is_ok_and(|o| o.status.success()),
+            "this test needs `{tool}` (apt-get install python3 iputils-arping nftables)"
+        );
+    }
+    let (one, two) = (0, 1);
+    let port = cluster.ports.http.to_string();
+    let mut servers = Vec::new();
+    for (i, node) in cluster.nodes.iter().enumerate() {
+        let ns = lab.nodes[i].ns.clone();
+        // As the node's init and firewall do.
+        for (key, value) in vip::ARP_SYSCTLS {
+            lab.exec(
+                &ns,
+                &[
+                    "sh".into(),
+                    "-c".into(),
+                    format!("echo {value} > /proc/sys/{key}"),
+                ],
+            );
+        }
+        let rules = firewall::ruleset(&cluster, node);
+        let mut nft = Command::new("ip")
+            .args(["netns", "exec", &ns, firewall::NFT, "-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(nft.stdin.as_mut().unwrap(), rules.as_bytes()).unwrap();
+        drop(nft.stdin.take());
+        assert!(nft.wait().unwrap().success(), "nft -f in {ns}");
+        servers.push(Python::start(&ns, SERVER, &[&node.name, &port]).0);
+    }
+    let client = lab.add_client("10.88.0.99/24");
+    let vip = cluster.floating_ip.to_string();
+    let second = Duration::from_secs(1);
+    lab.nodes[one].start();
+    lab.nodes[two].start();
+    lab.wait(Duration::from_secs(5), "server1 holds the address", |l| {
+        l.holders() == [one]
+    });
+    lab.wait_state(two, VrrpState::Backup, second);
+
+    // Without the handover: server1's keepalived stops, server2 takes over, and the slow
+    // request server1 took is never answered.
+    let (run, out) = Python::start(&client, CLIENT, &[&vip, &port]);
+    std::thread::sleep(Duration::from_millis(500));
+    lab.nodes[one].stop(Signal::SIGTERM);
+    let requests = run.requests(out);
+    let slow = requests.iter().find(|r| r.path == "/slow").unwrap();
+    assert_eq!(
+        slow.kind, "timeout",
+        "without the handover the taken request is lost: {slow:?}"
+    );
+    lab.wait(second, "server2 holds the address", |l| {
+        l.holders() == [two]
+    });
+    lab.nodes[one].start();
+    lab.wait_state(one, VrrpState::Backup, Duration::from_secs(3));
+
+    // With it, on server2 (the holder now).
+    let old = lab.nodes[two].ns.clone();
+    let (run, out) = Python::start(&client, CLIENT, &[&vip, &port]);
+    std::thread::sleep(Duration::from_millis(500));
+    // server2 must look the client up again to answer: its ARP request must not name the
+    // address as its sender (clients would follow it back).
+    lab.exec(
+        &old,
+        &["ip".into(), "neigh".into(), "flush".into(), "all".into()],
+    );
+    let t0 = Instant::now();
+    for argv in vip::handover_argvs(&cluster) {
+        lab.exec(&old, &argv);
+    }
+    lab.nodes[two].stop(Signal::SIGTERM);
+    println!(
+        "handover commands and keepalived's stop took {:?}",
+        t0.elapsed()
+    );
+    let requests = run.requests(out);
+    let slow = requests.iter().find(|r| r.path == "/slow").unwrap();
+    println!("slow request: {slow:?}");
+    assert_eq!(
+        (slow.kind.as_str(), slow.body.as_str()),
+        ("ok", "server2"),
+        "the request server2 took is answered by server2: {slow:?}"
+    );
+    let lost: Vec<&Request> = requests.iter().filter(|r| r.kind != "ok").collect();
+    assert!(lost.is_empty(), "requests lost in the handover: {lost:?}");
+    let late: Vec<&Request> = requests
+        .iter()
+        .filter(|r| r.sent > slow.done && r.body != "server1")
+        .collect();
+    assert!(
+        late.is_empty(),
+        "after server2 answered, clients still reach it: {late:?}"
+    );
+    let slowest = requests.iter().map(|r| r.done - r.sent).fold(0.0, f64::max);
+    println!("{} requests, slowest {slowest:.2} s", requests.len());
+    lab.wait(second, "server1 holds the address", |l| {
+        l.holders() == [one]
+    });
+    // Only server1 answers ARP for the address; server2 holds it on `lo` without a word.
+    let arping = Command::new("ip")
+        .args([
+            "netns", "exec", &client, "arping", "-c", "3", "-w", "4", "-I", IFACE, &vip,
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&arping.stdout).to_lowercase();
+    let (mac1, mac2) = (lab.mac(&lab.nodes[one].ns), lab.mac(&old));
+    assert!(text.contains(&mac1), "server1 does not answer ARP: {text}");
+    assert!(!text.contains(&mac2), "server2 still answers ARP: {text}");
+    let lo = lab.exec(
+        &old,
+        &[
+            "ip".into(),
+            "-4".into(),
+            "-o".into(),
+            "addr".into(),
+            "show".into(),
+            "dev".into(),
+            "lo".into(),
+        ],
+    );
+    assert!(lo.contains(&format!(" {vip}/32 ")), "not on lo: {lo}");
+    drop(servers);
 }
