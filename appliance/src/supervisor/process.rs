@@ -336,8 +336,10 @@ pub(crate) fn run_to_end(argv: &[String], timeout: std::time::Duration) -> Resul
         // SAFETY: a plain system call; the result is checked before use.
         let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
         if fd < 0 {
-            // Not reachable on the kernels the image ships (pidfd_open is Linux 5.3).
+            // Not reachable on the kernels the image ships (pidfd_open is Linux 5.3). The
+            // reaper reports the killed child as an orphan.
             let e = std::io::Error::last_os_error();
+            commands().remove(&pid);
             let _ = signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
             return Err(format!("pidfd_open for `{program}`: {e}"));
         }
@@ -364,12 +366,18 @@ pub(crate) fn run_to_end(argv: &[String], timeout: std::time::Duration) -> Resul
         ended(std::time::Duration::from_secs(1));
     }
     let exit = {
+        // Filed or not, it leaves the table here: a pid left in it could later be another
+        // child's, whose exit the reaper would then swallow.
         let _guard = SPAWN_LOCK.lock().unwrap_or_else(PoisonError::into_inner);
         match commands().remove(&pid).flatten() {
             Some(exit) => Some(exit),
             // Not reaped yet: reap it here (the reaper waits on this lock, then no longer
-            // sees it).
-            None => match waitid(Id::PIDFd(pidfd.as_fd()), WaitPidFlag::WEXITED) {
+            // sees it). Still running (a SIGKILL that did not land within the second): the
+            // reaper reports it as an orphan when it ends.
+            None => match waitid(
+                Id::PIDFd(pidfd.as_fd()),
+                WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG,
+            ) {
                 Ok(WaitStatus::Exited(_, code)) => Some(ExitKind::Code(code)),
                 Ok(WaitStatus::Signaled(_, sig, _)) => Some(ExitKind::Signal(sig as i32)),
                 _ => None,
@@ -382,9 +390,18 @@ pub(crate) fn run_to_end(argv: &[String], timeout: std::time::Duration) -> Resul
             timeout.as_millis()
         ));
     }
+    // What it wrote, without waiting: a descendant it left behind may hold the pipe open.
     let mut stderr = String::new();
     if let Some(pipe) = child.stderr.as_mut() {
-        let _ = pipe.take(4096).read_to_string(&mut stderr);
+        let nonblocking = nix::fcntl::fcntl(
+            pipe.as_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        );
+        if nonblocking.is_ok() {
+            let mut bytes = Vec::new();
+            let _ = pipe.take(4096).read_to_end(&mut bytes);
+            stderr = String::from_utf8_lossy(&bytes).into_owned();
+        }
     }
     match exit {
         Some(exit) if exit.success() => Ok(()),
@@ -614,6 +631,20 @@ mod tests {
         .unwrap_err();
         assert_eq!(e, "`sleep` killed after 100 ms");
         assert!(t0.elapsed() < second, "took {:?}", t0.elapsed());
+        // A descendant holding stderr open does not hold the supervisor up.
+        let t0 = std::time::Instant::now();
+        let e = run_to_end(
+            &argv(&["sh", "-c", "sleep 5 & echo left >&2; exit 1"]),
+            second,
+        )
+        .unwrap_err();
+        assert_eq!(e, "`sh` exited, code 1: left");
+        assert!(t0.elapsed() < second, "took {:?}", t0.elapsed());
+        assert!(
+            commands().is_empty(),
+            "left in the table: {:?}",
+            *commands()
+        );
         // Never waited on here: on an image the signal thread reaps them.
     }
 }
