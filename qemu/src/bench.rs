@@ -212,16 +212,13 @@ fn trial(
             STEADY_TIMEOUT.as_secs()
         ));
     }
-    let after_kill = if opts.kill == Kill::Reboot {
-        AFTER_REBOOT
-    } else {
-        AFTER_KILL
-    };
+    let reboot = opts.kill == Kill::Reboot;
+    let after_kill = if reboot { AFTER_REBOOT } else { AFTER_KILL };
     let mut probe_options = ProbeOptions::new(
         opts.target.vip_url(),
         BEFORE_KILL + after_kill + Duration::from_secs(5),
     );
-    if opts.kill == Kill::Reboot {
+    if reboot {
         probe_options.timeout = PATIENT_TIMEOUT;
     }
     let probe = cluster.start_probe(probe_options)?;

@@ -43,15 +43,11 @@ thread_local! {
     static HELD: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
 }
 
-/// A hold on [`HOST`]; steps nested in a step of the same thread share their outer step's.
-/// A step must not wait on another thread that itself starts a step: with a quiet step
-/// waiting, that second shared hold would wait behind it, and it behind the first.
-pub(crate) struct Hold {
-    _guard: HoldGuard,
-    outer: bool,
-}
-
-enum HoldGuard {
+/// A hold on [`HOST`]; steps nested in a step of the same thread share their outer step's
+/// (`Nested`, which releases nothing). A step must not wait on another thread that itself
+/// starts a step: with a quiet step waiting, that second shared hold would wait behind it, and
+/// it behind the first.
+pub(crate) enum Hold {
     Nested,
     Shared(#[allow(dead_code)] std::sync::RwLockReadGuard<'static, ()>),
     Alone(#[allow(dead_code)] std::sync::RwLockWriteGuard<'static, ()>),
@@ -59,7 +55,7 @@ enum HoldGuard {
 
 impl Drop for Hold {
     fn drop(&mut self) {
-        if self.outer {
+        if !matches!(self, Hold::Nested) {
             HELD.with(|h| h.set(None));
         }
     }
@@ -74,33 +70,23 @@ pub(crate) fn hold_host(alone: bool) -> Hold {
 fn hold(host: &'static std::sync::RwLock<()>, alone: bool) -> Hold {
     use std::sync::{PoisonError, TryLockError};
     match HELD.with(std::cell::Cell::get) {
-        Some(true) => {
-            return Hold {
-                _guard: HoldGuard::Nested,
-                outer: false,
-            }
-        }
-        Some(false) if !alone => {
-            return Hold {
-                _guard: HoldGuard::Nested,
-                outer: false,
-            }
-        }
-        Some(false) => panic!("a quiet step inside a step: the host cannot be had alone there"),
+        // Inside a quiet step, or a shared step inside a shared one.
+        Some(held_alone) if held_alone || !alone => return Hold::Nested,
+        Some(_) => panic!("a quiet step inside a step: the host cannot be had alone there"),
         None => {}
     }
     let t0 = Instant::now();
     let guard = if alone {
         match host.try_write() {
-            Ok(g) => HoldGuard::Alone(g),
-            Err(TryLockError::Poisoned(p)) => HoldGuard::Alone(p.into_inner()),
+            Ok(g) => Hold::Alone(g),
+            Err(TryLockError::Poisoned(p)) => Hold::Alone(p.into_inner()),
             Err(TryLockError::WouldBlock) => {
                 eprintln!("    (waiting for the other scenarios' steps to end: a quiet host)");
-                HoldGuard::Alone(host.write().unwrap_or_else(PoisonError::into_inner))
+                Hold::Alone(host.write().unwrap_or_else(PoisonError::into_inner))
             }
         }
     } else {
-        HoldGuard::Shared(host.read().unwrap_or_else(PoisonError::into_inner))
+        Hold::Shared(host.read().unwrap_or_else(PoisonError::into_inner))
     };
     let waited = t0.elapsed();
     if waited > Duration::from_secs(1) {
@@ -115,10 +101,7 @@ fn hold(host: &'static std::sync::RwLock<()>, alone: bool) -> Hold {
         );
     }
     HELD.with(|h| h.set(Some(alone)));
-    Hold {
-        _guard: guard,
-        outer: true,
-    }
+    guard
 }
 
 /// The built-in cluster the images are built for (server1 10.88.0.11, server2 10.88.0.12).

@@ -100,15 +100,14 @@ pub const ARP_SYSCTLS: [(&str, &str); 2] = [
 pub fn handover_argvs(cluster: &Cluster) -> Vec<Vec<String>> {
     vec![
         firewall::drain_argv(cluster.floating_ip),
-        [
-            "ip".to_string(),
+        vec![
+            "ip".into(),
             "addr".into(),
             "replace".into(),
             format!("{}/32", cluster.floating_ip),
             "dev".into(),
             "lo".into(),
-        ]
-        .to_vec(),
+        ],
     ]
 }
 
