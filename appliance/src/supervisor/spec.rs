@@ -337,5 +337,24 @@ mod tests {
         let mut secret = ServiceSpec::daemon("a", ["x"]);
         secret.env.insert("K=V".into(), "hunter2".into());
         assert!(!check(secret).contains("hunter2"));
+        let before = |commands: Vec<Vec<String>>| ServiceSpec {
+            before_shutdown: commands,
+            ..ServiceSpec::daemon("a", ["x"])
+        };
+        assert_eq!(
+            check(before(vec![vec![]])),
+            "every before_shutdown command must name a program"
+        );
+        assert_eq!(
+            check(before(vec![vec![String::new(), "x".into()]])),
+            "every before_shutdown command must name a program"
+        );
+        assert_eq!(
+            check(before(vec![vec!["ip".into(), "a\0b".into()]])),
+            "before_shutdown commands must not contain NUL bytes"
+        );
+        before(vec![vec!["ip".into(), "addr".into()]])
+            .check()
+            .unwrap();
     }
 }
