@@ -358,7 +358,14 @@ impl Client {
 
     fn fill(&mut self) {
         let mut chunk = [0u8; 16 * 1024];
-        let n = self.stream.read(&mut chunk).unwrap();
+        // A signal delivered to this test process may interrupt the read (seen once in CI):
+        // read again, as std's `read_exact` does.
+        let n = loop {
+            match self.stream.read(&mut chunk) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                other => break other.unwrap(),
+            }
+        };
         assert!(n > 0, "the application closed the connection");
         self.buf.extend_from_slice(&chunk[..n]);
     }
